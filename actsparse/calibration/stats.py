@@ -1,0 +1,182 @@
+"""Per-probe statistics: a streaming |x| histogram, a bounded uniform sample, per-channel moments.
+
+Memory is bounded by the sample: each probe keeps at most `sample_size` float32 values (default
+2**17 = 128 Ki values = 512 KiB), plus `N_BINS` histogram counts and three float64 vectors of the probe's
+width. A Llama-3-8B calibration (32 blocks x 9 probes) therefore holds about 150 MB of samples.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..artifacts import load_tensors_json, save_tensors_json
+from ..errors import ActsparseError
+
+# log10|x| histogram: 12 decades, 100 bins per decade, plus an exact-zero count kept separately
+LOG_LO, LOG_HI, N_BINS = -8.0, 4.0, 1200
+
+
+@dataclass
+class ProbeStats:
+    """What calibration keeps for one probe (a site input or an MLP internal)."""
+    n: int                      # elements seen
+    n_tokens: int               # token vectors seen
+    sample: torch.Tensor        # [<= sample_size] float32, uniform without replacement over all elements
+    hist: torch.Tensor          # [N_BINS] float64 counts of log10|x| in [LOG_LO, LOG_HI)
+    n_zero: int                 # elements exactly 0
+    ch_sum: torch.Tensor        # [C] float64 sum of x per channel
+    ch_abs_sum: torch.Tensor    # [C] float64 sum of |x|
+    ch_sq_sum: torch.Tensor     # [C] float64 sum of x^2
+
+    @property
+    def channels(self) -> int:
+        return self.ch_sum.numel()
+
+    @property
+    def ch_mean(self) -> torch.Tensor:
+        return self.ch_sum / max(self.n_tokens, 1)
+
+    @property
+    def ch_abs_mean(self) -> torch.Tensor:
+        return self.ch_abs_sum / max(self.n_tokens, 1)
+
+    @property
+    def ch_l2(self) -> torch.Tensor:
+        """Per-channel L2 norm over all calibration tokens."""
+        return self.ch_sq_sum.sqrt()
+
+    def abs_quantile(self, q: float, shift: float | torch.Tensor = 0.0) -> float:
+        """Exact q-quantile of |x - shift| over the sample (shift: scalar or per-channel is not allowed here)."""
+        if not 0.0 <= q <= 1.0:
+            raise ActsparseError(f"quantile must be in [0, 1], got {q}")
+        if q == 0.0:
+            return 0.0
+        v = (self.sample.double() - float(shift)).abs()
+        return float(_exact_quantile(v, q))
+
+    def quantile(self, q: float) -> float:
+        """Exact q-quantile of the signed values over the sample."""
+        return float(_exact_quantile(self.sample.double(), q))
+
+    def hist_abs_quantile(self, q: float) -> float:
+        """Approximate q-quantile of |x| over *all* elements, from the streaming histogram."""
+        total = self.n
+        target = q * total
+        if target <= self.n_zero:
+            return 0.0
+        cum = torch.cumsum(self.hist, 0) + self.n_zero
+        idx = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype)).item())
+        idx = min(idx, N_BINS - 1)
+        width = (LOG_HI - LOG_LO) / N_BINS
+        return 10 ** (LOG_LO + (idx + 1) * width)
+
+
+def _exact_quantile(v: torch.Tensor, q: float) -> torch.Tensor:
+    """Linear-interpolated quantile (numpy's default 'linear' method), without torch.quantile's size limit."""
+    s, _ = torch.sort(v.flatten())
+    pos = q * (s.numel() - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, s.numel() - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+class ProbeCollector:
+    """Streams tensors of one probe into a ProbeStats with bounded memory (bottom-k uniform sampling)."""
+
+    def __init__(self, sample_size: int, seed: int):
+        self.k = sample_size
+        self.seed = seed
+        self.gen: torch.Generator | None = None
+        self.keys: torch.Tensor | None = None
+        self.vals: torch.Tensor | None = None
+        self.n = 0
+        self.n_tokens = 0
+        self.n_zero = 0
+        self.hist = None
+        self.ch = None  # [3, C] float64
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])  # [tokens, C]
+        dev = x.device
+        if self.ch is None:
+            self.gen = torch.Generator(device=dev).manual_seed(self.seed)
+            self.ch = torch.zeros(3, x.shape[-1], dtype=torch.float64, device=dev)
+            self.hist = torch.zeros(N_BINS, dtype=torch.float64, device=dev)
+        xd = x.double()
+        self.ch[0] += xd.sum(0)
+        self.ch[1] += xd.abs().sum(0)
+        self.ch[2] += (xd * xd).sum(0)
+        v = x.float().flatten()
+        a = v.abs()
+        nz = a > 0
+        self.n_zero += int((~nz).sum())
+        self.hist += torch.histc(a[nz].log10().clamp(LOG_LO, LOG_HI - 1e-9), N_BINS, LOG_LO, LOG_HI).double()
+        self.n += v.numel()
+        self.n_tokens += x.shape[0]
+        # bottom-k: give every element a uniform key; the k smallest keys seen are a uniform sample
+        keys = torch.rand(v.numel(), generator=self.gen, device=dev)
+        if self.keys is not None and self.keys.numel() >= self.k:
+            keep = keys < self.keys.max()
+            keys, v = keys[keep], v[keep]
+        keys = keys if self.keys is None else torch.cat([self.keys, keys])
+        v = v if self.vals is None else torch.cat([self.vals, v])
+        if keys.numel() > self.k:
+            keys, idx = torch.topk(keys, self.k, largest=False, sorted=False)
+            v = v[idx]
+        self.keys, self.vals = keys, v
+
+    def result(self) -> ProbeStats:
+        return ProbeStats(n=self.n, n_tokens=self.n_tokens, sample=self.vals.cpu().clone(),
+                          hist=self.hist.cpu(), n_zero=self.n_zero, ch_sum=self.ch[0].cpu(),
+                          ch_abs_sum=self.ch[1].cpu(), ch_sq_sum=self.ch[2].cpu())
+
+
+@dataclass
+class Stats:
+    """The output of calibrate(): ProbeStats per probe name, the calibration tokens, and provenance."""
+    probes: dict[str, ProbeStats]
+    tokens: torch.Tensor                      # [n_seq, seq_len] calibration token ids, for methods that run forwards
+    meta: dict = field(default_factory=dict)  # model, data, key, collector params, time
+
+    @property
+    def key(self) -> str:
+        return self.meta.get("stats_key", "")
+
+    def __getitem__(self, probe: str) -> ProbeStats:
+        probe = canonical_probe(probe)
+        if probe not in self.probes:
+            raise ActsparseError(f"no calibration statistics for probe {probe!r}; known probes look like "
+                                 f"{', '.join(list(self.probes)[:6])}, ...")
+        return self.probes[probe]
+
+    def __contains__(self, probe: str) -> bool:
+        return canonical_probe(probe) in self.probes
+
+    def save(self, path) -> None:
+        """Write the stats to a directory (safetensors + JSON), atomically."""
+        t = {"__tokens__": self.tokens}
+        scal = {}
+        for name, p in self.probes.items():
+            t[f"{name}/sample"], t[f"{name}/hist"] = p.sample, p.hist
+            t[f"{name}/ch_sum"], t[f"{name}/ch_abs_sum"], t[f"{name}/ch_sq_sum"] = p.ch_sum, p.ch_abs_sum, p.ch_sq_sum
+            scal[name] = {"n": p.n, "n_tokens": p.n_tokens, "n_zero": p.n_zero}
+        save_tensors_json(path, t, {"kind": "stats", "meta": self.meta, "probes": scal})
+
+    @classmethod
+    def load(cls, path) -> "Stats":
+        """Read stats written by save(); raise ActsparseError if missing or corrupt."""
+        t, m = load_tensors_json(path)
+        if m.get("kind") != "stats":
+            raise ActsparseError(f"{path} is not a stats artifact (kind={m.get('kind')!r})")
+        probes = {n: ProbeStats(sample=t[f"{n}/sample"], hist=t[f"{n}/hist"], ch_sum=t[f"{n}/ch_sum"],
+                                ch_abs_sum=t[f"{n}/ch_abs_sum"], ch_sq_sum=t[f"{n}/ch_sq_sum"], **s)
+                  for n, s in m["probes"].items()}
+        return cls(probes, t["__tokens__"], m["meta"])
+
+
+def canonical_probe(probe: str) -> str:
+    # `inter` (the down-projection input) is the same tensor as the down site's input
+    return probe[: -len("inter")] + "down" if probe.endswith(".inter") else probe
