@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..artifacts import content_key
 from ..data.text import TextData, text_data, token_stream, token_windows
 from ..errors import ActsparseError
-from ..models.sites import find_blocks
+from ..models.sites import find_blocks, hook_points
 from .stats import ProbeCollector, Stats
 
 DEFAULT_SAMPLE_SIZE = 2 ** 17
@@ -33,15 +33,7 @@ def model_fingerprint(model) -> dict:
 
 def probe_points(model) -> dict[str, tuple]:
     """Return probe name -> (module, 'input'|'output'): every site input, plus gate_act and up_out."""
-    points: dict[str, tuple] = {}
-    for b in find_blocks(model):
-        for role, site in b.sites.items():
-            points[site.name] = (site.module, "input")
-        if b.gated and b.act is not None:
-            points[f"layers.{b.layer}.gate_act"] = (b.act, "output")
-        if "up" in b.sites:
-            points[f"layers.{b.layer}.up_out"] = (b.sites["up"].module, "output")
-    return points
+    return {p: v for p, v in hook_points(model).items() if not p.endswith(".mlp")}
 
 
 @torch.no_grad()

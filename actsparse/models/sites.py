@@ -61,6 +61,7 @@ class Block:
     module: nn.Module
     sites: dict[str, Site] = field(default_factory=dict)
     act: nn.Module | None = None
+    mlp: nn.Module | None = None  # the module holding the MLP sites (parent of `up`), for MLP-level rules
 
     @property
     def gated(self) -> bool:
@@ -118,6 +119,9 @@ def find_blocks(model: nn.Module) -> list[Block]:
             for role, pat in ROLE_PATTERNS:
                 if re.match(pat, rel) and role not in b.sites:
                     b.sites[role] = Site(f"layers.{i}.{role}", i, role, mod, feats[0], feats[1])
+                    if role == "up":
+                        parent = rel.rsplit(".", 1)[0] if "." in rel else ""
+                        b.mlp = blk.get_submodule(parent) if parent else None
                     break
         if b.sites:
             blocks.append(b)
@@ -137,3 +141,18 @@ def find_sites(model: nn.Module) -> dict[str, Site]:
         for role in sorted(b.sites, key=lambda r: ROLE_ORDER.index(r) if r in ROLE_ORDER else 99):
             out[b.sites[role].name] = b.sites[role]
     return out
+
+
+def hook_points(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Return point name -> (module, 'input'|'output'): site inputs, gate_act/up_out outputs, MLP inputs."""
+    points = {}
+    for b in find_blocks(model):
+        for site in b.sites.values():
+            points[site.name] = (site.module, "input")
+        if b.gated and b.act is not None:
+            points[f"layers.{b.layer}.gate_act"] = (b.act, "output")
+        if "up" in b.sites:
+            points[f"layers.{b.layer}.up_out"] = (b.sites["up"].module, "output")
+        if b.mlp is not None:
+            points[f"layers.{b.layer}.mlp"] = (b.mlp, "input")
+    return points

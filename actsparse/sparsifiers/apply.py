@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import ActsparseError
-from ..models.sites import find_blocks
+from ..models.sites import hook_points
 from .plan import SparsityPlan, effective_sparsity
 from .rules import rule_fn
 
@@ -25,19 +25,6 @@ def parse_token_policy(policy: str) -> tuple[str, float]:
         if 0.0 < f <= 1.0:
             return "last_fraction", f
     raise ActsparseError(f"token_policy must be 'all', 'decode' or 'last_fraction=f' with 0 < f <= 1, got {policy!r}")
-
-
-def hook_points(model) -> dict[str, tuple[torch.nn.Module, str]]:
-    """Return point name -> (module, 'input'|'output') for every site and MLP probe a rule may use."""
-    points = {}
-    for b in find_blocks(model):
-        for site in b.sites.values():
-            points[site.name] = (site.module, "input")
-        if b.gated and b.act is not None:
-            points[f"layers.{b.layer}.gate_act"] = (b.act, "output")
-        if "up" in b.sites:
-            points[f"layers.{b.layer}.up_out"] = (b.sites["up"].module, "output")
-    return points
 
 
 class SparsifyHandle:
@@ -99,15 +86,16 @@ class SparsifyHandle:
     def _run(self, point: str, x: torch.Tensor, forward):
         rule = self.plan.rules[point]
         fn = rule_fn(rule.kind)
+        module = self._points[point][0]
         mask = self._token_mask(x)
         if mask is None:
-            y, nz = fn(rule, x, forward)
+            y, nz = fn(rule, x, forward, module)
             self._count(point, nz, x.numel())
             return y
         if not bool(mask.any()):
             return forward(x)
         y_dense = forward(x)
-        y_sel, nz = fn(rule, x[mask], forward)  # [n_sel, C]
+        y_sel, nz = fn(rule, x[mask], forward, module)  # [n_sel, C]
         self._count(point, nz, int(mask.sum()) * x.shape[-1])
         y = y_dense.clone()
         y[mask] = y_sel.to(y.dtype)
