@@ -80,6 +80,9 @@ def _hf_dataset(spec: str) -> TextData:
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
     from ..models.load import hub_offline
 
+    if hub_offline():
+        raise ActsparseError(f"cannot load dataset {spec!r}: the Hugging Face hub cannot be reached (offline); "
+                             "use bundled:calib / bundled:eval or a local text file")
     try:
         import datasets  # optional: only online users need it
     except ImportError as e:

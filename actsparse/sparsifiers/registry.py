@@ -123,8 +123,8 @@ def _coerce(method: str, key: str, v, t):
                 return _coerce(method, key, v, a)
             except ActsparseError:
                 pass
-    if origin in (list, tuple) and isinstance(v, (list, tuple)):
-        return type(v)(v) if origin is list else tuple(v)
+    if (t in (list, tuple) or origin in (list, tuple)) and isinstance(v, (list, tuple)):
+        return list(v) if list in (t, origin) else tuple(v)
     if t is typing.Any:
         return v
     name = getattr(t, "__name__", str(t))

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny real transformers models with a real trained tokenizer, saved as HF folders."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Activation sparsity skips weight reads for "
+        "inputs near zero, which makes decoding faster on memory-bound hardware. ")
+
+
+def make_tokenizer(path):
+    """Train a small byte-level BPE on synthetic text and save it as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([TEXT * 4] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tok.save_pretrained(path)
+    return tok
+
+
+def make_model(kind: str, vocab: int = 300, layers: int = 2, seed: int = 0):
+    """Return a tiny random causal LM of the given family ('llama', 'neox', 'gpt2')."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        m = LlamaForCausalLM(cfg)
+    elif kind == "neox":
+        cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
+                            num_attention_heads=4, max_position_embeddings=512, eos_token_id=0, bos_token_id=0)
+        m = GPTNeoXForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=layers, n_head=4, n_positions=512,
+                         eos_token_id=0, bos_token_id=0)
+        m = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A local HF folder holding a tiny random Llama and a trained BPE tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama-random")
+    make_tokenizer(path)
+    make_model("llama").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A local text file of several documents separated by the document marker."""
+    from actsparse.data.text import DOC_SEPARATOR
+
+    p = tmp_path_factory.mktemp("text") / "docs.txt"
+    docs = [(TEXT * 30).replace("fox", w) for w in ("fox", "cat", "owl", "elk", "yak", "emu")]
+    p.write_text(f"\n{DOC_SEPARATOR}\n".join(docs))
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """(model, tokenizer) of the tiny random Llama, loaded through asp.load_model."""
+    import actsparse as asp
+
+    return asp.load_model(str(tiny_dir))
