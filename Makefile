@@ -28,4 +28,4 @@ test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu and not slow" -x $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) mlflow.db mlruns multirun outputs .actsparse_cache
+	rm -rf $(VENV) mlflow.db mlruns mlartifacts multirun outputs .actsparse_cache sweep_results

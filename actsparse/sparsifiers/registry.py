@@ -31,6 +31,11 @@ class Method:
     class Params:
         pass
 
+    @classmethod
+    def needs_model_for(cls, params) -> bool:
+        """Whether fitting with these params runs forward passes (some methods need it only for some modes)."""
+        return cls.needs_model
+
     def fit(self, stats: Stats, sparsity: float, params, model) -> list[Rule]:
         raise NotImplementedError
 
@@ -147,7 +152,7 @@ def fit(method: str, stats: Stats, sparsity: float = 0.0, model=None, **params) 
     p = make_params(cls, params)
     if not isinstance(stats, Stats):
         raise ActsparseError(f"stats must come from asp.calibrate(), got {type(stats).__name__}")
-    if cls.needs_model and model is None:
+    if cls.needs_model_for(p) and model is None:
         raise ActsparseError(f"method {method!r} runs forward passes while fitting: pass model=...")
     target = sparsity if cls.uses_target else 0.0
     t0 = time.perf_counter()

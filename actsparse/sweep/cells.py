@@ -1,0 +1,257 @@
+"""Validate composed cell configs and turn them into keyed nodes: stats, plan, dense evaluation, cell.
+
+Keys follow DESIGN.md and are computed before any model is loaded, from the configuration and the
+files it names:
+    model_key = hash(model source + revision, dtype, the model files' content)
+    stats_key = hash(model_key, calibration data content, collector params)
+    plan_key  = hash(stats_key, method, params with defaults filled in, target)
+    dense_key = hash(model_key, eval spec without the token policy)   (ppl_dense, shared by cells)
+    cell_key  = hash(plan_key, eval spec)
+A method that ignores its target (dense) fits at target 0, so it is one plan and one cell however
+many sparsities a grid lists it at.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..artifacts import content_key
+from ..errors import ActsparseError
+
+DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "auto")
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+_HASH_LIMIT = 64 << 20  # files above this are identified by size + mtime instead of content
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as a task loads it (name, dtype, revision) plus the key of its weights."""
+    name: str
+    dtype: str
+    revision: str | None
+    kind: str                # bundled | local | hub
+    key: str
+
+
+@dataclass(frozen=True)
+class StatsNode:
+    """One calibration: model x calibration data x collector params."""
+    key: str
+    model: ModelRef
+    data: str
+    tokens: int
+    seq_len: int
+    batch_size: int
+    sample_size: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class PlanNode:
+    """One fit: stats x method x params x target."""
+    key: str
+    stats_key: str
+    model: ModelRef
+    method: str
+    params: dict             # every parameter, defaults filled in (the identity)
+    given: dict              # the parameters as configured (what asp.fit is called with)
+    target: float
+    needs_model: bool
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Perplexity evaluation settings; batch_size is not part of any key."""
+    data: str
+    data_key: str
+    seq_len: int
+    stride: int
+    max_tokens: int | None
+    token_policy: str
+    batch_size: int
+
+    def identity(self, with_policy: bool = True) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("batch_size")
+        if not with_policy:
+            d.pop("token_policy")
+        return d
+
+
+@dataclass(frozen=True)
+class DenseNode:
+    """One dense perplexity: model x eval spec (token policy excluded: nothing is sparsified)."""
+    key: str
+    model: ModelRef
+    eval: EvalSpec
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point, validated and keyed."""
+    index: int                       # position in the grid
+    overrides: tuple[str, ...]       # the Hydra overrides that made it
+    config: dict                     # the resolved configuration (plain containers)
+    key: str
+    stats: StatsNode
+    plan: PlanNode
+    dense: DenseNode
+    eval: EvalSpec
+    sparsity: float                  # as requested (the plan's target may be 0 for dense)
+    device: str
+    label: str = field(default="")
+
+
+def validate_cells(configs: list[tuple[list[str], dict]]) -> list[Cell]:
+    """Return keyed Cells for (overrides, resolved config) pairs; raise one ActsparseError naming every bad value."""
+    ctx = _Context()
+    cells, errors = [], {}
+    for i, (ov, cfg) in enumerate(configs):
+        try:
+            cells.append(_cell(i, ov, cfg, ctx))
+        except ActsparseError as e:
+            errors.setdefault(str(e), []).append(" ".join(o for o in ov if not o.startswith("+sweep=")) or "defaults")
+    if errors:
+        lines = []
+        for msg, where in errors.items():
+            cells_txt = where[0] if len(where) == 1 else f"{where[0]} and {len(where) - 1} more cell(s)"
+            lines.append(f"{msg}  [cell: {cells_txt}]")
+        raise ActsparseError("\n".join(lines))
+    return cells
+
+
+class _Context:
+    """Memoises the expensive lookups (model files, data files, hub reachability) across cells."""
+
+    def __init__(self):
+        self.models: dict[tuple, ModelRef] = {}
+        self.data: dict[str, str] = {}
+
+
+def _cell(index: int, overrides: list[str], cfg: dict, ctx: _Context) -> Cell:
+    from ..sparsifiers.apply import parse_token_policy
+    from ..sparsifiers.registry import check_sparsity, get_method, make_params
+
+    m, d, e = cfg["model"], cfg["data"], cfg["eval"]
+    cls = get_method(cfg["method"]["name"])
+    given = dict(cfg["method"].get("params") or {})
+    typed = make_params(cls, given)
+    params = dataclasses.asdict(typed)
+    sparsity = check_sparsity(cfg["sparsity"])
+    parse_token_policy(e["token_policy"])
+    device = _device(cfg["device"], cfg["launcher"])
+    _check_collector(d)
+    _check_eval(e)
+    model = _model_ref(m, ctx)
+    calib_key = _data_key(d["calib"], "data.calib", ctx)
+    eval_key = _data_key(e["data"], "eval.data", ctx)
+
+    stats_id = {"model": model.key, "data": calib_key, "tokens": d["tokens"], "seq_len": d["seq_len"],
+                "sample_size": d["sample_size"], "seed": d["seed"], "probes": "all"}
+    stats = StatsNode(content_key("stats", stats_id), model, d["calib"], d["tokens"], d["seq_len"],
+                      d["batch_size"], d["sample_size"], d["seed"])
+    target = sparsity if cls.uses_target else 0.0
+    plan = PlanNode(content_key("plan", stats.key, cls.name, params, target), stats.key, model, cls.name,
+                    params, given, target, _needs_model(cls, typed))
+    ev = EvalSpec(e["data"], eval_key, e["seq_len"], e["stride"] or e["seq_len"], e["max_tokens"],
+                  e["token_policy"], e["batch_size"])
+    dense = DenseNode(content_key("dense", model.key, ev.identity(with_policy=False)), model, ev)
+    key = content_key("cell", plan.key, ev.identity())
+    label = f"{m['name'] if model.kind != 'local' else Path(m['name']).name} {cls.name}" + \
+            (f" s={sparsity:g}" if cls.uses_target else "")
+    return Cell(index, tuple(overrides), cfg, key, stats, plan, dense, ev, sparsity, device, label)
+
+
+def _needs_model(cls, params) -> bool:
+    """Whether fitting needs the model: asked of the method when it can tell per params, else assumed.
+
+    Whether a method runs forward passes (or reads weights) while fitting depends on its params
+    (scap mode='kde', teal allocation='greedy'), and the class flag does not say so, hence the
+    conservative default; the fit task loads the model from its worker's cache.
+    """
+    ask = getattr(cls, "needs_model_for", None)
+    return bool(ask(params)) if callable(ask) else True
+
+
+def _device(device: str, launcher: dict) -> str:
+    if not _DEVICE.match(str(device)):
+        raise ActsparseError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if device.startswith("cuda") and not (launcher["evaluate"]["num_gpus"] > 0 and launcher["calibrate"]["num_gpus"] > 0):
+        raise ActsparseError(f"device={device} needs GPU tasks, but launcher.calibrate/evaluate.num_gpus is 0; "
+                             "use launcher=gpu (or set launcher.evaluate.num_gpus=1 launcher.calibrate.num_gpus=1)")
+    return device
+
+
+def _check_collector(d: dict) -> None:
+    if d["seq_len"] < 2:
+        raise ActsparseError(f"data.seq_len must be >= 2, got {d['seq_len']}")
+    if d["tokens"] < d["seq_len"]:
+        raise ActsparseError(f"data.tokens ({d['tokens']}) must be at least data.seq_len ({d['seq_len']})")
+    if d["sample_size"] < 16:
+        raise ActsparseError(f"data.sample_size must be >= 16, got {d['sample_size']}")
+    if d["batch_size"] < 1:
+        raise ActsparseError(f"data.batch_size must be >= 1, got {d['batch_size']}")
+
+
+def _check_eval(e: dict) -> None:
+    if e["seq_len"] < 2:
+        raise ActsparseError(f"eval.seq_len must be >= 2, got {e['seq_len']}")
+    if e["stride"] is not None and not 1 <= e["stride"] <= e["seq_len"]:
+        raise ActsparseError(f"eval.stride must be in [1, eval.seq_len={e['seq_len']}] or null, got {e['stride']}")
+    if e["max_tokens"] is not None and e["max_tokens"] < e["seq_len"]:
+        raise ActsparseError(f"eval.max_tokens ({e['max_tokens']}) must be at least eval.seq_len ({e['seq_len']}) "
+                             "or null (all of the data)")
+    if e["batch_size"] < 1:
+        raise ActsparseError(f"eval.batch_size must be >= 1, got {e['batch_size']}")
+
+
+def _model_ref(m: dict, ctx: _Context) -> ModelRef:
+    from ..models.load import resolve_model_source
+
+    memo = (m["name"], m["dtype"], m.get("revision"))
+    if memo not in ctx.models:
+        if m["dtype"] not in DTYPES:
+            raise ActsparseError(f"model.dtype must be one of {list(DTYPES)}, got {m['dtype']!r}")
+        src = resolve_model_source(m["name"])
+        if src.kind == "hub":  # a hub id is identified by name and revision (weights are not local yet)
+            key = content_key("model", "hub", src.path, m.get("revision") or "main", m["dtype"])
+        else:                  # a folder by its files' content, wherever it lies
+            key = content_key("model", "files", m["dtype"], _dir_fingerprint(Path(src.path)))
+        ctx.models[memo] = ModelRef(m["name"], m["dtype"], m.get("revision"), src.kind, key)
+    return ctx.models[memo]
+
+
+def _dir_fingerprint(path: Path) -> dict:
+    """Identify a model folder's files: content hash for small files, size + mtime for large ones."""
+    out = {}
+    for f in sorted(path.iterdir()):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        st = f.stat()
+        if st.st_size <= _HASH_LIMIT:
+            out[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+        else:
+            out[f.name] = f"{st.st_size}:{st.st_mtime_ns}"
+    return out
+
+
+def _data_key(spec: str, what: str, ctx: _Context) -> str:
+    if spec not in ctx.data:
+        from ..data.text import text_data
+
+        if isinstance(spec, str) and spec.startswith("hf:"):
+            from ..models.load import hub_offline
+
+            if hub_offline():
+                raise ActsparseError(f"{what}={spec!r} needs the Hugging Face hub, which cannot be reached "
+                                     "(offline); use bundled:calib / bundled:eval or a local text file")
+            ctx.data[spec] = spec  # the hub dataset's name; its content is fetched by the task
+        else:
+            try:
+                ctx.data[spec] = text_data(spec).key
+            except ActsparseError as e:
+                raise ActsparseError(f"{what}: {e}") from e
+    return ctx.data[spec]

@@ -1,0 +1,143 @@
+"""The typed schema of a sweep cell's configuration, registered in Hydra's ConfigStore.
+
+Hydra merges `conf/` (and the `sweeps/` presets) onto these dataclasses, so a wrong type or an
+unknown key fails at composition; `keys.validate_cell` then checks the values (method registered,
+sparsity in [0, 1), model resolvable, token policy) before any model is loaded or Ray is started.
+Which fields make a cell's identity is decided in keys.py, not here.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+_PKG = Path(__file__).resolve().parent.parent            # actsparse/
+_ROOT = _PKG.parent                                       # the repository (editable install)
+
+
+@dataclass
+class ModelConf:
+    name: str = MISSING                 # bundled name, local HF directory or hub id (as asp.load_model takes)
+    dtype: str = "float32"
+    revision: Optional[str] = None
+
+
+@dataclass
+class MethodConf:
+    name: str = MISSING                 # a registered method (asp.methods())
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConf:
+    """Calibration data and collector settings: with the model, they make the stats_key."""
+    calib: str = "bundled:calib"
+    tokens: int = 8192
+    seq_len: int = 256
+    batch_size: int = 4
+    sample_size: int = 131072
+    seed: int = 0
+
+
+@dataclass
+class EvalConf:
+    """Perplexity evaluation: with the plan, it makes the cell_key."""
+    data: str = "bundled:eval"
+    seq_len: int = 256
+    stride: Optional[int] = None        # None: disjoint windows
+    max_tokens: Optional[int] = 16384   # None: the whole data
+    batch_size: int = 8
+    token_policy: str = "all"           # all | decode | last_fraction=f
+
+
+@dataclass
+class TrackingConf:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "actsparse"
+    artifact_location: Optional[str] = None   # None: mlartifacts/ beside a sqlite store
+
+
+@dataclass
+class RayConf:
+    address: Optional[str] = None       # None or "local": start an embedded local cluster; else e.g. "auto"
+    num_cpus: Optional[int] = None      # size of the embedded cluster (None: all cores)
+    num_gpus: Optional[int] = None
+    log_to_driver: bool = False         # worker output in the console (errors come back either way)
+
+
+@dataclass
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class LauncherConf:
+    store: str = ".actsparse_cache"     # artifact store: stats, plans, dense evaluations (content-addressed)
+    calibrate: Resources = field(default_factory=Resources)
+    fit: Resources = field(default_factory=Resources)
+    evaluate: Resources = field(default_factory=Resources)
+    max_retries: int = 1                # re-runs of a task whose worker process died (not of exceptions)
+    model_cache: int = 1                # models each worker process keeps loaded between tasks
+
+
+@dataclass
+class ReportConf:
+    enabled: bool = True
+    dir: str = "sweep_results"          # the report goes to <dir>/<sweep_id>/
+
+
+@dataclass
+class SweepConf:
+    """One cell's whole configuration (and, before the grid is expanded, the sweep's defaults)."""
+    model: ModelConf = field(default_factory=ModelConf)
+    method: MethodConf = field(default_factory=MethodConf)
+    data: DataConf = field(default_factory=DataConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    tracking: TrackingConf = field(default_factory=TrackingConf)
+    launcher: LauncherConf = field(default_factory=LauncherConf)
+    ray: RayConf = field(default_factory=RayConf)
+    report: ReportConf = field(default_factory=ReportConf)
+    sparsity: float = 0.5
+    device: str = "cpu"                 # cpu | cuda | cuda:N | auto
+    name: str = "adhoc"                 # the sweep's name (presets set it); part of the sweep_id
+
+
+def conf_dir() -> Path:
+    """Return the Hydra config directory (ACTSPARSE_CONF_DIR, else the repository's conf/)."""
+    return _first_dir("ACTSPARSE_CONF_DIR", [_ROOT / "conf", _PKG / "conf"])
+
+
+def sweeps_dir() -> Path:
+    """Return the directory of named sweep presets (ACTSPARSE_SWEEPS_DIR, else the repository's sweeps/)."""
+    return _first_dir("ACTSPARSE_SWEEPS_DIR", [_ROOT / "sweeps", _PKG / "sweeps"])
+
+
+def _first_dir(env: str, candidates: list[Path]) -> Path:
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser().resolve()
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return candidates[0]
+
+
+def register_configs() -> None:
+    """Store the schema, one `method` option per registered method, and the `sweep` presets in the ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    from ..sparsifiers.registry import methods
+
+    cs = ConfigStore.instance()
+    cs.store(name="actsparse_schema", node=SweepConf)
+    # a method registered in Python is sweepable by name with no YAML file; conf/method/<name>.yaml wins
+    have_yaml = {p.stem for p in (conf_dir() / "method").glob("*.yaml")}
+    for name in methods():
+        if name not in have_yaml:
+            cs.store(group="method", name=name, node={"name": name, "params": {}})
+    # presets live in sweeps/ (short files that read like a paper table's caption) and are the `sweep` group
+    for path in sorted(sweeps_dir().glob("*.yaml")):
+        cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
