@@ -55,17 +55,33 @@ def calibrate(model, tok, data: "str | TextData" = "bundled:calib", tokens: int 
     windows = token_windows(token_stream(tok, data, max_tokens=tokens), seq_len)  # [n, seq_len]
     dev = next(model.parameters()).device
     collectors = {p: ProbeCollector(sample_size, seed + zlib.crc32(p.encode())) for p in points}
+    # Sites that read the very same tensor (q/k/v; gate/up) are collected once: the first forward
+    # records which probe saw each tensor first, later probes of that tensor become aliases of it.
+    seen: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    first = [True]
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        if first[0]:
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            if key in seen:
+                alias[name] = seen[key]
+                return
+            seen[key] = name
+        if name not in alias:
+            collectors[name].update(x)
+
     hooks = []
     for name, (mod, where) in points.items():
-        col = collectors[name]
         if where == "input":
-            hooks.append(mod.register_forward_pre_hook(lambda m, args, c=col: c.update(args[0])))
+            hooks.append(mod.register_forward_pre_hook(lambda m, args, n=name: observe(n, args[0])))
         else:
-            hooks.append(mod.register_forward_hook(lambda m, args, out, c=col: c.update(out)))
+            hooks.append(mod.register_forward_hook(lambda m, args, out, n=name: observe(n, out)))
     t0 = time.perf_counter()
     try:
         for i in tqdm(range(0, len(windows), batch_size), desc="calibrate", unit="batch", disable=not progress):
             model(windows[i:i + batch_size].to(dev), use_cache=False)
+            first[0], seen = False, {}
     finally:
         for h in hooks:
             h.remove()
@@ -76,4 +92,6 @@ def calibrate(model, tok, data: "str | TextData" = "bundled:calib", tokens: int 
     meta = {**fp, "data": data.name, "sites": sites, "data_key": data.key, **{k: v for k, v in params.items() if k != "probes"},
             "n_probes": len(points), "time_s": time.perf_counter() - t0}
     meta["stats_key"] = content_key(fp, data.key, params)
-    return Stats({p: c.result() for p, c in collectors.items()}, windows.cpu(), meta)
+    results = {p: c.result() for p, c in collectors.items() if p not in alias}
+    probes = {p: results[alias.get(p, p)] for p in points}
+    return Stats(probes, windows.cpu(), meta)

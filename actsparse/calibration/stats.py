@@ -99,34 +99,61 @@ class ProbeCollector:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])  # [tokens, C]
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, C]
         dev = x.device
         if self.ch is None:
             self.gen = torch.Generator(device=dev).manual_seed(self.seed)
             self.ch = torch.zeros(3, x.shape[-1], dtype=torch.float64, device=dev)
             self.hist = torch.zeros(N_BINS, dtype=torch.float64, device=dev)
-        xd = x.double()
-        self.ch[0] += xd.sum(0)
-        self.ch[1] += xd.abs().sum(0)
-        self.ch[2] += (xd * xd).sum(0)
-        v = x.float().flatten()
-        a = v.abs()
+        # per-batch sums in float32 (a few thousand tokens), accumulated across batches in float64
+        a2 = x.abs()
+        self.ch[0] += x.sum(0).double()
+        self.ch[1] += a2.sum(0).double()
+        self.ch[2] += (x * x).sum(0).double()
+        a = a2.flatten()
         nz = a > 0
-        self.n_zero += int((~nz).sum())
-        self.hist += torch.histc(a[nz].log10().clamp(LOG_LO, LOG_HI - 1e-9), N_BINS, LOG_LO, LOG_HI).double()
-        self.n += v.numel()
+        self.n_zero += a.numel() - int(nz.sum())
+        self.hist += torch.histc(a[nz].log10_().clamp_(LOG_LO, LOG_HI - 1e-9), N_BINS, LOG_LO, LOG_HI).double()
+        self.n += a.numel()
         self.n_tokens += x.shape[0]
-        # bottom-k: give every element a uniform key; the k smallest keys seen are a uniform sample
-        keys = torch.rand(v.numel(), generator=self.gen, device=dev)
-        if self.keys is not None and self.keys.numel() >= self.k:
-            keep = keys < self.keys.max()
-            keys, v = keys[keep], v[keep]
+        self._sample(x.flatten())
+
+    def _sample(self, v: torch.Tensor) -> None:
+        """Bottom-k sampling: every element gets a U(0,1) key; the k smallest keys are a uniform sample.
+
+        Once the buffer is full only keys below its largest key tau can enter. Their number is
+        Binomial(n, tau), their positions a uniform subset and their keys U(0, tau): drawing exactly
+        that, instead of n keys, gives the same distribution at a cost proportional to the entrants.
+        """
+        n, dev = v.numel(), v.device
+        tau = 1.0 if self.keys is None or self.keys.numel() < self.k else float(self.keys.max())
+        c = n if tau >= 1.0 else int(torch.binomial(torch.tensor([float(n)]), torch.tensor([tau]),
+                                                      generator=self._cpu_gen()).item())
+        if c == 0:
+            return
+        if c * 16 > n:  # many entrants: one key per element is cheaper than drawing distinct positions
+            keys = torch.rand(n, generator=self.gen, device=dev)
+            if tau < 1.0:
+                keep = keys < tau
+                keys, v = keys[keep], v[keep]
+        else:
+            idx = torch.randint(0, n, (c,), generator=self.gen, device=dev).unique()
+            while idx.numel() < c:  # collisions are rare (c << n); top up to exactly c distinct positions
+                more = torch.randint(0, n, (c - idx.numel(),), generator=self.gen, device=dev)
+                idx = torch.cat([idx, more]).unique()
+            v = v[idx]
+            keys = torch.rand(c, generator=self.gen, device=dev) * tau
         keys = keys if self.keys is None else torch.cat([self.keys, keys])
         v = v if self.vals is None else torch.cat([self.vals, v])
         if keys.numel() > self.k:
             keys, idx = torch.topk(keys, self.k, largest=False, sorted=False)
             v = v[idx]
         self.keys, self.vals = keys, v
+
+    def _cpu_gen(self) -> torch.Generator:
+        if getattr(self, "_cg", None) is None:
+            self._cg = torch.Generator().manual_seed(self.seed + 1)
+        return self._cg
 
     def result(self) -> ProbeStats:
         return ProbeStats(n=self.n, n_tokens=self.n_tokens, sample=self.vals.cpu().clone(),
@@ -158,12 +185,16 @@ class Stats:
     def save(self, path) -> None:
         """Write the stats to a directory (safetensors + JSON), atomically."""
         t = {"__tokens__": self.tokens}
-        scal = {}
+        scal, aliases, first_name = {}, {}, {}
         for name, p in self.probes.items():
+            if id(p) in first_name:  # the same statistics object under two names (q/k/v share an input)
+                aliases[name] = first_name[id(p)]
+                continue
+            first_name[id(p)] = name
             t[f"{name}/sample"], t[f"{name}/hist"] = p.sample, p.hist
             t[f"{name}/ch_sum"], t[f"{name}/ch_abs_sum"], t[f"{name}/ch_sq_sum"] = p.ch_sum, p.ch_abs_sum, p.ch_sq_sum
             scal[name] = {"n": p.n, "n_tokens": p.n_tokens, "n_zero": p.n_zero}
-        save_tensors_json(path, t, {"kind": "stats", "meta": self.meta, "probes": scal})
+        save_tensors_json(path, t, {"kind": "stats", "meta": self.meta, "probes": scal, "aliases": aliases})
 
     @classmethod
     def load(cls, path) -> "Stats":
@@ -174,7 +205,14 @@ class Stats:
         probes = {n: ProbeStats(sample=t[f"{n}/sample"], hist=t[f"{n}/hist"], ch_sum=t[f"{n}/ch_sum"],
                                 ch_abs_sum=t[f"{n}/ch_abs_sum"], ch_sq_sum=t[f"{n}/ch_sq_sum"], **s)
                   for n, s in m["probes"].items()}
-        return cls(probes, t["__tokens__"], m["meta"])
+        for name, target in m.get("aliases", {}).items():
+            probes[name] = probes[target]
+        return cls(dict(sorted(probes.items(), key=lambda kv: _probe_order(kv[0]))), t["__tokens__"], m["meta"])
+
+
+def _probe_order(name: str) -> tuple:
+    parts = name.split(".")
+    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1, name)
 
 
 def canonical_probe(probe: str) -> str:

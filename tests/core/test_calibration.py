@@ -41,9 +41,9 @@ def test_stats_match_numpy_when_sample_holds_everything(tiny, text_file):
         np.testing.assert_allclose(np.sort(ps.sample.numpy()), np.sort(xn.ravel().astype(np.float32)))
         for q in (0.1, 0.5, 0.83):
             assert ps.abs_quantile(q) == pytest.approx(np.quantile(np.abs(xn), q), rel=1e-5, abs=1e-7)
-        np.testing.assert_allclose(ps.ch_mean.numpy(), xn.mean(0), rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(ps.ch_abs_mean.numpy(), np.abs(xn).mean(0), rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(ps.ch_l2.numpy(), np.sqrt((xn ** 2).sum(0)), rtol=1e-6)
+        np.testing.assert_allclose(ps.ch_mean.numpy(), xn.mean(0), rtol=1e-5, atol=1e-6)  # float32 batch sums
+        np.testing.assert_allclose(ps.ch_abs_mean.numpy(), np.abs(xn).mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ps.ch_l2.numpy(), np.sqrt((xn ** 2).sum(0)), rtol=1e-5)
         # the streaming histogram's quantile is within one bin (0.01 decade) of the exact one
         exact = np.quantile(np.abs(xn), 0.5)
         assert abs(np.log10(ps.hist_abs_quantile(0.5)) - np.log10(exact)) <= 0.011
