@@ -20,6 +20,8 @@ _API = {
     "Rule": "actsparse.sparsifiers.plan",
     "sparsify": "actsparse.sparsifiers.apply",
     "perplexity": "actsparse.eval.perplexity",
+    "fidelity": "actsparse.eval.fidelity",
+    "lm_eval_accuracy": "actsparse.eval.lm_eval",
     "ActsparseError": "actsparse.errors",
 }
 __all__ = sorted(_API)

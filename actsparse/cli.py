@@ -3,7 +3,7 @@
     actsparse sweep +sweep=demo                                  a named preset from sweeps/
     actsparse sweep -m method=dense,teal sparsity=0.3,0.5         any Hydra multirun grid over conf/
     actsparse sweep --dry-run ...                                 show the cells and their keys, run nothing
-    actsparse report [--tracking-uri URI] [--sweep-id ID]         tables, Pareto front and plot from MLflow
+    actsparse report [--tracking-uri URI] [--sweep-id ID]         fronts, iso-quality, tables, plots, HTML page
 
 Every user mistake ends with one `actsparse: error: ...` message and exit status 2, before any
 model is loaded, Ray is started or an MLflow run is created.
@@ -31,16 +31,69 @@ def _sweep_parser() -> argparse.ArgumentParser:
 
 
 def _report_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="actsparse report",
-                                description="Write a sweep's Markdown tables, Pareto front and plot from MLflow runs, "
-                                            "and log them to the sweep's parent run.")
+    p = argparse.ArgumentParser(
+        prog="actsparse report",
+        description="Write a sweep's report from MLflow runs: Pareto fronts, iso-quality and iso-sparsity "
+                    "comparisons, paper tables (Markdown + LaTeX), plots (PNG + SVG) and one static HTML page; "
+                    "log it to the sweep's parent run.",
+        epilog="examples: actsparse report | actsparse report --quality acc_avg --budget 1pt | "
+               "actsparse report --all --model tiny-llama --since 2025-06-01 --tag device=cuda")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
     p.add_argument("--experiment", default="actsparse", help="MLflow experiment (default: %(default)s)")
-    p.add_argument("--sweep-id", default=None, help="the sweep to report (default: the latest sweep)")
+    p.add_argument("--sweep-id", action="append", default=[],
+                   help="the sweep to report (default: the latest); with --all, repeatable, keeps these sweeps")
     p.add_argument("--all", action="store_true", help="every finished cell of the experiment, not one sweep")
+    p.add_argument("--model", action="append", default=[], help="keep runs of this model (repeatable)")
+    p.add_argument("--method", action="append", default=[], help="keep runs of this method (repeatable)")
+    p.add_argument("--since", default=None, help="keep runs started at or after this date (2025-06-30[T14:00], UTC)")
+    p.add_argument("--until", default=None, help="keep runs started before this date")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="keep runs with this tag (repeatable)")
+    p.add_argument("--quality", action="append", default=[], metavar="METRIC",
+                   help="quality metric(s) to compare: ppl, acc_avg, acc/<task>, fidelity/cos, or name:min|max "
+                        "(default: the recorded ones of ppl, acc_avg, fidelity/cos)")
+    p.add_argument("--budget", action="append", default=[], metavar="[METRIC=]SPEC",
+                   help="iso-quality budget: 1.02x (ratio to dense), 1pt (accuracy points), 0.5abs; without "
+                        "METRIC= it applies to the first quality (default: 1.02x for ppl, 1pt for accuracies)")
+    p.add_argument("--iso-sparsity", default=None, metavar="S1,S2,...",
+                   help="effective sparsities of the iso-sparsity tables (default: the sweep's target sparsities)")
     p.add_argument("--out", default="sweep_results", help="where to write the report (default: %(default)s/<sweep>)")
     p.add_argument("--no-log", action="store_true", help="do not upload the report to the parent run")
     return p
+
+
+def _report_inputs(args):
+    """(RunFilter, ReportOptions) from the report command's arguments; raise ActsparseError on bad values."""
+    from .errors import ActsparseError
+    from .report.build import ReportOptions
+    from .report.runs import RunFilter, parse_date, parse_tags
+
+    if len(args.sweep_id) > 1 and not args.all:
+        raise ActsparseError("several --sweep-id need --all (one sweep's report reads its own cells)")
+    split = lambda items: [v.strip() for it in items for v in it.split(",") if v.strip()]  # noqa: E731
+    filt = RunFilter(sweeps=args.sweep_id if args.all else [], models=split(args.model), methods=split(args.method),
+                     since=parse_date(args.since, "--since") if args.since else None,
+                     until=parse_date(args.until, "--until") if args.until else None, tags=parse_tags(args.tag))
+    from .report.quality import parse_budget, parse_quality
+
+    qualities = [parse_quality(q) for q in args.quality]       # bad names fail here, before MLflow is read
+    budgets = {}
+    for b in args.budget:
+        metric, sep, spec = b.rpartition("=")
+        metric = metric.strip() if sep else ""
+        q = parse_quality(metric) if metric else (qualities[0] if qualities else None)
+        parse_budget(spec.strip(), q)                          # the syntax (and, when the metric is known, its side)
+        budgets[q.name if metric else ""] = spec.strip()
+    levels = None
+    if args.iso_sparsity:
+        try:
+            levels = sorted({float(v) for v in args.iso_sparsity.split(",") if v.strip()})
+        except ValueError as e:
+            raise ActsparseError(f"--iso-sparsity takes comma-separated sparsities like 0.3,0.5, got "
+                                 f"{args.iso_sparsity!r}") from e
+        if not all(0 <= v < 1 for v in levels):
+            raise ActsparseError(f"--iso-sparsity levels must be in [0, 1), got {args.iso_sparsity!r}")
+    return filt, ReportOptions(qualities=args.quality or None, budgets=budgets, levels=levels)
 
 
 def cmd_sweep(argv: list[str]) -> int:
@@ -75,14 +128,13 @@ def cmd_sweep(argv: list[str]) -> int:
 def cmd_report(argv: list[str]) -> int:
     """Build a report from MLflow; return the exit status."""
     args = _report_parser().parse_args(argv)
+    filt, options = _report_inputs(args)
     from .report.build import report_sweep
 
-    rep = report_sweep(args.tracking_uri, args.experiment, args.sweep_id, args.out, all_runs=args.all,
-                       log_to_parent=not args.no_log)
-    for text in (rep.table, rep.front):
-        if text:
-            print(text + "\n")
-    print(f"report: {rep.markdown} (plot: {rep.plot}, runs: {rep.csv})")
+    rep = report_sweep(args.tracking_uri, args.experiment, args.sweep_id[0] if args.sweep_id and not args.all else None,
+                       args.out, all_runs=args.all, log_to_parent=not args.no_log, filters=filt, options=options)
+    print(f"markdown: {rep.markdown}  tables: {rep.dir / 'tables'}  plots: {rep.dir / 'plots'}  runs: {rep.csv}\n")
+    print(rep.console_text())
     return 0
 
 

@@ -105,7 +105,7 @@ def token_stream(tok, data: TextData, max_tokens: int | None = None) -> torch.Te
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0
     ids: list[int] = []
     for doc in data.documents:
-        ids.extend(tok(doc, add_special_tokens=False)["input_ids"])
+        ids.extend(tok(doc, add_special_tokens=False, verbose=False)["input_ids"])  # long docs are windowed later
         ids.append(eos)
         if max_tokens is not None and len(ids) >= max_tokens:
             break

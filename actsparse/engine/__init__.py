@@ -1,1 +1,6 @@
-"""engine"""
+"""Decode engine: a small Llama-family decoder with a static KV cache and CUDA-graphed steps (floor 2)."""
+
+from .config import LLAMA2_7B, LLAMA3_8B, PRESETS, TINY, LlamaConfig
+from .engine import ROLES, Engine
+
+__all__ = ["Engine", "LlamaConfig", "LLAMA2_7B", "LLAMA3_8B", "PRESETS", "ROLES", "TINY"]

@@ -1,15 +1,42 @@
 """Site discovery: find every linear layer whose input may be sparsified, named layers.{i}.{role}.
 
-A *site* is one linear layer (nn.Linear or transformers' Conv1D); its *role* is its slot in the block.
-Families are recognised by module-name patterns inside each block, so a new family is a new row in
-ROLE_PATTERNS, not a new code path.
+A *site* is one linear layer (nn.Linear, transformers' Conv1D, a quantized/dequantizing linear, or a
+*virtual* linear that is one expert's slice of a fused 3-D expert weight); its *role* is its slot in
+the block. Families are recognised by module-name patterns inside each block, so a new family is a
+new row in ROLE_PATTERNS, not a new code path.
+
+Roles per family:
+  Llama / Mistral / Qwen2 / Qwen3 / Gemma   q k v o gate up down
+  GPT-NeoX / GPT-2 (Conv1D)                 qkv o up down
+  BERT-style encoders                       q k v o up down
+  Mamba / Mamba2 mixers                     up (in_proj) down (out_proj): in_proj reads the block's
+                                            normed input and expands it, out_proj reads the gated SSM
+                                            output, as SCAP sparsifies them. A mixer is no MLP, so it
+                                            gets no MLP probes (gate_act, up_out, mlp).
+  MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, ...)  attention roles plus expert{e}.gate expert{e}.up
+                                            expert{e}.down per routed expert, shared_expert.{gate,up,down}
+                                            for an always-on shared expert; the router is never a site.
+
+MLP probes exist per MLP: with P the MLP's prefix ('' for a dense MLP, 'expert{e}.', 'shared_expert.'),
+`layers.i.{P}gate_act` (output of act(gate)), `layers.i.{P}up_out` (output of up) and
+`layers.i.{P}mlp` (input of the module that computes the whole MLP).
+
+Fused experts (transformers 5 stores each MoE layer's experts as 3-D parameters `gate_up_proj`
+[E, 2I, H] and `down_proj` [E, H, I], no per-expert modules): find_blocks makes them routable once,
+by giving the experts module an equivalent per-expert loop that calls one virtual linear per
+(expert, role) — views of the fused weight, so hooks see each expert's input. The loop is checked
+against the model's own expert forward on random routing before it is kept; a layout it does not
+reproduce leaves the experts unsparsified, with a warning naming the class.
 """
 from __future__ import annotations
 
 import re
+import types
+import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ActsparseError
@@ -22,11 +49,16 @@ ROLE_PATTERNS: list[tuple[str, str]] = [
     ("v", r"^(self_attn|attention|attn)\.(v_proj|value)$|^attention\.self\.value$"),
     ("o", r"^(self_attn\.o_proj|attention\.dense|attn\.c_proj|attention\.output\.dense|self_attn\.out_proj|attn\.out_proj)$"),
     ("gate", r"^(mlp|feed_forward)\.(gate_proj|w1)$"),
-    ("up", r"^(mlp|feed_forward)\.(up_proj|dense_h_to_4h|c_fc|fc1|w3)$|^intermediate\.dense$"),
-    ("down", r"^(mlp|feed_forward)\.(down_proj|dense_4h_to_h|c_proj|fc2|w2)$|^output\.dense$"),
+    ("up", r"^(mlp|feed_forward)\.(up_proj|dense_h_to_4h|c_fc|fc1|w3)$|^intermediate\.dense$|^mixer\.in_proj$"),
+    ("down", r"^(mlp|feed_forward)\.(down_proj|dense_4h_to_h|c_proj|fc2|w2)$|^output\.dense$|^mixer\.out_proj$"),
 ]
+# experts kept as modules (transformers 4 / remote code): <moe>.experts.<e>.<proj>, and shared experts
+EXPERT_PATTERN = r"^((?:mlp|block_sparse_moe|feed_forward)\.experts)\.(\d+)\.(gate_proj|w1|up_proj|w3|down_proj|w2)$"
+SHARED_PATTERN = r"^((?:mlp|feed_forward)\.shared_experts?)\.(gate_proj|up_proj|down_proj)$"
+_PROJ_ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 ACT_PATTERN = r"^(mlp|feed_forward)\.(act_fn|act)$|^intermediate\.intermediate_act_fn$"
 ROLE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "down"]
+MLP_ROLES = ("gate", "up", "down")
 
 
 @dataclass
@@ -41,9 +73,14 @@ class Site:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weight as [out, in], whatever the module's storage layout (Conv1D stores [in, out])."""
-        w = self.module.weight
-        return w.t() if _is_conv1d(self.module) else w
+        """The weight as a float [out, in] tensor, whatever the storage (Conv1D [in, out], quantized, fused expert)."""
+        m = self.module
+        w = m.weight
+        if _is_conv1d(m):
+            return w.t()
+        if type(w) in (torch.Tensor, nn.Parameter) and w.is_floating_point():
+            return w
+        return _dequantized(m, w, self.name)  # int codes, or a quantized tensor subclass
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -54,14 +91,46 @@ class Site:
         return self.in_features * self.out_features
 
 
+def _dequantized(m: nn.Module, w: torch.Tensor, name: str) -> torch.Tensor:
+    """Float weight of a quantized linear: a weight tensor subclass with dequantize(), or the module's own."""
+    # torch's own quantized tensors and tensor subclasses (torchao) dequantize themselves; a plain int
+    # tensor's dequantize() would only cast the codes
+    if w.is_quantized or type(w) not in (torch.Tensor, nn.Parameter):
+        out = w.dequantize() if callable(getattr(w, "dequantize", None)) else None
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            return out
+    for attr in ("dequantize_weight", "dequantize"):  # dequantizing wrappers (HQQ-style modules)
+        fn = getattr(m, attr, None)
+        if callable(fn):
+            return fn()
+    raise ActsparseError(f"site {name}: the weight of {type(m).__name__} is stored as {w.dtype} and the module "
+                         "offers no dequantize(); its inputs can still be sparsified with the torch backend, "
+                         "but methods that read weights (SCAP's bias fold, R-Sparse's factors) cannot run on it")
+
+
+@dataclass
+class Mlp:
+    """One MLP of a block: the dense MLP (prefix ''), a routed expert ('expert{e}.') or a shared expert."""
+    prefix: str
+    sites: dict[str, Site] = field(default_factory=dict)  # base role gate/up/down -> Site
+    act: nn.Module | None = None     # its activation module (probe gate_act), gated MLPs only
+    module: nn.Module | None = None  # computes the whole MLP from its input (point layers.i.{prefix}mlp)
+
+    @property
+    def gated(self) -> bool:
+        return "gate" in self.sites
+
+
 @dataclass
 class Block:
-    """One transformer block: its sites by role and the MLP's activation module (for MLP probes)."""
+    """One transformer block: its sites by role and its MLPs (dense, experts, shared expert) for MLP probes."""
     layer: int
     module: nn.Module
     sites: dict[str, Site] = field(default_factory=dict)
     act: nn.Module | None = None
-    mlp: nn.Module | None = None  # the module holding the MLP sites (parent of `up`), for MLP-level rules
+    mlp: nn.Module | None = None  # the module holding the dense MLP's sites (parent of `up`), for MLP-level rules
+    mlps: list[Mlp] = field(default_factory=list)
+    moe: nn.Module | None = None  # the sparse-MoE module (router + experts), when the block has experts
 
     @property
     def gated(self) -> bool:
@@ -84,16 +153,30 @@ def _features(m: nn.Module) -> tuple[int, int] | None:
 
 
 def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return the ModuleList of transformer blocks (the longest list of identical blocks)."""
-    best = None
+    """Return the ModuleList of transformer blocks: the longest outermost list of identical blocks.
+
+    Lists nested in another candidate (a block's experts) are not candidates, however long.
+    """
+    cands = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            kinds = {type(b).__name__ for b in mod}
-            if len(kinds) == 1 and (best is None or len(mod) > len(best[1])):
-                best = (name, mod)
-    if best is None:
-        raise ActsparseError(f"{type(model).__name__}: found no list of transformer blocks (nn.ModuleList)")
-    return best
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(b).__name__ for b in mod}) == 1:
+            cands.append((name, mod))
+    outer = [(n, m) for n, m in cands if not any(o != n and n.startswith(o + ".") for o, _ in cands)]
+    if not outer:
+        kids = ", ".join(f"{n or '<root>'} ({type(m).__name__})" for n, m in list(model.named_modules())[:10])
+        raise ActsparseError(f"{type(model).__name__}: found no list of transformer blocks (an nn.ModuleList of "
+                             f"identical blocks); modules found: {kids}")
+    return max(outer, key=lambda nm: len(nm[1]))
+
+
+def _role_key(role: str) -> tuple:
+    """Sort key: attention and dense-MLP roles in ROLE_ORDER, then shared expert, then experts by index."""
+    if role in ROLE_ORDER:
+        return (0, ROLE_ORDER.index(role), 0)
+    base = role.rsplit(".", 1)[-1]
+    r = ROLE_ORDER.index(base) if base in ROLE_ORDER else 99
+    m = re.match(r"^expert(\d+)\.", role)
+    return (2, int(m.group(1)), r) if m else (1, 0, r)
 
 
 def find_blocks(model: nn.Module) -> list[Block]:
@@ -106,53 +189,372 @@ def find_blocks(model: nn.Module) -> list[Block]:
     seen_linear: list[str] = []
     for i, blk in enumerate(layers):
         b = Block(layer=i, module=blk)
+        dense = Mlp("")
+        module_experts: dict[str, dict[str, Mlp]] = {}  # experts list name -> {prefix: Mlp}
+        shared: dict[str, Mlp] = {}
+        fused: list[tuple[str, nn.Module]] = []
         for rel, mod in blk.named_modules():
             if not rel:
                 continue
             if b.act is None and re.match(ACT_PATTERN, rel):
-                b.act = mod
+                b.act = dense.act = mod
+                continue
+            if _is_fused_experts(mod):
+                fused.append((rel, mod))
                 continue
             feats = _features(mod)
             if feats is None:
                 continue
             seen_linear.append(f"{list_name}.{i}.{rel}")
+            m = re.match(EXPERT_PATTERN, rel)
+            if m:
+                role = f"expert{int(m.group(2))}.{_PROJ_ROLE[m.group(3)]}"
+                mlp = module_experts.setdefault(m.group(1), {}).setdefault(
+                    f"expert{int(m.group(2))}.", Mlp(f"expert{int(m.group(2))}."))
+                mlp.module = blk.get_submodule(f"{m.group(1)}.{m.group(2)}")
+                mlp.act = _child_act(mlp.module)
+                _add_site(b, role, mod, feats)
+                mlp.sites[_PROJ_ROLE[m.group(3)]] = b.sites[role]
+                continue
+            m = re.match(SHARED_PATTERN, rel)
+            if m:
+                role = f"shared_expert.{_PROJ_ROLE[m.group(2)]}"
+                mlp = shared.setdefault(m.group(1), Mlp("shared_expert."))
+                mlp.module = blk.get_submodule(m.group(1))
+                mlp.act = _child_act(mlp.module)
+                _add_site(b, role, mod, feats)
+                mlp.sites[_PROJ_ROLE[m.group(2)]] = b.sites[role]
+                continue
             for role, pat in ROLE_PATTERNS:
                 if re.match(pat, rel) and role not in b.sites:
-                    b.sites[role] = Site(f"layers.{i}.{role}", i, role, mod, feats[0], feats[1])
+                    _add_site(b, role, mod, feats)
+                    if role in MLP_ROLES:
+                        dense.sites[role] = b.sites[role]
                     if role == "up":
                         parent = rel.rsplit(".", 1)[0] if "." in rel else ""
                         b.mlp = blk.get_submodule(parent) if parent else None
                     break
+        if _is_ssm_mixer(b):
+            b.mlp = None  # in_proj/out_proj of a mixer: no MLP, no MLP probes
+        elif dense.sites:
+            # the MLP point needs one module computing the whole MLP: BERT's up and down live in sibling modules
+            if b.mlp is not None and "down" in dense.sites and not _contains(b.mlp, dense.sites["down"].module):
+                b.mlp = None
+            dense.module = b.mlp
+            b.mlps.append(dense)
+        for rel, mod in fused:
+            _add_fused_experts(model, b, blk, rel, mod)
+        for lst_name, mlps in module_experts.items():
+            b.mlps.extend(mlps.values())
+            _install_moe_scope(model, b, blk.get_submodule(lst_name.rsplit(".", 1)[0]), opaque=True)
+        for name, mlp in shared.items():
+            b.mlps.append(mlp)
+            _install_moe_scope(model, b, blk.get_submodule(name.rsplit(".", 1)[0]))
         if b.sites:
             blocks.append(b)
     if not blocks:
-        shown = ", ".join(seen_linear[:12]) or "none"
-        raise ActsparseError(f"{type(model).__name__}: no sparsifiable sites recognised. Linear modules found: "
-                             f"{shown}. Expected attention/MLP projections such as self_attn.q_proj or "
-                             "mlp.down_proj; add a pattern to actsparse.models.sites.ROLE_PATTERNS")
+        raise ActsparseError(_no_sites_message(model, list_name, layers, seen_linear))
     model._actsparse_blocks = blocks
     return blocks
+
+
+def _is_ssm_mixer(b: Block) -> bool:
+    """True when the block's up/down sites are an SSM mixer's in_proj/out_proj (no MLP probes)."""
+    up = b.sites.get("up")
+    return up is not None and any(up.module is getattr(m, "in_proj", None) for m in b.module.children())
+
+
+def _contains(parent: nn.Module, child: nn.Module) -> bool:
+    return any(m is child for m in parent.modules())
+
+
+def _child_act(mlp: nn.Module) -> nn.Module | None:
+    for name in ("act_fn", "act"):
+        a = getattr(mlp, name, None)
+        if isinstance(a, nn.Module):
+            return a
+    return None
+
+
+def _add_site(b: Block, role: str, mod: nn.Module, feats: tuple[int, int]) -> None:
+    b.sites[role] = Site(f"layers.{b.layer}.{role}", b.layer, role, mod, feats[0], feats[1])
+
+
+def _no_sites_message(model, list_name: str, layers: nn.ModuleList, seen_linear: list[str]) -> str:
+    blk = layers[0]
+    inside = [f"{n} ({type(m).__name__})" for n, m in blk.named_modules() if n][:12]
+    where = (f"modules in {list_name}.0: {', '.join(inside)}" if inside else
+             f"{list_name}.0 is itself a {type(blk).__name__} with no submodules")
+    lin = ", ".join(seen_linear[:12]) or "none"
+    return (f"{type(model).__name__}: no sparsifiable sites recognised in the {len(layers)} blocks of "
+            f"'{list_name or '<root>'}'. {where}. Linear modules found: {lin}. Expected attention/MLP "
+            "projections such as self_attn.q_proj or mlp.down_proj; add a pattern to "
+            "actsparse.models.sites.ROLE_PATTERNS")
+
+
+# -- fused experts ------------------------------------------------------------------------------------
+def _is_fused_experts(m: nn.Module) -> bool:
+    """transformers 5 experts: 3-D `down_proj` plus 3-D `gate_up_proj` (gated) or `up_proj` parameters."""
+    down = getattr(m, "down_proj", None)
+    up = getattr(m, "gate_up_proj", None)
+    if up is None:
+        up = getattr(m, "up_proj", None)
+    return (isinstance(down, torch.Tensor) and down.dim() == 3 and isinstance(up, torch.Tensor)
+            and up.dim() == 3 and not isinstance(down, nn.Module))
+
+
+class ExpertLinear(nn.Module):
+    """A virtual linear: one expert's rows of a fused 3-D weight, callable (and hookable) like nn.Linear."""
+
+    def __init__(self, experts: nn.Module, param: str, expert: int, rows: slice, in_features: int,
+                 out_features: int):
+        super().__init__()
+        # a plain attribute, not a submodule: the experts module stays the only owner of the weight
+        object.__setattr__(self, "_experts", experts)
+        self.param, self.expert, self.rows = param, expert, rows
+        self.in_features, self.out_features = in_features, out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[out, in] view of this expert's slice of the fused parameter."""
+        w = getattr(self._experts, self.param)[self.expert]  # [out_all, in], or [in, out_all] if transposed
+        if getattr(self._experts, "is_transposed", False):
+            w = w.t()
+        return w[self.rows]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if not getattr(self._experts, "has_bias", False):
+            return None
+        return getattr(self._experts, f"{self.param}_bias")[self.expert][self.rows]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.param}[{self.expert}][{self.rows.start}:{self.rows.stop}:{self.rows.step}], " \
+               f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class ExpertAct(nn.Module):
+    """One expert's view of the shared activation, so its output can be probed per expert."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_act", act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._act(x)
+
+
+class ExpertMLP(nn.Module):
+    """One routed expert as an MLP module: gate_proj / up_proj / down_proj / act_fn, like a dense gated MLP."""
+
+    def __init__(self, experts: nn.Module, e: int, gate: ExpertLinear | None, up: ExpertLinear,
+                 down: ExpertLinear):
+        super().__init__()
+        object.__setattr__(self, "_experts", experts)
+        self.expert = e
+        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+        cls_gate = getattr(type(experts), "_apply_gate", None)
+        # a model-specific gate (clamped SwiGLU, ...) is applied to the re-assembled gate_up output
+        self.default_gate = cls_gate is None or getattr(cls_gate, "__name__", "") == "_default_apply_gate"
+        act = getattr(experts, "act_fn", None)
+        self.act_fn = ExpertAct(act) if act is not None else None
+        if self.act_fn is None and (gate is None or self.default_gate):
+            raise ActsparseError(f"{type(experts).__name__} has no act_fn")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, H]
+        ex = self._experts
+        if self.gate_proj is None:
+            h = self.act_fn(self.up_proj(x))
+        elif self.default_gate:
+            h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            g, u = self.gate_proj(x), self.up_proj(x)  # [n, I] each
+            gu = torch.cat([g, u], -1) if getattr(ex, "is_concatenated", True) else torch.stack([g, u], -1).flatten(-2)
+            h = ex._apply_gate(gu)
+        y = self.down_proj(h)
+        if getattr(ex, "has_post_expert_norm", False):
+            y = ex.post_expert_norm(y)
+        return y
+
+
+def _expert_mlps(experts: nn.Module) -> list[ExpertMLP]:
+    """Build the virtual per-expert MLPs of a fused experts module."""
+    gated = isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+    up_w = experts.gate_up_proj if gated else experts.up_proj
+    transposed = getattr(experts, "is_transposed", False)
+    n_exp, up_all, hidden = up_w.shape if not transposed else (up_w.shape[0], up_w.shape[2], up_w.shape[1])
+    inter = up_all // 2 if gated else up_all
+    concat = getattr(experts, "is_concatenated", True)
+    if gated and concat:
+        rows_gate, rows_up = slice(0, inter), slice(inter, 2 * inter)
+    elif gated:
+        rows_gate, rows_up = slice(0, None, 2), slice(1, None, 2)
+    else:
+        rows_gate, rows_up = None, slice(0, inter)
+    out = []
+    for e in range(n_exp):
+        gate = ExpertLinear(experts, "gate_up_proj", e, rows_gate, hidden, inter) if gated else None
+        up = ExpertLinear(experts, "gate_up_proj" if gated else "up_proj", e, rows_up, hidden, inter)
+        down = ExpertLinear(experts, "down_proj", e, slice(0, hidden), inter, hidden)
+        out.append(ExpertMLP(experts, e, gate, up, down))
+    return out
+
+
+def _routing_args(args, kwargs):
+    names = {"hidden_states": 0, "top_k_index": 1, "router_indices": 1, "top_k_weights": 2, "routing_weights": 2}
+    vals = list(args) + [None] * (3 - len(args))
+    for k, v in kwargs.items():
+        if k not in names:
+            raise TypeError(f"unexpected argument {k!r} to a routed experts forward")
+        vals[names[k]] = v
+    return vals
+
+
+def _routed_experts_forward(self, *args, **kwargs) -> torch.Tensor:
+    """Experts forward as a per-expert loop over the virtual expert MLPs (installed on fused experts)."""
+    x, idx, w = _routing_args(args, kwargs)  # [N, H], [N, k] expert ids, [N, k] routing weights
+    out = torch.zeros_like(x)
+    rows = self.__dict__.get("_actsparse_rows")  # [N] bool: rows to sparsify (set by the MoE scope), or None
+    handle = self.__dict__.get("_actsparse_handle")
+    for e in torch.unique(idx).tolist():
+        if e < 0 or e >= len(self._actsparse_mlps):
+            continue  # expert-parallel sentinels
+        tok, pos = torch.where(idx == e)  # token rows routed to e, and which of their k slots
+        mlp = self._actsparse_mlps[e]
+        xe = x[tok]  # [n_e, H]
+        if rows is None or handle is None:
+            ye = mlp(xe)
+        else:
+            with handle.positions(rows[tok]):
+                ye = mlp(xe)
+        out.index_add_(0, tok, (ye * w[tok, pos, None]).to(out.dtype))
+    return out
+
+
+def _self_check(experts: nn.Module) -> float:
+    """Relative error of the routed loop against the experts module's own forward, on random routing."""
+    p = experts.down_proj
+    n_exp, hidden = len(experts._actsparse_mlps), experts._actsparse_mlps[0].down_proj.out_features
+    k = min(2, n_exp)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, hidden, generator=g).to(p.device, p.dtype)
+    idx = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(8)]).to(p.device)
+    w = torch.rand(8, k, generator=g).to(p.device, p.dtype)
+    with torch.no_grad():
+        ref = type(experts).forward(experts, x, idx, w)
+        got = _routed_experts_forward(experts, x, idx, w)
+    return float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+
+
+def _add_fused_experts(model: nn.Module, b: Block, blk: nn.Module, rel: str, experts: nn.Module) -> None:
+    """Give fused experts a routed forward with virtual per-expert sites, if it reproduces the model's own."""
+    try:
+        mlps = experts.__dict__.get("_actsparse_mlps") or _expert_mlps(experts)
+        experts.__dict__["_actsparse_mlps"] = mlps
+        err = _self_check(experts)
+    except Exception as e:  # an unknown layout: say so, keep the model as it is
+        err, why = float("inf"), f"{type(e).__name__}: {e}"
+    else:
+        why = f"relative error {err:.2e} against its own forward"
+    tol = 1e-4 if experts.down_proj.dtype == torch.float32 else 3e-2
+    if not err <= tol:
+        experts.__dict__.pop("_actsparse_mlps", None)
+        warnings.warn(f"{type(experts).__name__} at layers.{b.layer}.{rel}: the fused expert layout is not one "
+                      f"actsparse can route per expert ({why}); its experts stay dense (no expert sites)")
+        return
+    if "forward" not in experts.__dict__:
+        experts.forward = types.MethodType(_routed_experts_forward, experts)
+    for e, mlp in enumerate(mlps):
+        # a model-specific gate has no separate act(gate) output, hence no gate_act probe
+        ex = Mlp(f"expert{e}.", module=mlp, act=mlp.act_fn if mlp.gate_proj is not None and mlp.default_gate else None)
+        for role, lin in (("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj)):
+            if lin is not None:
+                _add_site(b, f"expert{e}.{role}", lin, (lin.in_features, lin.out_features))
+                ex.sites[role] = b.sites[f"expert{e}.{role}"]
+        b.mlps.append(ex)
+    parent = rel.rsplit(".", 1)[0] if "." in rel else ""
+    _install_moe_scope(model, b, blk.get_submodule(parent) if parent else blk, routed=experts)
+
+
+# -- token policies inside MoE blocks ------------------------------------------------------------------
+def _install_moe_scope(model: nn.Module, b: Block, moe: nn.Module, routed: nn.Module | None = None,
+                       opaque: bool = False) -> None:
+    """Wrap the MoE module so sites that see flattened token rows [N, H] are sparsified per token policy.
+
+    Inside an MoE block every expert (and the shared expert) sees rows of flattened tokens, so the
+    handle cannot tell prefill from decode by shape. The wrapper asks the handle which of the block's
+    [B, T] positions to sparsify and hands each inner call exactly those rows. `routed` is the fused
+    experts module whose loop takes the rows; `opaque` marks experts kept as modules, whose rows the
+    wrapper cannot see (only token_policy 'all' applies to them).
+    """
+    b.moe = moe
+    d = moe.__dict__
+    if "_actsparse_root" not in d:
+        object.__setattr__(moe, "_actsparse_root", model)  # not a submodule: no cycle in named_modules
+        object.__setattr__(moe, "_actsparse_inner", d.get("forward"))
+        object.__setattr__(moe, "_actsparse_routed", None)
+        object.__setattr__(moe, "_actsparse_opaque", False)
+        moe.forward = types.MethodType(_moe_scoped_forward, moe)
+    if routed is not None:
+        d["_actsparse_routed"] = routed
+    d["_actsparse_opaque"] = d["_actsparse_opaque"] or opaque
+
+
+def _moe_scoped_forward(self, hidden_states, *args, **kwargs):
+    inner = self._actsparse_inner
+    call = (lambda: inner(hidden_states, *args, **kwargs)) if inner is not None else \
+        (lambda: type(self).forward(self, hidden_states, *args, **kwargs))
+    handle = getattr(self._actsparse_root, "_actsparse_handle", None)
+    if handle is None or handle.policy == "all" or hidden_states.dim() < 3:
+        return call()
+    mask = handle._token_mask(hidden_states)  # [B, T] positions to sparsify, or None for all
+    if mask is None:
+        return call()  # 2-D rows under 'decode'/'last_fraction' with no mask are all sparsified: as wanted
+    if self._actsparse_opaque:
+        raise ActsparseError(f"{type(self).__name__}: token_policy={handle.token_policy!r} cannot be applied to "
+                             "experts kept as separate modules (their token rows are not visible); use "
+                             "token_policy='all' for this model")
+    rows = mask.reshape(-1)  # [N]
+    routed = self._actsparse_routed
+    # a row mask is honoured by the handle's 'decode' branch; switch to it for the block's inner calls
+    policy = handle.policy
+    handle.policy = "decode"
+    if routed is not None:
+        routed.__dict__["_actsparse_rows"], routed.__dict__["_actsparse_handle"] = rows, handle
+    try:
+        with handle.positions(rows):
+            return call()
+    finally:
+        handle.policy = policy
+        if routed is not None:
+            routed.__dict__.pop("_actsparse_rows", None)
+            routed.__dict__.pop("_actsparse_handle", None)
 
 
 def find_sites(model: nn.Module) -> dict[str, Site]:
     """Return every site of the model, keyed by its name layers.{i}.{role}, in block then role order."""
     out: dict[str, Site] = {}
     for b in find_blocks(model):
-        for role in sorted(b.sites, key=lambda r: ROLE_ORDER.index(r) if r in ROLE_ORDER else 99):
+        for role in sorted(b.sites, key=_role_key):
             out[b.sites[role].name] = b.sites[role]
     return out
 
 
 def hook_points(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """Return point name -> (module, 'input'|'output'): site inputs, gate_act/up_out outputs, MLP inputs."""
+    """Return point name -> (module, 'input'|'output'): site inputs, per-MLP gate_act/up_out outputs, MLP inputs."""
     points = {}
     for b in find_blocks(model):
-        for site in b.sites.values():
-            points[site.name] = (site.module, "input")
-        if b.gated and b.act is not None:
-            points[f"layers.{b.layer}.gate_act"] = (b.act, "output")
-        if "up" in b.sites:
-            points[f"layers.{b.layer}.up_out"] = (b.sites["up"].module, "output")
-        if b.mlp is not None:
-            points[f"layers.{b.layer}.mlp"] = (b.mlp, "input")
+        for role in sorted(b.sites, key=_role_key):
+            points[b.sites[role].name] = (b.sites[role].module, "input")
+        for mlp in b.mlps:
+            p = f"layers.{b.layer}.{mlp.prefix}"
+            if mlp.gated and mlp.act is not None:
+                points[p + "gate_act"] = (mlp.act, "output")
+            if "up" in mlp.sites:
+                points[p + "up_out"] = (mlp.sites["up"].module, "output")
+            if mlp.module is not None:
+                points[p + "mlp"] = (mlp.module, "input")
     return points

@@ -1,5 +1,10 @@
-"""Reports (floor 3): run tables from MLflow, Pareto fronts, Markdown tables and PNG plots.
+"""Reports (floor 3): from MLflow runs to Pareto fronts, iso-quality comparisons, paper tables, plots and a page.
 
-runs.runs_frame / find_sweep read MLflow; pareto.pareto_front; tables.ppl_table / front_table;
-plots.pareto_plot / layer_sparsity_plot; build.build_report / report_sweep write and log them.
+runs      read runs from any tracking URI into one tidy table; RunFilter (sweep, model, method, date, tags)
+quality   metric direction from its name (ppl/loss lower, acc/fidelity higher), precision, budgets vs dense
+pareto    per-method curves (dense anchor) and the overall front, for effective sparsity and decode speedup
+iso       iso-quality reach (interpolated along each curve, extrapolation flagged), ratios, iso-sparsity
+tables    Table: Markdown / LaTeX (booktabs, escaped) / HTML, best per column in bold, dense row
+plots     PNG + SVG: Pareto curves, per-layer x per-role sparsity heat maps, speedup vs 1/(1-s)
+html      the static page; build.build_report / report_sweep write it all and log it to the parent run
 """

@@ -1,9 +1,17 @@
-"""Read a sweep's runs from any MLflow tracking URI into one tidy table (one row per cell)."""
+"""Read a sweep's runs from any MLflow tracking URI into one tidy table (one row per cell), and filter it.
+
+The tidy table has fixed columns (COLUMNS), every other metric under its MLflow name (`acc/arc_easy`,
+`fidelity/cos`, `sparsity/act/q`), and the remaining tags and params as `tags.<k>` / `params.<k>`.
+"""
 from __future__ import annotations
 
 import json
+import math
+import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +29,13 @@ COLUMNS = {
     "ppl_ratio": ("metrics.ppl_ratio", float), "token_policy": ("tags.token_policy", str),
     "eval_data": ("params.eval.data", str), "cell_key": ("tags.cell_key", str),
     "sweep_id": ("tags.sweep_id", str), "error": ("tags.error", str), "start_time": ("start_time", object),
+    "end_time": ("end_time", object), "experiment_id": ("experiment_id", str), "artifact_uri": ("artifact_uri", str),
+    "parent_run_id": ("tags.mlflow.parentRunId", str), "run_name": ("tags.mlflow.runName", str),
+    "device": ("tags.device", str), "host": ("tags.host", str),
+    "speedup": ("metrics.decode/speedup", float), "tok_s": ("metrics.decode/tok_s", float),
+    "tok_s_dense": ("metrics.decode/tok_s_dense", float),
 }
+_FROM_SOURCE = {src: col for col, (src, _) in COLUMNS.items()}
 
 
 @contextmanager
@@ -32,6 +46,7 @@ def _tracking_uri(uri: str):
     import mlflow
 
     quiet_mlflow()  # after the import: importing mlflow configures its loggers
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # a bar per tiny JSON is noise
     old = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
@@ -77,16 +92,147 @@ def runs_frame(uri: str, experiment: str, run_ids: list[str] | None = None) -> p
     df = tidy(raw)
     if run_ids is None and not df.empty:
         df = df.drop_duplicates("cell_key", keep="first")
-    return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    df.attrs.update(tracking_uri=uri, experiment=experiment)   # where the runs came from: links, artifacts
+    return df
 
 
 def tidy(raw: pd.DataFrame) -> pd.DataFrame:
-    """Select and type the columns the report uses from a search_runs frame (missing ones become NaN/'')."""
-    out = pd.DataFrame(index=raw.index)
+    """Type the columns the report uses from a search_runs frame (missing ones become NaN/None), keep the rest."""
+    cols = {}
     for col, (src, typ) in COLUMNS.items():
         if src in raw.columns:
             v = raw[src]
-            out[col] = pd.to_numeric(v, errors="coerce") if typ is float else v
+            cols[col] = pd.to_numeric(v, errors="coerce") if typ is float else v
         else:
-            out[col] = float("nan") if typ is float else None
+            cols[col] = pd.Series(float("nan") if typ is float else None, index=raw.index,
+                                  dtype=float if typ is float else object)
+    for src in raw.columns:
+        if src in _FROM_SOURCE:
+            continue
+        if src.startswith("metrics."):
+            cols.setdefault(src[len("metrics."):], pd.to_numeric(raw[src], errors="coerce"))
+        elif src.startswith(("tags.", "params.")) and not src.startswith("tags.mlflow."):
+            cols[src] = raw[src]
+    return pd.DataFrame(cols, index=raw.index)
+
+
+def tag_column(df: pd.DataFrame, key: str) -> str | None:
+    """Return the column of the run table that holds tag `key` (a fixed column or `tags.<key>`), if any."""
+    col = _FROM_SOURCE.get(f"tags.{key}", f"tags.{key}")
+    return col if col in df.columns else None
+
+
+@dataclass
+class RunFilter:
+    """Which runs a report covers: any of these sweeps/models/methods, started in [since, until), with these tags.
+
+    A method filter (or a `method` tag) keeps the dense runs too: they are every table's reference.
+    """
+    sweeps: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    since: datetime | None = None
+    until: datetime | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.sweeps or self.models or self.methods or self.since or self.until or self.tags)
+
+    def describe(self) -> str:
+        """The filter in words (for report headers and error messages)."""
+        parts = [f"{k}: {', '.join(map(str, v))}" for k, v in (("sweep", self.sweeps), ("model", self.models),
+                                                               ("method", self.methods)) if v]
+        parts += [f"started >= {self.since:%Y-%m-%d %H:%M}"] if self.since else []
+        parts += [f"started < {self.until:%Y-%m-%d %H:%M}"] if self.until else []
+        parts += [f"tag {k}={v}" for k, v in self.tags.items()]
+        return ", ".join(parts) or "none"
+
+    def apply(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Return the rows that pass every filter; raise when none does."""
+        if not self or df.empty:
+            return df
+        keep = pd.Series(True, index=df.index)
+        for col, want in (("sweep_id", self.sweeps), ("model", self.models)):
+            if want:
+                keep &= df[col].astype(str).isin([str(w) for w in want])
+        dense = df["method"].astype(str).eq("dense")      # the reference row of every table: kept by other filters
+        if self.methods:
+            keep &= df["method"].astype(str).isin([str(w) for w in self.methods]) | dense
+        t = pd.to_datetime(df["start_time"], utc=True, errors="coerce")
+        if self.since:
+            keep &= t >= pd.Timestamp(self.since)
+        if self.until:
+            keep &= t < pd.Timestamp(self.until)
+        for k, v in self.tags.items():
+            col = tag_column(df, k)
+            keep &= (df[col].astype(str).eq(str(v)) | (dense if k == "method" else False)) if col else False
+        out = df[keep]
+        if out.empty:
+            known = sorted(c[len("tags."):] for c in df.columns if c.startswith("tags.")) + \
+                [k for k in ("model", "token_policy", "cell_key", "sweep_id", "device", "host")]
+            missing = [k for k in self.tags if tag_column(df, k) is None]
+            hint = f"; no run has tag(s) {missing} (known tags: {', '.join(sorted(set(known)))})" if missing else ""
+            raise ActsparseError(f"no run matches the filters ({self.describe()}); {len(df)} run(s) before "
+                                 f"filtering{hint}")
+        return out
+
+
+def parse_date(text: str, what: str) -> datetime:
+    """Return an aware UTC datetime for YYYY-MM-DD[THH:MM[:SS]] (naive times are UTC)."""
+    try:
+        d = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise ActsparseError(f"{what} must be a date like 2025-06-30 or 2025-06-30T14:00, got {text!r}") from e
+    return d.replace(tzinfo=timezone.utc) if d.tzinfo is None else d.astimezone(timezone.utc)
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    """Return {key: value} for KEY=VALUE items."""
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k.strip():
+            raise ActsparseError(f"--tag takes KEY=VALUE (e.g. --tag device=cuda), got {it!r}")
+        out[k.strip()] = v.strip()
     return out
+
+
+def layer_sparsity(uri: str, run_ids: list[str], artifact: str = "measured_sparsity.json") -> dict[str, dict]:
+    """Return {run_id: {"layers.<i>.<role>": measured sparsity}} from each run's artifact (runs without one omitted)."""
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client = MlflowClient(tracking_uri=uri)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rid in run_ids:
+            try:
+                path = client.download_artifacts(rid, artifact, str(Path(tmp) / rid))
+                d = json.loads(Path(path).read_text())
+            except Exception:   # a dense cell, a failed cell or an older run: the heat map skips it
+                continue
+            d = {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not math.isnan(float(v))}
+            if d:
+                out[rid] = d
+    return out
+
+
+def run_info(uri: str, run_id: str) -> dict:
+    """Return a run's params, tags, status, start time and experiment id (for the report's configuration section)."""
+    from mlflow import MlflowClient
+
+    r = MlflowClient(tracking_uri=uri).get_run(run_id)
+    return {"run_id": run_id, "params": dict(r.data.params), "metrics": dict(r.data.metrics),
+            "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
+            "status": r.info.status, "experiment_id": r.info.experiment_id,
+            "start_time": datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc) if r.info.start_time else None}
+
+
+def run_link(uri: str | None, experiment_id, run_id: str) -> str:
+    """Return the MLflow UI address of a run: the server's for http(s) URIs, else `mlflow ui`'s default one."""
+    if uri and uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
+    else:  # a file or database store has no UI until `mlflow ui --backend-store-uri <uri>` serves it here
+        base = "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"

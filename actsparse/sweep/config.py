@@ -76,12 +76,22 @@ class Resources:
 
 @dataclass
 class LauncherConf:
-    store: str = ".actsparse_cache"     # artifact store: stats, plans, dense evaluations (content-addressed)
+    # artifact store: stats, plans, dense evaluations (content-addressed). A directory, or any fsspec
+    # URL (s3://bucket/prefix, gs://..., file:///shared/dir) that every node of a cluster can reach
+    store: str = ".actsparse_cache"
+    store_cache: Optional[str] = None   # node-local download cache of a URL store (None: $TMPDIR/actsparse-store-<uid>)
     calibrate: Resources = field(default_factory=Resources)
     fit: Resources = field(default_factory=Resources)
     evaluate: Resources = field(default_factory=Resources)
-    max_retries: int = 1                # re-runs of a task whose worker process died (not of exceptions)
+    max_retries: int = 1                # re-runs of a node whose worker process died (not of exceptions)
     model_cache: int = 1                # models each worker process keeps loaded between tasks
+    # model affinity: each model's calibration, dense and sparse evaluations (and the fits that need the
+    # model) run on Ray actors that keep it loaded; false: independent Ray tasks (the model is reloaded
+    # whenever a task lands on a worker process that has not loaded it yet)
+    affinity: bool = True
+    workers_per_model: Optional[int] = None   # actors per model (None: share the cluster among the models with work)
+    max_workers: Optional[int] = None         # actors in all (None: as many as the cluster's CPUs/GPUs hold)
+    oom_retries: int = 1                # on a GPU out-of-memory error, retries with half the batch size
 
 
 @dataclass

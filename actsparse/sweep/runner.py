@@ -1,7 +1,13 @@
 """Run a validated grid: MLflow parent run, skip finished cells, Ray DAG, child runs, report, summary.
 
-Order matters: everything is validated (cells.validate_cells) before MLflow is opened or Ray is
-started, so bad input leaves nothing behind. Only this driver process writes to MLflow.
+Order matters: everything is validated (cells.validate_cells, the launcher settings, the store URL, the
+fault hook) before MLflow is opened or Ray is started, so bad input leaves nothing behind; Ray is
+started, and the cluster checked for the resources the launcher asks for, before the parent run is
+created. Only this driver process writes to MLflow, and it writes a child run whole, once its cell
+has a result: an interrupted sweep (Ctrl-C) leaves FINISHED runs intact and no half-written one.
+
+Execution: with `launcher.affinity` (the default) the DAG runs on per-model actors (affinity.py);
+otherwise as a DAG of independent Ray tasks chained by ObjectRefs (`_execute_tasks`).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ActsparseError
+from .affinity import Failure
 from .cells import Cell, validate_cells
 from .compose import Grid
 from .dag import SweepDag, build_dag
@@ -33,7 +40,10 @@ class Outcome:
     report: object | None = None
     report_error: str | None = None
     ray_started: bool = False
-    n_tasks: int = 0                                      # Ray tasks submitted (0: no model work)
+    n_tasks: int = 0                                      # DAG nodes submitted (0: no model work)
+    nodes: dict = field(default_factory=dict)             # {"calibrations_computed": n, ...} (see _node_counts)
+    model: dict = field(default_factory=dict)             # model loads, cache hits, seconds loading and saved
+    wall_s: float = 0.0
 
     def count(self, status: str) -> int:
         return sum(s["status"] == status for s in self.statuses)
@@ -65,7 +75,27 @@ def plan_sweep(grid: Grid) -> tuple[list[Cell], SweepDag, dict]:
             if c.config[k] != shared[k]:
                 raise ActsparseError(f"{k}.* must be the same for every cell of a sweep (it is not sweepable); "
                                      f"cell {' '.join(c.overrides)} differs from the first cell")
+    check_launcher(shared["launcher"])
     return cells, build_dag(cells), shared
+
+
+def check_launcher(launcher: dict) -> None:
+    """Raise ActsparseError for launcher settings no cluster can run (negative resources, a bad store URL, ...)."""
+    from .store import check_store
+
+    for stage in ("calibrate", "fit", "evaluate"):
+        for res in ("num_cpus", "num_gpus"):
+            if launcher[stage][res] < 0:
+                raise ActsparseError(f"launcher.{stage}.{res} must be >= 0, got {launcher[stage][res]}")
+    for k in ("max_retries", "oom_retries"):
+        if launcher[k] < 0:
+            raise ActsparseError(f"launcher.{k} must be >= 0, got {launcher[k]}")
+    for k in ("workers_per_model", "max_workers"):
+        if launcher[k] is not None and launcher[k] < 1:
+            raise ActsparseError(f"launcher.{k} must be >= 1 or null (automatic), got {launcher[k]}")
+    if launcher["model_cache"] < 0:
+        raise ActsparseError(f"launcher.model_cache must be >= 0, got {launcher['model_cache']}")
+    check_store(launcher["store"])
 
 
 def run_sweep(grid: Grid, console=None) -> Outcome:
@@ -74,9 +104,13 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     from rich.markup import escape
 
     from ..tracking.mlflow_runs import Tracker
+    from . import faults as fault_hook
+    from .store import open_store
 
+    t_start = time.perf_counter()
     console = console or Console(soft_wrap=True)
     cells, dag, shared = plan_sweep(grid)            # raises on bad input: nothing opened or started yet
+    faults = fault_hook.from_env()
     tr, launcher = shared["tracking"], dict(shared["launcher"], ray=shared["ray"])
     sweep_id = f"{grid.name}-{dag.sweep_key}"
     tracker = Tracker(tr["uri"], tr["experiment"], tr["artifact_location"])
@@ -90,15 +124,32 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
                   f"({len(dag.duplicates)} duplicate grid points), {len(dag.cells) - len(todo)} already finished; "
                   f"to run: {len(sub.cells)} cells, {len(sub.stats)} calibrations, {len(sub.plans)} fits, "
                   f"{len(sub.dense)} dense evaluations")
-    parent = tracker.start_sweep(sweep_id, grid.name,
-                                 params={"name": grid.name, "overrides": grid.overrides, "grid": grid.sweep_params,
-                                         "n_grid_points": len(cells), "n_cells": len(dag.cells)},
-                                 tags={"n_grid_points": len(cells)})
+    if todo:  # connect first: a cluster without the resources asked for fails before any run exists
+        out.ray_started = _start_ray(launcher, console)
+    try:
+        if todo:
+            _check_resources(launcher)
+        parent = tracker.start_sweep(sweep_id, grid.name,
+                                     params={"name": grid.name, "overrides": grid.overrides,
+                                             "grid": grid.sweep_params, "n_grid_points": len(cells),
+                                             "n_cells": len(dag.cells)},
+                                     tags={"n_grid_points": len(cells), "affinity": str(bool(launcher["affinity"])),
+                                           "store": launcher["store"]})
+    except BaseException:
+        _stop_ray(out.ray_started)
+        raise
     out.parent_run_id = parent
     try:
         if todo:
             out.n_tasks = len(sub.stats) + len(sub.plans) + len(sub.dense) + len(sub.cells)
-            out.ray_started = _execute(sub, launcher, tracker, parent, sweep_id, by_key, console)
+            store = open_store(launcher["store"], launcher["store_cache"])
+            try:
+                nodes = _execute(sub, launcher, store, faults, tracker, parent, sweep_id, by_key, console)
+            finally:
+                _stop_ray(out.ray_started)
+            out.nodes, out.model = _node_counts(nodes), _model_counts(nodes)
+            tracker.set_tags(parent, {k: v for k, v in out.nodes.items()})
+            console.print(_nodes_line(out))
         else:
             console.print("nothing to run: every cell has a FINISHED run (Ray not started)")
         out.statuses = _grid_statuses(dag, by_key)
@@ -113,9 +164,12 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
                 out.report_error = f"{type(e).__name__}: {e}"
                 console.print(f"[red]report failed:[/] {escape(out.report_error)}")
                 traceback.print_exc()
+        out.wall_s = time.perf_counter() - t_start
         tracker.end_run(parent, "FAILED" if out.exit_code else "FINISHED",
                         {"cells/finished": out.count(FINISHED), "cells/skipped": out.count(SKIPPED),
-                         "cells/failed": out.count(FAILED)})
+                         "cells/failed": out.count(FAILED), "time/sweep_s": out.wall_s,
+                         **{f"nodes/{k}": v for k, v in out.nodes.items()},
+                         **{f"model/{k}": v for k, v in out.model.items()}})
     except KeyboardInterrupt:
         tracker.end_run(parent, "KILLED")
         raise
@@ -138,6 +192,32 @@ def _grid_statuses(dag: SweepDag, by_key: dict[str, dict]) -> list[dict]:
 
 
 # -- Ray ------------------------------------------------------------------------------------------------
+def _stop_ray(started: bool) -> None:
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
+def _check_resources(launcher: dict) -> None:
+    """Raise ActsparseError when no node of the Ray cluster can run a stage's resource request (it would wait forever)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes) or "none"
+    asks = {s: launcher[s] for s in ("calibrate", "fit", "evaluate")}
+    if launcher["affinity"]:  # one actor runs calibrations and evaluations: it asks for the larger of the two
+        asks["calibrate/evaluate worker"] = {r: max(launcher["calibrate"][r], launcher["evaluate"][r])
+                                             for r in ("num_cpus", "num_gpus")}
+    for stage, ask in asks.items():
+        if not any(r.get("CPU", 0) >= ask["num_cpus"] and r.get("GPU", 0) >= ask["num_gpus"] for r in nodes):
+            where = f"launcher.{stage}" if "/" not in stage else "launcher.calibrate/evaluate"
+            raise ActsparseError(
+                f"{where} asks for {ask['num_cpus']:g} CPU(s) and {ask['num_gpus']:g} GPU(s) per task, but no node "
+                f"of the Ray cluster has that much (nodes: {have}); on a CPU-only machine use launcher=local "
+                "(no GPU request), else lower launcher.*.num_gpus / num_cpus or add nodes")
+
+
 def _start_ray(launcher: dict, console) -> bool:
     """Connect to Ray (reusing an initialised session); return True when this call started it."""
     import logging
@@ -166,77 +246,124 @@ def _start_ray(launcher: dict, console) -> bool:
     return True
 
 
-def _execute(dag: SweepDag, launcher: dict, tracker, parent: str, sweep_id: str, by_key: dict, console) -> bool:
-    """Submit the DAG to Ray, log each cell as it completes; return True when Ray was started here."""
-    import ray
-
-    from . import tasks
-
-    started = _start_ray(launcher, console)
-    try:
-        store = str(Path(launcher["store"]).expanduser().resolve())
-        retries, cache = launcher["max_retries"], launcher["model_cache"]
-
-        def opts(stage: str, name: str) -> dict:
-            res = launcher[stage]
-            return {"num_cpus": res["num_cpus"], "num_gpus": res["num_gpus"], "max_retries": retries,
-                    "retry_exceptions": False, "name": name}
-
-        def threads(stage: str) -> float:
-            return launcher[stage]["num_cpus"]
-
-        calibrate = ray.remote(tasks.calibrate_task)
-        fit = ray.remote(tasks.fit_task)
-        dense = ray.remote(tasks.dense_task)
-        evaluate = ray.remote(tasks.cell_task)
-        stats_refs = {k: calibrate.options(**opts("calibrate", f"calibrate:{k[:8]}")).remote(
-            n, store, dag.first_cell[k].device, threads("calibrate"), cache) for k, n in dag.stats.items()}
-        plan_refs = {k: fit.options(**opts("fit", f"fit:{k[:8]}")).remote(
-            n, store, stats_refs[n.stats_key], dag.first_cell[k].device, threads("fit"), cache)
-            for k, n in dag.plans.items()}
-        dense_refs = {k: dense.options(**opts("evaluate", f"dense:{k[:8]}")).remote(
-            n, store, dag.first_cell[k].device, threads("evaluate"), cache) for k, n in dag.dense.items()}
-        pending = {}
-        for k, c in dag.cells.items():
-            deps = {"calibration": stats_refs[c.stats.key], "fit": plan_refs[c.plan.key],
-                    "dense evaluation": dense_refs[c.dense.key]}
-            ref = evaluate.options(**opts("evaluate", f"cell:{k[:8]}")).remote(
-                c, deps["calibration"], deps["fit"], deps["dense evaluation"], threads("evaluate"), cache)
-            pending[ref] = (c, deps)
-        _collect(pending, tracker, parent, sweep_id, by_key, console)
-    finally:
-        if started:
-            ray.shutdown()
-    return started
-
-
-def _collect(pending: dict, tracker, parent: str, sweep_id: str, by_key: dict, console) -> None:
-    import ray
+def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent: str, sweep_id: str, by_key: dict,
+             console) -> dict:
+    """Run the DAG (on model actors, or as chained tasks), logging each cell as it completes; return node results."""
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(SpinnerColumn(), TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False) as prog:
-        bar = prog.add_task("", total=len(pending))
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for ref in ready:
-                cell, deps = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as e:  # a failing cell becomes a FAILED run; the sweep goes on
-                    msg, tb = _describe_failure(e, deps)
-                    rid = _log_failed(tracker, parent, sweep_id, cell, msg, tb)
-                    by_key[cell.key] = {"status": FAILED, "run_id": rid, "error": msg}
-                    prog.console.print(f"[red]✗[/] {escape(cell.label)}  {escape(msg.splitlines()[0][:160])}  "
-                                       f"[dim]\\[{cell.key}][/]")
-                else:
-                    rid = _log_finished(tracker, parent, sweep_id, cell, result)
-                    by_key[cell.key] = {"status": FINISHED, "run_id": rid}
-                    prog.console.print(f"[green]✓[/] {escape(cell.label)}  ppl {result['ppl']:.3f} "
-                                       f"(x{result['ppl_ratio']:.3f} dense)  effective sparsity "
-                                       f"{result['effective']:.3f}  [dim]\\[{cell.key}][/]")
-                prog.update(bar, advance=1, description=escape(f"last: {cell.label}"))
+        bar = prog.add_task("", total=len(dag.cells))
+
+        def record(cell: Cell, result: dict | None, failure: Failure | None) -> None:
+            if failure is not None:  # a failing cell becomes a FAILED run; the sweep goes on
+                rid = _log_failed(tracker, parent, sweep_id, cell, failure.message, failure.traceback)
+                by_key[cell.key] = {"status": FAILED, "run_id": rid, "error": failure.message}
+                prog.console.print(f"[red]✗[/] {escape(cell.label)}  {escape(failure.message.splitlines()[0][:160])}  "
+                                   f"[dim]\\[{cell.key}][/]")
+            else:
+                rid = _log_finished(tracker, parent, sweep_id, cell, result)
+                by_key[cell.key] = {"status": FINISHED, "run_id": rid}
+                prog.console.print(f"[green]✓[/] {escape(cell.label)}  ppl {result['ppl']:.3f} "
+                                   f"(x{result['ppl_ratio']:.3f} dense)  effective sparsity "
+                                   f"{result['effective']:.3f}  [dim]\\[{cell.key}][/]")
+            prog.update(bar, advance=1, description=escape(f"last: {cell.label}"))
+
+        if launcher["affinity"]:
+            from .affinity import AffinityScheduler
+
+            sched = AffinityScheduler(dag, launcher, store, faults, record)
+            sched.run()
+            return {"results": sched.results, "actors": sched.actors_started, "actor_deaths": sched.actor_deaths}
+        return _execute_tasks(dag, launcher, store, faults, record)
+
+
+def _execute_tasks(dag: SweepDag, launcher: dict, store, faults: dict, record) -> dict:
+    """The DAG as independent Ray tasks chained by ObjectRefs (launcher.affinity=false); return node results."""
+    import ray
+
+    from . import tasks
+
+    retries, cache, oom = launcher["max_retries"], launcher["model_cache"], launcher["oom_retries"]
+
+    def opts(stage: str, name: str) -> dict:
+        res = launcher[stage]
+        return {"num_cpus": res["num_cpus"], "num_gpus": res["num_gpus"], "max_retries": retries,
+                "retry_exceptions": False, "name": name}
+
+    def threads(stage: str) -> float:
+        return launcher[stage]["num_cpus"]
+
+    calibrate = ray.remote(tasks.calibrate_task)
+    fit = ray.remote(tasks.fit_task)
+    dense = ray.remote(tasks.dense_task)
+    evaluate = ray.remote(tasks.cell_task)
+    stats_refs = {k: calibrate.options(**opts("calibrate", f"calibrate:{k[:8]}")).remote(
+        n, store, dag.first_cell[k].device, threads("calibrate"), cache, faults, oom) for k, n in dag.stats.items()}
+    plan_refs = {k: fit.options(**opts("fit", f"fit:{k[:8]}")).remote(
+        n, store, stats_refs[n.stats_key], dag.first_cell[k].device, threads("fit"), cache, faults)
+        for k, n in dag.plans.items()}
+    dense_refs = {k: dense.options(**opts("evaluate", f"dense:{k[:8]}")).remote(
+        n, store, dag.first_cell[k].device, threads("evaluate"), cache, faults, oom) for k, n in dag.dense.items()}
+    pending = {}
+    for k, c in dag.cells.items():
+        deps = {"calibration": stats_refs[c.stats.key], "fit": plan_refs[c.plan.key],
+                "dense evaluation": dense_refs[c.dense.key]}
+        ref = evaluate.options(**opts("evaluate", f"cell:{k[:8]}")).remote(
+            c, store, deps["calibration"], deps["fit"], deps["dense evaluation"], threads("evaluate"), cache,
+            faults, oom)
+        pending[ref] = (c, deps)
+    results: dict[tuple, dict] = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        for ref in ready:
+            cell, deps = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as e:
+                msg, tb = _describe_failure(e, deps)
+                record(cell, None, Failure(msg, tb))
+            else:
+                results[("cell", cell.key)] = result
+                record(cell, result, None)
+    for kind, refs in (("stats", stats_refs), ("plan", plan_refs), ("dense", dense_refs)):
+        for k, ref in refs.items():
+            try:
+                results[(kind, k)] = ray.get(ref, timeout=0)
+            except Exception:
+                pass
+    return {"results": results, "actors": 0, "actor_deaths": 0}
+
+
+def _node_counts(nodes: dict) -> dict:
+    """{calibrations,fits,dense_evals}_{computed,cached}, failed nodes, actors: what the sweep did, for tags and metrics."""
+    out = {}
+    for kind, name in (("stats", "calibrations"), ("plan", "fits"), ("dense", "dense_evals")):
+        rs = [r for (k, _), r in nodes["results"].items() if k == kind]
+        out[f"{name}_computed"] = sum(r["source"] == "computed" for r in rs)
+        out[f"{name}_cached"] = sum(r["source"] == "cache" for r in rs)
+    out["oom_retries"] = sum(r.get("oom_retries", 0) for r in nodes["results"].values())
+    out["actors"], out["actor_deaths"] = nodes["actors"], nodes["actor_deaths"]
+    return out
+
+
+def _model_counts(nodes: dict) -> dict:
+    """Model loads, cache hits, seconds spent loading, and the seconds the hits saved (hits x mean load time)."""
+    ms = [r["model"] for r in nodes["results"].values() if "model" in r]
+    loads, hits, load_s = sum(m["loads"] for m in ms), sum(m["hits"] for m in ms), sum(m["load_s"] for m in ms)
+    return {"loads": loads, "cache_hits": hits, "load_s": load_s,
+            "load_s_saved": hits * load_s / loads if loads else 0.0}
+
+
+def _nodes_line(out: Outcome) -> str:
+    n, m = out.nodes, out.model
+    return (f"nodes: {n['calibrations_computed']} calibration(s) computed + {n['calibrations_cached']} from the store, "
+            f"{n['fits_computed']} + {n['fits_cached']} fit(s), {n['dense_evals_computed']} + "
+            f"{n['dense_evals_cached']} dense evaluation(s); model: {m['loads']} load(s) ({m['load_s']:.1f} s), "
+            f"{m['cache_hits']} reuse(s) saving ~{m['load_s_saved']:.1f} s"
+            + (f"; {n['actors']} model worker(s)" if n["actors"] else "")
+            + (f", {n['actor_deaths']} died and were replaced" if n["actor_deaths"] else ""))
 
 
 def _describe_failure(e: Exception, deps: dict) -> tuple[str, str]:
@@ -271,7 +398,12 @@ def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict) -> s
                "sparsity/target": r["target"], "sparsity/act_mean": r["act_mean"],
                "time/calibrate_s": r["calibrate_s"], "time/fit_s": r["fit_s"], "time/eval_s": r["eval_s"]}
     metrics.update({f"sparsity/act/{role}": v for role, v in r["per_role"].items()})
-    tags = {**_tags(cell, sweep_id, r["device"]), "stats_source": r["stats_source"], "host": r["host"]}
+    model, worker = r.get("model", {}), r.get("worker", {})
+    metrics["time/model_load_s"] = model.get("load_s", 0.0)
+    tags = {**_tags(cell, sweep_id, r["device"]), "stats_source": r["stats_source"], "host": r["host"],
+            "model_cache": "miss" if model.get("loads") else "hit" if model.get("hits") else "none",
+            "ray_node": worker.get("node", "")[:16], "worker_pid": worker.get("pid", ""),
+            "eval_batch_size": r.get("eval_batch_size", cell.eval.batch_size), "oom_retries": r.get("oom_retries", 0)}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         _write_config(cell, d)

@@ -1,20 +1,31 @@
-"""The work of one DAG node, as plain functions that Ray runs in worker processes.
+"""The work of one DAG node, as plain functions that Ray runs in worker processes (tasks or model actors).
 
-Each returns a small dict (paths, numbers, text); big things (stats, plans) go through the artifact
-store, written atomically with checksums, so a node whose artifact is already valid is not recomputed.
-Workers never talk to MLflow: the driver logs what these return.
+Each returns a small dict (keys, numbers, text); big things (stats, plans) go through the artifact
+store (store.py), written atomically with checksums, so a node whose artifact is already valid is not
+recomputed and a node on another machine reads it by key. Workers never talk to MLflow: the driver
+logs what these return.
+
+Every result carries `model` (loads, cache hits and seconds spent loading in this task: the driver
+sums them to measure what model affinity saves) and `worker` (Ray node, process id, host).
+A GPU out-of-memory error in calibration or evaluation is retried with half the batch size
+(`launcher.oom_retries` times); faults.py can inject one, and a hold, for tests.
 """
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections import OrderedDict
 from pathlib import Path
 
+from ..errors import ActsparseError
+from . import faults as _faults
 from .cells import Cell, DenseNode, ModelRef, PlanNode, StatsNode
+from .store import Store, open_store
 
 _MODELS: "OrderedDict[tuple, tuple]" = OrderedDict()   # (model key, device) -> (model, tok), per worker process
+_LOADS: dict = {"loads": 0, "hits": 0, "load_s": 0.0}  # this task's model loads; reset by each task
 
 
 def resolve_device(device: str) -> str:
@@ -47,90 +58,195 @@ def _model(ref: ModelRef, device: str, cache_size: int):
     key = (ref.key, device)
     if key in _MODELS:
         _MODELS.move_to_end(key)
+        _LOADS["hits"] += 1
         return _MODELS[key]
     while _MODELS and len(_MODELS) >= max(cache_size, 1):
         _MODELS.popitem(last=False)
+        _free_cuda()
     dtype = None if ref.dtype == "auto" else ref.dtype
+    _warm_imports()  # a process's first load would otherwise count transformers' import time as loading
+    t0 = time.perf_counter()
     pair = load_model(ref.name, dtype=dtype, device=device, revision=ref.revision)
+    _LOADS["loads"] += 1
+    _LOADS["load_s"] += time.perf_counter() - t0
     if cache_size > 0:
         _MODELS[key] = pair
     return pair
+
+
+def _warm_imports() -> None:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
+def _begin() -> None:
+    _LOADS.update(loads=0, hits=0, load_s=0.0)
+
+
+def _end(result: dict) -> dict:
+    """Add this task's model loads and where it ran to its result."""
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # outside Ray (direct calls in tests)
+        node = ""
+    result["model"] = dict(_LOADS)
+    result["worker"] = {"node": node, "pid": os.getpid(), "host": socket.gethostname()}
+    return result
+
+
+def _free_cuda() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _oom_errors() -> tuple:
+    import torch
+
+    return tuple({getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None})
+
+
+def retry_oom(run, batch_size: int, retries: int, what: str, knob: str, inject=None):
+    """Return (run(b), b, n_retries): on out-of-memory, retry up to `retries` times with half the batch."""
+    call = inject(run) if inject is not None else run
+    oom, bs, n = _oom_errors(), int(batch_size), 0
+    while True:
+        try:
+            return call(bs), bs, n
+        except oom as e:
+            if n >= retries or bs == 1:
+                tried = f"at batch_size {bs}" + (f" (retried {n}x from {batch_size})" if n else "")
+                raise ActsparseError(f"{what} ran out of GPU memory {tried}; lower {knob}, set a smaller model "
+                                     "dtype, or run on a GPU with more memory") from e
+            del e
+            _free_cuda()
+            n, bs = n + 1, max(1, bs // 2)
+
+
+def _as_store(store: "Store | str") -> Store:
+    return open_store(store) if isinstance(store, str) else store
+
+
+def _need(st: Store, kind: str, key: str, what: str) -> Path:
+    path = st.fetch(kind, key)
+    if path is None:
+        raise ActsparseError(f"the {what} artifact {kind}/{key} is missing or corrupt in the store {st.url}; "
+                             "re-run the sweep to recompute it")
+    return path
 
 
 def _meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
-def calibrate_task(node: StatsNode, store: str, device: str, threads: float, cache_size: int) -> dict:
-    """Calibrate once per stats_key into <store>/stats/<key>; return its path, source and time."""
-    from ..artifacts import is_valid
+def calibrate_task(node: StatsNode, store: "Store | str", device: str, threads: float, cache_size: int,
+                   faults: dict | None = None, oom_retries: int = 1) -> dict:
+    """Calibrate once per stats_key into the store's stats/<key>; return its key, source and time."""
     from ..calibration.collect import calibrate
 
-    path = Path(store) / "stats" / node.key
-    if is_valid(path):
-        return {"path": str(path), "source": "cache", "time_s": float(_meta(path)["meta"].get("time_s", 0.0))}
+    _begin()
+    st = _as_store(store)
+    f = _faults.select(faults, "calibrate", node.model.name)
+    _faults.hold(f.get("hold"))
+    path = st.fetch("stats", node.key)
+    if path is not None:
+        return _end({"key": node.key, "path": str(path), "source": "cache",
+                     "time_s": float(_meta(path)["meta"].get("time_s", 0.0))})
     _threads(threads)
-    device = resolve_device(device)
-    model, tok = _model(node.model, device, cache_size)
+    model, tok = _model(node.model, resolve_device(device), cache_size)
     t0 = time.perf_counter()
-    stats = calibrate(model, tok, data=node.data, tokens=node.tokens, seq_len=node.seq_len,
-                      batch_size=node.batch_size, sample_size=node.sample_size, seed=node.seed, progress=False)
+    stats, bs, n_oom = retry_oom(
+        lambda b: calibrate(model, tok, data=node.data, tokens=node.tokens, seq_len=node.seq_len, batch_size=b,
+                            sample_size=node.sample_size, seed=node.seed, progress=False),
+        node.batch_size, oom_retries, "calibration", "data.batch_size", _faults.OomInjector(f.get("oom")))
+    dt = time.perf_counter() - t0
     stats.meta["sweep_stats_key"] = node.key
-    stats.save(path)
-    return {"path": str(path), "source": "computed", "time_s": time.perf_counter() - t0}
+    stats.meta["time_s"] = dt
+    target = st.target("stats", node.key)
+    stats.save(target)
+    path = st.publish("stats", node.key, target)
+    return _end({"key": node.key, "path": str(path), "source": "computed", "time_s": dt, "oom_retries": n_oom,
+                 "batch_size": bs})
 
 
-def fit_task(node: PlanNode, store: str, stats: dict, device: str, threads: float, cache_size: int) -> dict:
-    """Fit once per plan_key into <store>/plans/<key>; return its path, source, fit time and expected sparsity."""
-    from ..artifacts import is_valid
+def fit_task(node: PlanNode, store: "Store | str", stats: dict, device: str, threads: float, cache_size: int,
+             faults: dict | None = None) -> dict:
+    """Fit once per plan_key into the store's plans/<key>; return its key, source, fit time and expected sparsity."""
     from ..calibration.stats import Stats
     from ..sparsifiers.plan import SparsityPlan
     from ..sparsifiers.registry import fit
 
-    path = Path(store) / "plans" / node.key
-    if is_valid(path):
+    _begin()
+    st = _as_store(store)
+    _faults.hold(_faults.select(faults, "fit", f"{node.method} {node.target:g}").get("hold"))
+    path = st.fetch("plans", node.key)
+    if path is not None:
         plan, source = SparsityPlan.load(path), "cache"
     else:
         _threads(threads)
         model = _model(node.model, _fit_device(device), cache_size)[0] if node.needs_model else None
-        plan = fit(node.method, Stats.load(stats["path"]), sparsity=node.target, model=model, **node.given)
+        s = Stats.load(_need(st, "stats", stats["key"], "calibration"))
+        plan = fit(node.method, s, sparsity=node.target, model=model, **node.given)
         plan.meta["sweep_plan_key"] = node.key
-        plan.save(path)
+        target = st.target("plans", node.key)
+        plan.save(target)
+        path = st.publish("plans", node.key, target)
         source = "computed"
-    return {"path": str(path), "source": source, "fit_s": float(plan.meta.get("fit_s", 0.0)),
-            "expected_effective": plan.effective_sparsity, "n_rules": len(plan.rules)}
+    return _end({"key": node.key, "path": str(path), "source": source, "fit_s": float(plan.meta.get("fit_s", 0.0)),
+                 "expected_effective": plan.effective_sparsity, "n_rules": len(plan.rules)})
 
 
-def dense_task(node: DenseNode, store: str, device: str, threads: float, cache_size: int) -> dict:
-    """Dense perplexity once per model x eval spec, cached in <store>/dense/<key>; return ppl and time."""
-    from ..artifacts import is_valid, save_tensors_json
+def dense_task(node: DenseNode, store: "Store | str", device: str, threads: float, cache_size: int,
+               faults: dict | None = None, oom_retries: int = 1) -> dict:
+    """Dense perplexity once per model x eval spec, kept in the store's dense/<key>; return ppl and time."""
+    from ..artifacts import save_tensors_json
     from ..eval.perplexity import perplexity
 
-    path = Path(store) / "dense" / node.key
-    if is_valid(path):
+    _begin()
+    st = _as_store(store)
+    f = _faults.select(faults, "dense", node.model.name)
+    _faults.hold(f.get("hold"))
+    path = st.fetch("dense", node.key)
+    if path is not None:
         m = _meta(path)
-        return {"ppl_dense": m["ppl"], "time_s": m["time_s"], "source": "cache"}
+        return _end({"key": node.key, "ppl_dense": m["ppl"], "time_s": m["time_s"], "source": "cache"})
     _threads(threads)
     model, tok = _model(node.model, resolve_device(device), cache_size)
     ev = node.eval
     t0 = time.perf_counter()
-    ppl = perplexity(model, tok, data=ev.data, seq_len=ev.seq_len, stride=ev.stride, max_tokens=ev.max_tokens,
-                     batch_size=ev.batch_size)
+    ppl, bs, n_oom = retry_oom(
+        lambda b: perplexity(model, tok, data=ev.data, seq_len=ev.seq_len, stride=ev.stride,
+                             max_tokens=ev.max_tokens, batch_size=b),
+        ev.batch_size, oom_retries, "dense evaluation", "eval.batch_size", _faults.OomInjector(f.get("oom")))
     dt = time.perf_counter() - t0
-    save_tensors_json(path, {}, {"kind": "dense_eval", "ppl": ppl, "time_s": dt, "eval": ev.identity(False)})
-    return {"ppl_dense": ppl, "time_s": dt, "source": "computed"}
+    target = st.target("dense", node.key)
+    save_tensors_json(target, {}, {"kind": "dense_eval", "ppl": ppl, "time_s": dt, "eval": ev.identity(False),
+                                   "batch_size": bs})
+    st.publish("dense", node.key, target)
+    return _end({"key": node.key, "ppl_dense": ppl, "time_s": dt, "source": "computed", "oom_retries": n_oom})
 
 
-def cell_task(cell: Cell, stats: dict, plan: dict, dense: dict, threads: float, cache_size: int) -> dict:
+def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: dict, threads: float,
+              cache_size: int, faults: dict | None = None, oom_retries: int = 1) -> dict:
     """Evaluate one cell: sparsify with its plan and token policy, measure perplexity and activation sparsity."""
     from ..eval.perplexity import perplexity
     from ..sparsifiers.apply import sparsify
     from ..sparsifiers.plan import SparsityPlan
 
+    _begin()
     t_start = time.time()
+    st = _as_store(store)
+    f = _faults.select(faults, "cell", cell.label)
+    _faults.hold(f.get("hold"))
     device = resolve_device(cell.device)
-    p = SparsityPlan.load(plan["path"])
+    p = SparsityPlan.load(_need(st, "plans", plan["key"], "plan"))
     ev = cell.eval
+    bs, n_oom = ev.batch_size, 0
     if not p.rules:  # nothing is sparsified: the model is the dense model, whose perplexity is known
         ppl, eval_s, measured = dense["ppl_dense"], 0.0, {"per_point": {}, "mean": 0.0, "per_role": {},
                                                            "effective": p.effective_sparsity}
@@ -139,13 +255,38 @@ def cell_task(cell: Cell, stats: dict, plan: dict, dense: dict, threads: float, 
         model, tok = _model(cell.plan.model, device, cache_size)
         t0 = time.perf_counter()
         with sparsify(model, p, backend="torch", token_policy=ev.token_policy) as h:
-            ppl = perplexity(model, tok, data=ev.data, seq_len=ev.seq_len, stride=ev.stride,
-                             max_tokens=ev.max_tokens, batch_size=ev.batch_size)
+            def run(b: int) -> float:
+                h.reset_counters()       # a retried evaluation must not count the aborted batches
+                return perplexity(model, tok, data=ev.data, seq_len=ev.seq_len, stride=ev.stride,
+                                  max_tokens=ev.max_tokens, batch_size=b)
+
+            ppl, bs, n_oom = retry_oom(run, ev.batch_size, oom_retries, "evaluation", "eval.batch_size",
+                                       _faults.OomInjector(f.get("oom")))
             measured = h.measured_sparsity()
         eval_s = time.perf_counter() - t0
-    return {"ppl": ppl, "ppl_dense": dense["ppl_dense"], "ppl_ratio": ppl / dense["ppl_dense"],
-            "target": p.target, "effective": measured["effective"], "expected_effective": p.effective_sparsity,
-            "act_mean": measured["mean"], "per_role": measured["per_role"], "per_point": measured["per_point"],
-            "calibrate_s": stats["time_s"], "stats_source": stats["source"], "fit_s": plan["fit_s"],
-            "eval_s": eval_s, "plan_summary": p.summary(), "device": device, "host": socket.gethostname(),
-            "t_start": t_start, "t_end": time.time()}
+    return _end({"ppl": ppl, "ppl_dense": dense["ppl_dense"], "ppl_ratio": ppl / dense["ppl_dense"],
+                 "target": p.target, "effective": measured["effective"], "expected_effective": p.effective_sparsity,
+                 "act_mean": measured["mean"], "per_role": measured["per_role"], "per_point": measured["per_point"],
+                 "calibrate_s": stats["time_s"], "stats_source": stats["source"], "fit_s": plan["fit_s"],
+                 "eval_s": eval_s, "plan_summary": p.summary(), "device": device, "host": socket.gethostname(),
+                 "eval_batch_size": bs, "oom_retries": n_oom, "t_start": t_start, "t_end": time.time()})
+
+
+class ModelWorker:
+    """A Ray actor that runs one model's nodes and keeps the model loaded between them (model affinity)."""
+
+    def __init__(self, model_key: str):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.model_key = model_key
+        _warm_imports()
+
+    def run(self, stage: str, *args) -> dict:
+        """Run one node (stage: calibrate | fit | dense | cell) in this process; return the task's result."""
+        return _STAGES[stage](*args)
+
+    def pid(self) -> int:
+        """The worker's process id (what a SIGKILL would hit)."""
+        return os.getpid()
+
+
+_STAGES = {"calibrate": calibrate_task, "fit": fit_task, "dense": dense_task, "cell": cell_task}

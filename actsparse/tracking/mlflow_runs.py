@@ -17,7 +17,10 @@ _MAX_PARAM = 6000              # MLflow's limit on a param value
 
 
 def quiet_mlflow() -> None:
-    """Silence MLflow's and alembic's INFO chatter (database creation, migrations)."""
+    """Silence MLflow's and alembic's INFO chatter (database creation, migrations, a run link per run on a server)."""
+    import os
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the summary line says where runs are
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -90,7 +93,8 @@ class Tracker:
     def start_sweep(self, sweep_id: str, name: str, params: dict, tags: dict) -> str:
         """Create the parent run of a sweep; return its run id."""
         run = self.client.create_run(self.experiment_id, run_name=sweep_id,
-                                     tags={KIND_TAG: "sweep", "sweep_id": sweep_id, "sweep_name": name, **tags})
+                                     tags={KIND_TAG: "sweep", "sweep_id": sweep_id, "sweep_name": name,
+                                           **{k: str(v) for k, v in tags.items()}})  # a server takes strings only
         self._log(run.info.run_id, params=flatten(params))
         return run.info.run_id
 
@@ -117,6 +121,12 @@ class Tracker:
             raise
         self.client.set_terminated(rid, status, end_time=int((end_s or time.time()) * 1000))
         return rid
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        """Set tags on a run (values as strings)."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
         """Upload a directory's files to a run."""

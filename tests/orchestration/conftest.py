@@ -43,3 +43,54 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 180) -> subprocess.Comple
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "actsparse.cli"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     return subprocess.run(cmd + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def second_model(tiny_dir, tmp_path_factory) -> str:
+    """A second tiny random Llama (other weights, same tokenizer): a different model key, for affinity tests."""
+    import shutil
+
+    from tests.conftest import make_model
+
+    path = tmp_path_factory.mktemp("tiny-llama-random-2")
+    for f in tiny_dir.iterdir():
+        if "token" in f.name or f.name.endswith(".txt"):
+            shutil.copy(f, path / f.name)
+    make_model("llama", seed=1).save_pretrained(path)
+    return str(path)
+
+
+def sweep_in_process(args: list[str]) -> tuple[int, str, str]:
+    """Run `actsparse sweep ARGS` in this process (reusing the session's Ray cluster); return (rc, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from actsparse.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["sweep", *args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def summary(out: str) -> tuple[int, int, int]:
+    """(finished, skipped, failed) from a sweep's summary line."""
+    import re
+
+    m = re.search(r"cells: (\d+) finished, (\d+) skipped, (\d+) failed", out)
+    assert m, out
+    return tuple(int(x) for x in m.groups())
+
+
+def mlflow_runs(uri: str, kind: str, parent: str | None = None, status: str | None = None) -> list:
+    """Runs of the `actsparse` experiment: kind 'sweep' (parents) or 'cell' (children), optionally of one parent."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("actsparse")
+    if exp is None:
+        return []
+    filt = f"tags.run_kind = '{kind}'" + (f" and tags.`mlflow.parentRunId` = '{parent}'" if parent else "")
+    if status:
+        filt += f" and attributes.status = '{status}'"
+    return c.search_runs([exp.experiment_id], filt, max_results=1000)

@@ -73,8 +73,9 @@ def test_ppl_table_has_methods_by_sparsity_and_a_dense_row():
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in md.splitlines() if line.startswith("|") and "---" not in line}
     assert rows["method"] == ["0.2", "0.4", "0.6"]
-    assert rows["dense"] == ["10.000"] * 3
-    assert rows["A"] == ["10.100", "10.500", "12.000"] and rows["B"] == ["10.050", "10.800", "11.000"]
+    assert rows["dense"] == ["10.00"] * 3                        # the reference: never bold
+    # best (lowest) ppl per column in bold: 0.2 -> B, 0.4 -> A, 0.6 -> B
+    assert rows["A"] == ["10.10", "**10.50**", "12.00"] and rows["B"] == ["**10.05**", "10.80", "**11.00**"]
 
 
 def _write_synthetic_sweep(uri: str, sweep_id: str, tmp) -> str:
@@ -106,17 +107,19 @@ def test_report_command_reads_mlflow_and_writes_tables_plot_and_parent_artifacts
     md = (out / "report.md").read_text()
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     # the front tables in the report, per model, equal the hand computation
-    sections = re.split(r"Pareto front, ppl vs effective sparsity \(model `", md)[1:]
+    sections = re.split(r"\*\*Pareto front, ppl vs effective sparsity \(model ", md)[1:]
     fronts = {}
     for sec in sections:
-        model = sec.split("`", 1)[0]
+        model = sec.split(",", 1)[0]
         rows = [line.split("|")[1:-1] for line in sec.split("\n\n")[1].splitlines()[2:]]
         fronts[model] = [(r[0].strip(), round(float(r[2]), 2)) for r in rows]
     assert fronts == FRONT
+    assert (out / "report.html").is_file() and (out / "tables" / "tables.tex").is_file()
     from mlflow import MlflowClient
 
     files = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
-    assert {"report/report.md", "report/pareto.png", "report/runs.csv"} <= files
+    assert {"report/report.md", "report/report.html", "report/pareto.png", "report/pareto.svg",
+            "report/runs.csv"} <= files
 
 
 def test_report_of_a_missing_store_or_sweep_says_so_and_creates_nothing(tmp_path, capsys):
