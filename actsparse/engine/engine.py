@@ -1,0 +1,502 @@
+"""A small Llama-family decode engine: static KV cache, one CUDA-graphed decode step, dense or sparse.
+
+The hot path is `Engine._block`: per decoder block, dense runs
+    rmsnorm → cuBLAS q|k|v → attention (RoPE + cache write) → cuBLAS o (+res) → rmsnorm →
+    cuBLAS gate|up → silu·mul → cuBLAS down (+res)                                    (8 launches)
+and sparse runs the kernels with thresholds, norms and residuals fused:
+    sparse q|k|v (norm fused) → attention → sparse o (+res) → sparse gate/up (norm, silu·mul fused)
+    → sparse down (+res)                                                              (5 launches)
+CATS layers replace the gate/up launch by gate (silu fused) + up rows gathered by |silu(gate)| > t.
+
+Plans are data: `set_thresholds({"layers.{i}.{role}": t})` with roles q k v o gate up down, plus
+`gate_act` (CATS: threshold on silu(gate), selects up and down rows), optional per-channel
+shifts (SCAP: x_s = (x − m)⊙1[|x − m| > t], W·m folded into a bias).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from actsparse.kernels import ref as kref
+
+from .config import LlamaConfig
+from .weights import Weights, random_weights, weights_from_hf
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act")
+_SITE = re.compile(r"^layers\.(\d+)\.(q|k|v|o|gate|up|down|gate_act)$")
+Threshold = Union[float, torch.Tensor]
+
+
+class _TorchOps:
+    """Plain-PyTorch implementations (references), for any device; not graph-capturable on GPU."""
+
+    rmsnorm = staticmethod(kref.hf_rmsnorm_ref)
+    silu_mul = staticmethod(kref.silu_mul_ref)
+    sparse_gemv = staticmethod(kref.sparse_gemv_ref)
+    sparse_gated_mlp = staticmethod(kref.sparse_gated_mlp_ref)
+    cats_up = staticmethod(kref.cats_up_ref)
+    decode_attention = staticmethod(kref.decode_attention_ref)
+
+
+class _TritonOps:
+    """The Triton kernels (registered torch.library custom ops)."""
+
+    def __init__(self) -> None:
+        from actsparse import kernels as k
+
+        self.rmsnorm = k.rmsnorm
+        self.silu_mul = k.silu_mul
+        self.sparse_gemv = k.sparse_gemv
+        self.sparse_gated_mlp = k.sparse_gated_mlp
+        self.cats_up = k.cats_up
+        self.decode_attention = k.decode_attention
+
+
+@dataclass
+class _OpRule:
+    """Sparsity of one fused op (q|k|v, o, gate|up or down) in one layer."""
+
+    thresh: torch.Tensor  # float32 [S] or [S, K], one row per site of the op
+    shift: Optional[torch.Tensor] = None  # float32 [S, K]
+    bias: Optional[torch.Tensor] = None  # W·shift: [N] or [2, N] (gate/up)
+    expected: float = 1.0  # fraction of weight rows it is expected to skip (decides the cuBLAS fallback)
+
+
+@dataclass
+class _LayerRule:
+    qkv: _OpRule
+    o: _OpRule
+    gu: _OpRule
+    down: _OpRule
+    gate_act: Optional[torch.Tensor] = None  # CATS threshold on silu(gate), float32 [1] or [I]
+
+
+@dataclass
+class _Graph:
+    graph: Optional[torch.cuda.CUDAGraph]
+    tok: torch.Tensor  # [B] int64, the token fed to the next step (the step writes its argmax here)
+    pos: torch.Tensor  # [B] int32, that token's position (the step increments it)
+    out: torch.Tensor  # [B, S] int64, generated tokens by position
+    logits: torch.Tensor  # [B, V] of the last step
+
+
+class Engine:
+    """A Llama-family decoder with a static KV cache that decodes dense (cuBLAS) or sparse (Triton kernels).
+
+    fallback_below: an op (qkv, o, gu, down) whose expected skipped-row fraction is under this
+    level runs on cuBLAS instead, where the kernels lose; below it cuBLAS computes W·x exactly (a
+    shift cancels out). A float for every op, a dict per op, or {batch: {op: level}} per batch
+    (the smallest batch key ≥ the batch applies). None: the table measured on an H100
+    (`actsparse.kernels.configs.MEASURED_CROSSOVER`) when the Triton kernels run on a GPU, else 0.
+    """
+
+    def __init__(self, cfg: LlamaConfig, weights: Weights, *, max_batch: int = 4, max_seq_len: int = 512,
+                 kernels: str = "auto", fallback_below: Union[None, float, dict] = None,
+                 use_graphs: bool = True) -> None:
+        if kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kernels!r}")
+        self.cfg = cfg
+        self.w = weights
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        if kernels == "auto":
+            kernels = "triton" if self.device.type == "cuda" else "torch"
+        self.kernels = kernels
+        self.ops = _TritonOps() if kernels == "triton" else _TorchOps()
+        self.use_graphs = use_graphs and self.device.type == "cuda" and kernels == "triton"
+        if fallback_below is None:
+            from actsparse.kernels import configs as kconfigs
+
+            on_gpu = self.device.type == "cuda" and kernels == "triton"
+            fallback_below = dict(kconfigs.MEASURED_CROSSOVER) if on_gpu else 0.0
+        self.fallback_below = fallback_below
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.rules: Optional[list[_LayerRule]] = None
+        self.expected_sparsity: dict[str, float] = {}
+        self._graphs: dict[tuple[int, bool], _Graph] = {}
+        self._calib: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.last_tokens: Optional[torch.Tensor] = None
+        self.last_step_ms: float = float("nan")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_hf(cls, model, *, device=None, dtype: Optional[torch.dtype] = None, layouts: str = "both",
+                **kw) -> "Engine":
+        """Return an engine holding the weights of a transformers LlamaForCausalLM or a local HF directory."""
+        if isinstance(model, (str, Path)):
+            from transformers import LlamaForCausalLM
+
+            path = Path(model)
+            if not path.is_dir():
+                raise ValueError(f"{model!r} is not a local directory; pass a loaded LlamaForCausalLM or a path")
+            model = LlamaForCausalLM.from_pretrained(path, torch_dtype=dtype or torch.bfloat16)
+        cfg = LlamaConfig.from_hf(model.config)
+        p = next(model.parameters())
+        device = torch.device(device) if device is not None else p.device
+        dtype = dtype or p.dtype
+        return cls(cfg, weights_from_hf(model, device, dtype, layouts), **kw)
+
+    @classmethod
+    def random(cls, cfg: LlamaConfig, *, device="cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+               layouts: str = "both", **kw) -> "Engine":
+        """Return an engine with random weights of the given shapes (for speed measurements)."""
+        return cls(cfg, random_weights(cfg, torch.device(device), dtype, seed, layouts), **kw)
+
+    # ------------------------------------------------------------------ plans
+    def set_thresholds(self, thresholds: dict[str, Threshold], shifts: Optional[dict[str, torch.Tensor]] = None,
+                       expected_sparsity: Optional[dict[str, float]] = None) -> None:
+        """Turn sparse decoding on with one threshold (float or per-channel [K]) per site `layers.{i}.{role}`.
+
+        Sites left out keep every nonzero input. `shifts` (SCAP) maps sites to per-channel [K] shifts.
+        `expected_sparsity` (per site, from calibration) lets ops under `fallback_below` run on cuBLAS.
+        """
+        cfg = self.cfg
+        shifts = shifts or {}
+        expected = expected_sparsity or {}
+        per: dict[int, dict[str, Threshold]] = {i: {} for i in range(cfg.n_layers)}
+        per_shift: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(cfg.n_layers)}
+        for table, into in ((thresholds, per), (shifts, per_shift)):
+            for name, val in table.items():
+                m = _SITE.match(name)
+                if not m or int(m.group(1)) >= cfg.n_layers:
+                    raise ValueError(f"unknown site {name!r}: expected 'layers.{{i}}.{{role}}' with i < {cfg.n_layers} "
+                                     f"and role in {ROLES}")
+                into[int(m.group(1))][m.group(2)] = val
+        for i in per_shift:
+            if "gate_act" in per_shift[i]:
+                raise ValueError(f"layers.{i}.gate_act takes no shift (CATS thresholds |silu(gate)|)")
+
+        d, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        rules = []
+        for i in range(cfg.n_layers):
+            th, sh, lw = per[i], per_shift[i], self.w.layers[i]
+
+            def exp(roles: tuple[str, ...]) -> float:
+                """Fraction of weight rows the op is expected to skip (its least sparse site decides)."""
+                vals = []
+                for r in roles:
+                    name = f"layers.{i}.{r}"
+                    # No expectation given: trust a threshold to pay off; a site without one skips nothing.
+                    vals.append(expected[name] if name in expected else (1.0 if r in th else 0.0))
+                return min(vals)
+
+            def op(name: str, roles: tuple[str, ...], k: int, wts: list[Optional[torch.Tensor]]) -> _OpRule:
+                t = self._stack([th.get(r, 0.0) for r in roles], k, roles, i)
+                s = None
+                bias = None
+                if any(r in sh for r in roles):
+                    s = self._stack([sh.get(r, torch.zeros(k)) for r in roles], k, roles, i, per_channel=True)
+                    # y = W·x_s + W·m: fold the shift's contribution into a bias once.
+                    parts = [s[j] @ wts[j].float() for j in range(len(roles))]
+                    bias = (torch.cat(parts) if len(roles) == 3 else
+                            torch.stack(parts) if len(roles) == 2 else parts[0]).to(self.dtype)
+                return _OpRule(thresh=t, shift=s, bias=bias, expected=exp(roles))
+
+            wqkv_t = lw.wqkv_t if lw.wqkv_t is not None else lw.wqkv.t()
+            qkv_cols = [wqkv_t[:, :q], wqkv_t[:, q:q + kv], wqkv_t[:, q + kv:]]
+            wg_t = lw.wg_t if lw.wg_t is not None else lw.w13[:inter].t()
+            wu_t = lw.wu_t if lw.wu_t is not None else lw.w13[inter:].t()
+            gate_act = None
+            if "gate_act" in th:
+                if "up" in th and float(torch.as_tensor(th["up"]).abs().max()) != 0.0:
+                    raise ValueError(f"layers.{i}: CATS (gate_act) selects the up rows itself; drop the 'up' threshold")
+                gate_act = self._stack([th["gate_act"]], inter, ("gate_act",), i)[0]
+            rules.append(_LayerRule(
+                qkv=op("qkv", ("q", "k", "v"), d, qkv_cols),
+                o=op("o", ("o",), q, [lw.wo_t if lw.wo_t is not None else lw.wo.t()]),
+                gu=op("gu", ("gate", "up"), d, [wg_t, wu_t]),
+                down=op("down", ("down",), inter, [lw.wd_t if lw.wd_t is not None else lw.wd.t()]),
+                gate_act=gate_act,
+            ))
+        self.rules = rules
+        self.expected_sparsity = dict(expected)
+        self._graphs.clear()
+
+    def clear_thresholds(self) -> None:
+        """Turn sparse decoding off (dense cuBLAS path)."""
+        self.rules = None
+        self.expected_sparsity = {}
+        self._graphs.clear()
+
+    def _stack(self, vals: list[Threshold], k: int, roles: tuple[str, ...], layer: int,
+               per_channel: bool = False) -> torch.Tensor:
+        """Return float32 [S] (all scalars) or [S, k] thresholds/shifts on the engine's device."""
+        ts = [torch.as_tensor(v, dtype=torch.float32).to(self.device) for v in vals]
+        for t, r in zip(ts, roles):
+            if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, k)):
+                raise ValueError(f"layers.{layer}.{r}: expected a scalar or a per-channel [{k}] tensor, "
+                                 f"got shape {tuple(t.shape)}")
+        if not per_channel and all(t.numel() == 1 for t in ts):
+            return torch.stack([t.reshape(()) for t in ts])
+        return torch.stack([t.reshape(-1).expand(k) for t in ts]).contiguous()
+
+    def _dense(self, rule: _OpRule, op: str, b: int) -> bool:
+        """Whether op runs on cuBLAS at batch b: its expected skipped rows are under the crossover."""
+        fb = self.fallback_below
+        if isinstance(fb, dict) and fb and all(isinstance(k, int) for k in fb):
+            keys = sorted(fb)
+            fb = next((fb[k] for k in keys if b <= k), fb[keys[-1]])
+        level = fb.get(op, 0.0) if isinstance(fb, dict) else float(fb)
+        return rule.expected < level
+
+    # ------------------------------------------------------------------ the hot path
+    def _linear(self, x: torch.Tensor, w: Optional[torch.Tensor], wt: Optional[torch.Tensor],
+                res: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """cuBLAS x·Wᵀ (+res) from whichever layout is loaded."""
+        wt = w.t() if w is not None else wt
+        return torch.addmm(res, x, wt) if res is not None else x @ wt
+
+    def _block(self, i: int, x: torch.Tensor, pos: torch.Tensor, sparse: bool,
+               record: Optional[Callable[[int, str, torch.Tensor], None]] = None) -> torch.Tensor:
+        """One decoder block on the residual stream x [B, D]; returns the new residual stream."""
+        cfg, lw, ops = self.cfg, self.w.layers[i], self.ops
+        r = self.rules[i] if sparse else None
+        b = x.shape[0]
+        eps, q, kv, inter = cfg.rms_eps, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        kc, vc = self.k_cache[i, :b], self.v_cache[i, :b]
+
+        if record is not None:
+            record(i, "qkv", ops.rmsnorm(x, lw.attn_norm, eps))
+        if r is None or self._dense(r.qkv, "qkv", b):
+            qkv = self._linear(ops.rmsnorm(x, lw.attn_norm, eps), lw.wqkv, lw.wqkv_t)  # [B, Nq + 2Nkv]
+        else:
+            qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
+                                  norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv))
+        a = ops.decode_attention(qkv, kc, vc, pos, self.w.inv_freq, cfg.n_heads, cfg.n_kv_heads,
+                                 rope_scale=self.w.rope_scale)  # [B, Nq]
+        if record is not None:
+            record(i, "o", a)
+        if r is None or self._dense(r.o, "o", b):
+            x = self._linear(a, lw.wo, lw.wo_t, res=x)
+        else:
+            x = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=x)
+
+        if record is not None:
+            xn = ops.rmsnorm(x, lw.mlp_norm, eps)
+            record(i, "gu", xn)
+            record(i, "gate_act", F.silu(self._linear(xn, None if lw.w13 is None else lw.w13[:inter],
+                                                      None if lw.wg_t is None else lw.wg_t).float()))
+        if r is not None and r.gate_act is not None:
+            g = r.gu
+            if self._dense(g, "gu", b):
+                ag = F.silu(self._linear(ops.rmsnorm(x, lw.mlp_norm, eps), None if lw.w13 is None else lw.w13[:inter],
+                                         lw.wg_t))
+            else:
+                ag = ops.sparse_gemv(x, lw.wg_t, g.thresh[:1], shift=None if g.shift is None else g.shift[:1],
+                                     bias=None if g.bias is None else g.bias[0], norm_weight=lw.mlp_norm, eps=eps,
+                                     act="silu")  # [B, I] = silu(gate)
+            h = ops.cats_up(x, lw.wu, ag, r.gate_act, norm_weight=lw.mlp_norm, eps=eps)
+        elif r is None or self._dense(r.gu, "gu", b):
+            xn = ops.rmsnorm(x, lw.mlp_norm, eps)
+            if lw.w13 is not None:
+                h = ops.silu_mul(xn @ lw.w13.t())  # [B, 2I] -> [B, I]
+            else:
+                h = F.silu(xn @ lw.wg_t) * (xn @ lw.wu_t)
+        else:
+            h = ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,
+                                     norm_weight=lw.mlp_norm, eps=eps)  # [B, I]
+        if record is not None:
+            record(i, "down", h)
+        if r is None or self._dense(r.down, "down", b):
+            return self._linear(h, lw.wd, lw.wd_t, res=x)
+        return ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=x)
+
+    def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, sparse: Optional[bool] = None,
+                     record: Optional[Callable[[int, str, torch.Tensor], None]] = None) -> torch.Tensor:
+        """Return logits [B, V] for tokens [B] at positions pos (int32 [B]), writing the KV cache (eager)."""
+        sparse = self.rules is not None if sparse is None else sparse
+        if sparse and self.rules is None:
+            raise RuntimeError("sparse decoding needs thresholds: call set_thresholds or calibrate_thresholds first")
+        x = self.w.embed[tokens]  # [B, D]
+        for i in range(self.cfg.n_layers):
+            x = self._block(i, x, pos, sparse, record)
+        return self._linear(self.ops.rmsnorm(x, self.w.final_norm, self.cfg.rms_eps), self.w.lm_head, None)
+
+    # ------------------------------------------------------------------ decoding
+    def _new_state(self, b: int) -> _Graph:
+        dev = self.device
+        return _Graph(graph=None, tok=torch.zeros(b, dtype=torch.long, device=dev),
+                      pos=torch.zeros(b, dtype=torch.int32, device=dev),
+                      out=torch.zeros(b, self.max_seq_len, dtype=torch.long, device=dev),
+                      logits=torch.zeros(b, self.cfg.vocab_size, device=dev, dtype=self.dtype))
+
+    def _step(self, st: _Graph, sparse: bool) -> None:
+        """One decode step on static buffers: logits, greedy next token, position + 1 (all on device)."""
+        logits = self.forward_step(st.tok, st.pos, sparse)
+        nxt = logits.argmax(-1)
+        st.logits.copy_(logits)
+        st.tok.copy_(nxt)
+        st.out.scatter_(1, (st.pos.long() + 1).clamp_(max=self.max_seq_len - 1)[:, None], nxt[:, None])
+        st.pos.add_(1)
+
+    def _state(self, b: int, sparse: bool) -> _Graph:
+        key = (b, sparse)
+        if key in self._graphs:
+            return self._graphs[key]
+        st = self._new_state(b)
+        if self.use_graphs:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):  # compile kernels, create cuBLAS handles outside the capture
+                    self._step(st, sparse)
+            torch.cuda.current_stream().wait_stream(s)
+            st.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(st.graph):
+                self._step(st, sparse)
+        self._graphs[key] = st
+        return st
+
+    def _run(self, st: _Graph, sparse: bool) -> None:
+        if st.graph is not None:
+            st.graph.replay()
+        else:
+            self._step(st, sparse)
+
+    @torch.no_grad()
+    def decode(self, prompt: Optional[torch.Tensor], n: int, *, sparse: Optional[bool] = None, batch: int = 1,
+               prompt_len: int = 16, seed: int = 0) -> float:
+        """Feed `prompt` [B, T] (random tokens if None), greedily decode n tokens; return decode tokens/s (all rows).
+
+        The generated tokens land in `last_tokens` [B, T + n] and the time per step in `last_step_ms`.
+        """
+        sparse = self.rules is not None if sparse is None else sparse
+        if sparse and self.rules is None:
+            raise RuntimeError("sparse decoding needs thresholds: call set_thresholds or calibrate_thresholds first")
+        if prompt is None:
+            g = torch.Generator().manual_seed(seed)
+            prompt = torch.randint(0, self.cfg.vocab_size, (batch, prompt_len), generator=g)
+        prompt = prompt.to(self.device)
+        b, t0 = prompt.shape
+        if b > self.max_batch or t0 + n > self.max_seq_len or t0 < 1 or n < 1:
+            raise ValueError(f"need 1 ≤ batch ≤ {self.max_batch}, prompt ≥ 1 token and prompt + n ≤ max_seq_len="
+                             f"{self.max_seq_len}; got batch {b}, prompt {t0}, n {n}")
+        st = self._state(b, sparse)
+        st.pos.zero_()
+        st.out.zero_()
+        for t in range(t0):  # the prompt goes through the same step, one token at a time
+            st.tok.copy_(prompt[:, t])
+            self._run(st, sparse)
+        st.out[:, :t0] = prompt  # the steps above wrote their predictions over it
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                self._run(st, sparse)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t_start = time.perf_counter()
+            for _ in range(n):
+                self._run(st, sparse)
+            ms = (time.perf_counter() - t_start) * 1e3
+        self.last_tokens = st.out[:, : t0 + n].clone()
+        self.last_step_ms = ms / n
+        return b * n / (ms / 1e3)
+
+    # ------------------------------------------------------------------ calibration and measurement
+    @torch.no_grad()
+    def _record(self, n_tokens: int, batch: int, seed: int, sparse: bool) -> dict[str, torch.Tensor]:
+        """Run n_tokens teacher-forced eager steps on random tokens; return each probe's inputs [T·B, K] float32."""
+        g = torch.Generator().manual_seed(seed)
+        toks = torch.randint(0, self.cfg.vocab_size, (n_tokens, batch), generator=g).to(self.device)
+        got: dict[str, list[torch.Tensor]] = {}
+
+        def rec(i: int, probe: str, t: torch.Tensor) -> None:
+            got.setdefault(f"layers.{i}.{probe}", []).append(t.float())
+
+        pos = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        for t in range(n_tokens):
+            self.forward_step(toks[t], pos, sparse, rec)
+            pos += 1
+        return {k: torch.stack(v) for k, v in got.items()}  # [T, B, K]
+
+    @staticmethod
+    def _quantile(a: torch.Tensor, q: float) -> float:
+        flat = a.reshape(-1)
+        k = min(max(int(q * flat.numel()), 1), flat.numel())
+        return float(flat.kthvalue(k).values)
+
+    _PROBES = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gu", "up": "gu", "down": "down"}
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, target: float, n_tokens: int = 64, *, batch: int = 1, union: bool = False,
+                             method: str = "teal", seed: int = 0) -> dict[str, float]:
+        """Set (and return) per-site thresholds that zero a `target` fraction of each site's inputs.
+
+        Calibrated on the engine's own dense activations (n_tokens random teacher-forced tokens per row).
+        union=True calibrates on max_b |x_b| so the union over `batch` rows (the weight rows actually read)
+        hits the target. method="cats" thresholds |silu(gate)| (site gate_act) instead of every input.
+        """
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"target sparsity must be in [0, 1), got {target}")
+        if method not in ("teal", "cats"):
+            raise ValueError(f"method must be 'teal' or 'cats', got {method!r}")
+        key = (n_tokens, batch, seed)
+        if key not in self._calib:
+            self._calib = {key: self._record(n_tokens, batch, seed, sparse=False)}
+        acts = self._calib[key]
+        th: dict[str, float] = {}
+        rows_skipped: dict[str, float] = {}
+        for i in range(self.cfg.n_layers):
+            roles = ("gate_act",) if method == "cats" else tuple(self._PROBES)
+            for role in roles:
+                a = acts[f"layers.{i}.{self._PROBES.get(role, role)}"].abs()  # [T, B, K]
+                u = a.amax(dim=1)  # [T, K]: what the batch union reads
+                t = self._quantile(u if union else a, target) if target > 0 else 0.0
+                name = f"layers.{i}.{role}"
+                th[name] = t
+                # The kernels' cost follows the rows the union skips, not the per-token sparsity.
+                rows_skipped[name] = float((u <= t).float().mean()) if target > 0 else 0.0
+        if method == "cats":  # gate_act's mask decides the up and down rows
+            for i in range(self.cfg.n_layers):
+                for role in ("up", "down"):
+                    rows_skipped[f"layers.{i}.{role}"] = rows_skipped[f"layers.{i}.gate_act"]
+        self.set_thresholds(th, expected_sparsity=rows_skipped)
+        return th
+
+    @torch.no_grad()
+    def measure_sparsity(self, n_tokens: int = 16, *, batch: int = 1, seed: int = 1) -> dict[str, float]:
+        """Return measured sparsity under the current thresholds on fresh tokens: per role (token level),
+        'union' (weight rows skipped across the batch, weighted by parameter count = effective sparsity)."""
+        if self.rules is None:
+            raise RuntimeError("no thresholds set")
+        acts = self._record(n_tokens, batch, seed, sparse=True)
+        cfg = self.cfg
+        d, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        params = {"q": d * q, "k": d * kv, "v": d * kv, "o": q * d, "gate": d * inter, "up": d * inter,
+                  "down": inter * d}
+        tok: dict[str, list[float]] = {r: [] for r in params}
+        skipped = 0.0
+        for i, r in enumerate(self.rules):
+            rows = {}
+            for role, op, j in (("q", r.qkv, 0), ("k", r.qkv, 1), ("v", r.qkv, 2), ("o", r.o, 0),
+                                ("gate", r.gu, 0), ("up", r.gu, 1), ("down", r.down, 0)):
+                x = acts[f"layers.{i}.{self._PROBES[role]}"]  # [T, B, K]
+                if op.shift is not None:
+                    x = x - op.shift[j]
+                t = op.thresh[j] if op.thresh.dim() == 1 else op.thresh[j][None, None, :]
+                keep = x.abs() > t
+                if self._dense(op, {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gu", "up": "gu"}.get(role, role),
+                               batch):
+                    keep = torch.ones_like(keep)
+                if r.gate_act is not None and role in ("up", "down"):
+                    keep = acts[f"layers.{i}.gate_act"].abs() > r.gate_act
+                tok[role].append(1.0 - keep.float().mean().item())
+                rows[role] = 1.0 - keep.any(dim=1).float().mean().item()
+            skipped += sum(rows[k] * params[k] for k in params)
+        out = {k: sum(v) / len(v) for k, v in tok.items()}
+        out["mean"] = sum(out[k] * params[k] for k in params) / sum(params.values())
+        out["union"] = skipped / (sum(params.values()) * cfg.n_layers)
+        return out

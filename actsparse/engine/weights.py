@@ -1,0 +1,129 @@
+"""Engine weights: loaded from a transformers Llama model or drawn at random, in the layouts each path reads.
+
+Dense (cuBLAS) reads nn.Linear's natural [out, in] layout, fused per op (q|k|v, gate|up). The
+sparse kernels read the transposed [in, out] layout, where a skipped input channel is one
+contiguous row. The CATS path reads W_up in its natural layout (a skipped intermediate
+channel is one contiguous row there). `layouts` picks which copies are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .config import LlamaConfig
+
+LAYOUTS = ("dense", "sparse", "both")
+
+
+@dataclass
+class LayerWeights:
+    """One decoder block's parameters; absent layouts are None."""
+
+    attn_norm: torch.Tensor  # [D]
+    mlp_norm: torch.Tensor  # [D]
+    wqkv: Optional[torch.Tensor] = None  # [Nq + 2·Nkv, D]
+    wo: Optional[torch.Tensor] = None  # [D, Nq]
+    w13: Optional[torch.Tensor] = None  # [2I, D]: gate rows, then up rows
+    wd: Optional[torch.Tensor] = None  # [D, I]
+    wqkv_t: Optional[torch.Tensor] = None  # [D, Nq + 2·Nkv]
+    wo_t: Optional[torch.Tensor] = None  # [Nq, D]
+    wg_t: Optional[torch.Tensor] = None  # [D, I]
+    wu_t: Optional[torch.Tensor] = None  # [D, I]
+    wd_t: Optional[torch.Tensor] = None  # [I, D]
+    wu: Optional[torch.Tensor] = None  # [I, D] natural layout, for the CATS row gather
+
+
+@dataclass
+class Weights:
+    """All parameters of the decoder plus its RoPE frequencies."""
+
+    embed: torch.Tensor  # [V, D]
+    final_norm: torch.Tensor  # [D]
+    lm_head: torch.Tensor  # [V, D]
+    inv_freq: torch.Tensor  # [head_dim/2] float32
+    rope_scale: float
+    layers: list[LayerWeights] = field(default_factory=list)
+
+
+def _layer(attn_norm, mlp_norm, q, k, v, o, gate, up, down, layouts: str) -> LayerWeights:
+    """Pack one block from nn.Linear-layout tensors into the requested layouts."""
+    lw = LayerWeights(attn_norm=attn_norm.contiguous(), mlp_norm=mlp_norm.contiguous())
+    if layouts in ("dense", "both"):
+        lw.wqkv = torch.cat([q, k, v], dim=0).contiguous()
+        lw.wo = o.contiguous()
+        lw.w13 = torch.cat([gate, up], dim=0).contiguous()
+        lw.wd = down.contiguous()
+        lw.wu = lw.w13[gate.shape[0]:]  # contiguous rows of w13
+    if layouts in ("sparse", "both"):
+        lw.wqkv_t = torch.cat([q, k, v], dim=0).t().contiguous()
+        lw.wo_t = o.t().contiguous()
+        lw.wg_t = gate.t().contiguous()
+        lw.wu_t = up.t().contiguous()
+        lw.wd_t = down.t().contiguous()
+        if lw.wu is None:
+            lw.wu = up.contiguous()
+    return lw
+
+
+def default_inv_freq(cfg: LlamaConfig, device) -> torch.Tensor:
+    """Return the plain RoPE frequencies 1/θ^(2i/d) (no long-context scaling)."""
+    d = cfg.head_dim
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+
+
+def check_layouts(layouts: str) -> None:
+    if layouts not in LAYOUTS:
+        raise ValueError(f"layouts must be one of {LAYOUTS}, got {layouts!r}")
+
+
+@torch.no_grad()
+def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") -> Weights:
+    """Return the weights of a transformers LlamaForCausalLM, copied to `device` in `dtype`."""
+    check_layouts(layouts)
+    inner = model.model
+
+    def cp(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device=device, dtype=dtype)
+
+    layers = []
+    for blk in inner.layers:
+        at, mlp = blk.self_attn, blk.mlp
+        for proj in (at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if getattr(proj, "bias", None) is not None:
+                raise ValueError("linear biases are not supported by the engine (Llama has none); "
+                                 "got a biased projection")
+        layers.append(_layer(cp(blk.input_layernorm.weight), cp(blk.post_attention_layernorm.weight),
+                             cp(at.q_proj.weight), cp(at.k_proj.weight), cp(at.v_proj.weight), cp(at.o_proj.weight),
+                             cp(mlp.gate_proj.weight), cp(mlp.up_proj.weight), cp(mlp.down_proj.weight), layouts))
+    rot = inner.rotary_emb
+    return Weights(embed=cp(inner.embed_tokens.weight), final_norm=cp(inner.norm.weight),
+                   lm_head=cp(model.lm_head.weight),
+                   inv_freq=rot.inv_freq.detach().to(device=device, dtype=torch.float32),
+                   rope_scale=float(getattr(rot, "attention_scaling", 1.0)), layers=layers)
+
+
+@torch.no_grad()
+def random_weights(cfg: LlamaConfig, device, dtype: torch.dtype, seed: int = 0, layouts: str = "both") -> Weights:
+    """Return weights drawn like a freshly initialised model (normal, std 1/sqrt(fan_in)), norms at 1."""
+    check_layouts(layouts)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    d, i = cfg.hidden_size, cfg.intermediate_size
+
+    def lin(n_out: int, n_in: int) -> torch.Tensor:
+        w = torch.empty(n_out, n_in, device=device, dtype=dtype)
+        return w.normal_(0.0, 1.0 / math.sqrt(n_in), generator=gen)
+
+    ones = torch.ones(d, device=device, dtype=dtype)
+    layers = [
+        _layer(ones.clone(), ones.clone(), lin(cfg.q_size, d), lin(cfg.kv_size, d), lin(cfg.kv_size, d),
+               lin(d, cfg.q_size), lin(i, d), lin(i, d), lin(d, i), layouts)
+        for _ in range(cfg.n_layers)
+    ]
+    embed = torch.empty(cfg.vocab_size, d, device=device, dtype=dtype).normal_(0.0, 1.0, generator=gen)
+    lm_head = embed if cfg.tie_embeddings else lin(cfg.vocab_size, d)
+    return Weights(embed=embed, final_norm=ones.clone(), lm_head=lm_head, inv_freq=default_inv_freq(cfg, device),
+                   rope_scale=1.0, layers=layers)

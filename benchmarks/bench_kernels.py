@@ -1,0 +1,586 @@
+"""Kernel microbenchmark and end-to-end decode benchmark (one script, one device call).
+
+  python3 benchmarks/bench_kernels.py --out DIR [--tune] [--budget-s 400] [--skip-decode]
+
+(a) per projection and per block (q+k+v+o+gate+up+down) at Llama-3-8B shapes, sparsity 0–0.9,
+    bf16 and fp16, batch 1 and 4, CUDA graphs, against cuBLAS (7 GEMMs as TEAL measured, and the
+    4 fused GEMMs our dense engine runs) and a TEAL-style split-K kernel (fp16, batch 1);
+(b) decode tokens/s of the engine, dense vs sparse (thresholds calibrated on its own activations),
+    Llama-3-8B and Llama-2-7B shapes with random weights, batch 1 and 4.
+Writes DIR/results.json (rows), DIR/BENCHMARKS_fragment.md and DIR/tuned.json; prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _ensure_kernels_importable() -> None:
+    """Load actsparse.kernels from the source tree when the install does not map it (never as `kernels`)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    try:
+        importlib.import_module("actsparse.kernels")
+        return
+    except ModuleNotFoundError:
+        pass
+    import actsparse
+
+    spec = importlib.util.spec_from_file_location("actsparse.kernels", ROOT / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "kernels")])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["actsparse.kernels"] = mod
+    spec.loader.exec_module(mod)
+    actsparse.kernels = mod
+
+
+_ensure_kernels_importable()
+
+from actsparse.kernels import GemvConfig, configs, override_config, ref, sparse_gated_mlp, sparse_gemv  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from teal_style import teal_style_gemv  # noqa: E402
+
+D, KV, INTER = 4096, 1024, 14336  # Llama-3-8B
+SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
+# (block_n, block_k, num_warps, num_stages); each also at split-K = auto/2, auto, 2·auto.
+FMA_GRID = {1: [(32, 128, 4, 1), (32, 256, 4, 1), (32, 128, 8, 1), (64, 128, 8, 1), (32, 64, 4, 1), (16, 256, 4, 1)],
+            4: [(32, 64, 4, 1), (32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1)]}
+DOT_GRID = {1: [], 4: [(64, 128, 4, 3), (32, 128, 4, 3)]}
+DEV = "cuda"
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
+if SMOKE:
+    D, KV, INTER, DEV = 64, 16, 96, "cpu"
+    SPARSITIES = [0.0, 0.5]
+    FMA_GRID = {1: [(32, 32, 4, 1)], 4: [(32, 32, 4, 1)]}
+    DOT_GRID = {1: [], 4: [(32, 32, 4, 1)]}
+
+
+class Clock:
+    def __init__(self, budget_s: float) -> None:
+        self.t0 = time.time()
+        self.budget = budget_s
+
+    def left(self, fraction: float = 1.0) -> float:
+        """Seconds left until `fraction` of the budget is spent."""
+        return fraction * self.budget - (time.time() - self.t0)
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+def time_graph(fn, reps: int = 10, warmup: int = 2) -> float:
+    """Capture fn into a CUDA graph; return the median replay time in ms (events)."""
+    if SMOKE:
+        fn()
+        return 1.0
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1))
+    del g
+    return statistics.median(times)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    if torch.isnan(a).any():
+        return float("nan")
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ---------------------------------------------------------------------- ceilings
+def ceilings() -> dict:
+    n = 1 << 30 if not SMOKE else 1 << 10  # 2 GiB of bf16 per buffer
+    a = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    ms = time_graph(lambda: b.copy_(a), reps=5)
+    copy_tbs = 2 * a.numel() * 2 / (ms * 1e-3) / 1e12
+    del a, b
+    w = torch.randn(INTER * 2, D, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
+    ms = time_graph(lambda: F.linear(x, w), reps=10)
+    gemv_tbs = w.numel() * 2 / (ms * 1e-3) / 1e12
+    del w
+    if not SMOKE:
+        (torch.cuda.empty_cache() if not SMOKE else None)
+    return {"copy_TBps": round(copy_tbs, 3), "cublas_gemv_TBps": round(gemv_tbs, 3)}
+
+
+# ---------------------------------------------------------------------- kernel setup
+class Layers:
+    """L copies of one Llama-3-8B block's weights in both layouts (L copies so nothing stays in L2)."""
+
+    def __init__(self, n: int, dtype: torch.dtype) -> None:
+        if SMOKE and dtype == torch.bfloat16:
+            dtype = torch.float32  # the Triton interpreter cannot do bf16 arithmetic
+        self.n, self.dtype = n, dtype
+        self.sets = []
+        for _ in range(n):
+            def w(o, i):
+                return (torch.randn(o, i, device=DEV) / math.sqrt(i)).to(dtype)
+            wqkv, wo, w13, wd = w(D + 2 * KV, D), w(D, D), w(2 * INTER, D), w(D, INTER)
+            self.sets.append(dict(wqkv=wqkv, wo=wo, w13=w13, wd=wd, wqkv_t=wqkv.t().contiguous(),
+                                  wo_t=wo.t().contiguous(), wg_t=w13[:INTER].t().contiguous(),
+                                  wu_t=w13[INTER:].t().contiguous(), wd_t=wd.t().contiguous()))
+
+
+class Inputs:
+    """Decode-step inputs at batch b and per-op thresholds that give a target row sparsity."""
+
+    def __init__(self, lay: Layers, b: int) -> None:
+        dt = lay.dtype
+        self.b = b
+        self.x = torch.randn(b, D, device=DEV, dtype=dt)
+        self.g = (torch.rand(D, device=DEV) + 0.5).to(dt)
+        self.a = torch.randn(b, D, device=DEV, dtype=dt)
+        s0 = lay.sets[0]
+        self.xn = ref.rmsnorm_ref(self.x, self.g, 1e-5)
+        gu = self.xn.to(dt) @ s0["w13"].t()
+        self.h = (F.silu(gu[:, :INTER].float()) * gu[:, INTER:].float()).to(dt)
+
+    @staticmethod
+    def _t(v: torch.Tensor, s: float) -> float:
+        """Threshold on |v| that skips a fraction s of weight rows (the batch union).
+
+        Midway between two sorted values, so that no input sits on the threshold (where the
+        kernel's and the reference's last-bit rounding could disagree about it).
+        """
+        if s <= 0:
+            return 0.0
+        u = v.float().abs().amax(dim=0).sort().values
+        i = max(1, min(int(s * u.numel()), u.numel() - 1))
+        # bf16 inputs repeat values: step past ties so the midpoint lies strictly between two values.
+        while i < u.numel() - 1 and u[i] == u[i - 1]:
+            i += 1
+        return float((u[i - 1] + u[i]) / 2)
+
+    def thresholds(self, s: float) -> dict[str, torch.Tensor]:
+        tx, ta, th = self._t(self.xn, s), self._t(self.a, s), self._t(self.h, s)
+        dev = DEV
+        return {"qkv": torch.tensor([tx] * 3, device=dev), "o": torch.tensor([ta], device=dev),
+                "pair": torch.tensor([tx, tx], device=dev), "down": torch.tensor([th], device=dev),
+                "tx": tx, "ta": ta, "th": th}
+
+
+def sparse_ops(lay: Layers, inp: Inputs, th: dict) -> dict:
+    """Callables running each fused sparse op over all L weight copies."""
+    x, g, a, h = inp.x, inp.g, inp.a, inp.h
+
+    def qkv():
+        for s in lay.sets:
+            sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
+
+    def o():
+        for s in lay.sets:
+            sparse_gemv(a, s["wo_t"], th["o"], residual=x)
+
+    def pair():
+        for s in lay.sets:
+            sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5)
+
+    def down():
+        for s in lay.sets:
+            sparse_gemv(h, s["wd_t"], th["down"], residual=x)
+
+    def block():
+        for s in lay.sets:
+            sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
+            sparse_gemv(a, s["wo_t"], th["o"], residual=x)
+            sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5)
+            sparse_gemv(h, s["wd_t"], th["down"], residual=x)
+
+    return {"qkv": qkv, "o": o, "pair": pair, "down": down, "block": block}
+
+
+def check_ops(lay: Layers, inp: Inputs, th: dict) -> dict:
+    """Relative error of each fused op against the torch reference on set 0."""
+    s, x, g = lay.sets[0], inp.x, inp.g
+    out = {}
+    out["qkv"] = rel(sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)),
+                     ref.sparse_gemv_ref(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)))
+    out["o"] = rel(sparse_gemv(inp.a, s["wo_t"], th["o"], residual=x),
+                   ref.sparse_gemv_ref(inp.a, s["wo_t"], th["o"], residual=x))
+    out["pair"] = rel(sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5),
+                      ref.sparse_gated_mlp_ref(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5))
+    out["down"] = rel(sparse_gemv(inp.h, s["wd_t"], th["down"], residual=x),
+                      ref.sparse_gemv_ref(inp.h, s["wd_t"], th["down"], residual=x))
+    return out
+
+
+def cublas_ops(lay: Layers, inp: Inputs) -> dict:
+    x, a, h = inp.x, inp.a, inp.h
+    xn = inp.xn.to(lay.dtype)
+
+    def sep7():
+        for s in lay.sets:
+            wq, wk, wv = s["wqkv"][:D], s["wqkv"][D:D + KV], s["wqkv"][D + KV:]
+            F.linear(xn, wq), F.linear(xn, wk), F.linear(xn, wv)
+            F.linear(a, s["wo"])
+            F.linear(xn, s["w13"][:INTER]), F.linear(xn, s["w13"][INTER:])
+            F.linear(h, s["wd"])
+
+    def fused4():
+        for s in lay.sets:
+            F.linear(xn, s["wqkv"])
+            torch.addmm(x, a, s["wo"].t())
+            F.linear(xn, s["w13"])
+            torch.addmm(x, h, s["wd"].t())
+
+    def fused4_t():  # cuBLAS on the transposed [in, out] layout the sparse kernels read
+        for s in lay.sets:
+            xn @ s["wqkv_t"]
+            torch.addmm(x, a, s["wo_t"])
+            xn @ s["wg_t"], xn @ s["wu_t"]
+            torch.addmm(x, h, s["wd_t"])
+
+    def op(name):
+        def f():
+            for s in lay.sets:
+                if name == "qkv":
+                    F.linear(xn, s["wqkv"])
+                elif name == "o":
+                    torch.addmm(x, a, s["wo"].t())
+                elif name == "pair":
+                    F.linear(xn, s["w13"])
+                else:
+                    torch.addmm(x, h, s["wd"].t())
+        return f
+
+    return {"block7": sep7, "block4": fused4, "block4_t": fused4_t, **{k: op(k) for k in ("qkv", "o", "pair", "down")}}
+
+
+# ---------------------------------------------------------------------- tuning
+def tune(lay: Layers, clock: Clock, batches=(1, 4)) -> tuple[dict, list]:
+    """Time every config of the grid per op kind and batch at sparsity 0 / 0.5 / 0.9; keep the best."""
+    kinds = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER), "down": ("gemv", INTER, D)}
+    best, rows = {}, []
+    for b in batches:
+        inp = Inputs(lay, b)
+        ths = {s: inp.thresholds(s) for s in (0.0, 0.5, 0.9)}
+        for op, (kind, k, n) in kinds.items():
+            grid = []
+            for c, dot in [(c, False) for c in FMA_GRID[b]] + [(c, True) for c in DOT_GRID[b]]:
+                base = GemvConfig(*c, use_dot=dot)
+                tiles = -(-n // base.block_n) * (1 if not dot else -(-b // 16))
+                auto = configs.choose_split(base, k, tiles, torch.device(DEV))
+                grid += [dataclasses.replace(base, split_k=sp) for sp in sorted({max(1, auto // 2), auto, 2 * auto})]
+            res = {}
+            for cfg in grid:
+                if clock.left(0.4) < 0:
+                    log("  tune: out of its time budget, stopping the sweep")
+                    break
+                try:
+                    with override_config(cfg):
+                        err = check_ops(lay, inp, ths[0.5])[op]
+                        if not err < 2e-2:
+                            log(f"  tune {op} b{b} {cfg}: WRONG rel err {err}")
+                            continue
+                        ts = {s: time_graph(sparse_ops(lay, inp, ths[s])[op]) * 1e3 / lay.n for s in ths}
+                except Exception as e:  # a config may not fit (shared memory, registers)
+                    log(f"  tune {op} b{b} {cfg}: failed: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                res[cfg] = ts
+                rows.append({"op": op, "batch": b, "cfg": cfg.__dict__, "us": ts})
+            if not res:
+                continue
+            # Best over all sparsities: minimise the sum of times relative to the per-sparsity best.
+            mins = {s: min(r[s] for r in res.values()) for s in ths}
+            cfg_best = min(res, key=lambda c: sum(res[c][s] / mins[s] for s in ths))
+            best[(kind, k, n, configs.batch_bucket(b))] = cfg_best
+            log(f"  tune {op:5s} b{b}: best {cfg_best} -> " +
+                " ".join(f"s{s}:{res[cfg_best][s]:.1f}us(min {mins[s]:.1f})" for s in ths))
+    return best, rows
+
+
+# ---------------------------------------------------------------------- kernel microbenchmark
+def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict) -> list[dict]:
+    rows = []
+    for b in batches:
+        inp = Inputs(lay, b)
+        cub = {k: time_graph(f) * 1e3 / lay.n for k, f in cublas_ops(lay, inp).items()}
+        log(f"[kernel {dtype_name} b{b}] cuBLAS us: " + " ".join(f"{k}={v:.1f}" for k, v in cub.items()))
+        ref_block = min(cub["block7"], cub["block4"], cub["block4_t"])
+        for k, v in cub.items():
+            rows.append({**meta, "kind": "kernel", "method": f"cublas-{k}" if k.startswith("block") else "cublas",
+                         "op": "block" if k.startswith("block") else k, "sparsity": 0.0, "batch": b,
+                         "dtype": dtype_name, "us_per_block" if k.startswith("block") else "us": round(v, 2)})
+        for s in SPARSITIES:
+            if clock.left(0.65) < 0:
+                log("  kernel bench: out of its time budget")
+                return rows
+            th = inp.thresholds(s)
+            errs = check_ops(lay, inp, th)
+            ops = sparse_ops(lay, inp, th)
+            t = {k: time_graph(f) * 1e3 / lay.n for k, f in ops.items()}
+            log(f"  s={s:.2f}: " + " ".join(f"{k}={v:.1f}" for k, v in t.items()) +
+                f"  speedup vs best cuBLAS block {ref_block / t['block']:.2f}x  max rel err {max(errs.values()):.1e}")
+            rows.append({**meta, "kind": "kernel", "method": "actsparse", "op": "block", "sparsity": s, "batch": b,
+                         "dtype": dtype_name, "us_per_block": round(t["block"], 2),
+                         "us_cublas_block7": round(cub["block7"], 2), "us_cublas_block4": round(cub["block4"], 2),
+                         "speedup": round(ref_block / t["block"], 3), "max_rel_err": max(errs.values())})
+            for k in ("qkv", "o", "pair", "down"):
+                rows.append({**meta, "kind": "kernel", "method": "actsparse", "op": k, "sparsity": s, "batch": b,
+                             "dtype": dtype_name, "us": round(t[k], 2), "us_cublas": round(cub[k], 2),
+                             "speedup": round(cub[k] / t[k], 3)})
+    return rows
+
+
+def teal_bench(lay: Layers, clock: Clock, meta: dict) -> list[dict]:
+    """TEAL-style split-K block at batch 1, fp16: zero + atomics, one launch per projection (q/k/v fused)."""
+    rows = []
+    inp = Inputs(lay, 1)
+    xn = inp.xn.to(lay.dtype)
+    for s in (0.0, 0.5, 0.9):
+        if clock.left(0.7) < 0:
+            break
+        th = inp.thresholds(s)
+        tx, ta, thh = th["tx"], th["ta"], th["th"]
+        best = None
+        for bm, bn in ((128, 64), (64, 128), (256, 32), (32, 256), (16, 256)):
+            def block():
+                for st in lay.sets:
+                    teal_style_gemv(xn, st["wqkv_t"], tx, bm, bn)
+                    teal_style_gemv(inp.a, st["wo_t"], ta, bm, bn)
+                    teal_style_gemv(xn, st["wg_t"], tx, bm, bn)
+                    teal_style_gemv(xn, st["wu_t"], tx, bm, bn)
+                    teal_style_gemv(inp.h, st["wd_t"], thh, bm, bn)
+            try:
+                us = time_graph(block) * 1e3 / lay.n
+            except Exception as e:
+                log(f"  teal-style {bm}x{bn} failed: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            best = us if best is None else min(best, us)
+        if best is None:
+            continue
+        y = teal_style_gemv(xn, lay.sets[0]["wqkv_t"], tx)
+        err = rel(y, ref.sparse_gemv_ref(xn, lay.sets[0]["wqkv_t"], tx))
+        log(f"  TEAL-style block fp16 b1 s={s}: {best:.1f} us (rel err {err:.1e})")
+        rows.append({**meta, "kind": "kernel", "method": "teal-style", "op": "block", "sparsity": s, "batch": 1,
+                     "dtype": "fp16", "us_per_block": round(best, 2), "max_rel_err": err})
+    return rows
+
+
+def crossover(rows: list[dict], op: str, batch: int) -> float:
+    """Sparsity under which the sparse op loses to cuBLAS (bf16), by linear interpolation; 1.0: always."""
+    pts = sorted((r["sparsity"], r["speedup"]) for r in rows if r["kind"] == "kernel" and r["op"] == op
+                 and r["method"] == "actsparse" and r["dtype"] == "bf16" and r["batch"] == batch)
+    if not pts or pts[0][1] >= 1.0:
+        return 0.0
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if v0 < 1.0 <= v1:
+            return round(s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0), 3)
+    return 1.0
+
+
+# ---------------------------------------------------------------------- decode
+def decode_bench(clock: Clock, meta: dict, models, batches, n_steps: int, n_layers: int | None,
+                 fallback_below: float | dict | None = None) -> list[dict]:
+    from actsparse.engine import PRESETS, Engine
+
+    rows = []
+    for name in models:
+        cfg = PRESETS[name] if not SMOKE else PRESETS["tiny"]
+        if n_layers:
+            cfg = cfg.with_layers(n_layers)
+        if clock.left() < 60:
+            log(f"decode {name}: skipped, out of time budget")
+            continue
+        t0 = time.time()
+        dtype = torch.bfloat16 if not SMOKE else torch.float32
+        eng = Engine.random(cfg, device=DEV, dtype=dtype, max_batch=max(batches), max_seq_len=256,
+                            kernels="triton", fallback_below=fallback_below)
+        log(f"[decode {name}] {cfg.n_layers} layers, weights built in {time.time() - t0:.1f}s, "
+            f"{torch.cuda.memory_allocated() / 2**30 if not SMOKE else 0:.1f} GiB allocated")
+
+        def speed(b, sparse):
+            runs = [eng.decode(None, n_steps, sparse=sparse, batch=b, seed=r) for r in range(3)]
+            return statistics.median(runs)
+
+        for b in batches:
+            eng.clear_thresholds()
+            dense = speed(b, False)
+            log(f"  b{b} dense: {dense:.1f} tok/s ({eng.last_step_ms:.2f} ms/step)")
+            rows.append({**meta, "kind": "decode", "model": name, "method": "dense", "sparsity": 0.0, "batch": b,
+                         "dtype": "bf16", "tok_s": round(dense, 1), "tok_s_dense": round(dense, 1), "speedup": 1.0,
+                         "layers": cfg.n_layers})
+            variants = [("teal", False)] + ([("teal-union", True)] if b > 1 else [])
+            for method, union in variants:
+                for s in (0.25, 0.4, 0.5, 0.65, 0.8):
+                    if clock.left() < 25:
+                        log("  decode: out of time budget")
+                        break
+                    eng.calibrate_thresholds(s, n_tokens=16, batch=b, union=union)
+                    tok_s = speed(b, True)
+                    ms = eng.measure_sparsity(n_tokens=8, batch=b)
+                    log(f"  b{b} {method} s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  "
+                        f"measured token sparsity {ms['mean']:.3f}, rows skipped {ms['union']:.3f}")
+                    rows.append({**meta, "kind": "decode", "model": name, "method": method, "sparsity": s, "batch": b,
+                                 "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
+                                 "speedup": round(tok_s / dense, 3), "measured_sparsity": round(ms["mean"], 4),
+                                 "effective_sparsity": round(ms["union"], 4), "layers": cfg.n_layers})
+            if b == 1 and clock.left() > 40:
+                for s in (0.5, 0.8):
+                    eng.calibrate_thresholds(s, n_tokens=16, batch=1, method="cats")
+                    tok_s = speed(1, True)
+                    ms = eng.measure_sparsity(n_tokens=8, batch=1)
+                    log(f"  b1 cats s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  "
+                        f"effective sparsity {ms['union']:.3f}")
+                    rows.append({**meta, "kind": "decode", "model": name, "method": "cats", "sparsity": s, "batch": 1,
+                                 "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
+                                 "speedup": round(tok_s / dense, 3), "effective_sparsity": round(ms["union"], 4),
+                                 "layers": cfg.n_layers})
+        del eng
+        (torch.cuda.empty_cache() if not SMOKE else None)
+    return rows
+
+
+# ---------------------------------------------------------------------- report
+def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
+    out = [f"\n## {meta['date']} · {meta['device']} · commit {meta['commit']}\n",
+           f"Ceilings: {json.dumps(extra.get('ceilings', {}))}. CUDA graphs; median of replays; "
+           "weights rotate over several copies so nothing is served from L2.\n"]
+    kr = [r for r in rows if r["kind"] == "kernel" and r["op"] == "block" and r["method"] == "actsparse"]
+    if kr:
+        out.append("\n### Block time (q+k+v+o+gate+up+down), Llama-3-8B shapes, µs\n")
+        out.append("| dtype | batch | sparsity | actsparse | cuBLAS 7 GEMMs | cuBLAS 4 fused "
+                   "| speedup vs best cuBLAS |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in kr:
+            out.append(f"| {r['dtype']} | {r['batch']} | {r['sparsity']:.2f} | {r['us_per_block']:.1f} | "
+                       f"{r['us_cublas_block7']:.1f} | {r['us_cublas_block4']:.1f} | {r['speedup']:.2f}× |")
+    tr = [r for r in rows if r["method"] == "teal-style"]
+    if tr:
+        out.append("\nTEAL-style split-K block (fp16, batch 1, own reimplementation, best of 5 tiles): " +
+                   ", ".join(f"{r['sparsity']:.1f} → {r['us_per_block']:.1f} µs" for r in tr))
+    dr = [r for r in rows if r["kind"] == "decode"]
+    if dr:
+        out.append("\n### End-to-end decode, random weights, bf16, tokens/s (all rows of the batch)\n")
+        out.append("| model | layers | batch | method | target | tok/s | dense tok/s | speedup "
+                   "| token sparsity | rows skipped |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in dr:
+            out.append(f"| {r['model']} | {r['layers']} | {r['batch']} | {r['method']} | {r['sparsity']:.2f} | "
+                       f"{r['tok_s']:.1f} | {r['tok_s_dense']:.1f} | {r['speedup']:.2f}× | "
+                       f"{r.get('measured_sparsity', '')} | {r.get('effective_sparsity', '')} |")
+    return "\n".join(out) + "\n"
+
+
+def merge(run_dir: pathlib.Path, note: str = "") -> None:
+    """Append a device run's rows to benchmarks/results/<device>.json and its section to BENCHMARKS.md."""
+    got = json.loads((run_dir / "results.json").read_text())
+    slug = "".join(c if c.isalnum() else "-" for c in got["meta"]["device"].lower()).strip("-")
+    dest = ROOT / "benchmarks" / "results" / f"{slug}.json"
+    rows = json.loads(dest.read_text()) if dest.exists() else []
+    rows += [{**r, **({"note": note} if note else {})} for r in got["rows"]]
+    dest.write_text(json.dumps(rows, indent=1) + "\n")
+    lines = (run_dir / "BENCHMARKS_fragment.md").read_text().split("\n")
+    if note:  # right under the "## date · device · commit" heading
+        at = next(i for i, line in enumerate(lines) if line.startswith("## ")) + 1
+        lines[at:at] = ["", note]
+    with open(ROOT / "benchmarks" / "BENCHMARKS.md", "a") as f:
+        f.write("\n".join(lines))
+    log(f"appended {len(got['rows'])} rows to {dest} and a section to BENCHMARKS.md")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--merge", type=pathlib.Path, help="append a device run's $OUT to the repo's results and log")
+    ap.add_argument("--note", default="", help="with --merge: a line recorded with every row")
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--tune", action="store_true", help="sweep launch configs first and use the winners")
+    ap.add_argument("--budget-s", type=float, default=400)
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--decode-layers", type=int, default=0, help="fewer layers than the model has (0: all)")
+    ap.add_argument("--decode-steps", type=int, default=48)
+    args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.note)
+        return
+    clock = Clock(args.budget_s)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.cuda.get_device_name() if not SMOKE else "cpu-smoke"
+    meta = {"device": dev, "commit": os.environ.get("COMMIT", "unknown"),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model": "llama3-8b-shapes"}
+    log(f"device {dev}, torch {torch.__version__}, commit {meta['commit']}")
+    rows: list[dict] = []
+    extra: dict = {}
+
+    def save():
+        (out / "results.json").write_text(json.dumps({"meta": meta, "extra": extra, "rows": rows}, indent=1))
+        (out / "BENCHMARKS_fragment.md").write_text(markdown(rows, meta, extra))
+
+    try:
+        extra["ceilings"] = ceilings()
+        log(f"ceilings: {extra['ceilings']}")
+        if not args.skip_kernels:
+            lay = Layers(4, torch.bfloat16)
+            if args.tune:
+                best, trows = tune(lay, clock)
+                configs.TUNED.update(best)
+                (out / "tuned.json").write_text(json.dumps(
+                    {"best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()}, "rows": trows}, indent=1))
+            rows += kernel_bench(lay, "bf16", (1, 4), clock, meta)
+            save()
+            del lay
+            (torch.cuda.empty_cache() if not SMOKE else None)
+            lay = Layers(4, torch.float16)
+            rows += kernel_bench(lay, "fp16", (1, 4), clock, meta)
+            rows += teal_bench(lay, clock, meta)
+            save()
+            del lay
+            (torch.cuda.empty_cache() if not SMOKE else None)
+        if not args.skip_decode:
+            # Per batch and engine op (gu = the fused gate/up), measured above; without kernel rows
+            # (--skip-kernels) the engine's built-in measured table applies.
+            ops = (("qkv", "qkv"), ("o", "o"), ("gu", "pair"), ("down", "down"))
+            measured = {b: {eop: crossover(rows, kop, b) for eop, kop in ops} for b in (1, 4)}
+            extra["fallback_below"] = measured if any(r["kind"] == "kernel" for r in rows) else None
+            log(f"decode: an op expected to skip fewer rows than {extra['fallback_below']} runs on cuBLAS")
+            rows += decode_bench(clock, {k: v for k, v in meta.items() if k != "model"}, ("llama3-8b", "llama2-7b"),
+                                 (1, 4), args.decode_steps, args.decode_layers or None, extra["fallback_below"])
+    except Exception:
+        traceback.print_exc()
+        extra["error"] = traceback.format_exc()
+    save()
+    log(markdown(rows, meta, extra))
+    log(f"total {time.time() - clock.t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

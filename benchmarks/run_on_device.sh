@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call: install, GPU tests, kernel tuning + microbenchmark, decode benchmark.
+#   COMMIT=<sha> bash benchmarks/run_on_device.sh [extra bench_kernels.py args]
+# Everything lands in $OUT (at most 8 files come back): env.txt, tests.log, bench.log,
+# results.json, BENCHMARKS_fragment.md, tuned.json.
+set -uo pipefail
+OUT=${OUT:-/tmp/actsparse_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+TEST_TIMEOUT=${TEST_TIMEOUT:-150}
+BENCH_BUDGET=${BENCH_BUDGET:-380}
+
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  python3 -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -2
+  python3 -c "import actsparse.kernels" 2>&1 | tail -1 || true
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# Correctness first: every kernel test (compiled for the GPU) and the engine tests.
+TRITON_INTERPRET=0 timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels tests/engine 2>&1 \
+  | tee "$OUT/tests.log" | tail -25
+
+python3 benchmarks/bench_kernels.py --out "$OUT" --budget-s "$BENCH_BUDGET" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^  tune .*failed" | tail -150

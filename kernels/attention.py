@@ -1,0 +1,145 @@
+"""Decode attention for one new token: RoPE on q and k, KV-cache write and GQA attention, one launch.
+
+One program per (batch row, kv head) handles the GROUP query heads that share the kv head, so
+each cached key/value is read once. The position comes from a device tensor, so the launch has
+static arguments and is captured by CUDA graphs; the loop runs to the current position only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import new_output
+
+
+@triton.jit
+def _rope(ptr, offs_h, mask_h, d, partner, cos, sin, D: tl.constexpr):
+    """x·cos + rotate_half(x)·sin for rows offs_h of a [*, D] block (HF Llama convention)."""
+    x = tl.load(ptr + offs_h[:, None] * D + d[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
+    xp = tl.load(ptr + offs_h[:, None] * D + partner[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    return x * cos[None, :] + sign[None, :] * xp * sin[None, :]
+
+
+@triton.jit
+def _decode_attention_kernel(
+    qkv_ptr, kc_ptr, vc_ptr, pos_ptr, inv_freq_ptr, out_ptr,
+    stride_qkv, stride_cb, stride_ch, stride_cs, stride_ob,
+    sm_scale, rope_scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    pos = tl.load(pos_ptr + b)
+    d = tl.arange(0, D)
+    partner = (d + D // 2) % D
+    ang = pos.to(tl.float32) * tl.load(inv_freq_ptr + d % (D // 2))
+    cos = tl.cos(ang) * rope_scale
+    sin = tl.sin(ang) * rope_scale
+
+    row = qkv_ptr + b * stride_qkv
+    one = tl.arange(0, 1)
+    k_new = _rope(row + (HQ + h) * D, one, one < 1, d, partner, cos, sin, D)  # [1, D]
+    v_new = tl.load(row + (HQ + HKV + h) * D + d)
+    kc = kc_ptr + b * stride_cb + h * stride_ch
+    vc = vc_ptr + b * stride_cb + h * stride_ch
+    tl.store(kc + pos * stride_cs + one[:, None] * 0 + d[None, :], k_new.to(kc_ptr.dtype.element_ty))
+    tl.store(vc + pos * stride_cs + d, v_new)
+
+    g = tl.arange(0, BLOCK_G)
+    mask_g = g < GROUP
+    q = _rope(row + h * GROUP * D, g, mask_g, d, partner, cos, sin, D) * sm_scale  # [BLOCK_G, D]
+    q = q.to(kc_ptr.dtype.element_ty)
+    # Make this program's cache writes visible to all of its threads before reading the cache.
+    tl.debug_barrier()
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+    for s0 in range(0, pos + 1, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask_s = offs_s <= pos
+        k = tl.load(kc + offs_s[:, None] * stride_cs + d[None, :], mask=mask_s[:, None], other=0.0)
+        v = tl.load(vc + offs_s[:, None] * stride_cs + d[None, :], mask=mask_s[:, None], other=0.0)
+        if IEEE:  # float32 caches: full-precision products, not tf32
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_G, BLOCK_S]
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(mask_s[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    o_ptr = out_ptr + b * stride_ob + (h * GROUP + g[:, None]) * D + d[None, :]
+    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+
+
+@torch.library.custom_op("actsparse::decode_attention", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                         inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int, sm_scale: float,
+                         rope_scale: float, block_s: int) -> torch.Tensor:
+    b = qkv.shape[0]
+    d = k_cache.shape[-1]
+    group = n_heads // n_kv_heads
+    out = new_output((b, n_heads * d), qkv.device, qkv.dtype)
+    _decode_attention_kernel[(b, n_kv_heads)](
+        qkv, k_cache, v_cache, pos, inv_freq, out,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
+        sm_scale, rope_scale,
+        HQ=n_heads, HKV=n_kv_heads, D=d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_S=block_s, IEEE=k_cache.dtype == torch.float32, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+@_decode_attention_op.register_fake
+def _(qkv, k_cache, v_cache, pos, inv_freq, n_heads, n_kv_heads, sm_scale, rope_scale, block_s):
+    return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]))
+
+
+def decode_attention(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    inv_freq: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    *,
+    sm_scale: float | None = None,
+    rope_scale: float = 1.0,
+    block_s: int = 32,
+) -> torch.Tensor:
+    """Return attn [B, n_heads·D]; writes the roped k and v of the new token into the caches at `pos`.
+
+    qkv: [B, (n_heads + 2·n_kv_heads)·D] pre-RoPE projections; k_cache, v_cache: [B, n_kv_heads, S, D];
+    pos: int32 [B], the new token's position (< S); inv_freq: float32 [D/2] RoPE frequencies.
+    """
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache and v_cache must both be [B, n_kv_heads, S, D] with equal strides, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    b, hkv, s, d = k_cache.shape
+    if hkv != n_kv_heads or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads}) = cache dim 1 ({hkv})")
+    if d & (d - 1) or d < 16 or k_cache.stride(3) != 1:
+        raise ValueError(f"head_dim must be a power of two ≥ 16 and the cache contiguous in it, got {d}")
+    if tuple(qkv.shape) != (b, (n_heads + 2 * n_kv_heads) * d) or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be contiguous [{b}, {(n_heads + 2 * n_kv_heads) * d}], got {tuple(qkv.shape)}")
+    if pos.dtype != torch.int32 or tuple(pos.shape) != (b,):
+        raise ValueError(f"pos must be int32 [{b}] on the device, got {pos.dtype} {tuple(pos.shape)}")
+    if tuple(inv_freq.shape) != (d // 2,) or inv_freq.dtype != torch.float32:
+        raise ValueError(f"inv_freq must be float32 [{d // 2}], got {inv_freq.dtype} {tuple(inv_freq.shape)}")
+    if block_s < 16 or block_s & (block_s - 1):
+        raise ValueError(f"block_s must be a power of two ≥ 16, got {block_s}")
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    return torch.ops.actsparse.decode_attention(qkv, k_cache, v_cache, pos, inv_freq, n_heads, n_kv_heads,
+                                                float(scale), float(rope_scale), int(block_s))

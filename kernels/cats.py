@@ -1,0 +1,167 @@
+"""Output-sparse up projection for CATS / COUNTDOWN: h = a ⊙ (W_u·x̂) where |a| > t, else 0.
+
+`a` = silu(W_g·x̂) comes from the gate projection (`sparse_gemv(..., act="silu")`). W_u is kept in
+its natural [I, K] row-major layout, so an intermediate channel whose |a| is under the threshold
+skips one contiguous row of K weights. h carries exact zeros where the mask is off, so the down
+projection reads it with threshold 0 (`sparse_gemv(h, W_d^T, 0)`) and skips the same rows of W_d^T:
+the mask itself never goes to memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import FMA_MAX_BATCH, MAX_TILES, choose_split, new_output, pick_config, tile_counters
+from .sparse_gemv import _accumulate
+
+
+@triton.jit
+def _gather_up_kernel(
+    x_ptr, g_ptr, a_ptr, t_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr,
+    B, K, N, K_SPLIT,
+    stride_xb, stride_ab, stride_tn, stride_wn, stride_yb,
+    eps,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    ar_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_b[:, None] * stride_xb
+    valid = mask_b[:, None] & mask_n[None, :]
+
+    a = tl.load(a_ptr + offs_b[:, None] * stride_ab + offs_n[None, :], mask=valid, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + offs_n * stride_tn, mask=mask_n, other=0.0)
+    keep = (tl.abs(a) > t[None, :]) & valid
+    rows = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_N] union over the batch
+
+    rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
+    if NORM:
+        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for k0 in range(0, K, NORM_BLOCK):
+            offs = k0 + tl.arange(0, NORM_BLOCK)
+            xv = tl.load(x_rows + offs[None, :], mask=mask_b[:, None] & (offs < K)[None, :], other=0.0)
+            xv = xv.to(tl.float32)
+            ss += tl.sum(xv * xv, axis=1)
+        rstd = tl.rsqrt(ss / K + eps)
+
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_N], dtype=tl.float32)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + ar_k
+        mask_k = offs_k < k_hi
+        # [BLOCK_K, BLOCK_N] tile of W_u^T read from W_u [N, K]: each kept column is a contiguous row.
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                    mask=rows[None, :] & mask_k[:, None], other=0.0, eviction_policy="evict_first")
+        xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
+                     eviction_policy="evict_last").to(tl.float32)
+        if NORM:
+            gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            xv = xv * rstd[:, None] * gv[None, :]
+        acc = _accumulate(acc, xv, w, USE_DOT, IEEE)
+    if USE_DOT:
+        up = acc
+    else:
+        up = tl.sum(acc, axis=1)
+
+    if SPLIT:  # same protocol as sparse_gemv: partials, one counter increment, the last program finishes
+        n_split = tl.num_programs(1)
+        ws_tile = offs_b[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * B * N + ws_tile, up, mask=valid)
+        tl.debug_barrier()
+        tile = pid_b * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == n_split - 1:
+            tl.store(cnt_ptr + tile, 0)
+            up = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+            for s in range(0, n_split):
+                up += tl.load(ws_ptr + s * B * N + ws_tile, mask=valid, other=0.0, cache_modifier=".cg")
+            h = tl.where(keep, a * up, 0.0)
+            tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], h.to(y_ptr.dtype.element_ty), mask=valid)
+    else:
+        h = tl.where(keep, a * up, 0.0)
+        tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], h.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+@torch.library.custom_op("actsparse::cats_up", mutates_args=())
+def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: torch.Tensor,
+                norm_weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    b, k = x.shape
+    n = w_up.shape[0]
+    cfg = pick_config("gather", k, n, b)
+    use_dot = cfg.use_dot or b > FMA_MAX_BATCH
+    block_b = 16 if use_dot else triton.next_power_of_2(b)
+    tiles_n, tiles_b = triton.cdiv(n, cfg.block_n), triton.cdiv(b, block_b)
+    split = choose_split(cfg, k, tiles_n * tiles_b, x.device)
+    k_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_split)
+    y = new_output((b, n), x.device, a.dtype)
+    if split > 1:
+        if tiles_n * tiles_b > MAX_TILES:
+            raise ValueError(f"too many output tiles ({tiles_n * tiles_b}) for split-K; use a larger block_n")
+        ws = torch.empty(split * b * n, device=x.device, dtype=torch.float32)
+        cnt = tile_counters(x.device)
+    else:
+        ws = cnt = y
+    _gather_up_kernel[(tiles_n, split, tiles_b)](
+        x, norm_weight if norm_weight is not None else x, a, thresh, w_up, y, ws, cnt,
+        b, k, n, k_split,
+        x.stride(0), a.stride(0), thresh.stride(0), w_up.stride(0), y.stride(0),
+        eps,
+        NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), max(1024, 4096 // block_b)),
+        USE_DOT=use_dot, IEEE=w_up.dtype == torch.float32, SPLIT=split > 1,
+        BLOCK_B=block_b, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+@_cats_up_op.register_fake
+def _(x, w_up, a, thresh, norm_weight, eps):
+    return a.new_empty((x.shape[0], w_up.shape[0]))
+
+
+def cats_up(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    a: torch.Tensor,
+    thresh: torch.Tensor,
+    *,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Return h [B, I] = where(|a| > t, a ⊙ (W_u·x̂), 0), reading only the rows of W_u [I, K] that are kept.
+
+    x: [B, K] (the residual stream when norm_weight is given); a: [B, I] gate activations
+    silu(W_g·x̂); thresh: float32 scalar tensor, [1] or [I].
+    """
+    if x.dim() != 2 or w_up.dim() != 2 or w_up.shape[1] != x.shape[1]:
+        raise ValueError(f"x must be [B, K] and w_up [I, K] (natural nn.Linear layout), got "
+                         f"{tuple(x.shape)} and {tuple(w_up.shape)}")
+    if w_up.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError("w_up and x must be contiguous along K")
+    n = w_up.shape[0]
+    if tuple(a.shape) != (x.shape[0], n):
+        raise ValueError(f"a must have shape [{x.shape[0]}, {n}], got {tuple(a.shape)}")
+    if thresh.dtype != torch.float32:
+        raise ValueError(f"thresh must be float32, got {thresh.dtype}")
+    if thresh.numel() == 1:
+        thresh = thresh.reshape(1).expand(n)
+    if tuple(thresh.shape) != (n,):
+        raise ValueError(f"thresh must be a scalar or have shape [{n}], got {tuple(thresh.shape)}")
+    if norm_weight is not None and tuple(norm_weight.shape) != (x.shape[1],):
+        raise ValueError(f"norm_weight must have shape [{x.shape[1]}], got {tuple(norm_weight.shape)}")
+    return torch.ops.actsparse.cats_up(x, w_up, a, thresh, norm_weight, float(eps))

@@ -1,0 +1,62 @@
+"""Fused gate/up projection of a gated MLP: h = silu(W_g·x_s,g) ⊙ (W_u·x_s,u), one read of x, one launch.
+
+Same kernel as `sparse_gemv` in PAIR mode: each program streams the matching column strips of
+W_g^T and W_u^T and writes h for its columns, so silu(gate)·up never round-trips through memory.
+The down projection then takes h as an input-sparse GEMV (TEAL thresholds |h|; M-COUNTDOWN is
+the same computation with its threshold on h).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .sparse_gemv import _as_rows, _check_common, _launch, _validate_nm
+
+
+@torch.library.custom_op("actsparse::sparse_gated_mlp", mutates_args=())
+def _sparse_gated_mlp_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: torch.Tensor,
+                         shift: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                         norm_weight: Optional[torch.Tensor], eps: float, nm_n: int, nm_m: int) -> torch.Tensor:
+    return _launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, "pair")
+
+
+@_sparse_gated_mlp_op.register_fake
+def _(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, eps, nm_n, nm_m):
+    return x.new_empty((x.shape[0], wt_gate.shape[1]))
+
+
+def sparse_gated_mlp(
+    x: torch.Tensor,
+    wt_gate: torch.Tensor,
+    wt_up: torch.Tensor,
+    thresh: torch.Tensor,
+    *,
+    shift: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    nm: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Return h [B, I] = silu(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u) with per-projection thresholds.
+
+    x: [B, K] (the residual stream when norm_weight is given); wt_gate, wt_up: [K, I] row-major;
+    thresh: float32 [2] or [2, K] (row 0 gate, row 1 up); shift: [2, K]; bias: [2, I].
+    """
+    _check_common(x, wt_gate, "wt_gate")
+    _check_common(x, wt_up, "wt_up")
+    if wt_gate.shape != wt_up.shape or wt_gate.stride() != wt_up.stride():
+        raise ValueError(f"wt_gate and wt_up must have the same shape and strides, got "
+                         f"{tuple(wt_gate.shape)}/{wt_gate.stride()} and {tuple(wt_up.shape)}/{wt_up.stride()}")
+    k, n = wt_gate.shape
+    thresh = _as_rows(thresh, 2, k, "thresh")
+    if shift is not None:
+        shift = _as_rows(shift.float(), 2, k, "shift").contiguous()
+    if bias is not None and tuple(bias.shape) != (2, n):
+        raise ValueError(f"bias must have shape [2, {n}] (gate row, up row), got {tuple(bias.shape)}")
+    if norm_weight is not None and tuple(norm_weight.shape) != (k,):
+        raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
+    nm_n, nm_m = _validate_nm(nm)
+    return torch.ops.actsparse.sparse_gated_mlp(x, wt_gate, wt_up, thresh, shift, bias, norm_weight,
+                                                float(eps), nm_n, nm_m)

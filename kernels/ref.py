@@ -1,0 +1,170 @@
+"""Plain PyTorch references of every kernel in this package (the tests' ground truth).
+
+They compute in float32 (float64 if given float64) and follow the kernels' rounding points:
+the sparsified input is cast to the weight dtype before the product, as the kernels feed it to
+the matrix units; everything else stays in float32 until the single final cast.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def rmsnorm_ref(x: torch.Tensor, g: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Return x·rsqrt(mean(x²) + eps)·g in float32 (no intermediate rounding)."""
+    xf = x.to(_acc_dtype(x))
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * g.to(xf.dtype)
+
+
+def nm_mask_ref(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Return the boolean mask keeping the n largest |score| of every m consecutive channels (ties: lower index)."""
+    *lead, k = score.shape
+    a = score.abs().reshape(*lead, k // m, m)
+    # Stable sort on -|a| puts the lower index first among equal magnitudes.
+    order = torch.sort(-a, dim=-1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(m, device=a.device).expand_as(order).contiguous())
+    return (rank < n).reshape(*lead, k)
+
+
+def sparsify_ref(x: torch.Tensor, thresh: torch.Tensor | float, shift: Optional[torch.Tensor] = None,
+                 nm: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Return x_s = (x − m)⊙1[|x − m| > t] (or the N:M selection of x − m), in x's dtype."""
+    z = x - shift.to(x.dtype) if shift is not None else x
+    keep = nm_mask_ref(z, *nm) if nm is not None else z.abs() > torch.as_tensor(thresh, dtype=z.dtype, device=z.device)
+    return torch.where(keep, z, torch.zeros_like(z))
+
+
+def sparse_gemv_ref(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    thresh: torch.Tensor | float,
+    *,
+    shift: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    act: str = "none",
+    segments: Sequence[int] = (),
+    nm: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Reference of `sparse_gemv`: per column segment s, y = act(W_s·x_s + bias) + residual, in x's dtype."""
+    acc = _acc_dtype(wt)
+    xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
+    k, n = wt.shape
+    bounds = [0, *segments, n]
+    t = torch.as_tensor(thresh, dtype=acc, device=x.device)
+    t = t.reshape(-1, 1).expand(len(bounds) - 1, k) if t.dim() <= 1 else t
+    outs = []
+    for s in range(len(bounds) - 1):
+        m = None if shift is None else shift.reshape(-1, k)[s].to(acc)
+        xs = sparsify_ref(xf, t[s], m, nm)
+        outs.append(xs.to(wt.dtype).to(acc) @ wt[:, bounds[s]:bounds[s + 1]].to(acc))
+    y = torch.cat(outs, dim=-1)
+    if bias is not None:
+        y = y + bias.to(acc)
+    if act == "silu":
+        y = torch.nn.functional.silu(y)
+    if residual is not None:
+        y = y + residual.to(acc)
+    return y.to(x.dtype)
+
+
+def sparse_gated_mlp_ref(
+    x: torch.Tensor,
+    wt_gate: torch.Tensor,
+    wt_up: torch.Tensor,
+    thresh: torch.Tensor | float,
+    *,
+    shift: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    nm: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Reference of `sparse_gated_mlp`: silu(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u), in x's dtype."""
+    acc = _acc_dtype(wt_gate)
+    xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
+    k = wt_gate.shape[0]
+    t = torch.as_tensor(thresh, dtype=acc, device=x.device)
+    t = t.reshape(-1, 1).expand(2, k) if t.dim() <= 1 else t
+    ys = []
+    for i, wt in enumerate((wt_gate, wt_up)):
+        m = None if shift is None else shift[i].to(acc)
+        xs = sparsify_ref(xf, t[i], m, nm)
+        y = xs.to(wt.dtype).to(acc) @ wt.to(acc)
+        if bias is not None:
+            y = y + bias[i].to(acc)
+        ys.append(y)
+    return (torch.nn.functional.silu(ys[0]) * ys[1]).to(x.dtype)
+
+
+def cats_up_ref(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: torch.Tensor | float, *,
+                norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
+    """Reference of `cats_up`: where(|a| > t, a ⊙ (W_u·x̂), 0), in a's dtype."""
+    acc = _acc_dtype(w_up)
+    xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
+    up = xf.to(w_up.dtype).to(acc) @ w_up.to(acc).t()
+    af = a.to(acc)
+    t = torch.as_tensor(thresh, dtype=acc, device=x.device)
+    return torch.where(af.abs() > t, af * up, torch.zeros_like(up)).to(a.dtype)
+
+
+def rope_ref(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Return x·cos + rotate_half(x)·sin for x [B, H, D] at positions pos [B] (HF Llama convention), float32."""
+    ang = pos.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # [B, D/2]
+    emb = torch.cat([ang, ang], dim=-1)[:, None, :]
+    xf = x.to(torch.float32)
+    half = xf.shape[-1] // 2
+    rot = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return xf * (emb.cos() * scale) + rot * (emb.sin() * scale)
+
+
+def decode_attention_ref(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                         inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int, *,
+                         sm_scale: float | None = None, rope_scale: float = 1.0) -> torch.Tensor:
+    """Reference of `decode_attention`: writes roped k/v at pos into the caches, returns attn [B, H·D]."""
+    b, hkv, s, d = k_cache.shape
+    q = qkv[:, : n_heads * d].reshape(b, n_heads, d)
+    k = qkv[:, n_heads * d:(n_heads + n_kv_heads) * d].reshape(b, n_kv_heads, d)
+    v = qkv[:, (n_heads + n_kv_heads) * d:].reshape(b, n_kv_heads, d)
+    q = rope_ref(q, pos, inv_freq, rope_scale)
+    k = rope_ref(k, pos, inv_freq, rope_scale)
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    out = torch.empty(b, n_heads, d, dtype=torch.float32, device=qkv.device)
+    for i in range(b):
+        p = int(pos[i])
+        k_cache[i, :, p] = k[i].to(k_cache.dtype)
+        v_cache[i, :, p] = v[i].to(v_cache.dtype)
+        keys = k_cache[i, :, : p + 1].to(torch.float32).repeat_interleave(n_heads // n_kv_heads, dim=0)
+        vals = v_cache[i, :, : p + 1].to(torch.float32).repeat_interleave(n_heads // n_kv_heads, dim=0)
+        att = torch.softmax((q[i, :, None, :] * scale) @ keys.transpose(1, 2), dim=-1)  # [H, 1, p+1]
+        out[i] = (att @ vals)[:, 0]
+    return out.reshape(b, n_heads * d).to(qkv.dtype)
+
+
+def silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:
+    """Reference of `silu_mul`: silu(gate)⊙up for [B, 2I] input, in its dtype."""
+    g, u = gu.to(torch.float32).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g) * u).to(gu.dtype)
+
+
+def add_rmsnorm_ref(x: torch.Tensor, delta: torch.Tensor, g: torch.Tensor,
+                    eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of `add_rmsnorm`: (r, rmsnorm(r)·g) with r = x + delta rounded to x's dtype (HF rounding)."""
+    r = (x.to(torch.float32) + delta.to(torch.float32)).to(x.dtype)
+    return r, hf_rmsnorm_ref(r, g, eps)
+
+
+def hf_rmsnorm_ref(x: torch.Tensor, g: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Reference of `rmsnorm`: HF Llama's rounding (normalise in float32, cast to x's dtype, scale by g)."""
+    xf = x.to(torch.float32)
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (g.to(torch.float32) * y.to(torch.float32)).to(x.dtype)

@@ -1,0 +1,90 @@
+"""RMSNorm with an optional fused residual add (the dense engine's glue between cuBLAS GEMMs).
+
+add_rmsnorm(x, delta, g) returns (x + delta, rmsnorm(x + delta)·g) in one pass: one launch
+instead of an add, a norm and a cast. One program per row; rows are at most a few thousand wide.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import new_output
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, d_ptr, g_ptr, res_ptr, y_ptr, K, stride_x, stride_d, stride_r, stride_y, eps,
+                    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        x += tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+        # Round the new residual to the stream's dtype before normalising it, as the eager model does.
+        xr = x.to(res_ptr.dtype.element_ty)
+        tl.store(res_ptr + row * stride_r + offs, xr, mask=mask)
+        x = xr.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32) * g
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x, delta, g, eps):
+    b, k = x.shape
+    y = new_output(tuple(x.shape), x.device, x.dtype)
+    res = new_output(tuple(x.shape), x.device, x.dtype) if delta is not None else y
+    block = triton.next_power_of_2(k)
+    _rmsnorm_kernel[(b,)](x, delta if delta is not None else x, g, res, y, k, x.stride(0),
+                          delta.stride(0) if delta is not None else 0, res.stride(0), y.stride(0), eps,
+                          HAS_DELTA=delta is not None, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return res, y
+
+
+@torch.library.custom_op("actsparse::rmsnorm", mutates_args=())
+def _rmsnorm_op(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    return _launch(x, None, g, eps)[1]
+
+
+@_rmsnorm_op.register_fake
+def _(x, g, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("actsparse::add_rmsnorm", mutates_args=())
+def _add_rmsnorm_op(x: torch.Tensor, delta: torch.Tensor, g: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(x, delta, g, eps)
+
+
+@_add_rmsnorm_op.register_fake
+def _(x, delta, g, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _check(x: torch.Tensor, g: torch.Tensor) -> None:
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be 2-D [rows, K] and contiguous in K, got shape {tuple(x.shape)}")
+    if tuple(g.shape) != (x.shape[1],):
+        raise ValueError(f"g must have shape [{x.shape[1]}], got {tuple(g.shape)}")
+
+
+def rmsnorm(x: torch.Tensor, g: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Return rmsnorm(x)·g [B, K] in x's dtype (HF Llama rounding: normalise, cast, then scale)."""
+    _check(x, g)
+    return torch.ops.actsparse.rmsnorm(x, g, float(eps))
+
+
+def add_rmsnorm(x: torch.Tensor, delta: Optional[torch.Tensor], g: torch.Tensor,
+                eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (r, rmsnorm(r)·g) with r = x + delta (the new residual stream), both [B, K]."""
+    _check(x, g)
+    if delta is None:
+        return x, rmsnorm(x, g, eps)
+    if delta.shape != x.shape or delta.stride(1) != 1:
+        raise ValueError(f"delta must match x's shape {tuple(x.shape)} and be contiguous, got {tuple(delta.shape)}")
+    return torch.ops.actsparse.add_rmsnorm(x, delta, g, float(eps))

@@ -1,0 +1,159 @@
+"""The decode engine reproduces transformers' Llama, and its sparse path is the dense one at threshold 0."""
+
+import pytest
+import torch
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM
+
+from actsparse.engine import TINY, Engine
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _hf_tiny(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = HFLlamaConfig(vocab_size=TINY.vocab_size, hidden_size=TINY.hidden_size,
+                        intermediate_size=TINY.intermediate_size, num_hidden_layers=TINY.n_layers,
+                        num_attention_heads=TINY.n_heads, num_key_value_heads=TINY.n_kv_heads,
+                        max_position_embeddings=128, rms_norm_eps=TINY.rms_eps, rope_theta=TINY.rope_theta)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so that a wrong norm weight shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _engine_logits(eng: Engine, seq: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """Feed seq [B, T] one token at a time; return logits [B, T, V]."""
+    b, t = seq.shape
+    pos = torch.zeros(b, dtype=torch.int32, device=eng.device)
+    out = []
+    for i in range(t):
+        out.append(eng.forward_step(seq[:, i].to(eng.device), pos, sparse).float().cpu())
+        pos += 1
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_dense_step_by_step_logits_equal_transformers(batch):
+    model = _hf_tiny(seed=batch)
+    seq = torch.randint(0, TINY.vocab_size, (batch, 7))
+    with torch.no_grad():
+        want = model(seq).logits.float()
+    eng = Engine.from_hf(model, kernels="torch", max_batch=batch, max_seq_len=16)
+    got = _engine_logits(eng, seq, sparse=False)
+    assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (got - want).abs().max()
+
+
+def test_sparse_kernels_at_threshold_zero_equal_dense():
+    model = _hf_tiny(seed=3)
+    eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=2, max_seq_len=16,
+                         fallback_below=0.0)
+    seq = torch.randint(0, TINY.vocab_size, (2, 5))
+    dense = _engine_logits(eng, seq, sparse=False)
+    eng.set_thresholds({f"layers.{i}.{r}": 0.0 for i in range(TINY.n_layers) for r in ("q", "k", "v", "o", "gate",
+                                                                                       "up", "down")})
+    sparse = _engine_logits(eng, seq, sparse=True)
+    rel = (sparse - dense).norm() / dense.norm()
+    assert rel < 1e-5, rel
+
+
+def test_sparse_kernels_match_torch_reference_path_at_50_percent():
+    model = _hf_tiny(seed=4)
+    tri = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=1, max_seq_len=16,
+                         fallback_below=0.0)
+    th = tri.calibrate_thresholds(0.5, n_tokens=4)
+    ref = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=16)
+    ref.set_thresholds(th)
+    seq = torch.randint(0, TINY.vocab_size, (1, 5))
+    got, want = _engine_logits(tri, seq, True), _engine_logits(ref, seq, True)
+    dense = _engine_logits(ref, seq, False)
+    assert (got - want).norm() / want.norm() < 1e-4
+    assert (dense - want).norm() / want.norm() > 1e-3  # the thresholds really removed something
+
+
+def test_cats_path_matches_torch_reference():
+    model = _hf_tiny(seed=5)
+    tri = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=1, max_seq_len=16,
+                         fallback_below=0.0)
+    th = tri.calibrate_thresholds(0.5, n_tokens=4, method="cats")
+    assert set(k.split(".")[-1] for k in th) == {"gate_act"}
+    ref = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=16)
+    ref.set_thresholds(th)
+    seq = torch.randint(0, TINY.vocab_size, (1, 4))
+    got, want = _engine_logits(tri, seq, True), _engine_logits(ref, seq, True)
+    assert (got - want).norm() / want.norm() < 1e-4
+
+
+def test_shift_is_folded_into_a_bias():
+    model = _hf_tiny(seed=6)
+    d = TINY.hidden_size
+    shifts = {f"layers.0.{r}": torch.randn(d) * 0.1 for r in ("q", "k", "v", "gate", "up")}
+    th = {f"layers.0.{r}": 0.0 for r in ("q", "k", "v", "gate", "up")}
+    eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=1, max_seq_len=16,
+                         fallback_below=0.0)
+    seq = torch.randint(0, TINY.vocab_size, (1, 3))
+    dense = _engine_logits(eng, seq, False)
+    eng.set_thresholds(th, shifts=shifts)  # threshold 0: x_s = x - m everywhere, + W·m gives back W·x
+    got = _engine_logits(eng, seq, True)
+    assert (got - dense).norm() / dense.norm() < 1e-5
+
+
+def test_ops_under_the_crossover_fall_back_to_dense_per_batch():
+    model = _hf_tiny(seed=9)
+    # Batch 1: kernels everywhere; batch 2: every op is expected to lose, so all run dense.
+    eng = Engine.from_hf(model, kernels="torch", max_batch=2, max_seq_len=16,
+                         fallback_below={1: 0.0, 2: {"qkv": 1.0, "o": 1.0, "gu": 1.0, "down": 1.0}})
+    eng.calibrate_thresholds(0.5, n_tokens=4)
+    seq = torch.randint(0, TINY.vocab_size, (2, 3))
+    dense2, sparse2 = _engine_logits(eng, seq, False), _engine_logits(eng, seq, True)
+    assert torch.equal(dense2, sparse2)
+    dense1, sparse1 = _engine_logits(eng, seq[:1], False), _engine_logits(eng, seq[:1], True)
+    assert (dense1 - sparse1).norm() / dense1.norm() > 1e-3
+    assert eng.measure_sparsity(n_tokens=4, batch=2)["union"] == 0.0  # nothing skipped where dense
+
+
+def test_calibrated_sparsity_is_measured_close_to_target():
+    model = _hf_tiny(seed=7)
+    eng = Engine.from_hf(model, kernels="torch", max_batch=2, max_seq_len=64)
+    eng.calibrate_thresholds(0.5, n_tokens=32)
+    m = eng.measure_sparsity(n_tokens=16, batch=1)
+    for role in ("q", "o", "gate", "down"):
+        assert 0.35 < m[role] < 0.65, m
+    eng.calibrate_thresholds(0.5, n_tokens=16, batch=2, union=True)
+    mu = eng.measure_sparsity(n_tokens=16, batch=2)
+    assert 0.3 < mu["union"] < 0.7 and mu["mean"] > mu["union"], mu
+
+
+def test_decode_generates_tokens_and_reports_speed():
+    model = _hf_tiny(seed=8)
+    eng = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=32)
+    prompt = torch.randint(0, TINY.vocab_size, (1, 4))
+    tok_s = eng.decode(prompt, 5)
+    assert tok_s > 0 and eng.last_tokens.shape == (1, 9)
+    assert torch.equal(eng.last_tokens[:, :4].cpu(), prompt)
+    # Greedy decoding reproduces transformers' argmax continuation.
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert torch.equal(eng.last_tokens.cpu(), want)
+
+
+def test_bad_inputs_are_rejected_with_a_useful_message():
+    eng = Engine.random(TINY, device="cpu", dtype=torch.float32, kernels="torch", max_batch=1, max_seq_len=8)
+    with pytest.raises(ValueError, match="unknown site"):
+        eng.set_thresholds({"layers.9.q": 0.1})
+    with pytest.raises(ValueError, match="unknown site"):
+        eng.set_thresholds({"layers.0.attn": 0.1})
+    with pytest.raises(ValueError, match="per-channel"):
+        eng.set_thresholds({"layers.0.q": torch.ones(3)})
+    with pytest.raises(ValueError, match="drop the 'up' threshold"):
+        eng.set_thresholds({"layers.0.gate_act": 0.1, "layers.0.up": 0.2})
+    with pytest.raises(RuntimeError, match="set_thresholds"):
+        eng.decode(None, 2, sparse=True)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        eng.decode(None, 8, prompt_len=4)
+    with pytest.raises(ValueError, match="target sparsity"):
+        eng.calibrate_thresholds(1.0)
+    with pytest.raises(ValueError, match="kernels"):
+        Engine.random(TINY, device="cpu", dtype=torch.float32, kernels="cuda")

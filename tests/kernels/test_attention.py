@@ -1,0 +1,80 @@
+"""decode_attention (RoPE + cache write + GQA attention) against the torch reference."""
+
+import pytest
+import torch
+
+from actsparse.kernels import decode_attention, poison_outputs
+from actsparse.kernels import ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _case(b, hq, hkv, d, s, dtype, device=DEVICE):
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, device=device, dtype=dtype)
+    kc = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
+    vc = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
+    pos = torch.randint(0, s, (b,), dtype=torch.int32, device=device)
+    for i in range(b):  # what lies past the position was never written: NaN must not leak in
+        kc[i, :, int(pos[i]) + 1:] = float("nan")
+        vc[i, :, int(pos[i]) + 1:] = float("nan")
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    return qkv, kc, vc, pos, inv_freq
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (8, 1)])  # GQA, MHA, MQA
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_attention_matches_reference(dtype, heads, batch):
+    hq, hkv = heads
+    qkv, kc, vc, pos, inv_freq = _case(batch, hq, hkv, 16, 40, dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+    with poison_outputs():
+        out = decode_attention(qkv, kc, vc, pos, inv_freq, hq, hkv, rope_scale=1.1, block_s=16)
+    want = ref.decode_attention_ref(qkv, kc2, vc2, pos, inv_freq, hq, hkv, rope_scale=1.1)
+    assert not torch.isnan(out).any()
+    assert ((out.double() - want.double()).norm() / want.double().norm()) < TOL[dtype]
+    for i in range(batch):  # the new k (roped) and v landed at pos
+        p = int(pos[i])
+        torch.testing.assert_close(kc[i, :, p].float(), kc2[i, :, p].float(), rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(vc[i, :, p], vc2[i, :, p])
+        torch.testing.assert_close(kc[i, :, :p], kc2[i, :, :p])  # the past is untouched
+
+
+def test_position_zero_attends_to_itself_only():
+    qkv, kc, vc, _, inv_freq = _case(1, 2, 1, 16, 8, torch.float32)
+    pos = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    kc[:] = float("nan")
+    vc[:] = float("nan")
+    out = decode_attention(qkv, kc, vc, pos, inv_freq, 2, 1, block_s=16)
+    v_new = qkv[0, 3 * 16:4 * 16]
+    torch.testing.assert_close(out[0, :16], v_new)
+    torch.testing.assert_close(out[0, 16:], v_new)
+
+
+def test_bad_arguments_are_rejected():
+    qkv, kc, vc, pos, inv_freq = _case(1, 4, 2, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention(qkv, kc, vc, pos, inv_freq, 3, 2)
+    with pytest.raises(ValueError, match="int32"):
+        decode_attention(qkv, kc, vc, pos.long(), inv_freq, 4, 2)
+    with pytest.raises(ValueError, match="qkv must be"):
+        decode_attention(qkv[:, :-16], kc, vc, pos, inv_freq, 4, 2)
+    with pytest.raises(ValueError, match="inv_freq"):
+        decode_attention(qkv, kc, vc, pos, inv_freq[:4], 4, 2)
+    with pytest.raises(ValueError, match="block_s"):
+        decode_attention(qkv, kc, vc, pos, inv_freq, 4, 2, block_s=24)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [(32, 8), (32, 32)])
+def test_gpu_llama_head_shapes(dtype, heads):
+    hq, hkv = heads
+    qkv, kc, vc, pos, inv_freq = _case(4, hq, hkv, 128, 300, dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+    with poison_outputs():
+        out = decode_attention(qkv, kc, vc, pos, inv_freq, hq, hkv, block_s=32)
+    want = ref.decode_attention_ref(qkv, kc2, vc2, pos, inv_freq, hq, hkv)
+    assert ((out.double() - want.double()).norm() / want.double().norm()) < TOL[dtype]

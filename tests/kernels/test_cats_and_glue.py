@@ -1,0 +1,80 @@
+"""cats_up (output-sparse up rows), rmsnorm, add_rmsnorm and silu_mul against the torch references."""
+
+import pytest
+import torch
+
+from actsparse.kernels import GemvConfig, add_rmsnorm, cats_up, override_config, poison_outputs, rmsnorm, silu_mul
+from actsparse.kernels import ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(got, want):
+    assert not torch.isnan(got).any(), "output has NaNs: some elements were never written"
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("use_dot", [True, False])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_cats_up_matches_reference(dtype, batch, sparsity, use_dot, split_k):
+    k, n = 64, 72
+    x = torch.randn(batch, k, device=DEVICE, dtype=dtype)
+    w_up = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    a = torch.nn.functional.silu(torch.randn(batch, n, device=DEVICE)).to(dtype)
+    g = (torch.rand(k, device=DEVICE) + 0.5).to(dtype)
+    t = float(torch.quantile(a.abs().float().flatten(), sparsity)) if sparsity else 0.0
+    with override_config(GemvConfig(32, 32, 4, 1, use_dot, split_k=split_k)), poison_outputs():
+        h = cats_up(x, w_up, a, torch.tensor(t, device=DEVICE), norm_weight=g)
+    want = ref.cats_up_ref(x, w_up, a, t, norm_weight=g)
+    assert rel_err(h, want) < TOL[dtype]
+    assert torch.equal(h == 0, want == 0)  # exact zeros where the mask is off: the down GEMV skips them
+
+
+def test_cats_up_rejects_bad_arguments():
+    x = torch.randn(1, 32, device=DEVICE)
+    w = torch.randn(16, 32, device=DEVICE)
+    a = torch.randn(1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="natural"):
+        cats_up(x, w.t().contiguous(), a, torch.tensor(0.0, device=DEVICE))
+    with pytest.raises(ValueError, match="a must have shape"):
+        cats_up(x, w, a[:, :8], torch.tensor(0.0, device=DEVICE))
+    with pytest.raises(ValueError, match="float32"):
+        cats_up(x, w, a, torch.tensor(0.0, device=DEVICE, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rmsnorm_add_rmsnorm_silu_mul_match_reference(dtype):
+    x = torch.randn(3, 200, device=DEVICE, dtype=dtype)
+    d = torch.randn(3, 200, device=DEVICE, dtype=dtype)
+    g = (torch.rand(200, device=DEVICE) + 0.5).to(dtype)
+    with poison_outputs():
+        y = rmsnorm(x, g, 1e-5)
+        r, yn = add_rmsnorm(x, d, g, 1e-5)
+        h = silu_mul(torch.cat([x, d], dim=1))
+    assert rel_err(y, ref.hf_rmsnorm_ref(x, g, 1e-5)) < TOL[dtype]
+    rr, ryn = ref.add_rmsnorm_ref(x, d, g, 1e-5)
+    assert rel_err(r, rr) < TOL[dtype] and rel_err(yn, ryn) < TOL[dtype]
+    assert rel_err(h, ref.silu_mul_ref(torch.cat([x, d], dim=1))) < TOL[dtype]
+    with pytest.raises(ValueError, match="g must have shape"):
+        rmsnorm(x, g[:10])
+    with pytest.raises(ValueError, match="2I"):
+        silu_mul(x[:, :199])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_gpu_cats_up_llama_shapes(dtype, batch):
+    k, n = 4096, 2048
+    x = torch.randn(batch, k, device="cuda", dtype=dtype)
+    w_up = (torch.randn(n, k, device="cuda") / 64).to(dtype)
+    a = torch.nn.functional.silu(torch.randn(batch, n, device="cuda")).to(dtype)
+    t = float(torch.quantile(a.abs().float().flatten(), 0.5))
+    with poison_outputs():
+        h = cats_up(x, w_up, a, torch.tensor(t, device="cuda"))
+    assert rel_err(h, ref.cats_up_ref(x, w_up, a, t)) < TOL[dtype]
