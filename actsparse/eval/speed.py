@@ -1,0 +1,74 @@
+"""Decode speed of a plan: the same model decoded dense (cuBLAS) and sparse (Triton kernels), side by side.
+
+This is the `triton` backend of DESIGN.md: a plan fitted on a transformers model is translated to
+the decode engine's per-site thresholds (actsparse.engine). Rules the kernels implement: `threshold`
+rules on site inputs q k v o gate up down (TEAL; with a per-channel shift and folded bias, SCAP), and
+on `layers.{i}.gate_act` (CATS). Other rule kinds raise, naming what is supported.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ActsparseError
+from ..models.sites import find_blocks
+from ..sparsifiers.plan import SparsityPlan
+
+ENGINE_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act")
+
+
+def speed_unavailable_reason(model) -> str | None:
+    """Why decode speed cannot be measured for this model here (None when it can)."""
+    if not torch.cuda.is_available():
+        return "decode speed needs a CUDA GPU (the Triton kernels do not time meaningfully on CPU)"
+    if type(model).__name__ not in ("LlamaForCausalLM", "MistralForCausalLM"):
+        return (f"the decode engine runs Llama-family models (LlamaForCausalLM); this model is "
+                f"{type(model).__name__}")
+    return None
+
+
+def plan_to_engine(plan: SparsityPlan) -> tuple[dict, dict, dict]:
+    """Return (thresholds, shifts, expected skip fraction) per engine site `layers.{i}.{role}`."""
+    th, sh, expected = {}, {}, {}
+    for point, rule in plan.rules.items():
+        role = point.rsplit(".", 1)[-1]
+        if rule.kind != "threshold" or role not in ENGINE_ROLES:
+            raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ENGINE_ROLES)}; "
+                                 f"plan {plan.method!r} has a {rule.kind!r} rule at {point}")
+        t = rule.tensors["thresh"].float()
+        th[point] = float(t) if t.dim() == 0 else t
+        if "shift" in rule.tensors:
+            m = rule.tensors["shift"].float()
+            sh[point] = m if m.dim() == 1 else None
+            if sh[point] is None:
+                raise ActsparseError(f"{point}: the kernels take a per-channel shift; got a scalar")
+        for site in rule.skips or [point]:
+            expected[site] = rule.expected_sparsity
+    return th, sh, expected
+
+
+@torch.no_grad()
+def decode_speed(model, plan: SparsityPlan, n_tokens: int = 128, batch: int = 1, prompt_len: int = 16,
+                 repeats: int = 3) -> dict[str, float]:
+    """Return decode/tok_s, decode/tok_s_dense, decode/speedup and kernel/us_per_layer for `plan` on `model`."""
+    why = speed_unavailable_reason(model)
+    if why:
+        raise ActsparseError(why)
+    from ..engine import Engine
+
+    eng = Engine.from_hf(model, device="cuda", dtype=torch.bfloat16, max_batch=max(batch, 1),
+                         max_seq_len=prompt_len + n_tokens + 1)
+    n_layers = len(find_blocks(model))
+
+    def best(sparse: bool) -> tuple[float, float]:
+        runs = [(eng.decode(None, n_tokens, sparse=sparse, batch=batch, prompt_len=prompt_len, seed=r),
+                 eng.last_step_ms) for r in range(repeats)]
+        return max(runs)
+
+    dense_tok_s, _ = best(False)
+    th, sh, expected = plan_to_engine(plan)
+    if not th:  # the dense plan: sparse path = dense path
+        return {"decode/tok_s": dense_tok_s, "decode/tok_s_dense": dense_tok_s, "decode/speedup": 1.0}
+    eng.set_thresholds(th, shifts={k: v for k, v in sh.items() if v is not None}, expected_sparsity=expected)
+    tok_s, step_ms = best(True)
+    return {"decode/tok_s": tok_s, "decode/tok_s_dense": dense_tok_s, "decode/speedup": tok_s / dense_tok_s,
+            "kernel/us_per_layer": step_ms * 1e3 / n_layers}
