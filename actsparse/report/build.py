@@ -274,7 +274,9 @@ def _config(ok: pd.DataFrame) -> tuple[dict, list[str]]:
     return same, varies
 
 
-def _html(title, ok, failed, df, by_group, plots, heat, heads, opt: ReportOptions, uri, parent_run_id, out) -> str:
+def _html(title: str, ok: pd.DataFrame, failed: pd.DataFrame, df: pd.DataFrame, by_group: dict[str, list[Table]],
+          plots: list[tuple[str, Path]], heat: list[tuple[str, Path]], heads: list[str], opt: ReportOptions,
+          uri: str | None, parent_run_id: str | None, out: Path) -> str:
     e = H.e
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parents = [p for p in df.get("parent_run_id", pd.Series(dtype=object)).dropna().astype(str).unique()]

@@ -7,6 +7,7 @@ overall front is taken over every method's points together.
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import pandas as pd
 
@@ -39,7 +40,7 @@ def pareto_front(df: pd.DataFrame, x: str = "effective", y: str = "ppl", maximiz
     return front.sort_values(cols + [x], kind="mergesort")
 
 
-def groups(df: pd.DataFrame):
+def groups(df: pd.DataFrame) -> Iterator[tuple[dict, pd.DataFrame]]:
     """Yield (key dict, rows) per model x eval spec, in a stable order."""
     cols = [c for c in GROUP if c in df.columns]
     if not cols:

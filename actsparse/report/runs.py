@@ -38,12 +38,28 @@ COLUMNS = {
 _FROM_SOURCE = {src: col for col, (src, _) in COLUMNS.items()}
 
 
+def _check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, with a clear message, when an http(s) tracking server does not answer (MLflow retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            r.read(64)
+    except (urllib.error.URLError, OSError) as e:
+        raise ActsparseError(f"cannot reach the MLflow tracking server at {uri} ({getattr(e, 'reason', e)}); start it "
+                             "(mlflow server ...) or pass the --tracking-uri of a reachable one") from e
+
+
 @contextmanager
 def _tracking_uri(uri: str):
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).expanduser().exists():
         # reading must not create an empty store
         raise ActsparseError(f"no MLflow store at {uri}; run a sweep first, or pass --tracking-uri of an existing one")
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     quiet_mlflow()  # after the import: importing mlflow configures its loggers
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # a bar per tiny JSON is noise
@@ -51,6 +67,9 @@ def _tracking_uri(uri: str):
     mlflow.set_tracking_uri(uri)
     try:
         yield mlflow
+    except MlflowException as e:   # an unusable store or a server error: say where, keep the cause
+        raise ActsparseError(f"reading runs from the MLflow tracking store {uri} failed: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     finally:
         mlflow.set_tracking_uri(old)
 
@@ -229,7 +248,7 @@ def run_info(uri: str, run_id: str) -> dict:
             "start_time": datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc) if r.info.start_time else None}
 
 
-def run_link(uri: str | None, experiment_id, run_id: str) -> str:
+def run_link(uri: str | None, experiment_id: str | int, run_id: str) -> str:
     """Return the MLflow UI address of a run: the server's for http(s) URIs, else `mlflow ui`'s default one."""
     if uri and uri.startswith(("http://", "https://")):
         base = uri.rstrip("/")

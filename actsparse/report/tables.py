@@ -34,6 +34,7 @@ class Cell:
 
 @dataclass
 class Row:
+    """A labelled row of cells."""
     label: str
     cells: list[Cell]
     rule_before: bool = False      # a \midrule above this row (blocks of sparsity; after the dense row)
@@ -130,7 +131,7 @@ def md_escape(text: str) -> str:
 
 
 # -- titles and names ---------------------------------------------------------------------------------------
-def short_model(name) -> str:
+def short_model(name: object) -> str:
     """A model as titles show it: a local folder by its last component, a hub id or bundled name as is."""
     s = str(name)
     return s.rstrip("/").rsplit("/", 1)[-1] if s.startswith(("/", ".", "~")) else s
@@ -152,6 +153,7 @@ def slug(*parts) -> str:
 
 
 def group_slug(key: dict) -> str:
+    """The file-name stem of a model/eval group."""
     return slug(key.get("model"), key.get("eval_data"), key.get("token_policy"))
 
 
