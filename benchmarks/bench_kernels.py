@@ -53,7 +53,7 @@ def _ensure_kernels_importable() -> None:
 
 _ensure_kernels_importable()
 
-from actsparse.kernels import GemvConfig, configs, override_config, ref, sparse_gated_mlp, sparse_gemv  # noqa: E402
+from actsparse.kernels import GemvConfig, V3Config, configs, override_config, ref, sparse_gated_mlp, sparse_gemv  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from teal_style import teal_style_gemv  # noqa: E402
@@ -64,6 +64,10 @@ SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 FMA_GRID = {1: [(32, 128, 4, 1), (32, 256, 4, 1), (32, 128, 8, 1), (64, 128, 8, 1), (32, 64, 4, 1), (16, 256, 4, 1)],
             4: [(32, 64, 4, 1), (32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1)]}
 DOT_GRID = {1: [], 4: [(64, 128, 4, 3), (32, 128, 4, 3)]}
+# v3 (block_n, seg_k, block_k, num_warps)
+V3_GRID = {1: [(64, 512, 64, 4), (64, 512, 128, 4), (128, 512, 64, 4), (64, 256, 64, 4), (64, 1024, 64, 4),
+               (64, 512, 32, 4), (32, 512, 64, 4), (64, 512, 64, 8)],
+           4: [(64, 512, 16, 4), (64, 256, 32, 4), (32, 512, 32, 4)]}
 DEV = "cuda"
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
 if SMOKE:
@@ -71,6 +75,7 @@ if SMOKE:
     SPARSITIES = [0.0, 0.5]
     FMA_GRID = {1: [(32, 32, 4, 1)], 4: [(32, 32, 4, 1)]}
     DOT_GRID = {1: [], 4: [(32, 32, 4, 1)]}
+    V3_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4)], 4: [(32, 32, 8, 4)]}
 
 
 class Clock:
@@ -141,6 +146,18 @@ def ceilings() -> dict:
 
 
 # ---------------------------------------------------------------------- kernel setup
+_sparse_gemv, _sparse_gated_mlp = sparse_gemv, sparse_gated_mlp
+
+
+def _with_impl(fn, impl: str, poison: bool = False):
+    def call(*a, **kw):
+        if poison:
+            with configs.poison_outputs():
+                return fn(*a, impl=impl, **kw)
+        return fn(*a, impl=impl, **kw)
+    return call
+
+
 class Layers:
     """L copies of one Llama-3-8B block's weights in both layouts (L copies so nothing stays in L2)."""
 
@@ -196,9 +213,11 @@ class Inputs:
                 "tx": tx, "ta": ta, "th": th}
 
 
-def sparse_ops(lay: Layers, inp: Inputs, th: dict) -> dict:
-    """Callables running each fused sparse op over all L weight copies."""
+def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
+    """Callables running each fused sparse op over all L weight copies (impl: auto, v2 or v3)."""
     x, g, a, h = inp.x, inp.g, inp.a, inp.h
+    sparse_gemv = _with_impl(_sparse_gemv, impl)
+    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl)
 
     def qkv():
         for s in lay.sets:
@@ -226,9 +245,11 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict) -> dict:
     return {"qkv": qkv, "o": o, "pair": pair, "down": down, "block": block}
 
 
-def check_ops(lay: Layers, inp: Inputs, th: dict) -> dict:
-    """Relative error of each fused op against the torch reference on set 0."""
+def check_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
+    """Relative error of each fused op against the torch reference on set 0 (outputs poisoned)."""
     s, x, g = lay.sets[0], inp.x, inp.g
+    sparse_gemv = _with_impl(_sparse_gemv, impl, poison=True)
+    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, poison=True)
     out = {}
     out["qkv"] = rel(sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)),
                      ref.sparse_gemv_ref(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)))
@@ -326,8 +347,48 @@ def tune(lay: Layers, clock: Clock, batches=(1, 4)) -> tuple[dict, list]:
     return best, rows
 
 
+def tune_v3(lay: Layers, clock: Clock, batches=(1, 4)) -> tuple[dict, list]:
+    """Time every v3 config of V3_GRID per op and batch at sparsity 0 / 0.5 / 0.9; keep the best."""
+    kinds = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER), "down": ("gemv", INTER, D)}
+    best, rows = {}, []
+    for b in batches:
+        inp = Inputs(lay, b)
+        ths = {s: inp.thresholds(s) for s in (0.0, 0.5, 0.9)}
+        for op, (kind, k, n) in kinds.items():
+            res = {}
+            for c in V3_GRID[b]:
+                cfg = V3Config(*c)
+                if clock.left(0.3) < 0:
+                    log("  tune v3: out of its time budget, stopping the sweep")
+                    break
+                try:
+                    with override_config(cfg):
+                        err = check_ops(lay, inp, ths[0.5], "v3")[op]
+                        if not err < 2e-2:
+                            log(f"  tune v3 {op} b{b} {cfg}: WRONG rel err {err}")
+                            continue
+                        ts = {s: time_graph(sparse_ops(lay, inp, ths[s], "v3")[op]) * 1e3 / lay.n for s in ths}
+                except Exception as e:
+                    log(f"  tune v3 {op} b{b} {cfg}: failed: {type(e).__name__}: {str(e)[:160]}")
+                    continue
+                res[cfg] = ts
+                rows.append({"op": op, "batch": b, "cfg": cfg.__dict__, "us": ts})
+            if not res:
+                continue
+            mins = {s: min(r[s] for r in res.values()) for s in ths}
+            cfg_best = min(res, key=lambda c: sum(res[c][s] / mins[s] for s in ths))
+            best[(kind, k, n, configs.batch_bucket(b))] = cfg_best
+            log(f"  tune v3 {op:5s} b{b}: best {cfg_best} -> " +
+                " ".join(f"s{s}:{res[cfg_best][s]:.1f}us(min {mins[s]:.1f})" for s in ths))
+    return best, rows
+
+
 # ---------------------------------------------------------------------- kernel microbenchmark
+extra_impl: dict[str, str] = {}  # "op|b<batch>" -> the winning kernel, filled by kernel_bench
+
+
 def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict) -> list[dict]:
+    """Time cuBLAS, v2 and v3 side by side per op and block, then the per-op winners (method "actsparse")."""
     rows = []
     for b in batches:
         inp = Inputs(lay, b)
@@ -338,6 +399,34 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
             rows.append({**meta, "kind": "kernel", "method": f"cublas-{k}" if k.startswith("block") else "cublas",
                          "op": "block" if k.startswith("block") else k, "sparsity": 0.0, "batch": b,
                          "dtype": dtype_name, "us_per_block" if k.startswith("block") else "us": round(v, 2)})
+        impls = ["v2", "v3"] if (b <= configs.V3_MAX_BATCH and dtype_name == "bf16") else []
+        side: dict[str, dict[float, dict[str, float]]] = {i: {} for i in impls}
+        for impl in impls:  # v2 and v3 side by side, same run, same inputs
+            for s in SPARSITIES:
+                if clock.left(0.6) < 0:
+                    break
+                th = inp.thresholds(s)
+                errs = check_ops(lay, inp, th, impl)
+                t = {k: time_graph(f) * 1e3 / lay.n for k, f in sparse_ops(lay, inp, th, impl).items()}
+                side[impl][s] = t
+                log(f"  {impl} s={s:.2f}: " + " ".join(f"{k}={v:.1f}" for k, v in t.items()) +
+                    f"  max rel err {max(errs.values()):.1e}")
+                for k in ("block", "qkv", "o", "pair", "down"):
+                    rows.append({**meta, "kind": "kernel", "method": f"actsparse-{impl}", "op": k, "sparsity": s,
+                                 "batch": b, "dtype": dtype_name,
+                                 "us_per_block" if k == "block" else "us": round(t[k], 2),
+                                 "max_rel_err": errs.get(k, max(errs.values()))})
+        if len(side) == 2 and side["v2"] and side["v3"]:
+            # Per op, the kernel with the lower summed time over the sparsities measured in both runs.
+            kinds = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER),
+                     "down": ("gemv", INTER, D)}
+            common = [s for s in side["v2"] if s in side["v3"]]
+            for op, (kind, k, n) in kinds.items():
+                tv = {i: sum(side[i][s][op] for s in common) for i in ("v2", "v3")}
+                win = min(tv, key=tv.get)
+                configs.IMPL[(kind, k, n, configs.batch_bucket(b))] = win
+                extra_impl[f"{op}|b{b}"] = win
+            log(f"  per-op winner at b{b}: {extra_impl}")
         for s in SPARSITIES:
             if clock.left(0.65) < 0:
                 log("  kernel bench: out of its time budget")
@@ -482,6 +571,24 @@ def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
         for r in kr:
             out.append(f"| {r['dtype']} | {r['batch']} | {r['sparsity']:.2f} | {r['us_per_block']:.1f} | "
                        f"{r['us_cublas_block7']:.1f} | {r['us_cublas_block4']:.1f} | {r['speedup']:.2f}× |")
+    side = {(r["batch"], r["sparsity"], r["op"], r["method"]): r.get("us_per_block", r.get("us"))
+            for r in rows if r["kind"] == "kernel" and r["method"] in ("actsparse-v2", "actsparse-v3")}
+    if side:
+        cub = {(r["batch"], r["op"]): r.get("us") for r in rows if r["kind"] == "kernel" and r["method"] == "cublas"}
+        cub.update({(r["batch"], "block"): r["us_per_block"] for r in rows
+                    if r["kind"] == "kernel" and r["method"] == "cublas-block4" and r["dtype"] == "bf16"})
+        out.append("\n### v2 vs v3 side by side (bf16, same run), µs\n")
+        out.append("| batch | sparsity | op | v2 | v3 | cuBLAS | v3 vs v2 |")
+        out.append("|---|---|---|---|---|---|---|")
+        for (b, s, op, m) in sorted(side):
+            if m != "actsparse-v2" or (b, s, op, "actsparse-v3") not in side:
+                continue
+            v2, v3 = side[(b, s, op, m)], side[(b, s, op, "actsparse-v3")]
+            c = cub.get((b, op))
+            out.append(f"| {b} | {s:.2f} | {op} | {v2:.1f} | {v3:.1f} | {'' if c is None else f'{c:.1f}'} | "
+                       f"{v2 / v3:.2f}× |")
+        if extra.get("impl"):
+            out.append(f"\nPer-op kernel chosen for the 'actsparse' rows and the decode engine: {extra['impl']}")
     tr = [r for r in rows if r["method"] == "teal-style"]
     if tr:
         out.append("\nTEAL-style split-K block (fp16, batch 1, own reimplementation, best of 5 tiles): " +
@@ -521,7 +628,9 @@ def main() -> None:
     ap.add_argument("--merge", type=pathlib.Path, help="append a device run's $OUT to the repo's results and log")
     ap.add_argument("--note", default="", help="with --merge: a line recorded with every row")
     ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--tune", action="store_true", help="sweep launch configs first and use the winners")
+    ap.add_argument("--tune", action="store_true", help="sweep v2 launch configs first and use the winners")
+    ap.add_argument("--tune-v3", action="store_true", help="sweep v3 launch configs first and use the winners")
+    ap.add_argument("--teal", action="store_true", help="also time the TEAL-style split-K kernel (fp16)")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
@@ -550,18 +659,26 @@ def main() -> None:
         log(f"ceilings: {extra['ceilings']}")
         if not args.skip_kernels:
             lay = Layers(4, torch.bfloat16)
+            tuned: dict = {}
             if args.tune:
                 best, trows = tune(lay, clock)
                 configs.TUNED.update(best)
-                (out / "tuned.json").write_text(json.dumps(
-                    {"best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()}, "rows": trows}, indent=1))
+                tuned["v2"] = {"best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()}, "rows": trows}
+            if args.tune_v3:
+                best, trows = tune_v3(lay, clock)
+                configs.TUNED_V3.update(best)
+                tuned["v3"] = {"best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()}, "rows": trows}
+            if tuned:
+                (out / "tuned.json").write_text(json.dumps(tuned, indent=1))
             rows += kernel_bench(lay, "bf16", (1, 4), clock, meta)
+            extra["impl"] = dict(extra_impl)
             save()
             del lay
             (torch.cuda.empty_cache() if not SMOKE else None)
             lay = Layers(4, torch.float16)
-            rows += kernel_bench(lay, "fp16", (1, 4), clock, meta)
-            rows += teal_bench(lay, clock, meta)
+            rows += kernel_bench(lay, "fp16", (1,), clock, meta)
+            if args.teal:
+                rows += teal_bench(lay, clock, meta)
             save()
             del lay
             (torch.cuda.empty_cache() if not SMOKE else None)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One device call: install, GPU tests, kernel tuning + microbenchmark, decode benchmark.
-#   COMMIT=<sha> bash benchmarks/run_on_device.sh [extra bench_kernels.py args]
+#   COMMIT=<sha> bash benchmarks/run_on_device.sh [extra bench_kernels.py args, e.g. --tune-v3]
+# (v2 and v3 kernels are timed side by side; the per-op winner drives the decode rows.)
 # Everything lands in $OUT (at most 8 files come back): env.txt, tests.log, bench.log,
 # results.json, BENCHMARKS_fragment.md, tuned.json.
 set -uo pipefail
 OUT=${OUT:-/tmp/actsparse_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-TEST_TIMEOUT=${TEST_TIMEOUT:-150}
-BENCH_BUDGET=${BENCH_BUDGET:-380}
+TEST_TIMEOUT=${TEST_TIMEOUT:-130}
+BENCH_BUDGET=${BENCH_BUDGET:-360}
 
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv

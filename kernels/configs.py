@@ -28,6 +28,39 @@ class GemvConfig:
 FMA_MAX_BATCH = 4  # beyond this the FMA path's per-row accumulators cost too many registers
 
 
+@dataclass(frozen=True)
+class V3Config:
+    """One launch configuration of the v3 (compacted active rows) kernel."""
+
+    block_n: int = 64  # output columns per program: 128-byte weight rows in bf16
+    seg_k: int = 512  # K slice per program (its channels are selected and compacted together)
+    block_k: int = 64  # active rows gathered per loop step
+    num_warps: int = 4
+
+
+V3_MAX_BATCH = 4  # the v3 kernel keeps batch × BLOCK_K × BLOCK_N accumulators: small batches only
+
+# (kind, K, N, batch bucket) -> "v2" | "v3": the faster kernel per op, measured side by side on an
+# H100 (bench_kernels.py, 2026-11-23, bf16, Llama-3-8B shapes): v3 lost to v2 for every op, batch
+# and sparsity (0.3–0.9×, BENCHMARKS.md), so v2 runs everywhere; shapes not listed also take v2.
+# v3 stays available (impl="v3") for further work.
+IMPL: dict[tuple[str, int, int, int], str] = {
+    (kind, k, n, b): "v2"
+    for kind, k, n in (("qkv", 4096, 6144), ("gemv", 4096, 4096), ("pair", 4096, 14336), ("gemv", 14336, 4096))
+    for b in (1, 4)
+}
+DEFAULT_IMPL = "v2"
+
+# (kind, K, N, batch bucket) -> V3Config, winners of the on-device v3 sweep.
+# The v3 sweep's winners on the H100 (2026-11-23): BLOCK_K = 128 at batch 1, (seg 256, BLOCK_K 32) at 4.
+TUNED_V3: dict[tuple[str, int, int, int], V3Config] = {
+    **{(kind, k, n, 1): V3Config(block_n=64, seg_k=512, block_k=128, num_warps=4)
+       for kind, k, n in (("qkv", 4096, 6144), ("gemv", 4096, 4096), ("pair", 4096, 14336), ("gemv", 14336, 4096))},
+    **{(kind, k, n, 4): V3Config(block_n=64, seg_k=256, block_k=32, num_warps=4)
+       for kind, k, n in (("qkv", 4096, 6144), ("gemv", 4096, 4096), ("pair", 4096, 14336), ("gemv", 14336, 4096))},
+}
+
+
 # (kind, K, N, batch bucket) -> config; kind in {"gemv", "qkv", "pair", "gather"}.
 # Winners of `bench_kernels.py --tune` on an H100 80GB HBM3, bf16, Llama-3-8B shapes, 2026-11-23
 # (best summed relative time over sparsity 0 / 0.5 / 0.9; benchmarks/BENCHMARKS.md has the numbers).
@@ -49,12 +82,14 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
 # slower than cuBLAS, per batch bucket: measured on the same H100 run (linear interpolation of the
 # per-op speedups). At batch 4 the kernels lost at every sparsity tried (up to 0.9), so every op
 # falls back; batch 2 was not measured and takes batch 4's (conservative) entry.
+# Re-measured 2026-11-23 in the v2-vs-v3 run (v2 kernels): q|k|v 0.403, gate|up 0.202.
 MEASURED_CROSSOVER: dict[int, dict[str, float]] = {
-    1: {"qkv": 0.226, "o": 0.0, "gu": 0.195, "down": 0.0},
+    1: {"qkv": 0.403, "o": 0.0, "gu": 0.202, "down": 0.0},
     4: {"qkv": 1.0, "o": 1.0, "gu": 1.0, "down": 1.0},
 }
 
 _override: GemvConfig | None = None
+_override_v3: V3Config | None = None
 
 
 def batch_bucket(b: int) -> int:
@@ -131,14 +166,49 @@ def pick_config(kind: str, k: int, n: int, b: int) -> GemvConfig:
 
 
 @contextlib.contextmanager
-def override_config(cfg: GemvConfig | None) -> Iterator[None]:
-    """Force every sparse GEMV launch inside the block to use `cfg` (used by the tuning sweep)."""
-    global _override
-    old, _override = _override, cfg
+def override_config(cfg: GemvConfig | V3Config | None) -> Iterator[None]:
+    """Force every sparse GEMV launch inside the block to use `cfg`: a GemvConfig forces the v2 kernel,
+    a V3Config the v3 kernel (tests and the tuning sweep)."""
+    global _override, _override_v3
+    old = (_override, _override_v3)
+    if isinstance(cfg, V3Config):
+        _override, _override_v3 = None, cfg
+    else:
+        _override, _override_v3 = cfg, None
     try:
         yield
     finally:
-        _override = old
+        _override, _override_v3 = old
+
+
+def default_v3_config(kind: str, k: int, n: int, b: int) -> V3Config:
+    """Return the v3 configuration when the table has no entry: fewer rows a step as the batch grows."""
+    block_k = 64 if b == 1 else (32 if b == 2 else 16)
+    return V3Config(block_n=64, seg_k=512, block_k=block_k, num_warps=4)
+
+
+def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto") -> tuple[str, GemvConfig | V3Config]:
+    """Return which kernel runs a launch ("v2" or "v3") and its configuration.
+
+    impl: "auto" (an active override, else the measured table `IMPL`, else DEFAULT_IMPL), "v2" or "v3".
+    """
+    if impl not in ("auto", "v2", "v3"):
+        raise ValueError(f"impl must be 'auto', 'v2' or 'v3', got {impl!r}")
+    if impl == "auto":
+        if _override is not None:
+            impl = "v2"
+        elif _override_v3 is not None:
+            impl = "v3" if b <= V3_MAX_BATCH else "v2"
+        else:
+            impl = IMPL.get((kind, k, n, batch_bucket(b)), DEFAULT_IMPL)
+            if b > V3_MAX_BATCH:
+                impl = "v2"
+    if impl == "v3":
+        if b > V3_MAX_BATCH:
+            raise ValueError(f"the v3 kernel runs batches of at most {V3_MAX_BATCH} rows, got {b}; use impl='v2'")
+        cfg = _override_v3 or TUNED_V3.get((kind, k, n, batch_bucket(b))) or default_v3_config(kind, k, n, b)
+        return "v3", cfg
+    return "v2", pick_config(kind, k, n, b)
 
 
 _poison = False

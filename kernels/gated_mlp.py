@@ -12,18 +12,20 @@ from typing import Optional
 
 import torch
 
+from .configs import choose_impl
 from .sparse_gemv import _as_rows, _check_common, _launch, _validate_nm
 
 
 @torch.library.custom_op("actsparse::sparse_gated_mlp", mutates_args=())
 def _sparse_gated_mlp_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: torch.Tensor,
                          shift: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                         norm_weight: Optional[torch.Tensor], eps: float, nm_n: int, nm_m: int) -> torch.Tensor:
-    return _launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, "pair")
+                         norm_weight: Optional[torch.Tensor], eps: float, nm_n: int, nm_m: int,
+                         impl: str = "auto") -> torch.Tensor:
+    return _launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, "pair", impl)
 
 
 @_sparse_gated_mlp_op.register_fake
-def _(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, eps, nm_n, nm_m):
+def _(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, eps, nm_n, nm_m, impl="auto"):
     return x.new_empty((x.shape[0], wt_gate.shape[1]))
 
 
@@ -38,11 +40,13 @@ def sparse_gated_mlp(
     norm_weight: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
     nm: Optional[tuple[int, int]] = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Return h [B, I] = silu(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u) with per-projection thresholds.
 
     x: [B, K] (the residual stream when norm_weight is given); wt_gate, wt_up: [K, I] row-major;
     thresh: float32 [2] or [2, K] (row 0 gate, row 1 up); shift: [2, K]; bias: [2, I].
+    impl: "v3" (gate and up in separate programs over compacted active rows, batch ≤ 4), "v2" or "auto".
     """
     _check_common(x, wt_gate, "wt_gate")
     _check_common(x, wt_up, "wt_up")
@@ -58,5 +62,6 @@ def sparse_gated_mlp(
     if norm_weight is not None and tuple(norm_weight.shape) != (k,):
         raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
     nm_n, nm_m = _validate_nm(nm)
+    choose_impl("pair", k, n, x.shape[0], impl)  # rejects a bad impl / batch here
     return torch.ops.actsparse.sparse_gated_mlp(x, wt_gate, wt_up, thresh, shift, bias, norm_weight,
-                                                float(eps), nm_n, nm_m)
+                                                float(eps), nm_n, nm_m, impl)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import FMA_MAX_BATCH, MAX_TILES, GemvConfig, choose_split, new_output, pick_config, tile_counters
+from .configs import FMA_MAX_BATCH, MAX_TILES, GemvConfig, choose_impl, choose_split, new_output, tile_counters
 
 
 @triton.jit
@@ -261,10 +261,15 @@ def _fit_block_n(block_n: int, bounds: Sequence[int]) -> int:
     return block_n
 
 
-def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, kind):
+def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, kind, impl="auto"):
     b, k = x.shape
     n = wt.shape[1]
-    cfg: GemvConfig = pick_config(kind, k, n, b)
+    which, cfg = choose_impl(kind, k, n, b, impl)
+    if which == "v3":
+        from .sparse_gemv_v3 import launch_v3
+
+        return launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, cfg)
+    cfg: GemvConfig
     use_dot = cfg.use_dot or b > FMA_MAX_BATCH
     block_b = 16 if use_dot else triton.next_power_of_2(b)
     block_n = _fit_block_n(cfg.block_n, bounds) if bounds else cfg.block_n
@@ -310,13 +315,14 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
 def _sparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor, shift: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                     norm_weight: Optional[torch.Tensor], eps: float, act: int, segments: list[int],
-                    nm_n: int, nm_m: int) -> torch.Tensor:
+                    nm_n: int, nm_m: int, impl: str = "auto") -> torch.Tensor:
     kind = "qkv" if segments else "gemv"
-    return _launch(x, wt, None, thresh, shift, bias, residual, norm_weight, eps, act, segments, nm_n, nm_m, kind)
+    return _launch(x, wt, None, thresh, shift, bias, residual, norm_weight, eps, act, segments, nm_n, nm_m, kind,
+                   impl)
 
 
 @_sparse_gemv_op.register_fake
-def _(x, wt, thresh, shift, bias, residual, norm_weight, eps, act, segments, nm_n, nm_m):
+def _(x, wt, thresh, shift, bias, residual, norm_weight, eps, act, segments, nm_n, nm_m, impl="auto"):
     return x.new_empty((x.shape[0], wt.shape[1]))
 
 
@@ -342,13 +348,15 @@ def sparse_gemv(
     act: str = "none",
     segments: Sequence[int] = (),
     nm: Optional[tuple[int, int]] = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Return y [B, N] = act(W·x_s + bias) + residual, with x_s = (x̂ − m)⊙1[|x̂ − m| > t] and x̂ = rmsnorm(x) or x.
 
     x: [B, K]; wt: W^T [K, N] row-major; thresh: float32 [S] or [S, K] (S = len(segments) + 1, one row
     per output-column segment, e.g. q/k/v); shift: [S, K]; bias: [N]; residual: [B, N];
     norm_weight: [K] RMSNorm weight applied to x first; nm=(N, M) keeps the top N of every M
-    consecutive channels instead of thresholding.
+    consecutive channels instead of thresholding. impl: "v3" (active rows compacted, batch ≤ 4),
+    "v2" (masked split-K walk, any batch) or "auto" (the faster one measured for the shape).
     """
     _check_common(x, wt)
     k, n = wt.shape
@@ -368,5 +376,6 @@ def sparse_gemv(
     if act not in ACTS:
         raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
     nm_n, nm_m = _validate_nm(nm)
+    choose_impl("qkv" if bounds else "gemv", k, n, x.shape[0], impl)  # rejects a bad impl / batch here
     return torch.ops.actsparse.sparse_gemv(x, wt, thresh, shift, bias, residual, norm_weight, float(eps),
-                                           ACTS[act], bounds, nm_n, nm_m)
+                                           ACTS[act], bounds, nm_n, nm_m, impl)

@@ -1,0 +1,188 @@
+"""Input-sparse GEMV v3: work proportional to the ACTIVE rows (batch 1 to 4, one launch per op).
+
+v2 walked every K row of its slice and let masked loads skip the bytes, but each chunk still cost
+one memory latency, so time barely fell with sparsity. v3 makes the iteration count follow the
+active rows:
+
+1. A program (pid_n: a strip of BLOCK_N output columns; pid_k: a SEG_K slice of K; pid_m: which
+   matrix of a gate/up pair) loads its x slice once, normalises it (RMSNorm factor from one wide
+   load of the whole row, L2-resident), selects, and compacts the kept channels into a list
+   (cumsum of the keep bits → slot of each kept channel; scattered to a small scratch buffer,
+   read back after a CTA barrier). Every program of the same slice computes the same list, so the
+   programs need no producer launch and no ordering between them (identical values only).
+2. It then loops `for i in range(0, count, BLOCK_K)`: a device-side bound, so no host sync and
+   graph-safe; each step gathers BLOCK_K whole weight rows of its strip (W^T [K, N] row-major: a
+   row of the strip is BLOCK_N contiguous elements, 128 bytes at BLOCK_N = 64 bf16) while the next
+   step's indices are loaded. At sparsity s a program runs ⌈(1 − s)·SEG_K / BLOCK_K⌉ steps.
+3. Partials [matrices × slices, B, N] go to an fp32 workspace; the last-arriving program of a
+   strip (one atomic counter increment per program, the counter reset by that program for the
+   next launch or graph replay) reads all partials in ONE vectorised load, sums them in a fixed
+   order (deterministic) and runs the epilogue: bias, silu / silu(gate)·up, residual, cast.
+
+Gate and up are separate programs of one launch (pid_m), so each holds one accumulator.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import MAX_TILES, V3Config, new_output, tile_counters
+from .sparse_gemv import _epilogue, _fit_block_n, _select
+
+
+@triton.jit
+def _v3_kernel(
+    x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, val_ptr,
+    B, K, N, N0, N1,
+    stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb,
+    eps,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
+    GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    x_rows = x_ptr + offs_b[:, None] * stride_xb
+
+    rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
+    if NORM:
+        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for k0 in range(0, K, NORM_BLOCK):  # one iteration at K ≤ NORM_BLOCK (hidden size 4096)
+            offs = k0 + tl.arange(0, NORM_BLOCK)
+            xv = tl.load(x_rows + offs[None, :], mask=mask_b[:, None] & (offs < K)[None, :], other=0.0)
+            xv = xv.to(tl.float32)
+            ss += tl.sum(xv * xv, axis=1)
+        rstd = tl.rsqrt(ss / K + eps)
+
+    n_start = pid_n * BLOCK_N
+    if PAIR:
+        sel = pid_m  # gate / up thresholds
+    else:
+        sel = (n_start >= N0).to(tl.int32) + (n_start >= N1).to(tl.int32)  # q / k / v segment
+    t_row = t_ptr + sel * stride_ts
+    m_row = m_ptr + sel * stride_ms
+
+    # ---- select and compact this K slice: [SEG_K] -> count kept channels, their indices and values
+    offs_k = pid_k * SEG_K + tl.arange(0, SEG_K)
+    mask_k = offs_k < K
+    xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    if NORM:
+        gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        xv = xv * rstd[:, None] * gv[None, :]
+    xs, rows = _select(xv, t_row, m_row, offs_k, mask_k, mask_b, stride_tk, HAS_SHIFT, NM_N, NM_M, BLOCK_B, SEG_K)
+    keep = rows.to(tl.int32)
+    pos = tl.cumsum(keep, axis=0) - 1
+    count = tl.sum(keep, axis=0)
+    slot = sel * GROUPS + pid_k
+    idx_base = idx_ptr + slot * SEG_K
+    val_base = val_ptr + slot * (BLOCK_B * SEG_K) + offs_b[:, None] * SEG_K
+    kept = keep != 0
+    tl.store(idx_base + pos, offs_k, mask=kept)
+    tl.store(val_base + pos[None, :], xs, mask=kept[None, :] & mask_b[:, None])
+    tl.debug_barrier()  # the list is complete (and visible to every thread of the program) before it is read
+
+    # ---- gather the active rows of the strip, BLOCK_K at a time; the next indices load meanwhile
+    if pid_m == 0:
+        wb = w_ptr
+    else:
+        wb = w2_ptr
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    ar = tl.arange(0, BLOCK_K)
+    mk = ar < count
+    idx = tl.load(idx_base + ar, mask=mk, other=0, cache_modifier=".cg")
+    xc = tl.load(val_base + ar[None, :], mask=mask_b[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
+    acc = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for i in range(0, count, BLOCK_K):
+        mk = (i + ar) < count
+        w = tl.load(wb + idx[:, None] * stride_wk + offs_n[None, :], mask=mk[:, None] & mask_n[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        nxt = i + BLOCK_K + ar
+        mkn = nxt < count
+        idx_n = tl.load(idx_base + nxt, mask=mkn, other=0, cache_modifier=".cg")
+        xc_n = tl.load(val_base + nxt[None, :], mask=mask_b[:, None] & mkn[None, :], other=0.0, cache_modifier=".cg")
+        # Products in fp32 on CUDA cores, reduced over K once after the loop (no cross-thread traffic inside).
+        acc += xc[:, :, None] * w.to(tl.float32)[None, :, :]
+        idx = idx_n
+        xc = xc_n
+    out = tl.sum(acc, axis=1)  # [BLOCK_B, BLOCK_N]
+    mask_out = mask_b[:, None] & mask_n[None, :]
+
+    if SPLIT:
+        ws_tile = offs_b[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + (pid_m * GROUPS + pid_k) * B * N + ws_tile, out, mask=mask_out)
+        tl.debug_barrier()  # all partials of this program are written before it signals
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == (1 + PAIR) * GROUPS - 1:
+            tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch / graph replay: no zeroing launch
+            gs = tl.arange(0, GROUPS_P2)
+            pm = (gs < GROUPS)[:, None, None] & mask_out[None, :, :]
+            # One load of every slice's partial: [GROUPS_P2, BLOCK_B, BLOCK_N], summed in a fixed order.
+            parts = tl.load(ws_ptr + gs[:, None, None] * B * N + ws_tile[None, :, :], mask=pm, other=0.0,
+                            cache_modifier=".cg")
+            out = tl.sum(parts, axis=0)
+            out2 = out
+            if PAIR:
+                parts2 = tl.load(ws_ptr + (GROUPS + gs[:, None, None]) * B * N + ws_tile[None, :, :], mask=pm,
+                                 other=0.0, cache_modifier=".cg")
+                out2 = tl.sum(parts2, axis=0)
+            _epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
+                      mask_out, HAS_BIAS, PAIR, ACT, HAS_RES)
+    else:
+        _epilogue(out, out, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
+                  mask_out, HAS_BIAS, PAIR, ACT, HAS_RES)
+
+
+def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,
+              cfg: V3Config) -> torch.Tensor:
+    """Run the v3 kernel (arguments already validated by the public op); return y [B, N]."""
+    b, k = x.shape
+    n = wt.shape[1]
+    block_b = triton.next_power_of_2(b)
+    block_n = _fit_block_n(cfg.block_n, bounds) if bounds else cfg.block_n
+    seg_k = min(cfg.seg_k, max(16, triton.next_power_of_2(k)))
+    if nm_n > 0 and seg_k % nm_m:
+        seg_k = max(seg_k, nm_m)
+    block_k = min(cfg.block_k, seg_k)
+    groups = triton.cdiv(k, seg_k)
+    mats = 2 if w2 is not None else 1
+    tiles_n = triton.cdiv(n, block_n)
+    split = mats * groups > 1
+    nsel = 2 if w2 is not None else len(bounds) + 1
+    y = new_output((b, n), x.device, x.dtype)
+    if split:
+        if tiles_n > MAX_TILES:
+            raise ValueError(f"too many output tiles ({tiles_n}) for split-K; use a larger block_n")
+        ws = torch.empty(mats * groups * b * n, device=x.device, dtype=torch.float32)
+        cnt = tile_counters(x.device)
+    else:
+        ws = cnt = y  # never touched: SPLIT is off
+    # Compacted lists: one per (selection row, K slice); indices int32 and values fp32 per batch row.
+    idx = torch.empty(nsel * groups * seg_k, device=x.device, dtype=torch.int32)
+    val = torch.empty(nsel * groups * block_b * seg_k, device=x.device, dtype=torch.float32)
+    n0 = bounds[0] if len(bounds) > 0 else n
+    n1 = bounds[1] if len(bounds) > 1 else n
+    norm_block = min(triton.next_power_of_2(k), max(1024, 4096 // block_b))
+    dummy = y
+    _v3_kernel[(tiles_n, groups, mats)](
+        x, norm_weight if norm_weight is not None else dummy, thresh,
+        shift if shift is not None else dummy, wt, w2 if w2 is not None else wt,
+        bias if bias is not None else dummy, residual if residual is not None else dummy, y, ws, cnt, idx, val,
+        b, k, n, n0, n1,
+        x.stride(0), thresh.stride(0), thresh.stride(1), shift.stride(0) if shift is not None else 0,
+        wt.stride(0), bias.stride(0) if (bias is not None and bias.dim() == 2) else 0,
+        residual.stride(0) if residual is not None else 0, y.stride(0),
+        eps,
+        NORM=norm_weight is not None, NORM_BLOCK=norm_block, HAS_SHIFT=shift is not None, PAIR=w2 is not None,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, NM_N=nm_n, NM_M=max(nm_m, 1),
+        GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split,
+        BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n,
+        num_warps=cfg.num_warps, num_stages=1,
+    )
+    return y
