@@ -69,6 +69,10 @@ class Teal(Method):
             if self.calib_tokens < 2:
                 raise ActsparseError(f"teal calib_tokens must be >= 2, got {self.calib_tokens}")
 
+    @classmethod
+    def needs_model_for(cls, params) -> bool:
+        return params.allocation == "greedy"
+
     def fit(self, stats, sparsity, params, model):
         if params.allocation == "uniform":
             return uniform_rules(stats, sparsity, params.roles)

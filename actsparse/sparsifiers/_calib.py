@@ -1,0 +1,180 @@
+"""Calibration-time forward passes shared by the methods that fit on real activations.
+
+TEAL's greedy allocation, SCAP's KDE mode choice and sequential calibration, N:M's learnable affine,
+COUNTDOWN's predictors, R-Sparse's thresholds and alpha search and FFN thresholding all need more
+than the streamed statistics: whole activation matrices, or block inputs to replay a block. They run
+the model on the calibration token ids kept in `stats.tokens` (never on evaluation text), capped by
+each method's `calib_tokens` parameter.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+
+from ..errors import ActsparseError
+from ..models.sites import Block, find_blocks
+from .plan import Rule, SparsityPlan
+
+
+def calib_windows(stats, max_tokens: int) -> torch.Tensor:
+    """Return at most `max_tokens` calibration token ids from stats.tokens, as windows [n, T]."""
+    toks = stats.tokens
+    if toks is None or toks.numel() == 0:
+        raise ActsparseError("these stats hold no calibration token ids; re-run asp.calibrate()")
+    if max_tokens < 2:
+        raise ActsparseError(f"calib_tokens must be >= 2, got {max_tokens}")
+    t = toks.shape[-1]
+    if max_tokens < t:
+        return toks[:1, :max_tokens]
+    return toks[: max(1, min(len(toks), max_tokens // t))]
+
+
+def require_model(method: str, model, why: str) -> None:
+    """Raise a clear error when a method variant that runs forward passes got no model."""
+    if model is None:
+        raise ActsparseError(f"method {method!r} {why} and runs forward passes on the calibration tokens "
+                             "while fitting: pass model=... to asp.fit")
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def run_windows(model, windows: torch.Tensor, batch_size: int = 4) -> None:
+    """Run the model over calibration windows (outputs discarded; hooks do the work)."""
+    dev = _device(model)
+    for i in range(0, len(windows), batch_size):
+        model(windows[i:i + batch_size].to(dev), use_cache=False)
+
+
+@torch.no_grad()
+def collect(model, windows: torch.Tensor, points: dict, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Return {name: [N, C] float32 on CPU}: every token's tensor at each (module, 'input'|'output') point."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in points}
+    hooks = []
+
+    def keep(name, t):
+        got[name].append(t.detach().reshape(-1, t.shape[-1]).float().cpu())
+
+    for name, (mod, where) in points.items():
+        if where == "input":
+            hooks.append(mod.register_forward_pre_hook(lambda m, args, _n=name: keep(_n, args[0])))
+        else:
+            hooks.append(mod.register_forward_hook(
+                lambda m, args, out, _n=name: keep(_n, out[0] if isinstance(out, tuple) else out)))
+    try:
+        run_windows(model, windows, batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in got.items()}
+
+
+class BlockCalls:
+    """The recorded calls of one transformer block: inputs [B, T, H] + kwargs per batch, and dense outputs."""
+
+    def __init__(self, block: Block):
+        self.block = block
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: list[dict] = []
+        self.outputs: list[torch.Tensor] = []
+
+    def run(self, hidden: torch.Tensor, i: int) -> torch.Tensor:
+        """Run the block on `hidden` with the kwargs of recorded batch i; return its hidden output."""
+        out = self.block.module(hidden, **self.kwargs[i])
+        return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_blocks(model, windows: torch.Tensor, batch_size: int = 4) -> list[BlockCalls]:
+    """Record every block's inputs, call kwargs and dense outputs on the calibration windows."""
+    calls = [BlockCalls(b) for b in find_blocks(model)]
+    hooks = []
+    for c in calls:
+        def pre(m, args, kwargs, _c=c):
+            h = args[0] if args else kwargs["hidden_states"]
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            _c.inputs.append(h.detach())
+            _c.kwargs.append(kw)
+
+        def post(m, args, kwargs, out, _c=c):
+            _c.outputs.append((out[0] if isinstance(out, tuple) else out).detach())
+        hooks.append(c.block.module.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(c.block.module.register_forward_hook(post, with_kwargs=True))
+    try:
+        run_windows(model, windows, batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+class SortedAbs:
+    """Exact linear-interpolated quantiles of |v| (numpy's default), with the sort done once."""
+
+    def __init__(self, v: torch.Tensor):
+        self.s = v.detach().double().abs().flatten().sort().values
+
+    def __call__(self, q: float) -> float:
+        if q <= 0.0:
+            return 0.0
+        pos = min(q, 1.0) * (self.s.numel() - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, self.s.numel() - 1)
+        return float(self.s[lo] + (self.s[hi] - self.s[lo]) * (pos - lo))
+
+
+def plan_of(rules: list[Rule], stats, method: str = "_fit") -> SparsityPlan:
+    """Wrap rules into a throwaway plan, for installing a partial fit with sparsify()."""
+    site_params = {s: int(i * o) for s, (i, o) in stats.meta["sites"].items()}
+    return SparsityPlan(method, {}, 0.0, {r.point: r for r in rules}, site_params)
+
+
+@contextmanager
+def installed(model, rules: list[Rule], stats):
+    """Install rules on the model (token policy 'all') for the duration of the block."""
+    from .apply import sparsify
+
+    with sparsify(model, plan_of(rules, stats)) as handle:
+        yield handle
+
+
+@torch.no_grad()
+def measure(model, rules: list[Rule], stats, windows: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
+    """Return the measured activation sparsity of each rule's point on the calibration windows."""
+    with installed(model, rules, stats) as handle:
+        run_windows(model, windows, batch_size)
+        return handle.measured_sparsity()["per_point"]
+
+
+def mlp_parts(block: Block) -> dict[str, str | None]:
+    """Names, relative to the block's MLP module, of its gate/up/down linears and activation module."""
+    if block.mlp is None or "up" not in block.sites or "down" not in block.sites:
+        raise ActsparseError(f"layer {block.layer}: no MLP with up and down projections was recognised")
+    names = {id(m): n for n, m in block.mlp.named_modules()}
+    parts = {}
+    for key, mod in (("gate", block.sites["gate"].module if "gate" in block.sites else None),
+                     ("up", block.sites["up"].module), ("down", block.sites["down"].module), ("act", block.act)):
+        if mod is None:
+            parts[key] = None
+            continue
+        if id(mod) not in names:
+            raise ActsparseError(f"layer {block.layer}: the MLP's {key} module is not inside the MLP module; "
+                                 "MLP-level rules need gate/up/down/act as children of one MLP module")
+        parts[key] = names[id(mod)]
+    if parts["act"] is None:
+        raise ActsparseError(f"layer {block.layer}: the MLP's activation module was not recognised "
+                             "(expected mlp.act_fn or mlp.act)")
+    return parts
+
+
+def mlp_intermediate(module: torch.nn.Module, parts: dict, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's intermediate (the down projection's input): act(gate·x) ⊙ up·x, or act(up·x) ungated."""
+    up = module.get_submodule(parts["up"])
+    act = module.get_submodule(parts["act"])
+    if parts.get("gate"):
+        return act(module.get_submodule(parts["gate"])(x)) * up(x)
+    return act(up(x))

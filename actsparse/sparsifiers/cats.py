@@ -1,0 +1,56 @@
+"""cats: Contextually-Aware Thresholding for Sparsity (CATS, arXiv 2404.08763, ScalingIntelligence/CATS).
+
+What it sparsifies: the output of the MLP's activation function in a gated MLP, a = SiLU(gate·x).
+Per layer, a_s = a * 1[|a| > t_l] with t_l the exact target-quantile of |a| over the calibration
+sample (the `gate_act` probe). The MLP output is down((a_s) ⊙ up·x), so every zero of a_s lets a
+decode step skip the matching row of `up` and column of `down`; `gate` is always read in full.
+
+Effective sparsity is therefore about 2/3 of the MLP activation sparsity times the MLP's share of
+site weights (gate, up, down are the same size in Llama-like MLPs): the plan's accounting says so
+(skips = [up, down]), never the target.
+
+Deliberate differences from the reference:
+- the threshold is the exact empirical quantile of |a| over the calibration sample; the reference
+  reads it off a 1000-bin histogram on [-1, 1] (coarse where |a| is small);
+- the reference zeroes where |a| < t (keeps equality), we keep where |a| > t: a measure-zero difference.
+Only gated MLPs have a CATS: a two-layer MLP's activation output is the down projection's input,
+which is `teal` with roles=('down',).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import ActsparseError
+from .plan import Rule
+from .registry import Method, register_method
+
+
+def gated_layers(stats, method: str) -> list[int]:
+    """Layer indices whose MLP is gated (has a gate site); raise if the model has none."""
+    sites = stats.meta["sites"]
+    layers = sorted({int(s.split(".")[1]) for s in sites if s.endswith(".gate")})
+    if not layers:
+        raise ActsparseError(f"{method} needs a gated MLP (gate, up and down projections, e.g. Llama's SwiGLU); "
+                             "this model's MLPs have no gate projection. For a two-layer MLP use "
+                             "teal with roles=('down',) or scap")
+    return layers
+
+
+@register_method("cats")
+class Cats(Method):
+    """Threshold |SiLU(gate·x)| per layer; zeros skip up rows and down columns."""
+
+    @dataclasses.dataclass
+    class Params:
+        pass
+
+    def fit(self, stats, sparsity, params, model):
+        rules = []
+        for i in gated_layers(stats, "cats"):
+            point = f"layers.{i}.gate_act"
+            t = stats[point].abs_quantile(sparsity)
+            rules.append(Rule(point, "threshold", {"thresh": torch.tensor(t, dtype=torch.float32)},
+                              skips=[f"layers.{i}.up", f"layers.{i}.down"], expected_sparsity=sparsity))
+        return rules
