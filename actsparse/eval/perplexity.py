@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..data.text import TextData, text_data, token_stream
 from ..errors import ActsparseError
+from ..models.load import require_decoder
 from ..sparsifiers.apply import active_handle
 
 
@@ -22,6 +23,7 @@ def perplexity(model, tok, data: "str | TextData" = "bundled:eval", seq_len: int
     stride defaults to seq_len: disjoint windows, every token scored once; a trailing partial window
     is dropped. Under token policy 'decode', exactly the scored positions are sparsified.
     """
+    require_decoder(model, "perplexity")
     stride = seq_len if stride is None else stride
     if seq_len < 2:
         raise ActsparseError(f"seq_len must be >= 2, got {seq_len}")
