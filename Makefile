@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/actsparse sweep +sweep=demo
 
 test: $(STAMP)
+	-scripts/ensure_chromium.sh >/dev/null 2>&1
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
