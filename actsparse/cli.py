@@ -44,7 +44,8 @@ def _report_parser() -> argparse.ArgumentParser:
                    help="the sweep to report (default: the latest); with --all, repeatable, keeps these sweeps")
     p.add_argument("--all", action="store_true", help="every finished cell of the experiment, not one sweep")
     p.add_argument("--model", action="append", default=[], help="keep runs of this model (repeatable)")
-    p.add_argument("--method", action="append", default=[], help="keep runs of this method (repeatable)")
+    p.add_argument("--method", action="append", default=[],
+                   help="keep runs of this method (repeatable; the dense runs stay, as the reference)")
     p.add_argument("--since", default=None, help="keep runs started at or after this date (2025-06-30[T14:00], UTC)")
     p.add_argument("--until", default=None, help="keep runs started before this date")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",

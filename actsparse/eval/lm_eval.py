@@ -41,7 +41,8 @@ def _import_lm_eval():
     try:
         import lm_eval  # noqa: F401
     except ImportError as e:
-        raise ActsparseError(f"accuracy evaluation needs lm-evaluation-harness: pip install lm-eval=={LM_EVAL_VERSION}") from e
+        raise ActsparseError("accuracy evaluation needs lm-evaluation-harness: "
+                             f"pip install 'lm-eval[hf]=={LM_EVAL_VERSION}'") from e
     return lm_eval
 
 
@@ -120,7 +121,11 @@ def _in_dataset_cache(path: str) -> bool:
 @functools.lru_cache(maxsize=1)
 def _wrapper_class():
     """HFLM that marks, under token policy 'decode', the continuation-scoring positions of each batch."""
-    from lm_eval.models.huggingface import HFLM
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:  # HFLM needs lm-eval's `hf` extra (accelerate, peft)
+        raise ActsparseError(f"lm-eval's Hugging Face backend is missing {e.name or 'a dependency'}: "
+                             f"pip install 'lm-eval[hf]=={LM_EVAL_VERSION}'") from e
 
     class SparseHFLM(HFLM):
         _cont: dict | None = None

@@ -128,7 +128,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
         out.ray_started = _start_ray(launcher, console)
     try:
         if todo:
-            _check_resources(launcher)
+            _check_resources(launcher, console)
         parent = tracker.start_sweep(sweep_id, grid.name,
                                      params={"name": grid.name, "overrides": grid.overrides,
                                              "grid": grid.sweep_params, "n_grid_points": len(cells),
@@ -199,8 +199,11 @@ def _stop_ray(started: bool) -> None:
         ray.shutdown()
 
 
-def _check_resources(launcher: dict) -> None:
-    """Raise ActsparseError when no node of the Ray cluster can run a stage's resource request (it would wait forever)."""
+def _check_resources(launcher: dict, console) -> None:
+    """Raise ActsparseError when no Ray node can run a stage's resource request (it would wait forever).
+
+    On a cluster joined by address the autoscaler may still add such a node: there it is a warning.
+    """
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -212,10 +215,13 @@ def _check_resources(launcher: dict) -> None:
     for stage, ask in asks.items():
         if not any(r.get("CPU", 0) >= ask["num_cpus"] and r.get("GPU", 0) >= ask["num_gpus"] for r in nodes):
             where = f"launcher.{stage}" if "/" not in stage else "launcher.calibrate/evaluate"
-            raise ActsparseError(
-                f"{where} asks for {ask['num_cpus']:g} CPU(s) and {ask['num_gpus']:g} GPU(s) per task, but no node "
-                f"of the Ray cluster has that much (nodes: {have}); on a CPU-only machine use launcher=local "
-                "(no GPU request), else lower launcher.*.num_gpus / num_cpus or add nodes")
+            msg = (f"{where} asks for {ask['num_cpus']:g} CPU(s) and {ask['num_gpus']:g} GPU(s) per task, but no "
+                   f"node of the Ray cluster has that much (nodes: {have}); on a CPU-only machine use "
+                   "launcher=local (no GPU request), else lower launcher.*.num_gpus / num_cpus or add nodes")
+            if launcher["ray"]["address"] in (None, "", "local"):
+                raise ActsparseError(msg)
+            console.print(f"[yellow]warning:[/] {msg} (waiting for the cluster to grow)")
+            return
 
 
 def _start_ray(launcher: dict, console) -> bool:
@@ -315,18 +321,23 @@ def _execute_tasks(dag: SweepDag, launcher: dict, store, faults: dict, record) -
             faults, oom)
         pending[ref] = (c, deps)
     results: dict[tuple, dict] = {}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-        for ref in ready:
-            cell, deps = pending.pop(ref)
-            try:
-                result = ray.get(ref)
-            except Exception as e:
-                msg, tb = _describe_failure(e, deps)
-                record(cell, None, Failure(msg, tb))
-            else:
-                results[("cell", cell.key)] = result
-                record(cell, result, None)
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                cell, deps = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as e:
+                    msg, tb = _describe_failure(e, deps)
+                    record(cell, None, Failure(msg, tb))
+                else:
+                    results[("cell", cell.key)] = result
+                    record(cell, result, None)
+    except BaseException:  # Ctrl-C or an error: leave nothing running on the cluster
+        for ref in [*pending, *stats_refs.values(), *plan_refs.values(), *dense_refs.values()]:
+            ray.cancel(ref, force=True)
+        raise
     for kind, refs in (("stats", stats_refs), ("plan", plan_refs), ("dense", dense_refs)):
         for k, ref in refs.items():
             try:
@@ -337,7 +348,7 @@ def _execute_tasks(dag: SweepDag, launcher: dict, store, faults: dict, record) -
 
 
 def _node_counts(nodes: dict) -> dict:
-    """{calibrations,fits,dense_evals}_{computed,cached}, failed nodes, actors: what the sweep did, for tags and metrics."""
+    """{calibrations,fits,dense_evals}_{computed,cached}, OOM retries, actors, Ray nodes used: for tags and metrics."""
     out = {}
     for kind, name in (("stats", "calibrations"), ("plan", "fits"), ("dense", "dense_evals")):
         rs = [r for (k, _), r in nodes["results"].items() if k == kind]
@@ -345,6 +356,7 @@ def _node_counts(nodes: dict) -> dict:
         out[f"{name}_cached"] = sum(r["source"] == "cache" for r in rs)
     out["oom_retries"] = sum(r.get("oom_retries", 0) for r in nodes["results"].values())
     out["actors"], out["actor_deaths"] = nodes["actors"], nodes["actor_deaths"]
+    out["ray_nodes"] = len({r["worker"]["node"] for r in nodes["results"].values() if r.get("worker", {}).get("node")})
     return out
 
 

@@ -75,6 +75,8 @@ def _model(ref: ModelRef, device: str, cache_size: int):
 
 
 def _warm_imports() -> None:
+    """Import what every model load needs (seconds, once per process), so load times measure loading."""
+    import transformers.modeling_utils  # noqa: F401
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
@@ -273,11 +275,10 @@ def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: 
 
 
 class ModelWorker:
-    """A Ray actor that runs one model's nodes and keeps the model loaded between them (model affinity)."""
+    """A Ray actor that runs nodes and keeps the models it loaded (launcher.model_cache) between them (affinity)."""
 
-    def __init__(self, model_key: str):
+    def __init__(self):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.model_key = model_key
         _warm_imports()
 
     def run(self, stage: str, *args) -> dict:

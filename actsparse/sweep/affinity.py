@@ -1,0 +1,291 @@
+"""Model affinity: run the sweep's nodes on long-lived Ray actors, each keeping its current model loaded.
+
+The driver schedules the DAG itself: a node is ready when the nodes it depends on have results, and a
+ready node goes to an idle actor that holds its model (one node in flight per actor, so a dead actor
+blames exactly one node). Calibrations, dense evaluations, cell evaluations, and the fits whose method
+needs the model, run on the actors; fits that need only the statistics run as plain CPU tasks when the
+cluster has CPUs beside the actors, else on the actors too (a CPU-only box then has no idle core).
+
+Actors are the cluster's evaluation slots: `floor(GPUs / gpus per actor)` (or CPUs when actors take no
+GPU), capped by `launcher.max_workers`, started as work appears. An actor serves one model at a time:
+- it keeps taking its model's nodes while that model has any left (waiting for them if need be);
+- when its model is done, it moves to the next model, preferring one no actor serves yet (grid order),
+  then the one with most work queued per actor; moving costs one model load (the old one is evicted,
+  `launcher.model_cache`), never a new process;
+- a second actor joins a model only when more than twice as many of its nodes are queued as actors serve
+  it (a sweep's tail does not trigger model loads), up to `launcher.workers_per_model`.
+A node whose actor died (SIGKILL, a segfault, a lost node) runs again on a fresh actor,
+`launcher.max_retries` times; an exception is final and fails the nodes that depend on it.
+"""
+from __future__ import annotations
+
+import math
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .cells import Cell
+from .dag import SweepDag
+
+# stage name as the failure messages say it, and the scheduling priority of each node kind
+STAGE = {"stats": "calibration", "plan": "fit", "dense": "dense evaluation", "cell": "evaluation"}
+_PRIORITY = {"stats": 0, "dense": 1, "plan": 2, "cell": 3}
+_TASK = {"stats": "calibrate", "plan": "fit", "dense": "dense", "cell": "cell"}
+
+
+@dataclass
+class Failure:
+    """Why a node did not produce a result: one-line message (with the stage) and the full traceback."""
+    message: str
+    traceback: str
+
+
+@dataclass
+class _Job:
+    kind: str                       # stats | plan | dense | cell
+    key: str
+    model: str                      # model key: the affinity
+    node: object
+    deps: list[tuple[str, str]]
+    on_actor: bool
+    attempts: int = 0               # times its worker died under it
+    running: bool = False
+    dependents: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def id(self) -> tuple[str, str]:
+        return (self.kind, self.key)
+
+
+@dataclass
+class _Slot:
+    actor: object
+    model: str | None = None        # the model it serves now
+    busy: object | None = None      # the ObjectRef in flight, if any
+
+
+class AffinityScheduler:
+    """Runs a SweepDag on model-keeping Ray actors; calls on_cell(cell, result | None, Failure | None) per cell."""
+
+    def __init__(self, dag: SweepDag, launcher: dict, store, faults: dict,
+                 on_cell: Callable[[Cell, dict | None, Failure | None], None]):
+        self.dag, self.launcher, self.store, self.faults, self.on_cell = dag, launcher, store, faults, on_cell
+        self.results: dict[tuple, dict] = {}
+        self.failures: dict[tuple, Failure] = {}
+        self.jobs: dict[tuple, _Job] = {}
+        self.slots: list[_Slot] = []
+        self.inflight: dict = {}                          # ObjectRef -> (job, slot or None)
+        self.ready: dict[str, list[_Job]] = defaultdict(list)
+        self.ready_tasks: list[_Job] = []
+        self.queued: dict[str, int] = defaultdict(int)    # actor nodes per model: unfinished and not running
+        self.left = 0                                     # unfinished nodes
+        self.actors_started = 0
+        self.actor_deaths = 0
+        self.cap, self.fits_as_tasks = 1, False
+
+    # -- set-up --------------------------------------------------------------------------------------------
+    def _actor_resources(self) -> dict:
+        cal, ev = self.launcher["calibrate"], self.launcher["evaluate"]
+        return {"num_cpus": max(cal["num_cpus"], ev["num_cpus"]), "num_gpus": max(cal["num_gpus"], ev["num_gpus"])}
+
+    def _size(self) -> None:
+        """How many actors the cluster holds, and whether CPU fits fit beside them."""
+        import ray
+
+        res, want = ray.cluster_resources(), self._actor_resources()
+        by_cpu = math.floor(res.get("CPU", 0) / want["num_cpus"] + 1e-9) if want["num_cpus"] > 0 else math.inf
+        by_gpu = math.floor(res.get("GPU", 0) / want["num_gpus"] + 1e-9) if want["num_gpus"] > 0 else math.inf
+        cap = min(by_cpu, by_gpu)
+        if cap == math.inf:   # actors that ask for nothing: one per model is plenty
+            cap = len({c.plan.model.key for c in self.dag.cells.values()})
+        if self.launcher.get("max_workers"):
+            cap = min(cap, self.launcher["max_workers"])
+        self.cap = max(1, int(cap))
+        fit = self.launcher["fit"]
+        self.fits_as_tasks = (res.get("CPU", 0) - self.cap * want["num_cpus"] >= max(fit["num_cpus"], 1e-9)
+                              and res.get("GPU", 0) - self.cap * want["num_gpus"] >= fit["num_gpus"])
+
+    def _build(self) -> None:
+        d = self.dag
+        for k, n in d.stats.items():
+            self._add(_Job("stats", k, n.model.key, n, [], True))
+        for k, n in d.dense.items():
+            self._add(_Job("dense", k, n.model.key, n, [], True))
+        for k, n in d.plans.items():
+            self._add(_Job("plan", k, n.model.key, n, [("stats", n.stats_key)],
+                           n.needs_model or not self.fits_as_tasks))
+        for k, c in d.cells.items():
+            self._add(_Job("cell", k, c.plan.model.key, c, [("stats", c.stats.key), ("plan", c.plan.key),
+                                                               ("dense", c.dense.key)], True))
+        for j in self.jobs.values():
+            for dep in j.deps:
+                self.jobs[dep].dependents.append(j.id)
+            if not j.deps:
+                self._make_ready(j)
+
+    def _add(self, job: _Job) -> None:
+        self.jobs[job.id] = job
+        self.left += 1
+        if job.on_actor:
+            self.queued[job.model] += 1
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run every node to a result or a failure; kill the actors on the way out (Ctrl-C included)."""
+        import ray
+
+        self._size()
+        self._build()
+        try:
+            while self.left:
+                self._staff()
+                self._dispatch()
+                if not self.inflight:  # cannot happen with a well-formed DAG; never spin silently
+                    raise RuntimeError(f"sweep scheduler stalled with {self.left} nodes left")
+                done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
+                for ref in done:
+                    self._complete(ref)
+        finally:  # on Ctrl-C or an error too: leave nothing running on the cluster
+            for ref, (_, slot) in self.inflight.items():
+                if slot is None:
+                    ray.cancel(ref, force=True)
+            for s in self.slots:
+                ray.kill(s.actor, no_restart=True)
+            self.slots.clear()
+
+    def _staff(self) -> None:
+        """Start actors, up to the cap, while queued actor nodes outnumber the actors."""
+        import ray
+
+        from .tasks import ModelWorker
+
+        res = self._actor_resources()
+        while len(self.slots) < min(self.cap, sum(self.queued.values())):
+            self.actors_started += 1
+            actor = ray.remote(ModelWorker).options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
+                                                    max_restarts=0, max_task_retries=0, max_concurrency=1).remote()
+            self.slots.append(_Slot(actor))
+
+    def _serving(self) -> dict[str, int]:
+        n = defaultdict(int)
+        for s in self.slots:
+            if s.model is not None:
+                n[s.model] += 1
+        return n
+
+    def _choose_model(self, slot: _Slot) -> str | None:
+        """The model an idle actor should serve next (its own while that has work; see the module doc)."""
+        serving = self._serving()
+        if slot.model is not None and self.queued[slot.model]:
+            return slot.model
+        if slot.model is not None:
+            serving[slot.model] -= 1
+        per = self.launcher.get("workers_per_model") or self.cap
+        cand = [m for m, q in self.queued.items() if q and serving[m] < per and (serving[m] == 0 or q > 2 * serving[m])]
+        if not cand:
+            return None
+        return min(cand, key=lambda m: (serving[m] > 0, -self.queued[m] / (serving[m] + 1)))
+
+    def _dispatch(self) -> None:
+        import ray
+
+        from . import tasks
+
+        for s in self.slots:
+            if s.busy is not None:
+                continue
+            s.model = self._choose_model(s)
+            queue = self.ready.get(s.model) if s.model is not None else None
+            if queue:
+                queue.sort(key=lambda j: _PRIORITY[j.kind])
+                job = queue.pop(0)
+                job.running = True
+                self.queued[job.model] -= 1
+                s.busy = s.actor.run.remote(_TASK[job.kind], *self._args(job))
+                self.inflight[s.busy] = (job, s)
+        fit = self.launcher["fit"]
+        while self.ready_tasks:
+            job = self.ready_tasks.pop(0)
+            job.running = True
+            ref = ray.remote(tasks.fit_task).options(
+                num_cpus=fit["num_cpus"], num_gpus=fit["num_gpus"], max_retries=self.launcher["max_retries"],
+                retry_exceptions=False, name=f"fit:{job.key[:8]}").remote(*self._args(job))
+            self.inflight[ref] = (job, None)
+
+    def _args(self, job: _Job) -> tuple:
+        L, r = self.launcher, self.results
+        first = self.dag.first_cell[job.key] if job.kind != "cell" else job.node
+        threads = L["calibrate" if job.kind == "stats" else "fit" if job.kind == "plan" else "evaluate"]["num_cpus"]
+        cache, f, oom = L["model_cache"], self.faults, L["oom_retries"]
+        if job.kind == "stats":
+            return (job.node, self.store, first.device, threads, cache, f, oom)
+        if job.kind == "plan":
+            return (job.node, self.store, r[job.deps[0]], first.device, threads, cache, f)
+        if job.kind == "dense":
+            return (job.node, self.store, first.device, threads, cache, f, oom)
+        return (job.node, self.store, r[job.deps[0]], r[job.deps[1]], r[job.deps[2]], threads, cache, f, oom)
+
+    # -- results -------------------------------------------------------------------------------------------------
+    def _complete(self, ref) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        job, slot = self.inflight.pop(ref)
+        job.running = False
+        if slot is not None:
+            slot.busy = None
+        try:
+            result = ray.get(ref)
+        except RayActorError as e:        # the worker process died under the node (SIGKILL, segfault, lost node)
+            self.actor_deaths += 1
+            if slot is not None and slot in self.slots:
+                self.slots.remove(slot)   # a fresh actor replaces it on the next _staff()
+            job.attempts += 1
+            if job.attempts <= self.launcher["max_retries"]:
+                if job.on_actor:
+                    self.queued[job.model] += 1
+                self._make_ready(job)
+                return
+            self._fail(job, Failure(f"{STAGE[job.kind]} failed: its worker process died {job.attempts} time(s) "
+                                    f"({type(e).__name__}); raise launcher.max_retries or check the workers' "
+                                    "memory (an out-of-memory kill looks like this)", str(e)))
+        except RayTaskError as e:
+            cause = e.cause if e.cause is not None else e
+            self._fail(job, _failure(job.kind, cause, str(e)))
+        except Exception as e:            # e.g. a plain task's worker crashed past its retries
+            self._fail(job, _failure(job.kind, e, traceback.format_exc()))
+        else:
+            self._done(job, result)
+
+    def _make_ready(self, job: _Job) -> None:
+        (self.ready[job.model] if job.on_actor else self.ready_tasks).append(job)
+
+    def _done(self, job: _Job, result: dict) -> None:
+        self.results[job.id] = result
+        self.left -= 1
+        if job.kind == "cell":
+            self.on_cell(job.node, result, None)
+        for d in job.dependents:
+            dep = self.jobs[d]
+            if d not in self.failures and all(x in self.results for x in dep.deps):
+                self._make_ready(dep)
+
+    def _fail(self, job: _Job, failure: Failure) -> None:
+        """Record a failure and pass it to every node that depends on this one (same message: the root cause)."""
+        if job.id in self.failures:
+            return
+        self.failures[job.id] = failure
+        self.left -= 1
+        if job.kind == "cell":
+            self.on_cell(job.node, None, failure)
+        for d in job.dependents:
+            dep = self.jobs[d]
+            if dep.on_actor and d not in self.failures:
+                self.queued[dep.model] -= 1   # it will never run
+            self._fail(dep, failure)
+
+
+def _failure(kind: str, cause: BaseException, tb: str) -> Failure:
+    text = str(cause).strip().splitlines()
+    return Failure(f"{STAGE[kind]} failed: {type(cause).__name__}: {text[0] if text else ''}", tb)

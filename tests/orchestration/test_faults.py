@@ -1,0 +1,112 @@
+"""Faults for real: GPU out-of-memory (a real torch.OutOfMemoryError, injected on CPU through the documented
+ACTSPARSE_INJECT_FAULTS hook) and a worker process killed with SIGKILL in the middle of a cell."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from actsparse.errors import ActsparseError
+from actsparse.sweep.faults import OomInjector
+from actsparse.sweep.tasks import retry_oom
+
+from .conftest import mlflow_runs, summary, sweep_in_process
+
+
+def test_retry_oom_halves_the_batch_once_then_names_the_knob():
+    seen = []
+
+    def run(b):
+        seen.append(b)
+        return 10 * b
+
+    assert retry_oom(run, 8, 1, "evaluation", "eval.batch_size", OomInjector({"times": 1})) == (40, 4, 1)
+    assert seen == [4]                       # the injected OOM hit the first call, at 8
+    seen.clear()
+    with pytest.raises(ActsparseError) as e:
+        retry_oom(run, 8, 1, "evaluation", "eval.batch_size", OomInjector({"times": 2}))
+    assert str(e.value).startswith("evaluation ran out of GPU memory at batch_size 4 (retried 1x from 8); "
+                                   "lower eval.batch_size")
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError) and seen == []
+    with pytest.raises(ActsparseError, match="at batch_size 1;"):   # nothing smaller to try
+        retry_oom(run, 1, 1, "calibration", "data.batch_size", OomInjector({"times": 1}))
+    assert retry_oom(run, 6, 3, "x", "k", OomInjector({"times": 2})) == (10, 1, 2)   # 6 -> 3 -> 1
+    assert retry_oom(run, 8, 0, "x", "k", None) == (80, 8, 0)
+
+
+def test_oom_in_a_cell_is_retried_at_half_the_batch_and_twice_fails_only_that_cell(ray_cluster, workspace, monkeypatch,
+                                                                                     sweep_model):
+    import actsparse as asp
+
+    ws, base = workspace
+    monkeypatch.setenv("ACTSPARSE_INJECT_FAULTS", json.dumps({"oom": [
+        {"stage": "cell", "match": "teal s=0.6", "times": 1},
+        {"stage": "cell", "match": "teal s=0.3", "times": 2}]}))
+    rc, out, _ = sweep_in_process(["+sweep=smoke", *base, "method=teal", "report.enabled=false"])
+    assert rc == 1 and summary(out) == (1, 0, 1), out
+    uri = f"sqlite:///{ws}/mlflow.db"
+    runs = {r.data.params["sparsity"]: r for r in mlflow_runs(uri, "cell")}
+    ok, failed = runs["0.6"], runs["0.3"]
+    assert ok.info.status == "FINISHED"
+    assert ok.data.tags["oom_retries"] == "1" and ok.data.tags["eval_batch_size"] == "4"
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["error"].startswith(
+        "evaluation failed: ActsparseError: evaluation ran out of GPU memory at batch_size 4 (retried 1x from 8)")
+    (parent,) = mlflow_runs(uri, "sweep")
+    assert parent.data.tags["oom_retries"] == "1"
+    # the retried cell's numbers are those of the Python API with the same plan at the configured batch size
+    # (perplexity and measured sparsity do not depend on the batch; the aborted attempt left no counts behind)
+    model, tok = asp.load_model(sweep_model)
+    plan = asp.SparsityPlan.load(ws / "store" / "plans" / ok.data.tags["plan_key"])
+    with asp.sparsify(model, plan, token_policy="all") as h:
+        ppl = asp.perplexity(model, tok, data="bundled:eval", seq_len=128, max_tokens=1024, batch_size=8)
+        measured = h.measured_sparsity()
+    assert ok.data.metrics["ppl"] == pytest.approx(ppl, rel=1e-5)
+    assert ok.data.metrics["sparsity/effective"] == pytest.approx(measured["effective"], abs=1e-6)
+
+
+def _kill_when_held(pidfile, killed: dict, timeout: float = 240) -> threading.Thread:
+    """Wait for the held worker to write its pid, SIGKILL it, and let the retry through."""
+    def go():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                text = pidfile.read_text()
+            except FileNotFoundError:
+                text = ""
+            if text.strip():
+                killed["pid"] = int(text)
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_worker_killed_with_sigkill_mid_cell_is_retried_and_the_sweep_completes(ray_cluster, workspace, monkeypatch):
+    ws, base = workspace
+    pidfile = ws / "held.pid"
+    monkeypatch.setenv("ACTSPARSE_INJECT_FAULTS", json.dumps(
+        {"hold": [{"stage": "cell", "match": "teal s=0.6", "pidfile": str(pidfile), "seconds": 300}]}))
+    killed = {}
+    t = _kill_when_held(pidfile, killed)
+    rc, out, _ = sweep_in_process(["+sweep=smoke", *base, "report.enabled=false"])
+    t.join(5)
+    assert killed, "the held cell never started"
+    assert rc == 0 and summary(out) == (3, 1, 0), out
+    uri = f"sqlite:///{ws}/mlflow.db"
+    cells = mlflow_runs(uri, "cell")
+    assert len(cells) == 3 and all(r.info.status == "FINISHED" for r in cells)
+    (held,) = [r for r in cells if r.data.params["sparsity"] == "0.6" and r.data.params["method.name"] == "teal"]
+    assert held.data.tags["worker_pid"] != str(killed["pid"])      # it finished in another process
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed["pid"], 0)                                  # and the killed one is gone for good
+    (parent,) = mlflow_runs(uri, "sweep")
+    assert parent.data.tags["actor_deaths"] == "1"
