@@ -57,7 +57,9 @@ def calibrate(model, tok, data: "str | TextData" = "bundled:calib", tokens: int 
     collectors = {p: ProbeCollector(sample_size, seed + zlib.crc32(p.encode())) for p in points}
     # Sites that read the very same tensor (q/k/v; gate/up) are collected once: the first forward
     # records which probe saw each tensor first, later probes of that tensor become aliases of it.
-    seen: dict[tuple, str] = {}
+    # `seen` holds the tensors themselves during the first forward, so the allocator cannot hand a
+    # freed tensor's address to a later layer's input and fake an alias.
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}
     alias: dict[str, str] = {}
     first = [True]
 
@@ -65,9 +67,9 @@ def calibrate(model, tok, data: "str | TextData" = "bundled:calib", tokens: int 
         if first[0]:
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
             if key in seen:
-                alias[name] = seen[key]
+                alias[name] = seen[key][0]
                 return
-            seen[key] = name
+            seen[key] = (name, x)
         if name not in alias:
             collectors[name].update(x)
 

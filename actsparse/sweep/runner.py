@@ -57,7 +57,7 @@ class Outcome:
         where = f"results: MLflow {self.tracking_uri} (experiment {self.experiment!r}, sweep {self.sweep_id}"
         where += f", parent run {self.parent_run_id})" if self.parent_run_id else ")"
         if self.report is not None:
-            where += f"; report: {self.report.markdown}"
+            where += f"; report: {self.report.html}"
         elif self.report_error:
             where += f"; report failed: {self.report_error}"
         return (f"cells: {self.count(FINISHED)} finished, {self.count(SKIPPED)} skipped, "
@@ -450,7 +450,5 @@ def _report(tr: dict, results: Path, sweep_id: str, statuses: list[dict], tracke
     df = runs_frame(tr["uri"], tr["experiment"], ids)
     rep = build_report(df, results, f"Sweep {sweep_id}")
     tracker.log_artifacts(parent, rep.dir, "report")
-    for text in (rep.table, rep.front):
-        if text:
-            console.print(text + "\n", markup=False, highlight=False)
+    console.print(rep.console_text() + "\n", markup=False, highlight=False)
     return rep

@@ -97,3 +97,20 @@ def test_calibrate_rejects_bad_arguments(tiny, text_file):
         asp.calibrate(model, tok, str(text_file), tokens=100, seq_len=128)
     with pytest.raises(asp.ActsparseError, match="unknown probes"):
         asp.calibrate(model, tok, str(text_file), tokens=256, seq_len=128, probes=["layers.9.q"])
+
+
+def test_calibration_is_deterministic_and_aliases_only_shared_inputs():
+    import actsparse as asp
+
+    model, tok = asp.load_model("tiny-llama")
+    a = asp.calibrate(model, tok, "bundled:calib", tokens=1024, seq_len=256, progress=False)
+    b = asp.calibrate(model, tok, "bundled:calib", tokens=1024, seq_len=256, progress=False)
+    for name in a.probes:
+        assert torch.equal(a[name].sample, b[name].sample), name
+    for i in range(6):  # q/k/v read one tensor, gate/up another; nothing crosses layers or roles
+        assert a[f"layers.{i}.q"] is a[f"layers.{i}.k"] is a[f"layers.{i}.v"]
+        assert a[f"layers.{i}.gate"] is a[f"layers.{i}.up"]
+        assert a[f"layers.{i}.o"] is not a[f"layers.{i}.q"]
+        if i:
+            assert a[f"layers.{i}.q"] is not a[f"layers.{i - 1}.q"]
+            assert a[f"layers.{i}.down"] is not a[f"layers.{i - 1}.down"]

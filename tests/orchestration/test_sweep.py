@@ -135,7 +135,7 @@ def test_cell_artifacts_and_the_report(smoke):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     cells = json.loads((ws / "results" / sweep_id / "cells.json").read_text())
     assert [c["status"] for c in cells].count("skipped") == 1 and len(cells) == 4
-    assert f"report: {ws / 'results' / sweep_id / 'report.md'}" in smoke[3]
+    assert f"report: {ws / 'results' / sweep_id / 'report.html'}" in smoke[3]
 
 
 def test_rerun_does_no_model_work_and_a_new_point_reuses_the_calibration(smoke):
