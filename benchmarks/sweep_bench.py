@@ -39,6 +39,7 @@ def sweep(work: Path, name: str, overrides: list[str], timeout: int = 3000) -> d
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
+    print(f"sweep {name}: exit {proc.returncode}, {wall:.1f} s", flush=True)
     (work / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     m = re.search(r"cells: (\d+) finished, (\d+) skipped, (\d+) failed", proc.stdout)
     if proc.returncode != 0 or not m:
@@ -53,6 +54,8 @@ def sweep(work: Path, name: str, overrides: list[str], timeout: int = 3000) -> d
     return {"name": name, "wall_s": wall, "finished": int(m[1]), "skipped": int(m[2]), "failed": int(m[3]),
             "ray_started": "ray: " in proc.stdout, "tags": dict(parent.data.tags), "metrics": dict(parent.data.metrics),
             "stats_keys": sorted({r.data.tags.get("stats_key") for r in cells}),
+            "cell_eval_s": sum(r.data.metrics.get("time/eval_s", 0.0) for r in cells),
+            "cell_fit_s": sum(r.data.metrics.get("time/fit_s", 0.0) for r in cells),
             "stats_sources": sorted(r.data.tags.get("stats_source", "") for r in cells)}
 
 
@@ -117,6 +120,7 @@ def grid_overrides(a, store: Path, extra: list[str] = ()) -> list[str]:
     return [f"model={a.model}", f"method={METHODS}", f"sparsity={SPARSITIES}", f"launcher.store={store}",
             f"data.tokens={a.calib_tokens}", f"data.seq_len={a.seq_len}", f"eval.seq_len={a.seq_len}",
             f"eval.max_tokens={a.eval_tokens}", f"eval.batch_size={a.batch_size}", f"device={a.device}",
+            *([f"eval.stride={a.stride}"] if a.stride else []),
             *(["launcher=gpu", f"model.dtype={a.dtype}"] if a.device != "cpu" else []), *extra]
 
 
@@ -160,6 +164,8 @@ def main() -> int:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--stride", type=int, default=None,
+                   help="evaluation stride (< seq-len: overlapping windows, more work per cell on the same text)")
     p.add_argument("--work", default=str(REPO / "build" / "sweep_bench"))
     p.add_argument("--out", default=None, help="where sweep_bench.json goes (default: --work)")
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/BENCHMARKS.md")
@@ -241,7 +247,9 @@ def main() -> int:
             rows.append((f"grid on {n} GPU(s): cells finished / failed, calibrations computed, time/sweep_s "
                          "(process wall)",
                          f"{sc['finished']} / {sc['failed']}, {sc['tags'].get('calibrations_computed')}, "
-                         f"{sc['metrics']['time/sweep_s']:.1f} s ({sc['wall_s']:.1f} s)", "16 / 0, 1"))
+                         f"{sc['metrics']['time/sweep_s']:.1f} s ({sc['wall_s']:.1f} s)", "16 / 0, 1"),
+                     (f"grid on {n} GPU(s): sum over cells of time/eval_s, time/fit_s",
+                      f"{sc['cell_eval_s']:.1f} s, {sc['cell_fit_s']:.1f} s", ""))
         rows += [(f"{a.gpus} GPUs / 1 GPU (time/sweep_s)", f"{tn / t1:.2f}", "<= 0.6"),
                  (f"nvidia-smi during the {a.gpus}-GPU sweep (200 ms samples)", busy or "no samples", "every GPU busy")]
         r = sweep(work, f"gpus_{a.gpus}", grid_overrides(a, work / f"store_{a.gpus}gpu", [f"ray.num_gpus={a.gpus}"]))
@@ -257,7 +265,7 @@ def main() -> int:
     md = [f"\n## Sweeps: `benchmarks/sweep_bench.py --parts {a.parts}` ({res['date']}, {res['device']}, "
           f"commit {res['commit']})\n",
           f"Model `{a.model}`, calibration {a.calib_tokens} tokens, evaluation {a.eval_tokens} tokens in windows of "
-          f"{a.seq_len}, device {a.device}; each sweep is a fresh `actsparse sweep` process."
+          f"{a.seq_len}" + (f" moved by {a.stride}" if a.stride else "") + f", device {a.device}; each sweep is a fresh `actsparse sweep` process."
           + (f" Affinity part: {res['affinity_models']}, calibration 1024 tokens, evaluation 512 in windows of 128."
              if res.get("affinity_models") and a.device == "cpu" else "") + "\n",
           "| figure | value | target |", "|---|--:|---|"] + [f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]

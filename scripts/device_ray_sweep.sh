@@ -17,8 +17,9 @@
 # 4 sparsities on 1 GPU, then on 2 GPUs, then the finished sweep again. `all` = stash + run.
 #
 # $OUT gets (at most 8 files come back): env.txt, install.log, bench.log, sweep_bench.json, sweep_bench.md,
-# smi_1gpu.csv, smi_2gpu.csv, logs.tar.gz. Knobs: MODEL_LAYERS MODEL_HIDDEN MODEL_INTER EVAL_TOKENS
-# CALIB_TOKENS SEQ_LEN BATCH (defaults below: a ~1.6 B model, 16 cells of 512 k evaluation tokens each, so the
+# smi_1gpu.csv, smi_2gpu.csv, logs.tar.gz. Knobs: MODEL_LAYERS MODEL_HIDDEN MODEL_INTER EVAL_TOKENS EVAL_STRIDE
+# CALIB_TOKENS SEQ_LEN BATCH (defaults below: a ~1.5 B model, 16 cells each scoring all of bundled:eval (216 k
+# tokens) in windows of 1024 moved by 256, i.e. ~860 k tokens of forward work per cell, so the
 # cells, which two GPUs share, outweigh what does not parallelise: Ray start, worker start, calibration).
 # Locally (no GPU), a check of the whole path with a wheelhouse built for this Python:
 #   PYVER=3.11 OUT=/tmp/wh bash scripts/build_wheelhouse.sh && WHEELHOUSE=/tmp/wh STASH=/tmp/wh_stash \
@@ -124,7 +125,8 @@ run() {
         MODEL=$MODEL_DIR
         [ -f "$MODEL/config.json" ] || build_model "$MODEL" 2>&1 | tee -a "$OUT/env.txt"
         ARGS=(--device cuda --gpus 2 --dtype bfloat16 --calib-tokens "${CALIB_TOKENS:-16384}"
-              --eval-tokens "${EVAL_TOKENS:-524288}" --seq-len "${SEQ_LEN:-1024}" --batch-size "${BATCH:-8}")
+              --eval-tokens "${EVAL_TOKENS:-262144}" --seq-len "${SEQ_LEN:-1024}" --stride "${EVAL_STRIDE:-256}"
+              --batch-size "${BATCH:-8}")
     else  # a CPU check of this script: the bench's gpus part needs GPUs, so run the CPU parts instead
         MODEL=tiny-llama
         ARGS=(--device cpu --parts grid,rerun --calib-tokens 1024 --eval-tokens 1024 --seq-len 128 --no-append)
@@ -132,7 +134,7 @@ run() {
     timeout "${BENCH_TIMEOUT:-520}" "$PY" benchmarks/sweep_bench.py --parts gpus --model "$MODEL" \
         --work /tmp/sweep_bench --out "$OUT" --no-append "${ARGS[@]}" 2>&1 | tee "$OUT/bench.log"
     cp /tmp/sweep_bench/smi_*gpu.csv "$OUT"/ 2>/dev/null || true
-    tar czf "$OUT/logs.tar.gz" -C /tmp/sweep_bench --exclude='store_*' --exclude='*.db' . 2>/dev/null || true
+    tar czf "$OUT/logs.tar.gz" -C /tmp/sweep_bench --exclude='store_*' . 2>/dev/null || true
     ls -la "$OUT"
 }
 

@@ -71,10 +71,11 @@ class FFNThreshold(Method):
                 if o in b.sites:
                     points[f"{b.layer}.{o}"] = (b.sites[o].module, "output")
         acts = collect(model, windows, points)
+        dev = next(model.parameters()).device    # sort each [tokens, channels] on the model's device
         rules = []
         for b in blocks:
             i = b.layer
-            t = {o: SortedAbs(acts.pop(f"{i}.{o}"))(sparsity) for o in params.outputs if f"{i}.{o}" in acts}
+            t = {o: SortedAbs(acts.pop(f"{i}.{o}"), dev)(sparsity) for o in params.outputs if f"{i}.{o}" in acts}
             if "gate" in t:
                 rules.append(Rule(f"layers.{i}.gate", "output_threshold", {"thresh": torch.tensor(t["gate"])},
                                   skips=[f"layers.{i}.up"], expected_sparsity=sparsity))
