@@ -244,12 +244,12 @@ def main() -> int:
                          for k, v in scale[a.gpus]["gpu_samples"].items())
         for n in (1, a.gpus):
             sc = scale[n]
-            rows.append((f"grid on {n} GPU(s): cells finished / failed, calibrations computed, time/sweep_s "
-                         "(process wall)",
-                         f"{sc['finished']} / {sc['failed']}, {sc['tags'].get('calibrations_computed')}, "
-                         f"{sc['metrics']['time/sweep_s']:.1f} s ({sc['wall_s']:.1f} s)", "16 / 0, 1"),
+            rows += [(f"grid on {n} GPU(s): cells finished / failed, calibrations computed, time/sweep_s "
+                      "(process wall)",
+                      f"{sc['finished']} / {sc['failed']}, {sc['tags'].get('calibrations_computed')}, "
+                      f"{sc['metrics']['time/sweep_s']:.1f} s ({sc['wall_s']:.1f} s)", "16 / 0, 1"),
                      (f"grid on {n} GPU(s): sum over cells of time/eval_s, time/fit_s",
-                      f"{sc['cell_eval_s']:.1f} s, {sc['cell_fit_s']:.1f} s", ""))
+                      f"{sc['cell_eval_s']:.1f} s, {sc['cell_fit_s']:.1f} s", "")]
         rows += [(f"{a.gpus} GPUs / 1 GPU (time/sweep_s)", f"{tn / t1:.2f}", "<= 0.6"),
                  (f"nvidia-smi during the {a.gpus}-GPU sweep (200 ms samples)", busy or "no samples", "every GPU busy")]
         r = sweep(work, f"gpus_{a.gpus}", grid_overrides(a, work / f"store_{a.gpus}gpu", [f"ray.num_gpus={a.gpus}"]))
