@@ -1,6 +1,6 @@
 """Quality metrics: which way is better (read from the metric's name), how to print them, and budgets vs dense.
 
-ppl*, loss*: lower is better; acc*, fidelity*: higher is better. Any other metric needs an explicit
+ppl*, loss*, */rel_err: lower is better; acc*, fidelity* (fidelity/cos): higher is better. Any other metric needs an explicit
 direction (`name:min` or `name:max`), because guessing wrong would silently invert every front.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def direction_of(name: str) -> bool | None:
     """Return True when higher is better, False when lower is, None when the name does not say."""
     n = name.lower()
     base = n.rsplit("/", 1)[-1]
-    if n.startswith(("ppl", "loss")) or base.startswith(("ppl", "loss")) or n.endswith("loss"):
+    if n.startswith(("ppl", "loss")) or base.startswith(("ppl", "loss", "rel_err")) or n.endswith("loss"):
         return False
     if n.startswith(("acc", "fidelity")):
         return True

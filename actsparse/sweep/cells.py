@@ -13,6 +13,7 @@ many sparsities a grid lists it at.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from ..errors import ActsparseError
 DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "auto")
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _HASH_LIMIT = 64 << 20  # files above this are identified by size + mtime instead of content
+MEASURES = ("ppl", "lm_eval", "fidelity", "speed")   # what a cell can measure (eval.measure)
+DECODER_ONLY = ("ppl", "lm_eval", "speed")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class ModelRef:
     revision: str | None
     kind: str                # bundled | local | hub
     key: str
+    encoder: bool = False    # an encoder (BERT-like): no perplexity, lm-eval or decode speed
+    model_type: str = ""     # config.model_type (what decode speed checks)
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,12 @@ class PlanNode:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """Perplexity evaluation settings; batch_size is not part of any key."""
+    """What a cell measures and how; batch sizes are not part of any key.
+
+    `measure` is resolved per model (encoders take eval.encoder_measure); `settings` holds the
+    parameters of each measure other than ppl. A perplexity-only spec keys exactly as it did before
+    the other measures existed, so finished sweeps stay finished.
+    """
     data: str
     data_key: str
     seq_len: int
@@ -72,13 +82,34 @@ class EvalSpec:
     max_tokens: int | None
     token_policy: str
     batch_size: int
+    measure: tuple = ("ppl",)
+    settings: dict = field(default_factory=dict)     # {"lm_eval": {...}, "fidelity": {...}, "speed": {...}}
 
     def identity(self, with_policy: bool = True) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("batch_size")
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_size", "measure", "settings")}
         if not with_policy:
             d.pop("token_policy")
+        if self.measure != ("ppl",):
+            d["measure"] = list(self.measure)
+            d["settings"] = {m: {k: v for k, v in s.items() if k != "batch_size"} for m, s in self.settings.items()}
         return d
+
+    def dense_identity(self) -> dict:
+        """What the dense node computes from: the spec without token policy, fidelity or speed settings."""
+        d = self.identity(with_policy=False)
+        dense = [m for m in self.measure if m in DENSE_MEASURES]
+        d.pop("measure", None)
+        settings = d.pop("settings", {})
+        if dense != ["ppl"]:     # perplexity alone keys as it always did
+            d["measure"] = dense
+            d["settings"] = {m: v for m, v in settings.items() if m in DENSE_MEASURES}
+        return d
+
+    def has(self, measure: str) -> bool:
+        return measure in self.measure
+
+
+DENSE_MEASURES = ("ppl", "lm_eval")   # what the dense node evaluates once per model (fidelity's dense is itself)
 
 
 @dataclass(frozen=True)
@@ -146,6 +177,7 @@ def _cell(index: int, overrides: list[str], cfg: dict, ctx: _Context) -> Cell:
     _check_collector(d)
     _check_eval(e)
     model = _model_ref(m, ctx)
+    measure = _measures(e, model, m["name"])
     calib_key = _data_key(d["calib"], "data.calib", ctx)
     eval_key = _data_key(e["data"], "eval.data", ctx)
 
@@ -157,8 +189,8 @@ def _cell(index: int, overrides: list[str], cfg: dict, ctx: _Context) -> Cell:
     plan = PlanNode(content_key("plan", stats.key, cls.name, params, target), stats.key, model, cls.name,
                     params, given, target, _needs_model(cls, typed))
     ev = EvalSpec(e["data"], eval_key, e["seq_len"], e["stride"] or e["seq_len"], e["max_tokens"],
-                  e["token_policy"], e["batch_size"])
-    dense = DenseNode(content_key("dense", model.key, ev.identity(with_policy=False)), model, ev)
+                  e["token_policy"], e["batch_size"], measure, {k: dict(e[k]) for k in measure if k != "ppl"})
+    dense = DenseNode(content_key("dense", model.key, ev.dense_identity()), model, ev)
     key = content_key("cell", plan.key, ev.identity())
     label = f"{m['name'] if model.kind != 'local' else Path(m['name']).name} {cls.name}" + \
             (f" s={sparsity:g}" if cls.uses_target else "")
@@ -206,6 +238,60 @@ def _check_eval(e: dict) -> None:
                              "or null (all of the data)")
     if e["batch_size"] < 1:
         raise ActsparseError(f"eval.batch_size must be >= 1, got {e['batch_size']}")
+    for what in ("measure", "encoder_measure"):
+        ms = e.get(what)
+        if ms is None and what == "encoder_measure":
+            continue
+        ms = list(ms or [])
+        bad = [x for x in ms if x not in MEASURES]
+        if not ms or bad or len(set(ms)) != len(ms):
+            raise ActsparseError(f"eval.{what} must be a non-empty list of distinct measures from {list(MEASURES)}, "
+                                 f"got {ms}")
+    lm, fid, sp = e["lm_eval"], e["fidelity"], e["speed"]
+    if any("lm_eval" in (e.get(w) or []) for w in ("measure", "encoder_measure")):
+        tasks = [t for t in (lm["tasks"] or []) if str(t).strip()]
+        if not tasks:
+            raise ActsparseError("eval.lm_eval.tasks must name at least one lm-eval task (e.g. actsparse_offline)")
+        _check_tasks(tuple(str(t).strip() for t in tasks))   # unknown names (close matches), hub tasks offline
+        if lm["num_fewshot"] is not None and lm["num_fewshot"] < 0:
+            raise ActsparseError(f"eval.lm_eval.num_fewshot must be >= 0 or null, got {lm['num_fewshot']}")
+        if lm["limit"] is not None and not lm["limit"] > 0:
+            raise ActsparseError(f"eval.lm_eval.limit must be > 0 (items, or a fraction < 1) or null, got {lm['limit']}")
+        if lm["batch_size"] < 1:
+            raise ActsparseError(f"eval.lm_eval.batch_size must be >= 1, got {lm['batch_size']}")
+    from ..eval.fidelity import OUTPUTS
+
+    if fid["n"] < 1 or fid["seq_len"] < 2 or fid["batch_size"] < 1 or fid["output"] not in OUTPUTS:
+        raise ActsparseError(f"eval.fidelity needs n >= 1, seq_len >= 2, batch_size >= 1 and output in "
+                             f"{list(OUTPUTS)}; got n={fid['n']}, seq_len={fid['seq_len']}, "
+                             f"batch_size={fid['batch_size']}, output={fid['output']!r}")
+    if sp["n_tokens"] < 1 or sp["batch"] < 1 or sp["prompt_len"] < 1 or sp["repeats"] < 1:
+        raise ActsparseError(f"eval.speed needs n_tokens, batch, prompt_len and repeats >= 1; got {dict(sp)}")
+
+
+@functools.lru_cache(maxsize=32)
+def _check_tasks(tasks: tuple) -> None:
+    from ..eval.lm_eval import check_tasks
+
+    check_tasks(list(tasks))
+
+
+def _measures(e: dict, model: ModelRef, name: str) -> tuple:
+    """The measures a cell of this model runs: eval.measure, or eval.encoder_measure for an encoder.
+
+    Decode speed is not refused here: a cell without a GPU, a Llama-family model or a plan of threshold
+    rules skips it and records why (tag `speed_skipped`), so one grid can mix what the engine runs and
+    what it does not."""
+    ms = list(e["measure"])
+    if model.encoder and e.get("encoder_measure") is not None:
+        ms = list(e["encoder_measure"])
+    if model.encoder:
+        bad = [x for x in ms if x in DECODER_ONLY]
+        if bad:
+            raise ActsparseError(f"model {name!r} is an encoder: {', '.join(bad)} need(s) a decoder-only LM; "
+                                 "evaluate it with fidelity (eval=fidelity, or eval=quality for a grid of "
+                                 "decoders and encoders; or set eval.encoder_measure=[fidelity])")
+    return tuple(ms)
 
 
 def _model_ref(m: dict, ctx: _Context) -> ModelRef:
@@ -220,8 +306,32 @@ def _model_ref(m: dict, ctx: _Context) -> ModelRef:
             key = content_key("model", "hub", src.path, m.get("revision") or "main", m["dtype"])
         else:                  # a folder by its files' content, wherever it lies
             key = content_key("model", "files", m["dtype"], _dir_fingerprint(Path(src.path)))
-        ctx.models[memo] = ModelRef(m["name"], m["dtype"], m.get("revision"), src.kind, key)
+        encoder, model_type = _model_kind(src)
+        ctx.models[memo] = ModelRef(m["name"], m["dtype"], m.get("revision"), src.kind, key, encoder, model_type)
     return ctx.models[memo]
+
+
+def _model_kind(src) -> tuple[bool, str]:
+    """(is an encoder, config.model_type) from the model's config, without loading weights.
+
+    A hub model's config is read through transformers (cached, or fetched when online); when it cannot
+    be read, the model counts as a decoder and its evaluation says otherwise if it is not.
+    """
+    import json
+    import types
+
+    from ..models.load import config_is_encoder
+
+    try:
+        if src.kind == "hub":
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(src.path)
+        else:
+            cfg = types.SimpleNamespace(**json.loads((Path(src.path) / "config.json").read_text()))
+    except Exception:
+        return False, ""
+    return config_is_encoder(cfg), str(getattr(cfg, "model_type", "") or "")
 
 
 def _dir_fingerprint(path: Path) -> dict:

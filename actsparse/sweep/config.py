@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf
 
@@ -43,14 +43,53 @@ class DataConf:
 
 
 @dataclass
+class LmEvalConf:
+    """Accuracy through lm-evaluation-harness (measure `lm_eval`): any registered task, group or tag by name."""
+    tasks: List[str] = field(default_factory=lambda: ["actsparse_offline"])   # the bundled offline tasks
+    num_fewshot: Optional[int] = None   # None: each task's default
+    limit: Optional[float] = None       # items per task (an int, or a fraction < 1); None: all
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class FidelityConf:
+    """Cosine of sparsified vs dense outputs (measure `fidelity`): pooled embeddings (encoders), hidden states
+    or logits (decoders), on the evaluation data."""
+    n: int = 64                         # text chunks (encoders) or token windows (decoders)
+    seq_len: int = 128
+    output: str = "auto"                # auto | pooled | hidden | logits
+    batch_size: int = 8
+
+
+@dataclass
+class SpeedConf:
+    """Decode speed in the CUDA-graphed engine with the Triton kernels, dense side by side (measure `speed`)."""
+    n_tokens: int = 128
+    batch: int = 1
+    prompt_len: int = 16
+    repeats: int = 3
+
+
+@dataclass
 class EvalConf:
-    """Perplexity evaluation: with the plan, it makes the cell_key."""
+    """What each cell measures, and how: with the plan, it makes the cell_key.
+
+    `measure` lists the evaluations of every cell: ppl (perplexity on `data`), lm_eval (accuracy),
+    fidelity, speed. ppl, lm_eval and speed need a decoder-only LM; `encoder_measure` says what
+    encoders measure instead (None: the same list, which then must suit them).
+    """
     data: str = "bundled:eval"
     seq_len: int = 256
     stride: Optional[int] = None        # None: disjoint windows
     max_tokens: Optional[int] = 16384   # None: the whole data
     batch_size: int = 8
     token_policy: str = "all"           # all | decode | last_fraction=f
+    measure: List[str] = field(default_factory=lambda: ["ppl"])
+    encoder_measure: Optional[List[str]] = None
+    lm_eval: LmEvalConf = field(default_factory=LmEvalConf)
+    fidelity: FidelityConf = field(default_factory=FidelityConf)
+    speed: SpeedConf = field(default_factory=SpeedConf)
 
 
 @dataclass

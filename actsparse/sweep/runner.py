@@ -271,9 +271,8 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
             else:
                 rid = _log_finished(tracker, parent, sweep_id, cell, result)
                 by_key[cell.key] = {"status": FINISHED, "run_id": rid}
-                prog.console.print(f"[green]✓[/] {escape(cell.label)}  ppl {result['ppl']:.3f} "
-                                   f"(x{result['ppl_ratio']:.3f} dense)  effective sparsity "
-                                   f"{result['effective']:.3f}  [dim]\\[{cell.key}][/]")
+                prog.console.print(f"[green]✓[/] {escape(cell.label)}  {escape(cell_line(result))}  "
+                                   f"[dim]\\[{cell.key}][/]")
             prog.update(bar, advance=1, description=escape(f"last: {cell.label}"))
 
         if launcher["affinity"]:
@@ -405,11 +404,11 @@ def _tags(cell: Cell, sweep_id: str, device: str) -> dict:
 def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict) -> str:
     from ..report.plots import layer_sparsity_plot
 
-    metrics = {"ppl": r["ppl"], "ppl_dense": r["ppl_dense"], "ppl_ratio": r["ppl_ratio"],
-               "sparsity/effective": r["effective"], "sparsity/effective_expected": r["expected_effective"],
+    metrics = {"sparsity/effective": r["effective"], "sparsity/effective_expected": r["expected_effective"],
                "sparsity/target": r["target"], "sparsity/act_mean": r["act_mean"],
                "time/calibrate_s": r["calibrate_s"], "time/fit_s": r["fit_s"], "time/eval_s": r["eval_s"]}
     metrics.update({f"sparsity/act/{role}": v for role, v in r["per_role"].items()})
+    metrics.update(quality_metrics(r))
     model, worker = r.get("model", {}), r.get("worker", {})
     metrics["time/model_load_s"] = model.get("load_s", 0.0)
     tags = {**_tags(cell, sweep_id, r["device"]), "stats_source": r["stats_source"], "host": r["host"],
@@ -421,10 +420,65 @@ def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict) -> s
         _write_config(cell, d)
         (d / "plan_summary.txt").write_text(r["plan_summary"] + "\n")
         (d / "measured_sparsity.json").write_text(json.dumps(r["per_point"], indent=1, sort_keys=True))
+        if "acc" in r:   # lm-eval's figures with the task versions and sample counts, dense beside
+            (d / "lm_eval.json").write_text(json.dumps({"sparse": r["acc"], "dense": r.get("acc_dense", {})},
+                                                       indent=1, sort_keys=True, default=str))
+            tags["lm_eval_versions"] = json.dumps(r["acc"].get("versions", {}), sort_keys=True)[:4900]
+            tags["lm_eval_n_shot"] = json.dumps(r["acc"].get("n_shot", {}), sort_keys=True)[:4900]
+            tags["lm_eval"] = _lm_eval_version()
+        if "speed_skipped" in r:
+            tags["speed_skipped"] = r["speed_skipped"][:4900]
         if r["per_point"]:
             layer_sparsity_plot(r["per_point"], r["target"], d / "sparsity_per_layer.png", title=cell.label)
         return tracker.log_cell(parent, cell.label, cell.config, metrics, tags, d, "FINISHED",
                                 r["t_start"], r["t_end"])
+
+
+def quality_metrics(r: dict) -> dict:
+    """A cell result's quality figures under DESIGN.md's metric names: ppl, ppl_dense, ppl_ratio; acc/<task>,
+    acc_norm/<task>, acc_avg with their dense values as <name>_dense; fidelity/cos, fidelity/rel_err;
+    decode/tok_s, decode/tok_s_dense, decode/speedup, kernel/us_per_layer."""
+    m = {}
+    if "ppl" in r:
+        m.update(ppl=r["ppl"], ppl_dense=r["ppl_dense"], ppl_ratio=r["ppl_ratio"])
+    if "acc" in r:
+        dense = r.get("acc_dense") or {}
+        for k, v in r["acc"].items():
+            if k.startswith(("acc/", "acc_norm/")) or k == "acc_avg":
+                m[k] = v
+                if isinstance(dense.get(k), (int, float)):
+                    m[f"{k}_dense"] = dense[k]
+    if "fidelity" in r:
+        m["fidelity/cos"] = r["fidelity"]["cos"]
+        m["fidelity/rel_err"] = r["fidelity"]["rel_err"]
+    m.update(r.get("speed", {}))
+    return m
+
+
+def cell_line(r: dict) -> str:
+    """The console's summary of a finished cell: its quality figures and effective sparsity."""
+    parts = []
+    if "ppl" in r:
+        parts.append(f"ppl {r['ppl']:.3f} (x{r['ppl_ratio']:.3f} dense)")
+    if "acc" in r and "acc_avg" in r["acc"]:
+        d = (r.get("acc_dense") or {}).get("acc_avg")
+        parts.append(f"acc_avg {100 * r['acc']['acc_avg']:.1f}%" + (f" (dense {100 * d:.1f}%)" if d is not None else ""))
+    if "fidelity" in r:
+        parts.append(f"fidelity cos {r['fidelity']['cos']:.4f}")
+    if "speed" in r:
+        parts.append(f"decode {r['speed']['decode/speedup']:.2f}x")
+    if "speed_skipped" in r:
+        parts.append(f"decode speed skipped: {r['speed_skipped']}")
+    return "  ".join(parts + [f"effective sparsity {r['effective']:.3f}"])
+
+
+def _lm_eval_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("lm_eval")
+    except Exception:
+        return "unknown"
 
 
 def _log_failed(tracker, parent: str, sweep_id: str, cell: Cell, msg: str, tb: str) -> str:

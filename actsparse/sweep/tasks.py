@@ -205,9 +205,9 @@ def fit_task(node: PlanNode, store: "Store | str", stats: dict, device: str, thr
 
 def dense_task(node: DenseNode, store: "Store | str", device: str, threads: float, cache_size: int,
                faults: dict | None = None, oom_retries: int = 1) -> dict:
-    """Dense perplexity once per model x eval spec, kept in the store's dense/<key>; return ppl and time."""
+    """Dense quality once per model x eval spec, kept in the store's dense/<key>: perplexity and/or lm-eval
+    accuracy, as the spec measures (fidelity's dense reference is the cell's own model with the plan lifted)."""
     from ..artifacts import save_tensors_json
-    from ..eval.perplexity import perplexity
 
     _begin()
     st = _as_store(store)
@@ -216,27 +216,89 @@ def dense_task(node: DenseNode, store: "Store | str", device: str, threads: floa
     path = st.fetch("dense", node.key)
     if path is not None:
         m = _meta(path)
-        return _end({"key": node.key, "ppl_dense": m["ppl"], "time_s": m["time_s"], "source": "cache"})
-    _threads(threads)
-    model, tok = _model(node.model, resolve_device(device), cache_size)
+        return _end({"key": node.key, "ppl_dense": m["ppl"], "acc_dense": m.get("acc", {}), "time_s": m["time_s"],
+                     "source": "cache"})
     ev = node.eval
-    t0 = time.perf_counter()
-    ppl, bs, n_oom = retry_oom(
-        lambda b: perplexity(model, tok, data=ev.data, seq_len=ev.seq_len, stride=ev.stride,
-                             max_tokens=ev.max_tokens, batch_size=b),
-        ev.batch_size, oom_retries, "dense evaluation", "eval.batch_size", _faults.OomInjector(f.get("oom")))
-    dt = time.perf_counter() - t0
+    ppl, acc, bs, n_oom, dt = None, {}, ev.batch_size, 0, 0.0
+    if ev.has("ppl") or ev.has("lm_eval"):
+        _threads(threads)
+        model, tok = _model(node.model, resolve_device(device), cache_size)
+        t0 = time.perf_counter()
+        inject = _faults.OomInjector(f.get("oom"))
+        if ev.has("ppl"):
+            ppl, bs, n_oom = _ppl(model, tok, ev, oom_retries, inject, "dense evaluation")
+        if ev.has("lm_eval"):
+            acc, _, n = _accuracy(model, tok, ev, oom_retries, "dense lm-eval")
+            n_oom += n
+        dt = time.perf_counter() - t0
     target = st.target("dense", node.key)
-    save_tensors_json(target, {}, {"kind": "dense_eval", "ppl": ppl, "time_s": dt, "eval": ev.identity(False),
-                                   "batch_size": bs})
+    save_tensors_json(target, {}, {"kind": "dense_eval", "ppl": ppl, "acc": acc, "time_s": dt,
+                                   "eval": ev.dense_identity(), "batch_size": bs})
     st.publish("dense", node.key, target)
-    return _end({"key": node.key, "ppl_dense": ppl, "time_s": dt, "source": "computed", "oom_retries": n_oom})
+    return _end({"key": node.key, "ppl_dense": ppl, "acc_dense": acc, "time_s": dt, "source": "computed",
+                 "oom_retries": n_oom})
+
+
+def _ppl(model, tok, ev, oom_retries: int, inject, what: str, handle=None) -> tuple:
+    """(perplexity, batch size used, OOM retries) of the model as it is (sparsified when a plan is installed)."""
+    from ..eval.perplexity import perplexity
+
+    def run(b: int) -> float:
+        if handle is not None:
+            handle.reset_counters()       # a retried evaluation must not count the aborted batches
+        return perplexity(model, tok, data=ev.data, seq_len=ev.seq_len, stride=ev.stride,
+                          max_tokens=ev.max_tokens, batch_size=b)
+
+    return retry_oom(run, ev.batch_size, oom_retries, what, "eval.batch_size", inject)
+
+
+def _accuracy(model, tok, ev, oom_retries: int, what: str) -> tuple:
+    """(lm-eval summary, batch size used, OOM retries): acc/<task>, acc_norm/<task>, acc_avg, versions, ..."""
+    from ..eval.lm_eval import lm_eval_accuracy
+
+    s = ev.settings["lm_eval"]
+    limit = s["limit"]
+    limit = int(limit) if limit is not None and limit >= 1 else limit
+    return retry_oom(lambda b: lm_eval_accuracy(model, tok, tasks=list(s["tasks"]), num_fewshot=s["num_fewshot"],
+                                                limit=limit, batch_size=b, seed=s["seed"]),
+                     s["batch_size"], oom_retries, what, "eval.lm_eval.batch_size")
+
+
+def _fidelity(model, tok, ev, oom_retries: int) -> tuple:
+    from ..eval.fidelity import fidelity
+
+    s = ev.settings["fidelity"]
+    return retry_oom(lambda b: fidelity(model, tok, data=ev.data, n=s["n"], seq_len=s["seq_len"], batch_size=b,
+                                        output=s["output"]),
+                     s["batch_size"], oom_retries, "fidelity", "eval.fidelity.batch_size")
+
+
+def _speed(cell: Cell, plan, device: str, cache_size: int) -> dict:
+    """{"speed": decode/* and kernel/* figures}, or {"speed_skipped": why} when this cell cannot be timed."""
+    from ..eval.speed import decode_speed, plan_to_engine, speed_unavailable_reason
+
+    s = cell.eval.settings["speed"]
+    if not device.startswith("cuda"):
+        return {"speed_skipped": f"decode speed needs a CUDA GPU and this cell runs on device={device} "
+                                 "(use device=cuda launcher=gpu)"}
+    model = _model(cell.plan.model, device, cache_size)[0]
+    why = speed_unavailable_reason(model)
+    if why is None:
+        try:
+            plan_to_engine(plan)
+        except ActsparseError as e:
+            why = str(e)
+    if why is not None:
+        return {"speed_skipped": why}
+    return {"speed": decode_speed(model, plan, n_tokens=s["n_tokens"], batch=s["batch"], prompt_len=s["prompt_len"],
+                                  repeats=s["repeats"])}
 
 
 def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: dict, threads: float,
               cache_size: int, faults: dict | None = None, oom_retries: int = 1) -> dict:
-    """Evaluate one cell: sparsify with its plan and token policy, measure perplexity and activation sparsity."""
-    from ..eval.perplexity import perplexity
+    """Evaluate one cell: sparsify with its plan and token policy, then run its measures in order (ppl, lm_eval,
+    fidelity, speed, as eval.measure lists them); activation sparsity is measured during the first of them
+    that runs the sparsified model (perplexity when it is measured)."""
     from ..sparsifiers.apply import sparsify
     from ..sparsifiers.plan import SparsityPlan
 
@@ -248,30 +310,46 @@ def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: 
     device = resolve_device(cell.device)
     p = SparsityPlan.load(_need(st, "plans", plan["key"], "plan"))
     ev = cell.eval
-    bs, n_oom = ev.batch_size, 0
-    if not p.rules:  # nothing is sparsified: the model is the dense model, whose perplexity is known
-        ppl, eval_s, measured = dense["ppl_dense"], 0.0, {"per_point": {}, "mean": 0.0, "per_role": {},
-                                                           "effective": p.effective_sparsity}
+    bs, n_oom, out = ev.batch_size, 0, {}
+    quality = [m for m in ev.measure if m != "speed"]
+    measured = {"per_point": {}, "mean": 0.0, "per_role": {}, "effective": p.effective_sparsity}
+    t0 = time.perf_counter()
+    if not p.rules:  # nothing is sparsified: the model is the dense model, whose quality is known
+        if ev.has("ppl"):
+            out["ppl"] = dense["ppl_dense"]
+        if ev.has("lm_eval"):
+            out["acc"] = dense["acc_dense"]
+        if ev.has("fidelity"):
+            out["fidelity"] = {"cos": 1.0, "rel_err": 0.0, "n": 0}   # the dense model against itself
+        eval_s = 0.0
     else:
         _threads(threads)
         model, tok = _model(cell.plan.model, device, cache_size)
-        t0 = time.perf_counter()
         with sparsify(model, p, backend="torch", token_policy=ev.token_policy) as h:
-            def run(b: int) -> float:
-                h.reset_counters()       # a retried evaluation must not count the aborted batches
-                return perplexity(model, tok, data=ev.data, seq_len=ev.seq_len, stride=ev.stride,
-                                  max_tokens=ev.max_tokens, batch_size=b)
-
-            ppl, bs, n_oom = retry_oom(run, ev.batch_size, oom_retries, "evaluation", "eval.batch_size",
-                                       _faults.OomInjector(f.get("oom")))
-            measured = h.measured_sparsity()
+            for i, m in enumerate(quality):
+                if m == "ppl":
+                    out["ppl"], bs, n = _ppl(model, tok, ev, oom_retries, _faults.OomInjector(f.get("oom")),
+                                             "evaluation", handle=h)
+                elif m == "lm_eval":
+                    out["acc"], _, n = _accuracy(model, tok, ev, oom_retries, "lm-eval")
+                else:
+                    out["fidelity"], _, n = _fidelity(model, tok, ev, oom_retries)
+                n_oom += n
+                if i == 0:
+                    measured = h.measured_sparsity()
         eval_s = time.perf_counter() - t0
-    return _end({"ppl": ppl, "ppl_dense": dense["ppl_dense"], "ppl_ratio": ppl / dense["ppl_dense"],
-                 "target": p.target, "effective": measured["effective"], "expected_effective": p.effective_sparsity,
-                 "act_mean": measured["mean"], "per_role": measured["per_role"], "per_point": measured["per_point"],
-                 "calibrate_s": stats["time_s"], "stats_source": stats["source"], "fit_s": plan["fit_s"],
-                 "eval_s": eval_s, "plan_summary": p.summary(), "device": device, "host": socket.gethostname(),
-                 "eval_batch_size": bs, "oom_retries": n_oom, "t_start": t_start, "t_end": time.time()})
+    if ev.has("speed"):
+        out.update(_speed(cell, p, device, cache_size))
+    r = {"target": p.target, "effective": measured["effective"], "expected_effective": p.effective_sparsity,
+         "act_mean": measured["mean"], "per_role": measured["per_role"], "per_point": measured["per_point"],
+         "calibrate_s": stats["time_s"], "stats_source": stats["source"], "fit_s": plan["fit_s"],
+         "eval_s": eval_s, "plan_summary": p.summary(), "device": device, "host": socket.gethostname(),
+         "eval_batch_size": bs, "oom_retries": n_oom, "t_start": t_start, "t_end": time.time(), **out}
+    if "ppl" in out:
+        r.update(ppl_dense=dense["ppl_dense"], ppl_ratio=out["ppl"] / dense["ppl_dense"])
+    if "acc" in out:
+        r["acc_dense"] = dense["acc_dense"]
+    return _end(r)
 
 
 class ModelWorker:
