@@ -70,7 +70,7 @@ def collect(model, windows: torch.Tensor, points: dict, batch_size: int = 4) -> 
     finally:
         for h in hooks:
             h.remove()
-    return {n: torch.cat(v) for n, v in got.items()}
+    return {n: torch.cat(v) if v else torch.zeros(0, 0) for n, v in got.items()}   # [0, 0]: never reached (an unrouted expert)
 
 
 class BlockCalls:

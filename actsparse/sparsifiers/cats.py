@@ -13,12 +13,15 @@ Deliberate differences from the reference:
 - the threshold is the exact empirical quantile of |a| over the calibration sample; the reference
   reads it off a 1000-bin histogram on [-1, 1] (coarse where |a| is small);
 - the reference zeroes where |a| < t (keeps equality), we keep where |a| > t: a measure-zero difference.
+MoE layers: every routed expert (and a shared expert) is a gated MLP of its own, thresholded at the
+quantile of its own activations over the tokens routed to it (probe `layers.i.expert{e}.gate_act`).
 Only gated MLPs have a CATS: a two-layer MLP's activation output is the down projection's input,
 which is `teal` with roles=('down',).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 
@@ -27,20 +30,29 @@ from .plan import Rule
 from .registry import Method, register_method
 
 
-def gated_layers(stats, method: str) -> list[int]:
-    """Layer indices whose MLP is gated (has a gate site); raise if the model has none."""
-    sites = stats.meta["sites"]
-    layers = sorted({int(s.split(".")[1]) for s in sites if s.endswith(".gate")})
-    if not layers:
+def gated_mlps(stats, method: str) -> list[tuple[int, str]]:
+    """(layer, MLP prefix) of every gated MLP, from the sites: the dense MLP (prefix ''), each routed expert
+    ('expert{e}.') and a shared expert ('shared_expert.'); raise if the model has none."""
+    found = []
+    for s in stats.meta["sites"]:
+        m = re.match(r"^layers\.(\d+)\.(.*)gate$", s)
+        if m and f"layers.{m[1]}.{m[2]}up" in stats.meta["sites"]:
+            found.append((int(m[1]), m[2]))
+    if not found:
         raise ActsparseError(f"{method} needs a gated MLP (gate, up and down projections, e.g. Llama's SwiGLU); "
                              "this model's MLPs have no gate projection. For a two-layer MLP use "
                              "teal with roles=('down',) or scap")
-    return layers
+    return sorted(found, key=lambda lp: (lp[0], _prefix_order(lp[1])))
+
+
+def _prefix_order(prefix: str) -> tuple:
+    m = re.match(r"^expert(\d+)\.$", prefix)
+    return (0, 0) if prefix == "" else (1, 0) if not m else (2, int(m[1]))
 
 
 @register_method("cats")
 class Cats(Method):
-    """Threshold |SiLU(gate·x)| per layer; zeros skip up rows and down columns."""
+    """Threshold |SiLU(gate·x)| per gated MLP (per expert in MoE layers); zeros skip up rows and down columns."""
 
     @dataclasses.dataclass
     class Params:
@@ -48,9 +60,9 @@ class Cats(Method):
 
     def fit(self, stats, sparsity, params, model):
         rules = []
-        for i in gated_layers(stats, "cats"):
-            point = f"layers.{i}.gate_act"
+        for i, p in gated_mlps(stats, "cats"):
+            point = f"layers.{i}.{p}gate_act"
             t = stats[point].abs_quantile(sparsity)
             rules.append(Rule(point, "threshold", {"thresh": torch.tensor(t, dtype=torch.float32)},
-                              skips=[f"layers.{i}.up", f"layers.{i}.down"], expected_sparsity=sparsity))
+                              skips=[f"layers.{i}.{p}up", f"layers.{i}.{p}down"], expected_sparsity=sparsity))
         return rules

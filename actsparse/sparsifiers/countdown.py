@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..errors import ActsparseError
 from ..models.sites import find_blocks
 from ._calib import calib_windows, collect, mlp_intermediate, mlp_parts, require_model
-from .cats import gated_layers
+from .cats import gated_mlps
 from .plan import Rule
 from .registry import Method, register_method
 from .rules import register_rule
@@ -78,13 +78,14 @@ class Countdown(Method):
     def fit(self, stats, sparsity, params, model):
         if params.mode == "m":
             return m_rules(stats, sparsity)
-        layers = sorted({int(s.split(".")[1]) for s in stats.meta["sites"] if s.endswith(".down")})
         if params.mode == "oracle":
             rules = []
-            for i in layers:
-                c = stats.meta["sites"][f"layers.{i}.down"][0]
-                skips = [f"layers.{i}.{r}" for r in ("gate", "up", "down") if f"layers.{i}.{r}" in stats.meta["sites"]]
-                rules.append(Rule(f"layers.{i}.down", "topk_token", attrs={"n_zero": int(c * sparsity)},
+            sites = stats.meta["sites"]
+            for down in (s for s in sites if s.endswith("down") and s.rsplit(".", 1)[-1] == "down"):
+                base = down[:-len("down")]                        # layers.i.{prefix}
+                c = sites[down][0]
+                skips = [base + r for r in ("gate", "up", "down") if base + r in sites]
+                rules.append(Rule(down, "topk_token", attrs={"n_zero": int(c * sparsity)},
                                   skips=skips, expected_sparsity=int(c * sparsity) / c))
             return rules
         require_model("countdown", model, "with mode='d' trains per-layer predictors")
@@ -96,11 +97,11 @@ class Countdown(Method):
 def m_rules(stats, sparsity: float) -> list[Rule]:
     """M-COUNTDOWN: per gated layer, threshold |up·x| at its calibration quantile; gate and down skip."""
     rules = []
-    for i in gated_layers(stats, "countdown mode 'm'"):
-        point = f"layers.{i}.up_out"
+    for i, p in gated_mlps(stats, "countdown mode 'm'"):      # dense MLPs, and each expert of MoE layers
+        point = f"layers.{i}.{p}up_out"
         t = stats[point].abs_quantile(sparsity)
         rules.append(Rule(point, "threshold", {"thresh": torch.tensor(t, dtype=torch.float32)},
-                          skips=[f"layers.{i}.gate", f"layers.{i}.down"], expected_sparsity=sparsity))
+                          skips=[f"layers.{i}.{p}gate", f"layers.{i}.{p}down"], expected_sparsity=sparsity))
     return rules
 
 
@@ -142,6 +143,9 @@ def countdown_d(rule: Rule, x: torch.Tensor, forward, module):
 def d_rules(stats, sparsity: float, params, model) -> list[Rule]:
     """Train one low-rank predictor per layer on the calibration tokens; threshold its logits at the target."""
     blocks = [b for b in find_blocks(model) if b.mlp is not None and "down" in b.sites]
+    if not blocks:
+        raise ActsparseError("countdown mode 'd' trains one predictor per dense MLP, and this model has none "
+                             "(MoE experts and SSM mixers are not supported by mode 'd'); use mode 'm'")
     windows = calib_windows(stats, params.calib_tokens)
     points = {}
     for b in blocks:

@@ -10,7 +10,8 @@ over the calibration tokens (x kept where |x| >= T, zeroed otherwise):
 - `down`: the FFN output (the down projection's output), as the paper does; this saves no weight reads.
 The down projection's input (the intermediate, zero where either g or u was zeroed) is counted at
 the `down` point; its expected sparsity is measured on the calibration tokens with the thresholds
-installed. The paper uses one sparsity level for all three categories; so do we.
+installed. The paper uses one sparsity level for all three categories; so do we. In MoE layers every routed
+expert (and a shared expert) is an MLP of its own, with thresholds from the tokens routed to it.
 
 With it comes the paper's mask-stability analysis, as an evaluation any method can use:
 actsparse.eval.stability.mask_stability.
@@ -61,32 +62,39 @@ class FFNThreshold(Method):
 
     def fit(self, stats, sparsity, params, model):
         require_model("ffn_threshold", model, "thresholds projection outputs")
-        blocks = [b for b in find_blocks(model) if "up" in b.sites and "down" in b.sites]
-        if "gate" in params.outputs and not any(b.gated for b in blocks) and params.outputs == ("gate",):
+        # every MLP with up and down: dense MLPs, each routed expert and a shared expert (prefix P)
+        mlps = [(b.layer, m) for b in find_blocks(model) for m in b.mlps if "up" in m.sites and "down" in m.sites]
+        if not mlps:
+            raise ActsparseError("ffn_threshold thresholds MLP outputs, and this model has no MLP with up and down "
+                                 "projections (an SSM mixer is not an MLP); use teal or scap on its sites")
+        if params.outputs == ("gate",) and not any(m.gated for _, m in mlps):
             raise ActsparseError("ffn_threshold outputs=('gate',) needs a gated MLP; this model has none")
         windows = calib_windows(stats, params.calib_tokens)
         points = {}
-        for b in blocks:
+        for i, m in mlps:
             for o in params.outputs:
-                if o in b.sites:
-                    points[f"{b.layer}.{o}"] = (b.sites[o].module, "output")
+                if o in m.sites:
+                    points[f"layers.{i}.{m.prefix}{o}"] = (m.sites[o].module, "output")
         acts = collect(model, windows, points)
         dev = next(model.parameters()).device    # sort each [tokens, channels] on the model's device
         rules = []
-        for b in blocks:
-            i = b.layer
-            t = {o: SortedAbs(acts.pop(f"{i}.{o}"), dev)(sparsity) for o in params.outputs if f"{i}.{o}" in acts}
+        for i, m in mlps:
+            base = f"layers.{i}.{m.prefix}"
+            # an expert no calibration token was routed to gets no threshold (and no rule)
+            t = {o: SortedAbs(acts[base + o], dev)(sparsity) for o in params.outputs
+                 if base + o in acts and acts[base + o].numel()}
+            if not t:
+                continue
             if "gate" in t:
-                rules.append(Rule(f"layers.{i}.gate", "output_threshold", {"thresh": torch.tensor(t["gate"])},
-                                  skips=[f"layers.{i}.up"], expected_sparsity=sparsity))
+                rules.append(Rule(base + "gate", "output_threshold", {"thresh": torch.tensor(t["gate"])},
+                                  skips=[base + "up"], expected_sparsity=sparsity))
             if "up" in t:
-                rules.append(Rule(f"layers.{i}.up_out", "threshold", {"thresh": torch.tensor(t["up"])},
+                rules.append(Rule(base + "up_out", "threshold", {"thresh": torch.tensor(t["up"])},
                                   skips=[], expected_sparsity=sparsity))
             # always: count the intermediate's zeros at down's input (down skips its columns), and
             # threshold the FFN output when asked
-            rules.append(Rule(f"layers.{i}.down", "ffn_down",
-                              {"out_thresh": torch.tensor(t.get("down", 0.0))},
-                              skips=[f"layers.{i}.down"], expected_sparsity=0.0))
+            rules.append(Rule(base + "down", "ffn_down", {"out_thresh": torch.tensor(t.get("down", 0.0))},
+                              skips=[base + "down"], expected_sparsity=0.0))
         measured = measure(model, rules, stats, windows)
         for r in rules:
             if r.kind == "ffn_down":
