@@ -16,6 +16,10 @@
 # actsparse (editable, no deps), and runs benchmarks/sweep_bench.py --parts gpus --gpus 2: 4 methods x
 # 4 sparsities on 1 GPU, then on 2 GPUs, then the finished sweep again. `all` = stash + run.
 #
+# `speed` (last call instead of `run`): installs the same way, then runs a real sweep with eval=speed on
+# tiny-llama (dense, teal, cats, scap, nm at 0.5) and tiny-gelu (teal) and lists each cell's decode/* and kernel/* metrics,
+# or why speed was skipped (tiny-gelu is no Llama; N:M plans are not threshold rules): speed_sweep.log,
+# speed_cells.txt.
 # $OUT gets (at most 8 files come back): env.txt, install.log, bench.log, sweep_bench.json, sweep_bench.md,
 # smi_1gpu.csv, smi_2gpu.csv, logs.tar.gz. Knobs: MODEL_LAYERS MODEL_HIDDEN MODEL_INTER EVAL_TOKENS EVAL_STRIDE
 # CALIB_TOKENS SEQ_LEN BATCH (defaults below: a ~1.5 B model, 16 cells each scoring all of bundled:eval (216 k
@@ -138,6 +142,29 @@ run() {
     ls -la "$OUT"
 }
 
+speed() {  # eval=speed in a real sweep on the GPU: decode/* and kernel/* metrics per cell (issue 5, item 4)
+    [ -n "${NO_INSTALL:-}" ] || { install_wheels 2>&1 | tee "$OUT/install.log"; }
+    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    local ws=/tmp/speed_sweep
+    rm -rf "$ws" && mkdir -p "$ws"
+    local common=(eval=speed device=cuda launcher=gpu model.dtype=bfloat16 "tracking.uri=sqlite:///$ws/mlflow.db"
+                  "launcher.store=$ws/store" "report.dir=$ws/results")
+    (cd "$ws" && timeout "${BENCH_TIMEOUT:-300}" "$PY" -m actsparse.cli sweep -m model=tiny-llama \
+        method=dense,teal,cats,scap,nm sparsity=0.5 "${common[@]}" \
+     && timeout 200 "$PY" -m actsparse.cli sweep -m model=tiny-gelu method=teal sparsity=0.5 "${common[@]}") 2>&1 \
+        | tee "$OUT/speed_sweep.log"
+    "$PY" - "$ws/mlflow.db" <<'EOF2' | tee "$OUT/speed_cells.txt"
+import sys
+from mlflow import MlflowClient
+c = MlflowClient(f"sqlite:///{sys.argv[1]}")
+exp = c.get_experiment_by_name("actsparse")
+for r in sorted(c.search_runs([exp.experiment_id], "tags.run_kind = 'cell'"), key=lambda r: r.data.tags["mlflow.runName"]):
+    m = r.data.metrics
+    figs = " ".join(f"{k}={m[k]:.4g}" for k in sorted(m) if k.startswith(("decode/", "kernel/", "ppl")))
+    print(f"{r.data.tags['mlflow.runName']:28s} {figs} {('speed_skipped: ' + r.data.tags['speed_skipped']) if 'speed_skipped' in r.data.tags else ''}")
+EOF2
+}
+
 MODEL_DIR=/tmp/actsparse-random-llama
 case "$MODE" in
     stash)  # and use the call: build the model the run sweeps (GPU work, on the same warm machine)
@@ -145,5 +172,6 @@ case "$MODE" in
             | tee "$OUT/model.log"; } ;;
     run) run ;;
     all) stash && run ;;
-    *) echo "usage: bash scripts/device_ray_sweep.sh {stash|run|all}" >&2; exit 2 ;;
+    speed) speed ;;
+    *) echo "usage: bash scripts/device_ray_sweep.sh {stash|run|all|speed}" >&2; exit 2 ;;
 esac
