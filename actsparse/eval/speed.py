@@ -38,9 +38,10 @@ def plan_to_engine(plan: SparsityPlan) -> tuple[dict, dict, dict]:
         th[point] = float(t) if t.dim() == 0 else t
         if "shift" in rule.tensors:
             m = rule.tensors["shift"].float()
-            sh[point] = m if m.dim() == 1 else None
-            if sh[point] is None:
-                raise ActsparseError(f"{point}: the kernels take a per-channel shift; got a scalar")
+            if m.dim() > 1:
+                raise ActsparseError(f"{point}: the kernels take a scalar or per-channel shift; got shape "
+                                     f"{tuple(m.shape)}")
+            sh[point] = float(m) if m.dim() == 0 else m      # the engine spreads a scalar (SCAP's mode) over K
         for site in rule.skips or [point]:
             expected[site] = rule.expected_sparsity
     return th, sh, expected
@@ -68,7 +69,7 @@ def decode_speed(model, plan: SparsityPlan, n_tokens: int = 128, batch: int = 1,
     th, sh, expected = plan_to_engine(plan)
     if not th:  # the dense plan: sparse path = dense path
         return {"decode/tok_s": dense_tok_s, "decode/tok_s_dense": dense_tok_s, "decode/speedup": 1.0}
-    eng.set_thresholds(th, shifts={k: v for k, v in sh.items() if v is not None}, expected_sparsity=expected)
+    eng.set_thresholds(th, shifts=sh, expected_sparsity=expected)
     tok_s, step_ms = best(True)
     return {"decode/tok_s": tok_s, "decode/tok_s_dense": dense_tok_s, "decode/speedup": tok_s / dense_tok_s,
             "kernel/us_per_layer": step_ms * 1e3 / n_layers}

@@ -157,3 +157,34 @@ def test_bad_inputs_are_rejected_with_a_useful_message():
         eng.calibrate_thresholds(1.0)
     with pytest.raises(ValueError, match="kernels"):
         Engine.random(TINY, device="cpu", dtype=torch.float32, kernels="cuda")
+
+
+def test_a_scap_plan_with_scalar_modes_runs_in_the_engine_as_in_the_torch_backend():
+    """SCAP shifts each site's input by a scalar mode m (folded into a bias): the engine spreads it over the
+    channels, and its sparse logits equal the transformers model under the same plan (torch backend)."""
+    import actsparse as asp
+    from actsparse.eval.speed import plan_to_engine
+    from actsparse.sparsifiers import SparsityPlan
+    from actsparse.sparsifiers.scap import _rule
+
+    model = _hf_tiny(seed=8)
+    g = torch.Generator().manual_seed(8)
+    rules = {}
+    for i in range(TINY.n_layers):
+        for role, mod in (("gate", model.model.layers[i].mlp.gate_proj), ("up", model.model.layers[i].mlp.up_proj),
+                          ("down", model.model.layers[i].mlp.down_proj)):
+            m, t = float(torch.randn((), generator=g) * 0.05), float(torch.rand((), generator=g) * 0.2)
+            r = _rule(f"layers.{i}.{role}", "median", m, t, mod.weight.detach().float(), 0.5)
+            rules[r.point] = r
+    plan = SparsityPlan("scap", {}, 0.5, rules, {p: 1 for p in rules})
+    th, sh, expected = plan_to_engine(plan)
+    assert set(sh) == set(rules) and all(isinstance(v, float) for v in sh.values())
+    eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=1, max_seq_len=16, fallback_below=0.0)
+    eng.set_thresholds(th, shifts=sh, expected_sparsity=expected)
+    seq = torch.randint(0, TINY.vocab_size, (1, 5), generator=g)
+    got = _engine_logits(eng, seq, True)
+    with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
+        want = model(seq, use_cache=False).logits.float()
+    dense = _engine_logits(eng, seq, False)
+    assert (got - want).norm() / want.norm() < 1e-4
+    assert (dense - want).norm() / want.norm() > 1e-3
