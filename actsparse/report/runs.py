@@ -1,6 +1,7 @@
 """Read a sweep's runs from any MLflow tracking URI into one tidy table (one row per cell), and filter it.
 
-The tidy table has fixed columns (COLUMNS), every other metric under its MLflow name (`acc/arc_easy`,
+The tidy table has fixed columns (COLUMNS; `method` is the cell's method label: the name plus any
+non-default parameters, e.g. `teal(allocation=greedy)`), every other metric under its MLflow name (`acc/arc_easy`,
 `fidelity/cos`, `sparsity/act/q`), and the remaining tags and params as `tags.<k>` / `params.<k>`.
 """
 from __future__ import annotations
@@ -133,7 +134,10 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
             cols.setdefault(src[len("metrics."):], pd.to_numeric(raw[src], errors="coerce"))
         elif src.startswith(("tags.", "params.")) and not src.startswith("tags.mlflow."):
             cols[src] = raw[src]
-    return pd.DataFrame(cols, index=raw.index)
+    df = pd.DataFrame(cols, index=raw.index)
+    if "tags.method_label" in df.columns:    # a method's variants (teal(allocation=greedy)) are methods of their own
+        df["method"] = df["tags.method_label"].where(df["tags.method_label"].notna(), df["method"])
+    return df
 
 
 def tag_column(df: pd.DataFrame, key: str) -> str | None:
@@ -177,7 +181,9 @@ class RunFilter:
                 keep &= df[col].astype(str).isin([str(w) for w in want])
         dense = df["method"].astype(str).eq("dense")      # the reference row of every table: kept by other filters
         if self.methods:
-            keep &= df["method"].astype(str).isin([str(w) for w in self.methods]) | dense
+            m = df["method"].astype(str)
+            base = m.str.split("(", n=1).str[0]           # `teal` keeps teal(allocation=greedy) too
+            keep &= m.isin([str(w) for w in self.methods]) | base.isin([str(w) for w in self.methods]) | dense
         t = pd.to_datetime(df["start_time"], utc=True, errors="coerce")
         if self.since:
             keep &= t >= pd.Timestamp(self.since)

@@ -134,6 +134,7 @@ class Cell:
     sparsity: float                  # as requested (the plan's target may be 0 for dense)
     device: str
     label: str = field(default="")
+    method_label: str = field(default="")       # the name plus non-default params: teal(allocation=greedy)
 
 
 def validate_cells(configs: list[tuple[list[str], dict]]) -> list[Cell]:
@@ -192,9 +193,23 @@ def _cell(index: int, overrides: list[str], cfg: dict, ctx: _Context) -> Cell:
                   e["token_policy"], e["batch_size"], measure, {k: dict(e[k]) for k in measure if k != "ppl"})
     dense = DenseNode(content_key("dense", model.key, ev.dense_identity()), model, ev)
     key = content_key("cell", plan.key, ev.identity())
-    label = f"{m['name'] if model.kind != 'local' else Path(m['name']).name} {cls.name}" + \
+    method_label = _method_label(cls, params)
+    label = f"{m['name'] if model.kind != 'local' else Path(m['name']).name} {method_label}" + \
             (f" s={sparsity:g}" if cls.uses_target else "")
-    return Cell(index, tuple(overrides), cfg, key, stats, plan, dense, ev, sparsity, device, label)
+    return Cell(index, tuple(overrides), cfg, key, stats, plan, dense, ev, sparsity, device, label, method_label)
+
+
+def _method_label(cls, params: dict) -> str:
+    """The method's name plus its non-default parameters: `teal`, `teal(allocation=greedy)`, `nm(m=16, n=8)`."""
+    from ..sparsifiers.registry import make_params
+
+    defaults = dataclasses.asdict(make_params(cls, {}))
+    changed = {k: v for k, v in params.items() if k in defaults and v != defaults[k]}
+    if not changed:
+        return cls.name
+    fmt = lambda v: f"{v:g}" if isinstance(v, float) else ",".join(map(str, v)) if isinstance(v, (list, tuple)) \
+        else str(v)  # noqa: E731
+    return f"{cls.name}({', '.join(f'{k}={fmt(v)}' for k, v in sorted(changed.items()))})"
 
 
 def _needs_model(cls, params) -> bool:

@@ -398,7 +398,7 @@ def _describe_failure(e: Exception, deps: dict) -> tuple[str, str]:
 def _tags(cell: Cell, sweep_id: str, device: str) -> dict:
     return {"cell_key": cell.key, "stats_key": cell.stats.key, "plan_key": cell.plan.key, "sweep_id": sweep_id,
             "token_policy": cell.eval.token_policy, "device": device, "model": cell.config["model"]["name"],
-            "method": cell.plan.method}
+            "method": cell.plan.method, "method_label": cell.method_label or cell.plan.method}
 
 
 def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict) -> str:

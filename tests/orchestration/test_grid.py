@@ -92,3 +92,27 @@ def test_dry_run_lists_cells_and_keys_and_touches_nothing(tiny_dir, tmp_path, mo
     assert out.startswith("4 grid points -> 3 cells, 1 calibrations, 3 plans, 1 dense evaluations")
     assert out.count("(duplicate of #0)") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_method_variants_are_labelled_by_their_non_default_params(tiny_dir):
+    (c,), _ = _cells([f"model={tiny_dir}", "method=teal", "method.params.allocation=greedy"])
+    assert c.method_label == "teal(allocation=greedy)"
+    (c,), _ = _cells([f"model={tiny_dir}", "method=teal", "method.params.allocation=uniform"])   # the default
+    assert c.method_label == "teal" and c.label.endswith("teal s=0.5")
+    (c,), _ = _cells([f"model={tiny_dir}", "method=nm", "+method.params.pattern=8:16"])
+    assert c.method_label == "nm(pattern=8:16)" and c.label.endswith(" nm(pattern=8:16)")
+
+
+def test_a_method_filter_keeps_the_variants_of_that_method():
+    import pandas as pd
+
+    from actsparse.report.runs import RunFilter, tidy
+
+    raw = pd.DataFrame({"params.method.name": ["teal", "teal", "cats", "dense"],
+                        "tags.method_label": ["teal", "teal(allocation=greedy)", "cats", "dense"],
+                        "tags.model": ["m"] * 4})
+    df = tidy(raw)
+    assert list(df["method"]) == ["teal", "teal(allocation=greedy)", "cats", "dense"]
+    assert set(RunFilter(methods=["teal"]).apply(df)["method"]) == {"teal", "teal(allocation=greedy)", "dense"}
+    assert set(RunFilter(methods=["teal(allocation=greedy)"]).apply(df)["method"]) == {"teal(allocation=greedy)",
+                                                                                        "dense"}
