@@ -54,6 +54,8 @@ _API = {
     "perplexity": "actsparse.eval.perplexity",
     "fidelity": "actsparse.eval.fidelity",
     "lm_eval_accuracy": "actsparse.eval.lm_eval",
+    "mask_stability": "actsparse.eval.stability",
+    "decode_speed": "actsparse.eval.speed",
     "ActsparseError": "actsparse.errors",
 }
 __all__ = sorted(_API)
