@@ -25,7 +25,7 @@ from ..errors import ActsparseError
 DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "auto")
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _HASH_LIMIT = 64 << 20  # files above this are identified by size + mtime instead of content
-MEASURES = ("ppl", "lm_eval", "fidelity", "speed")   # what a cell can measure (eval.measure)
+MEASURES = ("ppl", "lm_eval", "fidelity", "speed", "stability")   # what a cell can measure (eval.measure)
 DECODER_ONLY = ("ppl", "lm_eval", "speed")
 
 
@@ -282,6 +282,11 @@ def _check_eval(e: dict) -> None:
                              f"batch_size={fid['batch_size']}, output={fid['output']!r}")
     if sp["n_tokens"] < 1 or sp["batch"] < 1 or sp["prompt_len"] < 1 or sp["repeats"] < 1:
         raise ActsparseError(f"eval.speed needs n_tokens, batch, prompt_len and repeats >= 1; got {dict(sp)}")
+    st = e["stability"]
+    if st["seq_len"] < 2 or st["n_windows"] < 1 or st["batch_size"] < 1 or not 0.0 <= st["perturb"] <= 1.0 \
+            or not st["roles"]:
+        raise ActsparseError(f"eval.stability needs seq_len >= 2, n_windows >= 1, batch_size >= 1, perturb in "
+                             f"[0, 1] and at least one role; got {dict(st)}")
 
 
 @functools.lru_cache(maxsize=32)

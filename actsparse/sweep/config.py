@@ -72,11 +72,23 @@ class SpeedConf:
 
 
 @dataclass
+class StabilityConf:
+    """Mask stability (measure `stability`, arXiv 2412.12178): Jaccard overlap of the active input channels of
+    consecutive tokens and of a text vs a perturbed copy, per watched site (stability/* metrics)."""
+    seq_len: int = 128
+    n_windows: int = 8
+    perturb: float = 0.3                # fraction of tokens replaced in the perturbed copy
+    roles: List[str] = field(default_factory=lambda: ["down"])
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
 class EvalConf:
     """What each cell measures, and how: with the plan, it makes the cell_key.
 
     `measure` lists the evaluations of every cell: ppl (perplexity on `data`), lm_eval (accuracy),
-    fidelity, speed. ppl, lm_eval and speed need a decoder-only LM; `encoder_measure` says what
+    fidelity, speed, stability (mask stability). ppl, lm_eval and speed need a decoder-only LM; `encoder_measure` says what
     encoders measure instead (None: the same list, which then must suit them).
     """
     data: str = "bundled:eval"
@@ -90,6 +102,7 @@ class EvalConf:
     lm_eval: LmEvalConf = field(default_factory=LmEvalConf)
     fidelity: FidelityConf = field(default_factory=FidelityConf)
     speed: SpeedConf = field(default_factory=SpeedConf)
+    stability: StabilityConf = field(default_factory=StabilityConf)
 
 
 @dataclass

@@ -437,7 +437,7 @@ def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict) -> s
 def quality_metrics(r: dict) -> dict:
     """A cell result's quality figures under DESIGN.md's metric names: ppl, ppl_dense, ppl_ratio; acc/<task>,
     acc_norm/<task>, acc_avg with their dense values as <name>_dense; fidelity/cos, fidelity/rel_err;
-    decode/tok_s, decode/tok_s_dense, decode/speedup, kernel/us_per_layer."""
+    decode/tok_s, decode/tok_s_dense, decode/speedup, kernel/us_per_layer; stability/*."""
     m = {}
     if "ppl" in r:
         m.update(ppl=r["ppl"], ppl_dense=r["ppl_dense"], ppl_ratio=r["ppl_ratio"])
@@ -452,6 +452,7 @@ def quality_metrics(r: dict) -> dict:
         m["fidelity/cos"] = r["fidelity"]["cos"]
         m["fidelity/rel_err"] = r["fidelity"]["rel_err"]
     m.update(r.get("speed", {}))
+    m.update(r.get("stability", {}))        # stability/{consecutive,perturbed,chance}/<site> and /mean
     return m
 
 
@@ -467,6 +468,8 @@ def cell_line(r: dict) -> str:
         parts.append(f"fidelity cos {r['fidelity']['cos']:.4f}")
     if "speed" in r:
         parts.append(f"decode {r['speed']['decode/speedup']:.2f}x")
+    if "stability" in r and "stability/consecutive/mean" in r["stability"]:
+        parts.append(f"mask stability {r['stability']['stability/consecutive/mean']:.3f}")
     if "speed_skipped" in r:
         parts.append(f"decode speed skipped: {r['speed_skipped']}")
     return "  ".join(parts + [f"effective sparsity {r['effective']:.3f}"])

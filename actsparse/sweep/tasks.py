@@ -273,6 +273,16 @@ def _fidelity(model, tok, ev, oom_retries: int) -> tuple:
                      s["batch_size"], oom_retries, "fidelity", "eval.fidelity.batch_size")
 
 
+def _stability(model, tok, ev, oom_retries: int) -> tuple:
+    from ..eval.stability import mask_stability
+
+    s = ev.settings["stability"]
+    return retry_oom(lambda b: mask_stability(model, tok, data=ev.data, seq_len=s["seq_len"], n_windows=s["n_windows"],
+                                              perturb=s["perturb"], roles=tuple(s["roles"]), batch_size=b,
+                                              seed=s["seed"]),
+                     s["batch_size"], oom_retries, "mask stability", "eval.stability.batch_size")
+
+
 def _speed(cell: Cell, plan, device: str, cache_size: int) -> dict:
     """{"speed": decode/* and kernel/* figures}, or {"speed_skipped": why} when this cell cannot be timed."""
     from ..eval.speed import decode_speed, plan_to_engine, speed_unavailable_reason
@@ -332,6 +342,8 @@ def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: 
                                              "evaluation", handle=h)
                 elif m == "lm_eval":
                     out["acc"], _, n = _accuracy(model, tok, ev, oom_retries, "lm-eval")
+                elif m == "stability":
+                    out["stability"], _, n = _stability(model, tok, ev, oom_retries)
                 else:
                     out["fidelity"], _, n = _fidelity(model, tok, ev, oom_retries)
                 n_oom += n

@@ -33,6 +33,7 @@ def _cells(ws):
     (["eval.measure=[ppl,bleu]"], "eval.measure must be a non-empty list of distinct measures"),
     (["eval.measure=[]"], "eval.measure must be a non-empty list"),
     (["eval=fidelity", "eval.fidelity.output=cls"], "eval.fidelity needs"),
+    (["eval=stability", "eval.stability.perturb=1.5"], "eval.stability needs"),
 ])
 def test_bad_evaluation_settings_fail_before_anything_runs(tmp_path, args, says):
     if any("minilm" in a for a in args):
@@ -95,7 +96,9 @@ def quality(ray_cluster, tmp_path_factory, sweep_model):
     ws = tmp_path_factory.mktemp("quality")
     base = [f"tracking.uri=sqlite:///{ws}/mlflow.db", f"launcher.store={ws}/store", f"report.dir={ws}/results"]
     rc, out, err = sweep_in_process(["-m", f"model={sweep_model},minilm-l6", "method=dense,teal", "sparsity=0.5",
-                                     "eval=quality", *EVAL, *DATA, *base])
+                                     "eval=quality", "eval.measure=[ppl,lm_eval,fidelity,stability]",
+                                     "eval.encoder_measure=[fidelity,stability]", "eval.stability.n_windows=2",
+                                     "eval.stability.seq_len=32", *EVAL, *DATA, *base])
     return ws, base, rc, out, err
 
 
@@ -112,6 +115,9 @@ def test_quality_sweep_measures_accuracy_and_fidelity_on_decoders_and_fidelity_o
     assert 0.0 <= dec.metrics["acc_avg"] <= 1.0 and dec.metrics["acc_avg"] == dec.metrics["acc/actsparse_continuation"]
     assert 0.0 < dec.metrics["fidelity/cos"] < 1.0
     assert "fidelity/cos" in enc.metrics and not any(k.startswith(("ppl", "acc")) for k in enc.metrics)
+    for m in (dec.metrics, enc.metrics):
+        assert 0.0 < m["stability/chance/mean"] < m["stability/consecutive/mean"] <= 1.0
+        assert 0.0 < m["stability/perturbed/mean"] <= 1.0
     assert 0.0 < enc.metrics["fidelity/cos"] < 1.0
     assert json.loads(dec.tags["lm_eval_versions"]) == {"actsparse_continuation": 1.0}
     assert dec.tags["lm_eval"] == "0.4.13"
@@ -139,8 +145,11 @@ def test_quality_cells_match_the_python_api(quality, sweep_model):
             fid = asp.fidelity(model, tok, data="bundled:eval", n=6, seq_len=64, batch_size=8)
             acc = asp.lm_eval_accuracy(model, tok, tasks="actsparse_continuation", limit=12, batch_size=4) \
                 if name == sweep_model else None
+            stab = asp.mask_stability(model, tok, data="bundled:eval", seq_len=32, n_windows=2)
         m = by[(name, "teal")]
         assert m["fidelity/cos"] == pytest.approx(fid["cos"], abs=1e-6)
+        for k, v in stab.items():
+            assert m[k] == pytest.approx(v, abs=1e-9), k
         assert m["fidelity/rel_err"] == pytest.approx(fid["rel_err"], abs=1e-6)
         if acc is not None:
             assert m["acc/actsparse_continuation"] == pytest.approx(acc["acc/actsparse_continuation"])
