@@ -62,14 +62,17 @@ TUNED_V3: dict[tuple[str, int, int, int], V3Config] = {
 
 
 # (kind, K, N, batch bucket) -> config; kind in {"gemv", "qkv", "pair", "gather"}.
-# Winners of `bench_kernels.py --tune` on an H100 80GB HBM3, bf16, Llama-3-8B shapes, 2026-11-23
-# (best summed relative time over sparsity 0 / 0.5 / 0.9; benchmarks/BENCHMARKS.md has the numbers).
+# Batch 1: winners of `bench_kernels.py --tune --tune-weights 0:0,0.5:1,0.9:1` on an H100 80GB HBM3, bf16,
+# Llama-3-8B shapes, 2026-11-23 08:16 UTC (commit d0e4cbe): tuned for sparsity 0.5 and 0.9 only, since the
+# engine runs an op on cuBLAS below its crossover. Narrow strips (block_n 16: 32-byte row pieces, more
+# programs in flight) won every op; the block went 137.5 -> 134.8 µs at 50% and 111.4 -> 108.4 µs at 90%
+# against the earlier all-sparsity winners (block_n 32). Batch 4: the 05:17 run's winners (all sparsities).
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
     ("qkv", 4096, 6144, 1): GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=1, use_dot=False, split_k=1),
-    ("gemv", 4096, 4096, 1): GemvConfig(block_n=32, block_k=128, num_warps=4, num_stages=1, use_dot=False, split_k=4),
-    ("pair", 4096, 14336, 1): GemvConfig(block_n=32, block_k=128, num_warps=4, num_stages=1, use_dot=False,
-                                         split_k=4),
-    ("gemv", 14336, 4096, 1): GemvConfig(block_n=32, block_k=128, num_warps=4, num_stages=1, use_dot=False,
+    ("gemv", 4096, 4096, 1): GemvConfig(block_n=16, block_k=128, num_warps=4, num_stages=1, use_dot=False, split_k=4),
+    ("pair", 4096, 14336, 1): GemvConfig(block_n=16, block_k=128, num_warps=4, num_stages=1, use_dot=False,
+                                         split_k=2),
+    ("gemv", 14336, 4096, 1): GemvConfig(block_n=16, block_k=128, num_warps=4, num_stages=1, use_dot=False,
                                          split_k=4),
     ("qkv", 4096, 6144, 4): GemvConfig(block_n=32, block_k=64, num_warps=4, num_stages=1, use_dot=False, split_k=2),
     ("gemv", 4096, 4096, 4): GemvConfig(block_n=32, block_k=32, num_warps=4, num_stages=1, use_dot=False, split_k=4),
@@ -84,7 +87,7 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
 # falls back; batch 2 was not measured and takes batch 4's (conservative) entry.
 # Re-measured 2026-11-23 in the v2-vs-v3 run (v2 kernels): q|k|v 0.403, gate|up 0.202.
 MEASURED_CROSSOVER: dict[int, dict[str, float]] = {
-    1: {"qkv": 0.403, "o": 0.0, "gu": 0.202, "down": 0.0},
+    1: {"qkv": 0.335, "o": 0.0, "gu": 0.227, "down": 0.067},   # the 08:16 run, with the batch-1 configs above
     4: {"qkv": 1.0, "o": 1.0, "gu": 1.0, "down": 1.0},
 }
 
