@@ -122,7 +122,8 @@ def _rule(site: str, mode: str, m: float, t: float, w: torch.Tensor | None, spar
 def _fit_site(site, mode: str, sparsity: float, sample: torch.Tensor, X: torch.Tensor | None,
               n_candidates: int, bw_adjust: float) -> Rule:
     """Choose the mode m and threshold t of one site from a 1-D sample of its input (and X [N, C] for kde)."""
-    w = site.weight.detach().float().cpu()  # [out, in]
+    w = site.weight.detach().float()      # [out, in], on the model's device: the KDE criterion's W·x
+    dev = w.device                        # products ([calib tokens x in] x [in x out]) run there
     v = sample.double().flatten()
     if mode == "zero":
         m = 0.0
@@ -130,15 +131,19 @@ def _fit_site(site, mode: str, sparsity: float, sample: torch.Tensor, X: torch.T
         m = float(_quantile(v, 0.5))
     else:
         cands = kde_peaks(v, n_candidates, bw_adjust)
-        m = cands[0] if len(cands) == 1 else min(cands, key=lambda c: _output_error(X, w, c, sparsity))
-    t = SortedAbs(v - m)(sparsity)
-    return _rule(site.name, mode, m, t, w, sparsity)
+        if len(cands) == 1:
+            m = cands[0]
+        else:
+            Xd = X.to(dev)
+            m = min(cands, key=lambda c: _output_error(Xd, w, c, sparsity))
+    t = SortedAbs(v - m, dev)(sparsity)
+    return _rule(site.name, mode, m, t, w.cpu(), sparsity)
 
 
 def _output_error(X: torch.Tensor, w: torch.Tensor, m: float, sparsity: float) -> float:
     """||W (x_s + m) - W x|| over the calibration inputs, for candidate mode m (the reference's criterion)."""
     xc = X.float() - m                                  # [N, C]
-    t = SortedAbs(xc)(sparsity)
+    t = SortedAbs(xc, xc.device)(sparsity)
     xs = xc * (xc.abs() > t) + m
     return float((F.linear(xs, w) - F.linear(X.float(), w)).norm())
 
