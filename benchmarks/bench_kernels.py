@@ -307,87 +307,69 @@ def cublas_ops(lay: Layers, inp: Inputs) -> dict:
 
 
 # ---------------------------------------------------------------------- tuning
-def tune(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
-    """Time every config of the grid per op kind and batch at sparsity 0 / 0.5 / 0.9; keep the best.
+KINDS = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER), "down": ("gemv", INTER, D)}
 
-    weights: how much each sparsity counts in the choice (default 1 each). The engine runs an op on
-    cuBLAS below its crossover, so `0:0,0.5:1,0.9:1` tunes for the regime the kernels actually serve.
+
+def _v2_grid(b: int, k: int, n: int) -> list[GemvConfig]:
+    """The v2 configs tried for one op and batch: each grid entry at split-K = auto/2, auto, 2·auto."""
+    grid = []
+    for c, dot in [(c, False) for c in FMA_GRID[b]] + [(c, True) for c in DOT_GRID[b]]:
+        base = GemvConfig(*c, use_dot=dot)
+        tiles = -(-n // base.block_n) * (1 if not dot else -(-b // 16))
+        auto = configs.choose_split(base, k, tiles, torch.device(DEV))
+        grid += [dataclasses.replace(base, split_k=sp) for sp in sorted({max(1, auto // 2), auto, 2 * auto})]
+    return grid
+
+
+def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl: str, reserve: float) -> tuple[dict, list]:
+    """Time every config of grid(b, k, n) per op kind and batch at sparsity 0 / 0.5 / 0.9 (after checking it at 0.5);
+    keep per (kind, K, N, batch bucket) the config with the least weighted sum of times relative to the best.
+
+    weights: how much each sparsity counts in the choice (default 1 each). The engine runs an op on cuBLAS
+    below its crossover, so `0:0,0.5:1,0.9:1` tunes for the regime the kernels actually serve.
     """
     weights = weights or {0.0: 1.0, 0.5: 1.0, 0.9: 1.0}
-    kinds = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER), "down": ("gemv", INTER, D)}
+    tag = "tune" if impl == "v2" else f"tune {impl}"
     best, rows = {}, []
     for b in batches:
         inp = Inputs(lay, b)
         ths = {s: inp.thresholds(s) for s in (0.0, 0.5, 0.9)}
-        for op, (kind, k, n) in kinds.items():
-            grid = []
-            for c, dot in [(c, False) for c in FMA_GRID[b]] + [(c, True) for c in DOT_GRID[b]]:
-                base = GemvConfig(*c, use_dot=dot)
-                tiles = -(-n // base.block_n) * (1 if not dot else -(-b // 16))
-                auto = configs.choose_split(base, k, tiles, torch.device(DEV))
-                grid += [dataclasses.replace(base, split_k=sp) for sp in sorted({max(1, auto // 2), auto, 2 * auto})]
+        for op, (kind, k, n) in KINDS.items():
             res = {}
-            for cfg in grid:
-                if clock.left(0.4) < 0:
-                    log("  tune: out of its time budget, stopping the sweep")
+            for cfg in grid(b, k, n):
+                if clock.left(reserve) < 0:
+                    log(f"  {tag}: out of its time budget, stopping the sweep")
                     break
                 try:
                     with override_config(cfg):
-                        err = check_ops(lay, inp, ths[0.5])[op]
+                        err = check_ops(lay, inp, ths[0.5], impl)[op]
                         if not err < 2e-2:
-                            log(f"  tune {op} b{b} {cfg}: WRONG rel err {err}")
+                            log(f"  {tag} {op} b{b} {cfg}: WRONG rel err {err}")
                             continue
-                        ts = {s: time_graph(sparse_ops(lay, inp, ths[s])[op]) * 1e3 / lay.n for s in ths}
+                        ts = {s: time_graph(sparse_ops(lay, inp, ths[s], impl)[op]) * 1e3 / lay.n for s in ths}
                 except Exception as e:  # a config may not fit (shared memory, registers)
-                    log(f"  tune {op} b{b} {cfg}: failed: {type(e).__name__}: {str(e)[:120]}")
+                    log(f"  {tag} {op} b{b} {cfg}: failed: {type(e).__name__}: {str(e)[:160]}")
                     continue
                 res[cfg] = ts
                 rows.append({"op": op, "batch": b, "cfg": cfg.__dict__, "us": ts})
             if not res:
                 continue
-            # Best over all sparsities: minimise the sum of times relative to the per-sparsity best.
             mins = {s: min(r[s] for r in res.values()) for s in ths}
             cfg_best = min(res, key=lambda c: sum(weights.get(s, 1.0) * res[c][s] / mins[s] for s in ths))
             best[(kind, k, n, configs.batch_bucket(b))] = cfg_best
-            log(f"  tune {op:5s} b{b}: best {cfg_best} -> " +
+            log(f"  {tag} {op:5s} b{b}: best {cfg_best} -> " +
                 " ".join(f"s{s}:{res[cfg_best][s]:.1f}us(min {mins[s]:.1f})" for s in ths))
     return best, rows
+
+
+def tune(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
+    """The v2 sweep over FMA_GRID / DOT_GRID (see _sweep)."""
+    return _sweep(lay, clock, batches, weights, _v2_grid, "v2", 0.4)
 
 
 def tune_v3(lay: Layers, clock: Clock, batches=(1, 4)) -> tuple[dict, list]:
-    """Time every v3 config of V3_GRID per op and batch at sparsity 0 / 0.5 / 0.9; keep the best."""
-    kinds = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER), "down": ("gemv", INTER, D)}
-    best, rows = {}, []
-    for b in batches:
-        inp = Inputs(lay, b)
-        ths = {s: inp.thresholds(s) for s in (0.0, 0.5, 0.9)}
-        for op, (kind, k, n) in kinds.items():
-            res = {}
-            for c in V3_GRID[b]:
-                cfg = V3Config(*c)
-                if clock.left(0.3) < 0:
-                    log("  tune v3: out of its time budget, stopping the sweep")
-                    break
-                try:
-                    with override_config(cfg):
-                        err = check_ops(lay, inp, ths[0.5], "v3")[op]
-                        if not err < 2e-2:
-                            log(f"  tune v3 {op} b{b} {cfg}: WRONG rel err {err}")
-                            continue
-                        ts = {s: time_graph(sparse_ops(lay, inp, ths[s], "v3")[op]) * 1e3 / lay.n for s in ths}
-                except Exception as e:
-                    log(f"  tune v3 {op} b{b} {cfg}: failed: {type(e).__name__}: {str(e)[:160]}")
-                    continue
-                res[cfg] = ts
-                rows.append({"op": op, "batch": b, "cfg": cfg.__dict__, "us": ts})
-            if not res:
-                continue
-            mins = {s: min(r[s] for r in res.values()) for s in ths}
-            cfg_best = min(res, key=lambda c: sum(weights.get(s, 1.0) * res[c][s] / mins[s] for s in ths))
-            best[(kind, k, n, configs.batch_bucket(b))] = cfg_best
-            log(f"  tune v3 {op:5s} b{b}: best {cfg_best} -> " +
-                " ".join(f"s{s}:{res[cfg_best][s]:.1f}us(min {mins[s]:.1f})" for s in ths))
-    return best, rows
+    """The v3 sweep over V3_GRID (see _sweep)."""
+    return _sweep(lay, clock, batches, None, lambda b, k, n: [V3Config(*c) for c in V3_GRID[b]], "v3", 0.3)
 
 
 # ---------------------------------------------------------------------- kernel microbenchmark

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .configs import FMA_MAX_BATCH, MAX_TILES, choose_split, new_output, pick_config, tile_counters
-from .sparse_gemv import _accumulate
+from .sparse_gemv import _accumulate, _row_rstd
 
 
 @triton.jit
@@ -46,13 +46,7 @@ def _gather_up_kernel(
 
     rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
     if NORM:
-        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for k0 in range(0, K, NORM_BLOCK):
-            offs = k0 + tl.arange(0, NORM_BLOCK)
-            xv = tl.load(x_rows + offs[None, :], mask=mask_b[:, None] & (offs < K)[None, :], other=0.0)
-            xv = xv.to(tl.float32)
-            ss += tl.sum(xv * xv, axis=1)
-        rstd = tl.rsqrt(ss / K + eps)
+        rstd = _row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
 
     if USE_DOT:
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)

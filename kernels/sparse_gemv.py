@@ -33,6 +33,18 @@ from .configs import FMA_MAX_BATCH, MAX_TILES, GemvConfig, choose_impl, choose_s
 
 
 @triton.jit
+def _row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """1 / RMS of each batch row of x [BLOCK_B, K] (RMSNorm's factor); x is L2-resident, read in wide loads."""
+    ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, K, NORM_BLOCK):
+        offs = k0 + tl.arange(0, NORM_BLOCK)
+        xv = tl.load(x_rows + offs[None, :], mask=mask_b[:, None] & (offs < K)[None, :], other=0.0)
+        xv = xv.to(tl.float32)
+        ss += tl.sum(xv * xv, axis=1)
+    return tl.rsqrt(ss / K + eps)
+
+
+@triton.jit
 def _nm_keep(a, NM_N: tl.constexpr, NM_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """Top-NM_N of |score| inside each group of NM_M consecutive channels (ties: lower index wins)."""
     a3 = tl.reshape(a, (BLOCK_B, BLOCK_K // NM_M, NM_M))
@@ -138,15 +150,8 @@ def _sparse_gemv_kernel(
     x_rows = x_ptr + offs_b[:, None] * stride_xb
 
     rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
-    if NORM:
-        # Every program needs the row norms; x is L2-resident and read in one or two wide loads.
-        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for k0 in range(0, K, NORM_BLOCK):
-            offs = k0 + tl.arange(0, NORM_BLOCK)
-            xv = tl.load(x_rows + offs[None, :], mask=mask_b[:, None] & (offs < K)[None, :], other=0.0)
-            xv = xv.to(tl.float32)
-            ss += tl.sum(xv * xv, axis=1)
-        rstd = tl.rsqrt(ss / K + eps)
+    if NORM:  # every program needs the row norms
+        rstd = _row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
 
     # The strip lies inside one segment (the launcher makes BLOCK_N divide the boundaries).
     n_start = pid_n * BLOCK_N

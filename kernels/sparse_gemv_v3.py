@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .configs import MAX_TILES, V3Config, new_output, tile_counters
-from .sparse_gemv import _epilogue, _fit_block_n, _select
+from .sparse_gemv import _epilogue, _fit_block_n, _row_rstd, _select
 
 
 @triton.jit
@@ -52,13 +52,7 @@ def _v3_kernel(
 
     rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
     if NORM:
-        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for k0 in range(0, K, NORM_BLOCK):  # one iteration at K ≤ NORM_BLOCK (hidden size 4096)
-            offs = k0 + tl.arange(0, NORM_BLOCK)
-            xv = tl.load(x_rows + offs[None, :], mask=mask_b[:, None] & (offs < K)[None, :], other=0.0)
-            xv = xv.to(tl.float32)
-            ss += tl.sum(xv * xv, axis=1)
-        rstd = tl.rsqrt(ss / K + eps)
+        rstd = _row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
 
     n_start = pid_n * BLOCK_N
     if PAIR:

@@ -81,7 +81,7 @@ class Countdown(Method):
         if params.mode == "oracle":
             rules = []
             sites = stats.meta["sites"]
-            for down in (s for s in sites if s.endswith("down") and s.rsplit(".", 1)[-1] == "down"):
+            for down in (s for s in sites if s.rsplit(".", 1)[-1] == "down"):
                 base = down[:-len("down")]                        # layers.i.{prefix}
                 c = sites[down][0]
                 skips = [base + r for r in ("gate", "up", "down") if base + r in sites]

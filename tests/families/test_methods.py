@@ -21,8 +21,6 @@ SPARSITY = 0.5
 SMALL = {"calib_tokens": 256}
 # what a method says when a model has no dense gated MLP (MoE models have experts, not a dense MLP)
 NOT_GATED = re.compile(r"needs a gated MLP|no calibration statistics for probe 'layers\.\d+\.(gate_act|up_out)'")
-# known gaps, pinned so they flip to a failure once fixed (then drop the entry)
-KNOWN: dict = {}
 # what a method says when a family has no MLP at all (a Mamba mixer): not applicable, like NOT_GATED
 NO_MLP = re.compile(r"has no MLP with up and down projections")
 
@@ -48,9 +46,7 @@ def calibrated(kind: str):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("kind", list(FAMILIES))
-def test_method_runs_on_family_with_torch_backend(kind, method, request):
-    if (method, kind) in KNOWN:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN[(method, kind)]))
+def test_method_runs_on_family_with_torch_backend(kind, method):
     model, stats = calibrated(kind)
     params = {k: v for k, v in SMALL.items() if k in asp.methods()[method]}
     try:
