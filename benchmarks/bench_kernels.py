@@ -53,7 +53,7 @@ def _ensure_kernels_importable() -> None:
 
 _ensure_kernels_importable()
 
-from actsparse.kernels import GemvConfig, V3Config, configs, override_config, ref, sparse_gated_mlp, sparse_gemv  # noqa: E402
+from actsparse.kernels import GemvConfig, V3Config, V4Config, configs, override_config, ref, sparse_gated_mlp, sparse_gemv  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from teal_style import teal_style_gemv  # noqa: E402
@@ -70,6 +70,11 @@ DOT_GRID = {1: [], 4: [(64, 128, 4, 3), (32, 128, 4, 3)]}
 V3_GRID = {1: [(64, 512, 64, 4), (64, 512, 128, 4), (128, 512, 64, 4), (64, 256, 64, 4), (64, 1024, 64, 4),
                (64, 512, 32, 4), (32, 512, 64, 4), (64, 512, 64, 8)],
            4: [(64, 512, 16, 4), (64, 256, 32, 4), (32, 512, 32, 4)]}
+# v4 (block_n, seg_k, num_warps, num_stages, per_sm)
+V4_GRID = {1: [(16, 512, 4, 1, 4), (16, 512, 4, 2, 4), (16, 512, 4, 3, 4), (32, 256, 4, 1, 4), (32, 256, 4, 2, 4),
+               (64, 128, 4, 2, 4), (16, 1024, 8, 1, 2), (16, 512, 8, 2, 2), (32, 512, 8, 2, 2), (16, 256, 4, 2, 8),
+               (16, 512, 4, 2, 8), (64, 256, 8, 2, 4), (32, 128, 4, 3, 8), (16, 256, 4, 1, 4)],
+           4: [(16, 128, 4, 1, 4), (16, 128, 4, 2, 4), (32, 128, 4, 2, 4), (16, 256, 8, 2, 4), (16, 64, 4, 2, 8)]}
 DEV = "cuda"
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
 if SMOKE:
@@ -78,6 +83,7 @@ if SMOKE:
     FMA_GRID = {1: [(32, 32, 4, 1)], 4: [(32, 32, 4, 1)]}
     DOT_GRID = {1: [], 4: [(32, 32, 4, 1)]}
     V3_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4)], 4: [(32, 32, 8, 4)]}
+    V4_GRID = {1: [(16, 32, 4, 1, 1), (32, 64, 4, 2, 2)], 4: [(16, 32, 4, 1, 1)]}
 
 
 class Clock:
@@ -372,12 +378,18 @@ def tune_v3(lay: Layers, clock: Clock, batches=(1, 4)) -> tuple[dict, list]:
     return _sweep(lay, clock, batches, None, lambda b, k, n: [V3Config(*c) for c in V3_GRID[b]], "v3", 0.3)
 
 
+def tune_v4(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
+    """The v4 sweep over V4_GRID (see _sweep)."""
+    return _sweep(lay, clock, batches, weights, lambda b, k, n: [V4Config(*c) for c in V4_GRID[b]], "v4", 0.35)
+
+
 # ---------------------------------------------------------------------- kernel microbenchmark
 extra_impl: dict[str, str] = {}  # "op|b<batch>" -> the winning kernel, filled by kernel_bench
+SIDE_BY_SIDE = ["v2", "v4"]  # kernels timed side by side per op (--impls)
 
 
 def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict) -> list[dict]:
-    """Time cuBLAS, v2 and v3 side by side per op and block, then the per-op winners (method "actsparse")."""
+    """Time cuBLAS and the SIDE_BY_SIDE kernels per op and block, then the per-op winners (method "actsparse")."""
     rows = []
     for b in batches:
         inp = Inputs(lay, b)
@@ -388,9 +400,10 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
             rows.append({**meta, "kind": "kernel", "method": f"cublas-{k}" if k.startswith("block") else "cublas",
                          "op": "block" if k.startswith("block") else k, "sparsity": 0.0, "batch": b,
                          "dtype": dtype_name, "us_per_block" if k.startswith("block") else "us": round(v, 2)})
-        impls = ["v2", "v3"] if (b <= configs.V3_MAX_BATCH and dtype_name == "bf16") else []
+        impls = [i for i in SIDE_BY_SIDE if configs.MAX_BATCH[i] is None or b <= configs.MAX_BATCH[i]]
+        impls = impls if (len(impls) > 1 and dtype_name == "bf16") else []
         side: dict[str, dict[float, dict[str, float]]] = {i: {} for i in impls}
-        for impl in impls:  # v2 and v3 side by side, same run, same inputs
+        for impl in impls:  # the kernels side by side, same run, same inputs
             for s in SPARSITIES:
                 if clock.left(0.6) < 0:
                     break
@@ -405,13 +418,15 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
                                  "batch": b, "dtype": dtype_name,
                                  "us_per_block" if k == "block" else "us": round(t[k], 2),
                                  "max_rel_err": errs.get(k, max(errs.values()))})
-        if len(side) == 2 and side["v2"] and side["v3"]:
-            # Per op, the kernel with the lower summed time over the sparsities measured in both runs.
+        common = [s for s in SPARSITIES if impls and all(s in side[i] for i in impls)]
+        if common:
+            # Per op, the kernel with the lower summed time over the sparsities the engine serves with a
+            # kernel (≥ 0.4: below that most ops fall back to cuBLAS), else over all measured in every run.
             kinds = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER),
                      "down": ("gemv", INTER, D)}
-            common = [s for s in side["v2"] if s in side["v3"]]
+            served = [s for s in common if s >= 0.4] or common
             for op, (kind, k, n) in kinds.items():
-                tv = {i: sum(side[i][s][op] for s in common) for i in ("v2", "v3")}
+                tv = {i: sum(side[i][s][op] for s in served) for i in impls}
                 win = min(tv, key=tv.get)
                 configs.IMPL[(kind, k, n, configs.batch_bucket(b))] = win
                 extra_impl[f"{op}|b{b}"] = win
@@ -554,6 +569,8 @@ def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
     if extra.get("tuned_v2"):
         out.append(f"Tuned v2 configs this run (objective weights per sparsity {extra.get('tune_weights')}): "
                    + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v2"].items()) + "\n")
+    if extra.get("tuned_v4"):
+        out.append("Tuned v4 configs this run: " + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v4"].items()) + "\n")
     kr = [r for r in rows if r["kind"] == "kernel" and r["op"] == "block" and r["method"] == "actsparse"]
     if kr:
         out.append("\n### Block time (q+k+v+o+gate+up+down), Llama-3-8B shapes, µs\n")
@@ -563,22 +580,25 @@ def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
         for r in kr:
             out.append(f"| {r['dtype']} | {r['batch']} | {r['sparsity']:.2f} | {r['us_per_block']:.1f} | "
                        f"{r['us_cublas_block7']:.1f} | {r['us_cublas_block4']:.1f} | {r['speedup']:.2f}× |")
-    side = {(r["batch"], r["sparsity"], r["op"], r["method"]): r.get("us_per_block", r.get("us"))
-            for r in rows if r["kind"] == "kernel" and r["method"] in ("actsparse-v2", "actsparse-v3")}
+    side = {(r["batch"], r["sparsity"], r["op"], r["method"][len("actsparse-"):]): r.get("us_per_block", r.get("us"))
+            for r in rows if r["kind"] == "kernel" and r["method"].startswith("actsparse-")}
     if side:
         cub = {(r["batch"], r["op"]): r.get("us") for r in rows if r["kind"] == "kernel" and r["method"] == "cublas"}
         cub.update({(r["batch"], "block"): r["us_per_block"] for r in rows
                     if r["kind"] == "kernel" and r["method"] == "cublas-block4" and r["dtype"] == "bf16"})
-        out.append("\n### v2 vs v3 side by side (bf16, same run), µs\n")
-        out.append("| batch | sparsity | op | v2 | v3 | cuBLAS | v3 vs v2 |")
-        out.append("|---|---|---|---|---|---|---|")
-        for (b, s, op, m) in sorted(side):
-            if m != "actsparse-v2" or (b, s, op, "actsparse-v3") not in side:
+        impls = sorted({m for (_, _, _, m) in side})
+        base, others = impls[0], impls[1:]
+        out.append(f"\n### {' vs '.join(impls)} side by side (bf16, same run), µs\n")
+        out.append(f"| batch | sparsity | op | {' | '.join(impls)} | cuBLAS | "
+                   + " | ".join(f"{o} vs {base}" for o in others) + " |")
+        out.append("|---" * (4 + len(impls) + len(others)) + "|")
+        for (b, s, op) in sorted({k[:3] for k in side}):
+            if not all((b, s, op, i) in side for i in impls):
                 continue
-            v2, v3 = side[(b, s, op, m)], side[(b, s, op, "actsparse-v3")]
+            t = {i: side[(b, s, op, i)] for i in impls}
             c = cub.get((b, op))
-            out.append(f"| {b} | {s:.2f} | {op} | {v2:.1f} | {v3:.1f} | {'' if c is None else f'{c:.1f}'} | "
-                       f"{v2 / v3:.2f}× |")
+            out.append(f"| {b} | {s:.2f} | {op} | " + " | ".join(f"{t[i]:.1f}" for i in impls)
+                       + f" | {'' if c is None else f'{c:.1f}'} | " + " | ".join(f"{t[base] / t[o]:.2f}×" for o in others) + " |")
         if extra.get("impl"):
             out.append(f"\nPer-op kernel chosen for the 'actsparse' rows and the decode engine: {extra['impl']}")
     tr = [r for r in rows if r["method"] == "teal-style"]
@@ -622,6 +642,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tune", action="store_true", help="sweep v2 launch configs first and use the winners")
     ap.add_argument("--tune-v3", action="store_true", help="sweep v3 launch configs first and use the winners")
+    ap.add_argument("--tune-v4", action="store_true", help="sweep v4 launch configs first and use the winners")
+    ap.add_argument("--impls", default="v2,v4", help="kernels timed side by side (default: %(default)s)")
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
                     help="weight of each sparsity in the v2 tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
     ap.add_argument("--tune-batches", default="1,4", help="batches the v2 tuning sweeps (default: %(default)s)")
@@ -664,6 +686,14 @@ def main() -> None:
                                "rows": trows}
                 extra["tuned_v2"] = {"|".join(map(str, k)): v.__dict__ for k, v in best.items()}
                 extra["tune_weights"] = weights
+            SIDE_BY_SIDE[:] = [i for i in args.impls.split(",") if i]
+            if args.tune_v4:
+                weights = {float(a): float(b) for a, b in (w.split(":") for w in args.tune_weights.split(","))}
+                best, trows = tune_v4(lay, clock, tuple(int(b) for b in args.tune_batches.split(",")), weights)
+                configs.TUNED_V4.update(best)
+                tuned["v4"] = {"weights": weights, "best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()},
+                               "rows": trows}
+                extra["tuned_v4"] = tuned["v4"]["best"]
             if args.tune_v3:
                 best, trows = tune_v3(lay, clock)
                 configs.TUNED_V3.update(best)

@@ -19,7 +19,7 @@ if not _torch.cuda.is_available():
 
 from .attention import decode_attention
 from .cats import cats_up
-from .configs import GemvConfig, V3Config, override_config, pick_config, poison_outputs
+from .configs import GemvConfig, V3Config, V4Config, override_config, pick_config, poison_outputs
 from .gated_mlp import sparse_gated_mlp
 from .rmsnorm import add_rmsnorm, rmsnorm
 from .silu_mul import silu_mul
@@ -28,6 +28,7 @@ from .sparse_gemv import sparse_gemv
 __all__ = [
     "GemvConfig",
     "V3Config",
+    "V4Config",
     "add_rmsnorm",
     "cats_up",
     "decode_attention",

@@ -40,6 +40,21 @@ class V3Config:
 
 V3_MAX_BATCH = 4  # the v3 kernel keeps batch × BLOCK_K × BLOCK_N accumulators: small batches only
 
+
+@dataclass(frozen=True)
+class V4Config:
+    """One launch configuration of the v4 (slice-stationary selection, streamed columns) kernel."""
+
+    block_n: int = 16  # output columns a loop step: 32-byte row pieces in bf16
+    seg_k: int = 512  # input channels a program selects once and keeps (its K slice)
+    num_warps: int = 4
+    num_stages: int = 1  # software-pipelining depth of the column loop
+    per_sm: int = 4  # programs per SM the launcher aims for (sets the width of a column range)
+    ranges: int = 0  # column ranges per K slice; 0 = from per_sm
+
+
+V4_MAX_BATCH = 4  # x_s · tile is reduced over K every step: batch × SEG_K × BLOCK_N products a step
+
 # (kind, K, N, batch bucket) -> "v2" | "v3": the faster kernel per op, measured side by side on an
 # H100 (bench_kernels.py, 2026-11-23, bf16, Llama-3-8B shapes): v3 lost to v2 for every op, batch
 # and sparsity (0.3–0.9×, BENCHMARKS.md), so v2 runs everywhere; shapes not listed also take v2.
@@ -91,8 +106,12 @@ MEASURED_CROSSOVER: dict[int, dict[str, float]] = {
     4: {"qkv": 1.0, "o": 1.0, "gu": 1.0, "down": 1.0},
 }
 
+# (kind, K, N, batch bucket) -> V4Config, winners of the on-device v4 sweep.
+TUNED_V4: dict[tuple[str, int, int, int], V4Config] = {}
+
 _override: GemvConfig | None = None
 _override_v3: V3Config | None = None
+_override_v4: V4Config | None = None
 
 
 def batch_bucket(b: int) -> int:
@@ -169,19 +188,19 @@ def pick_config(kind: str, k: int, n: int, b: int) -> GemvConfig:
 
 
 @contextlib.contextmanager
-def override_config(cfg: GemvConfig | V3Config | None) -> Iterator[None]:
+def override_config(cfg: GemvConfig | V3Config | V4Config | None) -> Iterator[None]:
     """Force every sparse GEMV launch inside the block to use `cfg`: a GemvConfig forces the v2 kernel,
-    a V3Config the v3 kernel (tests and the tuning sweep)."""
-    global _override, _override_v3
-    old = (_override, _override_v3)
-    if isinstance(cfg, V3Config):
-        _override, _override_v3 = None, cfg
-    else:
-        _override, _override_v3 = cfg, None
+    a V3Config the v3 kernel, a V4Config the v4 kernel (tests and the tuning sweep); batches the
+    forced kernel cannot run take v2."""
+    global _override, _override_v3, _override_v4
+    old = (_override, _override_v3, _override_v4)
+    _override = cfg if isinstance(cfg, GemvConfig) else None
+    _override_v3 = cfg if isinstance(cfg, V3Config) else None
+    _override_v4 = cfg if isinstance(cfg, V4Config) else None
     try:
         yield
     finally:
-        _override, _override_v3 = old
+        _override, _override_v3, _override_v4 = old
 
 
 def default_v3_config(kind: str, k: int, n: int, b: int) -> V3Config:
@@ -190,27 +209,43 @@ def default_v3_config(kind: str, k: int, n: int, b: int) -> V3Config:
     return V3Config(block_n=64, seg_k=512, block_k=block_k, num_warps=4)
 
 
-def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto") -> tuple[str, GemvConfig | V3Config]:
-    """Return which kernel runs a launch ("v2" or "v3") and its configuration.
+def default_v4_config(kind: str, k: int, n: int, b: int) -> V4Config:
+    """Return the v4 configuration when the table has no entry: shorter slices as the batch grows."""
+    return V4Config(seg_k=512 if b == 1 else (256 if b == 2 else 128))
 
-    impl: "auto" (an active override, else the measured table `IMPL`, else DEFAULT_IMPL), "v2" or "v3".
+
+IMPLS = ("v2", "v3", "v4")
+MAX_BATCH = {"v2": None, "v3": V3_MAX_BATCH, "v4": V4_MAX_BATCH}
+
+
+def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto") -> tuple[str, GemvConfig | V3Config | V4Config]:
+    """Return which kernel runs a launch ("v2", "v3" or "v4") and its configuration.
+
+    impl: "auto" (an active override, else the measured table `IMPL`, else DEFAULT_IMPL; a batch the
+    chosen kernel cannot run takes v2), or one of "v2", "v3", "v4".
     """
-    if impl not in ("auto", "v2", "v3"):
-        raise ValueError(f"impl must be 'auto', 'v2' or 'v3', got {impl!r}")
+    if impl not in ("auto",) + IMPLS:
+        raise ValueError(f"impl must be 'auto', 'v2', 'v3' or 'v4', got {impl!r}")
     if impl == "auto":
         if _override is not None:
             impl = "v2"
         elif _override_v3 is not None:
-            impl = "v3" if b <= V3_MAX_BATCH else "v2"
+            impl = "v3"
+        elif _override_v4 is not None:
+            impl = "v4"
         else:
             impl = IMPL.get((kind, k, n, batch_bucket(b)), DEFAULT_IMPL)
-            if b > V3_MAX_BATCH:
-                impl = "v2"
+        cap = MAX_BATCH[impl]
+        if cap is not None and b > cap:
+            impl = "v2"
+    cap = MAX_BATCH[impl]
+    if cap is not None and b > cap:
+        raise ValueError(f"the {impl} kernel runs batches of at most {cap} rows, got {b}; use impl='v2'")
+    key = (kind, k, n, batch_bucket(b))
     if impl == "v3":
-        if b > V3_MAX_BATCH:
-            raise ValueError(f"the v3 kernel runs batches of at most {V3_MAX_BATCH} rows, got {b}; use impl='v2'")
-        cfg = _override_v3 or TUNED_V3.get((kind, k, n, batch_bucket(b))) or default_v3_config(kind, k, n, b)
-        return "v3", cfg
+        return "v3", _override_v3 or TUNED_V3.get(key) or default_v3_config(kind, k, n, b)
+    if impl == "v4":
+        return "v4", _override_v4 or TUNED_V4.get(key) or default_v4_config(kind, k, n, b)
     return "v2", pick_config(kind, k, n, b)
 
 

@@ -46,7 +46,8 @@ def sparse_gated_mlp(
 
     x: [B, K] (the residual stream when norm_weight is given); wt_gate, wt_up: [K, I] row-major;
     thresh: float32 [2] or [2, K] (row 0 gate, row 1 up); shift: [2, K]; bias: [2, I].
-    impl: "v3" (gate and up in separate programs over compacted active rows, batch ≤ 4), "v2" or "auto".
+    impl: "v4" (selection once per K slice, columns streamed, batch ≤ 4), "v3" (gate and up in separate
+    programs over compacted active rows, batch ≤ 4), "v2" or "auto" (see `sparse_gemv`).
     """
     _check_common(x, wt_gate, "wt_gate")
     _check_common(x, wt_up, "wt_up")

@@ -274,6 +274,10 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
         from .sparse_gemv_v3 import launch_v3
 
         return launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, cfg)
+    if which == "v4":
+        from .sparse_gemv_v4 import launch_v4
+
+        return launch_v4(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, cfg)
     cfg: GemvConfig
     use_dot = cfg.use_dot or b > FMA_MAX_BATCH
     block_b = 16 if use_dot else triton.next_power_of_2(b)
@@ -360,8 +364,9 @@ def sparse_gemv(
     x: [B, K]; wt: W^T [K, N] row-major; thresh: float32 [S] or [S, K] (S = len(segments) + 1, one row
     per output-column segment, e.g. q/k/v); shift: [S, K]; bias: [N]; residual: [B, N];
     norm_weight: [K] RMSNorm weight applied to x first; nm=(N, M) keeps the top N of every M
-    consecutive channels instead of thresholding. impl: "v3" (active rows compacted, batch ≤ 4),
-    "v2" (masked split-K walk, any batch) or "auto" (the faster one measured for the shape).
+    consecutive channels instead of thresholding. impl: "v4" (selection once per K slice, columns
+    streamed, batch ≤ 4), "v3" (active rows compacted, batch ≤ 4), "v2" (masked split-K walk, any
+    batch) or "auto" (the fastest one measured for the shape).
     """
     _check_common(x, wt)
     k, n = wt.shape
