@@ -71,9 +71,10 @@ V3_GRID = {1: [(64, 512, 64, 4), (64, 512, 128, 4), (128, 512, 64, 4), (64, 256,
                (64, 512, 32, 4), (32, 512, 64, 4), (64, 512, 64, 8)],
            4: [(64, 512, 16, 4), (64, 256, 32, 4), (32, 512, 32, 4)]}
 # v4 (block_n, seg_k, num_warps, num_stages, per_sm)
-V4_GRID = {1: [(16, 512, 4, 1, 4), (16, 512, 4, 2, 4), (16, 512, 4, 3, 4), (32, 256, 4, 1, 4), (32, 256, 4, 2, 4),
-               (64, 128, 4, 2, 4), (16, 1024, 8, 1, 2), (16, 512, 8, 2, 2), (32, 512, 8, 2, 2), (16, 256, 4, 2, 8),
-               (16, 512, 4, 2, 8), (64, 256, 8, 2, 4), (32, 128, 4, 3, 8), (16, 256, 4, 1, 4)],
+# (num_stages had no effect in the first sweep: the pipeliner leaves loads that feed no dot alone)
+V4_GRID = {1: [(16, 512, 4, 1, 8), (16, 512, 4, 1, 4), (32, 256, 4, 1, 4), (64, 128, 4, 1, 4), (32, 256, 4, 1, 8),
+               (64, 128, 4, 1, 8), (16, 256, 4, 1, 8), (32, 128, 4, 1, 8), (64, 256, 8, 1, 4), (16, 1024, 8, 1, 4),
+               (32, 512, 8, 1, 4), (16, 128, 4, 1, 16)],
            4: [(16, 128, 4, 1, 4), (16, 128, 4, 2, 4), (32, 128, 4, 2, 4), (16, 256, 8, 2, 4), (16, 64, 4, 2, 8)]}
 DEV = "cuda"
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
@@ -347,6 +348,7 @@ def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl:
                     log(f"  {tag}: out of its time budget, stopping the sweep")
                     break
                 try:
+                    configs.COMPILED.clear()
                     with override_config(cfg):
                         err = check_ops(lay, inp, ths[0.5], impl)[op]
                         if not err < 2e-2:
@@ -357,7 +359,10 @@ def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl:
                     log(f"  {tag} {op} b{b} {cfg}: failed: {type(e).__name__}: {str(e)[:160]}")
                     continue
                 res[cfg] = ts
-                rows.append({"op": op, "batch": b, "cfg": cfg.__dict__, "us": ts})
+                res_use = dict(configs.COMPILED)  # registers / spills / shared memory of the kernels just run
+                rows.append({"op": op, "batch": b, "cfg": cfg.__dict__, "us": ts, "resources": res_use})
+                log(f"  {tag} {op} b{b} {tuple(cfg.__dict__.values())}: " + " ".join(f"s{s}:{v:.1f}" for s, v in ts.items())
+                    + "  " + " ".join(f"{k}={v}" for k, v in res_use.items()))
             if not res:
                 continue
             mins = {s: min(r[s] for r in res.values()) for s in ths}
@@ -413,6 +418,8 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
                 side[impl][s] = t
                 log(f"  {impl} s={s:.2f}: " + " ".join(f"{k}={v:.1f}" for k, v in t.items()) +
                     f"  max rel err {max(errs.values()):.1e}")
+                if s == SPARSITIES[0]:
+                    log(f"  {impl} resources: {configs.COMPILED}")
                 for k in ("block", "qkv", "o", "pair", "down"):
                     rows.append({**meta, "kind": "kernel", "method": f"actsparse-{impl}", "op": k, "sparsity": s,
                                  "batch": b, "dtype": dtype_name,

@@ -249,6 +249,21 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto") -> tuple[
     return "v2", pick_config(kind, k, n, b)
 
 
+# kernel name -> resources of its most recent launch (registers and spills per thread, shared memory
+# per program, warps), read from the compiled kernel; the tuning sweep logs them next to the times.
+COMPILED: dict[str, dict[str, int]] = {}
+
+
+def record_compiled(name: str, compiled) -> None:
+    """Remember a launch's compiled-kernel resources (nothing under the interpreter, which compiles nothing)."""
+    n_regs = getattr(compiled, "n_regs", None)
+    if n_regs is None:
+        return
+    md = getattr(compiled, "metadata", None)
+    COMPILED[name] = {"regs": int(n_regs), "spills": int(getattr(compiled, "n_spills", 0)),
+                      "shared": int(getattr(md, "shared", 0)), "warps": int(getattr(md, "num_warps", 0))}
+
+
 _poison = False
 
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import FMA_MAX_BATCH, MAX_TILES, GemvConfig, choose_impl, choose_split, new_output, tile_counters
+from .configs import record_compiled, FMA_MAX_BATCH, MAX_TILES, GemvConfig, choose_impl, choose_split, new_output, tile_counters
 
 
 @triton.jit
@@ -302,7 +302,7 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
     # One or two wide loads per row for the norm prologue, within a register budget.
     norm_block = min(triton.next_power_of_2(k), max(1024, 4096 // block_b))
     dummy = y  # never read: the matching constexpr flag is off
-    _sparse_gemv_kernel[(tiles_n, split, tiles_b)](
+    compiled = _sparse_gemv_kernel[(tiles_n, split, tiles_b)](
         x, norm_weight if norm_weight is not None else dummy, thresh,
         shift if shift is not None else dummy, wt, w2 if w2 is not None else wt,
         bias if bias is not None else dummy, residual if residual is not None else dummy, y, ws, cnt,
@@ -317,6 +317,7 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    record_compiled(f"sparse_gemv_kernel[{k}x{n}{'x2' if w2 is not None else ''}]", compiled)
     return y
 
 

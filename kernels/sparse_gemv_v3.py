@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import MAX_TILES, V3Config, new_output, tile_counters
+from .configs import record_compiled, MAX_TILES, V3Config, new_output, tile_counters
 from .sparse_gemv import _epilogue, _fit_block_n, _row_rstd, _select
 
 
@@ -164,7 +164,7 @@ def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
     n1 = bounds[1] if len(bounds) > 1 else n
     norm_block = min(triton.next_power_of_2(k), max(1024, 4096 // block_b))
     dummy = y
-    _v3_kernel[(tiles_n, groups, mats)](
+    compiled = _v3_kernel[(tiles_n, groups, mats)](
         x, norm_weight if norm_weight is not None else dummy, thresh,
         shift if shift is not None else dummy, wt, w2 if w2 is not None else wt,
         bias if bias is not None else dummy, residual if residual is not None else dummy, y, ws, cnt, idx, val,
@@ -179,4 +179,5 @@ def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
         BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=1,
     )
+    record_compiled(f"v3_kernel[{k}x{n}{'x2' if w2 is not None else ''}]", compiled)
     return y

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import MAX_TILES, V4Config, new_output, num_sms, tile_counters
+from .configs import record_compiled, MAX_TILES, V4Config, new_output, num_sms, tile_counters
 from .sparse_gemv import _chunk, _epilogue, _fit_block_n, _row_rstd
 
 
@@ -72,15 +72,30 @@ def _v4_kernel(
     w2_rows = w2_ptr + offs_k[:, None] * stride_wk
     NACC = 1 + PAIR  # partials per program and column
 
+    # The next strip's tiles are requested before this strip's are reduced (a manual double buffer:
+    # the compiler does not pipeline loads that feed no dot), so two strips' rows are in flight.
+    ar_n = tl.arange(0, BLOCK_N)
+    mask_n = ar_n + n_lo < n_hi
+    w_n = tl.load(w_rows + (n_lo + ar_n)[None, :], mask=keep & mask_n[None, :], other=0.0,
+                  eviction_policy="evict_first")
+    w2_n = w_n
+    if PAIR:
+        w2_n = tl.load(w2_rows + (n_lo + ar_n)[None, :], mask=keep2 & mask_n[None, :], other=0.0,
+                       eviction_policy="evict_first")
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + ar_n
         mask_n = offs_n < n_hi
-        w = tl.load(w_rows + offs_n[None, :], mask=keep & mask_n[None, :], other=0.0, eviction_policy="evict_first")
+        w = w_n
+        w2 = w2_n
+        nxt = offs_n + BLOCK_N
+        mask_nxt = nxt < n_hi
+        w_n = tl.load(w_rows + nxt[None, :], mask=keep & mask_nxt[None, :], other=0.0, eviction_policy="evict_first")
+        if PAIR:
+            w2_n = tl.load(w2_rows + nxt[None, :], mask=keep2 & mask_nxt[None, :], other=0.0,
+                           eviction_policy="evict_first")
         out = tl.sum(xs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)  # [BLOCK_B, BLOCK_N]
         out2 = out
         if PAIR:
-            w2 = tl.load(w2_rows + offs_n[None, :], mask=keep2 & mask_n[None, :], other=0.0,
-                         eviction_policy="evict_first")
             out2 = tl.sum(xs2[:, :, None] * w2.to(tl.float32)[None, :, :], axis=1)
         mask_out = mask_b[:, None] & mask_n[None, :]
         if SPLIT:
@@ -152,7 +167,7 @@ def launch_v4(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
     n1 = bounds[1] if len(bounds) > 1 else n
     norm_block = min(triton.next_power_of_2(k), max(1024, 4096 // block_b))
     dummy = y  # never read: the matching constexpr flag is off
-    _v4_kernel[(ranges, slices)](
+    compiled = _v4_kernel[(ranges, slices)](
         x, norm_weight if norm_weight is not None else dummy, thresh,
         shift if shift is not None else dummy, wt, w2 if w2 is not None else wt,
         bias if bias is not None else dummy, residual if residual is not None else dummy, y, ws, cnt,
@@ -167,4 +182,5 @@ def launch_v4(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
         BLOCK_B=block_b, SEG_K=seg_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    record_compiled(f"v4_kernel[{k}x{n}{'x2' if w2 is not None else ''}]", compiled)
     return y
