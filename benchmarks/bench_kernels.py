@@ -60,11 +60,12 @@ from teal_style import teal_style_gemv  # noqa: E402
 
 D, KV, INTER = 4096, 1024, 14336  # Llama-3-8B
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
-# (block_n, block_k, num_warps, num_stages); each also at split-K = auto/2, auto, 2·auto.
-FMA_GRID = {1: [(32, 128, 4, 1), (32, 256, 4, 1), (32, 128, 8, 1), (64, 128, 8, 1), (32, 64, 4, 1), (16, 256, 4, 1),
-                # added for the sparse regime (--tune-weights 0:0,...): more programs in flight, shorter chains
-                (32, 64, 8, 1), (64, 64, 8, 1), (16, 128, 4, 1), (32, 32, 4, 1), (64, 128, 4, 1)],
-            4: [(32, 64, 4, 1), (32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1)]}
+# (block_n, block_k, num_warps, num_stages[, depth]); each also at split-K = auto/2, auto, 2·auto.
+FMA_GRID = {1: [(16, 128, 4, 1), (16, 256, 4, 1), (32, 128, 4, 1), (16, 64, 4, 1), (32, 64, 4, 1),
+                # depth 2: two weight tiles in flight per program (the latency-bound regime, BENCHMARKS.md)
+                (16, 128, 4, 1, 2), (16, 256, 4, 1, 2), (32, 128, 4, 1, 2), (16, 64, 4, 1, 2), (32, 64, 4, 1, 2),
+                (16, 128, 8, 1, 2), (32, 128, 8, 1, 2)],
+            4: [(32, 64, 4, 1), (32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1), (32, 64, 4, 1, 2), (32, 32, 4, 1, 2)]}
 DOT_GRID = {1: [], 4: [(64, 128, 4, 3), (32, 128, 4, 3)]}
 # v3 (block_n, seg_k, block_k, num_warps)
 V3_GRID = {1: [(64, 512, 64, 4), (64, 512, 128, 4), (128, 512, 64, 4), (64, 256, 64, 4), (64, 1024, 64, 4),
@@ -81,7 +82,7 @@ SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: t
 if SMOKE:
     D, KV, INTER, DEV = 64, 16, 96, "cpu"
     SPARSITIES = [0.0, 0.5]
-    FMA_GRID = {1: [(32, 32, 4, 1)], 4: [(32, 32, 4, 1)]}
+    FMA_GRID = {1: [(32, 32, 4, 1), (16, 16, 4, 1, 2)], 4: [(32, 32, 4, 1)]}
     DOT_GRID = {1: [], 4: [(32, 32, 4, 1)]}
     V3_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4)], 4: [(32, 32, 8, 4)]}
     V4_GRID = {1: [(16, 32, 4, 1, 1), (32, 64, 4, 2, 2)], 4: [(16, 32, 4, 1, 1)]}
@@ -321,7 +322,7 @@ def _v2_grid(b: int, k: int, n: int) -> list[GemvConfig]:
     """The v2 configs tried for one op and batch: each grid entry at split-K = auto/2, auto, 2·auto."""
     grid = []
     for c, dot in [(c, False) for c in FMA_GRID[b]] + [(c, True) for c in DOT_GRID[b]]:
-        base = GemvConfig(*c, use_dot=dot)
+        base = GemvConfig(*c[:4], use_dot=dot, depth=c[4] if len(c) > 4 else 1)
         tiles = -(-n // base.block_n) * (1 if not dot else -(-b // 16))
         auto = configs.choose_split(base, k, tiles, torch.device(DEV))
         grid += [dataclasses.replace(base, split_k=sp) for sp in sorted({max(1, auto // 2), auto, 2 * auto})]

@@ -12,7 +12,8 @@ until ~8 programs per SM are in flight turns latency into bandwidth. Partial sum
 workspace; the last program of each tile (elected by one counter increment per program, the
 counter reset by that last program) adds them in a fixed order and runs the epilogue. So: no
 zeroing launch, no atomics on data, deterministic results. The next chunk's selection is
-computed while the current chunk's weights are in flight.
+computed while the current chunk's weights are in flight; with `depth=2` the next chunk's weight
+rows are requested before the current chunk's are used (two tiles in flight per program).
 
 Fused options (all compile-time):
 - NORM: RMSNorm of x (weight g) computed in the prologue, so the residual stream is the input;
@@ -96,6 +97,18 @@ def _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, offs_k, mask_k, ma
 
 
 @triton.jit
+def _weights(w_ptr, w2_ptr, offs_k, offs_n, mask_n, rows, rows2, stride_wk, PAIR: tl.constexpr):
+    """Request the kept rows of one K chunk of the strip (of both matrices of a pair); skipped rows cost no traffic."""
+    w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
+                mask=(rows[:, None] != 0) & mask_n[None, :], other=0.0, eviction_policy="evict_first")
+    w2 = w
+    if PAIR:
+        w2 = tl.load(w2_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
+                     mask=(rows2[:, None] != 0) & mask_n[None, :], other=0.0, eviction_policy="evict_first")
+    return w, w2
+
+
+@triton.jit
 def _accumulate(acc, xs, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     """acc += x_s @ w: tensor cores (acc [B, N]) or CUDA-core FMAs (acc [B, K, N], reduced over K at the end)."""
     if USE_DOT:
@@ -135,7 +148,7 @@ def _sparse_gemv_kernel(
     eps,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
-    USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, DEPTH: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -173,22 +186,39 @@ def _sparse_gemv_kernel(
     offs_k = k_lo + ar_k
     xs, rows, xs2, rows2 = _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, offs_k, offs_k < k_hi, mask_b,
                                   stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, BLOCK_B, BLOCK_K)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + ar_k
-        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
-                    mask=(rows[:, None] != 0) & mask_n[None, :], other=0.0, eviction_policy="evict_first")
-        w2 = w
-        if PAIR:
-            w2 = tl.load(w2_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
-                         mask=(rows2[:, None] != 0) & mask_n[None, :], other=0.0, eviction_policy="evict_first")
-        # Select the next chunk while this chunk's weight rows are in flight.
+    if DEPTH == 1:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + ar_k
+            w, w2 = _weights(w_ptr, w2_ptr, offs_k, offs_n, mask_n, rows, rows2, stride_wk, PAIR)
+            # Select the next chunk while this chunk's weight rows are in flight.
+            nxt = offs_k + BLOCK_K
+            xs_n, rows_n, xs2_n, rows2_n = _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, nxt, nxt < k_hi,
+                                                  mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, BLOCK_B,
+                                                  BLOCK_K)
+            acc = _accumulate(acc, xs, w, USE_DOT, IEEE)
+            if PAIR:
+                acc2 = _accumulate(acc2, xs2, w2, USE_DOT, IEEE)
+            xs, rows, xs2, rows2 = xs_n, rows_n, xs2_n, rows2_n
+    else:
+        # Two weight tiles in flight: chunk i+1's rows are requested (its selection was made one step
+        # earlier) before chunk i's tile is used, and chunk i+2 is selected meanwhile. A chunk past the
+        # slice selects nothing, so its loads are predicated off.
+        w, w2 = _weights(w_ptr, w2_ptr, offs_k, offs_n, mask_n, rows, rows2, stride_wk, PAIR)
         nxt = offs_k + BLOCK_K
-        xs_n, rows_n, xs2_n, rows2_n = _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, nxt, nxt < k_hi,
+        xs_1, rows_1, xs2_1, rows2_1 = _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, nxt, nxt < k_hi,
                                               mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, BLOCK_B, BLOCK_K)
-        acc = _accumulate(acc, xs, w, USE_DOT, IEEE)
-        if PAIR:
-            acc2 = _accumulate(acc2, xs2, w2, USE_DOT, IEEE)
-        xs, rows, xs2, rows2 = xs_n, rows_n, xs2_n, rows2_n
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + ar_k
+            w_1, w2_1 = _weights(w_ptr, w2_ptr, offs_k + BLOCK_K, offs_n, mask_n, rows_1, rows2_1, stride_wk, PAIR)
+            nxt = offs_k + 2 * BLOCK_K
+            xs_2, rows_2, xs2_2, rows2_2 = _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, nxt,
+                                                  nxt < k_hi, mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M,
+                                                  BLOCK_B, BLOCK_K)
+            acc = _accumulate(acc, xs, w, USE_DOT, IEEE)
+            if PAIR:
+                acc2 = _accumulate(acc2, xs2, w2, USE_DOT, IEEE)
+            xs, xs2, w, w2 = xs_1, xs2_1, w_1, w2_1
+            xs_1, rows_1, xs2_1, rows2_1 = xs_2, rows_2, xs2_2, rows2_2
 
     if USE_DOT:
         out = acc
@@ -313,7 +343,7 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
         eps,
         NORM=norm_weight is not None, NORM_BLOCK=norm_block, HAS_SHIFT=shift is not None, PAIR=w2 is not None,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, NM_N=nm_n, NM_M=max(nm_m, 1),
-        USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, SPLIT=split > 1,
+        USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, SPLIT=split > 1, DEPTH=cfg.depth,
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -8,10 +8,13 @@ from actsparse.kernels import ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-# Both compute paths (tensor-core tl.dot, CUDA-core FMA up to batch 4), with and without split-K.
+# Both compute paths (tensor-core tl.dot, CUDA-core FMA up to batch 4), with and without split-K, and
+# with two weight tiles in flight (depth 2: odd and even chunk counts per slice, one-chunk slices).
 PATHS = {"dot": GemvConfig(block_n=32, block_k=32, num_warps=4, num_stages=2, use_dot=True, split_k=2),
          "fma": GemvConfig(block_n=32, block_k=32, num_warps=4, num_stages=1, use_dot=False, split_k=3),
-         "fma1": GemvConfig(block_n=32, block_k=16, num_warps=4, num_stages=1, use_dot=False, split_k=1)}
+         "fma1": GemvConfig(block_n=32, block_k=16, num_warps=4, num_stages=1, use_dot=False, split_k=1),
+         "fma_d2": GemvConfig(block_n=16, block_k=16, num_warps=4, num_stages=1, use_dot=False, split_k=2, depth=2),
+         "dot_d2": GemvConfig(block_n=32, block_k=16, num_warps=4, num_stages=1, use_dot=True, split_k=3, depth=2)}
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -33,7 +36,7 @@ def run(fn, *args, path="dot", **kw):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("shape", [(64, 48), (100, 70)])  # (K, N); the second is ragged in both
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
-@pytest.mark.parametrize("path", ["dot", "fma", "fma1"])
+@pytest.mark.parametrize("path", list(PATHS))
 def test_sparse_gemv_matches_reference(dtype, batch, shape, sparsity, path):
     k, n = shape
     x = torch.randn(batch, k, device=DEVICE, dtype=dtype)
