@@ -61,10 +61,9 @@ from teal_style import teal_style_gemv  # noqa: E402
 D, KV, INTER = 4096, 1024, 14336  # Llama-3-8B
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 # (block_n, block_k, num_warps, num_stages[, depth]); each also at split-K = auto/2, auto, 2·auto.
-FMA_GRID = {1: [(16, 128, 4, 1), (16, 256, 4, 1), (32, 128, 4, 1), (16, 64, 4, 1), (32, 64, 4, 1),
-                # depth 2: two weight tiles in flight per program (the latency-bound regime, BENCHMARKS.md)
-                (16, 128, 4, 1, 2), (16, 256, 4, 1, 2), (32, 128, 4, 1, 2), (16, 64, 4, 1, 2), (32, 64, 4, 1, 2),
-                (16, 128, 8, 1, 2), (32, 128, 8, 1, 2)],
+FMA_GRID = {1: [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1),
+                # depth 2: the software-pipelined walk (two weight tiles in flight, BENCHMARKS.md)
+                (16, 128, 4, 1, 2), (32, 128, 4, 1, 2), (16, 256, 4, 1, 2), (16, 64, 4, 1, 2), (32, 64, 4, 1, 2)],
             4: [(32, 64, 4, 1), (32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1), (32, 64, 4, 1, 2), (32, 32, 4, 1, 2)]}
 DOT_GRID = {1: [], 4: [(64, 128, 4, 3), (32, 128, 4, 3)]}
 # v3 (block_n, seg_k, block_k, num_warps)

@@ -23,7 +23,7 @@ class GemvConfig:
     num_stages: int = 1
     use_dot: bool = False  # tensor-core tl.dot vs CUDA-core FMA (FMA only up to FMA_MAX_BATCH rows)
     split_k: int = 0  # programs along K per column strip; 0 = enough to fill the GPU (see choose_split)
-    depth: int = 1  # weight tiles in flight per program: 2 requests chunk i+1's rows before chunk i is used
+    depth: int = 1  # 2: software-pipelined walk, two weight tiles and the next selection's operands in flight
 
 
 FMA_MAX_BATCH = 4  # beyond this the FMA path's per-row accumulators cost too many registers

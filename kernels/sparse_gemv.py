@@ -12,8 +12,9 @@ until ~8 programs per SM are in flight turns latency into bandwidth. Partial sum
 workspace; the last program of each tile (elected by one counter increment per program, the
 counter reset by that last program) adds them in a fixed order and runs the epilogue. So: no
 zeroing launch, no atomics on data, deterministic results. The next chunk's selection is
-computed while the current chunk's weights are in flight; with `depth=2` the next chunk's weight
-rows are requested before the current chunk's are used (two tiles in flight per program).
+computed while the current chunk's weights are in flight; with `depth=2` nothing is used in the
+step that requests it (two weight tiles and the selection operands of the chunk after them in
+flight per program).
 
 Fused options (all compile-time):
 - NORM: RMSNorm of x (weight g) computed in the prologue, so the residual stream is the input;
@@ -59,18 +60,15 @@ def _nm_keep(a, NM_N: tl.constexpr, NM_M: tl.constexpr, BLOCK_B: tl.constexpr, B
 
 
 @triton.jit
-def _select(x, t_row, m_row, offs_k, mask_k, mask_b, stride_tk,
-            HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
-            BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Sparsified input chunk x_s [BLOCK_B, BLOCK_K] (fp32) and the batch-union row mask [BLOCK_K]."""
+def _keep(x, t, m, mask_k, mask_b, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
+          BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x_s [BLOCK_B, BLOCK_K] (fp32) and the batch-union row mask [BLOCK_K] from loaded x, threshold t and shift m."""
     if HAS_SHIFT:
-        m = tl.load(m_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         x = x - m[None, :]
     valid = mask_b[:, None] & mask_k[None, :]
     if NM_N > 0:
         keep = _nm_keep(tl.abs(x), NM_N, NM_M, BLOCK_B, BLOCK_K) & valid
     else:
-        t = tl.load(t_row + offs_k * stride_tk, mask=mask_k, other=0.0)
         keep = (tl.abs(x) > t[None, :]) & valid
     xs = tl.where(keep, x, 0.0)
     rows = tl.max(keep.to(tl.int32), axis=0).to(tl.int8)  # int8, not i1: it is carried across loop iterations
@@ -78,22 +76,67 @@ def _select(x, t_row, m_row, offs_k, mask_k, mask_b, stride_tk,
 
 
 @triton.jit
+def _sel_operands(t_row, m_row, offs_k, mask_k, stride_tk, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr):
+    """Load one K chunk's threshold and shift (zeros for the unused one)."""
+    m = tl.zeros(offs_k.shape, dtype=tl.float32)
+    t = tl.zeros(offs_k.shape, dtype=tl.float32)
+    if HAS_SHIFT:
+        m = tl.load(m_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    if NM_N == 0:
+        t = tl.load(t_row + offs_k * stride_tk, mask=mask_k, other=0.0)
+    return t, m
+
+
+@triton.jit
+def _select(x, t_row, m_row, offs_k, mask_k, mask_b, stride_tk,
+            HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
+            BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sparsified input chunk x_s [BLOCK_B, BLOCK_K] (fp32) and the batch-union row mask [BLOCK_K]."""
+    t, m = _sel_operands(t_row, m_row, offs_k, mask_k, stride_tk, HAS_SHIFT, NM_N)
+    return _keep(x, t, m, mask_k, mask_b, HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
+
+
+@triton.jit
+def _raw_chunk(x_rows, g_ptr, t_row, m_row, t_row2, m_row2, offs_k, mask_k, mask_b, stride_tk,
+               NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr, NM_N: tl.constexpr):
+    """Issue the loads of one K chunk's selection operands (x, norm weight, thresholds, shifts); nothing waits on them."""
+    xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
+                 eviction_policy="evict_last")
+    gv = tl.zeros(offs_k.shape, dtype=tl.float32)
+    if NORM:
+        gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    t, m = _sel_operands(t_row, m_row, offs_k, mask_k, stride_tk, HAS_SHIFT, NM_N)
+    t2, m2 = t, m
+    if PAIR:
+        t2, m2 = _sel_operands(t_row2, m_row2, offs_k, mask_k, stride_tk, HAS_SHIFT, NM_N)
+    return xv, gv, t, m, t2, m2
+
+
+@triton.jit
+def _sel_chunk(xv, gv, t, m, t2, m2, rstd, mask_k, mask_b,
+               NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr, NM_N: tl.constexpr,
+               NM_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Normalise and select a chunk whose operands `_raw_chunk` loaded (for both matrices of a pair)."""
+    xv = xv.to(tl.float32)
+    if NORM:
+        xv = xv * rstd[:, None] * gv[None, :]
+    xs, rows = _keep(xv, t, m, mask_k, mask_b, HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
+    xs2 = xs
+    rows2 = rows
+    if PAIR:
+        xs2, rows2 = _keep(xv, t2, m2, mask_k, mask_b, HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
+    return xs, rows, xs2, rows2
+
+
+@triton.jit
 def _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, offs_k, mask_k, mask_b, stride_tk,
            NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr, NM_N: tl.constexpr,
            NM_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """Load, normalise and select one K chunk of x for both matrices of a pair (or one)."""
-    xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
-                 eviction_policy="evict_last").to(tl.float32)
-    if NORM:
-        gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xv = xv * rstd[:, None] * gv[None, :]
-    xs, rows = _select(xv, t_row, m_row, offs_k, mask_k, mask_b, stride_tk, HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
-    xs2 = xs
-    rows2 = rows
-    if PAIR:
-        xs2, rows2 = _select(xv, t_row2, m_row2, offs_k, mask_k, mask_b, stride_tk, HAS_SHIFT, NM_N, NM_M,
-                             BLOCK_B, BLOCK_K)
-    return xs, rows, xs2, rows2
+    xv, gv, t, m, t2, m2 = _raw_chunk(x_rows, g_ptr, t_row, m_row, t_row2, m_row2, offs_k, mask_k, mask_b, stride_tk,
+                                      NORM, HAS_SHIFT, PAIR, NM_N)
+    return _sel_chunk(xv, gv, t, m, t2, m2, rstd, mask_k, mask_b, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, BLOCK_B,
+                      BLOCK_K)
 
 
 @triton.jit
@@ -200,25 +243,27 @@ def _sparse_gemv_kernel(
                 acc2 = _accumulate(acc2, xs2, w2, USE_DOT, IEEE)
             xs, rows, xs2, rows2 = xs_n, rows_n, xs2_n, rows2_n
     else:
-        # Two weight tiles in flight: chunk i+1's rows are requested (its selection was made one step
-        # earlier) before chunk i's tile is used, and chunk i+2 is selected meanwhile. A chunk past the
-        # slice selects nothing, so its loads are predicated off.
+        # Nothing is used in the step that requests it: step i uses chunk i's weight tile (requested one
+        # step earlier), requests chunk i+1's tile (its selection computed now from operands loaded one
+        # step earlier) and chunk i+2's selection operands. So two weight tiles and one x chunk are in
+        # flight while a step computes, and the x -> mask -> weight chain is off the critical path. A
+        # chunk past the slice selects nothing, so its loads are predicated off.
         w, w2 = _weights(w_ptr, w2_ptr, offs_k, offs_n, mask_n, rows, rows2, stride_wk, PAIR)
         nxt = offs_k + BLOCK_K
-        xs_1, rows_1, xs2_1, rows2_1 = _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, nxt, nxt < k_hi,
-                                              mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, BLOCK_B, BLOCK_K)
+        xv_1, gv_1, t_1, m_1, t2_1, m2_1 = _raw_chunk(x_rows, g_ptr, t_row, m_row, t_row2, m_row2, nxt, nxt < k_hi,
+                                                      mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + ar_k
-            w_1, w2_1 = _weights(w_ptr, w2_ptr, offs_k + BLOCK_K, offs_n, mask_n, rows_1, rows2_1, stride_wk, PAIR)
-            nxt = offs_k + 2 * BLOCK_K
-            xs_2, rows_2, xs2_2, rows2_2 = _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, nxt,
-                                                  nxt < k_hi, mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M,
-                                                  BLOCK_B, BLOCK_K)
+            nxt = k0 + BLOCK_K + ar_k
+            xs_1, rows_1, xs2_1, rows2_1 = _sel_chunk(xv_1, gv_1, t_1, m_1, t2_1, m2_1, rstd, nxt < k_hi, mask_b,
+                                                      NORM, HAS_SHIFT, PAIR, NM_N, NM_M, BLOCK_B, BLOCK_K)
+            w_1, w2_1 = _weights(w_ptr, w2_ptr, nxt, offs_n, mask_n, rows_1, rows2_1, stride_wk, PAIR)
+            nxt2 = nxt + BLOCK_K
+            xv_1, gv_1, t_1, m_1, t2_1, m2_1 = _raw_chunk(x_rows, g_ptr, t_row, m_row, t_row2, m_row2, nxt2,
+                                                          nxt2 < k_hi, mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N)
             acc = _accumulate(acc, xs, w, USE_DOT, IEEE)
             if PAIR:
                 acc2 = _accumulate(acc2, xs2, w2, USE_DOT, IEEE)
             xs, xs2, w, w2 = xs_1, xs2_1, w_1, w2_1
-            xs_1, rows_1, xs2_1, rows2_1 = xs_2, rows_2, xs2_2, rows2_2
 
     if USE_DOT:
         out = acc
