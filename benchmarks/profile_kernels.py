@@ -12,10 +12,15 @@ Meant to run under ncu on the GPU machine (one call, the report lands in $OUT):
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 
 import torch
 
-from actsparse.kernels import ref, sparse_gated_mlp, sparse_gemv
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_kernels  # noqa: E402,F401  (makes actsparse.kernels importable from the source tree, as there)
+
+from actsparse.kernels import ref, sparse_gated_mlp, sparse_gemv  # noqa: E402
 
 D, KV, INTER = 4096, 1024, 14336
 
