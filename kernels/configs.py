@@ -59,7 +59,8 @@ V4_MAX_BATCH = 4  # x_s · tile is reduced over K every step: batch × SEG_K × 
 # (kind, K, N, batch bucket) -> "v2" | "v3": the faster kernel per op, measured side by side on an
 # H100 (bench_kernels.py, 2026-11-23, bf16, Llama-3-8B shapes): v3 lost to v2 for every op, batch
 # and sparsity (0.3–0.9×, BENCHMARKS.md), so v2 runs everywhere; shapes not listed also take v2.
-# v3 stays available (impl="v3") for further work.
+# v4 (slice-stationary selection, columns streamed) lost too (0.57–0.91× of v2 at batch 1, commit 51cce96).
+# v3 and v4 stay available (impl="v3" / "v4") for further work.
 IMPL: dict[tuple[str, int, int, int], str] = {
     (kind, k, n, b): "v2"
     for kind, k, n in (("qkv", 4096, 6144), ("gemv", 4096, 4096), ("pair", 4096, 14336), ("gemv", 14336, 4096))
@@ -78,13 +79,13 @@ TUNED_V3: dict[tuple[str, int, int, int], V3Config] = {
 
 
 # (kind, K, N, batch bucket) -> config; kind in {"gemv", "qkv", "pair", "gather"}.
-# Batch 1: winners of `bench_kernels.py --tune --tune-weights 0:0,0.5:1,0.9:1` on an H100 80GB HBM3, bf16,
-# Llama-3-8B shapes, 2026-11-23 08:16 UTC (commit d0e4cbe): tuned for sparsity 0.5 and 0.9 only, since the
-# engine runs an op on cuBLAS below its crossover. Narrow strips (block_n 16: 32-byte row pieces, more
-# programs in flight) won every op; the block went 137.5 -> 134.8 µs at 50% and 111.4 -> 108.4 µs at 90%
-# against the earlier all-sparsity winners (block_n 32). Batch 4: the 05:17 run's winners (all sparsities).
+# Batch 1: winners of `bench_kernels.py --tune --tune-weights 0:0,0.5:1,0.9:1 --tune-batches 1` on an H100 80GB
+# HBM3, bf16, Llama-3-8B shapes, 2026-11-23 (commit 06c50c1): tuned for sparsity 0.5 and 0.9 only, since the
+# engine runs an op on cuBLAS below its crossover. Narrow strips (block_n 16: 32-byte row pieces, more programs
+# in flight) win every op; the software-pipelined walk (depth 2) wins only q|k|v (19.3 vs 20.5 µs at 50%).
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
-    ("qkv", 4096, 6144, 1): GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=1, use_dot=False, split_k=1),
+    ("qkv", 4096, 6144, 1): GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=1, use_dot=False, split_k=1,
+                                       depth=2),
     ("gemv", 4096, 4096, 1): GemvConfig(block_n=16, block_k=128, num_warps=4, num_stages=1, use_dot=False, split_k=4),
     ("pair", 4096, 14336, 1): GemvConfig(block_n=16, block_k=128, num_warps=4, num_stages=1, use_dot=False,
                                          split_k=2),
@@ -103,7 +104,7 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
 # falls back; batch 2 was not measured and takes batch 4's (conservative) entry.
 # Re-measured 2026-11-23 in the v2-vs-v3 run (v2 kernels): q|k|v 0.403, gate|up 0.202.
 MEASURED_CROSSOVER: dict[int, dict[str, float]] = {
-    1: {"qkv": 0.335, "o": 0.0, "gu": 0.227, "down": 0.067},   # the 08:16 run, with the batch-1 configs above
+    1: {"qkv": 0.167, "o": 0.0, "gu": 0.217, "down": 0.035},   # the 06c50c1 run, with the batch-1 configs above
     4: {"qkv": 1.0, "o": 1.0, "gu": 1.0, "down": 1.0},
 }
 
