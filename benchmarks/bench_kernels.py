@@ -684,9 +684,9 @@ def main() -> None:
         if not args.skip_kernels:
             lay = Layers(4, torch.bfloat16)
             tuned: dict = {}
+            weights = {float(a): float(b) for a, b in (w.split(":") for w in args.tune_weights.split(","))}
+            batches = tuple(int(b) for b in args.tune_batches.split(","))
             if args.tune:
-                weights = {float(a): float(b) for a, b in (w.split(":") for w in args.tune_weights.split(","))}
-                batches = tuple(int(b) for b in args.tune_batches.split(","))
                 best, trows = tune(lay, clock, batches, weights)
                 configs.TUNED.update(best)
                 tuned["v2"] = {"weights": weights, "best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()},
@@ -695,8 +695,7 @@ def main() -> None:
                 extra["tune_weights"] = weights
             SIDE_BY_SIDE[:] = [i for i in args.impls.split(",") if i]
             if args.tune_v4:
-                weights = {float(a): float(b) for a, b in (w.split(":") for w in args.tune_weights.split(","))}
-                best, trows = tune_v4(lay, clock, tuple(int(b) for b in args.tune_batches.split(",")), weights)
+                best, trows = tune_v4(lay, clock, batches, weights)
                 configs.TUNED_V4.update(best)
                 tuned["v4"] = {"weights": weights, "best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()},
                                "rows": trows}

@@ -256,13 +256,14 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto") -> tuple[
 COMPILED: dict[str, dict[str, int]] = {}
 
 
-def record_compiled(name: str, compiled) -> None:
-    """Remember a launch's compiled-kernel resources (nothing under the interpreter, which compiles nothing)."""
+def record_compiled(kernel: str, compiled, k: int, n: int, pair: bool) -> None:
+    """Remember a launch's compiled-kernel resources under "kernel[KxN]" ("x2" for a gate/up pair); nothing
+    under the interpreter, which compiles nothing."""
     n_regs = getattr(compiled, "n_regs", None)
     if n_regs is None:
         return
     md = getattr(compiled, "metadata", None)
-    COMPILED[name] = {"regs": int(n_regs), "spills": int(getattr(compiled, "n_spills", 0)),
+    COMPILED[f"{kernel}[{k}x{n}{'x2' if pair else ''}]"] = {"regs": int(n_regs), "spills": int(getattr(compiled, "n_spills", 0)),
                       "shared": int(getattr(md, "shared", 0)), "warps": int(getattr(md, "num_warps", 0))}
 
 

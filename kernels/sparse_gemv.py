@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import record_compiled, FMA_MAX_BATCH, MAX_TILES, GemvConfig, choose_impl, choose_split, new_output, tile_counters
+from .configs import (FMA_MAX_BATCH, MAX_TILES, GemvConfig, choose_impl, choose_split, new_output, record_compiled,
+                      tile_counters)
 
 
 @triton.jit
@@ -341,6 +342,38 @@ def _fit_block_n(block_n: int, bounds: Sequence[int]) -> int:
     return block_n
 
 
+def _launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds, nm_n, nm_m, y, block_b):
+    """The arguments every sparse-GEMV kernel (v2, v3, v4) takes alike: the leading pointers (an unused one
+    points at y and is never read: its constexpr flag is off), the q/k/v segment boundaries, the strides and
+    the feature flags."""
+    k, n = wt.shape
+    dummy = y
+    ptrs = (x, norm_weight if norm_weight is not None else dummy, thresh, shift if shift is not None else dummy,
+            wt, w2 if w2 is not None else wt, bias if bias is not None else dummy,
+            residual if residual is not None else dummy, y)
+    n01 = (bounds[0] if len(bounds) > 0 else n, bounds[1] if len(bounds) > 1 else n)
+    strides = (x.stride(0), thresh.stride(0), thresh.stride(1), shift.stride(0) if shift is not None else 0,
+               wt.stride(0), bias.stride(0) if (bias is not None and bias.dim() == 2) else 0,
+               residual.stride(0) if residual is not None else 0, y.stride(0))
+    # One or two wide loads per row for the norm prologue, within a register budget.
+    norm_block = min(triton.next_power_of_2(k), max(1024, 4096 // block_b))
+    flags = dict(NORM=norm_weight is not None, NORM_BLOCK=norm_block, HAS_SHIFT=shift is not None,
+                 PAIR=w2 is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, NM_N=nm_n,
+                 NM_M=max(nm_m, 1))
+    return ptrs, n01, strides, flags
+
+
+def _split_workspace(split: int, nacc: int, b: int, n: int, tiles: int,
+                     y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 split-K partials [split × nacc, b, n] (nacc: partials per program and column) and the arrival
+    counters of `tiles` output tiles; y twice when split == 1 (SPLIT is off and neither is touched)."""
+    if split <= 1:
+        return y, y
+    if tiles > MAX_TILES:
+        raise ValueError(f"too many output tiles ({tiles}) for split-K; use a larger block_n")
+    return torch.empty(split * nacc * b * n, device=y.device, dtype=torch.float32), tile_counters(y.device)
+
+
 def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, kind, impl="auto"):
     b, k = x.shape
     n = wt.shape[1]
@@ -360,39 +393,21 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
     block_k = cfg.block_k
     if nm_n > 0 and block_k % nm_m:
         block_k = max(nm_m, block_k // nm_m * nm_m)
-    n0 = bounds[0] if len(bounds) > 0 else n
-    n1 = bounds[1] if len(bounds) > 1 else n
     tiles_n, tiles_b = triton.cdiv(n, block_n), triton.cdiv(b, block_b)
     split = choose_split(cfg, k, tiles_n * tiles_b, x.device)
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_split)
     y = new_output((b, n), x.device, x.dtype)
-    if split > 1:
-        if tiles_n * tiles_b > MAX_TILES:
-            raise ValueError(f"too many output tiles ({tiles_n * tiles_b}) for split-K; use a larger block_n")
-        ws = torch.empty(split * (2 if w2 is not None else 1) * b * n, device=x.device, dtype=torch.float32)
-        cnt = tile_counters(x.device)
-    else:
-        ws = cnt = y  # never touched: SPLIT is off
-    # One or two wide loads per row for the norm prologue, within a register budget.
-    norm_block = min(triton.next_power_of_2(k), max(1024, 4096 // block_b))
-    dummy = y  # never read: the matching constexpr flag is off
+    ws, cnt = _split_workspace(split, 2 if w2 is not None else 1, b, n, tiles_n * tiles_b, y)
+    ptrs, (n0, n1), strides, flags = _launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
+                                                  nm_n, nm_m, y, block_b)
     compiled = _sparse_gemv_kernel[(tiles_n, split, tiles_b)](
-        x, norm_weight if norm_weight is not None else dummy, thresh,
-        shift if shift is not None else dummy, wt, w2 if w2 is not None else wt,
-        bias if bias is not None else dummy, residual if residual is not None else dummy, y, ws, cnt,
-        b, k, n, n0, n1, k_split,
-        x.stride(0), thresh.stride(0), thresh.stride(1), shift.stride(0) if shift is not None else 0,
-        wt.stride(0), bias.stride(0) if (bias is not None and bias.dim() == 2) else 0,
-        residual.stride(0) if residual is not None else 0, y.stride(0),
-        eps,
-        NORM=norm_weight is not None, NORM_BLOCK=norm_block, HAS_SHIFT=shift is not None, PAIR=w2 is not None,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, NM_N=nm_n, NM_M=max(nm_m, 1),
+        *ptrs, ws, cnt, b, k, n, n0, n1, k_split, *strides, eps, **flags,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, SPLIT=split > 1, DEPTH=cfg.depth,
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    record_compiled(f"sparse_gemv_kernel[{k}x{n}{'x2' if w2 is not None else ''}]", compiled)
+    record_compiled("sparse_gemv_kernel", compiled, k, n, w2 is not None)
     return y
 
 

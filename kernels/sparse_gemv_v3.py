@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import record_compiled, MAX_TILES, V3Config, new_output, tile_counters
-from .sparse_gemv import _epilogue, _fit_block_n, _row_rstd, _select
+from .configs import V3Config, new_output, record_compiled
+from .sparse_gemv import _epilogue, _fit_block_n, _launch_args, _row_rstd, _select, _split_workspace
 
 
 @triton.jit
@@ -150,34 +150,17 @@ def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
     split = mats * groups > 1
     nsel = 2 if w2 is not None else len(bounds) + 1
     y = new_output((b, n), x.device, x.dtype)
-    if split:
-        if tiles_n > MAX_TILES:
-            raise ValueError(f"too many output tiles ({tiles_n}) for split-K; use a larger block_n")
-        ws = torch.empty(mats * groups * b * n, device=x.device, dtype=torch.float32)
-        cnt = tile_counters(x.device)
-    else:
-        ws = cnt = y  # never touched: SPLIT is off
+    ws, cnt = _split_workspace(mats * groups, 1, b, n, tiles_n, y)
     # Compacted lists: one per (selection row, K slice); indices int32 and values fp32 per batch row.
     idx = torch.empty(nsel * groups * seg_k, device=x.device, dtype=torch.int32)
     val = torch.empty(nsel * groups * block_b * seg_k, device=x.device, dtype=torch.float32)
-    n0 = bounds[0] if len(bounds) > 0 else n
-    n1 = bounds[1] if len(bounds) > 1 else n
-    norm_block = min(triton.next_power_of_2(k), max(1024, 4096 // block_b))
-    dummy = y
+    ptrs, (n0, n1), strides, flags = _launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
+                                                  nm_n, nm_m, y, block_b)
     compiled = _v3_kernel[(tiles_n, groups, mats)](
-        x, norm_weight if norm_weight is not None else dummy, thresh,
-        shift if shift is not None else dummy, wt, w2 if w2 is not None else wt,
-        bias if bias is not None else dummy, residual if residual is not None else dummy, y, ws, cnt, idx, val,
-        b, k, n, n0, n1,
-        x.stride(0), thresh.stride(0), thresh.stride(1), shift.stride(0) if shift is not None else 0,
-        wt.stride(0), bias.stride(0) if (bias is not None and bias.dim() == 2) else 0,
-        residual.stride(0) if residual is not None else 0, y.stride(0),
-        eps,
-        NORM=norm_weight is not None, NORM_BLOCK=norm_block, HAS_SHIFT=shift is not None, PAIR=w2 is not None,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, NM_N=nm_n, NM_M=max(nm_m, 1),
+        *ptrs, ws, cnt, idx, val, b, k, n, n0, n1, *strides, eps, **flags,
         GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split,
         BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=1,
     )
-    record_compiled(f"v3_kernel[{k}x{n}{'x2' if w2 is not None else ''}]", compiled)
+    record_compiled("v3_kernel", compiled, k, n, w2 is not None)
     return y

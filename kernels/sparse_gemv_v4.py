@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import record_compiled, MAX_TILES, V4Config, new_output, num_sms, tile_counters
-from .sparse_gemv import _chunk, _epilogue, _fit_block_n, _row_rstd
+from .configs import V4Config, new_output, num_sms, record_compiled
+from .sparse_gemv import _chunk, _epilogue, _fit_block_n, _launch_args, _row_rstd, _split_workspace
 
 
 @triton.jit
@@ -155,32 +155,15 @@ def launch_v4(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
     ranges = triton.cdiv(n, range_n)
     split = slices > 1
     y = new_output((b, n), x.device, x.dtype)
-    if split:
-        if ranges > MAX_TILES:
-            raise ValueError(f"too many column ranges ({ranges}) for split-K; use a larger block_n")
-        ws = torch.empty(slices * (2 if w2 is not None else 1) * b * n, device=x.device, dtype=torch.float32)
-        cnt = tile_counters(x.device)
-    else:
-        ws = cnt = y  # never touched: SPLIT is off
+    ws, cnt = _split_workspace(slices, 2 if w2 is not None else 1, b, n, ranges, y)
     block_b = triton.next_power_of_2(b)
-    n0 = bounds[0] if len(bounds) > 0 else n
-    n1 = bounds[1] if len(bounds) > 1 else n
-    norm_block = min(triton.next_power_of_2(k), max(1024, 4096 // block_b))
-    dummy = y  # never read: the matching constexpr flag is off
+    ptrs, (n0, n1), strides, flags = _launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
+                                                  nm_n, nm_m, y, block_b)
     compiled = _v4_kernel[(ranges, slices)](
-        x, norm_weight if norm_weight is not None else dummy, thresh,
-        shift if shift is not None else dummy, wt, w2 if w2 is not None else wt,
-        bias if bias is not None else dummy, residual if residual is not None else dummy, y, ws, cnt,
-        b, k, n, n0, n1, range_n,
-        x.stride(0), thresh.stride(0), thresh.stride(1), shift.stride(0) if shift is not None else 0,
-        wt.stride(0), bias.stride(0) if (bias is not None and bias.dim() == 2) else 0,
-        residual.stride(0) if residual is not None else 0, y.stride(0),
-        eps,
-        NORM=norm_weight is not None, NORM_BLOCK=norm_block, HAS_SHIFT=shift is not None, PAIR=w2 is not None,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, NM_N=nm_n, NM_M=max(nm_m, 1),
+        *ptrs, ws, cnt, b, k, n, n0, n1, range_n, *strides, eps, **flags,
         SPLIT=split, SLICES_P2=triton.next_power_of_2(slices),
         BLOCK_B=block_b, SEG_K=seg_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    record_compiled(f"v4_kernel[{k}x{n}{'x2' if w2 is not None else ''}]", compiled)
+    record_compiled("v4_kernel", compiled, k, n, w2 is not None)
     return y
