@@ -111,7 +111,13 @@ MEASURED_CROSSOVER: dict[int, dict[str, float]] = {
 # (kind, K, N, batch bucket) -> V4Config, winners of the on-device v4 sweep.
 TUNED_V4: dict[tuple[str, int, int, int], V4Config] = {}
 
+# (kind, K, N, batch bucket) -> GemvConfig of the v5 path: the selection pass (`select.py`) and then the v2
+# walk over the selected input (PRESEL: one load per chunk, no norm, no thresholds). Also used for inputs that
+# arrive already selected (thresh=None: the output of a producer's `out_thresh` epilogue).
+TUNED_V5: dict[tuple[str, int, int, int], GemvConfig] = {}
+
 _override: GemvConfig | None = None
+_override_v5: GemvConfig | None = None
 _override_v3: V3Config | None = None
 _override_v4: V4Config | None = None
 
@@ -190,19 +196,23 @@ def pick_config(kind: str, k: int, n: int, b: int) -> GemvConfig:
 
 
 @contextlib.contextmanager
-def override_config(cfg: GemvConfig | V3Config | V4Config | None) -> Iterator[None]:
-    """Force every sparse GEMV launch inside the block to use `cfg`: a GemvConfig forces the v2 kernel,
-    a V3Config the v3 kernel, a V4Config the v4 kernel (tests and the tuning sweep); batches the
-    forced kernel cannot run take v2."""
-    global _override, _override_v3, _override_v4
-    old = (_override, _override_v3, _override_v4)
-    _override = cfg if isinstance(cfg, GemvConfig) else None
+def override_config(cfg: GemvConfig | V3Config | V4Config | None, impl: str = "v2") -> Iterator[None]:
+    """Force every sparse GEMV launch inside the block to use `cfg`: a GemvConfig forces the v2 kernel
+    (or, with impl="v5", the selection pass + v2 walk), a V3Config the v3 kernel, a V4Config the v4 kernel
+    (tests and the tuning sweep); batches the forced kernel cannot run take v2."""
+    global _override, _override_v3, _override_v4, _override_v5
+    if impl not in ("v2", "v5"):
+        raise ValueError(f"override_config: impl must be 'v2' or 'v5' (a GemvConfig's kernels), got {impl!r}")
+    old = (_override, _override_v3, _override_v4, _override_v5)
+    gemv = cfg if isinstance(cfg, GemvConfig) else None
+    _override = gemv if impl == "v2" else None
+    _override_v5 = gemv if impl == "v5" else None
     _override_v3 = cfg if isinstance(cfg, V3Config) else None
     _override_v4 = cfg if isinstance(cfg, V4Config) else None
     try:
         yield
     finally:
-        _override, _override_v3, _override_v4 = old
+        _override, _override_v3, _override_v4, _override_v5 = old
 
 
 def default_v3_config(kind: str, k: int, n: int, b: int) -> V3Config:
@@ -216,27 +226,39 @@ def default_v4_config(kind: str, k: int, n: int, b: int) -> V4Config:
     return V4Config(seg_k=512 if b == 1 else (256 if b == 2 else 128))
 
 
-IMPLS = ("v2", "v3", "v4")
-MAX_BATCH = {"v2": None, "v3": V3_MAX_BATCH, "v4": V4_MAX_BATCH}
+IMPLS = ("v2", "v3", "v4", "v5")
+MAX_BATCH = {"v2": None, "v3": V3_MAX_BATCH, "v4": V4_MAX_BATCH, "v5": None}
 
 
-def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto") -> tuple[str, GemvConfig | V3Config | V4Config]:
-    """Return which kernel runs a launch ("v2", "v3" or "v4") and its configuration.
+def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, presel: bool = False,
+                out_sel: bool = False) -> tuple[str, GemvConfig | V3Config | V4Config]:
+    """Return which kernel runs a launch ("v2", "v3", "v4" or "v5") and its configuration.
 
     impl: "auto" (an active override, else the measured table `IMPL`, else DEFAULT_IMPL; a batch the
-    chosen kernel cannot run takes v2), or one of "v2", "v3", "v4".
+    chosen kernel cannot run takes v2), or one of "v2", "v3", "v4", "v5". presel: the input arrives
+    already selected (thresh=None); out_sel: the output is selected for its consumer (out_thresh). Both
+    run on the v2 kernel only: v5 (or v2 with its own table when asked for explicitly).
     """
     if impl not in ("auto",) + IMPLS:
-        raise ValueError(f"impl must be 'auto', 'v2', 'v3' or 'v4', got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'v2', 'v3', 'v4' or 'v5', got {impl!r}")
+    if (presel or out_sel) and impl in ("v3", "v4"):
+        raise ValueError(f"the {impl} kernel cannot take an already-selected input (thresh=None) or select its "
+                         "output (out_thresh); use impl='v5', 'v2' or 'auto'")
     if impl == "auto":
         if _override is not None:
             impl = "v2"
-        elif _override_v3 is not None:
+        elif _override_v5 is not None:
+            impl = "v5"
+        elif _override_v3 is not None and not (presel or out_sel):
             impl = "v3"
-        elif _override_v4 is not None:
+        elif _override_v4 is not None and not (presel or out_sel):
             impl = "v4"
+        elif presel:
+            impl = "v5"
         else:
             impl = IMPL.get((kind, k, n, batch_bucket(b)), DEFAULT_IMPL)
+            if out_sel and impl in ("v3", "v4"):
+                impl = "v2"
         cap = MAX_BATCH[impl]
         if cap is not None and b > cap:
             impl = "v2"
@@ -244,6 +266,9 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto") -> tuple[
     if cap is not None and b > cap:
         raise ValueError(f"the {impl} kernel runs batches of at most {cap} rows, got {b}; use impl='v2'")
     key = (kind, k, n, batch_bucket(b))
+    if impl == "v5":
+        return "v5", (_override_v5 or _override or TUNED_V5.get(key) or TUNED.get(key)
+                      or default_config(kind, k, n, b))
     if impl == "v3":
         return "v3", _override_v3 or TUNED_V3.get(key) or default_v3_config(kind, k, n, b)
     if impl == "v4":

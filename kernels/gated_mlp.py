@@ -13,19 +13,22 @@ from typing import Optional
 import torch
 
 from .configs import choose_impl
-from .sparse_gemv import _as_rows, _check_common, _launch, _validate_nm
+from .sparse_gemv import _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm
 
 
 @torch.library.custom_op("actsparse::sparse_gated_mlp", mutates_args=())
-def _sparse_gated_mlp_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: torch.Tensor,
+def _sparse_gated_mlp_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: Optional[torch.Tensor],
                          shift: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          norm_weight: Optional[torch.Tensor], eps: float, nm_n: int, nm_m: int,
-                         impl: str = "auto") -> torch.Tensor:
-    return _launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, "pair", impl)
+                         impl: str = "auto", out_thresh: Optional[torch.Tensor] = None,
+                         out_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, "pair", impl,
+                   out_thresh, out_shift)
 
 
 @_sparse_gated_mlp_op.register_fake
-def _(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, eps, nm_n, nm_m, impl="auto"):
+def _(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, eps, nm_n, nm_m, impl="auto", out_thresh=None,
+      out_shift=None):
     return x.new_empty((x.shape[0], wt_gate.shape[1]))
 
 
@@ -33,7 +36,7 @@ def sparse_gated_mlp(
     x: torch.Tensor,
     wt_gate: torch.Tensor,
     wt_up: torch.Tensor,
-    thresh: torch.Tensor,
+    thresh: Optional[torch.Tensor],
     *,
     shift: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
@@ -41,13 +44,18 @@ def sparse_gated_mlp(
     eps: float = 1e-6,
     nm: Optional[tuple[int, int]] = None,
     impl: str = "auto",
+    out_thresh: Optional[torch.Tensor] = None,
+    out_shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Return h [B, I] = silu(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u) with per-projection thresholds.
 
     x: [B, K] (the residual stream when norm_weight is given); wt_gate, wt_up: [K, I] row-major;
-    thresh: float32 [2] or [2, K] (row 0 gate, row 1 up); shift: [2, K]; bias: [2, I].
-    impl: "v4" (selection once per K slice, columns streamed, batch ≤ 4), "v3" (gate and up in separate
-    programs over compacted active rows, batch ≤ 4), "v2" or "auto" (see `sparse_gemv`).
+    thresh: float32 [2] or [2, K] (row 0 gate, row 1 up); shift: [2, K]; bias: [2, I]. thresh=None: x
+    is already selected and both projections read it as is. out_thresh [1] or [I] / out_shift [I]: h is
+    written selected for the down projection, h ← (h − m)⊙1[|h − m| > t] (see `sparse_gemv`).
+    impl: "v5" (a selection pass, then the v2 walk), "v4" (selection once per K slice, columns streamed,
+    batch ≤ 4), "v3" (gate and up in separate programs over compacted active rows, batch ≤ 4), "v2" or
+    "auto" (see `sparse_gemv`).
     """
     _check_common(x, wt_gate, "wt_gate")
     _check_common(x, wt_up, "wt_up")
@@ -55,7 +63,11 @@ def sparse_gated_mlp(
         raise ValueError(f"wt_gate and wt_up must have the same shape and strides, got "
                          f"{tuple(wt_gate.shape)}/{wt_gate.stride()} and {tuple(wt_up.shape)}/{wt_up.stride()}")
     k, n = wt_gate.shape
-    thresh = _as_rows(thresh, 2, k, "thresh")
+    if thresh is None:
+        _check_presel(shift, norm_weight, nm)
+    else:
+        thresh = _as_rows(thresh, 2, k, "thresh")
+    out_thresh, out_shift = _out_rows(out_thresh, out_shift, n)
     if shift is not None:
         shift = _as_rows(shift.float(), 2, k, "shift").contiguous()
     if bias is not None and tuple(bias.shape) != (2, n):
@@ -63,6 +75,7 @@ def sparse_gated_mlp(
     if norm_weight is not None and tuple(norm_weight.shape) != (k,):
         raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
     nm_n, nm_m = _validate_nm(nm)
-    choose_impl("pair", k, n, x.shape[0], impl)  # rejects a bad impl / batch here
+    # Rejects a bad impl / batch here.
+    choose_impl("pair", k, n, x.shape[0], impl, presel=thresh is None, out_sel=out_thresh is not None)
     return torch.ops.actsparse.sparse_gated_mlp(x, wt_gate, wt_up, thresh, shift, bias, norm_weight,
-                                                float(eps), nm_n, nm_m, impl)
+                                                float(eps), nm_n, nm_m, impl, out_thresh, out_shift)

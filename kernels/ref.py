@@ -41,10 +41,17 @@ def sparsify_ref(x: torch.Tensor, thresh: torch.Tensor | float, shift: Optional[
     return torch.where(keep, z, torch.zeros_like(z))
 
 
+def _select_out(y: torch.Tensor, out_thresh, out_shift) -> torch.Tensor:
+    """The output selection of a producer (`out_thresh`), in y's dtype: y ← (y − m)⊙1[|y − m| > t]."""
+    if out_thresh is None:
+        return y
+    return sparsify_ref(y, torch.as_tensor(out_thresh, dtype=y.dtype, device=y.device).reshape(-1), out_shift)
+
+
 def sparse_gemv_ref(
     x: torch.Tensor,
     wt: torch.Tensor,
-    thresh: torch.Tensor | float,
+    thresh: torch.Tensor | float | None,
     *,
     shift: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
@@ -54,13 +61,16 @@ def sparse_gemv_ref(
     act: str = "none",
     segments: Sequence[int] = (),
     nm: Optional[tuple[int, int]] = None,
+    out_thresh: torch.Tensor | float | None = None,
+    out_shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference of `sparse_gemv`: per column segment s, y = act(W_s·x_s + bias) + residual, in x's dtype."""
+    """Reference of `sparse_gemv`: per column segment s, y = act(W_s·x_s + bias) + residual, in x's dtype
+    (thresh None: x_s = x; out_thresh: the output selected for the next GEMV before the cast)."""
     acc = _acc_dtype(wt)
     xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
     k, n = wt.shape
     bounds = [0, *segments, n]
-    t = torch.as_tensor(thresh, dtype=acc, device=x.device)
+    t = torch.as_tensor(-1.0 if thresh is None else thresh, dtype=acc, device=x.device)
     t = t.reshape(-1, 1).expand(len(bounds) - 1, k) if t.dim() <= 1 else t
     outs = []
     for s in range(len(bounds) - 1):
@@ -74,26 +84,29 @@ def sparse_gemv_ref(
         y = torch.nn.functional.silu(y)
     if residual is not None:
         y = y + residual.to(acc)
-    return y.to(x.dtype)
+    return _select_out(y, out_thresh, out_shift).to(x.dtype)
 
 
 def sparse_gated_mlp_ref(
     x: torch.Tensor,
     wt_gate: torch.Tensor,
     wt_up: torch.Tensor,
-    thresh: torch.Tensor | float,
+    thresh: torch.Tensor | float | None,
     *,
     shift: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     norm_weight: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
     nm: Optional[tuple[int, int]] = None,
+    out_thresh: torch.Tensor | float | None = None,
+    out_shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference of `sparse_gated_mlp`: silu(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u), in x's dtype."""
+    """Reference of `sparse_gated_mlp`: silu(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u), in x's dtype (thresh None:
+    x_s = x; out_thresh: h selected for the down projection before the cast)."""
     acc = _acc_dtype(wt_gate)
     xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
     k = wt_gate.shape[0]
-    t = torch.as_tensor(thresh, dtype=acc, device=x.device)
+    t = torch.as_tensor(-1.0 if thresh is None else thresh, dtype=acc, device=x.device)
     t = t.reshape(-1, 1).expand(2, k) if t.dim() <= 1 else t
     ys = []
     for i, wt in enumerate((wt_gate, wt_up)):
@@ -103,7 +116,7 @@ def sparse_gated_mlp_ref(
         if bias is not None:
             y = y + bias[i].to(acc)
         ys.append(y)
-    return (torch.nn.functional.silu(ys[0]) * ys[1]).to(x.dtype)
+    return _select_out(torch.nn.functional.silu(ys[0]) * ys[1], out_thresh, out_shift).to(x.dtype)
 
 
 def cats_up_ref(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: torch.Tensor | float, *,

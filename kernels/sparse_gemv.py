@@ -98,46 +98,69 @@ def _select(x, t_row, m_row, offs_k, mask_k, mask_b, stride_tk,
 
 
 @triton.jit
-def _raw_chunk(x_rows, g_ptr, t_row, m_row, t_row2, m_row2, offs_k, mask_k, mask_b, stride_tk,
-               NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr, NM_N: tl.constexpr):
-    """Issue the loads of one K chunk's selection operands (x, norm weight, thresholds, shifts); nothing waits on them."""
+def _raw_chunk(x_rows, x_rows2, g_ptr, t_row, m_row, t_row2, m_row2, offs_k, mask_k, mask_b, stride_tk,
+               NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr, NM_N: tl.constexpr,
+               PRESEL: tl.constexpr):
+    """Issue the loads of one K chunk's selection operands (x, norm weight, thresholds, shifts; with PRESEL
+    only the already-selected x_s of each matrix); nothing waits on them."""
     xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
                  eviction_policy="evict_last")
+    xv2 = xv
     gv = tl.zeros(offs_k.shape, dtype=tl.float32)
-    if NORM:
-        gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    t, m = _sel_operands(t_row, m_row, offs_k, mask_k, stride_tk, HAS_SHIFT, NM_N)
+    t = tl.zeros(offs_k.shape, dtype=tl.float32)
+    m = t
+    if PRESEL:
+        if PAIR:
+            xv2 = tl.load(x_rows2 + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
+                          eviction_policy="evict_last")
+    else:
+        if NORM:
+            gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        t, m = _sel_operands(t_row, m_row, offs_k, mask_k, stride_tk, HAS_SHIFT, NM_N)
     t2, m2 = t, m
-    if PAIR:
+    if PAIR and not PRESEL:
         t2, m2 = _sel_operands(t_row2, m_row2, offs_k, mask_k, stride_tk, HAS_SHIFT, NM_N)
-    return xv, gv, t, m, t2, m2
+    return xv, xv2, gv, t, m, t2, m2
 
 
 @triton.jit
-def _sel_chunk(xv, gv, t, m, t2, m2, rstd, mask_k, mask_b,
+def _presel(xv, mask_k, mask_b):
+    """An already-selected chunk: x_s in fp32 and the rows some token keeps (x_s ≠ 0)."""
+    keep = (xv != 0) & mask_b[:, None] & mask_k[None, :]
+    return xv.to(tl.float32), tl.max(keep.to(tl.int32), axis=0).to(tl.int8)
+
+
+@triton.jit
+def _sel_chunk(xv, xv2, gv, t, m, t2, m2, rstd, mask_k, mask_b,
                NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr, NM_N: tl.constexpr,
-               NM_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+               NM_M: tl.constexpr, PRESEL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """Normalise and select a chunk whose operands `_raw_chunk` loaded (for both matrices of a pair)."""
-    xv = xv.to(tl.float32)
-    if NORM:
-        xv = xv * rstd[:, None] * gv[None, :]
-    xs, rows = _keep(xv, t, m, mask_k, mask_b, HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
-    xs2 = xs
-    rows2 = rows
-    if PAIR:
-        xs2, rows2 = _keep(xv, t2, m2, mask_k, mask_b, HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
+    if PRESEL:
+        xs, rows = _presel(xv, mask_k, mask_b)
+        xs2, rows2 = xs, rows
+        if PAIR:
+            xs2, rows2 = _presel(xv2, mask_k, mask_b)
+    else:
+        xv = xv.to(tl.float32)
+        if NORM:
+            xv = xv * rstd[:, None] * gv[None, :]
+        xs, rows = _keep(xv, t, m, mask_k, mask_b, HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
+        xs2 = xs
+        rows2 = rows
+        if PAIR:
+            xs2, rows2 = _keep(xv, t2, m2, mask_k, mask_b, HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
     return xs, rows, xs2, rows2
 
 
 @triton.jit
-def _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, offs_k, mask_k, mask_b, stride_tk,
+def _chunk(x_rows, x_rows2, g_ptr, rstd, t_row, m_row, t_row2, m_row2, offs_k, mask_k, mask_b, stride_tk,
            NORM: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr, NM_N: tl.constexpr,
-           NM_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+           NM_M: tl.constexpr, PRESEL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """Load, normalise and select one K chunk of x for both matrices of a pair (or one)."""
-    xv, gv, t, m, t2, m2 = _raw_chunk(x_rows, g_ptr, t_row, m_row, t_row2, m_row2, offs_k, mask_k, mask_b, stride_tk,
-                                      NORM, HAS_SHIFT, PAIR, NM_N)
-    return _sel_chunk(xv, gv, t, m, t2, m2, rstd, mask_k, mask_b, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, BLOCK_B,
-                      BLOCK_K)
+    xv, xv2, gv, t, m, t2, m2 = _raw_chunk(x_rows, x_rows2, g_ptr, t_row, m_row, t_row2, m_row2, offs_k, mask_k,
+                                           mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, PRESEL)
+    return _sel_chunk(xv, xv2, gv, t, m, t2, m2, rstd, mask_k, mask_b, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, PRESEL,
+                      BLOCK_B, BLOCK_K)
 
 
 @triton.jit
@@ -168,8 +191,10 @@ def _accumulate(acc, xs, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
-              mask_out, HAS_BIAS: tl.constexpr, PAIR: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr):
-    """bias, silu / silu·up, residual, cast and store of one [BLOCK_B, BLOCK_N] output tile."""
+              mask_out, HAS_BIAS: tl.constexpr, PAIR: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+              to_ptr, mo_ptr, stride_to, OUT_SEL: tl.constexpr, OUT_SHIFT: tl.constexpr):
+    """bias, silu / silu·up, residual, the consumer's selection (OUT_SEL: y = (y − m)⊙1[|y − m| > t] per
+    column, so the next GEMV reads its input already selected), cast and store of one [BLOCK_B, BLOCK_N] tile."""
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if PAIR:
@@ -181,15 +206,21 @@ def _epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_
     if HAS_RES:
         res = tl.load(res_ptr + offs_b[:, None] * stride_rb + offs_n[None, :], mask=mask_out, other=0.0)
         out += res.to(tl.float32)
+    if OUT_SEL:
+        if OUT_SHIFT:
+            out -= tl.load(mo_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        t_out = tl.load(to_ptr + offs_n * stride_to, mask=mask_n, other=0.0)
+        out = tl.where(tl.abs(out) > t_out[None, :], out, 0.0)
     tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, to_ptr, mo_ptr,
     B, K, N, N0, N1, K_SPLIT,
-    stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb,
+    stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb, stride_xs, stride_to,
     eps,
+    PRESEL: tl.constexpr, OUT_SEL: tl.constexpr, OUT_SHIFT: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, DEPTH: tl.constexpr,
@@ -204,15 +235,16 @@ def _sparse_gemv_kernel(
     mask_b = offs_b < B
     mask_out = mask_b[:, None] & mask_n[None, :]
     ar_k = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + offs_b[:, None] * stride_xb
+    # The strip lies inside one segment (the launcher makes BLOCK_N divide the boundaries).
+    n_start = pid_n * BLOCK_N
+    seg = (n_start >= N0).to(tl.int32) + (n_start >= N1).to(tl.int32)
+    # x [S, B, K]: with PRESEL one selected copy per segment (q / k / v, or gate / up), else stride_xs = 0.
+    x_rows = x_ptr + seg * stride_xs + offs_b[:, None] * stride_xb
+    x_rows2 = x_ptr + stride_xs + offs_b[:, None] * stride_xb
 
     rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
     if NORM:  # every program needs the row norms
         rstd = _row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
-
-    # The strip lies inside one segment (the launcher makes BLOCK_N divide the boundaries).
-    n_start = pid_n * BLOCK_N
-    seg = (n_start >= N0).to(tl.int32) + (n_start >= N1).to(tl.int32)
     t_row = t_ptr + seg * stride_ts
     m_row = m_ptr + seg * stride_ms
     t_row2 = t_ptr + stride_ts
@@ -228,17 +260,17 @@ def _sparse_gemv_kernel(
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
     offs_k = k_lo + ar_k
-    xs, rows, xs2, rows2 = _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, offs_k, offs_k < k_hi, mask_b,
-                                  stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, BLOCK_B, BLOCK_K)
+    xs, rows, xs2, rows2 = _chunk(x_rows, x_rows2, g_ptr, rstd, t_row, m_row, t_row2, m_row2, offs_k, offs_k < k_hi,
+                                  mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, PRESEL, BLOCK_B, BLOCK_K)
     if DEPTH == 1:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + ar_k
             w, w2 = _weights(w_ptr, w2_ptr, offs_k, offs_n, mask_n, rows, rows2, stride_wk, PAIR)
             # Select the next chunk while this chunk's weight rows are in flight.
             nxt = offs_k + BLOCK_K
-            xs_n, rows_n, xs2_n, rows2_n = _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, nxt, nxt < k_hi,
-                                                  mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, BLOCK_B,
-                                                  BLOCK_K)
+            xs_n, rows_n, xs2_n, rows2_n = _chunk(x_rows, x_rows2, g_ptr, rstd, t_row, m_row, t_row2, m_row2, nxt,
+                                                  nxt < k_hi, mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M,
+                                                  PRESEL, BLOCK_B, BLOCK_K)
             acc = _accumulate(acc, xs, w, USE_DOT, IEEE)
             if PAIR:
                 acc2 = _accumulate(acc2, xs2, w2, USE_DOT, IEEE)
@@ -251,16 +283,19 @@ def _sparse_gemv_kernel(
         # chunk past the slice selects nothing, so its loads are predicated off.
         w, w2 = _weights(w_ptr, w2_ptr, offs_k, offs_n, mask_n, rows, rows2, stride_wk, PAIR)
         nxt = offs_k + BLOCK_K
-        xv_1, gv_1, t_1, m_1, t2_1, m2_1 = _raw_chunk(x_rows, g_ptr, t_row, m_row, t_row2, m_row2, nxt, nxt < k_hi,
-                                                      mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N)
+        xv_1, xv2_1, gv_1, t_1, m_1, t2_1, m2_1 = _raw_chunk(x_rows, x_rows2, g_ptr, t_row, m_row, t_row2, m_row2, nxt,
+                                                             nxt < k_hi, mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N,
+                                                             PRESEL)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             nxt = k0 + BLOCK_K + ar_k
-            xs_1, rows_1, xs2_1, rows2_1 = _sel_chunk(xv_1, gv_1, t_1, m_1, t2_1, m2_1, rstd, nxt < k_hi, mask_b,
-                                                      NORM, HAS_SHIFT, PAIR, NM_N, NM_M, BLOCK_B, BLOCK_K)
+            xs_1, rows_1, xs2_1, rows2_1 = _sel_chunk(xv_1, xv2_1, gv_1, t_1, m_1, t2_1, m2_1, rstd, nxt < k_hi,
+                                                      mask_b, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, PRESEL, BLOCK_B,
+                                                      BLOCK_K)
             w_1, w2_1 = _weights(w_ptr, w2_ptr, nxt, offs_n, mask_n, rows_1, rows2_1, stride_wk, PAIR)
             nxt2 = nxt + BLOCK_K
-            xv_1, gv_1, t_1, m_1, t2_1, m2_1 = _raw_chunk(x_rows, g_ptr, t_row, m_row, t_row2, m_row2, nxt2,
-                                                          nxt2 < k_hi, mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N)
+            xv_1, xv2_1, gv_1, t_1, m_1, t2_1, m2_1 = _raw_chunk(x_rows, x_rows2, g_ptr, t_row, m_row, t_row2, m_row2,
+                                                                 nxt2, nxt2 < k_hi, mask_b, stride_tk, NORM, HAS_SHIFT,
+                                                                 PAIR, NM_N, PRESEL)
             acc = _accumulate(acc, xs, w, USE_DOT, IEEE)
             if PAIR:
                 acc2 = _accumulate(acc2, xs2, w2, USE_DOT, IEEE)
@@ -293,10 +328,10 @@ def _sparse_gemv_kernel(
                     out2 += tl.load(ws_ptr + (s * NACC + 1) * B * N + ws_tile, mask=mask_out, other=0.0,
                                     cache_modifier=".cg")
             _epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
-                      mask_out, HAS_BIAS, PAIR, ACT, HAS_RES)
+                      mask_out, HAS_BIAS, PAIR, ACT, HAS_RES, to_ptr, mo_ptr, stride_to, OUT_SEL, OUT_SHIFT)
     else:
         _epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
-                  mask_out, HAS_BIAS, PAIR, ACT, HAS_RES)
+                  mask_out, HAS_BIAS, PAIR, ACT, HAS_RES, to_ptr, mo_ptr, stride_to, OUT_SEL, OUT_SHIFT)
 
 
 ACTS = {"none": 0, "silu": 1}
@@ -374,10 +409,14 @@ def _split_workspace(split: int, nacc: int, b: int, n: int, tiles: int,
     return torch.empty(split * nacc * b * n, device=y.device, dtype=torch.float32), tile_counters(y.device)
 
 
-def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, kind, impl="auto"):
+def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, kind, impl="auto",
+            out_thresh=None, out_shift=None):
+    """Run one sparse GEMV (or gate/up pair). thresh None: x is already selected (its zeros are skipped).
+    out_thresh / out_shift: float32 [N] selection applied to the output for the next GEMV."""
     b, k = x.shape
     n = wt.shape[1]
-    which, cfg = choose_impl(kind, k, n, b, impl)
+    presel = thresh is None
+    which, cfg = choose_impl(kind, k, n, b, impl, presel=presel, out_sel=out_thresh is not None)
     if which == "v3":
         from .sparse_gemv_v3 import launch_v3
 
@@ -387,6 +426,14 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
 
         return launch_v4(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, cfg)
     cfg: GemvConfig
+    stride_xs = 0  # one x for every segment
+    if which == "v5" and not presel:
+        from .select import select
+
+        xs = select(x, thresh, shift, norm_weight, eps, nm_n, nm_m)  # [S, B, K], one selected copy per segment
+        x, stride_xs, presel = xs[0], xs.stride(0), True
+    if presel:
+        thresh, shift, norm_weight, nm_n, nm_m = None, None, None, 0, 0
     use_dot = cfg.use_dot or b > FMA_MAX_BATCH
     block_b = 16 if use_dot else triton.next_power_of_2(b)
     block_n = _fit_block_n(cfg.block_n, bounds) if bounds else cfg.block_n
@@ -399,10 +446,12 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
     split = triton.cdiv(k, k_split)
     y = new_output((b, n), x.device, x.dtype)
     ws, cnt = _split_workspace(split, 2 if w2 is not None else 1, b, n, tiles_n * tiles_b, y)
-    ptrs, (n0, n1), strides, flags = _launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
-                                                  nm_n, nm_m, y, block_b)
+    ptrs, (n0, n1), strides, flags = _launch_args(x, wt, w2, y if presel else thresh, shift, bias, residual,
+                                                  norm_weight, act, bounds, nm_n, nm_m, y, block_b)
     compiled = _sparse_gemv_kernel[(tiles_n, split, tiles_b)](
-        *ptrs, ws, cnt, b, k, n, n0, n1, k_split, *strides, eps, **flags,
+        *ptrs, ws, cnt, out_thresh if out_thresh is not None else y, out_shift if out_shift is not None else y,
+        b, k, n, n0, n1, k_split, *strides, stride_xs, out_thresh.stride(0) if out_thresh is not None else 0,
+        eps, PRESEL=presel, OUT_SEL=out_thresh is not None, OUT_SHIFT=out_shift is not None, **flags,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, SPLIT=split > 1, DEPTH=cfg.depth,
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -412,18 +461,44 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
 
 
 @torch.library.custom_op("actsparse::sparse_gemv", mutates_args=())
-def _sparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor, shift: Optional[torch.Tensor],
+def _sparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresh: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                     norm_weight: Optional[torch.Tensor], eps: float, act: int, segments: list[int],
-                    nm_n: int, nm_m: int, impl: str = "auto") -> torch.Tensor:
+                    nm_n: int, nm_m: int, impl: str = "auto", out_thresh: Optional[torch.Tensor] = None,
+                    out_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     kind = "qkv" if segments else "gemv"
     return _launch(x, wt, None, thresh, shift, bias, residual, norm_weight, eps, act, segments, nm_n, nm_m, kind,
-                   impl)
+                   impl, out_thresh, out_shift)
 
 
 @_sparse_gemv_op.register_fake
-def _(x, wt, thresh, shift, bias, residual, norm_weight, eps, act, segments, nm_n, nm_m, impl="auto"):
+def _(x, wt, thresh, shift, bias, residual, norm_weight, eps, act, segments, nm_n, nm_m, impl="auto",
+      out_thresh=None, out_shift=None):
     return x.new_empty((x.shape[0], wt.shape[1]))
+
+
+def _check_presel(shift, norm_weight, nm) -> None:
+    """thresh=None: x arrives already selected, so the selection's own operands must not be given."""
+    given = [name for name, v in (("shift", shift), ("norm_weight", norm_weight), ("nm", nm)) if v is not None]
+    if given:
+        raise ValueError(f"thresh=None means x is already selected (its zeros are skipped); {', '.join(given)} "
+                         "belong to the selection and must be None (fold a shift into bias)")
+
+
+def _out_rows(out_thresh: Optional[torch.Tensor], out_shift: Optional[torch.Tensor],
+              n: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Validate the output selection: float32 thresholds [1] or [N] (a [N] view) and a shift [N]."""
+    if out_thresh is None:
+        if out_shift is not None:
+            raise ValueError("out_shift needs out_thresh (the output selection's thresholds)")
+        return None, None
+    def row(t: torch.Tensor) -> torch.Tensor:
+        return t[None] if t.dim() == 1 and t.shape[0] == n else t
+
+    out_thresh = _as_rows(row(out_thresh), 1, n, "out_thresh")[0]
+    if out_shift is not None:
+        out_shift = _as_rows(row(out_shift.float()), 1, n, "out_shift")[0].contiguous()
+    return out_thresh, out_shift
 
 
 def _validate_nm(nm: Optional[tuple[int, int]]) -> tuple[int, int]:
@@ -438,7 +513,7 @@ def _validate_nm(nm: Optional[tuple[int, int]]) -> tuple[int, int]:
 def sparse_gemv(
     x: torch.Tensor,
     wt: torch.Tensor,
-    thresh: torch.Tensor,
+    thresh: Optional[torch.Tensor],
     *,
     shift: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
@@ -449,14 +524,20 @@ def sparse_gemv(
     segments: Sequence[int] = (),
     nm: Optional[tuple[int, int]] = None,
     impl: str = "auto",
+    out_thresh: Optional[torch.Tensor] = None,
+    out_shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Return y [B, N] = act(W·x_s + bias) + residual, with x_s = (x̂ − m)⊙1[|x̂ − m| > t] and x̂ = rmsnorm(x) or x.
 
     x: [B, K]; wt: W^T [K, N] row-major; thresh: float32 [S] or [S, K] (S = len(segments) + 1, one row
     per output-column segment, e.g. q/k/v); shift: [S, K]; bias: [N]; residual: [B, N];
     norm_weight: [K] RMSNorm weight applied to x first; nm=(N, M) keeps the top N of every M
-    consecutive channels instead of thresholding. impl: "v4" (selection once per K slice, columns
-    streamed, batch ≤ 4), "v3" (active rows compacted, batch ≤ 4), "v2" (masked split-K walk, any
+    consecutive channels instead of thresholding. thresh=None: x is already selected (x_s = x, its
+    zeros skipped; shift, norm_weight and nm must be None), e.g. a producer's output with out_thresh.
+    out_thresh: float32 [1] or [N], out_shift: [N]: the output is written selected for the next GEMV,
+    y ← (y − m)⊙1[|y − m| > t] (after bias, act and residual). impl: "v5" (a selection pass, then the
+    v2 walk over the selected input), "v4" (selection once per K slice, columns streamed, batch ≤ 4),
+    "v3" (active rows compacted, batch ≤ 4), "v2" (masked split-K walk selecting as it goes, any
     batch) or "auto" (the fastest one measured for the shape).
     """
     _check_common(x, wt)
@@ -465,9 +546,13 @@ def sparse_gemv(
     if len(bounds) > 2 or any(not (0 < s < n) for s in bounds) or bounds != sorted(bounds):
         raise ValueError(f"segments must be at most 2 increasing column boundaries inside (0, {n}), got {bounds}")
     nseg = len(bounds) + 1
-    thresh = _as_rows(thresh, nseg, k, "thresh")
+    if thresh is None:
+        _check_presel(shift, norm_weight, nm)
+    else:
+        thresh = _as_rows(thresh, nseg, k, "thresh")
     if shift is not None:
         shift = _as_rows(shift.float(), nseg, k, "shift").contiguous()
+    out_thresh, out_shift = _out_rows(out_thresh, out_shift, n)
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
     if residual is not None and tuple(residual.shape) != (x.shape[0], n):
@@ -477,6 +562,8 @@ def sparse_gemv(
     if act not in ACTS:
         raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
     nm_n, nm_m = _validate_nm(nm)
-    choose_impl("qkv" if bounds else "gemv", k, n, x.shape[0], impl)  # rejects a bad impl / batch here
+    # Rejects a bad impl / batch here.
+    choose_impl("qkv" if bounds else "gemv", k, n, x.shape[0], impl, presel=thresh is None,
+                out_sel=out_thresh is not None)
     return torch.ops.actsparse.sparse_gemv(x, wt, thresh, shift, bias, residual, norm_weight, float(eps),
-                                           ACTS[act], bounds, nm_n, nm_m, impl)
+                                           ACTS[act], bounds, nm_n, nm_m, impl, out_thresh, out_shift)

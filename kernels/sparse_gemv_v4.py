@@ -63,9 +63,9 @@ def _v4_kernel(
     seg = (n_lo >= N0).to(tl.int32) + (n_lo >= N1).to(tl.int32)  # the range's q / k / v segment
     offs_k = pid_k * SEG_K + tl.arange(0, SEG_K)
     mask_k = offs_k < K
-    xs, rows, xs2, rows2 = _chunk(x_rows, g_ptr, rstd, t_ptr + seg * stride_ts, m_ptr + seg * stride_ms,
+    xs, rows, xs2, rows2 = _chunk(x_rows, x_rows, g_ptr, rstd, t_ptr + seg * stride_ts, m_ptr + seg * stride_ms,
                                   t_ptr + stride_ts, m_ptr + stride_ms, offs_k, mask_k, mask_b, stride_tk,
-                                  NORM, HAS_SHIFT, PAIR, NM_N, NM_M, BLOCK_B, SEG_K)
+                                  NORM, HAS_SHIFT, PAIR, NM_N, NM_M, False, BLOCK_B, SEG_K)
     keep = rows[:, None] != 0
     keep2 = rows2[:, None] != 0
     w_rows = w_ptr + offs_k[:, None] * stride_wk
@@ -105,7 +105,8 @@ def _v4_kernel(
                 tl.store(ws_tile + B * N, out2, mask=mask_out)
         else:
             _epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
-                      mask_out, HAS_BIAS, PAIR, ACT, HAS_RES)
+                      mask_out, HAS_BIAS, PAIR, ACT, HAS_RES,
+                      y_ptr, y_ptr, 0, False, False)
 
     if SPLIT:
         n_slices = tl.num_programs(1)
@@ -127,7 +128,8 @@ def _v4_kernel(
                 if PAIR:
                     out2 = tl.sum(tl.load(part + B * N, mask=pm, other=0.0, cache_modifier=".cg"), axis=0)
                 _epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n,
-                          mask_n, mask_out, HAS_BIAS, PAIR, ACT, HAS_RES)
+                          mask_n, mask_out, HAS_BIAS, PAIR, ACT, HAS_RES,
+                      y_ptr, y_ptr, 0, False, False)
 
 
 def plan_v4(k: int, n: int, bounds, cfg: V4Config, nm_m: int, device: torch.device) -> tuple[int, int, int, int]:
