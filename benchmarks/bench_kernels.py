@@ -76,6 +76,11 @@ V4_GRID = {1: [(16, 512, 4, 1, 8), (16, 512, 4, 1, 4), (32, 256, 4, 1, 4), (64, 
                (64, 128, 4, 1, 8), (16, 256, 4, 1, 8), (32, 128, 4, 1, 8), (64, 256, 8, 1, 4), (16, 1024, 8, 1, 4),
                (32, 512, 8, 1, 4), (16, 128, 4, 1, 16)],
            4: [(16, 128, 4, 1, 4), (16, 128, 4, 2, 4), (32, 128, 4, 2, 4), (16, 256, 8, 2, 4), (16, 64, 4, 2, 8)]}
+# v5 (selection pass + v2 walk over the selected input): (block_n, block_k, num_warps, num_stages[, depth]), each
+# at three split-K values as for v2; wider strips than v2's grid, since the walk no longer loads per-row operands.
+V5_GRID = {1: [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1), (32, 64, 4, 1), (64, 64, 4, 1), (64, 128, 4, 1),
+               (128, 32, 4, 1), (128, 64, 8, 1), (16, 128, 4, 1, 2), (32, 128, 4, 1, 2)],
+           4: [(32, 64, 4, 1), (32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 4, 1, 2)]}
 DEV = "cuda"
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
 if SMOKE:
@@ -85,6 +90,7 @@ if SMOKE:
     DOT_GRID = {1: [], 4: [(32, 32, 4, 1)]}
     V3_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4)], 4: [(32, 32, 8, 4)]}
     V4_GRID = {1: [(16, 32, 4, 1, 1), (32, 64, 4, 2, 2)], 4: [(16, 32, 4, 1, 1)]}
+    V5_GRID = {1: [(32, 32, 4, 1), (16, 16, 4, 1, 2)], 4: [(32, 32, 4, 1)]}
 
 
 class Clock:
@@ -223,10 +229,42 @@ class Inputs:
 
 
 def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
-    """Callables running each fused sparse op over all L weight copies (impl: auto, v2 or v3)."""
+    """Callables running each fused sparse op over all L weight copies (impl: auto, v2, v3, v4 or v5).
+
+    v5 runs as the engine does: gate|up writes h selected for down (out_thresh), so down reads it as is
+    (thresh=None, no selection pass of its own); its op time is measured on h selected beforehand.
+    """
     x, g, a, h = inp.x, inp.g, inp.a, inp.h
     sparse_gemv = _with_impl(_sparse_gemv, impl)
     sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl)
+    if impl == "v5":
+        hs = ref.sparsify_ref(h, th["down"].to(h.dtype))
+        t_down = th["down"]
+
+        def pair():
+            for s in lay.sets:
+                sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5, out_thresh=t_down)
+
+        def down():
+            for s in lay.sets:
+                sparse_gemv(hs, s["wd_t"], None, residual=x)
+
+        def qkv():
+            for s in lay.sets:
+                sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
+
+        def o():
+            for s in lay.sets:
+                sparse_gemv(a, s["wo_t"], th["o"], residual=x)
+
+        def block():
+            for s in lay.sets:
+                sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
+                sparse_gemv(a, s["wo_t"], th["o"], residual=x)
+                h_s = sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5, out_thresh=t_down)
+                sparse_gemv(h_s, s["wd_t"], None, residual=x)
+
+        return {"qkv": qkv, "o": o, "pair": pair, "down": down, "block": block}
 
     def qkv():
         for s in lay.sets:
@@ -268,6 +306,13 @@ def check_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
                       ref.sparse_gated_mlp_ref(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5))
     out["down"] = rel(sparse_gemv(inp.h, s["wd_t"], th["down"], residual=x),
                       ref.sparse_gemv_ref(inp.h, s["wd_t"], th["down"], residual=x))
+    if impl == "v5":  # the engine's fused flow: gate|up selects h for down, down reads it as is
+        kw = dict(norm_weight=g, eps=1e-5, out_thresh=th["down"])
+        out["pair_sel"] = rel(sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], **kw),
+                              ref.sparse_gated_mlp_ref(x, s["wg_t"], s["wu_t"], th["pair"], **kw))
+        hs = ref.sparsify_ref(inp.h, th["down"].to(inp.h.dtype))
+        out["down_presel"] = rel(sparse_gemv(hs, s["wd_t"], None, residual=x),
+                                 ref.sparse_gemv_ref(hs, s["wd_t"], None, residual=x))
     return out
 
 
@@ -317,10 +362,11 @@ def cublas_ops(lay: Layers, inp: Inputs) -> dict:
 KINDS = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER), "down": ("gemv", INTER, D)}
 
 
-def _v2_grid(b: int, k: int, n: int) -> list[GemvConfig]:
+def _v2_grid(b: int, k: int, n: int, fma: dict | None = None, dot: dict | None = None) -> list[GemvConfig]:
     """The v2 configs tried for one op and batch: each grid entry at split-K = auto/2, auto, 2·auto."""
     grid = []
-    for c, dot in [(c, False) for c in FMA_GRID[b]] + [(c, True) for c in DOT_GRID[b]]:
+    fma, dot_ = fma or FMA_GRID, DOT_GRID if dot is None else dot
+    for c, dot in [(c, False) for c in fma[b]] + [(c, True) for c in dot_.get(b, [])]:
         base = GemvConfig(*c[:4], use_dot=dot, depth=c[4] if len(c) > 4 else 1)
         tiles = -(-n // base.block_n) * (1 if not dot else -(-b // 16))
         auto = configs.choose_split(base, k, tiles, torch.device(DEV))
@@ -349,7 +395,7 @@ def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl:
                     break
                 try:
                     configs.COMPILED.clear()
-                    with override_config(cfg):
+                    with override_config(cfg, impl="v5" if impl == "v5" else "v2"):
                         err = check_ops(lay, inp, ths[0.5], impl)[op]
                         if not err < 2e-2:
                             log(f"  {tag} {op} b{b} {cfg}: WRONG rel err {err}")
@@ -388,9 +434,14 @@ def tune_v4(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = No
     return _sweep(lay, clock, batches, weights, lambda b, k, n: [V4Config(*c) for c in V4_GRID[b]], "v4", 0.35)
 
 
+def tune_v5(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
+    """The v5 sweep over V5_GRID (see _sweep): down is timed on an already-selected input, as the engine runs it."""
+    return _sweep(lay, clock, batches, weights, lambda b, k, n: _v2_grid(b, k, n, V5_GRID, {}), "v5", 0.35)
+
+
 # ---------------------------------------------------------------------- kernel microbenchmark
 extra_impl: dict[str, str] = {}  # "op|b<batch>" -> the winning kernel, filled by kernel_bench
-SIDE_BY_SIDE = ["v2", "v4"]  # kernels timed side by side per op (--impls)
+SIDE_BY_SIDE = ["v2", "v5"]  # kernels timed side by side per op (--impls)
 
 
 def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict) -> list[dict]:
@@ -576,6 +627,8 @@ def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
     if extra.get("tuned_v2"):
         out.append(f"Tuned v2 configs this run (objective weights per sparsity {extra.get('tune_weights')}): "
                    + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v2"].items()) + "\n")
+    if extra.get("tuned_v5"):
+        out.append("Tuned v5 configs this run: " + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v5"].items()) + "\n")
     if extra.get("tuned_v4"):
         out.append("Tuned v4 configs this run: " + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v4"].items()) + "\n")
     kr = [r for r in rows if r["kind"] == "kernel" and r["op"] == "block" and r["method"] == "actsparse"]
@@ -650,7 +703,8 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep v2 launch configs first and use the winners")
     ap.add_argument("--tune-v3", action="store_true", help="sweep v3 launch configs first and use the winners")
     ap.add_argument("--tune-v4", action="store_true", help="sweep v4 launch configs first and use the winners")
-    ap.add_argument("--impls", default="v2,v4", help="kernels timed side by side (default: %(default)s)")
+    ap.add_argument("--tune-v5", action="store_true", help="sweep v5 launch configs first and use the winners")
+    ap.add_argument("--impls", default="v2,v5", help="kernels timed side by side (default: %(default)s)")
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
                     help="weight of each sparsity in the v2 tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
     ap.add_argument("--tune-batches", default="1,4", help="batches the v2 tuning sweeps (default: %(default)s)")
@@ -694,6 +748,12 @@ def main() -> None:
                 extra["tuned_v2"] = {"|".join(map(str, k)): v.__dict__ for k, v in best.items()}
                 extra["tune_weights"] = weights
             SIDE_BY_SIDE[:] = [i for i in args.impls.split(",") if i]
+            if args.tune_v5:
+                best, trows = tune_v5(lay, clock, batches, weights)
+                configs.TUNED_V5.update(best)
+                tuned["v5"] = {"weights": weights, "best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()},
+                               "rows": trows}
+                extra["tuned_v5"] = tuned["v5"]["best"]
             if args.tune_v4:
                 best, trows = tune_v4(lay, clock, batches, weights)
                 configs.TUNED_V4.update(best)
