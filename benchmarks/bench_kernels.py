@@ -53,7 +53,8 @@ def _ensure_kernels_importable() -> None:
 
 _ensure_kernels_importable()
 
-from actsparse.kernels import GemvConfig, V3Config, V4Config, configs, override_config, ref, sparse_gated_mlp, sparse_gemv  # noqa: E402
+from actsparse.kernels import (GemvConfig, V3Config, V4Config, configs, override_config, pack_weight, ref,  # noqa: E402
+                               sparse_gated_mlp, sparse_gemv)
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from teal_style import teal_style_gemv  # noqa: E402
@@ -81,6 +82,7 @@ V4_GRID = {1: [(16, 512, 4, 1, 8), (16, 512, 4, 1, 4), (32, 256, 4, 1, 4), (64, 
 V5_GRID = {1: [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1), (32, 64, 4, 1), (64, 64, 4, 1), (64, 128, 4, 1),
                (128, 32, 4, 1), (128, 64, 8, 1), (16, 128, 4, 1, 2), (32, 128, 4, 1, 2)],
            4: [(32, 64, 4, 1), (32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 4, 1, 2)]}
+PACK_WIDTH = 32  # columns a strip of packed weights ("v5p")
 DEV = "cuda"
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
 if SMOKE:
@@ -188,6 +190,16 @@ class Layers:
             self.sets.append(dict(wqkv=wqkv, wo=wo, w13=w13, wd=wd, wqkv_t=wqkv.t().contiguous(),
                                   wo_t=wo.t().contiguous(), wg_t=w13[:INTER].t().contiguous(),
                                   wu_t=w13[INTER:].t().contiguous(), wd_t=wd.t().contiguous()))
+        self._packed: list[dict] | None = None
+
+    def for_impl(self, impl: str) -> tuple[list[dict], str]:
+        """The weight sets and kernel name for impl: "v5p" is v5 on weights packed in PACK_WIDTH-column strips."""
+        if not impl.endswith("p"):
+            return self.sets, impl
+        if self._packed is None:
+            self._packed = [{k: (pack_weight(v, PACK_WIDTH) if k.endswith("_t") else v) for k, v in s.items()}
+                            for s in self.sets]
+        return self._packed, impl[:-1]
 
 
 class Inputs:
@@ -229,11 +241,13 @@ class Inputs:
 
 
 def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
-    """Callables running each fused sparse op over all L weight copies (impl: auto, v2, v3, v4 or v5).
+    """Callables running each fused sparse op over all L weight copies (impl: auto, v2, v3, v4 or v5; a trailing
+    "p", e.g. "v5p": the same kernel on weights packed in strips, `pack_weight`).
 
     v5 runs as the engine does: gate|up writes h selected for down (out_thresh), so down reads it as is
     (thresh=None, no selection pass of its own); its op time is measured on h selected beforehand.
     """
+    sets, impl = lay.for_impl(impl)
     x, g, a, h = inp.x, inp.g, inp.a, inp.h
     sparse_gemv = _with_impl(_sparse_gemv, impl)
     sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl)
@@ -242,23 +256,23 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
         t_down = th["down"]
 
         def pair():
-            for s in lay.sets:
+            for s in sets:
                 sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5, out_thresh=t_down)
 
         def down():
-            for s in lay.sets:
+            for s in sets:
                 sparse_gemv(hs, s["wd_t"], None, residual=x)
 
         def qkv():
-            for s in lay.sets:
+            for s in sets:
                 sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
 
         def o():
-            for s in lay.sets:
+            for s in sets:
                 sparse_gemv(a, s["wo_t"], th["o"], residual=x)
 
         def block():
-            for s in lay.sets:
+            for s in sets:
                 sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
                 sparse_gemv(a, s["wo_t"], th["o"], residual=x)
                 h_s = sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5, out_thresh=t_down)
@@ -267,23 +281,23 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
         return {"qkv": qkv, "o": o, "pair": pair, "down": down, "block": block}
 
     def qkv():
-        for s in lay.sets:
+        for s in sets:
             sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
 
     def o():
-        for s in lay.sets:
+        for s in sets:
             sparse_gemv(a, s["wo_t"], th["o"], residual=x)
 
     def pair():
-        for s in lay.sets:
+        for s in sets:
             sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5)
 
     def down():
-        for s in lay.sets:
+        for s in sets:
             sparse_gemv(h, s["wd_t"], th["down"], residual=x)
 
     def block():
-        for s in lay.sets:
+        for s in sets:
             sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
             sparse_gemv(a, s["wo_t"], th["o"], residual=x)
             sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5)
@@ -294,7 +308,8 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
 
 def check_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
     """Relative error of each fused op against the torch reference on set 0 (outputs poisoned)."""
-    s, x, g = lay.sets[0], inp.x, inp.g
+    sets, impl = lay.for_impl(impl)
+    s, x, g = sets[0], inp.x, inp.g
     sparse_gemv = _with_impl(_sparse_gemv, impl, poison=True)
     sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, poison=True)
     out = {}
@@ -456,7 +471,7 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
             rows.append({**meta, "kind": "kernel", "method": f"cublas-{k}" if k.startswith("block") else "cublas",
                          "op": "block" if k.startswith("block") else k, "sparsity": 0.0, "batch": b,
                          "dtype": dtype_name, "us_per_block" if k.startswith("block") else "us": round(v, 2)})
-        impls = [i for i in SIDE_BY_SIDE if configs.MAX_BATCH[i] is None or b <= configs.MAX_BATCH[i]]
+        impls = [i for i in SIDE_BY_SIDE if configs.MAX_BATCH[i.rstrip("p")] is None or b <= configs.MAX_BATCH[i.rstrip("p")]]
         impls = impls if (len(impls) > 1 and dtype_name == "bf16") else []
         side: dict[str, dict[float, dict[str, float]]] = {i: {} for i in impls}
         for impl in impls:  # the kernels side by side, same run, same inputs
@@ -486,7 +501,9 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
             for op, (kind, k, n) in kinds.items():
                 tv = {i: sum(side[i][s][op] for s in served) for i in impls}
                 win = min(tv, key=tv.get)
-                configs.IMPL[(kind, k, n, configs.batch_bucket(b))] = win
+                # The auto dispatch reads [K, N] weights: packed variants ("v5p") are reported, not installed.
+                configs.IMPL[(kind, k, n, configs.batch_bucket(b))] = min((i for i in impls if not i.endswith("p")),
+                                                                          key=tv.get)
                 extra_impl[f"{op}|b{b}"] = win
             log(f"  per-op winner at b{b}: {extra_impl}")
         for s in SPARSITIES:

@@ -23,7 +23,7 @@ from .configs import GemvConfig, V3Config, V4Config, override_config, pick_confi
 from .gated_mlp import sparse_gated_mlp
 from .rmsnorm import add_rmsnorm, rmsnorm
 from .silu_mul import silu_mul
-from .sparse_gemv import sparse_gemv
+from .sparse_gemv import pack_weight, sparse_gemv
 
 __all__ = [
     "GemvConfig",
@@ -33,6 +33,7 @@ __all__ = [
     "cats_up",
     "decode_attention",
     "override_config",
+    "pack_weight",
     "pick_config",
     "poison_outputs",
     "rmsnorm",

@@ -114,7 +114,17 @@ TUNED_V4: dict[tuple[str, int, int, int], V4Config] = {}
 # (kind, K, N, batch bucket) -> GemvConfig of the v5 path: the selection pass (`select.py`) and then the v2
 # walk over the selected input (PRESEL: one load per chunk, no norm, no thresholds). Also used for inputs that
 # arrive already selected (thresh=None: the output of a producer's `out_thresh` epilogue).
-TUNED_V5: dict[tuple[str, int, int, int], GemvConfig] = {}
+# Batch 1: winners of `bench_kernels.py --tune-v5 --tune-weights 0:0,0.5:1,0.9:1 --tune-batches 1` on an H100 80GB
+# HBM3, bf16, Llama-3-8B shapes, 2026-11-23 (commit 8c8dab9); batch 4 takes the v2 table.
+TUNED_V5: dict[tuple[str, int, int, int], GemvConfig] = {
+    ("qkv", 4096, 6144, 1): GemvConfig(block_n=128, block_k=32, num_warps=4, num_stages=1, use_dot=False, split_k=11),
+    ("gemv", 4096, 4096, 1): GemvConfig(block_n=32, block_k=128, num_warps=4, num_stages=1, use_dot=False, split_k=4,
+                                        depth=2),
+    ("pair", 4096, 14336, 1): GemvConfig(block_n=32, block_k=128, num_warps=4, num_stages=1, use_dot=False,
+                                         split_k=4),
+    ("gemv", 14336, 4096, 1): GemvConfig(block_n=32, block_k=128, num_warps=4, num_stages=1, use_dot=False,
+                                         split_k=4, depth=2),
+}
 
 _override: GemvConfig | None = None
 _override_v5: GemvConfig | None = None

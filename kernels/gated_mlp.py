@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .configs import choose_impl
-from .sparse_gemv import _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm
+from .sparse_gemv import _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm, wshape
 
 
 @torch.library.custom_op("actsparse::sparse_gated_mlp", mutates_args=())
@@ -29,7 +29,7 @@ def _sparse_gated_mlp_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Te
 @_sparse_gated_mlp_op.register_fake
 def _(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, eps, nm_n, nm_m, impl="auto", out_thresh=None,
       out_shift=None):
-    return x.new_empty((x.shape[0], wt_gate.shape[1]))
+    return x.new_empty((x.shape[0], wshape(wt_gate)[1]))
 
 
 def sparse_gated_mlp(
@@ -62,7 +62,7 @@ def sparse_gated_mlp(
     if wt_gate.shape != wt_up.shape or wt_gate.stride() != wt_up.stride():
         raise ValueError(f"wt_gate and wt_up must have the same shape and strides, got "
                          f"{tuple(wt_gate.shape)}/{wt_gate.stride()} and {tuple(wt_up.shape)}/{wt_up.stride()}")
-    k, n = wt_gate.shape
+    k, n = wshape(wt_gate)
     if thresh is None:
         _check_presel(shift, norm_weight, nm)
     else:

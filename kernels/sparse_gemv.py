@@ -219,7 +219,7 @@ def _sparse_gemv_kernel(
     x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, to_ptr, mo_ptr,
     B, K, N, N0, N1, K_SPLIT,
     stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb, stride_xs, stride_to,
-    eps,
+    PACK_W, stride_wp, eps,
     PRESEL: tl.constexpr, OUT_SEL: tl.constexpr, OUT_SHIFT: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
@@ -241,6 +241,12 @@ def _sparse_gemv_kernel(
     # x [S, B, K]: with PRESEL one selected copy per segment (q / k / v, or gate / up), else stride_xs = 0.
     x_rows = x_ptr + seg * stride_xs + offs_b[:, None] * stride_xb
     x_rows2 = x_ptr + stride_xs + offs_b[:, None] * stride_xb
+    # Weights [K, N] (PACK_W = N, stride_wp = 0) or packed [N / PACK_W, K, PACK_W]: column n of row k at
+    # (n // PACK_W)·stride_wp + k·stride_wk + n % PACK_W. The strip lies in one pack; shift the base so that
+    # `base + k·stride_wk + n` addresses it either way.
+    w_shift = (n_start // PACK_W) * stride_wp + (n_start % PACK_W) - n_start
+    w_ptr += w_shift
+    w2_ptr += w_shift
 
     rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
     if NORM:  # every program needs the row norms
@@ -356,16 +362,36 @@ def _as_rows(t: torch.Tensor, nseg: int, k: int, name: str) -> torch.Tensor:
 def _check_common(x: torch.Tensor, wt: torch.Tensor, name: str = "wt") -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [batch, in_features], got shape {tuple(x.shape)}")
-    if wt.dim() != 2 or wt.shape[0] != x.shape[1]:
+    if wt.dim() == 3:  # packed [N / W, K, W] (pack_weight)
+        if wt.shape[1] != x.shape[1] or not wt.is_contiguous() or wt.shape[2] < 16 or wt.shape[2] & (wt.shape[2] - 1):
+            raise ValueError(f"a packed {name} must be contiguous [out_features / W, in_features={x.shape[1]}, W] with "
+                             f"W a power of two ≥ 16 (pack_weight), got shape {tuple(wt.shape)}")
+    elif wt.dim() != 2 or wt.shape[0] != x.shape[1]:
         raise ValueError(f"{name} must be the transposed weight [in_features={x.shape[1]}, out_features], "
                          f"got shape {tuple(wt.shape)}; pass weight.t().contiguous()")
-    if wt.stride(1) != 1:
+    elif wt.stride(1) != 1:
         raise ValueError(f"{name} must be row-major [in, out] (stride(1) == 1), got strides {wt.stride()}; "
                          "pass weight.t().contiguous()")
     if x.stride(1) != 1:
         raise ValueError(f"x must be contiguous along in_features, got strides {x.stride()}")
     if x.device != wt.device:
         raise ValueError(f"x is on {x.device} but {name} is on {wt.device}")
+
+
+def wshape(wt: torch.Tensor) -> tuple[int, int]:
+    """(in_features K, out_features N) of a transposed weight [K, N] or a packed one [N / W, K, W]."""
+    if wt.dim() == 3:
+        return wt.shape[1], wt.shape[0] * wt.shape[2]
+    return wt.shape[0], wt.shape[1]
+
+
+def pack_weight(wt: torch.Tensor, width: int = 32) -> torch.Tensor:
+    """Return W^T [K, N] repacked as [N / width, K, width]: each strip of `width` output columns is one contiguous
+    block, so the kept rows of a strip lie close together in memory (DRAM pages stay open across them)."""
+    k, n = wt.shape
+    if width < 16 or width & (width - 1) or n % width:
+        raise ValueError(f"width must be a power of two ≥ 16 dividing out_features={n}, got {width}")
+    return wt.reshape(k, n // width, width).permute(1, 0, 2).contiguous()
 
 
 def _fit_block_n(block_n: int, bounds: Sequence[int]) -> int:
@@ -381,14 +407,14 @@ def _launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bou
     """The arguments every sparse-GEMV kernel (v2, v3, v4) takes alike: the leading pointers (an unused one
     points at y and is never read: its constexpr flag is off), the q/k/v segment boundaries, the strides and
     the feature flags."""
-    k, n = wt.shape
+    k, n = wshape(wt)
     dummy = y
     ptrs = (x, norm_weight if norm_weight is not None else dummy, thresh, shift if shift is not None else dummy,
             wt, w2 if w2 is not None else wt, bias if bias is not None else dummy,
             residual if residual is not None else dummy, y)
     n01 = (bounds[0] if len(bounds) > 0 else n, bounds[1] if len(bounds) > 1 else n)
     strides = (x.stride(0), thresh.stride(0), thresh.stride(1), shift.stride(0) if shift is not None else 0,
-               wt.stride(0), bias.stride(0) if (bias is not None and bias.dim() == 2) else 0,
+               wt.stride(-2), bias.stride(0) if (bias is not None and bias.dim() == 2) else 0,
                residual.stride(0) if residual is not None else 0, y.stride(0))
     # One or two wide loads per row for the norm prologue, within a register budget.
     norm_block = min(triton.next_power_of_2(k), max(1024, 4096 // block_b))
@@ -414,9 +440,11 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
     """Run one sparse GEMV (or gate/up pair). thresh None: x is already selected (its zeros are skipped).
     out_thresh / out_shift: float32 [N] selection applied to the output for the next GEMV."""
     b, k = x.shape
-    n = wt.shape[1]
+    n = wshape(wt)[1]
     presel = thresh is None
     which, cfg = choose_impl(kind, k, n, b, impl, presel=presel, out_sel=out_thresh is not None)
+    if wt.dim() == 3 and which in ("v3", "v4"):
+        raise ValueError(f"the {which} kernel reads [K, N] weights, not packed ones; use impl='v5', 'v2' or 'auto'")
     if which == "v3":
         from .sparse_gemv_v3 import launch_v3
 
@@ -436,7 +464,8 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
         thresh, shift, norm_weight, nm_n, nm_m = None, None, None, 0, 0
     use_dot = cfg.use_dot or b > FMA_MAX_BATCH
     block_b = 16 if use_dot else triton.next_power_of_2(b)
-    block_n = _fit_block_n(cfg.block_n, bounds) if bounds else cfg.block_n
+    block_n = cfg.block_n if wt.dim() == 2 else min(cfg.block_n, wt.shape[2])  # a strip lies in one pack
+    block_n = _fit_block_n(block_n, bounds) if bounds else block_n
     block_k = cfg.block_k
     if nm_n > 0 and block_k % nm_m:
         block_k = max(nm_m, block_k // nm_m * nm_m)
@@ -451,7 +480,7 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
     compiled = _sparse_gemv_kernel[(tiles_n, split, tiles_b)](
         *ptrs, ws, cnt, out_thresh if out_thresh is not None else y, out_shift if out_shift is not None else y,
         b, k, n, n0, n1, k_split, *strides, stride_xs, out_thresh.stride(0) if out_thresh is not None else 0,
-        eps, PRESEL=presel, OUT_SEL=out_thresh is not None, OUT_SHIFT=out_shift is not None, **flags,
+        wt.shape[2] if wt.dim() == 3 else n, wt.stride(0) if wt.dim() == 3 else 0, eps, PRESEL=presel, OUT_SEL=out_thresh is not None, OUT_SHIFT=out_shift is not None, **flags,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, SPLIT=split > 1, DEPTH=cfg.depth,
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -474,7 +503,7 @@ def _sparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresh: Optional[torch.Te
 @_sparse_gemv_op.register_fake
 def _(x, wt, thresh, shift, bias, residual, norm_weight, eps, act, segments, nm_n, nm_m, impl="auto",
       out_thresh=None, out_shift=None):
-    return x.new_empty((x.shape[0], wt.shape[1]))
+    return x.new_empty((x.shape[0], wshape(wt)[1]))
 
 
 def _check_presel(shift, norm_weight, nm) -> None:
@@ -529,7 +558,7 @@ def sparse_gemv(
 ) -> torch.Tensor:
     """Return y [B, N] = act(W·x_s + bias) + residual, with x_s = (x̂ − m)⊙1[|x̂ − m| > t] and x̂ = rmsnorm(x) or x.
 
-    x: [B, K]; wt: W^T [K, N] row-major; thresh: float32 [S] or [S, K] (S = len(segments) + 1, one row
+    x: [B, K]; wt: W^T [K, N] row-major, or packed [N / W, K, W] (`pack_weight`; v2 / v5 kernels); thresh: float32 [S] or [S, K] (S = len(segments) + 1, one row
     per output-column segment, e.g. q/k/v); shift: [S, K]; bias: [N]; residual: [B, N];
     norm_weight: [K] RMSNorm weight applied to x first; nm=(N, M) keeps the top N of every M
     consecutive channels instead of thresholding. thresh=None: x is already selected (x_s = x, its
@@ -541,7 +570,7 @@ def sparse_gemv(
     batch) or "auto" (the fastest one measured for the shape).
     """
     _check_common(x, wt)
-    k, n = wt.shape
+    k, n = wshape(wt)
     bounds = [int(s) for s in segments]
     if len(bounds) > 2 or any(not (0 < s < n) for s in bounds) or bounds != sorted(bounds):
         raise ValueError(f"segments must be at most 2 increasing column boundaries inside (0, {n}), got {bounds}")
