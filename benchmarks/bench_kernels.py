@@ -309,25 +309,25 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
 def check_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
     """Relative error of each fused op against the torch reference on set 0 (outputs poisoned)."""
     sets, impl = lay.for_impl(impl)
-    s, x, g = sets[0], inp.x, inp.g
+    s, r, x, g = sets[0], lay.sets[0], inp.x, inp.g  # r: the [K, N] weights for the references
     sparse_gemv = _with_impl(_sparse_gemv, impl, poison=True)
     sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, poison=True)
     out = {}
     out["qkv"] = rel(sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)),
-                     ref.sparse_gemv_ref(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)))
+                     ref.sparse_gemv_ref(x, r["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)))
     out["o"] = rel(sparse_gemv(inp.a, s["wo_t"], th["o"], residual=x),
-                   ref.sparse_gemv_ref(inp.a, s["wo_t"], th["o"], residual=x))
+                   ref.sparse_gemv_ref(inp.a, r["wo_t"], th["o"], residual=x))
     out["pair"] = rel(sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5),
-                      ref.sparse_gated_mlp_ref(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5))
+                      ref.sparse_gated_mlp_ref(x, r["wg_t"], r["wu_t"], th["pair"], norm_weight=g, eps=1e-5))
     out["down"] = rel(sparse_gemv(inp.h, s["wd_t"], th["down"], residual=x),
-                      ref.sparse_gemv_ref(inp.h, s["wd_t"], th["down"], residual=x))
+                      ref.sparse_gemv_ref(inp.h, r["wd_t"], th["down"], residual=x))
     if impl == "v5":  # the engine's fused flow: gate|up selects h for down, down reads it as is
         kw = dict(norm_weight=g, eps=1e-5, out_thresh=th["down"])
         out["pair_sel"] = rel(sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], **kw),
-                              ref.sparse_gated_mlp_ref(x, s["wg_t"], s["wu_t"], th["pair"], **kw))
+                              ref.sparse_gated_mlp_ref(x, r["wg_t"], r["wu_t"], th["pair"], **kw))
         hs = ref.sparsify_ref(inp.h, th["down"].to(inp.h.dtype))
         out["down_presel"] = rel(sparse_gemv(hs, s["wd_t"], None, residual=x),
-                                 ref.sparse_gemv_ref(hs, s["wd_t"], None, residual=x))
+                                 ref.sparse_gemv_ref(hs, r["wd_t"], None, residual=x))
     return out
 
 

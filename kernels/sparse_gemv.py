@@ -219,8 +219,8 @@ def _sparse_gemv_kernel(
     x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, to_ptr, mo_ptr,
     B, K, N, N0, N1, K_SPLIT,
     stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb, stride_xs, stride_to,
-    PACK_W, stride_wp, eps,
-    PRESEL: tl.constexpr, OUT_SEL: tl.constexpr, OUT_SHIFT: tl.constexpr,
+    stride_wp, eps,
+    PRESEL: tl.constexpr, OUT_SEL: tl.constexpr, OUT_SHIFT: tl.constexpr, PACK_W: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, DEPTH: tl.constexpr,
@@ -241,12 +241,13 @@ def _sparse_gemv_kernel(
     # x [S, B, K]: with PRESEL one selected copy per segment (q / k / v, or gate / up), else stride_xs = 0.
     x_rows = x_ptr + seg * stride_xs + offs_b[:, None] * stride_xb
     x_rows2 = x_ptr + stride_xs + offs_b[:, None] * stride_xb
-    # Weights [K, N] (PACK_W = N, stride_wp = 0) or packed [N / PACK_W, K, PACK_W]: column n of row k at
-    # (n // PACK_W)·stride_wp + k·stride_wk + n % PACK_W. The strip lies in one pack; shift the base so that
-    # `base + k·stride_wk + n` addresses it either way.
-    w_shift = (n_start // PACK_W) * stride_wp + (n_start % PACK_W) - n_start
-    w_ptr += w_shift
-    w2_ptr += w_shift
+    if PACK_W > 0:
+        # Packed weights [N / PACK_W, K, PACK_W]: column n of row k at (n // PACK_W)·stride_wp + k·PACK_W + n % PACK_W.
+        # The strip lies in one pack; shift the base so that `base + k·stride_wk + n` addresses it. The shift,
+        # pack·(stride_wp − PACK_W), is a multiple of PACK_W ≥ 16: say so, or the loads lose their 16-byte width.
+        w_shift = tl.multiple_of((n_start // PACK_W) * (stride_wp - PACK_W), 16)
+        w_ptr += w_shift
+        w2_ptr += w_shift
 
     rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
     if NORM:  # every program needs the row norms
@@ -480,7 +481,8 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
     compiled = _sparse_gemv_kernel[(tiles_n, split, tiles_b)](
         *ptrs, ws, cnt, out_thresh if out_thresh is not None else y, out_shift if out_shift is not None else y,
         b, k, n, n0, n1, k_split, *strides, stride_xs, out_thresh.stride(0) if out_thresh is not None else 0,
-        wt.shape[2] if wt.dim() == 3 else n, wt.stride(0) if wt.dim() == 3 else 0, eps, PRESEL=presel, OUT_SEL=out_thresh is not None, OUT_SHIFT=out_shift is not None, **flags,
+        wt.stride(0) if wt.dim() == 3 else 0, eps, PRESEL=presel, OUT_SEL=out_thresh is not None,
+        OUT_SHIFT=out_shift is not None, PACK_W=wt.shape[2] if wt.dim() == 3 else 0, **flags,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, SPLIT=split > 1, DEPTH=cfg.depth,
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
