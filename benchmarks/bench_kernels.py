@@ -82,6 +82,11 @@ V4_GRID = {1: [(16, 512, 4, 1, 8), (16, 512, 4, 1, 4), (32, 256, 4, 1, 4), (64, 
 V5_GRID = {1: [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1), (32, 64, 4, 1), (64, 64, 4, 1), (64, 128, 4, 1),
                (128, 32, 4, 1), (128, 64, 8, 1), (16, 128, 4, 1, 2), (32, 128, 4, 1, 2)],
            4: [(32, 64, 4, 1), (32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 4, 1, 2)]}
+# v6 (compaction pass + v3 gather walk): V3Config (block_n, seg_k, block_k, num_warps)
+V6_GRID = {1: [(64, 512, 128, 4), (64, 1024, 128, 4), (64, 512, 64, 4), (32, 512, 64, 4), (128, 512, 64, 8),
+               (64, 1024, 64, 4), (64, 256, 64, 4), (128, 1024, 128, 8), (32, 1024, 128, 4), (64, 2048, 128, 4),
+               (32, 256, 32, 4), (64, 256, 32, 4)],
+           4: [(64, 512, 32, 4), (64, 256, 32, 4), (32, 512, 32, 4)]}
 PACK_WIDTH = 32  # columns a strip of packed weights ("v5p")
 DEV = "cuda"
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
@@ -93,6 +98,7 @@ if SMOKE:
     V3_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4)], 4: [(32, 32, 8, 4)]}
     V4_GRID = {1: [(16, 32, 4, 1, 1), (32, 64, 4, 2, 2)], 4: [(16, 32, 4, 1, 1)]}
     V5_GRID = {1: [(32, 32, 4, 1), (16, 16, 4, 1, 2)], 4: [(32, 32, 4, 1)]}
+    V6_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4)], 4: [(32, 32, 8, 4)]}
 
 
 class Clock:
@@ -410,7 +416,7 @@ def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl:
                     break
                 try:
                     configs.COMPILED.clear()
-                    with override_config(cfg, impl="v5" if impl == "v5" else "v2"):
+                    with override_config(cfg, impl=impl if impl in ("v5", "v6") else "v2"):
                         err = check_ops(lay, inp, ths[0.5], impl)[op]
                         if not err < 2e-2:
                             log(f"  {tag} {op} b{b} {cfg}: WRONG rel err {err}")
@@ -452,6 +458,11 @@ def tune_v4(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = No
 def tune_v5(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
     """The v5 sweep over V5_GRID (see _sweep): down is timed on an already-selected input, as the engine runs it."""
     return _sweep(lay, clock, batches, weights, lambda b, k, n: _v2_grid(b, k, n, V5_GRID, {}), "v5", 0.35)
+
+
+def tune_v6(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
+    """The v6 sweep over V6_GRID (see _sweep)."""
+    return _sweep(lay, clock, batches, weights, lambda b, k, n: [V3Config(*c) for c in V6_GRID[b]], "v6", 0.3)
 
 
 # ---------------------------------------------------------------------- kernel microbenchmark
@@ -644,6 +655,8 @@ def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
     if extra.get("tuned_v2"):
         out.append(f"Tuned v2 configs this run (objective weights per sparsity {extra.get('tune_weights')}): "
                    + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v2"].items()) + "\n")
+    if extra.get("tuned_v6"):
+        out.append("Tuned v6 configs this run: " + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v6"].items()) + "\n")
     if extra.get("tuned_v5"):
         out.append("Tuned v5 configs this run: " + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v5"].items()) + "\n")
     if extra.get("tuned_v4"):
@@ -721,6 +734,7 @@ def main() -> None:
     ap.add_argument("--tune-v3", action="store_true", help="sweep v3 launch configs first and use the winners")
     ap.add_argument("--tune-v4", action="store_true", help="sweep v4 launch configs first and use the winners")
     ap.add_argument("--tune-v5", action="store_true", help="sweep v5 launch configs first and use the winners")
+    ap.add_argument("--tune-v6", action="store_true", help="sweep v6 launch configs first and use the winners")
     ap.add_argument("--impls", default="v2,v5", help="kernels timed side by side (default: %(default)s)")
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
                     help="weight of each sparsity in the v2 tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
@@ -771,6 +785,12 @@ def main() -> None:
                 tuned["v5"] = {"weights": weights, "best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()},
                                "rows": trows}
                 extra["tuned_v5"] = tuned["v5"]["best"]
+            if args.tune_v6:
+                best, trows = tune_v6(lay, clock, batches, weights)
+                configs.TUNED_V6.update(best)
+                tuned["v6"] = {"weights": weights, "best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()},
+                               "rows": trows}
+                extra["tuned_v6"] = tuned["v6"]["best"]
             if args.tune_v4:
                 best, trows = tune_v4(lay, clock, batches, weights)
                 configs.TUNED_V4.update(best)

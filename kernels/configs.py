@@ -126,8 +126,13 @@ TUNED_V5: dict[tuple[str, int, int, int], GemvConfig] = {
                                          split_k=4, depth=2),
 }
 
+# (kind, K, N, batch bucket) -> V3Config of the v6 path: a compaction pass writes each K slice's list of kept
+# channels once, then the v3 walk gathers the active weight rows (work ∝ active rows, no per-program selection).
+TUNED_V6: dict[tuple[str, int, int, int], V3Config] = {}
+
 _override: GemvConfig | None = None
 _override_v5: GemvConfig | None = None
+_override_v3_impl = "v3"
 _override_v3: V3Config | None = None
 _override_v4: V4Config | None = None
 
@@ -208,12 +213,15 @@ def pick_config(kind: str, k: int, n: int, b: int) -> GemvConfig:
 @contextlib.contextmanager
 def override_config(cfg: GemvConfig | V3Config | V4Config | None, impl: str = "v2") -> Iterator[None]:
     """Force every sparse GEMV launch inside the block to use `cfg`: a GemvConfig forces the v2 kernel
-    (or, with impl="v5", the selection pass + v2 walk), a V3Config the v3 kernel, a V4Config the v4 kernel
+    (or, with impl="v5", the selection pass + v2 walk), a V3Config the v3 kernel (impl="v6": the compaction
+    pass + v3 walk), a V4Config the v4 kernel
     (tests and the tuning sweep); batches the forced kernel cannot run take v2."""
-    global _override, _override_v3, _override_v4, _override_v5
-    if impl not in ("v2", "v5"):
-        raise ValueError(f"override_config: impl must be 'v2' or 'v5' (a GemvConfig's kernels), got {impl!r}")
-    old = (_override, _override_v3, _override_v4, _override_v5)
+    global _override, _override_v3, _override_v4, _override_v5, _override_v3_impl
+    if impl not in ("v2", "v5", "v3", "v6"):
+        raise ValueError(f"override_config: impl must be 'v2' or 'v5' (a GemvConfig's kernels) or 'v3' or 'v6' "
+                         f"(a V3Config's), got {impl!r}")
+    old = (_override, _override_v3, _override_v4, _override_v5, _override_v3_impl)
+    _override_v3_impl = impl if impl in ("v3", "v6") else "v3"
     gemv = cfg if isinstance(cfg, GemvConfig) else None
     _override = gemv if impl == "v2" else None
     _override_v5 = gemv if impl == "v5" else None
@@ -222,7 +230,7 @@ def override_config(cfg: GemvConfig | V3Config | V4Config | None, impl: str = "v
     try:
         yield
     finally:
-        _override, _override_v3, _override_v4, _override_v5 = old
+        _override, _override_v3, _override_v4, _override_v5, _override_v3_impl = old
 
 
 def default_v3_config(kind: str, k: int, n: int, b: int) -> V3Config:
@@ -236,8 +244,8 @@ def default_v4_config(kind: str, k: int, n: int, b: int) -> V4Config:
     return V4Config(seg_k=512 if b == 1 else (256 if b == 2 else 128))
 
 
-IMPLS = ("v2", "v3", "v4", "v5")
-MAX_BATCH = {"v2": None, "v3": V3_MAX_BATCH, "v4": V4_MAX_BATCH, "v5": None}
+IMPLS = ("v2", "v3", "v4", "v5", "v6")
+MAX_BATCH = {"v2": None, "v3": V3_MAX_BATCH, "v4": V4_MAX_BATCH, "v5": None, "v6": V3_MAX_BATCH}
 
 
 def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, presel: bool = False,
@@ -250,8 +258,8 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, presel
     run on the v2 kernel only: v5 (or v2 with its own table when asked for explicitly).
     """
     if impl not in ("auto",) + IMPLS:
-        raise ValueError(f"impl must be 'auto', 'v2', 'v3', 'v4' or 'v5', got {impl!r}")
-    if (presel or out_sel) and impl in ("v3", "v4"):
+        raise ValueError(f"impl must be 'auto', 'v2', 'v3', 'v4', 'v5' or 'v6', got {impl!r}")
+    if (presel or out_sel) and impl in ("v3", "v4", "v6"):
         raise ValueError(f"the {impl} kernel cannot take an already-selected input (thresh=None) or select its "
                          "output (out_thresh); use impl='v5', 'v2' or 'auto'")
     if impl == "auto":
@@ -260,14 +268,14 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, presel
         elif _override_v5 is not None:
             impl = "v5"
         elif _override_v3 is not None and not (presel or out_sel):
-            impl = "v3"
+            impl = "v6" if _override_v3_impl == "v6" else "v3"
         elif _override_v4 is not None and not (presel or out_sel):
             impl = "v4"
         elif presel:
             impl = "v5"
         else:
             impl = IMPL.get((kind, k, n, batch_bucket(b)), DEFAULT_IMPL)
-            if out_sel and impl in ("v3", "v4"):
+            if out_sel and impl in ("v3", "v4", "v6"):
                 impl = "v2"
         cap = MAX_BATCH[impl]
         if cap is not None and b > cap:
@@ -281,6 +289,8 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, presel
                       or default_config(kind, k, n, b))
     if impl == "v3":
         return "v3", _override_v3 or TUNED_V3.get(key) or default_v3_config(kind, k, n, b)
+    if impl == "v6":
+        return "v6", _override_v3 or TUNED_V6.get(key) or TUNED_V3.get(key) or default_v3_config(kind, k, n, b)
     if impl == "v4":
         return "v4", _override_v4 or TUNED_V4.get(key) or default_v4_config(kind, k, n, b)
     return "v2", pick_config(kind, k, n, b)

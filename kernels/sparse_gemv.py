@@ -444,12 +444,13 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
     n = wshape(wt)[1]
     presel = thresh is None
     which, cfg = choose_impl(kind, k, n, b, impl, presel=presel, out_sel=out_thresh is not None)
-    if wt.dim() == 3 and which in ("v3", "v4"):
+    if wt.dim() == 3 and which in ("v3", "v4", "v6"):
         raise ValueError(f"the {which} kernel reads [K, N] weights, not packed ones; use impl='v5', 'v2' or 'auto'")
-    if which == "v3":
+    if which in ("v3", "v6"):
         from .sparse_gemv_v3 import launch_v3
 
-        return launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, cfg)
+        return launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, cfg,
+                         prelist=which == "v6")
     if which == "v4":
         from .sparse_gemv_v4 import launch_v4
 

@@ -33,14 +33,59 @@ from .sparse_gemv import _epilogue, _fit_block_n, _launch_args, _row_rstd, _sele
 
 
 @triton.jit
+def _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_base, val_base, sel, pid_k, offs_b, mask_b, K,
+                   stride_xb, stride_ts, stride_tk, stride_ms, eps,
+                   NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
+                   NM_M: tl.constexpr, BLOCK_B: tl.constexpr, SEG_K: tl.constexpr):
+    """Select the SEG_K slice pid_k of x with threshold row `sel` and compact its kept channels (the batch union):
+    indices to idx_base[0:count], values [BLOCK_B, count] to val_base; return count."""
+    x_rows = x_ptr + offs_b[:, None] * stride_xb
+    rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
+    if NORM:
+        rstd = _row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
+    offs_k = pid_k * SEG_K + tl.arange(0, SEG_K)
+    mask_k = offs_k < K
+    xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    if NORM:
+        gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        xv = xv * rstd[:, None] * gv[None, :]
+    xs, rows = _select(xv, t_ptr + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b, stride_tk,
+                       HAS_SHIFT, NM_N, NM_M, BLOCK_B, SEG_K)
+    keep = rows.to(tl.int32)
+    pos = tl.cumsum(keep, axis=0) - 1
+    kept = keep != 0
+    tl.store(idx_base + pos, offs_k, mask=kept)
+    tl.store(val_base + pos[None, :], xs, mask=kept[None, :] & mask_b[:, None])
+    return tl.sum(keep, axis=0)
+
+
+@triton.jit
+def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, B, K,
+                    stride_xb, stride_ts, stride_tk, stride_ms, eps,
+                    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
+                    NM_M: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr, SEG_K: tl.constexpr):
+    """The v6 compaction pass: one program per (K slice, threshold row) writes the list the v3 walk reads."""
+    pid_k = tl.program_id(0)
+    sel = tl.program_id(1)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    slot = sel * GROUPS + pid_k
+    count = _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr + slot * SEG_K,
+                           val_ptr + slot * (BLOCK_B * SEG_K) + offs_b[:, None] * SEG_K, sel, pid_k, offs_b, mask_b,
+                           K, stride_xb, stride_ts, stride_tk, stride_ms, eps, NORM, NORM_BLOCK, HAS_SHIFT, NM_N,
+                           NM_M, BLOCK_B, SEG_K)
+    tl.store(count_ptr + slot, count)
+
+
+@triton.jit
 def _v3_kernel(
-    x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, val_ptr,
+    x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, val_ptr, count_ptr,
     B, K, N, N0, N1,
     stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb,
     eps,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
-    GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr,
+    GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr, PRELIST: tl.constexpr,
     BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -48,38 +93,21 @@ def _v3_kernel(
     pid_m = tl.program_id(2)
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
-    x_rows = x_ptr + offs_b[:, None] * stride_xb
-
-    rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
-    if NORM:
-        rstd = _row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
-
     n_start = pid_n * BLOCK_N
     if PAIR:
         sel = pid_m  # gate / up thresholds
     else:
         sel = (n_start >= N0).to(tl.int32) + (n_start >= N1).to(tl.int32)  # q / k / v segment
-    t_row = t_ptr + sel * stride_ts
-    m_row = m_ptr + sel * stride_ms
-
-    # ---- select and compact this K slice: [SEG_K] -> count kept channels, their indices and values
-    offs_k = pid_k * SEG_K + tl.arange(0, SEG_K)
-    mask_k = offs_k < K
-    xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-    if NORM:
-        gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xv = xv * rstd[:, None] * gv[None, :]
-    xs, rows = _select(xv, t_row, m_row, offs_k, mask_k, mask_b, stride_tk, HAS_SHIFT, NM_N, NM_M, BLOCK_B, SEG_K)
-    keep = rows.to(tl.int32)
-    pos = tl.cumsum(keep, axis=0) - 1
-    count = tl.sum(keep, axis=0)
     slot = sel * GROUPS + pid_k
     idx_base = idx_ptr + slot * SEG_K
     val_base = val_ptr + slot * (BLOCK_B * SEG_K) + offs_b[:, None] * SEG_K
-    kept = keep != 0
-    tl.store(idx_base + pos, offs_k, mask=kept)
-    tl.store(val_base + pos[None, :], xs, mask=kept[None, :] & mask_b[:, None])
-    tl.debug_barrier()  # the list is complete (and visible to every thread of the program) before it is read
+    if PRELIST:  # the compaction pass (select.compact) wrote this slice's list
+        count = tl.load(count_ptr + slot)
+    else:
+        count = _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_base, val_base, sel, pid_k, offs_b, mask_b, K,
+                               stride_xb, stride_ts, stride_tk, stride_ms, eps, NORM, NORM_BLOCK, HAS_SHIFT, NM_N,
+                               NM_M, BLOCK_B, SEG_K)
+        tl.debug_barrier()  # the list is complete (and visible to every thread of the program) before it is read
 
     # ---- gather the active rows of the strip, BLOCK_K at a time; the next indices load meanwhile
     if pid_m == 0:
@@ -136,8 +164,11 @@ def _v3_kernel(
 
 
 def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,
-              cfg: V3Config) -> torch.Tensor:
-    """Run the v3 kernel (arguments already validated by the public op); return y [B, N]."""
+              cfg: V3Config, prelist: bool = False) -> torch.Tensor:
+    """Run the v3 kernel (arguments already validated by the public op); return y [B, N].
+
+    prelist (the v6 path): a compaction pass (one program per K slice and threshold row) writes the lists
+    first, so the walk's programs neither normalise, select nor compact: they load their slice's count."""
     b, k = x.shape
     n = wt.shape[1]
     block_b = triton.next_power_of_2(b)
@@ -156,11 +187,18 @@ def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
     # Compacted lists: one per (selection row, K slice); indices int32 and values fp32 per batch row.
     idx = torch.empty(nsel * groups * seg_k, device=x.device, dtype=torch.int32)
     val = torch.empty(nsel * groups * block_b * seg_k, device=x.device, dtype=torch.float32)
+    count = torch.empty(nsel * groups, device=x.device, dtype=torch.int32)
     ptrs, (n0, n1), strides, flags = _launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
                                                   nm_n, nm_m, y, block_b)
+    if prelist:
+        xp, gp, tp, mp = ptrs[:4]
+        _compact_kernel[(groups, nsel)](
+            xp, gp, tp, mp, idx, val, count, b, k, *strides[:4], eps, NORM=flags["NORM"],
+            NORM_BLOCK=flags["NORM_BLOCK"], HAS_SHIFT=flags["HAS_SHIFT"], NM_N=flags["NM_N"], NM_M=flags["NM_M"],
+            GROUPS=groups, BLOCK_B=block_b, SEG_K=seg_k, num_warps=4)
     compiled = _v3_kernel[(tiles_n, groups, mats)](
-        *ptrs, ws, cnt, idx, val, b, k, n, n0, n1, *strides, eps, **flags,
-        GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split,
+        *ptrs, ws, cnt, idx, val, count, b, k, n, n0, n1, *strides, eps, **flags,
+        GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split, PRELIST=prelist,
         BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=1,
     )
