@@ -61,12 +61,14 @@ V4_MAX_BATCH = 4  # x_s · tile is reduced over K every step: batch × SEG_K × 
 # and sparsity (0.3–0.9×, BENCHMARKS.md), so v2 runs everywhere; shapes not listed also take v2.
 # v4 (slice-stationary selection, columns streamed) lost too (0.57–0.91× of v2 at batch 1, commit 51cce96).
 # v3 and v4 stay available (impl="v3" / "v4") for further work.
+# v6 (a compaction pass, then the v3 gather walk; commit 91ae6ff) beat v2 and v5 for every op at batch 1 and 4:
+# block 122.3 vs 146.0 µs (v2) at 50% and 52.3 vs 118.3 at 90%, batch 1.
 IMPL: dict[tuple[str, int, int, int], str] = {
-    (kind, k, n, b): "v2"
+    (kind, k, n, b): "v6"
     for kind, k, n in (("qkv", 4096, 6144), ("gemv", 4096, 4096), ("pair", 4096, 14336), ("gemv", 14336, 4096))
     for b in (1, 4)
 }
-DEFAULT_IMPL = "v2"
+DEFAULT_IMPL = "v6"  # batches over V3_MAX_BATCH take v2
 
 # (kind, K, N, batch bucket) -> V3Config, winners of the on-device v3 sweep.
 # The v3 sweep's winners on the H100 (2026-11-23): BLOCK_K = 128 at batch 1, (seg 256, BLOCK_K 32) at 4.
@@ -103,9 +105,10 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
 # per-op speedups). At batch 4 the kernels lost at every sparsity tried (up to 0.9), so every op
 # falls back; batch 2 was not measured and takes batch 4's (conservative) entry.
 # Re-measured 2026-11-23 in the v2-vs-v3 run (v2 kernels): q|k|v 0.403, gate|up 0.202.
+# v6 crossovers from the 91ae6ff run (batch 4: skipped-row fraction of the batch union).
 MEASURED_CROSSOVER: dict[int, dict[str, float]] = {
-    1: {"qkv": 0.167, "o": 0.0, "gu": 0.217, "down": 0.035},   # the 06c50c1 run, with the batch-1 configs above
-    4: {"qkv": 1.0, "o": 1.0, "gu": 1.0, "down": 1.0},
+    1: {"qkv": 0.393, "o": 0.012, "gu": 0.202, "down": 0.146},
+    4: {"qkv": 0.85, "o": 0.72, "gu": 0.685, "down": 0.633},
 }
 
 # (kind, K, N, batch bucket) -> V4Config, winners of the on-device v4 sweep.
@@ -128,7 +131,15 @@ TUNED_V5: dict[tuple[str, int, int, int], GemvConfig] = {
 
 # (kind, K, N, batch bucket) -> V3Config of the v6 path: a compaction pass writes each K slice's list of kept
 # channels once, then the v3 walk gathers the active weight rows (work ∝ active rows, no per-program selection).
-TUNED_V6: dict[tuple[str, int, int, int], V3Config] = {}
+# Batch 1: winners of `bench_kernels.py --tune-v6 --tune-weights 0:0,0.5:1,0.9:1 --tune-batches 1` on an H100 80GB
+# HBM3, bf16, Llama-3-8B shapes, 2026-11-23 (commit 91ae6ff): 128 gathered rows a step and long K slices win
+# (64-row steps cost 2-4x); batch 4 takes TUNED_V3's entry.
+TUNED_V6: dict[tuple[str, int, int, int], V3Config] = {
+    ("qkv", 4096, 6144, 1): V3Config(block_n=64, seg_k=2048, block_k=128, num_warps=4),
+    ("gemv", 4096, 4096, 1): V3Config(block_n=32, seg_k=1024, block_k=128, num_warps=4),
+    ("pair", 4096, 14336, 1): V3Config(block_n=64, seg_k=2048, block_k=128, num_warps=4),
+    ("gemv", 14336, 4096, 1): V3Config(block_n=64, seg_k=2048, block_k=128, num_warps=4),
+}
 
 _override: GemvConfig | None = None
 _override_v5: GemvConfig | None = None
@@ -239,6 +250,16 @@ def default_v3_config(kind: str, k: int, n: int, b: int) -> V3Config:
     return V3Config(block_n=64, seg_k=512, block_k=block_k, num_warps=4)
 
 
+def default_v6_config(kind: str, k: int, n: int, b: int) -> V3Config:
+    """Return the v6 configuration when the table has no entry: the batch-1 sweep's near-winner (128 gathered
+    rows a step, 1024-channel slices), fewer rows a step as the batch grows (batch × rows × columns accumulators)."""
+    if b == 1:
+        return V3Config(block_n=32, seg_k=1024, block_k=128, num_warps=4)
+    if b == 2:
+        return V3Config(block_n=32, seg_k=1024, block_k=64, num_warps=4)
+    return V3Config(block_n=64, seg_k=256, block_k=32, num_warps=4)
+
+
 def default_v4_config(kind: str, k: int, n: int, b: int) -> V4Config:
     """Return the v4 configuration when the table has no entry: shorter slices as the batch grows."""
     return V4Config(seg_k=512 if b == 1 else (256 if b == 2 else 128))
@@ -290,7 +311,7 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, presel
     if impl == "v3":
         return "v3", _override_v3 or TUNED_V3.get(key) or default_v3_config(kind, k, n, b)
     if impl == "v6":
-        return "v6", _override_v3 or TUNED_V6.get(key) or TUNED_V3.get(key) or default_v3_config(kind, k, n, b)
+        return "v6", _override_v3 or TUNED_V6.get(key) or TUNED_V3.get(key) or default_v6_config(kind, k, n, b)
     if impl == "v4":
         return "v4", _override_v4 or TUNED_V4.get(key) or default_v4_config(kind, k, n, b)
     return "v2", pick_config(kind, k, n, b)
