@@ -105,10 +105,10 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
 # per-op speedups). At batch 4 the kernels lost at every sparsity tried (up to 0.9), so every op
 # falls back; batch 2 was not measured and takes batch 4's (conservative) entry.
 # Re-measured 2026-11-23 in the v2-vs-v3 run (v2 kernels): q|k|v 0.403, gate|up 0.202.
-# v6 crossovers from the 91ae6ff run (batch 4: skipped-row fraction of the batch union).
+# v6 crossovers from the c9fff86 run, with the configs above (batch 4: skipped-row fraction of the batch union).
 MEASURED_CROSSOVER: dict[int, dict[str, float]] = {
-    1: {"qkv": 0.393, "o": 0.012, "gu": 0.202, "down": 0.146},
-    4: {"qkv": 0.85, "o": 0.72, "gu": 0.685, "down": 0.633},
+    1: {"qkv": 0.367, "o": 0.077, "gu": 0.186, "down": 0.136},
+    4: {"qkv": 0.836, "o": 0.694, "gu": 0.687, "down": 0.654},
 }
 
 # (kind, K, N, batch bucket) -> V4Config, winners of the on-device v4 sweep.
@@ -132,13 +132,14 @@ TUNED_V5: dict[tuple[str, int, int, int], GemvConfig] = {
 # (kind, K, N, batch bucket) -> V3Config of the v6 path: a compaction pass writes each K slice's list of kept
 # channels once, then the v3 walk gathers the active weight rows (work ∝ active rows, no per-program selection).
 # Batch 1: winners of `bench_kernels.py --tune-v6 --tune-weights 0:0,0.5:1,0.9:1 --tune-batches 1` on an H100 80GB
-# HBM3, bf16, Llama-3-8B shapes, 2026-11-23 (commit 91ae6ff): 128 gathered rows a step and long K slices win
-# (64-row steps cost 2-4x); batch 4 takes TUNED_V3's entry.
+# HBM3, bf16, Llama-3-8B shapes, 2026-11-23 (commit c9fff86, the second v6 sweep): 32-column strips, 128 gathered
+# rows a step and long K slices win (64-row steps cost 2-4x in the first sweep, 256-row steps lost too); batch 4
+# takes TUNED_V3's entry.
 TUNED_V6: dict[tuple[str, int, int, int], V3Config] = {
-    ("qkv", 4096, 6144, 1): V3Config(block_n=64, seg_k=2048, block_k=128, num_warps=4),
+    ("qkv", 4096, 6144, 1): V3Config(block_n=32, seg_k=2048, block_k=128, num_warps=4),
     ("gemv", 4096, 4096, 1): V3Config(block_n=32, seg_k=1024, block_k=128, num_warps=4),
-    ("pair", 4096, 14336, 1): V3Config(block_n=64, seg_k=2048, block_k=128, num_warps=4),
-    ("gemv", 14336, 4096, 1): V3Config(block_n=64, seg_k=2048, block_k=128, num_warps=4),
+    ("pair", 4096, 14336, 1): V3Config(block_n=32, seg_k=4096, block_k=128, num_warps=4),
+    ("gemv", 14336, 4096, 1): V3Config(block_n=32, seg_k=4096, block_k=128, num_warps=4),
 }
 
 _override: GemvConfig | None = None
