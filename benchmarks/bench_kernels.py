@@ -468,7 +468,7 @@ def tune_v6(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = No
 
 # ---------------------------------------------------------------------- kernel microbenchmark
 extra_impl: dict[str, str] = {}  # "op|b<batch>" -> the winning kernel, filled by kernel_bench
-SIDE_BY_SIDE = ["v2", "v5"]  # kernels timed side by side per op (--impls)
+SIDE_BY_SIDE = ["v2", "v6"]  # kernels timed side by side per op (--impls)
 
 
 def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict) -> list[dict]:
@@ -736,7 +736,7 @@ def main() -> None:
     ap.add_argument("--tune-v4", action="store_true", help="sweep v4 launch configs first and use the winners")
     ap.add_argument("--tune-v5", action="store_true", help="sweep v5 launch configs first and use the winners")
     ap.add_argument("--tune-v6", action="store_true", help="sweep v6 launch configs first and use the winners")
-    ap.add_argument("--impls", default="v2,v5", help="kernels timed side by side (default: %(default)s)")
+    ap.add_argument("--impls", default="v2,v6", help="kernels timed side by side (default: %(default)s)")
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
                     help="weight of each sparsity in the v2 tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
     ap.add_argument("--tune-batches", default="1,4", help="batches the v2 tuning sweeps (default: %(default)s)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, GPU tests, kernel tuning + microbenchmark, decode benchmark.
-#   COMMIT=<sha> bash benchmarks/run_on_device.sh [extra bench_kernels.py args, e.g. --tune-v3]
-# (v2 and v3 kernels are timed side by side; the per-op winner drives the decode rows.)
+#   COMMIT=<sha> bash benchmarks/run_on_device.sh [extra bench_kernels.py args, e.g. --tune-v6 --tune-batches 1]
+# (the kernels in --impls, default v2 and v6, are timed side by side; the per-op winner drives the decode rows.)
 # Everything lands in $OUT (at most 8 files come back): env.txt, tests.log, bench.log,
 # results.json, BENCHMARKS_fragment.md, tuned.json.
 set -uo pipefail

@@ -53,7 +53,8 @@ def sparse_gated_mlp(
     thresh: float32 [2] or [2, K] (row 0 gate, row 1 up); shift: [2, K]; bias: [2, I]. thresh=None: x
     is already selected and both projections read it as is. out_thresh [1] or [I] / out_shift [I]: h is
     written selected for the down projection, h ← (h − m)⊙1[|h − m| > t] (see `sparse_gemv`).
-    impl: "v5" (a selection pass, then the v2 walk), "v4" (selection once per K slice, columns streamed,
+    impl: "v6" (a compaction pass, then gate and up gather their active rows, batch ≤ 4), "v5" (a selection
+    pass, then the v2 walk), "v4" (selection once per K slice, columns streamed,
     batch ≤ 4), "v3" (gate and up in separate programs over compacted active rows, batch ≤ 4), "v2" or
     "auto" (see `sparse_gemv`).
     """

@@ -567,8 +567,9 @@ def sparse_gemv(
     consecutive channels instead of thresholding. thresh=None: x is already selected (x_s = x, its
     zeros skipped; shift, norm_weight and nm must be None), e.g. a producer's output with out_thresh.
     out_thresh: float32 [1] or [N], out_shift: [N]: the output is written selected for the next GEMV,
-    y ← (y − m)⊙1[|y − m| > t] (after bias, act and residual). impl: "v5" (a selection pass, then the
-    v2 walk over the selected input), "v4" (selection once per K slice, columns streamed, batch ≤ 4),
+    y ← (y − m)⊙1[|y − m| > t] (after bias, act and residual). impl: "v6" (a compaction pass, then a
+    walk that gathers only the active weight rows, batch ≤ 4: the default there), "v5" (a selection pass,
+    then the v2 walk over the selected input), "v4" (selection once per K slice, columns streamed, batch ≤ 4),
     "v3" (active rows compacted, batch ≤ 4), "v2" (masked split-K walk selecting as it goes, any
     batch) or "auto" (the fastest one measured for the shape).
     """

@@ -20,6 +20,11 @@ active rows:
    order (deterministic) and runs the epilogue: bias, silu / silu(gate)·up, residual, cast.
 
 Gate and up are separate programs of one launch (pid_m), so each holds one accumulator.
+
+v6 (`impl="v6"`, PRELIST): step 1 moves into a separate compaction launch (`_compact_kernel`, one
+program per K slice and threshold row), so a walk program only loads its slice's count and list.
+Measured (BENCHMARKS.md, Session 4): v3 lost to v2 by 2-3x because every program re-did step 1;
+v6 beats v2 at every sparsity and batch measured, and is the default at batch ≤ 4.
 """
 
 from __future__ import annotations
