@@ -8,22 +8,29 @@ interpreter (TRITON_INTERPRET=1, unless already set) before defining its kernels
 slowly, on CPU tensors (tests and CI).
 """
 
-import os as _os
+if __name__ == "actsparse.kernels":
+    import os as _os
 
-import torch as _torch
+    import torch as _torch
 
-if not _torch.cuda.is_available():
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not _torch.cuda.is_available():
+        _os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# isort: split
+    # isort: split
 
-from .attention import decode_attention
-from .cats import cats_up
-from .configs import GemvConfig, V3Config, V4Config, override_config, pick_config, poison_outputs
-from .gated_mlp import sparse_gated_mlp
-from .rmsnorm import add_rmsnorm, rmsnorm
-from .silu_mul import silu_mul
-from .sparse_gemv import pack_weight, sparse_gemv
+    from .attention import decode_attention
+    from .cats import cats_up
+    from .configs import GemvConfig, V3Config, V4Config, override_config, pick_config, poison_outputs
+    from .gated_mlp import sparse_gated_mlp
+    from .rmsnorm import add_rmsnorm, rmsnorm
+    from .silu_mul import silu_mul
+    from .sparse_gemv import pack_weight, sparse_gemv
+else:
+    # A stray top-level `kernels` import of this folder (transformers probes for the Hugging Face `kernels`
+    # package by importing it, which finds this folder when the working directory is the repository root).
+    # Define nothing: a second copy would re-register the custom ops (torch.ops.actsparse.*) against its own
+    # module state, so overrides set through `actsparse.kernels` stopped reaching the ops (seen on the GPU tests).
+    __version__ = "N/A"  # transformers then reports the Hugging Face package as unavailable
 
 __all__ = [
     "GemvConfig",
