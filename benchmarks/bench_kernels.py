@@ -446,9 +446,9 @@ def tune(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None)
     return _sweep(lay, clock, batches, weights, _v2_grid, "v2", 0.4)
 
 
-def tune_v3(lay: Layers, clock: Clock, batches=(1, 4)) -> tuple[dict, list]:
+def tune_v3(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
     """The v3 sweep over V3_GRID (see _sweep)."""
-    return _sweep(lay, clock, batches, None, lambda b, k, n: [V3Config(*c) for c in V3_GRID[b]], "v3", 0.3)
+    return _sweep(lay, clock, batches, weights, lambda b, k, n: [V3Config(*c) for c in V3_GRID[b]], "v3", 0.3)
 
 
 def tune_v4(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
@@ -464,6 +464,11 @@ def tune_v5(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = No
 def tune_v6(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
     """The v6 sweep over V6_GRID (see _sweep)."""
     return _sweep(lay, clock, batches, weights, lambda b, k, n: [V3Config(*c) for c in V6_GRID[b]], "v6", 0.3)
+
+
+# kernel -> (its sweep, the configs table its winners go to); swept in this order when asked for (--tune, --tune-vN)
+TUNERS = {"v2": (tune, "TUNED"), "v5": (tune_v5, "TUNED_V5"), "v6": (tune_v6, "TUNED_V6"), "v4": (tune_v4, "TUNED_V4"),
+          "v3": (tune_v3, "TUNED_V3")}
 
 
 # ---------------------------------------------------------------------- kernel microbenchmark
@@ -653,15 +658,10 @@ def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
     out = [f"\n## {meta['date']} · {meta['device']} · commit {meta['commit']}\n",
            f"Ceilings: {json.dumps(extra.get('ceilings', {}))}. CUDA graphs; median of replays; "
            "weights rotate over several copies so nothing is served from L2.\n"]
-    if extra.get("tuned_v2"):
-        out.append(f"Tuned v2 configs this run (objective weights per sparsity {extra.get('tune_weights')}): "
-                   + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v2"].items()) + "\n")
-    if extra.get("tuned_v6"):
-        out.append("Tuned v6 configs this run: " + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v6"].items()) + "\n")
-    if extra.get("tuned_v5"):
-        out.append("Tuned v5 configs this run: " + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v5"].items()) + "\n")
-    if extra.get("tuned_v4"):
-        out.append("Tuned v4 configs this run: " + "; ".join(f"{k}: {v}" for k, v in extra["tuned_v4"].items()) + "\n")
+    for impl in TUNERS:
+        if extra.get(f"tuned_{impl}"):
+            out.append(f"Tuned {impl} configs this run (objective weights per sparsity {extra.get('tune_weights')}): "
+                       + "; ".join(f"{k}: {v}" for k, v in extra[f"tuned_{impl}"].items()) + "\n")
     kr = [r for r in rows if r["kind"] == "kernel" and r["op"] == "block" and r["method"] == "actsparse"]
     if kr:
         out.append("\n### Block time (q+k+v+o+gate+up+down), Llama-3-8B shapes, µs\n")
@@ -738,8 +738,8 @@ def main() -> None:
     ap.add_argument("--tune-v6", action="store_true", help="sweep v6 launch configs first and use the winners")
     ap.add_argument("--impls", default="v2,v6", help="kernels timed side by side (default: %(default)s)")
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
-                    help="weight of each sparsity in the v2 tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
-    ap.add_argument("--tune-batches", default="1,4", help="batches the v2 tuning sweeps (default: %(default)s)")
+                    help="weight of each sparsity in the tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
+    ap.add_argument("--tune-batches", default="1,4", help="batches every tuning sweep covers (default: %(default)s)")
     ap.add_argument("--teal", action="store_true", help="also time the TEAL-style split-K kernel (fp16)")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--skip-decode", action="store_true")
@@ -772,36 +772,16 @@ def main() -> None:
             tuned: dict = {}
             weights = {float(a): float(b) for a, b in (w.split(":") for w in args.tune_weights.split(","))}
             batches = tuple(int(b) for b in args.tune_batches.split(","))
-            if args.tune:
-                best, trows = tune(lay, clock, batches, weights)
-                configs.TUNED.update(best)
-                tuned["v2"] = {"weights": weights, "best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()},
-                               "rows": trows}
-                extra["tuned_v2"] = {"|".join(map(str, k)): v.__dict__ for k, v in best.items()}
-                extra["tune_weights"] = weights
             SIDE_BY_SIDE[:] = [i for i in args.impls.split(",") if i]
-            if args.tune_v5:
-                best, trows = tune_v5(lay, clock, batches, weights)
-                configs.TUNED_V5.update(best)
-                tuned["v5"] = {"weights": weights, "best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()},
-                               "rows": trows}
-                extra["tuned_v5"] = tuned["v5"]["best"]
-            if args.tune_v6:
-                best, trows = tune_v6(lay, clock, batches, weights)
-                configs.TUNED_V6.update(best)
-                tuned["v6"] = {"weights": weights, "best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()},
-                               "rows": trows}
-                extra["tuned_v6"] = tuned["v6"]["best"]
-            if args.tune_v4:
-                best, trows = tune_v4(lay, clock, batches, weights)
-                configs.TUNED_V4.update(best)
-                tuned["v4"] = {"weights": weights, "best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()},
-                               "rows": trows}
-                extra["tuned_v4"] = tuned["v4"]["best"]
-            if args.tune_v3:
-                best, trows = tune_v3(lay, clock)
-                configs.TUNED_V3.update(best)
-                tuned["v3"] = {"best": {"|".join(map(str, k)): v.__dict__ for k, v in best.items()}, "rows": trows}
+            for impl, (sweep, table) in TUNERS.items():
+                if not getattr(args, "tune" if impl == "v2" else f"tune_{impl}"):
+                    continue
+                best, trows = sweep(lay, clock, batches, weights)
+                getattr(configs, table).update(best)
+                named = {"|".join(map(str, k)): v.__dict__ for k, v in best.items()}
+                tuned[impl] = {"weights": weights, "best": named, "rows": trows}
+                extra[f"tuned_{impl}"] = named
+                extra["tune_weights"] = weights
             if tuned:
                 (out / "tuned.json").write_text(json.dumps(tuned, indent=1))
             rows += kernel_bench(lay, "bf16", (1, 4), clock, meta)

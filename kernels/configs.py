@@ -56,11 +56,9 @@ class V4Config:
 
 V4_MAX_BATCH = 4  # x_s · tile is reduced over K every step: batch × SEG_K × BLOCK_N products a step
 
-# (kind, K, N, batch bucket) -> "v2" | "v3": the faster kernel per op, measured side by side on an
-# H100 (bench_kernels.py, 2026-11-23, bf16, Llama-3-8B shapes): v3 lost to v2 for every op, batch
-# and sparsity (0.3–0.9×, BENCHMARKS.md), so v2 runs everywhere; shapes not listed also take v2.
-# v4 (slice-stationary selection, columns streamed) lost too (0.57–0.91× of v2 at batch 1, commit 51cce96).
-# v3 and v4 stay available (impl="v3" / "v4") for further work.
+# (kind, K, N, batch bucket) -> the faster kernel per op, measured side by side on an H100 (bench_kernels.py,
+# 2026-11-23, bf16, Llama-3-8B shapes; BENCHMARKS.md): v3 (0.3–0.9× of v2), v4 (0.57–0.91×) and v5 (~1.1×) lost
+# to v6; they stay available (impl="v3" / "v4" / "v5"). Shapes not listed take DEFAULT_IMPL.
 # v6 (a compaction pass, then the v3 gather walk; commit 91ae6ff) beat v2 and v5 for every op at batch 1 and 4:
 # block 122.3 vs 146.0 µs (v2) at 50% and 52.3 vs 118.3 at 90%, batch 1.
 IMPL: dict[tuple[str, int, int, int], str] = {
@@ -101,10 +99,8 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
 }
 
 # Skipped-row fraction under which an op of the decode engine (qkv, o, gu = gate/up, down) is
-# slower than cuBLAS, per batch bucket: measured on the same H100 run (linear interpolation of the
-# per-op speedups). At batch 4 the kernels lost at every sparsity tried (up to 0.9), so every op
-# falls back; batch 2 was not measured and takes batch 4's (conservative) entry.
-# Re-measured 2026-11-23 in the v2-vs-v3 run (v2 kernels): q|k|v 0.403, gate|up 0.202.
+# slower than cuBLAS, per batch bucket: measured on an H100 run (linear interpolation of the per-op
+# speedups); batch 2 was not measured and takes batch 4's (conservative) entry.
 # v6 crossovers from the c9fff86 run, with the configs above (batch 4: skipped-row fraction of the batch union).
 MEASURED_CROSSOVER: dict[int, dict[str, float]] = {
     1: {"qkv": 0.367, "o": 0.077, "gu": 0.186, "down": 0.136},
@@ -272,10 +268,10 @@ MAX_BATCH = {"v2": None, "v3": V3_MAX_BATCH, "v4": V4_MAX_BATCH, "v5": None, "v6
 
 def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, presel: bool = False,
                 out_sel: bool = False) -> tuple[str, GemvConfig | V3Config | V4Config]:
-    """Return which kernel runs a launch ("v2", "v3", "v4" or "v5") and its configuration.
+    """Return which kernel runs a launch ("v2", "v3", "v4", "v5" or "v6") and its configuration.
 
     impl: "auto" (an active override, else the measured table `IMPL`, else DEFAULT_IMPL; a batch the
-    chosen kernel cannot run takes v2), or one of "v2", "v3", "v4", "v5". presel: the input arrives
+    chosen kernel cannot run takes v2), or one of IMPLS. presel: the input arrives
     already selected (thresh=None); out_sel: the output is selected for its consumer (out_thresh). Both
     run on the v2 kernel only: v5 (or v2 with its own table when asked for explicitly).
     """

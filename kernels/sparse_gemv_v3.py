@@ -160,12 +160,10 @@ def _v3_kernel(
                                  other=0.0, cache_modifier=".cg")
                 out2 = tl.sum(parts2, axis=0)
             _epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
-                      mask_out, HAS_BIAS, PAIR, ACT, HAS_RES,
-                      y_ptr, y_ptr, 0, False, False)
+                      mask_out, HAS_BIAS, PAIR, ACT, HAS_RES, y_ptr, y_ptr, 0, False, False)
     else:
         _epilogue(out, out, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
-                  mask_out, HAS_BIAS, PAIR, ACT, HAS_RES,
-                      y_ptr, y_ptr, 0, False, False)
+                  mask_out, HAS_BIAS, PAIR, ACT, HAS_RES, y_ptr, y_ptr, 0, False, False)
 
 
 def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,

@@ -38,8 +38,11 @@ def test_preselected_input_and_selected_output(impl, cfg, batch, dtype):
     y = run(sparse_gemv, x, wt, None, impl=impl, cfg=cfg, **kw)
     want = ref.sparse_gemv_ref(x, wt, None, **kw)
     assert rel_err(y, want) < TOL[dtype]
-    # The output selection zeroes exactly the entries whose |y − m| is at most the threshold (fp32 decides).
-    assert 0.1 < (want == 0).float().mean() < 0.9 and torch.equal(y == 0, want == 0) or dtype != torch.float32
+    # The output selection zeroes exactly the entries whose |y − m| is at most the threshold (in fp32, where
+    # kernel and reference agree to the last bits; fp16 inputs round differently near the threshold).
+    assert 0.1 < (want == 0).float().mean() < 0.9
+    if dtype == torch.float32:
+        assert torch.equal(y == 0, want == 0)
     # A scalar output threshold broadcasts over the columns.
     y = run(sparse_gemv, x, wt, None, impl=impl, cfg=cfg, out_thresh=torch.tensor([0.3], device=DEVICE))
     assert rel_err(y, ref.sparse_gemv_ref(x, wt, None, out_thresh=0.3)) < TOL[dtype]
