@@ -34,13 +34,13 @@ def test_preselected_input_and_selected_output(impl, cfg, batch, dtype):
     x = ref.sparsify_ref(torch.randn(batch, k, device=DEVICE, dtype=dtype), 0.8)  # already selected: ~58% zeros
     wt = (torch.randn(k, n, device=DEVICE) / k**0.5).to(dtype)
     kw = dict(bias=torch.randn(n, device=DEVICE), residual=torch.randn(batch, n, device=DEVICE, dtype=dtype),
-              out_thresh=torch.rand(n, device=DEVICE) * 0.8, out_shift=torch.randn(n, device=DEVICE) * 0.1)
+              out_thresh=torch.rand(n, device=DEVICE) * 2, out_shift=torch.randn(n, device=DEVICE) * 0.1)
     y = run(sparse_gemv, x, wt, None, impl=impl, cfg=cfg, **kw)
     want = ref.sparse_gemv_ref(x, wt, None, **kw)
     assert rel_err(y, want) < TOL[dtype]
     # The output selection zeroes exactly the entries whose |y − m| is at most the threshold (in fp32, where
     # kernel and reference agree to the last bits; fp16 inputs round differently near the threshold).
-    assert 0.1 < (want == 0).float().mean() < 0.9
+    assert 0.05 < (want == 0).float().mean() < 0.95  # |y − m| has std ≈ 1.5: about 40% fall under U(0, 2)
     if dtype == torch.float32:
         assert torch.equal(y == 0, want == 0)
     # A scalar output threshold broadcasts over the columns.
