@@ -13,6 +13,7 @@ Writes DIR/results.json (rows), DIR/BENCHMARKS_fragment.md and DIR/tuned.json; p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import importlib
@@ -55,6 +56,11 @@ _ensure_kernels_importable()
 
 from actsparse.kernels import (GemvConfig, V3Config, V4Config, configs, override_config, pack_weight, ref,  # noqa: E402
                                sparse_gated_mlp, sparse_gemv)
+from actsparse.kernels.pdl import launch_kwargs, pdl_prologue, use_pdl  # noqa: E402
+
+# Imported after actsparse.kernels, which turns on Triton's interpreter on a machine without CUDA.
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from teal_style import teal_style_gemv  # noqa: E402
@@ -173,12 +179,19 @@ def ceilings() -> dict:
 _sparse_gemv, _sparse_gated_mlp = sparse_gemv, sparse_gated_mlp
 
 
-def _with_impl(fn, impl: str, poison: bool = False):
+def impl_parts(name: str) -> tuple[str, bool, bool]:
+    """A side-by-side kernel name -> (kernel, packed weights, PDL): "v6" (PDL on where the device has it),
+    "v5p" (v5 on weights packed in PACK_WIDTH-column strips), "v6-nopdl" (v6 launched without PDL)."""
+    pdl = not name.endswith("-nopdl")
+    base = name[: -len("-nopdl")] if not pdl else name
+    packed = base.endswith("p")
+    return (base[:-1] if packed else base), packed, pdl
+
+
+def _with_impl(fn, impl: str, poison: bool = False, pdl: bool = True):
     def call(*a, **kw):
-        if poison:
-            with configs.poison_outputs():
-                return fn(*a, impl=impl, **kw)
-        return fn(*a, impl=impl, **kw)
+        with configs.poison_outputs(poison), (use_pdl(False) if not pdl else contextlib.nullcontext()):
+            return fn(*a, impl=impl, **kw)
     return call
 
 
@@ -199,14 +212,15 @@ class Layers:
                                   wu_t=w13[INTER:].t().contiguous(), wd_t=wd.t().contiguous()))
         self._packed: list[dict] | None = None
 
-    def for_impl(self, impl: str) -> tuple[list[dict], str]:
-        """The weight sets and kernel name for impl: "v5p" is v5 on weights packed in PACK_WIDTH-column strips."""
-        if not impl.endswith("p"):
-            return self.sets, impl
+    def for_impl(self, impl: str) -> tuple[list[dict], str, bool]:
+        """The weight sets, kernel name and PDL flag for a side-by-side name (`impl_parts`)."""
+        kernel, packed, pdl = impl_parts(impl)
+        if not packed:
+            return self.sets, kernel, pdl
         if self._packed is None:
             self._packed = [{k: (pack_weight(v, PACK_WIDTH) if k.endswith("_t") else v) for k, v in s.items()}
                             for s in self.sets]
-        return self._packed, impl[:-1]
+        return self._packed, kernel, pdl
 
 
 class Inputs:
@@ -254,10 +268,10 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
     v5 runs as the engine does: gate|up writes h selected for down (out_thresh), so down reads it as is
     (thresh=None, no selection pass of its own); its op time is measured on h selected beforehand.
     """
-    sets, impl = lay.for_impl(impl)
+    sets, impl, pdl = lay.for_impl(impl)
     x, g, a, h = inp.x, inp.g, inp.a, inp.h
-    sparse_gemv = _with_impl(_sparse_gemv, impl)
-    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl)
+    sparse_gemv = _with_impl(_sparse_gemv, impl, pdl=pdl)
+    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, pdl=pdl)
     if impl == "v5":
         hs = ref.sparsify_ref(h, th["down"].to(h.dtype))
         t_down = th["down"]
@@ -315,10 +329,10 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
 
 def check_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
     """Relative error of each fused op against the torch reference on set 0 (outputs poisoned)."""
-    sets, impl = lay.for_impl(impl)
+    sets, impl, pdl = lay.for_impl(impl)
     s, r, x, g = sets[0], lay.sets[0], inp.x, inp.g  # r: the [K, N] weights for the references
-    sparse_gemv = _with_impl(_sparse_gemv, impl, poison=True)
-    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, poison=True)
+    sparse_gemv = _with_impl(_sparse_gemv, impl, poison=True, pdl=pdl)
+    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, poison=True, pdl=pdl)
     out = {}
     out["qkv"] = rel(sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)),
                      ref.sparse_gemv_ref(x, r["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)))
@@ -488,7 +502,8 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
             rows.append({**meta, "kind": "kernel", "method": f"cublas-{k}" if k.startswith("block") else "cublas",
                          "op": "block" if k.startswith("block") else k, "sparsity": 0.0, "batch": b,
                          "dtype": dtype_name, "us_per_block" if k.startswith("block") else "us": round(v, 2)})
-        impls = [i for i in SIDE_BY_SIDE if configs.MAX_BATCH[i.rstrip("p")] is None or b <= configs.MAX_BATCH[i.rstrip("p")]]
+        impls = [i for i in SIDE_BY_SIDE
+                 if configs.MAX_BATCH[impl_parts(i)[0]] is None or b <= configs.MAX_BATCH[impl_parts(i)[0]]]
         impls = impls if (len(impls) > 1 and dtype_name == "bf16") else []
         side: dict[str, dict[float, dict[str, float]]] = {i: {} for i in impls}
         for impl in impls:  # the kernels side by side, same run, same inputs
@@ -518,9 +533,10 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
             for op, (kind, k, n) in kinds.items():
                 tv = {i: sum(side[i][s][op] for s in served) for i in impls}
                 win = min(tv, key=tv.get)
-                # The auto dispatch reads [K, N] weights: packed variants ("v5p") are reported, not installed.
-                configs.IMPL[(kind, k, n, configs.batch_bucket(b))] = min((i for i in impls if not i.endswith("p")),
-                                                                          key=tv.get)
+                # The auto dispatch reads [K, N] weights with PDL where the device has it: packed ("v5p") and
+                # PDL-off ("v6-nopdl") variants are reported, not installed.
+                configs.IMPL[(kind, k, n, configs.batch_bucket(b))] = min(
+                    (i for i in impls if impl_parts(i)[1:] == (False, True)), key=tv.get)
                 extra_impl[f"{op}|b{b}"] = win
             log(f"  per-op winner at b{b}: {extra_impl}")
         for s in SPARSITIES:
@@ -542,6 +558,57 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
                              "dtype": dtype_name, "us": round(t[k], 2), "us_cublas": round(cub[k], 2),
                              "speedup": round(cub[k] / t[k], 3)})
     return rows
+
+
+@triton.jit
+def _empty_kernel(PDL: tl.constexpr):
+    pdl_prologue(PDL)
+
+
+def kernel_profile(lay: Layers, clock: Clock, impl: str = "v6", sparsities=(0.5, 0.9)) -> dict:
+    """Where an op's time goes at batch 1: each kernel's own device time (torch.profiler, eager launches) next
+    to the op's time under a CUDA graph, with and without PDL, and the cost of a bare launch in a graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict = {}
+    n = 64  # a chain of empty launches: the per-launch cost under a graph
+    for pdl in (False, True):
+        kw = launch_kwargs(torch.device(DEV)) if pdl else {"PDL": False}
+
+        def chain():
+            for _ in range(n):
+                _empty_kernel[(132,)](**kw)
+        out[f"empty_launch_us_pdl{int(pdl)}"] = round(time_graph(chain) * 1e3 / n, 2)
+    log(f"[profile] bare launch under a graph: {out['empty_launch_us_pdl0']} us, with PDL "
+        f"{out['empty_launch_us_pdl1']} us")
+    inp = Inputs(lay, 1)
+    for s in sparsities:
+        if clock.left(0.5) < 0:
+            break
+        th = inp.thresholds(s)
+        for variant in (impl, f"{impl}-nopdl"):
+            ops = sparse_ops(lay, inp, th, variant)
+            for name in ("qkv", "o", "pair", "down"):
+                graph_us = time_graph(ops[name]) * 1e3 / lay.n
+                out[f"{variant}|{name}|s{s}|graph_us"] = round(graph_us, 2)
+                if variant != impl:
+                    continue
+                ops[name]()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        ops[name]()
+                    torch.cuda.synchronize()
+                kern = {}
+                for e in prof.key_averages():
+                    t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                    if t and e.count:
+                        kern[e.key[:40]] = round(t / e.count, 2)
+                out[f"{impl}|{name}|s{s}|kernels_us"] = kern
+                log(f"[profile] {impl} {name} s={s}: graph {graph_us:.1f} us/op; kernels (device us each): {kern}")
+            log(f"[profile] {variant} s={s}: " + " ".join(
+                f"{k}={out[f'{variant}|{k}|s{s}|graph_us']}" for k in ("qkv", "o", "pair", "down")))
+    return out
 
 
 def teal_bench(lay: Layers, clock: Clock, meta: dict) -> list[dict]:
@@ -637,6 +704,17 @@ def decode_bench(clock: Clock, meta: dict, models, batches, n_steps: int, n_laye
                                  "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
                                  "speedup": round(tok_s / dense, 3), "measured_sparsity": round(ms["mean"], 4),
                                  "effective_sparsity": round(ms["union"], 4), "layers": cfg.n_layers})
+            if b == 1 and clock.left() > 40 and DEV == "cuda":
+                # The same engine and thresholds with every kernel launched without PDL (graphs recaptured).
+                eng.calibrate_thresholds(0.5, n_tokens=16, batch=1)
+                with use_pdl(False):
+                    eng.reset_graphs()
+                    tok_s = speed(1, True)
+                eng.reset_graphs()
+                log(f"  b1 teal s=0.5 without PDL: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x")
+                rows.append({**meta, "kind": "decode", "model": name, "method": "teal-nopdl", "sparsity": 0.5,
+                             "batch": 1, "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
+                             "speedup": round(tok_s / dense, 3), "layers": cfg.n_layers})
             if b == 1 and clock.left() > 40:
                 for s in (0.5, 0.8):
                     eng.calibrate_thresholds(s, n_tokens=16, batch=1, method="cats")
@@ -692,6 +770,21 @@ def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
                        + f" | {'' if c is None else f'{c:.1f}'} | " + " | ".join(f"{t[base] / t[o]:.2f}×" for o in others) + " |")
         if extra.get("impl"):
             out.append(f"\nPer-op kernel chosen for the 'actsparse' rows and the decode engine: {extra['impl']}")
+    prof = extra.get("profile")
+    if prof:
+        out.append("\n### Where an op's time goes (batch 1, bf16, µs)\n")
+        out.append(f"A bare launch in a CUDA graph: {prof.get('empty_launch_us_pdl0')} µs without PDL, "
+                   f"{prof.get('empty_launch_us_pdl1')} µs with. Kernel times: torch.profiler, eager launches.\n")
+        out.append("| sparsity | op | graph, PDL | graph, no PDL | each kernel's device time |")
+        out.append("|---|---|---|---|---|")
+        for key in prof:
+            parts = key.split("|")
+            if len(parts) != 4 or parts[3] != "graph_us" or parts[0].endswith("-nopdl"):
+                continue
+            impl, op, s_ = parts[:3]
+            kern = prof.get(f"{impl}|{op}|{s_}|kernels_us", {})
+            out.append(f"| {s_[1:]} | {op} | {prof[key]} | {prof.get(f'{impl}-nopdl|{op}|{s_}|graph_us', '')} | "
+                       + ", ".join(f"{k} {v}" for k, v in kern.items()) + " |")
     tr = [r for r in rows if r["method"] == "teal-style"]
     if tr:
         out.append("\nTEAL-style split-K block (fp16, batch 1, own reimplementation, best of 5 tiles): " +
@@ -741,6 +834,8 @@ def main() -> None:
                     help="weight of each sparsity in the tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
     ap.add_argument("--tune-batches", default="1,4", help="batches every tuning sweep covers (default: %(default)s)")
     ap.add_argument("--teal", action="store_true", help="also time the TEAL-style split-K kernel (fp16)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also log each v6 kernel's device time and the ops with and without PDL (batch 1)")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
@@ -784,6 +879,8 @@ def main() -> None:
                 extra["tune_weights"] = weights
             if tuned:
                 (out / "tuned.json").write_text(json.dumps(tuned, indent=1))
+            if args.profile and not SMOKE:
+                extra["profile"] = kernel_profile(lay, clock)
             rows += kernel_bench(lay, "bf16", (1, 4), clock, meta)
             extra["impl"] = dict(extra_impl)
             save()

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .configs import FMA_MAX_BATCH, MAX_TILES, choose_split, new_output, pick_config, tile_counters
+from .pdl import launch_kwargs, pdl_prologue
 from .sparse_gemv import _accumulate, _row_rstd
 
 
@@ -26,8 +27,9 @@ def _gather_up_kernel(
     stride_xb, stride_ab, stride_tn, stride_wn, stride_yb,
     eps,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -118,7 +120,7 @@ def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: to
         NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), max(1024, 4096 // block_b)),
         USE_DOT=use_dot, IEEE=w_up.dtype == torch.float32, SPLIT=split > 1,
         BLOCK_B=block_b, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(x.device),
     )
     return y
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .configs import new_output
+from .pdl import launch_kwargs, pdl_prologue
 from .sparse_gemv import _raw_chunk, _row_rstd, _sel_chunk
 
 SELECT_BLOCK_K = 1024  # channels a program selects (4 programs a segment for a 4096-wide row)
@@ -31,7 +32,8 @@ SELECT_BLOCK_K = 1024  # channels a program selects (4 programs a segment for a 
 def _select_kernel(x_ptr, g_ptr, t_ptr, m_ptr, xs_ptr, B, K,
                    stride_xb, stride_ts, stride_tk, stride_ms, stride_ss, stride_sb, eps,
                    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
-                   NM_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                   NM_M: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     pid_k = tl.program_id(0)
     seg = tl.program_id(1)
     offs_b = tl.program_id(2) + tl.arange(0, 1)
@@ -71,6 +73,6 @@ def select(x: torch.Tensor, thresh: torch.Tensor, shift: Optional[torch.Tensor],
         x.stride(0), thresh.stride(0), thresh.stride(1), shift.stride(0) if shift is not None else 0,
         xs.stride(0), xs.stride(1), eps,
         NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), 4096), HAS_SHIFT=shift is not None,
-        NM_N=nm_n, NM_M=max(nm_m, 1), BLOCK_K=block_k, num_warps=4,
+        NM_N=nm_n, NM_M=max(nm_m, 1), BLOCK_K=block_k, num_warps=4, **launch_kwargs(x.device),
     )
     return xs

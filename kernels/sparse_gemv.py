@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .configs import (FMA_MAX_BATCH, MAX_TILES, GemvConfig, choose_impl, choose_split, new_output, record_compiled,
                       tile_counters)
+from .pdl import launch_kwargs, pdl_prologue
 
 
 @triton.jit
@@ -224,8 +225,9 @@ def _sparse_gemv_kernel(
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, DEPTH: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -407,7 +409,7 @@ def _fit_block_n(block_n: int, bounds: Sequence[int]) -> int:
 def _launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds, nm_n, nm_m, y, block_b):
     """The arguments every sparse-GEMV kernel (v2, v3, v4) takes alike: the leading pointers (an unused one
     points at y and is never read: its constexpr flag is off), the q/k/v segment boundaries, the strides and
-    the feature flags."""
+    the feature flags (with the PDL flag and launch option, `pdl.launch_kwargs`)."""
     k, n = wshape(wt)
     dummy = y
     ptrs = (x, norm_weight if norm_weight is not None else dummy, thresh, shift if shift is not None else dummy,
@@ -421,7 +423,7 @@ def _launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bou
     norm_block = min(triton.next_power_of_2(k), max(1024, 4096 // block_b))
     flags = dict(NORM=norm_weight is not None, NORM_BLOCK=norm_block, HAS_SHIFT=shift is not None,
                  PAIR=w2 is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, NM_N=nm_n,
-                 NM_M=max(nm_m, 1))
+                 NM_M=max(nm_m, 1), **launch_kwargs(y.device))
     return ptrs, n01, strides, flags
 
 

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .configs import V3Config, new_output, record_compiled
+from .pdl import launch_kwargs, pdl_prologue
 from .sparse_gemv import _epilogue, _fit_block_n, _launch_args, _row_rstd, _select, _split_workspace
 
 
@@ -68,8 +69,10 @@ def _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_base, val_base, sel, pid_k, o
 def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, B, K,
                     stride_xb, stride_ts, stride_tk, stride_ms, eps,
                     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
-                    NM_M: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr, SEG_K: tl.constexpr):
+                    NM_M: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr, SEG_K: tl.constexpr,
+                    PDL: tl.constexpr):
     """The v6 compaction pass: one program per (K slice, threshold row) writes the list the v3 walk reads."""
+    pdl_prologue(PDL)
     pid_k = tl.program_id(0)
     sel = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
@@ -91,8 +94,9 @@ def _v3_kernel(
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr, PRELIST: tl.constexpr,
-    BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -198,7 +202,7 @@ def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
         _compact_kernel[(groups, nsel)](
             xp, gp, tp, mp, idx, val, count, b, k, *strides[:4], eps, NORM=flags["NORM"],
             NORM_BLOCK=flags["NORM_BLOCK"], HAS_SHIFT=flags["HAS_SHIFT"], NM_N=flags["NM_N"], NM_M=flags["NM_M"],
-            GROUPS=groups, BLOCK_B=block_b, SEG_K=seg_k, num_warps=4)
+            GROUPS=groups, BLOCK_B=block_b, SEG_K=seg_k, num_warps=4, **launch_kwargs(x.device))
     compiled = _v3_kernel[(tiles_n, groups, mats)](
         *ptrs, ws, cnt, idx, val, count, b, k, n, n0, n1, *strides, eps, **flags,
         GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split, PRELIST=prelist,

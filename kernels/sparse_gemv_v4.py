@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .configs import V4Config, new_output, num_sms, record_compiled
+from .pdl import pdl_prologue
 from .sparse_gemv import _chunk, _epilogue, _fit_block_n, _launch_args, _row_rstd, _split_workspace
 
 
@@ -47,8 +48,9 @@ def _v4_kernel(
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     SPLIT: tl.constexpr, SLICES_P2: tl.constexpr,
-    BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)

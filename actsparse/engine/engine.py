@@ -220,13 +220,13 @@ class Engine:
             ))
         self.rules = rules
         self.expected_sparsity = dict(expected)
-        self._graphs.clear()
+        self.reset_graphs()
 
     def clear_thresholds(self) -> None:
         """Turn sparse decoding off (dense cuBLAS path)."""
         self.rules = None
         self.expected_sparsity = {}
-        self._graphs.clear()
+        self.reset_graphs()
 
     def _stack(self, vals: list[Threshold], k: int, roles: tuple[str, ...], layer: int,
                per_channel: bool = False) -> torch.Tensor:
@@ -356,6 +356,11 @@ class Engine:
                 self._step(st, sparse)
         self._graphs[key] = st
         return st
+
+    def reset_graphs(self) -> None:
+        """Drop the captured decode graphs: the next decode recaptures them (e.g. after changing a kernel
+        launch setting such as `actsparse.kernels.pdl.use_pdl`, which a captured graph keeps)."""
+        self._graphs.clear()
 
     def _run(self, st: _Graph, sparse: bool) -> None:
         if st.graph is not None:
