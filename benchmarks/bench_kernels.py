@@ -179,18 +179,19 @@ def ceilings() -> dict:
 _sparse_gemv, _sparse_gated_mlp = sparse_gemv, sparse_gated_mlp
 
 
-def impl_parts(name: str) -> tuple[str, bool, bool]:
-    """A side-by-side kernel name -> (kernel, packed weights, PDL): "v6" (PDL on where the device has it),
-    "v5p" (v5 on weights packed in PACK_WIDTH-column strips), "v6-nopdl" (v6 launched without PDL)."""
-    pdl = not name.endswith("-nopdl")
-    base = name[: -len("-nopdl")] if not pdl else name
+def impl_parts(name: str) -> tuple[str, bool, bool | None]:
+    """A side-by-side kernel name -> (kernel, packed weights, PDL): "v6" (PDL as configured: off unless
+    ACTSPARSE_PDL=1), "v5p" (v5 on weights packed in PACK_WIDTH-column strips), "v6-pdl" (v6 launched with
+    programmatic dependent launch, kernels/pdl.py), "v6-nopdl" (without)."""
+    pdl = True if name.endswith("-pdl") else (False if name.endswith("-nopdl") else None)
+    base = name.rsplit("-", 1)[0] if pdl is not None else name
     packed = base.endswith("p")
     return (base[:-1] if packed else base), packed, pdl
 
 
-def _with_impl(fn, impl: str, poison: bool = False, pdl: bool = True):
+def _with_impl(fn, impl: str, poison: bool = False, pdl: bool | None = None):
     def call(*a, **kw):
-        with configs.poison_outputs(poison), (use_pdl(False) if not pdl else contextlib.nullcontext()):
+        with configs.poison_outputs(poison), (use_pdl(pdl) if pdl is not None else contextlib.nullcontext()):
             return fn(*a, impl=impl, **kw)
     return call
 
@@ -212,7 +213,7 @@ class Layers:
                                   wu_t=w13[INTER:].t().contiguous(), wd_t=wd.t().contiguous()))
         self._packed: list[dict] | None = None
 
-    def for_impl(self, impl: str) -> tuple[list[dict], str, bool]:
+    def for_impl(self, impl: str) -> tuple[list[dict], str, bool | None]:
         """The weight sets, kernel name and PDL flag for a side-by-side name (`impl_parts`)."""
         kernel, packed, pdl = impl_parts(impl)
         if not packed:
@@ -533,10 +534,10 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
             for op, (kind, k, n) in kinds.items():
                 tv = {i: sum(side[i][s][op] for s in served) for i in impls}
                 win = min(tv, key=tv.get)
-                # The auto dispatch reads [K, N] weights with PDL where the device has it: packed ("v5p") and
-                # PDL-off ("v6-nopdl") variants are reported, not installed.
+                # The auto dispatch reads [K, N] weights with PDL as configured: packed ("v5p") and PDL
+                # ("v6-pdl", "v6-nopdl") variants are reported, not installed.
                 configs.IMPL[(kind, k, n, configs.batch_bucket(b))] = min(
-                    (i for i in impls if impl_parts(i)[1:] == (False, True)), key=tv.get)
+                    (i for i in impls if impl_parts(i)[1:] == (False, None)), key=tv.get)
                 extra_impl[f"{op}|b{b}"] = win
             log(f"  per-op winner at b{b}: {extra_impl}")
         for s in SPARSITIES:
@@ -573,7 +574,8 @@ def kernel_profile(lay: Layers, clock: Clock, impl: str = "v6", sparsities=(0.5,
     out: dict = {}
     n = 64  # a chain of empty launches: the per-launch cost under a graph
     for pdl in (False, True):
-        kw = launch_kwargs(torch.device(DEV)) if pdl else {"PDL": False}
+        with use_pdl(pdl):
+            kw = launch_kwargs(torch.device(DEV))
 
         def chain():
             for _ in range(n):
@@ -586,12 +588,12 @@ def kernel_profile(lay: Layers, clock: Clock, impl: str = "v6", sparsities=(0.5,
         if clock.left(0.5) < 0:
             break
         th = inp.thresholds(s)
-        for variant in (impl, f"{impl}-nopdl"):
+        for variant in (f"{impl}-pdl", f"{impl}-nopdl"):
             ops = sparse_ops(lay, inp, th, variant)
             for name in ("qkv", "o", "pair", "down"):
                 graph_us = time_graph(ops[name]) * 1e3 / lay.n
                 out[f"{variant}|{name}|s{s}|graph_us"] = round(graph_us, 2)
-                if variant != impl:
+                if variant != f"{impl}-nopdl":
                     continue
                 ops[name]()
                 torch.cuda.synchronize()
@@ -705,14 +707,14 @@ def decode_bench(clock: Clock, meta: dict, models, batches, n_steps: int, n_laye
                                  "speedup": round(tok_s / dense, 3), "measured_sparsity": round(ms["mean"], 4),
                                  "effective_sparsity": round(ms["union"], 4), "layers": cfg.n_layers})
             if b == 1 and clock.left() > 40 and DEV == "cuda":
-                # The same engine and thresholds with every kernel launched without PDL (graphs recaptured).
+                # The same engine and thresholds with every kernel launched with PDL (graphs recaptured).
                 eng.calibrate_thresholds(0.5, n_tokens=16, batch=1)
-                with use_pdl(False):
+                with use_pdl(True):
                     eng.reset_graphs()
                     tok_s = speed(1, True)
                 eng.reset_graphs()
-                log(f"  b1 teal s=0.5 without PDL: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x")
-                rows.append({**meta, "kind": "decode", "model": name, "method": "teal-nopdl", "sparsity": 0.5,
+                log(f"  b1 teal s=0.5 with PDL: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x")
+                rows.append({**meta, "kind": "decode", "model": name, "method": "teal-pdl", "sparsity": 0.5,
                              "batch": 1, "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
                              "speedup": round(tok_s / dense, 3), "layers": cfg.n_layers})
             if b == 1 and clock.left() > 40:
@@ -779,9 +781,9 @@ def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
         out.append("|---|---|---|---|---|")
         for key in prof:
             parts = key.split("|")
-            if len(parts) != 4 or parts[3] != "graph_us" or parts[0].endswith("-nopdl"):
+            if len(parts) != 4 or parts[3] != "graph_us" or not parts[0].endswith("-pdl"):
                 continue
-            impl, op, s_ = parts[:3]
+            impl, op, s_ = parts[0][: -len("-pdl")], parts[1], parts[2]
             kern = prof.get(f"{impl}|{op}|{s_}|kernels_us", {})
             out.append(f"| {s_[1:]} | {op} | {prof[key]} | {prof.get(f'{impl}-nopdl|{op}|{s_}|graph_us', '')} | "
                        + ", ".join(f"{k} {v}" for k, v in kern.items()) + " |")
@@ -835,7 +837,7 @@ def main() -> None:
     ap.add_argument("--tune-batches", default="1,4", help="batches every tuning sweep covers (default: %(default)s)")
     ap.add_argument("--teal", action="store_true", help="also time the TEAL-style split-K kernel (fp16)")
     ap.add_argument("--profile", action="store_true",
-                    help="also log each v6 kernel's device time and the ops with and without PDL (batch 1)")
+                    help="also log each v6 kernel's device time, the ops with and without PDL and a bare launch (batch 1)")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")

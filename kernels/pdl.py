@@ -14,8 +14,11 @@ a kernel may read what any earlier kernel of the stream wrote. Kernels launched 
 torch ops) wait for the full previous grid as usual, and a PDL launch after one of them starts only
 when it completes (an implicit trigger at its end). So mixing them is safe.
 
-On by default where it works (CUDA, compute capability ≥ 9, compiled Triton); `ACTSPARSE_PDL=0` or
-`use_pdl(False)` turns it off (benchmarks time both).
+Opt-in for now: `ACTSPARSE_PDL=1` or `use_pdl(True)` turns it on where it works (CUDA, compute
+capability ≥ 9, compiled Triton whose launcher takes `launch_pdl`). It was written in a session whose
+device loans were paused, so neither its gain nor its correctness under graph capture has been measured
+on a GPU yet; `tests/kernels/test_pdl.py` (GPU tests) and `bench_kernels.py --impls v2,v6,v6-pdl
+--profile` check both, and the default should follow what they show.
 """
 
 from __future__ import annotations
@@ -28,16 +31,20 @@ import torch
 import triton
 import triton.language as tl
 
-_enabled = os.environ.get("ACTSPARSE_PDL", "1").strip().lower() not in ("0", "false", "off", "no")
+_enabled = os.environ.get("ACTSPARSE_PDL", "0").strip().lower() in ("1", "true", "on", "yes")
 _capable: dict[int, bool] = {}
 
 
 def _gdc_available() -> bool:
+    """The installed Triton has the in-kernel calls and the launch option (Triton ≥ 3.3 for NVIDIA)."""
     try:
+        import dataclasses
+
+        from triton.backends.nvidia.compiler import CUDAOptions
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
     except ImportError:
         return False
-    return True
+    return any(f.name == "launch_pdl" for f in dataclasses.fields(CUDAOptions))
 
 
 def pdl_enabled(device: torch.device) -> bool:

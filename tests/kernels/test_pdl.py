@@ -34,19 +34,27 @@ def test_use_pdl_restores_the_previous_setting():
     assert pdl._enabled is before
 
 
-@pytest.mark.parametrize("value, on", [("0", False), ("off", False), ("False", False), ("1", True), ("", True)])
-def test_environment_switch(value, on):
+@pytest.mark.parametrize("value, on", [("0", False), ("off", False), ("", False), ("1", True), ("on", True),
+                                       ("True", True)])
+def test_environment_switch_opt_in(value, on):
     code = "import actsparse.kernels.pdl as p; print(p._enabled)"
     env = {**os.environ, "ACTSPARSE_PDL": value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(on)
 
 
+def test_the_installed_triton_offers_the_launch_option():
+    from actsparse.kernels.pdl import _gdc_available
+
+    assert _gdc_available()
+
+
 @pytest.mark.gpu
 @gpu
-def test_gpu_on_exactly_on_hopper_and_newer():
+def test_gpu_on_exactly_on_hopper_and_newer_when_asked_for():
     dev = torch.device("cuda")
-    assert pdl_enabled(dev) == (torch.cuda.get_device_capability()[0] >= 9)
+    with use_pdl(True):
+        assert pdl_enabled(dev) == (torch.cuda.get_device_capability()[0] >= 9)
     with use_pdl(False):
         assert not pdl_enabled(dev)
 
