@@ -37,6 +37,8 @@ class V3Config:
     seg_k: int = 512  # K slice per program (its channels are selected and compacted together)
     block_k: int = 64  # active rows gathered per loop step
     num_warps: int = 4
+    use_dot: bool = False  # tensor cores (tl.dot, rows padded to 16) instead of CUDA-core FMA: batches 2-4
+    num_stages: int = 1  # Triton's software pipelining of the walk loop
 
 
 V3_MAX_BATCH = 4  # the v3 kernel keeps batch × BLOCK_K × BLOCK_N accumulators: small batches only

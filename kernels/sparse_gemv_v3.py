@@ -21,6 +21,11 @@ active rows:
 
 Gate and up are separate programs of one launch (pid_m), so each holds one accumulator.
 
+Batches 2-4 (`V3Config(use_dot=True)`): the FMA accumulators grow with the batch (batch × BLOCK_K ×
+BLOCK_N fp32), which capped the programs per SM; the tensor-core walk pads the batch to 16 rows and
+runs each gathered step as one tl.dot [16, BLOCK_K] × [BLOCK_K, BLOCK_N] into a [16, BLOCK_N]
+accumulator (x_s rounded to the weights' dtype first, as the reference does).
+
 v6 (`impl="v6"`, PRELIST): step 1 moves into a separate compaction launch (`_compact_kernel`, one
 program per K slice and threshold row), so a walk program only loads its slice's count and list.
 Measured (BENCHMARKS.md, Session 4): v3 lost to v2 by 2-3x because every program re-did step 1;
@@ -94,6 +99,7 @@ def _v3_kernel(
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr, PRELIST: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, VAL_B: tl.constexpr,
     BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_prologue(PDL)
@@ -109,7 +115,8 @@ def _v3_kernel(
         sel = (n_start >= N0).to(tl.int32) + (n_start >= N1).to(tl.int32)  # q / k / v segment
     slot = sel * GROUPS + pid_k
     idx_base = idx_ptr + slot * SEG_K
-    val_base = val_ptr + slot * (BLOCK_B * SEG_K) + offs_b[:, None] * SEG_K
+    # A slot holds VAL_B value rows (the batch rounded up); BLOCK_B (16 for tl.dot) rows past B stay masked.
+    val_base = val_ptr + slot * (VAL_B * SEG_K) + offs_b[:, None] * SEG_K
     if PRELIST:  # the compaction pass (select.compact) wrote this slice's list
         count = tl.load(count_ptr + slot)
     else:
@@ -129,7 +136,10 @@ def _v3_kernel(
     mk = ar < count
     idx = tl.load(idx_base + ar, mask=mk, other=0, cache_modifier=".cg")
     xc = tl.load(val_base + ar[None, :], mask=mask_b[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
-    acc = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_N], dtype=tl.float32)
+    if USE_DOT:  # batch 2-4: tensor cores on [16 (rows padded), BLOCK_K] x [BLOCK_K, BLOCK_N], 4 regs of acc
+        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    else:  # batch 1: products on CUDA cores, reduced over K once after the loop (no cross-thread traffic inside)
+        acc = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_N], dtype=tl.float32)
     for i in range(0, count, BLOCK_K):
         mk = (i + ar) < count
         w = tl.load(wb + idx[:, None] * stride_wk + offs_n[None, :], mask=mk[:, None] & mask_n[None, :], other=0.0,
@@ -138,11 +148,20 @@ def _v3_kernel(
         mkn = nxt < count
         idx_n = tl.load(idx_base + nxt, mask=mkn, other=0, cache_modifier=".cg")
         xc_n = tl.load(val_base + nxt[None, :], mask=mask_b[:, None] & mkn[None, :], other=0.0, cache_modifier=".cg")
-        # Products in fp32 on CUDA cores, reduced over K once after the loop (no cross-thread traffic inside).
-        acc += xc[:, :, None] * w.to(tl.float32)[None, :, :]
+        if USE_DOT:
+            # x_s rounded to the weights' dtype, as the reference does; fp32 weights: full-precision products.
+            if IEEE:
+                acc = tl.dot(xc, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xc.to(w.dtype), w, acc)
+        else:
+            acc += xc[:, :, None] * w.to(tl.float32)[None, :, :]
         idx = idx_n
         xc = xc_n
-    out = tl.sum(acc, axis=1)  # [BLOCK_B, BLOCK_N]
+    if USE_DOT:
+        out = acc
+    else:
+        out = tl.sum(acc, axis=1)  # [BLOCK_B, BLOCK_N]
     mask_out = mask_b[:, None] & mask_n[None, :]
 
     if SPLIT:
@@ -178,12 +197,16 @@ def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
     first, so the walk's programs neither normalise, select nor compact: they load their slice's count."""
     b, k = x.shape
     n = wt.shape[1]
-    block_b = triton.next_power_of_2(b)
+    val_b = triton.next_power_of_2(b)  # value rows of a compacted list
+    use_dot = cfg.use_dot
+    block_b = 16 if use_dot else val_b  # tl.dot takes at least 16 rows: the padding rows are masked
     block_n = _fit_block_n(cfg.block_n, bounds) if bounds else cfg.block_n
     seg_k = min(cfg.seg_k, max(16, triton.next_power_of_2(k)))
     if nm_n > 0 and seg_k % nm_m:
         seg_k = max(seg_k, nm_m)
     block_k = min(cfg.block_k, seg_k)
+    if use_dot and (block_k < 16 or block_n < 16):
+        raise ValueError(f"the tensor-core walk (use_dot) needs block_k and block_n ≥ 16, got {block_k} and {block_n}")
     groups = triton.cdiv(k, seg_k)
     mats = 2 if w2 is not None else 1
     tiles_n = triton.cdiv(n, block_n)
@@ -193,7 +216,7 @@ def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
     ws, cnt = _split_workspace(mats * groups, 1, b, n, tiles_n, y)
     # Compacted lists: one per (selection row, K slice); indices int32 and values fp32 per batch row.
     idx = torch.empty(nsel * groups * seg_k, device=x.device, dtype=torch.int32)
-    val = torch.empty(nsel * groups * block_b * seg_k, device=x.device, dtype=torch.float32)
+    val = torch.empty(nsel * groups * val_b * seg_k, device=x.device, dtype=torch.float32)
     count = torch.empty(nsel * groups, device=x.device, dtype=torch.int32)
     ptrs, (n0, n1), strides, flags = _launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
                                                   nm_n, nm_m, y, block_b)
@@ -202,12 +225,13 @@ def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
         _compact_kernel[(groups, nsel)](
             xp, gp, tp, mp, idx, val, count, b, k, *strides[:4], eps, NORM=flags["NORM"],
             NORM_BLOCK=flags["NORM_BLOCK"], HAS_SHIFT=flags["HAS_SHIFT"], NM_N=flags["NM_N"], NM_M=flags["NM_M"],
-            GROUPS=groups, BLOCK_B=block_b, SEG_K=seg_k, num_warps=4, **launch_kwargs(x.device))
+            GROUPS=groups, BLOCK_B=val_b, SEG_K=seg_k, num_warps=4, **launch_kwargs(x.device))
     compiled = _v3_kernel[(tiles_n, groups, mats)](
         *ptrs, ws, cnt, idx, val, count, b, k, n, n0, n1, *strides, eps, **flags,
         GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split, PRELIST=prelist,
+        USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, VAL_B=val_b,
         BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n,
-        num_warps=cfg.num_warps, num_stages=1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     record_compiled("v3_kernel", compiled, k, n, w2 is not None)
     return y
