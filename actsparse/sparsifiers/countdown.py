@@ -153,9 +153,10 @@ def d_rules(stats, sparsity: float, params, model) -> list[Rule]:
         points[f"{b.layer}.z"] = (b.sites["down"].module, "input")
     acts = collect(model, windows, points)
     gen = torch.Generator().manual_seed(params.seed)
+    dev = next(model.parameters()).device  # the predictors train where the model is (the CPU generator draws alike)
     rules = []
     for b in blocks:
-        x, z = acts[f"{b.layer}.x"], acts[f"{b.layer}.z"]      # [N, H], [N, F]
+        x, z = acts[f"{b.layer}.x"].to(dev), acts[f"{b.layer}.z"].to(dev)      # [N, H], [N, F]
         h, f = x.shape[1], z.shape[1]
         r = params.rank or max(1, h // 8)
         labels = topk_labels(z, sparsity).float()
@@ -169,7 +170,7 @@ def d_rules(stats, sparsity: float, params, model) -> list[Rule]:
             precision = float((pred & truth).sum() / pred.sum().clamp(min=1))
         skips = [b.sites[k].name for k in ("gate", "up", "down") if k in b.sites]
         rules.append(Rule(f"layers.{b.layer}.mlp", "countdown_d",
-                          {"U": u.detach().float(), "V": v.detach().float(), "tau": torch.tensor(tau)},
+                          {"U": u.detach().float().cpu(), "V": v.detach().float().cpu(), "tau": torch.tensor(tau)},
                           attrs={"parts": mlp_parts(b), "rank": r, "calib_recall": recall,
                                  "calib_precision": precision},
                           skips=skips, expected_sparsity=float((~pred).float().mean()),
@@ -184,7 +185,7 @@ def train_predictor(x: torch.Tensor, labels: torch.Tensor, r: int, params, gen: 
     init = torch.empty(f, h)
     bound = math.sqrt(6.0 / (f + h))                           # Xavier-uniform, as the reference's init
     init.uniform_(-bound, bound, generator=gen)
-    uu, s, vh = torch.linalg.svd(init, full_matrices=False)
+    uu, s, vh = torch.linalg.svd(init.to(x.device), full_matrices=False)
     r = min(r, s.numel())
     u = (uu[:, :r] * s[:r].sqrt()).clone().requires_grad_(True)      # [F, r]
     v = (vh[:r].t() * s[:r].sqrt()).clone().requires_grad_(True)     # [H, r]
@@ -192,7 +193,7 @@ def train_predictor(x: torch.Tensor, labels: torch.Tensor, r: int, params, gen: 
     bs = min(params.batch_tokens, n)
     with torch.enable_grad():
         for _ in range(params.train_steps):
-            idx = torch.randint(0, n, (bs,), generator=gen)
+            idx = torch.randint(0, n, (bs,), generator=gen).to(x.device)
             loss = F.binary_cross_entropy_with_logits((x[idx] @ v) @ u.t(), labels[idx])
             opt.zero_grad()
             loss.backward()

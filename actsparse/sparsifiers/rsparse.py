@@ -87,7 +87,8 @@ class RSparse(Method):
         names = [s for s in stats.meta["sites"] if s.rsplit(".", 1)[-1] in params.roles]
         windows = calib_windows(stats, params.calib_tokens)
         X = collect(model, windows, {s: (sites[s].module, "input") for s in names})
-        fits = {s: _SiteFit(sites[s], X[s]) for s in names}
+        dev = next(model.parameters()).device  # the SVDs and sorts run where the model is (a GPU: seconds, not hours)
+        fits = {s: _SiteFit(sites[s], X[s], dev) for s in names}
         del X
         layers = sorted({sites[s].layer for s in names})
         if params.search == "none":
@@ -96,19 +97,23 @@ class RSparse(Method):
             alpha = _greedy(model, stats, fits, sparsity, params.alpha_grid, windows)
         else:
             alpha = _evolve(model, stats, fits, sparsity, params, windows, layers)
-        return [fits[s].rule(sparsity, alpha[sites[s].layer], params.search) for s in names]
+        rules = [fits[s].rule(sparsity, alpha[sites[s].layer], params.search) for s in names]
+        for r in rules:  # a plan holds CPU tensors, whatever device the fit ran on
+            r.tensors = {k: v.cpu() for k, v in r.tensors.items()}
+        return rules
 
 
 class _SiteFit:
     """One site's SVD and sorted channel scores, from which a rule for any (s, alpha) is cut."""
 
-    def __init__(self, site, x: torch.Tensor):
+    def __init__(self, site, x: torch.Tensor, device: "torch.device | str" = "cpu"):
         self.site = site
-        w = site.weight.detach().double().cpu()                        # [out, in]
+        w = site.weight.detach().to(device, torch.float64)             # [out, in]
         self.out, self.inp = w.shape
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         self.us, self.v = u * s, vh.t()                                # [out, R], [in, R]
         self.scale = w.norm(dim=0)                                     # ||W[:, k]||: [in]
+        x = x.to(device)
         self.q_plain = SortedAbs(x)                                    # |x|
         self.q_scaled = SortedAbs(x.double() * self.scale)             # |x_k| c_k
 
