@@ -2,6 +2,9 @@
 # One device call: install, GPU tests, kernel tuning + microbenchmark, decode benchmark.
 #   COMMIT=<sha> bash benchmarks/run_on_device.sh [extra bench_kernels.py args, e.g. --tune-v6 --tune-batches 1]
 # (the kernels in --impls, default v2 and v6, are timed side by side; the per-op winner drives the decode rows.)
+# Next run (BENCHMARKS.md, Session 5): --impls v2,v6,v6-pdl --profile --tune-v6 --tune-batches 4
+#   --tune-weights 0:0,0.5:1,0.9:1  (PDL on vs off per op and block, each kernel's device time, the batch-4
+#   tensor-core walk tuned); BENCH_BUDGET=420.
 # Everything lands in $OUT (at most 8 files come back): env.txt, tests.log, bench.log,
 # results.json, BENCHMARKS_fragment.md, tuned.json.
 set -uo pipefail
