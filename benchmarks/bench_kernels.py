@@ -267,7 +267,7 @@ class Inputs:
 
 def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
     """Callables running each fused sparse op over all L weight copies (impl: auto, v2, v3, v4 or v5; a trailing
-    "p", e.g. "v5p": the same kernel on weights packed in strips, `pack_weight`).
+    "p", e.g. "v5p": the same kernel on weights packed in strips, `pack_weight`; "-pdl" / "-nopdl": PDL on / off).
 
     v5 runs as the engine does: gate|up writes h selected for down (out_thresh), so down reads it as is
     (thresh=None, no selection pass of its own); its op time is measured on h selected beforehand.
@@ -276,59 +276,37 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
     x, g, a, h = inp.x, inp.g, inp.a, inp.h
     sparse_gemv = _with_impl(_sparse_gemv, impl, pdl=pdl)
     sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, pdl=pdl)
-    if impl == "v5":
-        hs = ref.sparsify_ref(h, th["down"].to(h.dtype))
-        t_down = th["down"]
+    v5 = impl == "v5"
+    t_out = th["down"] if v5 else None  # v5: gate|up selects h for down
+    h_down = ref.sparsify_ref(h, th["down"].to(h.dtype)) if v5 else h
+    t_down = None if v5 else th["down"]
 
-        def pair():
+    def qkv(s):
+        return sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
+
+    def o(s):
+        return sparse_gemv(a, s["wo_t"], th["o"], residual=x)
+
+    def pair(s):
+        return sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5, out_thresh=t_out)
+
+    def down(s, hin=h_down):
+        return sparse_gemv(hin, s["wd_t"], t_down, residual=x)
+
+    def block(s):
+        qkv(s)
+        o(s)
+        hp = pair(s)
+        down(s, hp if v5 else h_down)  # v5: down reads gate|up's selected output, as in the engine
+
+    def over_sets(op):
+        def run():
             for s in sets:
-                sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5, out_thresh=t_down)
+                op(s)
+        return run
 
-        def down():
-            for s in sets:
-                sparse_gemv(hs, s["wd_t"], None, residual=x)
-
-        def qkv():
-            for s in sets:
-                sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
-
-        def o():
-            for s in sets:
-                sparse_gemv(a, s["wo_t"], th["o"], residual=x)
-
-        def block():
-            for s in sets:
-                sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
-                sparse_gemv(a, s["wo_t"], th["o"], residual=x)
-                h_s = sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5, out_thresh=t_down)
-                sparse_gemv(h_s, s["wd_t"], None, residual=x)
-
-        return {"qkv": qkv, "o": o, "pair": pair, "down": down, "block": block}
-
-    def qkv():
-        for s in sets:
-            sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
-
-    def o():
-        for s in sets:
-            sparse_gemv(a, s["wo_t"], th["o"], residual=x)
-
-    def pair():
-        for s in sets:
-            sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5)
-
-    def down():
-        for s in sets:
-            sparse_gemv(h, s["wd_t"], th["down"], residual=x)
-
-    def block():
-        for s in sets:
-            sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
-            sparse_gemv(a, s["wo_t"], th["o"], residual=x)
-            sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5)
-            sparse_gemv(h, s["wd_t"], th["down"], residual=x)
-
-    return {"qkv": qkv, "o": o, "pair": pair, "down": down, "block": block}
+    return {name: over_sets(op) for name, op in (("qkv", qkv), ("o", o), ("pair", pair), ("down", down),
+                                                  ("block", block))}
 
 
 def check_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
