@@ -16,8 +16,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -33,26 +31,10 @@ import torch.nn.functional as F
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _ensure_kernels_importable() -> None:
-    """Load actsparse.kernels from the source tree when the install does not map it (never as `kernels`)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    try:
-        importlib.import_module("actsparse.kernels")
-        return
-    except ModuleNotFoundError:
-        pass
-    import actsparse
-
-    spec = importlib.util.spec_from_file_location("actsparse.kernels", ROOT / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["actsparse.kernels"] = mod
-    spec.loader.exec_module(mod)
-    actsparse.kernels = mod
-
-
-_ensure_kernels_importable()
+# actsparse.kernels is the module actsparse/kernels.py, whose submodules live in kernels/: importable
+# from the source tree with or without an install.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 from actsparse.kernels import (GemvConfig, V3Config, V4Config, configs, override_config, pack_weight, ref,  # noqa: E402
                                sparse_gated_mlp, sparse_gemv)

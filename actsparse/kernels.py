@@ -1,0 +1,66 @@
+"""Triton kernels that turn activation sparsity into decode speed: the package `actsparse.kernels`.
+
+Its modules live in the repository's top-level `kernels/` folder (one op per file, `ref.py` holding a
+plain-PyTorch reference of each). That folder has no `__init__.py` on purpose: a regular package named
+`kernels` at the repository root would shadow Hugging Face's `kernels` package, which transformers imports
+whenever the root is on `sys.path` (`python -c`, `python -m pytest`, Ray workers started there). This module
+is the package instead: Python prefers `actsparse/kernels.py` over a folder without `__init__.py`, and
+`__path__` below makes the folder its submodule search path: `kernels/` in a source tree or editable
+install, `actsparse/kernels/` in a wheel (setuptools maps it there, `[tool.setuptools.package-dir]`).
+
+Every op is registered as a `torch.library` custom op (namespace `actsparse`), so torch.compile
+and CUDA graphs capture it.
+
+Triton compiles only for GPUs: on a machine without CUDA this package turns on Triton's
+interpreter (TRITON_INTERPRET=1, unless already set) before defining its kernels, so they run,
+slowly, on CPU tensors (tests and CI).
+"""
+
+import os as _os
+from pathlib import Path as _Path
+
+import torch as _torch
+
+
+def _kernel_dir() -> str:
+    here = _Path(__file__).resolve().parent
+    for cand in (here / "kernels", here.parent / "kernels"):  # wheel layout, then the source tree
+        if (cand / "sparse_gemv.py").is_file():
+            return str(cand)
+    raise ImportError(f"actsparse.kernels: no kernel sources beside {here} (looked in {here / 'kernels'} and "
+                      f"{here.parent / 'kernels'}); reinstall actsparse")
+
+
+__path__ = [_kernel_dir()]  # makes this module a package: its submodules are the files in that folder
+if __spec__ is not None:
+    __spec__.submodule_search_locations = __path__
+
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# isort: split
+
+from actsparse.kernels.attention import decode_attention
+from actsparse.kernels.cats import cats_up
+from actsparse.kernels.configs import GemvConfig, V3Config, V4Config, override_config, pick_config, poison_outputs
+from actsparse.kernels.gated_mlp import sparse_gated_mlp
+from actsparse.kernels.rmsnorm import add_rmsnorm, rmsnorm
+from actsparse.kernels.silu_mul import silu_mul
+from actsparse.kernels.sparse_gemv import pack_weight, sparse_gemv
+
+__all__ = [
+    "GemvConfig",
+    "V3Config",
+    "V4Config",
+    "add_rmsnorm",
+    "cats_up",
+    "decode_attention",
+    "override_config",
+    "pack_weight",
+    "pick_config",
+    "poison_outputs",
+    "rmsnorm",
+    "silu_mul",
+    "sparse_gated_mlp",
+    "sparse_gemv",
+]
