@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import ActsparseError
-from ..models.sites import Block, find_blocks
+from ..models.sites import Block, find_blocks, find_sites
 from .plan import Rule, SparsityPlan
 
 
@@ -159,6 +159,39 @@ def measure(model, rules: list[Rule], stats, windows: torch.Tensor, batch_size: 
     with installed(model, rules, stats) as handle:
         run_windows(model, windows, batch_size)
         return handle.measured_sparsity()["per_point"]
+
+
+# forward order of the sites inside a block: a stage's inputs depend only on the stages before it
+STAGES = (("q", "k", "v", "qkv"), ("o",), ("gate", "up"), ("down",))
+
+
+def _stage(role: str) -> int:
+    base = role.rsplit(".", 1)[-1]   # expert{e}.gate -> gate
+    return next((i for i, st in enumerate(STAGES) if base in st), len(STAGES))
+
+
+@torch.no_grad()
+def fit_in_order(model, stats, names: list[str], windows: torch.Tensor, fit_one, sequential: bool) -> list[Rule]:
+    """Fit one rule per site from its captured inputs X [N, C], layer by layer: `fit_one(site, X) -> Rule`.
+
+    With `sequential`, sites are captured stage by stage in forward order with every rule fitted so far
+    installed, so each site calibrates on the inputs it will see once upstream sites are sparsified
+    (sequential calibration). Otherwise one dense pass per layer; capturing a layer at a time bounds
+    memory to one layer's inputs over the calibration tokens.
+    """
+    sites = find_sites(model)
+    rules: list[Rule] = []
+    for layer in sorted({sites[s].layer for s in names}):
+        mine = [s for s in names if sites[s].layer == layer]
+        groups = ([[s for s in mine if _stage(sites[s].role) == i] for i in range(len(STAGES) + 1)]
+                  if sequential else [mine])
+        for group in groups:
+            if not group:
+                continue
+            with installed(model, rules if sequential else [], stats):
+                X = collect(model, windows, {s: (sites[s].module, "input") for s in group})
+            rules += [fit_one(sites[s], X[s]) for s in group]
+    return rules
 
 
 def mlp_parts(block: Block) -> dict[str, str | None]:

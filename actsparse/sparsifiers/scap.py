@@ -39,13 +39,10 @@ import torch.nn.functional as F
 
 from ..errors import ActsparseError
 from ..models.sites import find_sites
-from ._calib import SortedAbs, calib_windows, collect, installed, require_model
+from ._calib import SortedAbs, calib_windows, collect, fit_in_order, require_model
 from .plan import Rule
 from .registry import Method, register_method
 from .teal import check_roles
-
-STAGES = (("q", "k", "v", "qkv"), ("o",), ("gate", "up"), ("down",))
-
 
 @register_method("scap")
 class Scap(Method):
@@ -92,22 +89,16 @@ class Scap(Method):
             return [_rule(s, "zero", 0.0, stats[s].abs_quantile(sparsity), None, sparsity) for s in names]
         sites = find_sites(model)
         windows = calib_windows(stats, params.calib_tokens)
-        fit_one = lambda s, sample, X: _fit_site(sites[s], modes[s.rsplit(".", 1)[-1]], sparsity, sample, X,  # noqa: E731
-                                                 params.kde_candidates, params.kde_bw_adjust)
-        if not params.sequential:
-            need_x = [s for s in names if modes[s.rsplit(".", 1)[-1]] == "kde"]
-            X = collect(model, windows, {s: (sites[s].module, "input") for s in need_x}) if need_x else {}
-            return [fit_one(s, stats[s].sample, X.get(s)) for s in names]
-        rules: list[Rule] = []
-        for layer in sorted({sites[s].layer for s in names}):
-            for stage in STAGES:
-                group = [s for s in names if sites[s].layer == layer and sites[s].role in stage]
-                if not group:
-                    continue
-                with installed(model, rules, stats):
-                    X = collect(model, windows, {s: (sites[s].module, "input") for s in group})
-                rules += [fit_one(s, X[s].flatten(), X[s]) for s in group]
-        return rules
+
+        def fit_one(site, sample, X):
+            return _fit_site(site, modes[site.role.rsplit(".", 1)[-1]], sparsity, sample, X,
+                             params.kde_candidates, params.kde_bw_adjust)
+        if params.sequential:
+            return fit_in_order(model, stats, names, windows, lambda site, X: fit_one(site, X.flatten(), X),
+                                sequential=True)
+        need_x = [s for s in names if modes[s.rsplit(".", 1)[-1]] == "kde"]
+        X = collect(model, windows, {s: (sites[s].module, "input") for s in need_x}) if need_x else {}
+        return [fit_one(sites[s], stats[s].sample, X.get(s)) for s in names]
 
 
 def _rule(site: str, mode: str, m: float, t: float, w: torch.Tensor | None, sparsity: float) -> Rule:

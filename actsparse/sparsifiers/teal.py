@@ -27,13 +27,13 @@ Deliberate differences from the reference:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 
 from ..errors import ActsparseError
 from ..models.sites import find_blocks
-from ._calib import SortedAbs, calib_windows, capture_blocks, require_model
+from ._calib import SortedAbs, calib_windows, capture_blocks, fit_in_order, require_model
 from .plan import Rule
 from .registry import Method, register_method
 
@@ -48,36 +48,58 @@ def check_roles(method: str, roles) -> None:
         raise ActsparseError(f"{method} roles must be a non-empty subset of {list(TEAL_ROLES)}, got {list(roles)}")
 
 
+@dataclasses.dataclass
+class ThresholdParams:
+    """Parameters shared by the per-site threshold methods (teal, wina): allocation and its greedy search."""
+    method: ClassVar[str] = "teal"
+    allocation: Literal["uniform", "greedy"] = "uniform"
+    roles: tuple[str, ...] = TEAL_ROLES
+    sequential: bool = False       # uniform: fit layer l on inputs computed with layers < l sparsified
+    base_step: float = 0.05        # greedy: sparsity increment of a site the size of the o projection
+    last_fraction: float = 0.25    # greedy: block error is measured on this last fraction of positions
+    calib_tokens: int = 2048       # greedy and sequential: calibration tokens run through the model
+
+    def __post_init__(self):
+        check_roles(self.method, self.roles)
+        if not 0.0 < self.base_step <= 0.5:
+            raise ActsparseError(f"{self.method} base_step must be in (0, 0.5], got {self.base_step}")
+        if not 0.0 < self.last_fraction <= 1.0:
+            raise ActsparseError(f"{self.method} last_fraction must be in (0, 1], got {self.last_fraction}")
+        if self.calib_tokens < 2:
+            raise ActsparseError(f"{self.method} calib_tokens must be >= 2, got {self.calib_tokens}")
+        if self.sequential and self.allocation == "greedy":
+            raise ActsparseError(f"{self.method}: sequential=True is offered with allocation='uniform' only "
+                                 "(the greedy search already replays each block on its own inputs)")
+
+
 @register_method("teal")
 class Teal(Method):
     """Threshold every site input at its |x| quantile, uniformly or by TEAL's block-wise greedy allocation."""
 
-    @dataclasses.dataclass
-    class Params:
-        allocation: Literal["uniform", "greedy"] = "uniform"
-        roles: tuple[str, ...] = TEAL_ROLES
-        base_step: float = 0.05        # greedy: sparsity increment of a site the size of the o projection
-        last_fraction: float = 0.25    # greedy: block error is measured on this last fraction of positions
-        calib_tokens: int = 2048       # greedy: calibration tokens replayed through each block
-
-        def __post_init__(self):
-            check_roles("teal", self.roles)
-            if not 0.0 < self.base_step <= 0.5:
-                raise ActsparseError(f"teal base_step must be in (0, 0.5], got {self.base_step}")
-            if not 0.0 < self.last_fraction <= 1.0:
-                raise ActsparseError(f"teal last_fraction must be in (0, 1], got {self.last_fraction}")
-            if self.calib_tokens < 2:
-                raise ActsparseError(f"teal calib_tokens must be >= 2, got {self.calib_tokens}")
+    Params = ThresholdParams
 
     @classmethod
     def needs_model_for(cls, params) -> bool:
-        return params.allocation == "greedy"
+        return params.allocation == "greedy" or params.sequential
 
     def fit(self, stats, sparsity, params, model):
+        if params.sequential:
+            require_model("teal", model, "with sequential=True calibrates on sparsified inputs")
+            names = [s for s in stats.meta["sites"] if s.rsplit(".", 1)[-1] in params.roles]
+            return fit_in_order(model, stats, names, calib_windows(stats, params.calib_tokens),
+                                lambda site, X: threshold_rule(site.name, SortedAbs(X)(sparsity), sparsity,
+                                                               sequential=True),
+                                sequential=True)
         if params.allocation == "uniform":
             return uniform_rules(stats, sparsity, params.roles)
         require_model("teal", model, "with allocation='greedy' measures block-output errors")
         return greedy_rules(stats, sparsity, params, model)
+
+
+def threshold_rule(site: str, thresh, sparsity: float, **attrs) -> Rule:
+    """A `threshold` rule on a site's input: scalar or per-channel [C] threshold."""
+    t = torch.as_tensor(thresh, dtype=torch.float32).detach().cpu()
+    return Rule(site, "threshold", {"thresh": t}, attrs=attrs, skips=[site], expected_sparsity=sparsity)
 
 
 def uniform_rules(stats, sparsity: float, roles) -> list[Rule]:
@@ -86,9 +108,7 @@ def uniform_rules(stats, sparsity: float, roles) -> list[Rule]:
     for site in stats.meta["sites"]:
         if site.rsplit(".", 1)[-1] not in roles:
             continue
-        t = stats[site].abs_quantile(sparsity)
-        rules.append(Rule(site, "threshold", {"thresh": torch.tensor(t, dtype=torch.float32)},
-                          skips=[site], expected_sparsity=sparsity))
+        rules.append(threshold_rule(site, stats[site].abs_quantile(sparsity), sparsity))
     return rules
 
 
@@ -99,11 +119,22 @@ _TRAJECTORIES: dict[tuple, list] = {}
 _MAX_CACHED = 64
 
 
+def abs_quantiles(stats, sites) -> dict[str, Callable[[float], float]]:
+    """TEAL's per-site threshold at a sparsity level: the |x| quantile of the calibration sample."""
+    return {s.name: SortedAbs(stats[s.name].sample) for s in sites}
+
+
 @torch.no_grad()
-def greedy_rules(stats, target: float, params, model) -> list[Rule]:
-    """TEAL's block-wise greedy allocation: per block, the recorded level closest to `target`."""
+def greedy_rules(stats, target: float, params, model, thresholds=abs_quantiles, tag: tuple = ()) -> list[Rule]:
+    """TEAL's block-wise greedy allocation: per block, the recorded level closest to `target`.
+
+    `thresholds(stats, sites)` returns, per site, the map from a sparsity level to the threshold on the
+    site's input (a float, or a per-channel tensor); `tag` tells apart the trajectories of methods whose
+    thresholds differ (WINA).
+    """
     blocks = [b for b in find_blocks(model) if any(r in params.roles for r in b.sites)]
-    ident = (stats.key, tuple(params.roles), params.base_step, params.last_fraction, params.calib_tokens)
+    ident = (params.method,) + tag + (stats.key, tuple(params.roles), params.base_step, params.last_fraction,
+                                      params.calib_tokens)
     # a block's identity includes its weights (pointer, in-place version, checksum): a changed model refits
     keys = {b.layer: ident + (b.layer,) + tuple((s.module.weight.data_ptr(), s.module.weight._version,
                                                  float(s.module.weight.detach().float().sum()))
@@ -117,7 +148,7 @@ def greedy_rules(stats, target: float, params, model) -> list[Rule]:
     rules: list[Rule] = []
     for b in blocks:
         sites = [s for r, s in b.sites.items() if r in params.roles]
-        quantiles = {s.name: SortedAbs(stats[s.name].sample) for s in sites}
+        quantiles = thresholds(stats, sites)
         if b.layer in todo:
             traj[b.layer] = greedy_block(calls[b.layer], sites, quantiles, target, params.base_step,
                                          params.last_fraction, resume=traj[b.layer])
@@ -125,11 +156,8 @@ def greedy_rules(stats, target: float, params, model) -> list[Rule]:
                 _TRAJECTORIES.pop(next(iter(_TRAJECTORIES)))
             _TRAJECTORIES[keys[b.layer]] = traj[b.layer]
         f, levels = min(traj[b.layer], key=lambda fl: abs(fl[0] - target))
-        for s in sites:
-            t = quantiles[s.name](levels[s.name])
-            rules.append(Rule(s.name, "threshold", {"thresh": torch.tensor(t, dtype=torch.float32)},
-                              attrs={"allocation": "greedy", "block_effective": f},
-                              skips=[s.name], expected_sparsity=levels[s.name]))
+        rules += [threshold_rule(s.name, quantiles[s.name](levels[s.name]), levels[s.name],
+                                 allocation="greedy", block_effective=f) for s in sites]
     return rules
 
 
@@ -153,7 +181,7 @@ def greedy_block(calls, sites, quantiles, target: float, base_step: float, last_
     def mask_input(name):
         def pre(m, args):
             t = thresh[name]
-            if t <= 0.0:
+            if not torch.is_tensor(t) and t <= 0.0:
                 return None
             x = args[0]
             return (x * (x.abs() > t),) + tuple(args[1:])

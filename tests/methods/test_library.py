@@ -1,14 +1,14 @@
-"""The method library as a whole: all eight registered, every rule kind survives save/load."""
+"""The method library as a whole: every method registered, every rule kind survives save/load."""
 import pytest
 import torch
 
 import actsparse as asp
 from tests.methods.conftest import fresh_x
 
-ALL = ["cats", "countdown", "dense", "ffn_threshold", "nm", "rsparse", "scap", "teal"]
+ALL = ["cats", "countdown", "dense", "ffn_threshold", "nm", "rsparse", "scap", "teal", "wina"]
 
 
-def test_methods_lists_all_eight_with_typed_params():
+def test_methods_lists_every_method_with_typed_params():
     m = asp.methods()
     assert sorted(m) == ALL
     assert m["nm"]["pattern"] == {"type": "str", "default": "2:4"}
@@ -19,7 +19,8 @@ CASES = [("cats", {}), ("countdown", {"mode": "m"}), ("countdown", {"mode": "ora
          ("countdown", {"mode": "d", "train_steps": 5, "calib_tokens": 128}),
          ("nm", {"pattern": "2:4", "mitigation": "shift"}), ("nm", {"pattern": "2:4", "mitigation": "scaling", "calib_tokens": 128}),
          ("rsparse", {"alpha": 0.7, "calib_tokens": 128}), ("scap", {"mode": "median"}),
-         ("ffn_threshold", {"calib_tokens": 128}), ("teal", {})]
+         ("ffn_threshold", {"calib_tokens": 128}), ("teal", {}), ("teal", {"sequential": True, "calib_tokens": 128}),
+         ("wina", {"calib_tokens": 128})]
 
 
 @pytest.mark.parametrize("method,kw", CASES, ids=[f"{m}-{'-'.join(map(str, k.values()))}" for m, k in CASES])
@@ -42,7 +43,8 @@ NEEDS = [("teal", {}, False), ("teal", {"allocation": "greedy"}, True), ("cats",
          ("scap", {"mode": "zero"}, False), ("scap", {"mode": "median"}, True), ("scap", {"mode": "zero", "sequential": True}, True),
          ("nm", {}, False), ("nm", {"mitigation": "variance"}, False), ("nm", {"score": "amber"}, True),
          ("nm", {"mitigation": "shift"}, True), ("countdown", {"mode": "m"}, False), ("countdown", {"mode": "oracle"}, False),
-         ("countdown", {"mode": "d"}, True), ("rsparse", {}, True), ("ffn_threshold", {}, True), ("dense", {}, False)]
+         ("countdown", {"mode": "d"}, True), ("rsparse", {}, True), ("ffn_threshold", {}, True), ("dense", {}, False),
+         ("teal", {"sequential": True}, True), ("wina", {}, True)]
 
 
 @pytest.mark.parametrize("method,kw,needs", NEEDS)
