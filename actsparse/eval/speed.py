@@ -3,7 +3,9 @@
 This is the `triton` backend of DESIGN.md: a plan fitted on a transformers model is translated to
 the decode engine's per-site thresholds (actsparse.engine). Rules the kernels implement: `threshold`
 rules on site inputs q k v o gate up down (TEAL; with a per-channel shift and folded bias, SCAP), and
-on `layers.{i}.gate_act` (CATS). Other rule kinds raise, naming what is supported.
+on `layers.{i}.gate_act` (CATS); a per-channel threshold [C] runs as is (WINA's t / ||W_{:,i}||).
+Other rule kinds raise, naming what is supported (Top-K rules, LaRoSA's included: no kernel selects
+per token).
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ def plan_to_engine(plan: SparsityPlan) -> tuple[dict, dict, dict]:
     th, sh, expected = {}, {}, {}
     for point, rule in plan.rules.items():
         role = point.rsplit(".", 1)[-1]
+        if rule.kind in ("rotated_topk", "topk_token"):
+            raise ActsparseError(f"the triton kernels have no per-token Top-K selection (plan {plan.method!r}, "
+                                 f"{rule.kind!r} rule at {point}); LaRoSA would also need its rotation folded "
+                                 "into the engine's weights, so decode speed is not measured for this plan")
         if rule.kind != "threshold" or role not in ENGINE_ROLES:
             raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ENGINE_ROLES)}; "
                                  f"plan {plan.method!r} has a {rule.kind!r} rule at {point}")

@@ -113,17 +113,6 @@ def topk_labels(z: torch.Tensor, sparsity: float) -> torch.Tensor:
     return a > kth
 
 
-@register_rule("topk_token")
-def topk_token(rule: Rule, x: torch.Tensor, forward, module=None):
-    """Per token, zero the n_zero smallest-|x| entries (ties at the cut are zeroed too), then forward."""
-    k = int(rule.attrs["n_zero"])
-    if k <= 0:
-        return forward(x), x.new_zeros((), dtype=torch.long)
-    kth = x.abs().kthvalue(k, dim=-1, keepdim=True).values
-    keep = x.abs() > kth
-    return forward(x * keep), (~keep).sum()
-
-
 @register_rule("countdown_d")
 def countdown_d(rule: Rule, x: torch.Tensor, forward, module):
     """D-COUNTDOWN at the MLP input: predict kept neurons from x, compute only those, return down's output.

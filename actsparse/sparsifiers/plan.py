@@ -67,15 +67,20 @@ class SparsityPlan:
 
     def save(self, path) -> None:
         """Write the plan to a directory: tensors in safetensors, everything else in JSON (never pickle)."""
-        tensors, rules = {}, {}
+        tensors, rules, aliases, first = {}, {}, {}, {}
         for p, r in self.rules.items():
             for k, v in r.tensors.items():
+                # a tensor shared by several rules (LaRoSA's per-layer rotation) is written once
+                if id(v) in first:
+                    aliases[f"{p}/{k}"] = first[id(v)]
+                    continue
+                first[id(v)] = f"{p}/{k}"
                 tensors[f"{p}/{k}"] = v
             rules[p] = {"kind": r.kind, "attrs": r.attrs, "skips": r.skips, "tensors": sorted(r.tensors),
                         "expected_sparsity": r.expected_sparsity, "extra_params": r.extra_params}
         save_tensors_json(path, tensors, {"kind": "plan", "method": self.method, "params": self.params,
                                           "target": self.target, "site_params": self.site_params,
-                                          "meta": self.meta, "rules": rules})
+                                          "meta": self.meta, "rules": rules, "tensor_aliases": aliases})
 
     @classmethod
     def load(cls, path) -> "SparsityPlan":
@@ -83,6 +88,8 @@ class SparsityPlan:
         t, m = load_tensors_json(path)
         if m.get("kind") != "plan":
             raise ActsparseError(f"{path} is not a plan artifact (kind={m.get('kind')!r})")
+        for name, target in m.get("tensor_aliases", {}).items():
+            t[name] = t[target]
         rules = {p: Rule(p, r["kind"], {k: t[f"{p}/{k}"] for k in r["tensors"]}, r["attrs"], r["skips"],
                          r["expected_sparsity"], r["extra_params"]) for p, r in m["rules"].items()}
         return cls(m["method"], m["params"], m["target"], rules, m["site_params"], m["meta"])

@@ -56,3 +56,41 @@ def threshold(rule: Rule, x: torch.Tensor, forward, module=None) -> tuple[torch.
     if fold is not None:
         y = y + fold.to(y.device, y.dtype)
     return y, (~keep).sum()
+
+
+@register_rule("topk_token")
+def topk_token(rule: Rule, x: torch.Tensor, forward, module=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, zero the n_zero smallest-|x| entries (ties at the cut are zeroed too), then forward."""
+    k = int(rule.attrs["n_zero"])
+    if k <= 0:
+        return forward(x), x.new_zeros((), dtype=torch.long)
+    kth = x.abs().kthvalue(k, dim=-1, keepdim=True).values
+    keep = x.abs() > kth
+    return forward(x * keep), (~keep).sum()
+
+
+@register_rule("rotated_topk")
+def rotated_topk(rule: Rule, x: torch.Tensor, forward, module=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, keep the largest-|z| entries of z = Qᵀ(x / g) and map back: y = forward(g ⊙ Q z_s).
+
+    `Q` [C, C] is orthogonal (columns = the rotated basis), `g` [C] the weight of the norm that produced x
+    (x = g ⊙ n), so z is the rotated normalised input that a model with g folded into its weights and its
+    residual stream rotated by Q would feed this layer (LaRoSA). `n_zero` entries of z are zeroed per
+    token (ties at the cut too); with n_zero = 0 the rotation still runs, and y equals forward(x) up to
+    rounding. A zero g_i carries nothing forward, so its channel of n is taken as 0.
+    """
+    q = rule.tensors["Q"].to(x.device, torch.float32)
+    g = rule.tensors["g"].to(x.device, torch.float32)
+    xf = x.float()
+    n = torch.where(g != 0, xf / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(xf))
+    z = n @ q                                                       # [..., C] rotated
+    k = int(rule.attrs["n_zero"])
+    if k > 0:
+        kth = z.abs().kthvalue(k, dim=-1, keepdim=True).values
+        keep = z.abs() > kth
+        z = z * keep
+        n_zero = (~keep).sum()
+    else:
+        n_zero = x.new_zeros((), dtype=torch.long)
+    xs = ((z @ q.t()) * g).to(x.dtype)
+    return forward(xs), n_zero

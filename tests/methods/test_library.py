@@ -5,7 +5,7 @@ import torch
 import actsparse as asp
 from tests.methods.conftest import fresh_x
 
-ALL = ["cats", "countdown", "dense", "ffn_threshold", "nm", "rsparse", "scap", "teal", "wina"]
+ALL = ["cats", "countdown", "dense", "ffn_threshold", "larosa", "nm", "rsparse", "scap", "teal", "wina"]
 
 
 def test_methods_lists_every_method_with_typed_params():
@@ -20,7 +20,7 @@ CASES = [("cats", {}), ("countdown", {"mode": "m"}), ("countdown", {"mode": "ora
          ("nm", {"pattern": "2:4", "mitigation": "shift"}), ("nm", {"pattern": "2:4", "mitigation": "scaling", "calib_tokens": 128}),
          ("rsparse", {"alpha": 0.7, "calib_tokens": 128}), ("scap", {"mode": "median"}),
          ("ffn_threshold", {"calib_tokens": 128}), ("teal", {}), ("teal", {"sequential": True, "calib_tokens": 128}),
-         ("wina", {"calib_tokens": 128})]
+         ("wina", {"calib_tokens": 128}), ("larosa", {"calib_tokens": 128})]
 
 
 @pytest.mark.parametrize("method,kw", CASES, ids=[f"{m}-{'-'.join(map(str, k.values()))}" for m, k in CASES])
@@ -44,7 +44,7 @@ NEEDS = [("teal", {}, False), ("teal", {"allocation": "greedy"}, True), ("cats",
          ("nm", {}, False), ("nm", {"mitigation": "variance"}, False), ("nm", {"score": "amber"}, True),
          ("nm", {"mitigation": "shift"}, True), ("countdown", {"mode": "m"}, False), ("countdown", {"mode": "oracle"}, False),
          ("countdown", {"mode": "d"}, True), ("rsparse", {}, True), ("ffn_threshold", {}, True), ("dense", {}, False),
-         ("teal", {"sequential": True}, True), ("wina", {}, True)]
+         ("teal", {"sequential": True}, True), ("wina", {}, True), ("larosa", {}, True)]
 
 
 @pytest.mark.parametrize("method,kw,needs", NEEDS)

@@ -1,0 +1,115 @@
+"""larosa: layerwise rotated Top-K activation sparsity (LaRoSA, Liu et al., ICML 2025, arXiv 2507.01299).
+
+Per layer l, an orthogonal Q_l from PCA of the layer's calibration inputs: the eigenvectors, by
+descending eigenvalue, of C_l = sum_t n_t n_tᵀ over the normalised inputs n of the attention block
+(h1) and of the MLP (h3), n = x / g with g the RMSNorm weight (the paper folds g into the next
+linears first, which makes the rotation exact: RMSNorm(h Q) = RMSNorm(h) Q with a unit weight).
+The rotated input z = Q_lᵀ n is sparsified per token by Top-K, keeping the (1 - sparsity) C
+largest |z|, so every token's sparsity is the target by construction. The o and down inputs (h2, h4)
+are sparsified by per-token Top-K in their own basis (`topk_token`), the same fraction.
+
+How the rotation runs: the paper rotates the residual stream by Q_l inside layer l, folds Q_l into the
+weights (W diag(g) Q_l at q/k/v/gate/up, Q_lᵀ W at o/down) and adds residual adapters Q_lᵀ Q_{l+1}
+between layers. The torch backend computes the same thing without touching a weight: each read point
+of the residual stream maps its input x to z = Q_lᵀ (x / g), drops the small entries, and feeds
+g ⊙ Q_l z_s to the unmodified linear, since W diag(g) Q_l z_s = W (g ⊙ Q_l z_s). The unrotated
+residual stream between read points is what the adapters Q_lᵀ Q_{l+1} reconstruct, so they need not
+exist here, and `sparsify` leaves the model's weights as they were (nothing to copy, nothing to lift).
+The plan holds Q_l once per layer (shared by that layer's q/k/v/gate/up rules, saved once). Cost on
+the torch backend: two [C x C] products per read point and token, acceptable for quality runs.
+Supported families: Llama, Mistral and Qwen2 (pre-RMSNorm blocks with input_layernorm and
+post_attention_layernorm); others are refused. The triton backend has no Top-K path, so `eval=speed`
+skips LaRoSA plans with that reason.
+
+Deliberate differences from the paper:
+- rotation applied at the read points instead of folded into weights (same arithmetic; a fused-weight
+  deployment would fold W diag(g) Q_l and add the adapters);
+- one uniform Top-K fraction at every sparsified input; the paper's per-layer/per-block sparsity
+  choices are not reproduced;
+- the covariance is taken over `calib_tokens` calibration tokens of the dense model.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import ActsparseError
+from ..models.sites import find_blocks
+from ._calib import calib_windows, collect, require_model
+from .plan import Rule
+from .registry import Method, register_method
+from .teal import check_roles
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+ROTATED = ("q", "k", "v", "gate", "up")     # inputs read from the (rotatable) residual stream
+LAROSA_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@register_method("larosa")
+class Larosa(Method):
+    """Rotate each layer's attention and MLP inputs by the PCA basis of its calibration inputs, then Top-K per token."""
+
+    needs_model = True   # the rotation comes from the model's own inputs and norm weights
+
+    @dataclasses.dataclass
+    class Params:
+        roles: tuple[str, ...] = LAROSA_ROLES
+        calib_tokens: int = 2048
+
+        def __post_init__(self):
+            check_roles("larosa", self.roles)
+            bad = [r for r in self.roles if r not in LAROSA_ROLES]
+            if bad:
+                raise ActsparseError(f"larosa roles must be a subset of {list(LAROSA_ROLES)}, got {list(self.roles)}")
+            if self.calib_tokens < 2:
+                raise ActsparseError(f"larosa calib_tokens must be >= 2, got {self.calib_tokens}")
+
+    def fit(self, stats, sparsity, params, model):
+        require_model("larosa", model, "computes each layer's rotation from the model's inputs")
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        if kind not in SUPPORTED:
+            raise ActsparseError(f"larosa supports {', '.join(SUPPORTED)} models (pre-RMSNorm blocks whose "
+                                 f"norm weights fold into the next linears); this model is {kind!r}")
+        windows = calib_windows(stats, params.calib_tokens)
+        rules: list[Rule] = []
+        for b in find_blocks(model):
+            norms = {"attn": _norm_weight(b, "input_layernorm"), "mlp": _norm_weight(b, "post_attention_layernorm")}
+            readers = {"attn": b.sites["q"], "mlp": b.sites["gate"]}
+            if any(r in params.roles for r in ROTATED):
+                X = collect(model, windows, {p: (s.module, "input") for p, s in readers.items()})
+                q = pca_basis([_normalised(X[p], norms[p]) for p in readers])
+            for role in params.roles:
+                site = b.sites[role]
+                c = site.in_features
+                n_zero = int(round(sparsity * c))
+                if role in ROTATED:
+                    g = norms["attn" if role in ("q", "k", "v") else "mlp"]
+                    rules.append(Rule(site.name, "rotated_topk", {"Q": q, "g": g}, attrs={"n_zero": n_zero},
+                                      skips=[site.name], expected_sparsity=n_zero / c))
+                else:
+                    rules.append(Rule(site.name, "topk_token", attrs={"n_zero": n_zero}, skips=[site.name],
+                                      expected_sparsity=n_zero / c))
+        return rules
+
+
+def _norm_weight(block, name: str) -> torch.Tensor:
+    norm = getattr(block.module, name, None)
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise ActsparseError(f"larosa: layer {block.layer} has no {name} with a weight; it folds the RMSNorm "
+                             "weights of Llama/Mistral/Qwen2 blocks")
+    return w.detach().float().cpu().clone()
+
+
+def _normalised(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """n = x / g (the norm's output before its weight); channels with g = 0 carry nothing: 0."""
+    safe = torch.where(g != 0, g, torch.ones_like(g))
+    return torch.where(g != 0, x.double() / safe.double(), torch.zeros((), dtype=torch.float64))
+
+
+def pca_basis(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Q [C, C] float32: eigenvectors of sum_t n_t n_tᵀ over every row of `parts`, by descending eigenvalue."""
+    cov = sum(p.t() @ p for p in parts)                       # [C, C] float64
+    _, vecs = torch.linalg.eigh(cov)                          # ascending eigenvalues
+    return vecs.flip(-1).float().contiguous()

@@ -1,0 +1,176 @@
+"""LaRoSA: PCA rotation per layer, exact at sparsity 0, equal to folded rotated weights, Top-K sparsity, errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import actsparse as asp
+from actsparse.eval.speed import plan_to_engine
+from actsparse.models.sites import find_blocks
+from actsparse.sparsifiers._calib import calib_windows
+from tests.methods.conftest import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_qwen2(seed: int = 0, layers: int = 2):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    m = Qwen2ForCausalLM(cfg).eval()
+    m.requires_grad_(False)
+    return m
+
+
+def _random_norms(model, seed):
+    """Norm weights far from 1, so that folding them (or not) makes a difference."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data = torch.rand(p.shape, generator=g) * 1.5 + 0.25
+    return model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def rotated(request, tok):
+    model = _random_norms(tiny_llama(seed=3) if request.param == "llama" else tiny_qwen2(seed=4), seed=5)
+    stats = asp.calibrate(model, tok, tokens=1024, seq_len=64, batch_size=8, sample_size=4096, progress=False)
+    return model, stats
+
+
+def _rms(h, eps):
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_larosa_rotation_at_sparsity_zero_leaves_logits_unchanged(rotated):
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, 0.0, model=model, calib_tokens=512)
+    ids = torch.randint(1, 260, (2, 48))
+    with torch.no_grad():
+        want = model(ids).logits
+        with asp.sparsify(model, plan):
+            got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_larosa_basis_is_the_pca_of_normalised_block_inputs(rotated):
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=512)
+    block = find_blocks(model)[1]
+    norms = (block.module.input_layernorm, block.module.post_attention_layernorm)
+    hs = {0: [], 1: []}
+    hooks = [n.register_forward_pre_hook(lambda m, a, i=i: hs[i].append(a[0].reshape(-1, a[0].shape[-1]).double()))
+             for i, n in enumerate(norms)]
+    try:
+        with torch.no_grad():
+            model(calib_windows(stats, 512))
+    finally:
+        for h in hooks:
+            h.remove()
+    eps = norms[0].variance_epsilon
+    n = np.concatenate([_rms(torch.cat(hs[i]), eps).numpy() for i in (0, 1)])
+    vals, vecs = np.linalg.eigh(n.T @ n)
+    ref = vecs[:, ::-1]                                               # descending eigenvalue
+    q = plan.rules["layers.1.q"].tensors["Q"].double().numpy()
+    # columns agree up to sign
+    np.testing.assert_allclose(np.abs(np.sum(ref * q, axis=0)), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.6])
+def test_larosa_site_output_equals_the_folded_rotated_weights(rotated, sparsity):
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, sparsity, model=model, calib_tokens=512)
+    block = find_blocks(model)[0]
+    norm = block.module.post_attention_layernorm
+    h = torch.randn(3, 9, model.config.hidden_size) * 2.0                # fresh residual-stream states
+    q = plan.rules["layers.0.up"].tensors["Q"].double()
+    up = block.sites["up"].module
+    # the paper's model: g folded into W, residual rotated by Q: W' = W diag(g) Q, input z = RMSNorm_unit(h) Q
+    w_rot = up.weight.double() * norm.weight.double() @ q
+    z = _rms(h.double(), norm.variance_epsilon) @ q
+    k = int(round(sparsity * z.shape[-1]))
+    keep = z.abs() > z.abs().kthvalue(k, dim=-1, keepdim=True).values
+    want = (z * keep) @ w_rot.T
+    with asp.sparsify(model, plan) as hd, torch.no_grad():
+        got = up(norm(h))
+        measured = hd.measured_sparsity()["per_point"]["layers.0.up"]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert measured == pytest.approx(k / z.shape[-1])
+
+
+def test_larosa_measured_sparsity_is_the_target_on_unseen_text(rotated, tok):
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=256)
+    with asp.sparsify(model, plan) as h:
+        asp.perplexity(model, tok, data="bundled:eval", seq_len=64, max_tokens=512)
+        m = h.measured_sparsity()
+    assert set(m["per_point"].values()) == {0.5}
+    assert m["effective"] == pytest.approx(0.5) and plan.effective_sparsity == pytest.approx(0.5)
+
+
+def test_larosa_plan_stores_each_rotation_once_and_applies_in_a_fresh_interpreter(rotated, tmp_path):
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, 0.4, model=model, calib_tokens=256)
+    plan.save(tmp_path / "plan")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "plan" / "tensors.safetensors"), "pt") as f:
+        q_keys = [k for k in f.keys() if k.endswith("/Q")]
+    assert len(q_keys) == len(find_blocks(model))
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(1, 260, (1, 32))
+    with asp.sparsify(model, plan), torch.no_grad():
+        want = model(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    script = f"""
+import torch, transformers
+from actsparse.sparsifiers.plan import SparsityPlan
+from actsparse.sparsifiers.apply import sparsify
+m = transformers.AutoModelForCausalLM.from_pretrained(r"{tmp_path / 'model'}").eval()
+plan = SparsityPlan.load(r"{tmp_path / 'plan'}")
+ids = torch.load(r"{tmp_path / 'ids.pt'}")
+with sparsify(m, plan), torch.no_grad():
+    torch.save(m(ids).logits, r"{tmp_path / 'got.pt'}")
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "got.pt"), want, rtol=1e-5, atol=1e-5)
+    meta = json.loads((tmp_path / "plan" / "meta.json").read_text())
+    assert meta["rules"]["layers.0.k"]["kind"] == "rotated_topk"
+
+
+def test_larosa_is_refused_by_the_triton_backend_with_the_reason(rotated):
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=128)
+    with pytest.raises(asp.ActsparseError, match="no per-token Top-K selection"):
+        plan_to_engine(plan)
+
+
+def test_larosa_refuses_other_families_naming_the_supported_ones(gelu):
+    model, stats = gelu
+    with pytest.raises(asp.ActsparseError, match="larosa supports llama, mistral, qwen2 models.*'gpt_neox'"):
+        asp.fit("larosa", stats, 0.5, model=model)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"roles": ("qkv",)}, "larosa roles must be a subset of"),
+    ({"roles": ()}, "larosa roles must be a non-empty subset"),
+    ({"calib_tokens": 1}, "larosa calib_tokens must be >= 2"),
+])
+def test_larosa_rejects_bad_params(llama, params, match):
+    model, stats = llama
+    with pytest.raises(asp.ActsparseError, match=match):
+        asp.fit("larosa", stats, 0.5, model=model, **params)
+
+
+def test_larosa_needs_the_model(llama):
+    _, stats = llama
+    with pytest.raises(asp.ActsparseError, match="pass model="):
+        asp.fit("larosa", stats, 0.5)
