@@ -42,16 +42,37 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass whose remaining layers are not needed."""
+
+
 @torch.no_grad()
-def run_windows(model, windows: torch.Tensor, batch_size: int = 4) -> None:
-    """Run the model over calibration windows (outputs discarded; hooks do the work)."""
+def run_windows(model, windows: torch.Tensor, batch_size: int = 4, stop_after: torch.nn.Module | None = None) -> None:
+    """Run the model over calibration windows (outputs discarded; hooks do the work).
+
+    With `stop_after`, each forward ends once that module has run: the layers after it cannot change
+    what the hooks up to it saw.
+    """
     dev = _device(model)
-    for i in range(0, len(windows), batch_size):
-        model(windows[i:i + batch_size].to(dev), use_cache=False)
+    hook = None
+    if stop_after is not None:
+        def stop(m, args, out):
+            raise _Stop
+        hook = stop_after.register_forward_hook(stop)
+    try:
+        for i in range(0, len(windows), batch_size):
+            try:
+                model(windows[i:i + batch_size].to(dev), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 @torch.no_grad()
-def collect(model, windows: torch.Tensor, points: dict, batch_size: int = 4) -> dict[str, torch.Tensor]:
+def collect(model, windows: torch.Tensor, points: dict, batch_size: int = 4,
+            stop_after: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Return {name: [N, C] float32 on CPU}: every token's tensor at each (module, 'input'|'output') point."""
     got: dict[str, list[torch.Tensor]] = {n: [] for n in points}
     hooks = []
@@ -66,7 +87,7 @@ def collect(model, windows: torch.Tensor, points: dict, batch_size: int = 4) -> 
             hooks.append(mod.register_forward_hook(
                 lambda m, args, out, _n=name: keep(_n, out[0] if isinstance(out, tuple) else out)))
     try:
-        run_windows(model, windows, batch_size)
+        run_windows(model, windows, batch_size, stop_after)
     finally:
         for h in hooks:
             h.remove()
@@ -180,6 +201,7 @@ def fit_in_order(model, stats, names: list[str], windows: torch.Tensor, fit_one,
     memory to one layer's inputs over the calibration tokens.
     """
     sites = find_sites(model)
+    blocks = {b.layer: b for b in find_blocks(model)}
     rules: list[Rule] = []
     for layer in sorted({sites[s].layer for s in names}):
         mine = [s for s in names if sites[s].layer == layer]
@@ -189,7 +211,8 @@ def fit_in_order(model, stats, names: list[str], windows: torch.Tensor, fit_one,
             if not group:
                 continue
             with installed(model, rules if sequential else [], stats):
-                X = collect(model, windows, {s: (sites[s].module, "input") for s in group})
+                X = collect(model, windows, {s: (sites[s].module, "input") for s in group},
+                            stop_after=blocks[layer].module)
             rules += [fit_one(sites[s], X[s]) for s in group]
     return rules
 

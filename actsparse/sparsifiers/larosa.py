@@ -77,7 +77,8 @@ class Larosa(Method):
             norms = {"attn": _norm_weight(b, "input_layernorm"), "mlp": _norm_weight(b, "post_attention_layernorm")}
             readers = {"attn": b.sites["q"], "mlp": b.sites["gate"]}
             if any(r in params.roles for r in ROTATED):
-                X = collect(model, windows, {p: (s.module, "input") for p, s in readers.items()})
+                X = collect(model, windows, {p: (s.module, "input") for p, s in readers.items()},
+                            stop_after=b.module)
                 q = pca_basis([_normalised(X[p], norms[p]) for p in readers])
             for role in params.roles:
                 site = b.sites[role]

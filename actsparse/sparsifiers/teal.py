@@ -1,10 +1,16 @@
 """teal: training-free magnitude thresholding of every site's input (TEAL, arXiv 2408.14690).
 
-Each site's input x is replaced by x * 1[|x| > t_site], with t_site the exact quantile of |x| over
-the calibration sample at the site's sparsity. Reference code: FasterDecoding/TEAL.
+Each site's input x is replaced by x * 1[|x| > t_site], with t_site the empirical quantile of |x| at
+the site's sparsity, taken over the calibration statistics' uniform sample of the site's input
+(`sample_size` values, 2^17 by default: a subsample, so t can sit up to about 1% off the quantile over
+every calibration value; `sequential=True` takes it over all captured values instead).
+Reference code: FasterDecoding/TEAL.
 
 Allocation:
-- `uniform`: every site at the target.
+- `uniform`: every site at the target. With `sequential=True`, layer l's thresholds are fitted on
+  inputs computed with every site before it already sparsified (one pass per layer and stage over
+  `calib_tokens` calibration tokens), so the measured sparsity follows the target instead of
+  drifting above it as upstream zeros shrink downstream inputs.
 - `greedy` (TEAL's block-wise greedy, teal/greedyopt.py): per block, starting from all-dense,
   repeatedly raise the sparsity of the one site whose increment least increases the block-output
   error on calibration inputs; site r's increment is base_step * P_o / P_r (P = the site's weight
@@ -14,12 +20,21 @@ Allocation:
   `calib_tokens` calibration tokens (default 2048); fit cost is about
   (target / step) x (number of sites) block forwards per block.
 
-Deliberate differences from the reference:
+Deliberate differences from the reference (conf/method/teal_paper.yaml sets the reference's
+protocol where it is a setting: sweeps/teal_paper.yaml adds its evaluation token policy):
+- thresholds are quantiles of |x| at the target; the reference takes the inverse CDF of a fitted
+  symmetric distribution of the signed x at 0.5 + s/2 (histograms). On tiny-llama with the same
+  16,384 calibration tokens the uniform thresholds differ by a median 3.9 / 2.0 / 1.2% at
+  s = 0.25 / 0.5 / 0.7, and these hit the target closer;
+- the reference sparsifies only the last half of each sequence's positions, in the greedy search
+  and in its perplexity evaluation; here the greedy search masks every position unless
+  `greedy_mask_fraction` says otherwise (0.5 = the reference), and evaluation follows the
+  token policy (`last_fraction=0.5` = the reference);
+- the greedy search runs on `calib_tokens` = 2,048 tokens with `base_step` 0.05 by default; the
+  reference calibrates on 10 sequences of 2,048 tokens, and its script steps by 0.025;
 - the relative site sizes come from the model's own weight shapes; the reference hard-codes them
   per model, with k/v at 1/8 of q for Llama-2-7B/13B (no GQA there: 1) and Mistral-7B (8 of 32 KV
   heads: 1/4);
-- thresholds are the exact empirical quantile of |x| rather than the inverse CDF of a fitted
-  symmetric distribution (histograms in the reference);
 - the block-output error is the mean over tokens of the per-token L2 error on the last
   `last_fraction` of positions (the reference takes a norm along the sequence axis, then a mean);
 - the greedy loop stops once the target is reached instead of always running to 90%.
@@ -58,6 +73,7 @@ class ThresholdParams:
     base_step: float = 0.05        # greedy: sparsity increment of a site the size of the o projection
     last_fraction: float = 0.25    # greedy: block error is measured on this last fraction of positions
     calib_tokens: int = 2048       # greedy and sequential: calibration tokens run through the model
+    greedy_mask_fraction: float = 1.0   # greedy: sparsify only this last fraction of each window (TEAL: 0.5)
 
     def __post_init__(self):
         check_roles(self.method, self.roles)
@@ -67,6 +83,8 @@ class ThresholdParams:
             raise ActsparseError(f"{self.method} last_fraction must be in (0, 1], got {self.last_fraction}")
         if self.calib_tokens < 2:
             raise ActsparseError(f"{self.method} calib_tokens must be >= 2, got {self.calib_tokens}")
+        if not 0.0 < self.greedy_mask_fraction <= 1.0:
+            raise ActsparseError(f"{self.method} greedy_mask_fraction must be in (0, 1], got {self.greedy_mask_fraction}")
         if self.sequential and self.allocation == "greedy":
             raise ActsparseError(f"{self.method}: sequential=True is offered with allocation='uniform' only "
                                  "(the greedy search already replays each block on its own inputs)")
@@ -134,7 +152,7 @@ def greedy_rules(stats, target: float, params, model, thresholds=abs_quantiles, 
     """
     blocks = [b for b in find_blocks(model) if any(r in params.roles for r in b.sites)]
     ident = (params.method,) + tag + (stats.key, tuple(params.roles), params.base_step, params.last_fraction,
-                                      params.calib_tokens)
+                                      params.calib_tokens, params.greedy_mask_fraction)
     # a block's identity includes its weights (pointer, in-place version, checksum): a changed model refits
     keys = {b.layer: ident + (b.layer,) + tuple((s.module.weight.data_ptr(), s.module.weight._version,
                                                  float(s.module.weight.detach().float().sum()))
@@ -151,7 +169,8 @@ def greedy_rules(stats, target: float, params, model, thresholds=abs_quantiles, 
         quantiles = thresholds(stats, sites)
         if b.layer in todo:
             traj[b.layer] = greedy_block(calls[b.layer], sites, quantiles, target, params.base_step,
-                                         params.last_fraction, resume=traj[b.layer])
+                                         params.last_fraction, resume=traj[b.layer],
+                                         mask_fraction=params.greedy_mask_fraction)
             if len(_TRAJECTORIES) >= _MAX_CACHED:
                 _TRAJECTORIES.pop(next(iter(_TRAJECTORIES)))
             _TRAJECTORIES[keys[b.layer]] = traj[b.layer]
@@ -162,7 +181,7 @@ def greedy_rules(stats, target: float, params, model, thresholds=abs_quantiles, 
 
 
 def greedy_block(calls, sites, quantiles, target: float, base_step: float, last_fraction: float,
-                 resume: list | None = None) -> list[tuple[float, dict]]:
+                 resume: list | None = None, mask_fraction: float = 1.0) -> list[tuple[float, dict]]:
     """Run (or continue) the greedy search on one block until its effective sparsity reaches the target.
 
     Returns the trajectory [(block effective sparsity, {site: sparsity})], starting all-dense.
@@ -183,8 +202,12 @@ def greedy_block(calls, sites, quantiles, target: float, base_step: float, last_
             t = thresh[name]
             if not torch.is_tensor(t) and t <= 0.0:
                 return None
-            x = args[0]
-            return (x * (x.abs() > t),) + tuple(args[1:])
+            x = args[0]                                     # [B, T, C]
+            xs = x * (x.abs() > t)
+            if mask_fraction < 1.0:                          # TEAL masks only the last positions
+                start = x.shape[1] - int(x.shape[1] * mask_fraction)
+                xs = torch.cat([x[:, :start], xs[:, start:]], dim=1)
+            return (xs,) + tuple(args[1:])
         return pre
 
     hooks = [s.module.register_forward_pre_hook(mask_input(s.name)) for s in sites]
@@ -192,7 +215,9 @@ def greedy_block(calls, sites, quantiles, target: float, base_step: float, last_
         # an MLP-site candidate changes only the MLP's output; in a pre-LN block that output is added to
         # the residual, so y = y_base - mlp_base + mlp(x_mlp) on the scored positions, without re-running
         # attention (checked once per block; otherwise every candidate replays the whole block)
-        mlp = calls.block.mlp if _mlp_is_additive(calls) else None
+        # (the shortcut replays the MLP on the scored positions only, where a position-dependent mask
+        # would be misplaced: off when only the last positions are masked)
+        mlp = calls.block.mlp if mask_fraction >= 1.0 and _mlp_is_additive(calls) else None
         in_mlp = {s.name for s in sites if mlp is not None and s.role in ("gate", "up", "down")}
         base = _State.run(calls, mlp, last_fraction)
         while effective(level) < target - 1e-12:

@@ -100,8 +100,11 @@ class Wina(Method):
             return WinaThresholds(X, scoring_norms(site, params.column_norms, gated[site.layer]), dev)
 
         if params.allocation == "greedy":
+            blocks = {b.layer: b.module for b in find_blocks(model)}
+
             def block_thresholds(stats, block_sites):
-                X = collect(model, windows, {s.name: (s.module, "input") for s in block_sites})
+                X = collect(model, windows, {s.name: (s.module, "input") for s in block_sites},
+                            stop_after=blocks[block_sites[0].layer])
                 return {s.name: thresholds_of(s, X[s.name]) for s in block_sites}
             return greedy_rules(stats, sparsity, params, model, thresholds=block_thresholds,
                                 tag=(params.column_norms,))

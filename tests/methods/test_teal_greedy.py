@@ -9,8 +9,9 @@ from actsparse.sparsifiers._calib import calib_windows, capture_blocks
 from tests.methods.conftest import np_quantile_abs
 
 
-def _block_error(model, stats, layer, site_levels, tokens=512, last_fraction=0.25):
-    """Independent: block output error with each site's input masked at numpy's |x| quantile."""
+def _block_error(model, stats, layer, site_levels, tokens=512, last_fraction=0.25, mask_fraction=1.0):
+    """Independent: block output error with each site's input masked at numpy's |x| quantile
+    (on the last `mask_fraction` of positions only)."""
     block = find_blocks(model)[layer]
     calls = capture_blocks(model, calib_windows(stats, tokens), batch_size=16)[layer]
     hooks = []
@@ -18,7 +19,13 @@ def _block_error(model, stats, layer, site_levels, tokens=512, last_fraction=0.2
         lv = site_levels.get(site.name, 0.0)
         if lv > 0:
             t = np_quantile_abs(stats[site.name].sample, lv)
-            hooks.append(site.module.register_forward_pre_hook(lambda m, a, t=t: (a[0] * (a[0].abs() > t),)))
+            def pre(m, a, t=t):
+                x = a[0]
+                start = x.shape[1] - int(x.shape[1] * mask_fraction)
+                keep = x.abs() > t
+                keep[:, :start] = True
+                return (x * keep,)
+            hooks.append(site.module.register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
             errs = []
@@ -46,6 +53,33 @@ def test_greedy_first_step_takes_the_least_harmful_site(llama):
     errors = {n: _block_error(model, stats, 0, {n: step[n]}) for n in step}
     assert raised[0] == min(errors, key=errors.get)
     assert levels[raised[0]] == pytest.approx(step[raised[0]])
+
+
+def test_greedy_mask_fraction_masks_only_the_last_positions_while_searching(llama):
+    model, stats = llama
+    block = find_blocks(model)[1]
+    o = block.sites["o"].n_params
+    total = sum(s.n_params for s in block.sites.values())
+    target = 0.8 * 0.05 * o / total
+    plan = asp.fit("teal", stats, target, model=model, allocation="greedy", calib_tokens=512, greedy_mask_fraction=0.5)
+    levels = {s.name: plan.rules[s.name].expected_sparsity for s in block.sites.values()}
+    raised = [n for n, v in levels.items() if v > 0]
+    step = {s.name: 0.05 * o / s.n_params for s in block.sites.values()}
+    errors = {n: _block_error(model, stats, 1, {n: step[n]}, mask_fraction=0.5) for n in step}
+    assert raised == [min(errors, key=errors.get)]
+    with pytest.raises(asp.ActsparseError, match="teal greedy_mask_fraction must be in"):
+        asp.fit("teal", stats, 0.5, model=model, allocation="greedy", greedy_mask_fraction=0.0)
+
+
+def test_teal_paper_preset_holds_valid_teal_params():
+    from pathlib import Path
+
+    import yaml
+
+    from actsparse.sparsifiers.registry import get_method, make_params
+    conf = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf/method/teal_paper.yaml").read_text())
+    p = make_params(get_method(conf["name"]), conf["params"])
+    assert (p.allocation, p.base_step, p.calib_tokens, p.greedy_mask_fraction) == ("greedy", 0.025, 20480, 0.5)
 
 
 def test_greedy_reaches_target_with_numpy_thresholds(gelu):
