@@ -1,6 +1,7 @@
-"""Check the method library's five claims (issue 4) on the reference models, with asp.* directly.
+"""Check the method library's claims (issues 4 and 17) on the reference models, with asp.* directly.
 
-  python benchmarks/claims.py [--models tiny-llama tiny-gelu] [--max-tokens 16384] [--threads 1] [--no-append]
+  python benchmarks/claims.py [--models tiny-llama tiny-gelu] [--claims 6 7 8] [--max-tokens 16384]
+                              [--threads 1] [--no-append]
 
 Per model: calibrate once on bundled:calib, fit each method on those stats, and measure perplexity
 on bundled:eval (windows of --seq-len, at most --max-tokens tokens, token policy 'all'). Claims:
@@ -10,6 +11,11 @@ on bundled:eval (windows of --seq-len, at most --max-tokens tokens, token policy
   4. M-COUNTDOWN preserves perplexity better than CATS at equal intermediate sparsity.
   5. At iso quality (<= 2% perplexity increase), SCAP reaches higher effective sparsity than CATS
      (on the target ladder 0.1..0.9, and interpolated where ppl crosses +2%).
+  6. WINA beats TEAL (both uniform) in perplexity at effective sparsity 0.4 and 0.5 (every model).
+  7. LaRoSA beats TEAL (uniform) in perplexity at 0.4 and 0.5 (the first gated model).
+  8. Sequential calibration keeps TEAL's and WINA's measured sparsity within +-0.01 of the target at
+     0.5 and 0.8 on held-out text, where dense calibration drifts (the first gated model); its
+     perplexity is reported beside the dense-calibrated one.
 Prints the table (claim, model, method, target, effective sparsity planned/measured, ppl) and a
 verdict per claim with its numbers, and appends both to benchmarks/BENCHMARKS.md with date, device
 and commit. A claim that does not hold is reported as such: nothing here is tuned to make it hold.
@@ -134,6 +140,41 @@ def claim5(b: Bench) -> tuple[bool, str]:
                 f"interpolated where ppl crosses +2%: {inter}")
 
 
+def claim6(b: Bench) -> tuple[bool, str]:
+    out, ok = [], True
+    for s in (0.4, 0.5):
+        t = b.cell("6", "teal", s)
+        w = b.cell("6", "wina", s)
+        ok &= w["ppl"] < t["ppl"]
+        out.append(f"{s:.0%}: WINA {w['ppl']:.3f} (eff {w['measured']:.3f}) vs TEAL {t['ppl']:.3f} "
+                   f"(eff {t['measured']:.3f})")
+    return ok, f"{b.name}: " + "; ".join(out)
+
+
+def claim7(b: Bench) -> tuple[bool, str]:
+    out, ok = [], True
+    for s in (0.4, 0.5):
+        t = b.cell("7", "teal", s)
+        r = b.cell("7", "larosa", s)
+        ok &= r["ppl"] < t["ppl"]
+        out.append(f"{s:.0%}: LaRoSA {r['ppl']:.3f} (eff {r['measured']:.3f}) vs TEAL {t['ppl']:.3f} "
+                   f"(eff {t['measured']:.3f})")
+    return ok, f"{b.name}: " + "; ".join(out)
+
+
+def claim8(b: Bench) -> tuple[bool, str]:
+    out, ok = [], True
+    for method in ("teal", "wina"):
+        for s in (0.5, 0.8):
+            d = b.cell("8", method, s)
+            q = b.cell("8", method, s, sequential=True, calib_tokens=b.args.seq_calib_tokens)
+            drift_d, drift_q = d["act_mean"] - s, q["act_mean"] - s
+            ok &= abs(drift_q) <= 0.01 and abs(drift_q) < abs(drift_d)
+            out.append(f"{method} {s:.0%}: measured {q['act_mean']:.4f} sequential vs {d['act_mean']:.4f} dense "
+                       f"(drift {drift_q:+.4f} vs {drift_d:+.4f}), ppl {q['ppl']:.3f} vs {d['ppl']:.3f}")
+    return ok, f"{b.name}, mean activation sparsity on bundled:eval: " + "; ".join(out)
+
+
 def iso_crossing(rows: list[dict], limit: float) -> float:
     """Effective sparsity where ppl/dense first crosses `limit`, linearly interpolated between ladder points."""
     rows = sorted(rows, key=lambda r: r["effective"])
@@ -169,6 +210,10 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--seq-calib-tokens", type=int, default=8192,
+                    help="calibration tokens replayed layer by layer by sequential calibration (claim 8)")
+    ap.add_argument("--claims", nargs="+", default=["1", "2", "3", "4", "5", "6", "7", "8"],
+                    help="which claims to check")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "BENCHMARKS.md"))
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 on a busy machine")
@@ -185,19 +230,18 @@ def main() -> int:
         benches.append(b)
     gated = [b for b in benches if any(s.endswith(".gate") for s in b.stats.meta["sites"])]
     ungated = [b for b in benches if b not in gated]
+    want = set(args.claims)
     verdicts = []
-    for b in benches:
-        verdicts.append(("1", *claim1(b)))
-    for b in ungated:
-        verdicts.append(("2", *claim2(b)))
-    for b in gated[:1]:
-        verdicts.append(("3", *claim3(b)))
-        verdicts.append(("4", *claim4(b)))
-        verdicts.append(("5", *claim5(b)))
-    if not ungated:
-        verdicts.append(("2", False, "not checked: no two-layer (ungated) MLP model given"))
-    if not gated:
-        verdicts.append(("3-5", False, "not checked: no gated (Llama-like) model given"))
+    for c, fn, on in (("1", claim1, benches), ("2", claim2, ungated), ("3", claim3, gated[:1]),
+                      ("4", claim4, gated[:1]), ("5", claim5, gated[:1]), ("6", claim6, benches),
+                      ("7", claim7, gated[:1]), ("8", claim8, gated[:1])):
+        if c not in want:
+            continue
+        for b in on:
+            verdicts.append((c, *fn(b)))
+        if not on:
+            verdicts.append((c, False, "not checked: no " + ("two-layer (ungated) MLP" if c == "2" else
+                                                             "gated (Llama-like)") + " model given"))
 
     head = ("| claim | model | method | target | effective (plan) | effective (measured) | ppl | ppl / dense |\n"
             "|---|---|---|---|---|---|---|---|")
@@ -213,9 +257,10 @@ def main() -> int:
     wall = time.perf_counter() - t0
     if not args.no_append:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        block = (f"\n## Method claims (issue 4): {stamp}, {device()}, commit {git_commit()}\n\n"
-                 f"`python benchmarks/claims.py --models {' '.join(args.models)} --seq-len {args.seq_len} "
-                 f"--max-tokens {args.max_tokens} --calib-tokens {args.calib_tokens}`: calibration on bundled:calib, "
+        block = (f"\n## Method claims {' '.join(args.claims)}: {stamp}, {device()}, commit {git_commit()}\n\n"
+                 f"`python benchmarks/claims.py --models {' '.join(args.models)} --claims {' '.join(args.claims)} "
+                 f"--seq-len {args.seq_len} --max-tokens {args.max_tokens} --calib-tokens {args.calib_tokens} "
+                 f"--seq-calib-tokens {args.seq_calib_tokens}`: calibration on bundled:calib, "
                  f"perplexity on bundled:eval (token policy `all`), {wall / 60:.1f} min. Effective sparsity = "
                  "share of site weight reads skipped net of extra reads (predictors, low-rank factors, row sums).\n\n"
                  f"{table}\n\n{verdict}\n")
