@@ -140,26 +140,24 @@ def claim5(b: Bench) -> tuple[bool, str]:
                 f"interpolated where ppl crosses +2%: {inter}")
 
 
-def claim6(b: Bench) -> tuple[bool, str]:
+def beats_teal(b: Bench, claim: str, method: str, name: str) -> tuple[bool, str]:
+    """`method` (default params) has lower perplexity than uniform TEAL at targets 0.4 and 0.5."""
     out, ok = [], True
     for s in (0.4, 0.5):
-        t = b.cell("6", "teal", s)
-        w = b.cell("6", "wina", s)
-        ok &= w["ppl"] < t["ppl"]
-        out.append(f"{s:.0%}: WINA {w['ppl']:.3f} (eff {w['measured']:.3f}) vs TEAL {t['ppl']:.3f} "
+        t = b.cell(claim, "teal", s)
+        r = b.cell(claim, method, s)
+        ok &= r["ppl"] < t["ppl"]
+        out.append(f"{s:.0%}: {name} {r['ppl']:.3f} (eff {r['measured']:.3f}) vs TEAL {t['ppl']:.3f} "
                    f"(eff {t['measured']:.3f})")
     return ok, f"{b.name}: " + "; ".join(out)
+
+
+def claim6(b: Bench) -> tuple[bool, str]:
+    return beats_teal(b, "6", "wina", "WINA")
 
 
 def claim7(b: Bench) -> tuple[bool, str]:
-    out, ok = [], True
-    for s in (0.4, 0.5):
-        t = b.cell("7", "teal", s)
-        r = b.cell("7", "larosa", s)
-        ok &= r["ppl"] < t["ppl"]
-        out.append(f"{s:.0%}: LaRoSA {r['ppl']:.3f} (eff {r['measured']:.3f}) vs TEAL {t['ppl']:.3f} "
-                   f"(eff {t['measured']:.3f})")
-    return ok, f"{b.name}: " + "; ".join(out)
+    return beats_teal(b, "7", "larosa", "LaRoSA")
 
 
 def claim8(b: Bench) -> tuple[bool, str]:

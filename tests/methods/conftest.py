@@ -15,26 +15,35 @@ class ByteTok:
         return {"input_ids": [b + 1 for b in text.encode("utf-8")][:4096]}
 
 
+def _tiny(cfg, cls, seed: int):
+    torch.manual_seed(seed)
+    m = cls(cfg).eval()
+    m.requires_grad_(False)
+    return m
+
+
 def tiny_llama(seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    m = LlamaForCausalLM(cfg).eval()
-    m.requires_grad_(False)
-    return m
+    return _tiny(LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+                 LlamaForCausalLM, seed)
+
+
+def tiny_qwen2(seed: int = 0, layers: int = 2):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _tiny(Qwen2Config(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+                 Qwen2ForCausalLM, seed)
 
 
 def tiny_gelu(seed: int = 0, layers: int = 2):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=260, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
-                        num_attention_heads=4, max_position_embeddings=256, hidden_act="gelu")
-    m = GPTNeoXForCausalLM(cfg).eval()
-    m.requires_grad_(False)
-    return m
+    return _tiny(GPTNeoXConfig(vocab_size=260, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
+                               num_attention_heads=4, max_position_embeddings=256, hidden_act="gelu"),
+                 GPTNeoXForCausalLM, seed)
 
 
 @pytest.fixture(scope="session")

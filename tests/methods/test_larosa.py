@@ -13,20 +13,9 @@ import actsparse as asp
 from actsparse.eval.speed import plan_to_engine
 from actsparse.models.sites import find_blocks
 from actsparse.sparsifiers._calib import calib_windows
-from tests.methods.conftest import tiny_llama
+from tests.methods.conftest import tiny_llama, tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def tiny_qwen2(seed: int = 0, layers: int = 2):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    m = Qwen2ForCausalLM(cfg).eval()
-    m.requires_grad_(False)
-    return m
 
 
 def _random_norms(model, seed):
