@@ -17,8 +17,9 @@ residual stream between read points is what the adapters Q_lᵀ Q_{l+1} reconstr
 exist here, and `sparsify` leaves the model's weights as they were (nothing to copy, nothing to lift).
 The plan holds Q_l once per layer (shared by that layer's q/k/v/gate/up rules, saved once). Cost on
 the torch backend: two [C x C] products per read point and token, acceptable for quality runs.
-Supported families: Llama, Mistral and Qwen2 (pre-RMSNorm blocks with input_layernorm and
-post_attention_layernorm); others are refused. The triton backend has no Top-K path, so `eval=speed`
+Supported families: Llama, Mistral, Qwen2 and Qwen3 (pre-RMSNorm blocks with input_layernorm and
+post_attention_layernorm, whose weight multiplies the normalised input); others are refused (Gemma's
+norm scales by 1 + weight; MoE blocks have no single MLP input to Top-K). The triton backend has no Top-K path, so `eval=speed`
 skips LaRoSA plans with that reason.
 
 Deliberate differences from the paper:
@@ -41,7 +42,7 @@ from .plan import Rule
 from .registry import Method, register_method
 from .teal import check_roles
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 ROTATED = ("q", "k", "v", "gate", "up")     # inputs read from the (rotatable) residual stream
 LAROSA_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 

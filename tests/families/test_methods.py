@@ -23,6 +23,8 @@ SMALL = {"calib_tokens": 256}
 NOT_GATED = re.compile(r"needs a gated MLP|no calibration statistics for probe 'layers\.\d+\.(gate_act|up_out)'")
 # what a method says when a family has no MLP at all (a Mamba mixer): not applicable, like NOT_GATED
 NO_MLP = re.compile(r"has no MLP with up and down projections")
+# a method limited to some families names them when refusing another (LaRoSA folds RMSNorm weights)
+FAMILY_LIMITED = re.compile(r"larosa supports (?P<kinds>[a-z0-9_, ]+) models")
 
 
 class _IdTok:
@@ -55,6 +57,9 @@ def test_method_runs_on_family_with_torch_backend(kind, method):
         # only "needs a dense gated MLP" is a reason to skip, and only on a family without one
         if NO_MLP.search(str(e)) and kind == "mamba2":
             pytest.skip(f"{method} does not apply to {kind} (no MLP): {e}")
+        limited = FAMILY_LIMITED.search(str(e))
+        if limited and kind not in limited.group("kinds").split(", "):
+            pytest.skip(f"{method} does not support {kind}: {e}")
         if FAMILIES[kind][1] or not NOT_GATED.search(str(e)):
             raise
         pytest.skip(f"{method} does not apply to {kind} (no dense gated MLP): {e}")

@@ -144,7 +144,7 @@ def test_larosa_is_refused_by_the_triton_backend_with_the_reason(rotated):
 
 def test_larosa_refuses_other_families_naming_the_supported_ones(gelu):
     model, stats = gelu
-    with pytest.raises(asp.ActsparseError, match="larosa supports llama, mistral, qwen2 models.*'gpt_neox'"):
+    with pytest.raises(asp.ActsparseError, match="larosa supports llama, mistral, qwen2, qwen3 models.*'gpt_neox'"):
         asp.fit("larosa", stats, 0.5, model=model)
 
 
