@@ -2,8 +2,9 @@
 
 Each site's input x is replaced by x * 1[|x| > t_site], with t_site the empirical quantile of |x| at
 the site's sparsity, taken over the calibration statistics' uniform sample of the site's input
-(`sample_size` values, 2^17 by default: a subsample, so t can sit up to about 1% off the quantile over
-every calibration value; `sequential=True` takes it over all captured values instead).
+(`sample_size` values, 2^17 by default: a subsample, so t can sit off the quantile over every
+calibration value, by up to 1.3% on tiny-llama's 16,384 calibration tokens; `sequential=True` takes it
+over all captured values instead).
 Reference code: FasterDecoding/TEAL.
 
 Allocation:
