@@ -1,4 +1,4 @@
-"""Check the method library's claims (issues 4 and 17) on the reference models, with asp.* directly.
+"""Check the method library's claims on the reference models, with asp.* directly.
 
   python benchmarks/claims.py [--models tiny-llama tiny-gelu] [--claims 6 7 8] [--max-tokens 16384]
                               [--threads 1] [--no-append]
