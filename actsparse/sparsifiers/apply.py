@@ -47,6 +47,8 @@ class SparsifyHandle:
             raise ActsparseError(f"plan has rules for points this model lacks: {missing[:5]}; "
                                  "was the plan fitted on another model?")
         self._points = {p: points[p] for p in plan.rules}
+        # resolve every rule kind now (importing where it is defined), so an unknown kind fails before hooking
+        self._fns = {k: rule_fn(k, plan.rule_modules.get(k)) for k in {r.kind for r in plan.rules.values()}}
         self._undo: list = []
         self._explicit_mask: torch.Tensor | None = None
         self.reset_counters()
@@ -85,7 +87,7 @@ class SparsifyHandle:
     # -- hooking --------------------------------------------------------------------------------------
     def _run(self, point: str, x: torch.Tensor, forward):
         rule = self.plan.rules[point]
-        fn = rule_fn(rule.kind)
+        fn = self._fns[rule.kind]
         module = self._points[point][0]
         mask = self._token_mask(x)
         if mask is None:
