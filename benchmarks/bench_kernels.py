@@ -50,9 +50,10 @@ from teal_style import teal_style_gemv  # noqa: E402
 D, KV, INTER = 4096, 1024, 14336  # Llama-3-8B
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 # (block_n, block_k, num_warps, num_stages[, depth]); each also at split-K = auto/2, auto, 2·auto.
-FMA_GRID = {1: [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1),
-                # depth 2: the software-pipelined walk (two weight tiles in flight, BENCHMARKS.md)
-                (16, 128, 4, 1, 2), (32, 128, 4, 1, 2), (16, 256, 4, 1, 2), (16, 64, 4, 1, 2), (32, 64, 4, 1, 2)],
+# (block_n, block_k, num_warps, num_stages[, depth]). Batch 1: one-shot tiles (one K chunk a program, as in
+# TEAL's design: thousands of programs, many masked row loads in flight) and two chunks a program; see _v2_grid.
+FMA_GRID = {1: [(32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 8, 1), (64, 64, 4, 1), (128, 64, 4, 1),
+                (64, 256, 8, 1), (32, 256, 4, 1), (256, 64, 8, 1), (16, 256, 4, 1), (128, 32, 4, 1)],
             4: [(32, 64, 4, 1), (32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1), (32, 64, 4, 1, 2), (32, 32, 4, 1, 2)]}
 DOT_GRID = {1: [], 4: [(64, 128, 4, 3), (32, 128, 4, 3)]}
 # v3 (block_n, seg_k, block_k, num_warps)
@@ -369,6 +370,10 @@ def _v2_grid(b: int, k: int, n: int, fma: dict | None = None, dot: dict | None =
     for c, dot in [(c, False) for c in fma[b]] + [(c, True) for c in dot_.get(b, [])]:
         base = GemvConfig(*c[:4], use_dot=dot, depth=c[4] if len(c) > 4 else 1)
         tiles = -(-n // base.block_n) * (1 if not dot else -(-b // 16))
+        if b == 1 and not dot:  # one chunk a program (one-shot tiles), and two
+            one_shot = -(-k // base.block_k)
+            grid += [dataclasses.replace(base, split_k=sp) for sp in sorted({one_shot, max(1, one_shot // 2)})]
+            continue
         auto = configs.choose_split(base, k, tiles, torch.device(DEV))
         grid += [dataclasses.replace(base, split_k=sp) for sp in sorted({max(1, auto // 2), auto, 2 * auto})]
     return grid
@@ -421,7 +426,7 @@ def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl:
 
 def tune(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
     """The v2 sweep over FMA_GRID / DOT_GRID (see _sweep)."""
-    return _sweep(lay, clock, batches, weights, _v2_grid, "v2", 0.4)
+    return _sweep(lay, clock, batches, weights, _v2_grid, "v2", 0.35)
 
 
 def tune_v3(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
@@ -487,6 +492,16 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
                                  "batch": b, "dtype": dtype_name,
                                  "us_per_block" if k == "block" else "us": round(t[k], 2),
                                  "max_rel_err": errs.get(k, max(errs.values()))})
+        if b == 1 and dtype_name == "bf16" and not SMOKE:
+            # What the fused RMSNorm prologue costs: the same ops on an input normalised beforehand.
+            th = inp.thresholds(0.5)
+            xn = inp.xn.to(lay.dtype)
+            pre = {"qkv": lambda s: _sparse_gemv(xn, s["wqkv_t"], th["qkv"], segments=(D, D + KV)),
+                   "pair": lambda s: _sparse_gated_mlp(xn, s["wg_t"], s["wu_t"], th["pair"])}
+            t_pre = {k: time_graph(lambda f=f: [f(st) for st in lay.sets]) * 1e3 / lay.n for k, f in pre.items()}
+            t_norm = {k: time_graph(sparse_ops(lay, inp, th)[k]) * 1e3 / lay.n for k in pre}
+            meta_cost = {k: (round(t_norm[k], 1), round(t_pre[k], 1)) for k in pre}
+            log(f"  norm prologue at s=0.5, (with norm, input normalised beforehand) us: {meta_cost}")
         common = [s for s in SPARSITIES if impls and all(s in side[i] for i in impls)]
         if common:
             # Per op, the kernel with the lower summed time over the sparsities the engine serves with a
@@ -576,38 +591,58 @@ def kernel_profile(lay: Layers, clock: Clock, impl: str = "v6", sparsities=(0.5,
     return out
 
 
+TEAL_TILES = [(128, 64, 4), (64, 128, 4), (256, 32, 4), (32, 256, 4), (16, 256, 4), (128, 128, 8), (64, 64, 4),
+              (256, 64, 8), (32, 128, 4)]  # (block_m rows of K, block_n columns, num_warps)
+
+
 def teal_bench(lay: Layers, clock: Clock, meta: dict) -> list[dict]:
-    """TEAL-style split-K block at batch 1, fp16: zero + atomics, one launch per projection (q/k/v fused)."""
+    """The TEAL-design baseline at batch 1, fp16 (its only dtype): a zeroing launch + one split-K atomic launch
+    per projection (q|k|v fused, gate and up separate), its tile autotuned per op over TEAL_TILES (the tile with
+    the least summed time at sparsity 0.25 / 0.5 / 0.8), then timed per op and per block at every sparsity."""
     rows = []
     inp = Inputs(lay, 1)
     xn = inp.xn.to(lay.dtype)
-    for s in (0.0, 0.5, 0.9):
+    cub = {k: time_graph(f) * 1e3 / lay.n for k, f in cublas_ops(lay, inp).items()}
+    cub["block"] = min(cub["block7"], cub["block4"], cub["block4_t"])
+    launches = {"qkv": [("wqkv_t", xn, "tx")], "o": [("wo_t", inp.a, "ta")],
+                "pair": [("wg_t", xn, "tx"), ("wu_t", xn, "tx")], "down": [("wd_t", inp.h, "th")]}
+
+    def op_fn(op, th, tile):
+        def run():
+            for st in lay.sets:
+                for w, v, tk in launches[op]:
+                    teal_style_gemv(v, st[w], th[tk], *tile)
+        return run
+
+    tune_th = [inp.thresholds(s) for s in (0.25, 0.5, 0.8)]
+    best = {}
+    for op in launches:
+        res = {}
+        for tile in TEAL_TILES:
+            try:
+                res[tile] = sum(time_graph(op_fn(op, th, tile)) for th in tune_th)
+            except Exception as e:
+                log(f"  teal-style {op} {tile} failed: {type(e).__name__}: {str(e)[:100]}")
+        best[op] = min(res, key=res.get)
+    log(f"  teal-style tiles per op (block_m, block_n, warps): {best}")
+    for s in SPARSITIES:
         if clock.left(0.7) < 0:
             break
         th = inp.thresholds(s)
-        tx, ta, thh = th["tx"], th["ta"], th["th"]
-        best = None
-        for bm, bn in ((128, 64), (64, 128), (256, 32), (32, 256), (16, 256)):
-            def block():
-                for st in lay.sets:
-                    teal_style_gemv(xn, st["wqkv_t"], tx, bm, bn)
-                    teal_style_gemv(inp.a, st["wo_t"], ta, bm, bn)
-                    teal_style_gemv(xn, st["wg_t"], tx, bm, bn)
-                    teal_style_gemv(xn, st["wu_t"], tx, bm, bn)
-                    teal_style_gemv(inp.h, st["wd_t"], thh, bm, bn)
-            try:
-                us = time_graph(block) * 1e3 / lay.n
-            except Exception as e:
-                log(f"  teal-style {bm}x{bn} failed: {type(e).__name__}: {str(e)[:100]}")
-                continue
-            best = us if best is None else min(best, us)
-        if best is None:
-            continue
-        y = teal_style_gemv(xn, lay.sets[0]["wqkv_t"], tx)
-        err = rel(y, ref.sparse_gemv_ref(xn, lay.sets[0]["wqkv_t"], tx))
-        log(f"  TEAL-style block fp16 b1 s={s}: {best:.1f} us (rel err {err:.1e})")
-        rows.append({**meta, "kind": "kernel", "method": "teal-style", "op": "block", "sparsity": s, "batch": 1,
-                     "dtype": "fp16", "us_per_block": round(best, 2), "max_rel_err": err})
+        t = {op: time_graph(op_fn(op, th, best[op])) * 1e3 / lay.n for op in launches}
+
+        def block():
+            for op in launches:
+                op_fn(op, th, best[op])()
+        t["block"] = time_graph(block) * 1e3 / lay.n
+        y = teal_style_gemv(xn, lay.sets[0]["wqkv_t"], th["tx"], *best["qkv"])
+        err = rel(y, ref.sparse_gemv_ref(xn, lay.sets[0]["wqkv_t"], torch.tensor([th["tx"]], device=DEV)))
+        log(f"  teal-style fp16 b1 s={s:.2f}: " + " ".join(f"{k}={v:.1f}" for k, v in t.items()) + f"  rel err {err:.1e}")
+        for k, v in t.items():
+            rows.append({**meta, "kind": "kernel", "method": "teal-style", "op": k, "sparsity": s, "batch": 1,
+                         "dtype": "fp16", "us_per_block" if k == "block" else "us": round(v, 2),
+                         "speedup": round(cub["block" if k == "block" else k] / v, 3), "max_rel_err": err,
+                         "tile": list(best[k]) if k in best else None})
     return rows
 
 
@@ -624,12 +659,21 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 
 
 # ---------------------------------------------------------------------- decode
-def decode_bench(clock: Clock, meta: dict, models, batches, n_steps: int, n_layers: int | None,
-                 fallback_below: float | dict | None = None) -> list[dict]:
+# (model, batch) -> (method, union calibration, target sparsities) measured end to end
+DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5, 0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8))],
+               ("llama3-8b", 2): [("teal", False, (0.5,)), ("teal-union", True, (0.5,))],
+               ("llama3-8b", 4): [("teal", False, (0.5,)), ("teal-union", True, (0.5, 0.8))],
+               ("llama2-7b", 1): [("teal", False, (0.25, 0.4, 0.5))]}
+
+
+def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None) -> list[dict]:
+    """Decode tokens/s, dense vs sparse, per DECODE_PLAN; the engine picks sparse kernel or cuBLAS per op and
+    batch from the crossovers it measures on this GPU (logged with the rows)."""
     from actsparse.engine import PRESETS, Engine
+    from actsparse.engine.crossover import crossovers
 
     rows = []
-    for name in models:
+    for name in dict.fromkeys(m for m, _ in DECODE_PLAN):
         cfg = PRESETS[name] if not SMOKE else PRESETS["tiny"]
         if n_layers:
             cfg = cfg.with_layers(n_layers)
@@ -637,9 +681,10 @@ def decode_bench(clock: Clock, meta: dict, models, batches, n_steps: int, n_laye
             log(f"decode {name}: skipped, out of time budget")
             continue
         t0 = time.time()
+        batches = [b for m, b in DECODE_PLAN if m == name]
         dtype = torch.bfloat16 if not SMOKE else torch.float32
         eng = Engine.random(cfg, device=DEV, dtype=dtype, max_batch=max(batches), max_seq_len=256,
-                            kernels="triton", fallback_below=fallback_below)
+                            kernels="triton", fallback_below=None if not SMOKE else 0.0)
         log(f"[decode {name}] {cfg.n_layers} layers, weights built in {time.time() - t0:.1f}s, "
             f"{torch.cuda.memory_allocated() / 2**30 if not SMOKE else 0:.1f} GiB allocated")
 
@@ -650,17 +695,19 @@ def decode_bench(clock: Clock, meta: dict, models, batches, n_steps: int, n_laye
         for b in batches:
             eng.clear_thresholds()
             dense = speed(b, False)
-            log(f"  b{b} dense: {dense:.1f} tok/s ({eng.last_step_ms:.2f} ms/step)")
+            cross = crossovers(eng, b) if not SMOKE else {}
+            log(f"  b{b} dense: {dense:.1f} tok/s ({eng.last_step_ms:.2f} ms/step); crossovers measured by the "
+                f"engine (skipped-row fraction under which an op runs on cuBLAS): {cross}")
             rows.append({**meta, "kind": "decode", "model": name, "method": "dense", "sparsity": 0.0, "batch": b,
                          "dtype": "bf16", "tok_s": round(dense, 1), "tok_s_dense": round(dense, 1), "speedup": 1.0,
-                         "layers": cfg.n_layers})
-            variants = [("teal", False)] + ([("teal-union", True)] if b > 1 else [])
-            for method, union in variants:
-                for s in (0.25, 0.4, 0.5, 0.65, 0.8):
+                         "layers": cfg.n_layers, "crossovers": cross})
+            for method, union, targets in DECODE_PLAN[(name, b)]:
+                for s in targets:
                     if clock.left() < 25:
                         log("  decode: out of time budget")
                         break
-                    eng.calibrate_thresholds(s, n_tokens=16, batch=b, union=union)
+                    eng.calibrate_thresholds(s, n_tokens=16, batch=b, union=union,
+                                             method="cats" if method == "cats" else "teal")
                     tok_s = speed(b, True)
                     ms = eng.measure_sparsity(n_tokens=8, batch=b)
                     log(f"  b{b} {method} s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  "
@@ -669,101 +716,84 @@ def decode_bench(clock: Clock, meta: dict, models, batches, n_steps: int, n_laye
                                  "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
                                  "speedup": round(tok_s / dense, 3), "measured_sparsity": round(ms["mean"], 4),
                                  "effective_sparsity": round(ms["union"], 4), "layers": cfg.n_layers})
-            if b == 1 and clock.left() > 40 and DEV == "cuda":
-                # The same engine and thresholds with every kernel launched with PDL (graphs recaptured).
-                eng.calibrate_thresholds(0.5, n_tokens=16, batch=1)
-                with use_pdl(True):
-                    eng.reset_graphs()
-                    tok_s = speed(1, True)
-                eng.reset_graphs()
-                log(f"  b1 teal s=0.5 with PDL: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x")
-                rows.append({**meta, "kind": "decode", "model": name, "method": "teal-pdl", "sparsity": 0.5,
-                             "batch": 1, "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
-                             "speedup": round(tok_s / dense, 3), "layers": cfg.n_layers})
-            if b == 1 and clock.left() > 40:
-                for s in (0.5, 0.8):
-                    eng.calibrate_thresholds(s, n_tokens=16, batch=1, method="cats")
-                    tok_s = speed(1, True)
-                    ms = eng.measure_sparsity(n_tokens=8, batch=1)
-                    log(f"  b1 cats s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  "
-                        f"effective sparsity {ms['union']:.3f}")
-                    rows.append({**meta, "kind": "decode", "model": name, "method": "cats", "sparsity": s, "batch": 1,
-                                 "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
-                                 "speedup": round(tok_s / dense, 3), "effective_sparsity": round(ms["union"], 4),
-                                 "layers": cfg.n_layers})
         del eng
         (torch.cuda.empty_cache() if not SMOKE else None)
     return rows
 
 
 # ---------------------------------------------------------------------- report
+def _fmt(v, spec: str = ".1f") -> str:
+    return "" if v is None else format(v, spec)
+
+
 def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
-    out = [f"\n## {meta['date']} · {meta['device']} · commit {meta['commit']}\n",
-           f"Ceilings: {json.dumps(extra.get('ceilings', {}))}. CUDA graphs; median of replays; "
-           "weights rotate over several copies so nothing is served from L2.\n"]
+    """The run's tables: block and per-op kernel times with the TEAL-design baseline beside ours, and decode."""
+    out = [f"\n## {meta['device']} · {meta['date']} · commit {meta['commit']}\n",
+           f"Ceilings: {json.dumps(extra.get('ceilings', {}))}. Llama-3-8B shapes, CUDA graphs, median of replays, "
+           "4 weight sets rotating so nothing is served from L2; thresholds at |x| quantiles of random inputs "
+           "(the skipped rows of the batch union).\n"]
     for impl in TUNERS:
         if extra.get(f"tuned_{impl}"):
-            out.append(f"Tuned {impl} configs this run (objective weights per sparsity {extra.get('tune_weights')}): "
-                       + "; ".join(f"{k}: {v}" for k, v in extra[f"tuned_{impl}"].items()) + "\n")
-    kr = [r for r in rows if r["kind"] == "kernel" and r["op"] == "block" and r["method"] == "actsparse"]
-    if kr:
-        out.append("\n### Block time (q+k+v+o+gate+up+down), Llama-3-8B shapes, µs\n")
-        out.append("| dtype | batch | sparsity | actsparse | cuBLAS 7 GEMMs | cuBLAS 4 fused "
-                   "| speedup vs best cuBLAS |")
-        out.append("|---|---|---|---|---|---|---|")
-        for r in kr:
-            out.append(f"| {r['dtype']} | {r['batch']} | {r['sparsity']:.2f} | {r['us_per_block']:.1f} | "
-                       f"{r['us_cublas_block7']:.1f} | {r['us_cublas_block4']:.1f} | {r['speedup']:.2f}× |")
-    side = {(r["batch"], r["sparsity"], r["op"], r["method"][len("actsparse-"):]): r.get("us_per_block", r.get("us"))
-            for r in rows if r["kind"] == "kernel" and r["method"].startswith("actsparse-")}
-    if side:
-        cub = {(r["batch"], r["op"]): r.get("us") for r in rows if r["kind"] == "kernel" and r["method"] == "cublas"}
-        cub.update({(r["batch"], "block"): r["us_per_block"] for r in rows
-                    if r["kind"] == "kernel" and r["method"] == "cublas-block4" and r["dtype"] == "bf16"})
-        impls = sorted({m for (_, _, _, m) in side})
-        base, others = impls[0], impls[1:]
-        out.append(f"\n### {' vs '.join(impls)} side by side (bf16, same run), µs\n")
-        out.append(f"| batch | sparsity | op | {' | '.join(impls)} | cuBLAS | "
-                   + " | ".join(f"{o} vs {base}" for o in others) + " |")
-        out.append("|---" * (4 + len(impls) + len(others)) + "|")
-        for (b, s, op) in sorted({k[:3] for k in side}):
-            if not all((b, s, op, i) in side for i in impls):
+            out.append(f"Tuned {impl} configs this run: " +
+                       "; ".join(f"{k}: {v}" for k, v in extra[f"tuned_{impl}"].items()) + "\n")
+    k_rows = [r for r in rows if r["kind"] == "kernel"]
+
+    def us(method, op, s, b=1, dtype="bf16"):
+        for r in k_rows:
+            if (r["method"], r["op"], r["batch"], r["dtype"]) == (method, op, b, dtype) and \
+                    (r["sparsity"] == s or method.startswith("cublas")):
+                return r.get("us_per_block", r.get("us"))
+        return None
+
+    impls = sorted({r["method"][len("actsparse-"):] for r in k_rows if r["method"].startswith("actsparse-")})
+    for b in sorted({r["batch"] for r in k_rows if r["method"] == "actsparse"}):
+        cub = min(v for v in (us("cublas-block4", "block", 0, b), us("cublas-block7", "block", 0, b),
+                              us("cublas-block4_t", "block", 0, b)) if v is not None)
+        out.append(f"\n### Block (q|k|v + o + gate|up + down), batch {b}, µs\n")
+        head = ["sparsity", "actsparse bf16 (engine's pick)"] + [f"{i} bf16" for i in impls]
+        if b == 1:
+            head += ["TEAL design fp16", "actsparse fp16", "vs TEAL (bf16 / fp16)"]
+        head += ["cuBLAS bf16", "vs cuBLAS"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|---" * len(head) + "|")
+        for s in SPARSITIES:
+            mine = us("actsparse", "block", s, b)
+            if mine is None:
                 continue
-            t = {i: side[(b, s, op, i)] for i in impls}
-            c = cub.get((b, op))
-            out.append(f"| {b} | {s:.2f} | {op} | " + " | ".join(f"{t[i]:.1f}" for i in impls)
-                       + f" | {'' if c is None else f'{c:.1f}'} | " + " | ".join(f"{t[base] / t[o]:.2f}×" for o in others) + " |")
-        if extra.get("impl"):
-            out.append(f"\nPer-op kernel chosen for the 'actsparse' rows and the decode engine: {extra['impl']}")
-    prof = extra.get("profile")
-    if prof:
-        out.append("\n### Where an op's time goes (batch 1, bf16, µs)\n")
-        out.append(f"A bare launch in a CUDA graph: {prof.get('empty_launch_us_pdl0')} µs without PDL, "
-                   f"{prof.get('empty_launch_us_pdl1')} µs with. Kernel times: torch.profiler, eager launches.\n")
-        out.append("| sparsity | op | graph, PDL | graph, no PDL | each kernel's device time |")
+            cells = [f"{s:.2f}", _fmt(mine)] + [_fmt(us(f"actsparse-{i}", "block", s, b)) for i in impls]
+            if b == 1:
+                teal, mine16 = us("teal-style", "block", s, 1, "fp16"), us("actsparse", "block", s, 1, "fp16")
+                ratio = (f"{teal / mine:.2f}× / {teal / mine16:.2f}×" if teal and mine16 else "")
+                cells += [_fmt(teal), _fmt(mine16), ratio]
+            cells += [f"{cub:.1f}", f"{cub / mine:.2f}×"]
+            out.append("| " + " | ".join(cells) + " |")
+    if any(r["method"] == "teal-style" for r in k_rows):
+        out.append("\n### Per op, batch 1, µs (actsparse bf16 / TEAL design fp16 / cuBLAS bf16)\n")
+        out.append("| sparsity | q\\|k\\|v | o | gate\\|up | down |")
         out.append("|---|---|---|---|---|")
-        for key in prof:
-            parts = key.split("|")
-            if len(parts) != 4 or parts[3] != "graph_us" or not parts[0].endswith("-pdl"):
+        for s in SPARSITIES:
+            if us("actsparse", "qkv", s) is None:
                 continue
-            impl, op, s_ = parts[0][: -len("-pdl")], parts[1], parts[2]
-            kern = prof.get(f"{impl}|{op}|{s_}|kernels_us", {})
-            out.append(f"| {s_[1:]} | {op} | {prof[key]} | {prof.get(f'{impl}-nopdl|{op}|{s_}|graph_us', '')} | "
-                       + ", ".join(f"{k} {v}" for k, v in kern.items()) + " |")
-    tr = [r for r in rows if r["method"] == "teal-style"]
-    if tr:
-        out.append("\nTEAL-style split-K block (fp16, batch 1, own reimplementation, best of 5 tiles): " +
-                   ", ".join(f"{r['sparsity']:.1f} → {r['us_per_block']:.1f} µs" for r in tr))
+            out.append(f"| {s:.2f} | " + " | ".join(
+                f"{_fmt(us('actsparse', op, s))} / {_fmt(us('teal-style', op, s, 1, 'fp16'))} / "
+                f"{_fmt(us('cublas', op, 0))}" for op in ("qkv", "o", "pair", "down")) + " |")
+    if extra.get("impl"):
+        out.append(f"\nKernel per op (fastest summed over sparsity ≥ 0.4, installed for the decode rows): "
+                   f"{extra['impl']}. Kernel-table crossovers (skipped rows under which an op loses to cuBLAS): "
+                   f"{extra.get('kernel_crossovers')}")
     dr = [r for r in rows if r["kind"] == "decode"]
     if dr:
-        out.append("\n### End-to-end decode, random weights, bf16, tokens/s (all rows of the batch)\n")
-        out.append("| model | layers | batch | method | target | tok/s | dense tok/s | speedup "
-                   "| token sparsity | rows skipped |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        out.append("\n### Decode, random weights, bf16, tokens/s (all rows of the batch)\n")
+        out.append("| model | batch | method | target | tok/s | dense tok/s | speedup | rows skipped |")
+        out.append("|---|---|---|---|---|---|---|---|")
         for r in dr:
-            out.append(f"| {r['model']} | {r['layers']} | {r['batch']} | {r['method']} | {r['sparsity']:.2f} | "
-                       f"{r['tok_s']:.1f} | {r['tok_s_dense']:.1f} | {r['speedup']:.2f}× | "
-                       f"{r.get('measured_sparsity', '')} | {r.get('effective_sparsity', '')} |")
+            if r["method"] == "dense":
+                continue
+            out.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['sparsity']:.2f} | {r['tok_s']:.1f} | "
+                       f"{r['tok_s_dense']:.1f} | {r['speedup']:.2f}× | {r.get('effective_sparsity', '')} |")
+        cross = {f"{r['model']} b{r['batch']}": r.get("crossovers") for r in dr if r["method"] == "dense"}
+        out.append(f"\nCrossovers the engine measured (skipped-row fraction under which an op runs on cuBLAS): "
+                   f"{cross}")
     return "\n".join(out) + "\n"
 
 
@@ -798,7 +828,7 @@ def main() -> None:
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
                     help="weight of each sparsity in the tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
     ap.add_argument("--tune-batches", default="1,4", help="batches every tuning sweep covers (default: %(default)s)")
-    ap.add_argument("--teal", action="store_true", help="also time the TEAL-style split-K kernel (fp16)")
+    ap.add_argument("--no-teal", action="store_true", help="skip the TEAL-design baseline (fp16, tuned tiles)")
     ap.add_argument("--profile", action="store_true",
                     help="also log each v6 kernel's device time, the ops with and without PDL and a bare launch (batch 1)")
     ap.add_argument("--budget-s", type=float, default=400)
@@ -853,20 +883,20 @@ def main() -> None:
             (torch.cuda.empty_cache() if not SMOKE else None)
             lay = Layers(4, torch.float16)
             rows += kernel_bench(lay, "fp16", (1,), clock, meta)
-            if args.teal:
+            if not args.no_teal:
                 rows += teal_bench(lay, clock, meta)
             save()
             del lay
             (torch.cuda.empty_cache() if not SMOKE else None)
         if not args.skip_decode:
-            # Per batch and engine op (gu = the fused gate/up), measured above; without kernel rows
-            # (--skip-kernels) the engine's built-in measured table applies.
+            # Per batch and engine op (gu = the fused gate/up), from the kernel rows above (reported only: the
+            # engine measures its own crossovers at its own shapes).
             ops = (("qkv", "qkv"), ("o", "o"), ("gu", "pair"), ("down", "down"))
-            measured = {b: {eop: crossover(rows, kop, b) for eop, kop in ops} for b in (1, 4)}
-            extra["fallback_below"] = measured if any(r["kind"] == "kernel" for r in rows) else None
-            log(f"decode: an op expected to skip fewer rows than {extra['fallback_below']} runs on cuBLAS")
-            rows += decode_bench(clock, {k: v for k, v in meta.items() if k != "model"}, ("llama3-8b", "llama2-7b"),
-                                 (1, 4), args.decode_steps, args.decode_layers or None, extra["fallback_below"])
+            if any(r["kind"] == "kernel" for r in rows):
+                extra["kernel_crossovers"] = {b: {eop: crossover(rows, kop, b) for eop, kop in ops} for b in (1, 4)}
+                log(f"kernel-table crossovers: {extra['kernel_crossovers']}")
+            rows += decode_bench(clock, {k: v for k, v in meta.items() if k != "model"}, args.decode_steps,
+                                 args.decode_layers or None)
     except Exception:
         traceback.print_exc()
         extra["error"] = traceback.format_exc()

@@ -224,7 +224,7 @@ def _sparse_gemv_kernel(
     PRESEL: tl.constexpr, OUT_SEL: tl.constexpr, OUT_SHIFT: tl.constexpr, PACK_W: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
-    USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, DEPTH: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, DEPTH: tl.constexpr, RED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_prologue(PDL)
@@ -251,13 +251,20 @@ def _sparse_gemv_kernel(
         w_ptr += w_shift
         w2_ptr += w_shift
 
-    rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
-    if NORM:  # every program needs the row norms
-        rstd = _row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
     t_row = t_ptr + seg * stride_ts
     m_row = m_ptr + seg * stride_ms
     t_row2 = t_ptr + stride_ts
     m_row2 = m_ptr + stride_ms
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    offs_k = k_lo + ar_k
+    # The first chunk's operands are requested before the row norms, so both L2 round trips overlap.
+    xv_0, xv2_0, gv_0, t_0, m_0, t2_0, m2_0 = _raw_chunk(x_rows, x_rows2, g_ptr, t_row, m_row, t_row2, m_row2, offs_k,
+                                                         offs_k < k_hi, mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N,
+                                                         PRESEL)
+    rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
+    if NORM:  # every program needs the row norms
+        rstd = _row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
 
     if USE_DOT:
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
@@ -266,11 +273,8 @@ def _sparse_gemv_kernel(
         acc = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_N], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_N], dtype=tl.float32)
 
-    k_lo = pid_k * K_SPLIT
-    k_hi = tl.minimum(K, k_lo + K_SPLIT)
-    offs_k = k_lo + ar_k
-    xs, rows, xs2, rows2 = _chunk(x_rows, x_rows2, g_ptr, rstd, t_row, m_row, t_row2, m_row2, offs_k, offs_k < k_hi,
-                                  mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M, PRESEL, BLOCK_B, BLOCK_K)
+    xs, rows, xs2, rows2 = _sel_chunk(xv_0, xv2_0, gv_0, t_0, m_0, t2_0, m2_0, rstd, offs_k < k_hi, mask_b, NORM,
+                                      HAS_SHIFT, PAIR, NM_N, NM_M, PRESEL, BLOCK_B, BLOCK_K)
     if DEPTH == 1:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + ar_k
@@ -329,13 +333,17 @@ def _sparse_gemv_kernel(
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if arrived == n_split - 1:
             tl.store(cnt_ptr + tile, 0)  # ready for the next launch: no zeroing launch ever
+            # RED partials per load, summed in a fixed order: the result does not depend on arrival order, and
+            # a tile of one-shot programs (dozens of partials) costs a few L2 round trips, not one per partial.
+            rs = tl.arange(0, RED)
             out = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
             out2 = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-            for s in range(0, n_split):  # fixed order: the result does not depend on arrival order
-                out += tl.load(ws_ptr + (s * NACC) * B * N + ws_tile, mask=mask_out, other=0.0, cache_modifier=".cg")
+            for s0 in range(0, n_split, RED):
+                part = ((s0 + rs) * NACC)[:, None, None] * B * N + ws_tile[None, :, :]
+                pm = ((s0 + rs) < n_split)[:, None, None] & mask_out[None, :, :]
+                out += tl.sum(tl.load(ws_ptr + part, mask=pm, other=0.0, cache_modifier=".cg"), axis=0)
                 if PAIR:
-                    out2 += tl.load(ws_ptr + (s * NACC + 1) * B * N + ws_tile, mask=mask_out, other=0.0,
-                                    cache_modifier=".cg")
+                    out2 += tl.sum(tl.load(ws_ptr + part + B * N, mask=pm, other=0.0, cache_modifier=".cg"), axis=0)
             _epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
                       mask_out, HAS_BIAS, PAIR, ACT, HAS_RES, to_ptr, mo_ptr, stride_to, OUT_SEL, OUT_SHIFT)
     else:
@@ -438,6 +446,14 @@ def _split_workspace(split: int, nacc: int, b: int, n: int, tiles: int,
     return torch.empty(split * nacc * b * n, device=y.device, dtype=torch.float32), tile_counters(y.device)
 
 
+def _reduce_width(split: int, tile: int, num_warps: int) -> int:
+    """Partials the last program of a tile loads at once: all of them, within ~32 fp32 registers a thread."""
+    red = triton.next_power_of_2(max(split, 1))
+    while red > 1 and red * tile > 32 * 32 * num_warps:
+        red //= 2
+    return red
+
+
 def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, kind, impl="auto",
             out_thresh=None, out_shift=None):
     """Run one sparse GEMV (or gate/up pair). thresh None: x is already selected (its zeros are skipped).
@@ -487,6 +503,7 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
         wt.stride(0) if wt.dim() == 3 else 0, eps, PRESEL=presel, OUT_SEL=out_thresh is not None,
         OUT_SHIFT=out_shift is not None, PACK_W=wt.shape[2] if wt.dim() == 3 else 0, **flags,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, SPLIT=split > 1, DEPTH=cfg.depth,
+        RED=_reduce_width(split, block_b * block_n * (2 if w2 is not None else 1), cfg.num_warps),
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

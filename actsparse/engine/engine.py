@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from actsparse.kernels import ref as kref
 
 from .config import LlamaConfig
+from .crossover import crossovers
 from .weights import Weights, random_weights, weights_from_hf
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act")
@@ -93,8 +94,9 @@ class Engine:
     fallback_below: an op (qkv, o, gu, down) whose expected skipped-row fraction is under this
     level runs on cuBLAS instead, where the kernels lose; below it cuBLAS computes W·x exactly (a
     shift cancels out). A float for every op, a dict per op, or {batch: {op: level}} per batch
-    (the smallest batch key ≥ the batch applies). None: the table measured on an H100
-    (`actsparse.kernels.configs.MEASURED_CROSSOVER`) when the Triton kernels run on a GPU, else 0.
+    (the smallest batch key ≥ the batch applies). None: with the Triton kernels on a GPU, the levels
+    are measured on that GPU at this model's shapes, once per batch (`crossover.crossovers`), so no op
+    runs slower than cuBLAS would; otherwise 0.
     """
 
     def __init__(self, cfg: LlamaConfig, weights: Weights, *, max_batch: int = 4, max_seq_len: int = 512,
@@ -112,10 +114,7 @@ class Engine:
         self.ops = _TritonOps() if kernels == "triton" else _TorchOps()
         self.use_graphs = use_graphs and self.device.type == "cuda" and kernels == "triton"
         if fallback_below is None:
-            from actsparse.kernels import configs as kconfigs
-
-            on_gpu = self.device.type == "cuda" and kernels == "triton"
-            fallback_below = dict(kconfigs.MEASURED_CROSSOVER) if on_gpu else 0.0
+            fallback_below = "measured" if self.device.type == "cuda" and kernels == "triton" else 0.0
         self.fallback_below = fallback_below
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
@@ -243,6 +242,8 @@ class Engine:
     def _dense(self, rule: _OpRule, op: str, b: int) -> bool:
         """Whether op runs on cuBLAS at batch b: its expected skipped rows are under the crossover."""
         fb = self.fallback_below
+        if fb == "measured":
+            fb = crossovers(self, b)
         if isinstance(fb, dict) and fb and all(isinstance(k, int) for k in fb):
             keys = sorted(fb)
             fb = next((fb[k] for k in keys if b <= k), fb[keys[-1]])
@@ -344,6 +345,8 @@ class Engine:
         if key in self._graphs:
             return self._graphs[key]
         st = self._new_state(b)
+        if sparse and self.fallback_below == "measured":
+            crossovers(self, b)  # measured now: never inside the capture below
         if self.use_graphs:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
