@@ -496,10 +496,10 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
             # What the fused RMSNorm prologue costs: the same ops on an input normalised beforehand.
             th = inp.thresholds(0.5)
             xn = inp.xn.to(lay.dtype)
-            pre = {"qkv": lambda s: _sparse_gemv(xn, s["wqkv_t"], th["qkv"], segments=(D, D + KV)),
-                   "pair": lambda s: _sparse_gated_mlp(xn, s["wg_t"], s["wu_t"], th["pair"])}
+            pre = {"qkv": lambda s: _sparse_gemv(xn, s["wqkv_t"], th["qkv"], segments=(D, D + KV), impl="v2"),
+                   "pair": lambda s: _sparse_gated_mlp(xn, s["wg_t"], s["wu_t"], th["pair"], impl="v2")}
             t_pre = {k: time_graph(lambda f=f: [f(st) for st in lay.sets]) * 1e3 / lay.n for k, f in pre.items()}
-            t_norm = {k: time_graph(sparse_ops(lay, inp, th)[k]) * 1e3 / lay.n for k in pre}
+            t_norm = {k: time_graph(sparse_ops(lay, inp, th, "v2")[k]) * 1e3 / lay.n for k in pre}
             meta_cost = {k: (round(t_norm[k], 1), round(t_pre[k], 1)) for k in pre}
             log(f"  norm prologue at s=0.5, (with norm, input normalised beforehand) us: {meta_cost}")
         common = [s for s in SPARSITIES if impls and all(s in side[i] for i in impls)]
