@@ -121,9 +121,25 @@ def cmd_sweep(argv: list[str]) -> int:
         return 0
     from .sweep.runner import run_sweep
 
+    _interruptible()
     out = run_sweep(grid)
     print(out.summary_line(), flush=True)
     return out.exit_code
+
+
+def _interruptible() -> None:
+    """Make Ctrl-C / SIGINT stop the sweep cleanly even when this process inherited SIGINT as ignored.
+
+    A job started in the background of a non-interactive shell (`actsparse sweep ... &` in a script, CI) gets
+    SIGINT ignored, and Python keeps it so: `kill -INT` would do nothing. A sweep owns its process, so it
+    restores Python's handler (KeyboardInterrupt) and the interrupt path records what finished.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != \
+            signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def cmd_report(argv: list[str]) -> int:

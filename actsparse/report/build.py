@@ -206,7 +206,7 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, title: str, options: Rep
     md += ["## Plots", ""] + [f"![{c}]({p.relative_to(out).as_posix()})" for c, p in plots + heat] + [""]
     if len(failed):
         md += ["## Failed cells", "", "| method | sparsity | error |", "|---|---|---|"]
-        md += [f"| {r.method} | {r.sparsity:g} | {str(r.error).splitlines()[0][:200] if r.error else ''} |"
+        md += [f"| {r.method} | {r.sparsity:g} | {str(r.error).splitlines()[0] if r.error else ''} |"
                for r in failed.itertuples()]
         md.append("")
     mdp = out / "report.md"
@@ -309,7 +309,7 @@ def _html(title: str, ok: pd.DataFrame, failed: pd.DataFrame, df: pd.DataFrame, 
                          "(or the tracking URI was not given).</p>"))
     if len(failed):
         rows = "".join(f"<tr><td>{e(str(r.method))}</td><td>{e(f'{r.sparsity:g}' if r.sparsity == r.sparsity else '')}"
-                       f"</td><td>{e(str(r.error or '').splitlines()[0][:300] if r.error else '')}</td></tr>"
+                       f"</td><td>{e(str(r.error or '').splitlines()[0] if r.error else '')}</td></tr>"
                        for r in failed.itertuples())
         sections.append(("failed", "Failed cells", '<table class="runs"><thead><tr><th>method</th><th>sparsity</th>'
                          f"<th>error</th></tr></thead><tbody>{rows}</tbody></table>"))

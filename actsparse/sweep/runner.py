@@ -25,7 +25,9 @@ from .cells import Cell, validate_cells
 from .compose import Grid
 from .dag import SweepDag, build_dag
 
-FINISHED, SKIPPED, FAILED = "finished", "skipped", "failed"
+# skipped: the cell already had a FINISHED run; merged: a grid point that repeats another point's cell
+# (dense at several sparsities), reported once under the first point
+FINISHED, SKIPPED, FAILED, MERGED = "finished", "skipped", "failed", "merged"
 _SHARED = ("tracking", "report", "launcher", "ray")   # one value per sweep: not sweepable
 
 
@@ -60,8 +62,10 @@ class Outcome:
             where += f"; report: {self.report.html}"
         elif self.report_error:
             where += f"; report failed: {self.report_error}"
+        merged = self.count(MERGED)
+        merged = f", {merged} merged grid point(s) that repeat a cell" if merged else ""
         return (f"cells: {self.count(FINISHED)} finished, {self.count(SKIPPED)} skipped, "
-                f"{self.count(FAILED)} failed — {where}")
+                f"{self.count(FAILED)} failed{merged} — {where}")
 
 
 def plan_sweep(grid: Grid) -> tuple[list[Cell], SweepDag, dict]:
@@ -121,9 +125,8 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
                                for k in dag.cells if k in done}
     sub = dag.only(todo)
     console.print(f"[bold]sweep {sweep_id}[/]: {len(cells)} grid points, {len(dag.cells)} unique cells "
-                  f"({len(dag.duplicates)} duplicate grid points), {len(dag.cells) - len(todo)} already finished; "
-                  f"to run: {len(sub.cells)} cells, {len(sub.stats)} calibrations, {len(sub.plans)} fits, "
-                  f"{len(sub.dense)} dense evaluations")
+                  f"({len(dag.duplicates)} grid points merged: they repeat a cell), {len(dag.cells) - len(todo)} "
+                  f"already finished; to run: {len(sub.cells)} cells{_to_compute(sub, launcher['store'])}")
     if todo:  # connect first: a cluster without the resources asked for fails before any run exists
         out.ray_started = _start_ray(launcher, console)
     try:
@@ -167,6 +170,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
         out.wall_s = time.perf_counter() - t_start
         tracker.end_run(parent, "FAILED" if out.exit_code else "FINISHED",
                         {"cells/finished": out.count(FINISHED), "cells/skipped": out.count(SKIPPED),
+                         "cells/merged": out.count(MERGED),
                          "cells/failed": out.count(FAILED), "time/sweep_s": out.wall_s,
                          **{f"nodes/{k}": v for k, v in out.nodes.items()},
                          **{f"model/{k}": v for k, v in out.model.items()}})
@@ -185,10 +189,29 @@ def _grid_statuses(dag: SweepDag, by_key: dict[str, dict]) -> list[dict]:
         first = dag.cells[c.key]
         st = dict(by_key[c.key])
         if first is not c:
-            st = {"status": SKIPPED, "run_id": st.get("run_id"), "why": f"duplicate of grid point {first.index}"}
+            st = {"status": MERGED, "run_id": st.get("run_id"), "why": f"repeats grid point {first.index}"}
         rows.append({"index": c.index, "overrides": list(c.overrides), "label": c.label, "cell_key": c.key,
                      "stats_key": c.stats.key, "plan_key": c.plan.key, **st})
     return rows
+
+
+def _to_compute(sub: SweepDag, store_spec: str) -> str:
+    """`, computing N calibrations, N fits, N dense evaluations` for the nodes whose artifact is not in the store."""
+    if not sub.cells:
+        return ""
+    try:
+        from .store import open_store
+
+        store = open_store(store_spec)
+        have = {kind: set(store.keys(kind)) for kind in ("stats", "plans", "dense")}
+    except Exception:    # an unreachable store is reported when the nodes run; here only the count is lost
+        have = {"stats": set(), "plans": set(), "dense": set()}
+    parts = []
+    for kind, nodes, what in (("stats", sub.stats, "calibration"), ("plans", sub.plans, "fit"),
+                              ("dense", sub.dense, "dense evaluation")):
+        stored = sum(k in have[kind] for k in nodes)
+        parts.append(f"{len(nodes) - stored} {what}(s)" + (f" (+{stored} from the store)" if stored else ""))
+    return ", computing " + ", ".join(parts)
 
 
 # -- Ray ------------------------------------------------------------------------------------------------
@@ -266,7 +289,7 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
             if failure is not None:  # a failing cell becomes a FAILED run; the sweep goes on
                 rid = _log_failed(tracker, parent, sweep_id, cell, failure.message, failure.traceback)
                 by_key[cell.key] = {"status": FAILED, "run_id": rid, "error": failure.message}
-                prog.console.print(f"[red]✗[/] {escape(cell.label)}  {escape(failure.message.splitlines()[0][:160])}  "
+                prog.console.print(f"[red]✗[/] {escape(cell.label)}  {escape(failure.message.splitlines()[0])}  "
                                    f"[dim]\\[{cell.key}][/]")
             else:
                 rid = _log_finished(tracker, parent, sweep_id, cell, result)
