@@ -39,6 +39,7 @@ class V3Config:
     num_warps: int = 4
     use_dot: bool = False  # tensor cores (tl.dot, rows padded to 16) instead of CUDA-core FMA: batches 2-4
     num_stages: int = 1  # Triton's software pipelining of the walk loop
+    depth: int = 1  # 2: two gathered weight tiles in flight per program
 
 
 V3_MAX_BATCH = 4  # the v3 kernel keeps batch × BLOCK_K × BLOCK_N accumulators: small batches only

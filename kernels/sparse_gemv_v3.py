@@ -91,6 +91,20 @@ def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, B, 
 
 
 @triton.jit
+def _gather_step(acc, xc, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc += x_s · w for one gathered step (x_s rounded to the weights' dtype on tensor cores, as the reference
+    does; fp32 weights: full-precision products)."""
+    if USE_DOT:
+        if IEEE:
+            acc = tl.dot(xc, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xc.to(w.dtype), w, acc)
+    else:
+        acc += xc[:, :, None] * w.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
 def _v3_kernel(
     x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, val_ptr, count_ptr,
     B, K, N, N0, N1,
@@ -99,7 +113,7 @@ def _v3_kernel(
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr, PRELIST: tl.constexpr,
-    USE_DOT: tl.constexpr, IEEE: tl.constexpr, VAL_B: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, VAL_B: tl.constexpr, DEPTH: tl.constexpr,
     BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_prologue(PDL)
@@ -140,24 +154,39 @@ def _v3_kernel(
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     else:  # batch 1: products on CUDA cores, reduced over K once after the loop (no cross-thread traffic inside)
         acc = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_N], dtype=tl.float32)
-    for i in range(0, count, BLOCK_K):
-        mk = (i + ar) < count
+    if DEPTH == 1:
+        for i in range(0, count, BLOCK_K):
+            mk = (i + ar) < count
+            w = tl.load(wb + idx[:, None] * stride_wk + offs_n[None, :], mask=mk[:, None] & mask_n[None, :],
+                        other=0.0, eviction_policy="evict_first")
+            nxt = i + BLOCK_K + ar
+            mkn = nxt < count
+            idx_n = tl.load(idx_base + nxt, mask=mkn, other=0, cache_modifier=".cg")
+            xc_n = tl.load(val_base + nxt[None, :], mask=mask_b[:, None] & mkn[None, :], other=0.0,
+                           cache_modifier=".cg")
+            acc = _gather_step(acc, xc, w, USE_DOT, IEEE)
+            idx = idx_n
+            xc = xc_n
+    else:
+        # Two weight tiles in flight: step i multiplies tile i (requested one step earlier) while tile i+1 and
+        # the indices of step i+2 are on their way, so a program never waits a full memory latency per step.
         w = tl.load(wb + idx[:, None] * stride_wk + offs_n[None, :], mask=mk[:, None] & mask_n[None, :], other=0.0,
                     eviction_policy="evict_first")
-        nxt = i + BLOCK_K + ar
+        nxt = BLOCK_K + ar
         mkn = nxt < count
-        idx_n = tl.load(idx_base + nxt, mask=mkn, other=0, cache_modifier=".cg")
-        xc_n = tl.load(val_base + nxt[None, :], mask=mask_b[:, None] & mkn[None, :], other=0.0, cache_modifier=".cg")
-        if USE_DOT:
-            # x_s rounded to the weights' dtype, as the reference does; fp32 weights: full-precision products.
-            if IEEE:
-                acc = tl.dot(xc, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xc.to(w.dtype), w, acc)
-        else:
-            acc += xc[:, :, None] * w.to(tl.float32)[None, :, :]
-        idx = idx_n
-        xc = xc_n
+        idx_1 = tl.load(idx_base + nxt, mask=mkn, other=0, cache_modifier=".cg")
+        xc_1 = tl.load(val_base + nxt[None, :], mask=mask_b[:, None] & mkn[None, :], other=0.0, cache_modifier=".cg")
+        for i in range(0, count, BLOCK_K):
+            nxt = i + BLOCK_K + ar
+            w_1 = tl.load(wb + idx_1[:, None] * stride_wk + offs_n[None, :],
+                          mask=(nxt < count)[:, None] & mask_n[None, :], other=0.0, eviction_policy="evict_first")
+            nxt2 = nxt + BLOCK_K
+            mk2 = nxt2 < count
+            idx_2 = tl.load(idx_base + nxt2, mask=mk2, other=0, cache_modifier=".cg")
+            xc_2 = tl.load(val_base + nxt2[None, :], mask=mask_b[:, None] & mk2[None, :], other=0.0,
+                           cache_modifier=".cg")
+            acc = _gather_step(acc, xc, w, USE_DOT, IEEE)
+            w, xc, idx_1, xc_1 = w_1, xc_1, idx_2, xc_2
     if USE_DOT:
         out = acc
     else:
@@ -229,7 +258,7 @@ def launch_v3(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, b
     compiled = _v3_kernel[(tiles_n, groups, mats)](
         *ptrs, ws, cnt, idx, val, count, b, k, n, n0, n1, *strides, eps, **flags,
         GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split, PRELIST=prelist,
-        USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, VAL_B=val_b,
+        USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, VAL_B=val_b, DEPTH=cfg.depth,
         BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -77,6 +77,7 @@ class _LayerRule:
     gu: _OpRule
     down: _OpRule
     gate_act: Optional[torch.Tensor] = None  # CATS threshold on silu(gate), float32 [1] or [I]
+    up_expected: float = 0.0  # CATS: fraction of up rows the gate_act mask is expected to skip
 
 
 @dataclass
@@ -216,6 +217,7 @@ class Engine:
                 gu=op("gu", ("gate", "up"), d, [wg_t, wu_t]),
                 down=op("down", ("down",), inter, [lw.wd_t if lw.wd_t is not None else lw.wd.t()]),
                 gate_act=gate_act,
+                up_expected=exp(("up",)) if gate_act is not None else 0.0,
             ))
         self.rules = rules
         self.expected_sparsity = dict(expected)
@@ -287,7 +289,10 @@ class Engine:
             record(i, "gu", xn)
             record(i, "gate_act", F.silu(self._linear(xn, None if lw.w13 is None else lw.w13[:inter],
                                                       None if lw.wg_t is None else lw.wg_t).float()))
-        if r is not None and r.gate_act is not None:
+        # CATS only where the up rows it skips pay for its extra launch (the gate/up crossover), else dense.
+        cats = r is not None and r.gate_act is not None and not self._dense(
+            _OpRule(thresh=r.gate_act, expected=r.up_expected), "gu", b)
+        if cats:
             g = r.gu
             if self._dense(g, "gu", b):
                 ag = F.silu(self._linear(ops.rmsnorm(x, lw.mlp_norm, eps), None if lw.w13 is None else lw.w13[:inter],
@@ -308,7 +313,8 @@ class Engine:
                                      norm_weight=lw.mlp_norm, eps=eps)  # [B, I]
         if record is not None:
             record(i, "down", h)
-        if r is None or self._dense(r.down, "down", b):
+        # A CATS plan's down rows are the zeros of h that cats_up writes: none when CATS fell back to dense.
+        if r is None or self._dense(r.down, "down", b) or (r.gate_act is not None and not cats):
             return self._linear(h, lw.wd, lw.wd_t, res=x)
         return ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=x)
 

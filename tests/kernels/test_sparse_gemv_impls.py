@@ -19,7 +19,9 @@ CFGS = {
     "v3": {"split": V3Config(block_n=32, seg_k=32, block_k=8), "whole": V3Config(block_n=64, seg_k=128, block_k=32)},
     "v4": {"split": V4Config(block_n=16, seg_k=32, ranges=2), "whole": V4Config(block_n=32, seg_k=128, ranges=3)},
     "v5": {"split": GemvConfig(block_n=16, block_k=16, split_k=3), "whole": GemvConfig(block_n=32, block_k=128)},
-    "v6": {"split": V3Config(block_n=32, seg_k=32, block_k=8), "whole": V3Config(block_n=64, seg_k=128, block_k=32)},
+    # v6 "whole": two gathered tiles in flight (depth 2) over several steps.
+    "v6": {"split": V3Config(block_n=32, seg_k=32, block_k=8),
+           "whole": V3Config(block_n=64, seg_k=128, block_k=32, depth=2)},
 }
 OVERRIDE_AS = {"v5": "v5", "v6": "v6"}  # override_config's impl for a config class shared by two kernels
 IMPLS = list(CFGS)

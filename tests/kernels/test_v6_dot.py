@@ -10,7 +10,7 @@ from actsparse.kernels import V3Config, override_config, poison_outputs, ref, sp
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 CFGS = {"split": V3Config(block_n=32, seg_k=32, block_k=16, use_dot=True),
-        "whole": V3Config(block_n=16, seg_k=128, block_k=32, use_dot=True)}
+        "whole": V3Config(block_n=16, seg_k=128, block_k=32, use_dot=True, depth=2)}
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
