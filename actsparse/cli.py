@@ -3,6 +3,7 @@
     actsparse sweep +sweep=demo                                  a named preset from sweeps/
     actsparse sweep -m method=dense,teal sparsity=0.3,0.5         any Hydra multirun grid over conf/
     actsparse sweep --dry-run ...                                 show the cells and their keys, run nothing
+    actsparse sweep --search 'ppl<=1.02x' -m method=teal,cats     per method, the largest target within a budget
     actsparse report [--tracking-uri URI] [--sweep-id ID]         fronts, iso-quality, tables, plots, HTML page
 
 Every user mistake ends with one `actsparse: error: ...` message and exit status 2, before any
@@ -26,6 +27,13 @@ def _sweep_parser() -> argparse.ArgumentParser:
                    help="accepted as in Hydra; a sweep always runs its whole grid")
     p.add_argument("--dry-run", action="store_true", help="validate and print the grid's cells and keys; run nothing")
     p.add_argument("--cfg", action="store_true", help="print every cell's resolved configuration and exit")
+    p.add_argument("--search", metavar="BUDGET", default=None,
+                   help="search mode: per model x method, bisect for the largest target sparsity whose quality "
+                        "stays within BUDGET, e.g. 'ppl<=1.02x', 'acc_avg>=dense-1', 'fidelity/cos>=0.99x' "
+                        "(the grid's sparsity values are ignored)")
+    p.add_argument("--tol", type=float, default=0.01, help="search: resolution in target sparsity (default 0.01)")
+    p.add_argument("--max-sparsity", type=float, default=0.9,
+                   help="search: the largest target probed (default 0.9)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +sweep=demo method=teal sparsity=0.3,0.5")
     return p
 
@@ -102,7 +110,25 @@ def cmd_sweep(argv: list[str]) -> int:
     args = _sweep_parser().parse_intermixed_args(argv)
     from .sweep.compose import compose_grid
 
+    spec = None
+    if args.search is not None:  # a malformed budget is refused before anything is composed or loaded
+        from .sweep.search import parse_search
+
+        spec = parse_search(args.search, args.tol, args.max_sparsity)
     grid = compose_grid(args.overrides)
+    if spec is not None:
+        from .sweep.search import prepare_search, run_search
+
+        groups, _ = prepare_search(grid, spec)
+        if args.dry_run or args.cfg:
+            print(f"search {spec.describe()}: {len(groups)} group(s), at most {spec.max_probes} probes each")
+            for g in groups:
+                print(f"  {g.label}")
+            return 0
+        _interruptible()
+        out = run_search(grid, spec)
+        print(out.summary_line(), flush=True)
+        return out.exit_code
     if args.cfg:
         from omegaconf import OmegaConf
 

@@ -61,6 +61,30 @@ class _Job:
         return (self.kind, self.key)
 
 
+class WorkerPool:
+    """The model workers (Ray actors) of one or more scheduler runs, and where their crash logs go.
+
+    A sweep runs its DAG once and closes the pool; a search runs one DAG per round and keeps the pool, so a
+    round's probes find their model already loaded by the previous round's worker.
+    """
+
+    def __init__(self):
+        self.slots: list[_Slot] = []
+        self.crash_dir = tempfile.mkdtemp(prefix="actsparse-workers-")   # faulthandler logs of the model workers
+        self.oom_kills_at_start = oom_kills()
+
+    def close(self) -> None:
+        """Kill every worker and remove the crash logs."""
+        import shutil
+
+        import ray
+
+        for s in self.slots:
+            ray.kill(s.actor, no_restart=True)
+        self.slots.clear()
+        shutil.rmtree(self.crash_dir, ignore_errors=True)
+
+
 @dataclass
 class _Slot:
     actor: object
@@ -72,12 +96,14 @@ class AffinityScheduler:
     """Runs a SweepDag on model-keeping Ray actors; calls on_cell(cell, result | None, Failure | None) per cell."""
 
     def __init__(self, dag: SweepDag, launcher: dict, store, faults: dict,
-                 on_cell: Callable[[Cell, dict | None, Failure | None], None]):
+                 on_cell: Callable[[Cell, dict | None, Failure | None], None], pool: WorkerPool | None = None):
         self.dag, self.launcher, self.store, self.faults, self.on_cell = dag, launcher, store, faults, on_cell
         self.results: dict[tuple, dict] = {}
         self.failures: dict[tuple, Failure] = {}
         self.jobs: dict[tuple, _Job] = {}
-        self.slots: list[_Slot] = []
+        self.own_pool = pool is None                      # a pool it made itself is closed when it is done
+        self.pool = pool or WorkerPool()
+        self.slots = self.pool.slots
         self.inflight: dict = {}                          # ObjectRef -> (job, slot or None)
         self.ready: dict[str, list[_Job]] = defaultdict(list)
         self.ready_tasks: list[_Job] = []
@@ -86,8 +112,6 @@ class AffinityScheduler:
         self.actors_started = 0
         self.actor_deaths = 0
         self.cap, self.fits_as_tasks = 1, False
-        self.crash_dir = tempfile.mkdtemp(prefix="actsparse-workers-")   # faulthandler logs of the model workers
-        self.oom_kills_at_start = oom_kills()
 
     # -- set-up --------------------------------------------------------------------------------------------
     def _actor_resources(self) -> dict:
@@ -151,16 +175,15 @@ class AffinityScheduler:
                 done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
                 for ref in done:
                     self._complete(ref)
-        finally:  # on Ctrl-C or an error too: leave nothing running on the cluster
+        except BaseException:  # on Ctrl-C or an error: leave nothing running on the cluster
+            self.pool.close()
+            raise
+        finally:
             for ref, (_, slot) in self.inflight.items():
                 if slot is None:
                     ray.cancel(ref, force=True)
-            for s in self.slots:
-                ray.kill(s.actor, no_restart=True)
-            self.slots.clear()
-            import shutil
-
-            shutil.rmtree(self.crash_dir, ignore_errors=True)
+        if self.own_pool:
+            self.pool.close()
 
     def _staff(self) -> None:
         """Start actors, up to the cap, while queued actor nodes outnumber the actors."""
@@ -173,7 +196,7 @@ class AffinityScheduler:
             self.actors_started += 1
             actor = ray.remote(ModelWorker).options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
                                                     max_restarts=0, max_task_retries=0,
-                                                    max_concurrency=1).remote(self.crash_dir, self.faults)
+                                                    max_concurrency=1).remote(self.pool.crash_dir, self.faults)
             self.slots.append(_Slot(actor))
 
     def _serving(self) -> dict[str, int]:
@@ -260,7 +283,8 @@ class AffinityScheduler:
                     self.queued[job.model] += 1
                 self._make_ready(job)
                 return
-            self._fail(job, _death_failure(job.kind, e, job.attempts, self.crash_dir, self.oom_kills_at_start))
+            self._fail(job, _death_failure(job.kind, e, job.attempts, self.pool.crash_dir,
+                                                     self.pool.oom_kills_at_start))
         except RayTaskError as e:
             cause = e.cause if e.cause is not None else e
             self._fail(job, _failure(job.kind, cause, str(e)))

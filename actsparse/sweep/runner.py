@@ -276,8 +276,12 @@ def _start_ray(launcher: dict, console) -> bool:
 
 
 def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent: str, sweep_id: str, by_key: dict,
-             console) -> dict:
-    """Run the DAG (on model actors, or as chained tasks), logging each cell as it completes; return node results."""
+             console, extra_tags=None, pool=None) -> dict:
+    """Run the DAG (on model actors, or as chained tasks), logging each cell as it completes; return node results.
+
+    extra_tags(cell, result or None) adds tags to a cell's child run (a search tags its probes); pool (an
+    affinity.WorkerPool) keeps the model workers for the caller's next DAG instead of closing them.
+    """
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -287,12 +291,14 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
 
         def record(cell: Cell, result: dict | None, failure: Failure | None) -> None:
             if failure is not None:  # a failing cell becomes a FAILED run; the sweep goes on
-                rid = _log_failed(tracker, parent, sweep_id, cell, failure.message, failure.traceback)
+                rid = _log_failed(tracker, parent, sweep_id, cell, failure.message, failure.traceback,
+                                  extra_tags(cell, None) if extra_tags else {})
                 by_key[cell.key] = {"status": FAILED, "run_id": rid, "error": failure.message}
                 prog.console.print(f"[red]✗[/] {escape(cell.label)}  {escape(failure.message.splitlines()[0])}  "
                                    f"[dim]\\[{cell.key}][/]")
             else:
-                rid = _log_finished(tracker, parent, sweep_id, cell, result)
+                rid = _log_finished(tracker, parent, sweep_id, cell, result,
+                                    extra_tags(cell, result) if extra_tags else {})
                 by_key[cell.key] = {"status": FINISHED, "run_id": rid}
                 prog.console.print(f"[green]✓[/] {escape(cell.label)}  {escape(cell_line(result))}  "
                                    f"[dim]\\[{cell.key}][/]")
@@ -301,7 +307,7 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
         if launcher["affinity"]:
             from .affinity import AffinityScheduler
 
-            sched = AffinityScheduler(dag, launcher, store, faults, record)
+            sched = AffinityScheduler(dag, launcher, store, faults, record, pool)
             sched.run()
             return {"results": sched.results, "actors": sched.actors_started, "actor_deaths": sched.actor_deaths}
         return _execute_tasks(dag, launcher, store, faults, record)
@@ -424,7 +430,7 @@ def _tags(cell: Cell, sweep_id: str, device: str) -> dict:
             "method": cell.plan.method, "method_label": cell.method_label or cell.plan.method}
 
 
-def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict) -> str:
+def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict, extra: dict | None = None) -> str:
     from ..report.plots import layer_sparsity_plot
 
     metrics = {"sparsity/effective": r["effective"], "sparsity/effective_expected": r["expected_effective"],
@@ -437,7 +443,8 @@ def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict) -> s
     tags = {**_tags(cell, sweep_id, r["device"]), "stats_source": r["stats_source"], "host": r["host"],
             "model_cache": "miss" if model.get("loads") else "hit" if model.get("hits") else "none",
             "ray_node": worker.get("node", "")[:16], "worker_pid": worker.get("pid", ""),
-            "eval_batch_size": r.get("eval_batch_size", cell.eval.batch_size), "oom_retries": r.get("oom_retries", 0)}
+            "eval_batch_size": r.get("eval_batch_size", cell.eval.batch_size), "oom_retries": r.get("oom_retries", 0),
+            **(extra or {})}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         _write_config(cell, d)
@@ -507,8 +514,8 @@ def _lm_eval_version() -> str:
         return "unknown"
 
 
-def _log_failed(tracker, parent: str, sweep_id: str, cell: Cell, msg: str, tb: str) -> str:
-    tags = {**_tags(cell, sweep_id, cell.device), "error": msg[:4900]}
+def _log_failed(tracker, parent: str, sweep_id: str, cell: Cell, msg: str, tb: str, extra: dict | None = None) -> str:
+    tags = {**_tags(cell, sweep_id, cell.device), "error": msg[:4900], **(extra or {})}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         _write_config(cell, d)
@@ -522,13 +529,14 @@ def _write_config(cell: Cell, d: Path) -> None:
     (d / "config.yaml").write_text(f"# overrides: {' '.join(cell.overrides)}\n" + OmegaConf.to_yaml(cell.config))
 
 
-def _report(tr: dict, results: Path, sweep_id: str, statuses: list[dict], tracker, parent: str, console):
-    from ..report.build import build_report
+def _report(tr: dict, results: Path, sweep_id: str, statuses: list[dict], tracker, parent: str, console,
+            budgets: dict | None = None):
+    from ..report.build import ReportOptions, build_report
     from ..report.runs import runs_frame
 
     ids = list(dict.fromkeys(s["run_id"] for s in statuses if s.get("run_id")))
     df = runs_frame(tr["uri"], tr["experiment"], ids)
-    rep = build_report(df, results, f"Sweep {sweep_id}")
+    rep = build_report(df, results, f"Sweep {sweep_id}", ReportOptions(budgets=dict(budgets or {})))
     tracker.log_artifacts(parent, rep.dir, "report")
     console.print(rep.console_text() + "\n", markup=False, highlight=False)
     return rep
