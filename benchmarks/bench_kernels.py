@@ -13,7 +13,6 @@ Writes DIR/results.json (rows), DIR/BENCHMARKS_fragment.md and DIR/tuned.json; p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -36,57 +35,36 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from actsparse.kernels import (GemvConfig, V3Config, V4Config, configs, override_config, pack_weight, ref,  # noqa: E402
+from actsparse.engine.crossover import graph_ms  # noqa: E402
+from actsparse.kernels import (GatherConfig, MaskedConfig, configs, override_config, ref,  # noqa: E402
                                sparse_gated_mlp, sparse_gemv)
-from actsparse.kernels.pdl import launch_kwargs, pdl_prologue, use_pdl  # noqa: E402
 
-# Imported after actsparse.kernels, which turns on Triton's interpreter on a machine without CUDA.
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
+# teal_style imports Triton: after actsparse.kernels, which turns on Triton's interpreter without CUDA.
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from teal_style import teal_style_gemv  # noqa: E402
 
 D, KV, INTER = 4096, 1024, 14336  # Llama-3-8B
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
-# (block_n, block_k, num_warps, num_stages[, depth]); each also at split-K = auto/2, auto, 2·auto.
-# (block_n, block_k, num_warps, num_stages[, depth]). Batch 1: one-shot tiles (one K chunk a program, as in
-# TEAL's design: thousands of programs, many masked row loads in flight) and two chunks a program; see _v2_grid.
+# masked walk: (block_n, block_k, num_warps, num_stages[, depth]). Batch 1: one-shot tiles (one K chunk a program, as in
+# TEAL's design: thousands of programs, many masked row loads in flight) and two chunks a program; see _masked_grid.
 FMA_GRID = {1: [(32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 8, 1), (64, 64, 4, 1), (128, 64, 4, 1),
                 (64, 256, 8, 1), (32, 256, 4, 1), (256, 64, 8, 1), (16, 256, 4, 1), (128, 32, 4, 1)],
             4: [(32, 64, 4, 1), (32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1), (32, 64, 4, 1, 2), (32, 32, 4, 1, 2)]}
 DOT_GRID = {1: [], 4: [(64, 128, 4, 3), (32, 128, 4, 3)]}
-# v3 (block_n, seg_k, block_k, num_warps)
-V3_GRID = {1: [(64, 512, 64, 4), (64, 512, 128, 4), (128, 512, 64, 4), (64, 256, 64, 4), (64, 1024, 64, 4),
-               (64, 512, 32, 4), (32, 512, 64, 4), (64, 512, 64, 8)],
-           4: [(64, 512, 16, 4), (64, 256, 32, 4), (32, 512, 32, 4)]}
-# v4 (block_n, seg_k, num_warps, num_stages, per_sm)
-# (num_stages had no effect in the first sweep: the pipeliner leaves loads that feed no dot alone)
-V4_GRID = {1: [(16, 512, 4, 1, 8), (16, 512, 4, 1, 4), (32, 256, 4, 1, 4), (64, 128, 4, 1, 4), (32, 256, 4, 1, 8),
-               (64, 128, 4, 1, 8), (16, 256, 4, 1, 8), (32, 128, 4, 1, 8), (64, 256, 8, 1, 4), (16, 1024, 8, 1, 4),
-               (32, 512, 8, 1, 4), (16, 128, 4, 1, 16)],
-           4: [(16, 128, 4, 1, 4), (16, 128, 4, 2, 4), (32, 128, 4, 2, 4), (16, 256, 8, 2, 4), (16, 64, 4, 2, 8)]}
-# v5 (selection pass + v2 walk over the selected input): (block_n, block_k, num_warps, num_stages[, depth]), each
-# at three split-K values as for v2; wider strips than v2's grid, since the walk no longer loads per-row operands.
-V5_GRID = {1: [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1), (32, 64, 4, 1), (64, 64, 4, 1), (64, 128, 4, 1),
-               (128, 32, 4, 1), (128, 64, 8, 1), (16, 128, 4, 1, 2), (32, 128, 4, 1, 2)],
-           4: [(32, 64, 4, 1), (32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 4, 1, 2)]}
-# v6 (compaction pass + v3 gather walk): V3Config (block_n, seg_k, block_k, num_warps)
-# (the first sweep, commit 91ae6ff: 64- and 32-row steps lost 2-4x to 128, longer slices won)
-# v6 (compaction pass + gather walk): V3Config (block_n, seg_k, block_k, num_warps, use_dot, num_stages, depth);
+# gather walk: GatherConfig (block_n, seg_k, block_k, num_warps, use_dot, num_stages, depth);
 # depth 2 keeps two gathered weight tiles in flight per program.
-V6_GRID = {1: [(32, 4096, 128, 4), (32, 4096, 128, 4, False, 1, 2), (64, 4096, 128, 4), (64, 4096, 128, 4, False, 1, 2),
-               (64, 2048, 64, 4, False, 1, 2), (32, 2048, 128, 4), (32, 2048, 128, 4, False, 1, 2),
-               (32, 1024, 128, 4, False, 1, 2), (64, 1024, 128, 4, False, 1, 2), (128, 4096, 64, 4, False, 1, 2),
-               (128, 2048, 64, 8, False, 1, 2), (64, 4096, 128, 8, False, 1, 2), (32, 4096, 256, 8, False, 1, 2),
-               (16, 4096, 256, 4, False, 1, 2), (16, 2048, 256, 4), (64, 2048, 128, 4), (32, 16384, 128, 4, False, 1, 2),
-               (32, 8192, 128, 4, False, 1, 2), (32, 4096, 64, 4, False, 1, 2), (64, 4096, 64, 2, False, 1, 2),
-               (16, 4096, 128, 4, False, 1, 2)],
-           # batch 4: the FMA walk, and the tensor-core walk (use_dot, num_stages): 16-row tl.dot per gathered step
-           4: [(64, 512, 32, 4), (32, 512, 32, 4), (32, 1024, 128, 4, True), (64, 1024, 128, 4, True),
-               (32, 2048, 128, 4, True), (32, 4096, 128, 4, True), (64, 2048, 64, 4, True), (16, 1024, 128, 4, True),
-               (32, 1024, 128, 4, True, 2), (64, 2048, 128, 8, True), (32, 1024, 256, 4, True)]}
-PACK_WIDTH = 32  # columns a strip of packed weights ("v5p")
+GATHER_GRID = {1: [(32, 4096, 128, 4), (32, 4096, 128, 4, False, 1, 2), (64, 4096, 128, 4),
+                   (64, 4096, 128, 4, False, 1, 2), (64, 2048, 64, 4, False, 1, 2), (32, 2048, 128, 4),
+                   (32, 2048, 128, 4, False, 1, 2), (32, 1024, 128, 4, False, 1, 2), (64, 1024, 128, 4, False, 1, 2),
+                   (128, 4096, 64, 4, False, 1, 2), (128, 2048, 64, 8, False, 1, 2), (64, 4096, 128, 8, False, 1, 2),
+                   (32, 4096, 256, 8, False, 1, 2), (16, 4096, 256, 4, False, 1, 2), (16, 2048, 256, 4),
+                   (64, 2048, 128, 4), (32, 16384, 128, 4, False, 1, 2), (32, 8192, 128, 4, False, 1, 2),
+                   (32, 4096, 64, 4, False, 1, 2), (64, 4096, 64, 2, False, 1, 2), (16, 4096, 128, 4, False, 1, 2)],
+               # batch 4: the FMA walk, and the tensor-core walk (use_dot, num_stages): a 16-row tl.dot a step
+               4: [(64, 512, 32, 4), (32, 512, 32, 4), (32, 1024, 128, 4, True), (64, 1024, 128, 4, True),
+                   (32, 2048, 128, 4, True), (32, 4096, 128, 4, True), (64, 2048, 64, 4, True),
+                   (16, 1024, 128, 4, True), (32, 1024, 128, 4, True, 2), (64, 2048, 128, 8, True),
+                   (32, 1024, 256, 4, True)]}
 DEV = "cuda"
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
 if SMOKE:
@@ -94,10 +72,7 @@ if SMOKE:
     SPARSITIES = [0.0, 0.5]
     FMA_GRID = {1: [(32, 32, 4, 1), (16, 16, 4, 1, 2)], 4: [(32, 32, 4, 1)]}
     DOT_GRID = {1: [], 4: [(32, 32, 4, 1)]}
-    V3_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4)], 4: [(32, 32, 8, 4)]}
-    V4_GRID = {1: [(16, 32, 4, 1, 1), (32, 64, 4, 2, 2)], 4: [(16, 32, 4, 1, 1)]}
-    V5_GRID = {1: [(32, 32, 4, 1), (16, 16, 4, 1, 2)], 4: [(32, 32, 4, 1)]}
-    V6_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4, False, 1, 2)], 4: [(32, 32, 8, 4), (32, 32, 16, 4, True)]}
+    GATHER_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4, False, 1, 2)], 4: [(32, 32, 8, 4), (32, 32, 16, 4, True)]}
 
 
 class Clock:
@@ -119,28 +94,7 @@ def time_graph(fn, reps: int = 10, warmup: int = 2) -> float:
     if SMOKE:
         fn()
         return 1.0
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1))
-    del g
-    return statistics.median(times)
+    return graph_ms(fn, reps, warmup)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -171,19 +125,9 @@ def ceilings() -> dict:
 _sparse_gemv, _sparse_gated_mlp = sparse_gemv, sparse_gated_mlp
 
 
-def impl_parts(name: str) -> tuple[str, bool, bool | None]:
-    """A side-by-side kernel name -> (kernel, packed weights, PDL): "v6" (PDL as configured: off unless
-    ACTSPARSE_PDL=1), "v5p" (v5 on weights packed in PACK_WIDTH-column strips), "v6-pdl" (v6 launched with
-    programmatic dependent launch, kernels/pdl.py), "v6-nopdl" (without)."""
-    pdl = True if name.endswith("-pdl") else (False if name.endswith("-nopdl") else None)
-    base = name.rsplit("-", 1)[0] if pdl is not None else name
-    packed = base.endswith("p")
-    return (base[:-1] if packed else base), packed, pdl
-
-
-def _with_impl(fn, impl: str, poison: bool = False, pdl: bool | None = None):
+def _with_impl(fn, impl: str, poison: bool = False):
     def call(*a, **kw):
-        with configs.poison_outputs(poison), (use_pdl(pdl) if pdl is not None else contextlib.nullcontext()):
+        with configs.poison_outputs(poison):
             return fn(*a, impl=impl, **kw)
     return call
 
@@ -203,18 +147,6 @@ class Layers:
             self.sets.append(dict(wqkv=wqkv, wo=wo, w13=w13, wd=wd, wqkv_t=wqkv.t().contiguous(),
                                   wo_t=wo.t().contiguous(), wg_t=w13[:INTER].t().contiguous(),
                                   wu_t=w13[INTER:].t().contiguous(), wd_t=wd.t().contiguous()))
-        self._packed: list[dict] | None = None
-
-    def for_impl(self, impl: str) -> tuple[list[dict], str, bool | None]:
-        """The weight sets, kernel name and PDL flag for a side-by-side name (`impl_parts`)."""
-        kernel, packed, pdl = impl_parts(impl)
-        if not packed:
-            return self.sets, kernel, pdl
-        if self._packed is None:
-            self._packed = [{k: (pack_weight(v, PACK_WIDTH) if k.endswith("_t") else v) for k, v in s.items()}
-                            for s in self.sets]
-        return self._packed, kernel, pdl
-
 
 class Inputs:
     """Decode-step inputs at batch b and per-op thresholds that give a target row sparsity."""
@@ -255,20 +187,12 @@ class Inputs:
 
 
 def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
-    """Callables running each fused sparse op over all L weight copies (impl: auto, v2, v3, v4 or v5; a trailing
-    "p", e.g. "v5p": the same kernel on weights packed in strips, `pack_weight`; "-pdl" / "-nopdl": PDL on / off).
-
-    v5 runs as the engine does: gate|up writes h selected for down (out_thresh), so down reads it as is
-    (thresh=None, no selection pass of its own); its op time is measured on h selected beforehand.
-    """
-    sets, impl, pdl = lay.for_impl(impl)
+    """Callables running each fused sparse op over all L weight copies (impl: auto, masked or gather), as the
+    engine calls them."""
+    sets = lay.sets
     x, g, a, h = inp.x, inp.g, inp.a, inp.h
-    sparse_gemv = _with_impl(_sparse_gemv, impl, pdl=pdl)
-    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, pdl=pdl)
-    v5 = impl == "v5"
-    t_out = th["down"] if v5 else None  # v5: gate|up selects h for down
-    h_down = ref.sparsify_ref(h, th["down"].to(h.dtype)) if v5 else h
-    t_down = None if v5 else th["down"]
+    sparse_gemv = _with_impl(_sparse_gemv, impl)
+    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl)
 
     def qkv(s):
         return sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
@@ -277,16 +201,16 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
         return sparse_gemv(a, s["wo_t"], th["o"], residual=x)
 
     def pair(s):
-        return sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5, out_thresh=t_out)
+        return sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5)
 
-    def down(s, hin=h_down):
-        return sparse_gemv(hin, s["wd_t"], t_down, residual=x)
+    def down(s):
+        return sparse_gemv(h, s["wd_t"], th["down"], residual=x)
 
     def block(s):
         qkv(s)
         o(s)
-        hp = pair(s)
-        down(s, hp if v5 else h_down)  # v5: down reads gate|up's selected output, as in the engine
+        pair(s)
+        down(s)
 
     def over_sets(op):
         def run():
@@ -300,10 +224,10 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
 
 def check_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
     """Relative error of each fused op against the torch reference on set 0 (outputs poisoned)."""
-    sets, impl, pdl = lay.for_impl(impl)
-    s, r, x, g = sets[0], lay.sets[0], inp.x, inp.g  # r: the [K, N] weights for the references
-    sparse_gemv = _with_impl(_sparse_gemv, impl, poison=True, pdl=pdl)
-    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, poison=True, pdl=pdl)
+    s = r = lay.sets[0]
+    x, g = inp.x, inp.g
+    sparse_gemv = _with_impl(_sparse_gemv, impl, poison=True)
+    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, poison=True)
     out = {}
     out["qkv"] = rel(sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)),
                      ref.sparse_gemv_ref(x, r["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)))
@@ -313,13 +237,6 @@ def check_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
                       ref.sparse_gated_mlp_ref(x, r["wg_t"], r["wu_t"], th["pair"], norm_weight=g, eps=1e-5))
     out["down"] = rel(sparse_gemv(inp.h, s["wd_t"], th["down"], residual=x),
                       ref.sparse_gemv_ref(inp.h, r["wd_t"], th["down"], residual=x))
-    if impl == "v5":  # the engine's fused flow: gate|up selects h for down, down reads it as is
-        kw = dict(norm_weight=g, eps=1e-5, out_thresh=th["down"])
-        out["pair_sel"] = rel(sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], **kw),
-                              ref.sparse_gated_mlp_ref(x, r["wg_t"], r["wu_t"], th["pair"], **kw))
-        hs = ref.sparsify_ref(inp.h, th["down"].to(inp.h.dtype))
-        out["down_presel"] = rel(sparse_gemv(hs, s["wd_t"], None, residual=x),
-                                 ref.sparse_gemv_ref(hs, r["wd_t"], None, residual=x))
     return out
 
 
@@ -369,12 +286,13 @@ def cublas_ops(lay: Layers, inp: Inputs) -> dict:
 KINDS = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER), "down": ("gemv", INTER, D)}
 
 
-def _v2_grid(b: int, k: int, n: int, fma: dict | None = None, dot: dict | None = None) -> list[GemvConfig]:
-    """The v2 configs tried for one op and batch: each grid entry at split-K = auto/2, auto, 2·auto."""
+def _masked_grid(b: int, k: int, n: int, fma: dict | None = None, dot: dict | None = None) -> list[MaskedConfig]:
+    """The masked-walk configs tried for one op and batch: batch 1 at one and two K chunks a program, others at
+    split-K = auto/2, auto, 2·auto."""
     grid = []
     fma, dot_ = fma or FMA_GRID, DOT_GRID if dot is None else dot
     for c, dot in [(c, False) for c in fma[b]] + [(c, True) for c in dot_.get(b, [])]:
-        base = GemvConfig(*c[:4], use_dot=dot, depth=c[4] if len(c) > 4 else 1)
+        base = MaskedConfig(*c[:4], use_dot=dot, depth=c[4] if len(c) > 4 else 1)
         tiles = -(-n // base.block_n) * (1 if not dot else -(-b // 16))
         if b == 1 and not dot:  # one chunk a program (one-shot tiles), and two
             one_shot = -(-k // base.block_k)
@@ -393,7 +311,7 @@ def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl:
     below its crossover, so `0:0,0.5:1,0.9:1` tunes for the regime the kernels actually serve.
     """
     weights = weights or {0.0: 1.0, 0.5: 1.0, 0.9: 1.0}
-    tag = "tune" if impl == "v2" else f"tune {impl}"
+    tag = f"tune {impl}"
     best, rows = {}, []
     for b in batches:
         inp = Inputs(lay, b)
@@ -406,7 +324,7 @@ def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl:
                     break
                 try:
                     configs.COMPILED.clear()
-                    with override_config(cfg, impl=impl if impl in ("v5", "v6") else "v2"):
+                    with override_config(cfg):
                         err = check_ops(lay, inp, ths[0.5], impl)[op]
                         if not err < 2e-2:
                             log(f"  {tag} {op} b{b} {cfg}: WRONG rel err {err}")
@@ -430,39 +348,24 @@ def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl:
     return best, rows
 
 
-def tune(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
-    """The v2 sweep over FMA_GRID / DOT_GRID (see _sweep)."""
-    return _sweep(lay, clock, batches, weights, _v2_grid, "v2", 0.35)
+def tune_masked(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
+    """The masked-walk sweep over FMA_GRID / DOT_GRID (see _sweep)."""
+    return _sweep(lay, clock, batches, weights, _masked_grid, "masked", 0.35)
 
 
-def tune_v3(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
-    """The v3 sweep over V3_GRID (see _sweep)."""
-    return _sweep(lay, clock, batches, weights, lambda b, k, n: [V3Config(*c) for c in V3_GRID[b]], "v3", 0.3)
+def tune_gather(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
+    """The gather-walk sweep over GATHER_GRID (see _sweep)."""
+    return _sweep(lay, clock, batches, weights, lambda b, k, n: [GatherConfig(*c) for c in GATHER_GRID[b]], "gather",
+                  0.4)
 
 
-def tune_v4(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
-    """The v4 sweep over V4_GRID (see _sweep)."""
-    return _sweep(lay, clock, batches, weights, lambda b, k, n: [V4Config(*c) for c in V4_GRID[b]], "v4", 0.35)
-
-
-def tune_v5(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
-    """The v5 sweep over V5_GRID (see _sweep): down is timed on an already-selected input, as the engine runs it."""
-    return _sweep(lay, clock, batches, weights, lambda b, k, n: _v2_grid(b, k, n, V5_GRID, {}), "v5", 0.35)
-
-
-def tune_v6(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
-    """The v6 sweep over V6_GRID (see _sweep)."""
-    return _sweep(lay, clock, batches, weights, lambda b, k, n: [V3Config(*c) for c in V6_GRID[b]], "v6", 0.4)
-
-
-# kernel -> (its sweep, the configs table its winners go to); swept in this order when asked for (--tune, --tune-vN)
-TUNERS = {"v2": (tune, "TUNED"), "v5": (tune_v5, "TUNED_V5"), "v6": (tune_v6, "TUNED_V6"), "v4": (tune_v4, "TUNED_V4"),
-          "v3": (tune_v3, "TUNED_V3")}
+# kernel -> (its sweep, the configs table its winners go to, its command-line flag)
+TUNERS = {"masked": (tune_masked, "TUNED_MASKED", "tune"), "gather": (tune_gather, "TUNED_GATHER", "tune_gather")}
 
 
 # ---------------------------------------------------------------------- kernel microbenchmark
 extra_impl: dict[str, str] = {}  # "op|b<batch>" -> the winning kernel, filled by kernel_bench
-SIDE_BY_SIDE = ["v2", "v6"]  # kernels timed side by side per op (--impls)
+SIDE_BY_SIDE = ["masked", "gather"]  # kernels timed side by side per op (--impls)
 
 
 def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict) -> list[dict]:
@@ -477,8 +380,7 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
             rows.append({**meta, "kind": "kernel", "method": f"cublas-{k}" if k.startswith("block") else "cublas",
                          "op": "block" if k.startswith("block") else k, "sparsity": 0.0, "batch": b,
                          "dtype": dtype_name, "us_per_block" if k.startswith("block") else "us": round(v, 2)})
-        impls = [i for i in SIDE_BY_SIDE
-                 if configs.MAX_BATCH[impl_parts(i)[0]] is None or b <= configs.MAX_BATCH[impl_parts(i)[0]]]
+        impls = [i for i in SIDE_BY_SIDE if i != "gather" or b <= configs.GATHER_MAX_BATCH]
         impls = impls if (len(impls) > 1 and dtype_name == "bf16") else []
         side: dict[str, dict[float, dict[str, float]]] = {i: {} for i in impls}
         for impl in impls:  # the kernels side by side, same run, same inputs
@@ -500,19 +402,12 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
                                  "max_rel_err": errs.get(k, max(errs.values()))})
         common = [s for s in SPARSITIES if impls and all(s in side[i] for i in impls)]
         if common:
-            # Per op, the kernel with the lower summed time over the sparsities the engine serves with a
-            # kernel (≥ 0.4: below that most ops fall back to cuBLAS), else over all measured in every run.
-            kinds = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER),
-                     "down": ("gemv", INTER, D)}
+            # Per op, the kernel with the lower summed time over the sparsities ≥ 0.4 (reported: `impl="auto"`
+            # follows configs.choose_impl, so a kernel that loses here is a finding to act on there).
             served = [s for s in common if s >= 0.4] or common
-            for op, (kind, k, n) in kinds.items():
+            for op in ("qkv", "o", "pair", "down"):
                 tv = {i: sum(side[i][s][op] for s in served) for i in impls}
-                win = min(tv, key=tv.get)
-                # The auto dispatch reads [K, N] weights with PDL as configured: packed ("v5p") and PDL
-                # ("v6-pdl", "v6-nopdl") variants are reported, not installed.
-                configs.IMPL[(kind, k, n, configs.batch_bucket(b))] = min(
-                    (i for i in impls if impl_parts(i)[1:] == (False, None)), key=tv.get)
-                extra_impl[f"{op}|b{b}"] = win
+                extra_impl[f"{op}|b{b}"] = min(tv, key=tv.get)
             log(f"  per-op winner at b{b}: {extra_impl}")
         for s in SPARSITIES:
             if clock.left(0.65) < 0:
@@ -533,58 +428,6 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
                              "dtype": dtype_name, "us": round(t[k], 2), "us_cublas": round(cub[k], 2),
                              "speedup": round(cub[k] / t[k], 3)})
     return rows
-
-
-@triton.jit
-def _empty_kernel(PDL: tl.constexpr):
-    pdl_prologue(PDL)
-
-
-def kernel_profile(lay: Layers, clock: Clock, impl: str = "v6", sparsities=(0.5, 0.9)) -> dict:
-    """Where an op's time goes at batch 1: each kernel's own device time (torch.profiler, eager launches) next
-    to the op's time under a CUDA graph, with and without PDL, and the cost of a bare launch in a graph."""
-    from torch.profiler import ProfilerActivity, profile
-
-    out: dict = {}
-    n = 64  # a chain of empty launches: the per-launch cost under a graph
-    for pdl in (False, True):
-        with use_pdl(pdl):
-            kw = launch_kwargs(torch.device(DEV))
-
-        def chain():
-            for _ in range(n):
-                _empty_kernel[(132,)](**kw)
-        out[f"empty_launch_us_pdl{int(pdl)}"] = round(time_graph(chain) * 1e3 / n, 2)
-    log(f"[profile] bare launch under a graph: {out['empty_launch_us_pdl0']} us, with PDL "
-        f"{out['empty_launch_us_pdl1']} us")
-    inp = Inputs(lay, 1)
-    for s in sparsities:
-        if clock.left(0.5) < 0:
-            break
-        th = inp.thresholds(s)
-        for variant in (f"{impl}-pdl", f"{impl}-nopdl"):
-            ops = sparse_ops(lay, inp, th, variant)
-            for name in ("qkv", "o", "pair", "down"):
-                graph_us = time_graph(ops[name]) * 1e3 / lay.n
-                out[f"{variant}|{name}|s{s}|graph_us"] = round(graph_us, 2)
-                if variant != f"{impl}-nopdl":
-                    continue
-                ops[name]()
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(3):
-                        ops[name]()
-                    torch.cuda.synchronize()
-                kern = {}
-                for e in prof.key_averages():
-                    t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-                    if t and e.count:
-                        kern[e.key[:40]] = round(t / e.count, 2)
-                out[f"{impl}|{name}|s{s}|kernels_us"] = kern
-                log(f"[profile] {impl} {name} s={s}: graph {graph_us:.1f} us/op; kernels (device us each): {kern}")
-            log(f"[profile] {variant} s={s}: " + " ".join(
-                f"{k}={out[f'{variant}|{k}|s{s}|graph_us']}" for k in ("qkv", "o", "pair", "down")))
-    return out
 
 
 TEAL_TILES = [(128, 64, 4), (64, 128, 4), (256, 32, 4), (32, 256, 4), (16, 256, 4), (128, 128, 8), (64, 64, 4),
@@ -794,39 +637,39 @@ def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
 
 
 def merge(run_dir: pathlib.Path, note: str = "") -> None:
-    """Append a device run's rows to benchmarks/results/<device>.json and its section to BENCHMARKS.md."""
+    """Make a device run's numbers the current ones for its device: its rows replace
+    benchmarks/results/<device>.json and its section replaces that device's section of BENCHMARKS.md."""
     got = json.loads((run_dir / "results.json").read_text())
-    slug = "".join(c if c.isalnum() else "-" for c in got["meta"]["device"].lower()).strip("-")
+    device = got["meta"]["device"]
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
     dest = ROOT / "benchmarks" / "results" / f"{slug}.json"
-    rows = json.loads(dest.read_text()) if dest.exists() else []
-    rows += [{**r, **({"note": note} if note else {})} for r in got["rows"]]
-    dest.write_text(json.dumps(rows, indent=1) + "\n")
-    lines = (run_dir / "BENCHMARKS_fragment.md").read_text().split("\n")
-    if note:  # right under the "## date · device · commit" heading
-        at = next(i for i, line in enumerate(lines) if line.startswith("## ")) + 1
-        lines[at:at] = ["", note]
-    with open(ROOT / "benchmarks" / "BENCHMARKS.md", "a") as f:
-        f.write("\n".join(lines))
-    log(f"appended {len(got['rows'])} rows to {dest} and a section to BENCHMARKS.md")
+    dest.write_text(json.dumps([{**r, **({"note": note} if note else {})} for r in got["rows"]], indent=1) + "\n")
+    section = (run_dir / "BENCHMARKS_fragment.md").read_text().strip("\n").split("\n")
+    if note:  # right under the "## device · date · commit" heading
+        section[1:1] = ["", note]
+    page = (ROOT / "benchmarks" / "BENCHMARKS.md").read_text().rstrip("\n").split("\n")
+    start = next((i for i, line in enumerate(page) if line.startswith(f"## {device} ·")), None)
+    if start is None:
+        page += [""] + section
+    else:
+        end = next((i for i in range(start + 1, len(page)) if page[i].startswith("## ")), len(page))
+        page[start:end] = section + ([""] if end < len(page) else [])
+    (ROOT / "benchmarks" / "BENCHMARKS.md").write_text("\n".join(page) + "\n")
+    log(f"wrote {len(got['rows'])} rows to {dest} and the {device} section of BENCHMARKS.md")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--merge", type=pathlib.Path, help="append a device run's $OUT to the repo's results and log")
+    ap.add_argument("--merge", type=pathlib.Path, help="make a device run's $OUT the repo's current numbers for it")
     ap.add_argument("--note", default="", help="with --merge: a line recorded with every row")
     ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--tune", action="store_true", help="sweep v2 launch configs first and use the winners")
-    ap.add_argument("--tune-v3", action="store_true", help="sweep v3 launch configs first and use the winners")
-    ap.add_argument("--tune-v4", action="store_true", help="sweep v4 launch configs first and use the winners")
-    ap.add_argument("--tune-v5", action="store_true", help="sweep v5 launch configs first and use the winners")
-    ap.add_argument("--tune-v6", action="store_true", help="sweep v6 launch configs first and use the winners")
-    ap.add_argument("--impls", default="v2,v6", help="kernels timed side by side (default: %(default)s)")
+    ap.add_argument("--tune", action="store_true", help="sweep masked-walk launch configs first and use the winners")
+    ap.add_argument("--tune-gather", action="store_true", help="sweep gather-walk launch configs first, use the winners")
+    ap.add_argument("--impls", default="masked,gather", help="kernels timed side by side (default: %(default)s)")
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
                     help="weight of each sparsity in the tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
     ap.add_argument("--tune-batches", default="1,4", help="batches every tuning sweep covers (default: %(default)s)")
     ap.add_argument("--no-teal", action="store_true", help="skip the TEAL-design baseline (fp16, tuned tiles)")
-    ap.add_argument("--profile", action="store_true",
-                    help="also log each v6 kernel's device time, the ops with and without PDL and a bare launch (batch 1)")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
@@ -859,8 +702,8 @@ def main() -> None:
             weights = {float(a): float(b) for a, b in (w.split(":") for w in args.tune_weights.split(","))}
             batches = tuple(int(b) for b in args.tune_batches.split(","))
             SIDE_BY_SIDE[:] = [i for i in args.impls.split(",") if i]
-            for impl, (sweep, table) in TUNERS.items():
-                if not getattr(args, "tune" if impl == "v2" else f"tune_{impl}"):
+            for impl, (sweep, table, flag) in TUNERS.items():
+                if not getattr(args, flag):
                     continue
                 best, trows = sweep(lay, clock, batches, weights)
                 getattr(configs, table).update(best)
@@ -870,8 +713,6 @@ def main() -> None:
                 extra["tune_weights"] = weights
             if tuned:
                 (out / "tuned.json").write_text(json.dumps(tuned, indent=1))
-            if args.profile and not SMOKE:
-                extra["profile"] = kernel_profile(lay, clock)
             rows += kernel_bench(lay, "bf16", (1, 4), clock, meta)
             extra["impl"] = dict(extra_impl)
             save()

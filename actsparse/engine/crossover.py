@@ -23,17 +23,20 @@ OPS = ("qkv", "o", "gu", "down")
 _cache: dict[tuple, dict[str, float]] = {}
 
 
-def _graph_ms(fn: Callable[[], None], reps: int = 5) -> float:
-    """Median replay time (ms) of fn captured in a CUDA graph (warmed up first, on a side stream)."""
+def graph_ms(fn: Callable[[], None], reps: int = 5, warmup: int = 1) -> float:
+    """Median replay time (ms, CUDA events) of fn captured in a CUDA graph, warmed up first on a side stream."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        fn()
+        for _ in range(warmup):
+            fn()
     torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
     g.replay()
+    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -110,11 +113,11 @@ def measure(engine, batch: int) -> dict[str, float]:
 
     out = {}
     for op in OPS:
-        t_dense = _graph_ms(lambda: [dense(op, lw) for lw in layers])
+        t_dense = graph_ms(lambda: [dense(op, lw) for lw in layers])
         pts = []
         for s in LEVELS:
             calls = [sparse(op, lw, s) for lw in layers]
-            pts.append((s, t_dense / _graph_ms(lambda: [c() for c in calls])))
+            pts.append((s, t_dense / graph_ms(lambda: [c() for c in calls])))
         out[op] = crossing(pts)
     return out
 

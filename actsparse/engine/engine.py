@@ -5,7 +5,9 @@ The hot path is `Engine._block`: per decoder block, dense runs
     cuBLAS gate|up → silu·mul → cuBLAS down (+res)                                    (8 launches)
 and sparse runs the kernels with thresholds, norms and residuals fused:
     sparse q|k|v (norm fused) → attention → sparse o (+res) → sparse gate/up (norm, silu·mul fused)
-    → sparse down (+res)                                                              (5 launches)
+    → sparse down (+res)                  (9 launches: each sparse op is a compaction pass and a walk)
+and each op whose expected skipped rows are under its crossover, measured on the GPU at hand
+(`crossover.py`), runs the dense way instead.
 CATS layers replace the gate/up launch by gate (silu fused) + up rows gathered by |silu(gate)| > t.
 
 Plans are data: `set_thresholds({"layers.{i}.{role}": t})` with roles q k v o gate up down, plus
@@ -252,6 +254,12 @@ class Engine:
         level = fb.get(op, 0.0) if isinstance(fb, dict) else float(fb)
         return rule.expected < level
 
+    def _cats(self, r: Optional[_LayerRule], b: int) -> bool:
+        """Whether a layer runs CATS at batch b: only where the up rows it skips pay for its extra launch (the
+        gate/up crossover); else gate, up and down run dense."""
+        return (r is not None and r.gate_act is not None
+                and not self._dense(_OpRule(thresh=r.gate_act, expected=r.up_expected), "gu", b))
+
     # ------------------------------------------------------------------ the hot path
     def _linear(self, x: torch.Tensor, w: Optional[torch.Tensor], wt: Optional[torch.Tensor],
                 res: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -289,9 +297,7 @@ class Engine:
             record(i, "gu", xn)
             record(i, "gate_act", F.silu(self._linear(xn, None if lw.w13 is None else lw.w13[:inter],
                                                       None if lw.wg_t is None else lw.wg_t).float()))
-        # CATS only where the up rows it skips pay for its extra launch (the gate/up crossover), else dense.
-        cats = r is not None and r.gate_act is not None and not self._dense(
-            _OpRule(thresh=r.gate_act, expected=r.up_expected), "gu", b)
+        cats = self._cats(r, b)
         if cats:
             g = r.gu
             if self._dense(g, "gu", b):
@@ -367,8 +373,8 @@ class Engine:
         return st
 
     def reset_graphs(self) -> None:
-        """Drop the captured decode graphs: the next decode recaptures them (e.g. after changing a kernel
-        launch setting such as `actsparse.kernels.pdl.use_pdl`, which a captured graph keeps)."""
+        """Drop the captured decode graphs: the next decode recaptures them (e.g. after an `override_config`,
+        whose launch configuration a captured graph keeps)."""
         self._graphs.clear()
 
     def _run(self, st: _Graph, sparse: bool) -> None:
@@ -506,7 +512,8 @@ class Engine:
                                batch):
                     keep = torch.ones_like(keep)
                 if r.gate_act is not None and role in ("up", "down"):
-                    keep = acts[f"layers.{i}.gate_act"].abs() > r.gate_act
+                    keep = (acts[f"layers.{i}.gate_act"].abs() > r.gate_act if self._cats(r, batch)
+                            else torch.ones_like(keep))
                 tok[role].append(1.0 - keep.float().mean().item())
                 rows[role] = 1.0 - keep.any(dim=1).float().mean().item()
             skipped += sum(rows[k] * params[k] for k in params)

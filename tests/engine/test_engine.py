@@ -114,6 +114,20 @@ def test_ops_under_the_crossover_fall_back_to_dense_per_batch():
     assert eng.measure_sparsity(n_tokens=4, batch=2)["union"] == 0.0  # nothing skipped where dense
 
 
+def test_cats_under_the_gate_up_crossover_runs_dense():
+    model = _hf_tiny(seed=10)
+    eng = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=16,
+                         fallback_below={"qkv": 0.5, "o": 0.5, "gu": 0.9, "down": 0.0})
+    eng.calibrate_thresholds(0.5, n_tokens=4, method="cats")  # skips ~half the up rows: under 0.9
+    seq = torch.randint(0, TINY.vocab_size, (1, 3))
+    assert torch.equal(_engine_logits(eng, seq, False), _engine_logits(eng, seq, True))
+    assert eng.measure_sparsity(n_tokens=4)["union"] == 0.0
+    eng.fallback_below = {"qkv": 0.5, "o": 0.5, "gu": 0.1, "down": 0.0}  # now above it: CATS runs
+    dense, sparse = _engine_logits(eng, seq, False), _engine_logits(eng, seq, True)
+    assert (dense - sparse).norm() / dense.norm() > 1e-3
+    assert eng.measure_sparsity(n_tokens=4)["union"] > 0.1
+
+
 def test_calibrated_sparsity_is_measured_close_to_target():
     model = _hf_tiny(seed=7)
     eng = Engine.from_hf(model, kernels="torch", max_batch=2, max_seq_len=64)
