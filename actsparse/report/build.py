@@ -21,7 +21,7 @@ from ..errors import ActsparseError
 from . import html as H
 from .iso import default_levels, headline, iso_quality, iso_sparsity, ratios
 from .pareto import DENSE, fronts, groups
-from .plots import heatmap_plot, pareto_plot, speed_plot
+from .plots import heatmap_plot, pareto_plot, search_plot, speed_plot
 from .quality import EFFECTIVE, SPEEDUP, Quality, default_qualities, parse_budget, parse_quality, quality_columns
 from .runs import RunFilter, find_sweep, layer_sparsity, run_info, run_link, runs_frame
 from .tables import (Table, front_tables, group_slug, group_title, iso_quality_table, iso_sparsity_table,
@@ -166,6 +166,15 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, title: str, options: Rep
         plots.append((f"Pareto curves: {q.label} vs effective sparsity"
                       + (" and decode speedup" if has_speed else "") + f"; budget line: {d['budget'].describe(q)}",
                       paths[0]))
+        if "search_id" in ok.columns and ok["search_id"].notna().any():
+            try:
+                paths = search_plot(ok, q, thr, out / "plots" / slug("search", q.name))
+            except ValueError:   # no probe recorded this quality
+                paths = []
+            if paths:
+                files += paths
+                plots.append((f"Search probes: {q.label} vs target sparsity, in probe order; budget line: "
+                              f"{d['budget'].describe(q)}", paths[0]))
     if has_speed:
         paths = speed_plot(ok, out / "plots" / "speedup_vs_sparsity")
         files += paths

@@ -35,6 +35,9 @@ COLUMNS = {
     "device": ("tags.device", str), "host": ("tags.host", str),
     "speedup": ("metrics.decode/speedup", float), "tok_s": ("metrics.decode/tok_s", float),
     "tok_s_dense": ("metrics.decode/tok_s_dense", float),
+    # probes of a search (sweep --search): which search, its resolution, and the order of the probe
+    "search_id": ("tags.search_id", str), "search_group": ("tags.search_group", str),
+    "search_tol": ("tags.search_tol", float), "search_probe": ("tags.search_probe", float),
 }
 _FROM_SOURCE = {src: col for col, (src, _) in COLUMNS.items()}
 

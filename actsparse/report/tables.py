@@ -275,6 +275,10 @@ def iso_quality_table(iso: pd.DataFrame, key: dict, q: Quality) -> Table | None:
              "linear interpolation along each method's Pareto curve from the dense point."]
     if iso[["effective_status", "speedup_status"]].isin([EXTRAPOLATED, LOWER_BOUND]).any().any():
         notes.append(EXTRAPOLATION_NOTE)
+    if "searched" in iso.columns and iso["searched"].any():
+        found = ", ".join(iso.loc[iso["searched"], "method"].astype(str))
+        notes.append(f"Searched ({found}): the effective sparsity of the largest measured target within the budget, "
+                     "with a probe outside the budget at most the search's tolerance above it (not interpolated).")
     return Table(f"Iso-quality: {r0['budget']} ({group_title(key)})", header,
                  _assemble(labels, columns, [False, True] + [False] * (len(iso) - 1)),
                  slug("iso_quality", group_slug(key), q.name), key, notes)

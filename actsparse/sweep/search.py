@@ -72,7 +72,10 @@ def parse_search(text: str, tol: float = 0.01, max_sparsity: float = 0.9) -> Sea
                              f"{'higher' if q.higher_is_better else 'lower'}-is-better, so the budget bounds it "
                              f"with {better} (e.g. {q.name}{better}{'0.99x' if q.higher_is_better else '1.02x'})")
     if op == "=":
-        budget = parse_budget(rhs, q)
+        try:
+            budget = parse_budget(rhs, q)
+        except ActsparseError as e:
+            raise ActsparseError(f"bad search budget {text!r} ({e}); accepted forms: {FORMS}") from None
     elif r := re.fullmatch(rf"(?P<v>{_NUM})(?:x|\*dense|xdense)", rhs):
         budget = parse_budget(f"{r['v']}x", q)
     elif r := re.fullmatch(rf"dense(?P<s>[-+])(?P<v>{_NUM})(?P<u>pt|pts|points?|abs)?", rhs):
