@@ -1,6 +1,6 @@
 """actsparse: post-training activation sparsity for LLMs — calibrate, fit, sparsify, evaluate, sweep.
 
-The public API (floor 2 of the design: docs/design-notes.md). Importing this module is cheap: heavy submodules load on use.
+The public API (floor 2 of docs/DESIGN.md). Importing this module is cheap: heavy submodules load on use.
 """
 from __future__ import annotations
 
