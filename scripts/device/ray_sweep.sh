@@ -142,7 +142,7 @@ run() {
     ls -la "$OUT"
 }
 
-speed() {  # eval=speed in a real sweep on the GPU: decode/* and kernel/* metrics per cell (issue 5, item 4)
+speed() {  # eval=speed in a real sweep on the GPU: decode/* and kernel/* metrics per cell
     [ -n "${NO_INSTALL:-}" ] || { install_wheels 2>&1 | tee "$OUT/install.log"; }
     export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     local ws=/tmp/speed_sweep
