@@ -35,7 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from actsparse.engine.crossover import graph_ms  # noqa: E402
+from actsparse.engine.crossover import crossing, graph_ms  # noqa: E402
 from actsparse.kernels import (GatherConfig, MaskedConfig, configs, override_config, ref,  # noqa: E402
                                sparse_gated_mlp, sparse_gemv)
 
@@ -430,8 +430,10 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
     return rows
 
 
-TEAL_TILES = [(128, 64, 4), (64, 128, 4), (256, 32, 4), (32, 256, 4), (16, 256, 4), (128, 128, 8), (64, 64, 4),
-              (256, 64, 8), (32, 128, 4)]  # (block_m rows of K, block_n columns, num_warps)
+# (block_m rows of K, block_n columns, num_warps): the published design's autotune space (small block_m, 2-4
+# warps) and larger tiles.
+TEAL_TILES = [(8, 128, 2), (16, 256, 4), (64, 64, 4), (64, 128, 2), (128, 64, 4), (64, 128, 4), (256, 32, 4),
+              (32, 256, 4), (128, 128, 8), (256, 64, 8), (32, 128, 4)]
 
 
 def teal_bench(lay: Layers, clock: Clock, meta: dict) -> list[dict]:
@@ -487,14 +489,8 @@ def teal_bench(lay: Layers, clock: Clock, meta: dict) -> list[dict]:
 
 def crossover(rows: list[dict], op: str, batch: int) -> float:
     """Sparsity under which the sparse op loses to cuBLAS (bf16), by linear interpolation; 1.0: always."""
-    pts = sorted((r["sparsity"], r["speedup"]) for r in rows if r["kind"] == "kernel" and r["op"] == op
-                 and r["method"] == "actsparse" and r["dtype"] == "bf16" and r["batch"] == batch)
-    if not pts or pts[0][1] >= 1.0:
-        return 0.0
-    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
-        if v0 < 1.0 <= v1:
-            return round(s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0), 3)
-    return 1.0
+    return crossing([(r["sparsity"], r["speedup"]) for r in rows if r["kind"] == "kernel" and r["op"] == op
+                     and r["method"] == "actsparse" and r["dtype"] == "bf16" and r["batch"] == batch])
 
 
 # ---------------------------------------------------------------------- decode
