@@ -6,13 +6,10 @@ import torch
 from actsparse.kernels import MaskedConfig, add_rmsnorm, cats_up, override_config, poison_outputs, rmsnorm, silu_mul
 from actsparse.kernels import ref
 
+from .checks import rel_err
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def rel_err(got, want):
-    assert not torch.isnan(got).any(), "output has NaNs: some elements were never written"
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -7,16 +7,13 @@ import torch
 
 from actsparse.kernels import GatherConfig, override_config, poison_outputs, ref, sparse_gated_mlp, sparse_gemv
 
+from .checks import rel_err
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 CFGS = {"split": GatherConfig(block_n=32, seg_k=32, block_k=16, use_dot=True),
         "whole": GatherConfig(block_n=16, seg_k=128, block_k=32, use_dot=True, depth=2)}
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert not torch.isnan(got).any(), "output has NaNs: some elements were never written"
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 def run(fn, *args, cfg, **kw):

@@ -8,17 +8,14 @@ from actsparse.kernels import (GatherConfig, MaskedConfig, override_config, pois
                                sparse_gemv)
 from actsparse.kernels.configs import choose_impl
 
+from .checks import rel_err
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Several K slices with several steps each (split-K reduction), and one slice holding all of K with two
 # gathered tiles in flight (depth 2) over several steps.
 CFGS = {"split": GatherConfig(block_n=32, seg_k=32, block_k=8),
         "whole": GatherConfig(block_n=64, seg_k=128, block_k=32, depth=2)}
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert not torch.isnan(got).any(), "output has NaNs: some elements were never written"
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 def run(fn, *args, cfg="split", **kw):

@@ -9,15 +9,12 @@ from actsparse.kernels import (MaskedConfig, override_config, pack_weight, poiso
                                sparse_gemv)
 from actsparse.kernels.configs import choose_impl
 
+from .checks import rel_err
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 CFGS = {"split": MaskedConfig(block_n=16, block_k=16, split_k=3), "whole": MaskedConfig(block_n=32, block_k=64, split_k=1),
         "dot": MaskedConfig(block_n=32, block_k=32, use_dot=True, num_stages=2, split_k=2)}
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert not torch.isnan(got).any(), "output has NaNs: some elements were never written"
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 def run(fn, *args, cfg="split", **kw):

@@ -6,6 +6,8 @@ import torch
 from actsparse.kernels import MaskedConfig, override_config, poison_outputs, sparse_gated_mlp, sparse_gemv
 from actsparse.kernels import ref
 
+from .checks import rel_err
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Both compute paths (tensor-core tl.dot, CUDA-core FMA up to batch 4), with and without split-K, and
@@ -17,11 +19,6 @@ PATHS = {"dot": MaskedConfig(block_n=32, block_k=32, num_warps=4, num_stages=2, 
          "dot_d2": MaskedConfig(block_n=32, block_k=16, num_warps=4, num_stages=1, use_dot=True, split_k=3, depth=2),
          # one K chunk a program (one-shot tiles): more partials than the last program sums in one load
          "one_shot": MaskedConfig(block_n=128, block_k=8, num_warps=4, split_k=13)}
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert not torch.isnan(got).any(), "output has NaNs: some elements were never written"
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 def quantile_thresh(x: torch.Tensor, sparsity: float) -> float:
