@@ -10,14 +10,13 @@ and each op whose expected skipped rows are under its crossover, measured on the
 (`crossover.py`), runs the dense way instead.
 CATS layers replace the gate/up launch by gate (silu fused) + up rows gathered by |silu(gate)| > t.
 
-Plans are data: `set_thresholds({"layers.{i}.{role}": t})` with roles q k v o gate up down, plus
-`gate_act` (CATS: threshold on silu(gate), selects up and down rows), optional per-channel
-shifts (SCAP: x_s = (x − m)⊙1[|x − m| > t], W·m folded into a bias).
+Plans are data: `set_plan(EnginePlan)` (plan.py: per layer and role q k v o gate up down, plus `gate_act`
+for CATS, a threshold, an optional SCAP shift and the expected skip), or `set_thresholds` with the same as
+dicts keyed `layers.{i}.{role}`.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,9 @@ from actsparse.kernels import ref as kref
 
 from .config import LlamaConfig
 from .crossover import crossovers
+from .plan import ROLES, EnginePlan, Threshold
 from .weights import Weights, random_weights, weights_from_hf
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act")
-_SITE = re.compile(r"^layers\.(\d+)\.(q|k|v|o|gate|up|down|gate_act)$")
-Threshold = Union[float, torch.Tensor]
 
 
 class _TorchOps:
@@ -157,24 +154,20 @@ class Engine:
     # ------------------------------------------------------------------ plans
     def set_thresholds(self, thresholds: dict[str, Threshold], shifts: Optional[dict[str, torch.Tensor]] = None,
                        expected_sparsity: Optional[dict[str, float]] = None) -> None:
-        """Turn sparse decoding on with one threshold (float or per-channel [K]) per site `layers.{i}.{role}`.
+        """Turn sparse decoding on from dicts keyed `layers.{i}.{role}` (see `EnginePlan.from_names`)."""
+        self.set_plan(EnginePlan.from_names(self.cfg.n_layers, thresholds, shifts, expected_sparsity))
 
-        Sites left out keep every nonzero input. `shifts` (SCAP) maps sites to per-channel [K] shifts.
-        `expected_sparsity` (per site, from calibration) lets ops under `fallback_below` run on cuBLAS.
-        """
+    def set_plan(self, plan: EnginePlan) -> None:
+        """Turn sparse decoding on: per layer and role, a threshold (float or per-channel [K]), an optional
+        shift (SCAP) and the expected fraction of skipped weight rows (ops under their crossover run on
+        cuBLAS). Roles left out keep every nonzero input."""
         cfg = self.cfg
-        shifts = shifts or {}
-        expected = expected_sparsity or {}
-        per: dict[int, dict[str, Threshold]] = {i: {} for i in range(cfg.n_layers)}
-        per_shift: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(cfg.n_layers)}
-        for table, into in ((thresholds, per), (shifts, per_shift)):
-            for name, val in table.items():
-                m = _SITE.match(name)
-                if not m or int(m.group(1)) >= cfg.n_layers:
-                    raise ValueError(f"unknown site {name!r}: expected 'layers.{{i}}.{{role}}' with i < {cfg.n_layers} "
-                                     f"and role in {ROLES}")
-                into[int(m.group(1))][m.group(2)] = val
-        for i in per_shift:
+        if len(plan.layers) != cfg.n_layers:
+            raise ValueError(f"the plan has {len(plan.layers)} layers, the engine {cfg.n_layers}")
+        per = [{r: s.thresh for r, s in L.items()} for L in plan.layers]
+        per_shift = [{r: s.shift for r, s in L.items() if s.shift is not None} for L in plan.layers]
+        expected = plan.expected_sparsity
+        for i in range(cfg.n_layers):
             if "gate_act" in per_shift[i]:
                 raise ValueError(f"layers.{i}.gate_act takes no shift (CATS thresholds |silu(gate)|)")
 

@@ -191,10 +191,11 @@ def test_a_scap_plan_with_scalar_modes_runs_in_the_engine_as_in_the_torch_backen
             r = _rule(f"layers.{i}.{role}", "median", m, t, mod.weight.detach().float(), 0.5)
             rules[r.point] = r
     plan = SparsityPlan("scap", {}, 0.5, rules, {p: 1 for p in rules})
-    th, sh, expected = plan_to_engine(plan)
-    assert set(sh) == set(rules) and all(isinstance(v, float) for v in sh.values())
+    ep = plan_to_engine(plan, TINY.n_layers)
+    shifts = {f"layers.{i}.{r}": s.shift for i, L in enumerate(ep.layers) for r, s in L.items() if s.shift is not None}
+    assert set(shifts) == set(rules) and all(isinstance(v, float) for v in shifts.values())
     eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=1, max_seq_len=16, fallback_below=0.0)
-    eng.set_thresholds(th, shifts=sh, expected_sparsity=expected)
+    eng.set_plan(ep)
     seq = torch.randint(0, TINY.vocab_size, (1, 5), generator=g)
     got = _engine_logits(eng, seq, True)
     with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
