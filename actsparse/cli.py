@@ -25,7 +25,9 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--multirun", action="store_true",
                    help="accepted as in Hydra; a sweep always runs its whole grid")
     p.add_argument("--dry-run", action="store_true", help="validate and print the grid's cells and keys; run nothing")
-    p.add_argument("--cfg", action="store_true", help="print every cell's resolved configuration and exit")
+    p.add_argument("--cfg", action="store_true",
+                   help="print every grid point's resolved configuration (method parameters with their defaults) "
+                        "and exit; `--cfg job` as in Hydra")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +sweep=demo method=teal sparsity=0.3,0.5")
     return p
 
@@ -99,6 +101,8 @@ def _report_inputs(args):
 
 def cmd_sweep(argv: list[str]) -> int:
     """Compose, validate and run a sweep; return the exit status."""
+    if "--cfg" in argv and argv[argv.index("--cfg") + 1:][:1] == ["job"]:   # Hydra's spelling
+        argv = argv[:argv.index("--cfg") + 1] + argv[argv.index("--cfg") + 2:]
     args = _sweep_parser().parse_intermixed_args(argv)
     from .sweep.compose import compose_grid
 
@@ -110,9 +114,11 @@ def cmd_sweep(argv: list[str]) -> int:
             print(f"# {' '.join(ov) or '(defaults)'}\n{OmegaConf.to_yaml(cfg)}")
         return 0
     if args.dry_run:
+        from .sweep.cells import target_notes
         from .sweep.runner import plan_sweep
 
         cells, dag, _ = plan_sweep(grid)
+        print(*target_notes(cells), sep="\n") if target_notes(cells) else None
         print(f"{len(cells)} grid points -> {len(dag.cells)} cells, {len(dag.stats)} calibrations, "
               f"{len(dag.plans)} plans, {len(dag.dense)} dense evaluations")
         for c in cells:

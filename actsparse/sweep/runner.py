@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import ActsparseError
 from .affinity import Failure
-from .cells import Cell, validate_cells
+from .cells import Cell, target_notes, validate_cells
 from .compose import Grid
 from .dag import SweepDag, build_dag
 
@@ -127,6 +127,8 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     console.print(f"[bold]sweep {sweep_id}[/]: {len(cells)} grid points, {len(dag.cells)} unique cells "
                   f"({len(dag.duplicates)} grid points merged: they repeat a cell), {len(dag.cells) - len(todo)} "
                   f"already finished; to run: {len(sub.cells)} cells{_to_compute(sub, launcher['store'])}")
+    for note in target_notes(cells):
+        console.print(f"[yellow]{escape(note)}[/]")
     if todo:  # connect first: a cluster without the resources asked for fails before any run exists
         out.ray_started = _start_ray(launcher, console)
     try:
