@@ -130,7 +130,7 @@ def cmd_sweep(argv: list[str]) -> int:
     from .sweep.runner import run_sweep
 
     _interruptible()
-    out = run_sweep(grid)
+    out = run_sweep(grid, console(soft_wrap=True))
     print(out.summary_line(), flush=True)
     return out.exit_code
 
@@ -159,15 +159,15 @@ def cmd_report(argv: list[str]) -> int:
     rep = report_sweep(args.tracking_uri, args.experiment, args.sweep_id[0] if args.sweep_id and not args.all else None,
                        args.out, all_runs=args.all, log_to_parent=not args.no_log, filters=filt, options=options)
     print(f"markdown: {rep.markdown}  tables: {rep.dir / 'tables'}  plots: {rep.dir / 'plots'}  runs: {rep.csv}\n")
-    print(rep.console_text())
+    rep.print_to(console())
     return 0
 
 
-def console():
+def console(soft_wrap: bool = False):
     """A rich console for terminal tables: the terminal's width, or wide when the output is a file or pipe."""
     from rich.console import Console
 
-    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200, highlight=False)
+    return Console(soft_wrap=soft_wrap, width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
 def print_rows(title: str, rows: list[dict], empty: str) -> None:

@@ -257,6 +257,8 @@ def _start_ray(launcher: dict, console) -> bool:
 
     if ray.is_initialized():
         return False
+    # the embedded cluster's token authentication is on by design; its notice on every start is noise
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     r = launcher["ray"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     kw = dict(include_dashboard=False, log_to_driver=r["log_to_driver"], logging_level=logging.WARNING)
@@ -298,6 +300,8 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
                 by_key[cell.key] = {"status": FINISHED, "run_id": rid}
                 prog.console.print(f"[green]✓[/] {escape(cell.label)}  {escape(cell_line(result))}  "
                                    f"[dim]\\[{cell.key}][/]")
+                if "acc" in result:
+                    prog.console.print(accuracy_table(result), soft_wrap=False)
             prog.update(bar, advance=1, description=escape(f"last: {cell.label}"))
 
         if launcher["affinity"]:
@@ -451,6 +455,10 @@ def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict) -> s
             tags["lm_eval_versions"] = json.dumps(r["acc"].get("versions", {}), sort_keys=True)[:4900]
             tags["lm_eval_n_shot"] = json.dumps(r["acc"].get("n_shot", {}), sort_keys=True)[:4900]
             tags["lm_eval"] = _lm_eval_version()
+            from ..report.accuracy import subsampled
+
+            if subsampled(r["acc"]):
+                tags["lm_eval_subsampled"] = subsampled(r["acc"])[:4900]
         if "speed_skipped" in r:
             tags["speed_skipped"] = r["speed_skipped"][:4900]
         if r["per_point"]:
@@ -469,7 +477,8 @@ def quality_metrics(r: dict) -> dict:
     if "acc" in r:
         dense = r.get("acc_dense") or {}
         for k, v in r["acc"].items():
-            if k.startswith(("acc/", "acc_norm/")) or k == "acc_avg":
+            if k.startswith(("acc/", "acc_norm/", "acc_stderr/", "acc_norm_stderr/")) or k in ("acc_avg",
+                                                                                             "acc_avg_stderr"):
                 m[k] = v
                 if isinstance(dense.get(k), (int, float)):
                     m[f"{k}_dense"] = dense[k]
@@ -487,8 +496,16 @@ def cell_line(r: dict) -> str:
     if "ppl" in r:
         parts.append(f"ppl {r['ppl']:.3f} (x{r['ppl_ratio']:.3f} dense)")
     if "acc" in r and "acc_avg" in r["acc"]:
-        d = (r.get("acc_dense") or {}).get("acc_avg")
-        parts.append(f"acc_avg {100 * r['acc']['acc_avg']:.1f}%" + (f" (dense {100 * d:.1f}%)" if d is not None else ""))
+        from ..report.accuracy import pct, significant, subsampled
+
+        a, dense = r["acc"], r.get("acc_dense") or {}
+        d = dense.get("acc_avg")
+        sig = significant(a["acc_avg"], a.get("acc_avg_stderr"), d, dense.get("acc_avg_stderr")) if d is not None \
+            else None
+        parts.append(f"acc_avg {pct(a['acc_avg'], a.get('acc_avg_stderr'))}%"
+                     + (f" (dense {pct(d, dense.get('acc_avg_stderr'))}%"
+                        + ("; not significant: within 2 stderr" if sig is False else "") + ")" if d is not None else "")
+                     + (f" [{subsampled(a).split(':')[0]}]" if subsampled(a) else ""))
     if "fidelity" in r:
         parts.append(f"fidelity cos {r['fidelity']['cos']:.4f}")
     if "speed" in r:
@@ -498,6 +515,23 @@ def cell_line(r: dict) -> str:
     if "speed_skipped" in r:
         parts.append(f"decode speed skipped: {r['speed_skipped']}")
     return "  ".join(parts + [f"effective sparsity {r['effective']:.3f}"])
+
+
+def accuracy_table(r: dict):
+    """A finished cell's lm-eval figures per task as a terminal table: ± stderr, dense beside, n.s. marks."""
+    from rich.table import Table
+
+    from ..report.accuracy import subsampled, task_rows
+
+    rows = task_rows(r["acc"], r.get("acc_dense"))
+    caption = "accuracy in %, ± one standard error; Δ in points, (n.s.): within 2 standard errors of dense"
+    note = subsampled(r["acc"])
+    t = Table(caption=caption + (f"\n{note}" if note else ""), caption_justify="left")
+    for col in rows[0] if rows else []:
+        t.add_column(col, justify="left" if col == "task" else "right")
+    for row in rows:
+        t.add_row(*row.values())
+    return t
 
 
 def _lm_eval_version() -> str:
@@ -532,5 +566,6 @@ def _report(tr: dict, results: Path, sweep_id: str, statuses: list[dict], tracke
     df = runs_frame(tr["uri"], tr["experiment"], ids)
     rep = build_report(df, results, f"Sweep {sweep_id}")
     tracker.log_artifacts(parent, rep.dir, "report")
-    console.print(rep.console_text() + "\n", markup=False, highlight=False)
+    rep.print_to(console)
+    console.print()
     return rep
