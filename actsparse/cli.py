@@ -132,6 +132,7 @@ def cmd_sweep(argv: list[str]) -> int:
     _interruptible()
     out = run_sweep(grid, console(soft_wrap=True))
     print(out.summary_line(), flush=True)
+    print(f"runs table: {out.view}", flush=True)
     return out.exit_code
 
 

@@ -46,6 +46,7 @@ class Outcome:
     nodes: dict = field(default_factory=dict)             # {"calibrations_computed": n, ...} (see _node_counts)
     model: dict = field(default_factory=dict)             # model loads, cache hits, seconds loading and saved
     wall_s: float = 0.0
+    view: str = ""                                        # how to open the runs table in the MLflow UI
 
     def count(self, status: str) -> int:
         return sum(s["status"] == status for s in self.statuses)
@@ -107,7 +108,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     from rich.console import Console
     from rich.markup import escape
 
-    from ..tracking.mlflow_runs import Tracker
+    from ..tracking.mlflow_runs import Tracker, runs_view
     from . import faults as fault_hook
     from .store import open_store
 
@@ -121,6 +122,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     done = tracker.finished_cells()
     todo = {k for k in dag.cells if k not in done}
     out = Outcome(sweep_id, None, tr["uri"], tr["experiment"])
+    out.view = runs_view(tr["uri"], tracker.experiment_id)
     by_key: dict[str, dict] = {k: {"status": SKIPPED, "run_id": done[k], "why": "already finished"}
                                for k in dag.cells if k in done}
     sub = dag.only(todo)
