@@ -40,6 +40,54 @@ def test_experiment_opens_on_runs_table_and_reruns_are_numbered(tmp_path, tiny_d
     assert [r.info.run_name for r in parents] == [sweep_id, f"{sweep_id} #2", f"{sweep_id} #3"]
     assert [r.data.tags["attempt"] for r in parents] == ["1", "2", "3"]
     assert len(mlflow_runs(uri, "cell")) == 1                      # the cell itself ran once
+    _runs_table_opens_in_the_real_ui(tmp_path, uri, line.rsplit("  then  ", 1)[1], sweep_id)
+
+
+def _runs_table_opens_in_the_real_ui(root, uri: str, url: str, sweep_id: str) -> None:
+    """`mlflow ui` on the store, the printed URL in headless Chromium: the page is the runs table with the sweep."""
+    import html
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import pytest
+
+    from tests.report.conftest import find_chromium
+
+    from .servers import _stop, free_port
+
+    browser, why = find_chromium()
+    if not browser:
+        pytest.skip(f"Chromium is not installed and scripts/ensure_chromium.sh could not install it: {why}")
+    port = free_port()
+    log = open(root / "mlflow_ui.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri,
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=root)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (root / "mlflow_ui.log").read_text()
+                time.sleep(1)
+        page = url.replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                              "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=30000",
+                              "--window-size=1400,900", "--dump-dom", page], capture_output=True, text=True,
+                             timeout=180).stdout
+    finally:
+        _stop(proc)
+        shutil.rmtree(profile, ignore_errors=True)
+    text = html.unescape(dom)
+    assert "Training runs" in text and f"{sweep_id} #3" in text, text[-3000:]
 
 
 def test_existing_experiment_without_the_kind_tag_gets_it(tmp_path, tiny_dir):
