@@ -185,6 +185,12 @@ def headline(iso: pd.DataFrame) -> list[str]:
     for _, g in iso.groupby(keys, dropna=False, sort=True):
         g = g[g["effective"].notna()]
         solid = g[g["effective_status"].isin([INTERPOLATED, MEASURED])]
+        if len(g) >= 2 and solid.empty:   # nothing measured to compare: say so instead of a ratio of guesses
+            b = g.iloc[0]
+            out.append(f"At {b['budget']} on {b.get('model')}, no method's reach is measured: every one "
+                       f"({', '.join(sorted(map(str, g['method'].unique())))}) is extrapolated past its sparsest cell, "
+                       "so this budget does not rank them; add sparser cells or tighten the budget.")
+            continue
         g = solid if len(solid) >= 2 else g
         if len(g) < 2:
             continue

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import ActsparseError
 from .affinity import Failure
-from .cells import Cell, validate_cells
+from .cells import Cell, target_notes, validate_cells
 from .compose import Grid
 from .dag import SweepDag, build_dag
 
@@ -46,6 +46,7 @@ class Outcome:
     nodes: dict = field(default_factory=dict)             # {"calibrations_computed": n, ...} (see _node_counts)
     model: dict = field(default_factory=dict)             # model loads, cache hits, seconds loading and saved
     wall_s: float = 0.0
+    view: str = ""                                        # how to open the runs table in the MLflow UI
 
     def count(self, status: str) -> int:
         return sum(s["status"] == status for s in self.statuses)
@@ -107,7 +108,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     from rich.console import Console
     from rich.markup import escape
 
-    from ..tracking.mlflow_runs import Tracker
+    from ..tracking.mlflow_runs import Tracker, runs_view
     from . import faults as fault_hook
     from .store import open_store
 
@@ -121,12 +122,15 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     done = tracker.finished_cells()
     todo = {k for k in dag.cells if k not in done}
     out = Outcome(sweep_id, None, tr["uri"], tr["experiment"])
+    out.view = runs_view(tr["uri"], tracker.experiment_id)
     by_key: dict[str, dict] = {k: {"status": SKIPPED, "run_id": done[k], "why": "already finished"}
                                for k in dag.cells if k in done}
     sub = dag.only(todo)
     console.print(f"[bold]sweep {sweep_id}[/]: {len(cells)} grid points, {len(dag.cells)} unique cells "
                   f"({len(dag.duplicates)} grid points merged: they repeat a cell), {len(dag.cells) - len(todo)} "
                   f"already finished; to run: {len(sub.cells)} cells{_to_compute(sub, launcher['store'])}")
+    for note in target_notes(cells):
+        console.print(f"[yellow]{escape(note)}[/]")
     if todo:  # connect first: a cluster without the resources asked for fails before any run exists
         out.ray_started = _start_ray(launcher, console)
     try:
@@ -255,6 +259,8 @@ def _start_ray(launcher: dict, console) -> bool:
 
     if ray.is_initialized():
         return False
+    # the embedded cluster's token authentication is on by design; its notice on every start is noise
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     r = launcher["ray"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     kw = dict(include_dashboard=False, log_to_driver=r["log_to_driver"], logging_level=logging.WARNING)
@@ -302,6 +308,8 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
                 by_key[cell.key] = {"status": FINISHED, "run_id": rid}
                 prog.console.print(f"[green]✓[/] {escape(cell.label)}  {escape(cell_line(result))}  "
                                    f"[dim]\\[{cell.key}][/]")
+                if "acc" in result:
+                    prog.console.print(accuracy_table(result), soft_wrap=False)
             prog.update(bar, advance=1, description=escape(f"last: {cell.label}"))
 
         if launcher["affinity"]:
@@ -456,6 +464,10 @@ def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict, extr
             tags["lm_eval_versions"] = json.dumps(r["acc"].get("versions", {}), sort_keys=True)[:4900]
             tags["lm_eval_n_shot"] = json.dumps(r["acc"].get("n_shot", {}), sort_keys=True)[:4900]
             tags["lm_eval"] = _lm_eval_version()
+            from ..report.accuracy import subsampled
+
+            if subsampled(r["acc"]):
+                tags["lm_eval_subsampled"] = subsampled(r["acc"])[:4900]
         if "speed_skipped" in r:
             tags["speed_skipped"] = r["speed_skipped"][:4900]
         if r["per_point"]:
@@ -474,7 +486,8 @@ def quality_metrics(r: dict) -> dict:
     if "acc" in r:
         dense = r.get("acc_dense") or {}
         for k, v in r["acc"].items():
-            if k.startswith(("acc/", "acc_norm/")) or k == "acc_avg":
+            if k.startswith(("acc/", "acc_norm/", "acc_stderr/", "acc_norm_stderr/")) or k in ("acc_avg",
+                                                                                             "acc_avg_stderr"):
                 m[k] = v
                 if isinstance(dense.get(k), (int, float)):
                     m[f"{k}_dense"] = dense[k]
@@ -492,8 +505,16 @@ def cell_line(r: dict) -> str:
     if "ppl" in r:
         parts.append(f"ppl {r['ppl']:.3f} (x{r['ppl_ratio']:.3f} dense)")
     if "acc" in r and "acc_avg" in r["acc"]:
-        d = (r.get("acc_dense") or {}).get("acc_avg")
-        parts.append(f"acc_avg {100 * r['acc']['acc_avg']:.1f}%" + (f" (dense {100 * d:.1f}%)" if d is not None else ""))
+        from ..report.accuracy import pct, significant, subsampled
+
+        a, dense = r["acc"], r.get("acc_dense") or {}
+        d = dense.get("acc_avg")
+        sig = significant(a["acc_avg"], a.get("acc_avg_stderr"), d, dense.get("acc_avg_stderr")) if d is not None \
+            else None
+        parts.append(f"acc_avg {pct(a['acc_avg'], a.get('acc_avg_stderr'))}%"
+                     + (f" (dense {pct(d, dense.get('acc_avg_stderr'))}%"
+                        + ("; not significant: within 2 stderr" if sig is False else "") + ")" if d is not None else "")
+                     + (f" [{subsampled(a).split(':')[0]}]" if subsampled(a) else ""))
     if "fidelity" in r:
         parts.append(f"fidelity cos {r['fidelity']['cos']:.4f}")
     if "speed" in r:
@@ -503,6 +524,23 @@ def cell_line(r: dict) -> str:
     if "speed_skipped" in r:
         parts.append(f"decode speed skipped: {r['speed_skipped']}")
     return "  ".join(parts + [f"effective sparsity {r['effective']:.3f}"])
+
+
+def accuracy_table(r: dict):
+    """A finished cell's lm-eval figures per task as a terminal table: ± stderr, dense beside, n.s. marks."""
+    from rich.table import Table
+
+    from ..report.accuracy import subsampled, task_rows
+
+    rows = task_rows(r["acc"], r.get("acc_dense"))
+    caption = "accuracy in %, ± one standard error; Δ in points, (n.s.): within 2 standard errors of dense"
+    note = subsampled(r["acc"])
+    t = Table(caption=caption + (f"\n{note}" if note else ""), caption_justify="left")
+    for col in rows[0] if rows else []:
+        t.add_column(col, justify="left" if col == "task" else "right")
+    for row in rows:
+        t.add_row(*row.values())
+    return t
 
 
 def _lm_eval_version() -> str:
@@ -538,5 +576,6 @@ def _report(tr: dict, results: Path, sweep_id: str, statuses: list[dict], tracke
     df = runs_frame(tr["uri"], tr["experiment"], ids)
     rep = build_report(df, results, f"Sweep {sweep_id}", ReportOptions(budgets=dict(budgets or {})))
     tracker.log_artifacts(parent, rep.dir, "report")
-    console.print(rep.console_text() + "\n", markup=False, highlight=False)
+    rep.print_to(console)
+    console.print()
     return rep
