@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
         _stop_ray(out.ray_started)
         raise
     out.parent_run_id = parent
-    try:
+    with parent_run_guard(tracker, parent):
         if todo:
             out.n_tasks = len(sub.stats) + len(sub.plans) + len(sub.dense) + len(sub.cells)
             store = open_store(launcher["store"], launcher["store_cache"])
@@ -172,19 +173,30 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
                 console.print(f"[red]report failed:[/] {escape(out.report_error)}")
                 traceback.print_exc()
         out.wall_s = time.perf_counter() - t_start
-        tracker.end_run(parent, "FAILED" if out.exit_code else "FINISHED",
-                        {"cells/finished": out.count(FINISHED), "cells/skipped": out.count(SKIPPED),
-                         "cells/merged": out.count(MERGED),
-                         "cells/failed": out.count(FAILED), "time/sweep_s": out.wall_s,
-                         **{f"nodes/{k}": v for k, v in out.nodes.items()},
-                         **{f"model/{k}": v for k, v in out.model.items()}})
+        end_parent(tracker, parent, out, {**{f"nodes/{k}": v for k, v in out.nodes.items()},
+                                          **{f"model/{k}": v for k, v in out.model.items()}})
+    return out
+
+
+@contextmanager
+def parent_run_guard(tracker, parent: str):
+    """On Ctrl-C end the sweep's parent run KILLED, on any other error FAILED, and re-raise."""
+    try:
+        yield
     except KeyboardInterrupt:
         tracker.end_run(parent, "KILLED")
         raise
     except BaseException:
         tracker.end_run(parent, "FAILED")
         raise
-    return out
+
+
+def end_parent(tracker, parent: str, out: Outcome, extra: dict) -> None:
+    """End the parent run with the sweep's counts: FAILED when a cell or the report failed."""
+    tracker.end_run(parent, "FAILED" if out.exit_code else "FINISHED",
+                    {"cells/finished": out.count(FINISHED), "cells/skipped": out.count(SKIPPED),
+                     "cells/merged": out.count(MERGED), "cells/failed": out.count(FAILED),
+                     "time/sweep_s": out.wall_s, **extra})
 
 
 def _grid_statuses(dag: SweepDag, by_key: dict[str, dict]) -> list[dict]:

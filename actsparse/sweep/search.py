@@ -231,59 +231,59 @@ def run_search(grid: Grid, spec: SearchSpec, console=None):
     from .affinity import WorkerPool
 
     pool = WorkerPool() if launcher["affinity"] else None   # one set of model workers for every round
-    try:
-        store = open_store(launcher["store"], launcher["store_cache"])
-        rnd = 0
-        while active := [g for g in groups if not g.done(spec)]:
-            rnd += 1
-            cells = validate_cells(_probe_points(active, spec))
-            probe_of = {c.key: (g, len(g.probes)) for g, c in zip(active, cells)}
-            dag = build_dag(cells)
-            done = tracker.finished_cells()
-            todo = {k for k in dag.cells if k not in done}
-            for k in dag.cells:
-                if k in done:
-                    by_key[k] = {"status": R.SKIPPED, "run_id": done[k], "why": "already finished"}
-            console.print(f"round {rnd}: " + ", ".join(f"{escape(g.label)} s={g.next_target(spec):g}" for g in active)
-                          + (f" ({len(dag.cells) - len(todo)} from earlier runs)" if len(todo) < len(dag.cells) else ""))
+    with R.parent_run_guard(tracker, parent):
+        try:
+            store = open_store(launcher["store"], launcher["store_cache"])
+            rnd = 0
+            while active := [g for g in groups if not g.done(spec)]:
+                rnd += 1
+                cells = validate_cells(_probe_points(active, spec))
+                probe_of = {c.key: (g, len(g.probes)) for g, c in zip(active, cells)}
+                dag = build_dag(cells)
+                done = tracker.finished_cells()
+                todo = {k for k in dag.cells if k not in done}
+                for k in dag.cells:
+                    if k in done:
+                        by_key[k] = {"status": R.SKIPPED, "run_id": done[k], "why": "already finished"}
+                console.print(f"round {rnd}: " + ", ".join(f"{escape(g.label)} s={g.next_target(spec):g}" for g in active)
+                              + (f" ({len(dag.cells) - len(todo)} from earlier runs)" if len(todo) < len(dag.cells) else ""))
 
-            def tags(cell: Cell, result: dict | None) -> dict:
-                g, i = probe_of[cell.key]
-                t = {"search_id": sweep_id, "search_group": g.label, "search_probe": i, "search_budget": spec.text,
-                     "search_tol": spec.tol}
-                if result is not None:
-                    v, d = _value(spec, R.quality_metrics(result))
-                    t["search_pass"] = int(_passes(spec, v, d))
-                return t
+                def tags(cell: Cell, result: dict | None) -> dict:
+                    g, i = probe_of[cell.key]
+                    t = {"search_id": sweep_id, "search_group": g.label, "search_probe": i, "search_budget": spec.text,
+                         "search_tol": spec.tol}
+                    if result is not None:
+                        v, d = _value(spec, R.quality_metrics(result))
+                        t["search_pass"] = int(_passes(spec, v, d))
+                    return t
 
-            if todo:
-                nodes = R._execute(dag.only(todo), launcher, store, faults, tracker, parent, sweep_id, by_key,
-                                   console, extra_tags=tags, pool=pool)
-                nodes_all["results"].update(nodes["results"])
-                nodes_all["actors"] += nodes["actors"]
-                nodes_all["actor_deaths"] += nodes["actor_deaths"]
-            for c in dag.cells.values():
-                g, _ = probe_of[c.key]
-                st = by_key[c.key]
-                probe = {"target": c.sparsity, "run_id": st.get("run_id"), "status": st["status"]}
-                if st["status"] != R.FAILED:
-                    m = nodes_all["results"].get(("cell", c.key))
-                    metrics = R.quality_metrics(m) if m is not None else tracker.client.get_run(st["run_id"]).data.metrics
-                    eff = m["effective"] if m is not None else metrics.get("sparsity/effective", float("nan"))
-                    v, d = _value(spec, metrics)
-                    probe.update(value=v, dense=d, effective=eff, threshold=_threshold(spec, d, v),
-                                 **{"pass": _passes(spec, v, d)})
-                    if probe["pass"]:
-                        g.lo = max(g.lo, c.sparsity)
-                    else:
-                        g.hi = c.sparsity if g.hi is None else min(g.hi, c.sparsity)
-                g.probes.append(probe)
-            all_cells += list(dag.cells.values())
-    finally:
-        if pool is not None:
-            pool.close()
-        R._stop_ray(out.ray_started)
-    try:
+                if todo:
+                    nodes = R._execute(dag.only(todo), launcher, store, faults, tracker, parent, sweep_id, by_key,
+                                       console, extra_tags=tags, pool=pool)
+                    nodes_all["results"].update(nodes["results"])
+                    nodes_all["actors"] += nodes["actors"]
+                    nodes_all["actor_deaths"] += nodes["actor_deaths"]
+                for c in dag.cells.values():
+                    g, _ = probe_of[c.key]
+                    st = by_key[c.key]
+                    probe = {"target": c.sparsity, "run_id": st.get("run_id"), "status": st["status"]}
+                    if st["status"] != R.FAILED:
+                        m = nodes_all["results"].get(("cell", c.key))
+                        metrics = R.quality_metrics(m) if m is not None else tracker.client.get_run(st["run_id"]).data.metrics
+                        eff = m["effective"] if m is not None else metrics.get("sparsity/effective", float("nan"))
+                        v, d = _value(spec, metrics)
+                        probe.update(value=v, dense=d, effective=eff, threshold=_threshold(spec, d, v),
+                                     **{"pass": _passes(spec, v, d)})
+                        if probe["pass"]:
+                            g.lo = max(g.lo, c.sparsity)
+                        else:
+                            g.hi = c.sparsity if g.hi is None else min(g.hi, c.sparsity)
+                    g.probes.append(probe)
+                all_cells += list(dag.cells.values())
+        finally:
+            if pool is not None:
+                pool.close()
+            R._stop_ray(out.ray_started)
         results = [g.result(spec) for g in groups]
         if nodes_all["results"]:
             out.nodes, out.model = R._node_counts(nodes_all), R._model_counts(nodes_all)
@@ -306,17 +306,9 @@ def run_search(grid: Grid, spec: SearchSpec, console=None):
                 out.report_error = f"{type(e).__name__}: {e}"
                 console.print(f"[red]report failed:[/] {escape(out.report_error)}")
         out.wall_s = time.perf_counter() - t_start
-        tracker.end_run(parent, "FAILED" if out.exit_code else "FINISHED",
-                        {"cells/finished": out.count(R.FINISHED), "cells/skipped": out.count(R.SKIPPED),
-                         "cells/failed": out.count(R.FAILED), "time/sweep_s": out.wall_s,
-                         **{f"search/{_slug(r['group'])}/found_target": r["found_target"] for r in results},
-                         **{f"search/{_slug(r['group'])}/n_probes": r["n_probes"] for r in results}})
-    except KeyboardInterrupt:
-        tracker.end_run(parent, "KILLED")
-        raise
-    except BaseException:
-        tracker.end_run(parent, "FAILED")
-        raise
+        R.end_parent(tracker, parent, out,
+                     {**{f"search/{_slug(r['group'])}/found_target": r["found_target"] for r in results},
+                      **{f"search/{_slug(r['group'])}/n_probes": r["n_probes"] for r in results}})
     return out
 
 

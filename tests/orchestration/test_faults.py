@@ -90,16 +90,22 @@ def _kill_when_held(pidfile, killed: dict, timeout: float = 240) -> threading.Th
     return t
 
 
-def test_a_worker_killed_with_sigkill_mid_cell_is_retried_and_the_sweep_completes(ray_cluster, workspace, monkeypatch):
-    ws, base = workspace
+def _sweep_with_a_sigkill(ws, base, monkeypatch, *extra) -> tuple[int, str, dict]:
+    """Run the smoke sweep, SIGKILL the worker of the teal 0.6 cell mid-cell; return (rc, stdout, {pid})."""
     pidfile = ws / "held.pid"
     monkeypatch.setenv("ACTSPARSE_INJECT_FAULTS", json.dumps(
         {"hold": [{"stage": "cell", "match": "teal s=0.6", "pidfile": str(pidfile), "seconds": 300}]}))
     killed = {}
     t = _kill_when_held(pidfile, killed)
-    rc, out, _ = sweep_in_process(["+sweep=smoke", *base, "report.enabled=false"])
+    rc, out, _ = sweep_in_process(["+sweep=smoke", *base, "report.enabled=false", *extra])
     t.join(5)
     assert killed, "the held cell never started"
+    return rc, out, killed
+
+
+def test_a_worker_killed_with_sigkill_mid_cell_is_retried_and_the_sweep_completes(ray_cluster, workspace, monkeypatch):
+    ws, base = workspace
+    rc, out, killed = _sweep_with_a_sigkill(ws, base, monkeypatch)
     assert rc == 0 and summary(out) == (3, 0, 0), out
     uri = f"sqlite:///{ws}/mlflow.db"
     cells = mlflow_runs(uri, "cell")
@@ -141,14 +147,7 @@ def test_an_import_error_names_its_type_and_message_in_the_console_and_the_repor
 def test_a_worker_killed_with_sigkill_and_no_retries_says_it_died_and_blames_no_memory(ray_cluster, workspace,
                                                                                        monkeypatch):
     ws, base = workspace
-    pidfile = ws / "held.pid"
-    monkeypatch.setenv("ACTSPARSE_INJECT_FAULTS", json.dumps(
-        {"hold": [{"stage": "cell", "match": "teal s=0.6", "pidfile": str(pidfile), "seconds": 300}]}))
-    killed = {}
-    t = _kill_when_held(pidfile, killed)
-    rc, out, _ = sweep_in_process(["+sweep=smoke", *base, "report.enabled=false", "launcher.max_retries=0"])
-    t.join(5)
-    assert killed, "the held cell never started"
+    rc, out, killed = _sweep_with_a_sigkill(ws, base, monkeypatch, "launcher.max_retries=0")
     assert rc == 1 and summary(out)[2] == 1, out
     flat = " ".join(out.split())
     assert f"evaluation failed: its worker process (pid {killed['pid']}) died 1 time(s)" in flat, out
