@@ -1,42 +1,11 @@
 """actsparse: post-training activation sparsity for LLMs — calibrate, fit, sparsify, evaluate, sweep.
 
-The public API (floor 2 of ../DESIGN.md). Importing this module is cheap: heavy submodules load on use.
+The public API (floor 2 of docs/DESIGN.md). Importing this module is cheap: heavy submodules load on use.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-
-class _SourceKernels:
-    """Find actsparse.kernels in ../kernels when running from a source checkout that is not installed.
-
-    pyproject maps the top-level folder kernels/ to actsparse.kernels; an install honours that, but
-    `python` started in the repo root imports ./actsparse directly and would not see it. Appended
-    last to sys.meta_path, so an installed package always wins.
-    """
-
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name != "actsparse.kernels":
-            return None
-        import importlib.util
-        import os
-
-        kdir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-        init = os.path.join(kdir, "__init__.py")
-        if not os.path.exists(init):
-            return None
-        return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[kdir])
-
-
-def _install_source_kernels() -> None:
-    import sys
-
-    if not any(isinstance(f, type) and f is _SourceKernels for f in sys.meta_path):
-        sys.meta_path.append(_SourceKernels)
-
-
-_install_source_kernels()
 
 _API = {
     "load_model": "actsparse.models.load",

@@ -37,6 +37,7 @@ def save_tensors_json(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         save_file(tensors, str(tmp / "tensors.safetensors"))
         meta = dict(meta, checksum=_sha256(tmp / "tensors.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+        follow_umask(tmp)
         if path.exists():  # replace: move the old one aside first so the rename is atomic
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
             os.replace(path, old)
@@ -48,6 +49,29 @@ def save_tensors_json(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         _rmtree(tmp)
         raise
     return path
+
+
+def follow_umask(folder: Path) -> None:
+    """Give a folder made by mkdtemp (mode 700) and its files the modes the user's umask asks for, as a plain
+    mkdir and open would: a group sharing a store reads what any of them wrote."""
+    mask = current_umask()
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where it is shown, so no other thread sees it change)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_tensors_json(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

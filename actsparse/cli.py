@@ -3,7 +3,10 @@
     actsparse sweep +sweep=demo                                  a named preset from sweeps/
     actsparse sweep -m method=dense,teal sparsity=0.3,0.5         any Hydra multirun grid over conf/
     actsparse sweep --dry-run ...                                 show the cells and their keys, run nothing
+    actsparse sweep --search 'ppl<=1.02x' -m method=teal,cats     per method, the largest target within a budget
     actsparse report [--tracking-uri URI] [--sweep-id ID]         fronts, iso-quality, tables, plots, HTML page
+    actsparse ls methods|models|tasks|sweeps                      what exists (methods with their parameters, ...)
+    actsparse cache ls|clear [--store DIR] [--kind K] [--yes]     the artifact store: list, or delete (asks first)
 
 Every user mistake ends with one `actsparse: error: ...` message and exit status 2, before any
 model is loaded, Ray is started or an MLflow run is created.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE = "actsparse {sweep,report} ...  (actsparse <command> --help for details)"
+USAGE = "actsparse {sweep,report,ls,cache} ...  (actsparse <command> --help for details)"
 
 
 def _sweep_parser() -> argparse.ArgumentParser:
@@ -25,7 +28,16 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--multirun", action="store_true",
                    help="accepted as in Hydra; a sweep always runs its whole grid")
     p.add_argument("--dry-run", action="store_true", help="validate and print the grid's cells and keys; run nothing")
-    p.add_argument("--cfg", action="store_true", help="print every cell's resolved configuration and exit")
+    p.add_argument("--cfg", action="store_true",
+                   help="print every grid point's resolved configuration (method parameters with their defaults) "
+                        "and exit; `--cfg job` as in Hydra")
+    p.add_argument("--search", metavar="BUDGET", default=None,
+                   help="search mode: per model x method, bisect for the largest target sparsity whose quality "
+                        "stays within BUDGET, e.g. 'ppl<=1.02x', 'acc_avg>=dense-1', 'fidelity/cos>=0.99x' "
+                        "(the grid's sparsity values are ignored)")
+    p.add_argument("--tol", type=float, default=0.01, help="search: resolution in target sparsity (default 0.01)")
+    p.add_argument("--max-sparsity", type=float, default=0.9,
+                   help="search: the largest target probed (default 0.9)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +sweep=demo method=teal sparsity=0.3,0.5")
     return p
 
@@ -99,10 +111,30 @@ def _report_inputs(args):
 
 def cmd_sweep(argv: list[str]) -> int:
     """Compose, validate and run a sweep; return the exit status."""
+    if "--cfg" in argv and argv[argv.index("--cfg") + 1:][:1] == ["job"]:   # Hydra's spelling
+        argv = argv[:argv.index("--cfg") + 1] + argv[argv.index("--cfg") + 2:]
     args = _sweep_parser().parse_intermixed_args(argv)
     from .sweep.compose import compose_grid
 
+    spec = None
+    if args.search is not None:  # a malformed budget is refused before anything is composed or loaded
+        from .sweep.search import parse_search
+
+        spec = parse_search(args.search, args.tol, args.max_sparsity)
     grid = compose_grid(args.overrides)
+    if spec is not None:
+        from .sweep.search import prepare_search, run_search
+
+        groups, _ = prepare_search(grid, spec)
+        if args.dry_run or args.cfg:
+            print(f"search {spec.describe()}: {len(groups)} group(s), at most {spec.max_probes} probes each")
+            for g in groups:
+                print(f"  {g.label}")
+            return 0
+        _interruptible()
+        out = run_search(grid, spec)
+        print(out.summary_line(), flush=True)
+        return out.exit_code
     if args.cfg:
         from omegaconf import OmegaConf
 
@@ -110,9 +142,11 @@ def cmd_sweep(argv: list[str]) -> int:
             print(f"# {' '.join(ov) or '(defaults)'}\n{OmegaConf.to_yaml(cfg)}")
         return 0
     if args.dry_run:
+        from .sweep.cells import target_notes
         from .sweep.runner import plan_sweep
 
         cells, dag, _ = plan_sweep(grid)
+        print(*target_notes(cells), sep="\n") if target_notes(cells) else None
         print(f"{len(cells)} grid points -> {len(dag.cells)} cells, {len(dag.stats)} calibrations, "
               f"{len(dag.plans)} plans, {len(dag.dense)} dense evaluations")
         for c in cells:
@@ -121,9 +155,26 @@ def cmd_sweep(argv: list[str]) -> int:
         return 0
     from .sweep.runner import run_sweep
 
-    out = run_sweep(grid)
+    _interruptible()
+    out = run_sweep(grid, console(soft_wrap=True))
     print(out.summary_line(), flush=True)
+    print(f"runs table: {out.view}", flush=True)
     return out.exit_code
+
+
+def _interruptible() -> None:
+    """Make Ctrl-C / SIGINT stop the sweep cleanly even when this process inherited SIGINT as ignored.
+
+    A job started in the background of a non-interactive shell (`actsparse sweep ... &` in a script, CI) gets
+    SIGINT ignored, and Python keeps it so: `kill -INT` would do nothing. A sweep owns its process, so it
+    restores Python's handler (KeyboardInterrupt) and the interrupt path records what finished.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != \
+            signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def cmd_report(argv: list[str]) -> int:
@@ -135,14 +186,110 @@ def cmd_report(argv: list[str]) -> int:
     rep = report_sweep(args.tracking_uri, args.experiment, args.sweep_id[0] if args.sweep_id and not args.all else None,
                        args.out, all_runs=args.all, log_to_parent=not args.no_log, filters=filt, options=options)
     print(f"markdown: {rep.markdown}  tables: {rep.dir / 'tables'}  plots: {rep.dir / 'plots'}  runs: {rep.csv}\n")
-    print(rep.console_text())
+    rep.print_to(console())
+    return 0
+
+
+def console(soft_wrap: bool = False):
+    """A rich console for terminal tables: the terminal's width, or wide when the output is a file or pipe."""
+    from rich.console import Console
+
+    return Console(soft_wrap=soft_wrap, width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def print_rows(title: str, rows: list[dict], empty: str) -> None:
+    """Print rows (dicts with the same keys) as one terminal table, or `empty` when there are none."""
+    from rich.table import Table
+
+    if not rows:
+        print(empty)
+        return
+    t = Table(title=title, title_justify="left", show_lines=False)
+    for col in rows[0]:
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(*(str(v) for v in r.values()))
+    console().print(t)
+
+
+def _ls_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="actsparse ls", description="List what exists: registered methods with their "
+                                "parameters and defaults, models, lm-eval tasks, the sweeps of an MLflow store.",
+                                epilog="examples: actsparse ls methods | actsparse ls tasks --all | "
+                                       "actsparse ls sweeps --tracking-uri sqlite:///mlflow.db")
+    p.add_argument("what", choices=["methods", "models", "tasks", "sweeps"])
+    p.add_argument("--all", action="store_true", help="tasks: every task, group and tag lm-eval knows (slow: ~15 s)")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="sweeps: MLflow tracking URI (default: "
+                   "%(default)s)")
+    p.add_argument("--experiment", default="actsparse", help="sweeps: MLflow experiment (default: %(default)s)")
+    return p
+
+
+def cmd_ls(argv: list[str]) -> int:
+    """List methods, models, tasks or sweeps; return the exit status."""
+    from . import inventory as inv
+
+    args = _ls_parser().parse_args(argv)
+    if args.what == "methods":
+        print_rows("methods (set a parameter with method=NAME method.params.KEY=VALUE)", inv.method_rows(), "")
+    elif args.what == "models":
+        print_rows(f"models (model=NAME; any local HF-format directory works too; HF cache: {inv.hf_hub_cache()})",
+                   inv.model_rows(), "")
+    elif args.what == "tasks":
+        print_rows("lm-eval tasks (eval=lm_eval eval.lm_eval.tasks=[NAME,...])" +
+                   ("" if args.all else "; `actsparse ls tasks --all` adds lm-eval's own"),
+                   inv.task_rows(args.all), "")
+    else:
+        print_rows(f"sweeps in {args.tracking_uri} (experiment {args.experiment!r}); report one with "
+                   "`actsparse report --sweep-id SWEEP`", inv.sweep_rows(args.tracking_uri, args.experiment),
+                   f"no sweep in experiment {args.experiment!r} at {args.tracking_uri}")
+    return 0
+
+
+def _cache_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="actsparse cache", description="The artifact store of sweeps (calibration "
+                                "statistics, plans, dense evaluations, by content key): list it, or delete from it. "
+                                "A deleted artifact is recomputed by the next sweep that needs it.",
+                                epilog="examples: actsparse cache ls | actsparse cache clear --kind plans --yes")
+    p.add_argument("action", choices=["ls", "clear"])
+    p.add_argument("--store", default=".actsparse_cache", help="the store (launcher.store): a directory or an "
+                   "fsspec URL (default: %(default)s)")
+    p.add_argument("--kind", action="append", default=[], help="only this kind: stats, plans or dense (repeatable)")
+    p.add_argument("--yes", action="store_true", help="clear: delete without asking")
+    return p
+
+
+def cmd_cache(argv: list[str]) -> int:
+    """List or clear the artifact store; return the exit status (1 when a clear was declined)."""
+    from . import inventory as inv
+
+    args = _cache_parser().parse_args(argv)
+    kinds = inv.check_kinds([k.strip() for it in args.kind for k in it.split(",") if k.strip()])
+    rows = inv.cache_rows(args.store, kinds)
+    total = inv.human_bytes(sum(r["bytes"] for r in rows))
+    if args.action == "ls":
+        print_rows(f"artifacts in {args.store}: {len(rows)}, {total}",
+                   [{k: (inv.human_bytes(v) if k == "bytes" else v) for k, v in r.items() if k != "path"} for r in rows],
+                   f"no artifacts in {args.store}")
+        return 0
+    if not rows:
+        print(f"nothing to delete: no {'/'.join(kinds)} artifacts in {args.store}")
+        return 0
+    what = f"{len(rows)} artifact(s) ({', '.join(kinds)}; {total}) in {args.store}"
+    if not args.yes:
+        print(f"delete {what}? [y/N] ", end="", flush=True)
+        answer = sys.stdin.readline().strip().lower()
+        if answer not in ("y", "yes"):
+            print(f"\nnothing deleted{'' if answer else ' (no answer)'}; pass --yes to delete without asking")
+            return 1
+    print(f"deleted {inv.clear_cache(rows, args.store)} artifact(s) ({total}) from {args.store}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"sweep": cmd_sweep, "report": cmd_report}
+    commands = {"sweep": cmd_sweep, "report": cmd_report, "ls": cmd_ls, "cache": cmd_cache}
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: {USAGE}\n\n{__doc__}")
         return 0 if argv else 2

@@ -42,22 +42,20 @@ if not _torch.cuda.is_available():
 
 from actsparse.kernels.attention import decode_attention
 from actsparse.kernels.cats import cats_up
-from actsparse.kernels.configs import GemvConfig, V3Config, V4Config, override_config, pick_config, poison_outputs
+from actsparse.kernels.configs import GatherConfig, MaskedConfig, override_config, poison_outputs
 from actsparse.kernels.gated_mlp import sparse_gated_mlp
 from actsparse.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from actsparse.kernels.silu_mul import silu_mul
 from actsparse.kernels.sparse_gemv import pack_weight, sparse_gemv
 
 __all__ = [
-    "GemvConfig",
-    "V3Config",
-    "V4Config",
+    "GatherConfig",
+    "MaskedConfig",
     "add_rmsnorm",
     "cats_up",
     "decode_attention",
     "override_config",
     "pack_weight",
-    "pick_config",
     "poison_outputs",
     "rmsnorm",
     "silu_mul",

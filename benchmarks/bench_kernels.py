@@ -13,7 +13,6 @@ Writes DIR/results.json (rows), DIR/BENCHMARKS_fragment.md and DIR/tuned.json; p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -36,50 +35,36 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from actsparse.kernels import (GemvConfig, V3Config, V4Config, configs, override_config, pack_weight, ref,  # noqa: E402
+from actsparse.engine.crossover import crossing, graph_ms  # noqa: E402
+from actsparse.kernels import (GatherConfig, MaskedConfig, configs, override_config, ref,  # noqa: E402
                                sparse_gated_mlp, sparse_gemv)
-from actsparse.kernels.pdl import launch_kwargs, pdl_prologue, use_pdl  # noqa: E402
 
-# Imported after actsparse.kernels, which turns on Triton's interpreter on a machine without CUDA.
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
+# teal_style imports Triton: after actsparse.kernels, which turns on Triton's interpreter without CUDA.
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from teal_style import teal_style_gemv  # noqa: E402
 
 D, KV, INTER = 4096, 1024, 14336  # Llama-3-8B
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
-# (block_n, block_k, num_warps, num_stages[, depth]); each also at split-K = auto/2, auto, 2·auto.
-FMA_GRID = {1: [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1),
-                # depth 2: the software-pipelined walk (two weight tiles in flight, BENCHMARKS.md)
-                (16, 128, 4, 1, 2), (32, 128, 4, 1, 2), (16, 256, 4, 1, 2), (16, 64, 4, 1, 2), (32, 64, 4, 1, 2)],
+# masked walk: (block_n, block_k, num_warps, num_stages[, depth]). Batch 1: one-shot tiles (one K chunk a program, as in
+# TEAL's design: thousands of programs, many masked row loads in flight) and two chunks a program; see _masked_grid.
+FMA_GRID = {1: [(32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 8, 1), (64, 64, 4, 1), (128, 64, 4, 1),
+                (64, 256, 8, 1), (32, 256, 4, 1), (256, 64, 8, 1), (16, 256, 4, 1), (128, 32, 4, 1)],
             4: [(32, 64, 4, 1), (32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1), (32, 64, 4, 1, 2), (32, 32, 4, 1, 2)]}
 DOT_GRID = {1: [], 4: [(64, 128, 4, 3), (32, 128, 4, 3)]}
-# v3 (block_n, seg_k, block_k, num_warps)
-V3_GRID = {1: [(64, 512, 64, 4), (64, 512, 128, 4), (128, 512, 64, 4), (64, 256, 64, 4), (64, 1024, 64, 4),
-               (64, 512, 32, 4), (32, 512, 64, 4), (64, 512, 64, 8)],
-           4: [(64, 512, 16, 4), (64, 256, 32, 4), (32, 512, 32, 4)]}
-# v4 (block_n, seg_k, num_warps, num_stages, per_sm)
-# (num_stages had no effect in the first sweep: the pipeliner leaves loads that feed no dot alone)
-V4_GRID = {1: [(16, 512, 4, 1, 8), (16, 512, 4, 1, 4), (32, 256, 4, 1, 4), (64, 128, 4, 1, 4), (32, 256, 4, 1, 8),
-               (64, 128, 4, 1, 8), (16, 256, 4, 1, 8), (32, 128, 4, 1, 8), (64, 256, 8, 1, 4), (16, 1024, 8, 1, 4),
-               (32, 512, 8, 1, 4), (16, 128, 4, 1, 16)],
-           4: [(16, 128, 4, 1, 4), (16, 128, 4, 2, 4), (32, 128, 4, 2, 4), (16, 256, 8, 2, 4), (16, 64, 4, 2, 8)]}
-# v5 (selection pass + v2 walk over the selected input): (block_n, block_k, num_warps, num_stages[, depth]), each
-# at three split-K values as for v2; wider strips than v2's grid, since the walk no longer loads per-row operands.
-V5_GRID = {1: [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1), (32, 64, 4, 1), (64, 64, 4, 1), (64, 128, 4, 1),
-               (128, 32, 4, 1), (128, 64, 8, 1), (16, 128, 4, 1, 2), (32, 128, 4, 1, 2)],
-           4: [(32, 64, 4, 1), (32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 4, 1, 2)]}
-# v6 (compaction pass + v3 gather walk): V3Config (block_n, seg_k, block_k, num_warps)
-# (the first sweep, commit 91ae6ff: 64- and 32-row steps lost 2-4x to 128, longer slices won)
-V6_GRID = {1: [(64, 2048, 128, 4), (32, 1024, 128, 4), (64, 1024, 128, 4), (32, 2048, 128, 4), (32, 4096, 128, 4),
-               (64, 4096, 128, 4), (32, 1024, 256, 4), (16, 1024, 256, 4), (32, 2048, 256, 4), (16, 2048, 256, 4),
-               (64, 2048, 256, 8), (16, 4096, 512, 4)],
-           # batch 4: the FMA walk, and the tensor-core walk (use_dot, num_stages): 16-row tl.dot per gathered step
-           4: [(64, 512, 32, 4), (32, 512, 32, 4), (32, 1024, 128, 4, True), (64, 1024, 128, 4, True),
-               (32, 2048, 128, 4, True), (32, 4096, 128, 4, True), (64, 2048, 64, 4, True), (16, 1024, 128, 4, True),
-               (32, 1024, 128, 4, True, 2), (64, 2048, 128, 8, True), (32, 1024, 256, 4, True)]}
-PACK_WIDTH = 32  # columns a strip of packed weights ("v5p")
+# gather walk: GatherConfig (block_n, seg_k, block_k, num_warps, use_dot, num_stages, depth);
+# depth 2 keeps two gathered weight tiles in flight per program.
+GATHER_GRID = {1: [(32, 4096, 128, 4), (32, 4096, 128, 4, False, 1, 2), (64, 4096, 128, 4),
+                   (64, 4096, 128, 4, False, 1, 2), (64, 2048, 64, 4, False, 1, 2), (32, 2048, 128, 4),
+                   (32, 2048, 128, 4, False, 1, 2), (32, 1024, 128, 4, False, 1, 2), (64, 1024, 128, 4, False, 1, 2),
+                   (128, 4096, 64, 4, False, 1, 2), (128, 2048, 64, 8, False, 1, 2), (64, 4096, 128, 8, False, 1, 2),
+                   (32, 4096, 256, 8, False, 1, 2), (16, 4096, 256, 4, False, 1, 2), (16, 2048, 256, 4),
+                   (64, 2048, 128, 4), (32, 16384, 128, 4, False, 1, 2), (32, 8192, 128, 4, False, 1, 2),
+                   (32, 4096, 64, 4, False, 1, 2), (64, 4096, 64, 2, False, 1, 2), (16, 4096, 128, 4, False, 1, 2)],
+               # batch 4: the FMA walk, and the tensor-core walk (use_dot, num_stages): a 16-row tl.dot a step
+               4: [(64, 512, 32, 4), (32, 512, 32, 4), (32, 1024, 128, 4, True), (64, 1024, 128, 4, True),
+                   (32, 2048, 128, 4, True), (32, 4096, 128, 4, True), (64, 2048, 64, 4, True),
+                   (16, 1024, 128, 4, True), (32, 1024, 128, 4, True, 2), (64, 2048, 128, 8, True),
+                   (32, 1024, 256, 4, True)]}
 DEV = "cuda"
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
 if SMOKE:
@@ -87,10 +72,7 @@ if SMOKE:
     SPARSITIES = [0.0, 0.5]
     FMA_GRID = {1: [(32, 32, 4, 1), (16, 16, 4, 1, 2)], 4: [(32, 32, 4, 1)]}
     DOT_GRID = {1: [], 4: [(32, 32, 4, 1)]}
-    V3_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4)], 4: [(32, 32, 8, 4)]}
-    V4_GRID = {1: [(16, 32, 4, 1, 1), (32, 64, 4, 2, 2)], 4: [(16, 32, 4, 1, 1)]}
-    V5_GRID = {1: [(32, 32, 4, 1), (16, 16, 4, 1, 2)], 4: [(32, 32, 4, 1)]}
-    V6_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4)], 4: [(32, 32, 8, 4), (32, 32, 16, 4, True)]}
+    GATHER_GRID = {1: [(32, 32, 16, 4), (64, 64, 32, 4, False, 1, 2)], 4: [(32, 32, 8, 4), (32, 32, 16, 4, True)]}
 
 
 class Clock:
@@ -112,28 +94,7 @@ def time_graph(fn, reps: int = 10, warmup: int = 2) -> float:
     if SMOKE:
         fn()
         return 1.0
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1))
-    del g
-    return statistics.median(times)
+    return graph_ms(fn, reps, warmup)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -164,19 +125,9 @@ def ceilings() -> dict:
 _sparse_gemv, _sparse_gated_mlp = sparse_gemv, sparse_gated_mlp
 
 
-def impl_parts(name: str) -> tuple[str, bool, bool | None]:
-    """A side-by-side kernel name -> (kernel, packed weights, PDL): "v6" (PDL as configured: off unless
-    ACTSPARSE_PDL=1), "v5p" (v5 on weights packed in PACK_WIDTH-column strips), "v6-pdl" (v6 launched with
-    programmatic dependent launch, kernels/pdl.py), "v6-nopdl" (without)."""
-    pdl = True if name.endswith("-pdl") else (False if name.endswith("-nopdl") else None)
-    base = name.rsplit("-", 1)[0] if pdl is not None else name
-    packed = base.endswith("p")
-    return (base[:-1] if packed else base), packed, pdl
-
-
-def _with_impl(fn, impl: str, poison: bool = False, pdl: bool | None = None):
+def _with_impl(fn, impl: str, poison: bool = False):
     def call(*a, **kw):
-        with configs.poison_outputs(poison), (use_pdl(pdl) if pdl is not None else contextlib.nullcontext()):
+        with configs.poison_outputs(poison):
             return fn(*a, impl=impl, **kw)
     return call
 
@@ -196,18 +147,6 @@ class Layers:
             self.sets.append(dict(wqkv=wqkv, wo=wo, w13=w13, wd=wd, wqkv_t=wqkv.t().contiguous(),
                                   wo_t=wo.t().contiguous(), wg_t=w13[:INTER].t().contiguous(),
                                   wu_t=w13[INTER:].t().contiguous(), wd_t=wd.t().contiguous()))
-        self._packed: list[dict] | None = None
-
-    def for_impl(self, impl: str) -> tuple[list[dict], str, bool | None]:
-        """The weight sets, kernel name and PDL flag for a side-by-side name (`impl_parts`)."""
-        kernel, packed, pdl = impl_parts(impl)
-        if not packed:
-            return self.sets, kernel, pdl
-        if self._packed is None:
-            self._packed = [{k: (pack_weight(v, PACK_WIDTH) if k.endswith("_t") else v) for k, v in s.items()}
-                            for s in self.sets]
-        return self._packed, kernel, pdl
-
 
 class Inputs:
     """Decode-step inputs at batch b and per-op thresholds that give a target row sparsity."""
@@ -248,20 +187,12 @@ class Inputs:
 
 
 def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
-    """Callables running each fused sparse op over all L weight copies (impl: auto, v2, v3, v4 or v5; a trailing
-    "p", e.g. "v5p": the same kernel on weights packed in strips, `pack_weight`; "-pdl" / "-nopdl": PDL on / off).
-
-    v5 runs as the engine does: gate|up writes h selected for down (out_thresh), so down reads it as is
-    (thresh=None, no selection pass of its own); its op time is measured on h selected beforehand.
-    """
-    sets, impl, pdl = lay.for_impl(impl)
+    """Callables running each fused sparse op over all L weight copies (impl: auto, masked or gather), as the
+    engine calls them."""
+    sets = lay.sets
     x, g, a, h = inp.x, inp.g, inp.a, inp.h
-    sparse_gemv = _with_impl(_sparse_gemv, impl, pdl=pdl)
-    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, pdl=pdl)
-    v5 = impl == "v5"
-    t_out = th["down"] if v5 else None  # v5: gate|up selects h for down
-    h_down = ref.sparsify_ref(h, th["down"].to(h.dtype)) if v5 else h
-    t_down = None if v5 else th["down"]
+    sparse_gemv = _with_impl(_sparse_gemv, impl)
+    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl)
 
     def qkv(s):
         return sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV))
@@ -270,16 +201,16 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
         return sparse_gemv(a, s["wo_t"], th["o"], residual=x)
 
     def pair(s):
-        return sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5, out_thresh=t_out)
+        return sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], norm_weight=g, eps=1e-5)
 
-    def down(s, hin=h_down):
-        return sparse_gemv(hin, s["wd_t"], t_down, residual=x)
+    def down(s):
+        return sparse_gemv(h, s["wd_t"], th["down"], residual=x)
 
     def block(s):
         qkv(s)
         o(s)
-        hp = pair(s)
-        down(s, hp if v5 else h_down)  # v5: down reads gate|up's selected output, as in the engine
+        pair(s)
+        down(s)
 
     def over_sets(op):
         def run():
@@ -293,10 +224,10 @@ def sparse_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
 
 def check_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
     """Relative error of each fused op against the torch reference on set 0 (outputs poisoned)."""
-    sets, impl, pdl = lay.for_impl(impl)
-    s, r, x, g = sets[0], lay.sets[0], inp.x, inp.g  # r: the [K, N] weights for the references
-    sparse_gemv = _with_impl(_sparse_gemv, impl, poison=True, pdl=pdl)
-    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, poison=True, pdl=pdl)
+    s = r = lay.sets[0]
+    x, g = inp.x, inp.g
+    sparse_gemv = _with_impl(_sparse_gemv, impl, poison=True)
+    sparse_gated_mlp = _with_impl(_sparse_gated_mlp, impl, poison=True)
     out = {}
     out["qkv"] = rel(sparse_gemv(x, s["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)),
                      ref.sparse_gemv_ref(x, r["wqkv_t"], th["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV)))
@@ -306,13 +237,6 @@ def check_ops(lay: Layers, inp: Inputs, th: dict, impl: str = "auto") -> dict:
                       ref.sparse_gated_mlp_ref(x, r["wg_t"], r["wu_t"], th["pair"], norm_weight=g, eps=1e-5))
     out["down"] = rel(sparse_gemv(inp.h, s["wd_t"], th["down"], residual=x),
                       ref.sparse_gemv_ref(inp.h, r["wd_t"], th["down"], residual=x))
-    if impl == "v5":  # the engine's fused flow: gate|up selects h for down, down reads it as is
-        kw = dict(norm_weight=g, eps=1e-5, out_thresh=th["down"])
-        out["pair_sel"] = rel(sparse_gated_mlp(x, s["wg_t"], s["wu_t"], th["pair"], **kw),
-                              ref.sparse_gated_mlp_ref(x, r["wg_t"], r["wu_t"], th["pair"], **kw))
-        hs = ref.sparsify_ref(inp.h, th["down"].to(inp.h.dtype))
-        out["down_presel"] = rel(sparse_gemv(hs, s["wd_t"], None, residual=x),
-                                 ref.sparse_gemv_ref(hs, r["wd_t"], None, residual=x))
     return out
 
 
@@ -362,13 +286,18 @@ def cublas_ops(lay: Layers, inp: Inputs) -> dict:
 KINDS = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER), "down": ("gemv", INTER, D)}
 
 
-def _v2_grid(b: int, k: int, n: int, fma: dict | None = None, dot: dict | None = None) -> list[GemvConfig]:
-    """The v2 configs tried for one op and batch: each grid entry at split-K = auto/2, auto, 2·auto."""
+def _masked_grid(b: int, k: int, n: int, fma: dict | None = None, dot: dict | None = None) -> list[MaskedConfig]:
+    """The masked-walk configs tried for one op and batch: batch 1 at one and two K chunks a program, others at
+    split-K = auto/2, auto, 2·auto."""
     grid = []
     fma, dot_ = fma or FMA_GRID, DOT_GRID if dot is None else dot
     for c, dot in [(c, False) for c in fma[b]] + [(c, True) for c in dot_.get(b, [])]:
-        base = GemvConfig(*c[:4], use_dot=dot, depth=c[4] if len(c) > 4 else 1)
+        base = MaskedConfig(*c[:4], use_dot=dot, depth=c[4] if len(c) > 4 else 1)
         tiles = -(-n // base.block_n) * (1 if not dot else -(-b // 16))
+        if b == 1 and not dot:  # one chunk a program (one-shot tiles), and two
+            one_shot = -(-k // base.block_k)
+            grid += [dataclasses.replace(base, split_k=sp) for sp in sorted({one_shot, max(1, one_shot // 2)})]
+            continue
         auto = configs.choose_split(base, k, tiles, torch.device(DEV))
         grid += [dataclasses.replace(base, split_k=sp) for sp in sorted({max(1, auto // 2), auto, 2 * auto})]
     return grid
@@ -382,7 +311,7 @@ def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl:
     below its crossover, so `0:0,0.5:1,0.9:1` tunes for the regime the kernels actually serve.
     """
     weights = weights or {0.0: 1.0, 0.5: 1.0, 0.9: 1.0}
-    tag = "tune" if impl == "v2" else f"tune {impl}"
+    tag = f"tune {impl}"
     best, rows = {}, []
     for b in batches:
         inp = Inputs(lay, b)
@@ -395,7 +324,7 @@ def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl:
                     break
                 try:
                     configs.COMPILED.clear()
-                    with override_config(cfg, impl=impl if impl in ("v5", "v6") else "v2"):
+                    with override_config(cfg):
                         err = check_ops(lay, inp, ths[0.5], impl)[op]
                         if not err < 2e-2:
                             log(f"  {tag} {op} b{b} {cfg}: WRONG rel err {err}")
@@ -419,39 +348,24 @@ def _sweep(lay: Layers, clock: Clock, batches, weights: dict | None, grid, impl:
     return best, rows
 
 
-def tune(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
-    """The v2 sweep over FMA_GRID / DOT_GRID (see _sweep)."""
-    return _sweep(lay, clock, batches, weights, _v2_grid, "v2", 0.4)
+def tune_masked(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
+    """The masked-walk sweep over FMA_GRID / DOT_GRID (see _sweep)."""
+    return _sweep(lay, clock, batches, weights, _masked_grid, "masked", 0.35)
 
 
-def tune_v3(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
-    """The v3 sweep over V3_GRID (see _sweep)."""
-    return _sweep(lay, clock, batches, weights, lambda b, k, n: [V3Config(*c) for c in V3_GRID[b]], "v3", 0.3)
+def tune_gather(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
+    """The gather-walk sweep over GATHER_GRID (see _sweep)."""
+    return _sweep(lay, clock, batches, weights, lambda b, k, n: [GatherConfig(*c) for c in GATHER_GRID[b]], "gather",
+                  0.4)
 
 
-def tune_v4(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
-    """The v4 sweep over V4_GRID (see _sweep)."""
-    return _sweep(lay, clock, batches, weights, lambda b, k, n: [V4Config(*c) for c in V4_GRID[b]], "v4", 0.35)
-
-
-def tune_v5(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
-    """The v5 sweep over V5_GRID (see _sweep): down is timed on an already-selected input, as the engine runs it."""
-    return _sweep(lay, clock, batches, weights, lambda b, k, n: _v2_grid(b, k, n, V5_GRID, {}), "v5", 0.35)
-
-
-def tune_v6(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None = None) -> tuple[dict, list]:
-    """The v6 sweep over V6_GRID (see _sweep)."""
-    return _sweep(lay, clock, batches, weights, lambda b, k, n: [V3Config(*c) for c in V6_GRID[b]], "v6", 0.3)
-
-
-# kernel -> (its sweep, the configs table its winners go to); swept in this order when asked for (--tune, --tune-vN)
-TUNERS = {"v2": (tune, "TUNED"), "v5": (tune_v5, "TUNED_V5"), "v6": (tune_v6, "TUNED_V6"), "v4": (tune_v4, "TUNED_V4"),
-          "v3": (tune_v3, "TUNED_V3")}
+# kernel -> (its sweep, the configs table its winners go to, its command-line flag)
+TUNERS = {"masked": (tune_masked, "TUNED_MASKED", "tune"), "gather": (tune_gather, "TUNED_GATHER", "tune_gather")}
 
 
 # ---------------------------------------------------------------------- kernel microbenchmark
 extra_impl: dict[str, str] = {}  # "op|b<batch>" -> the winning kernel, filled by kernel_bench
-SIDE_BY_SIDE = ["v2", "v6"]  # kernels timed side by side per op (--impls)
+SIDE_BY_SIDE = ["masked", "gather"]  # kernels timed side by side per op (--impls)
 
 
 def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict) -> list[dict]:
@@ -466,8 +380,7 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
             rows.append({**meta, "kind": "kernel", "method": f"cublas-{k}" if k.startswith("block") else "cublas",
                          "op": "block" if k.startswith("block") else k, "sparsity": 0.0, "batch": b,
                          "dtype": dtype_name, "us_per_block" if k.startswith("block") else "us": round(v, 2)})
-        impls = [i for i in SIDE_BY_SIDE
-                 if configs.MAX_BATCH[impl_parts(i)[0]] is None or b <= configs.MAX_BATCH[impl_parts(i)[0]]]
+        impls = [i for i in SIDE_BY_SIDE if i != "gather" or b <= configs.GATHER_MAX_BATCH]
         impls = impls if (len(impls) > 1 and dtype_name == "bf16") else []
         side: dict[str, dict[float, dict[str, float]]] = {i: {} for i in impls}
         for impl in impls:  # the kernels side by side, same run, same inputs
@@ -489,19 +402,12 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
                                  "max_rel_err": errs.get(k, max(errs.values()))})
         common = [s for s in SPARSITIES if impls and all(s in side[i] for i in impls)]
         if common:
-            # Per op, the kernel with the lower summed time over the sparsities the engine serves with a
-            # kernel (≥ 0.4: below that most ops fall back to cuBLAS), else over all measured in every run.
-            kinds = {"qkv": ("qkv", D, D + 2 * KV), "o": ("gemv", D, D), "pair": ("pair", D, INTER),
-                     "down": ("gemv", INTER, D)}
+            # Per op, the kernel with the lower summed time over the sparsities ≥ 0.4 (reported: `impl="auto"`
+            # follows configs.choose_impl, so a kernel that loses here is a finding to act on there).
             served = [s for s in common if s >= 0.4] or common
-            for op, (kind, k, n) in kinds.items():
+            for op in ("qkv", "o", "pair", "down"):
                 tv = {i: sum(side[i][s][op] for s in served) for i in impls}
-                win = min(tv, key=tv.get)
-                # The auto dispatch reads [K, N] weights with PDL as configured: packed ("v5p") and PDL
-                # ("v6-pdl", "v6-nopdl") variants are reported, not installed.
-                configs.IMPL[(kind, k, n, configs.batch_bucket(b))] = min(
-                    (i for i in impls if impl_parts(i)[1:] == (False, None)), key=tv.get)
-                extra_impl[f"{op}|b{b}"] = win
+                extra_impl[f"{op}|b{b}"] = min(tv, key=tv.get)
             log(f"  per-op winner at b{b}: {extra_impl}")
         for s in SPARSITIES:
             if clock.left(0.65) < 0:
@@ -524,112 +430,85 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
     return rows
 
 
-@triton.jit
-def _empty_kernel(PDL: tl.constexpr):
-    pdl_prologue(PDL)
-
-
-def kernel_profile(lay: Layers, clock: Clock, impl: str = "v6", sparsities=(0.5, 0.9)) -> dict:
-    """Where an op's time goes at batch 1: each kernel's own device time (torch.profiler, eager launches) next
-    to the op's time under a CUDA graph, with and without PDL, and the cost of a bare launch in a graph."""
-    from torch.profiler import ProfilerActivity, profile
-
-    out: dict = {}
-    n = 64  # a chain of empty launches: the per-launch cost under a graph
-    for pdl in (False, True):
-        with use_pdl(pdl):
-            kw = launch_kwargs(torch.device(DEV))
-
-        def chain():
-            for _ in range(n):
-                _empty_kernel[(132,)](**kw)
-        out[f"empty_launch_us_pdl{int(pdl)}"] = round(time_graph(chain) * 1e3 / n, 2)
-    log(f"[profile] bare launch under a graph: {out['empty_launch_us_pdl0']} us, with PDL "
-        f"{out['empty_launch_us_pdl1']} us")
-    inp = Inputs(lay, 1)
-    for s in sparsities:
-        if clock.left(0.5) < 0:
-            break
-        th = inp.thresholds(s)
-        for variant in (f"{impl}-pdl", f"{impl}-nopdl"):
-            ops = sparse_ops(lay, inp, th, variant)
-            for name in ("qkv", "o", "pair", "down"):
-                graph_us = time_graph(ops[name]) * 1e3 / lay.n
-                out[f"{variant}|{name}|s{s}|graph_us"] = round(graph_us, 2)
-                if variant != f"{impl}-nopdl":
-                    continue
-                ops[name]()
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(3):
-                        ops[name]()
-                    torch.cuda.synchronize()
-                kern = {}
-                for e in prof.key_averages():
-                    t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-                    if t and e.count:
-                        kern[e.key[:40]] = round(t / e.count, 2)
-                out[f"{impl}|{name}|s{s}|kernels_us"] = kern
-                log(f"[profile] {impl} {name} s={s}: graph {graph_us:.1f} us/op; kernels (device us each): {kern}")
-            log(f"[profile] {variant} s={s}: " + " ".join(
-                f"{k}={out[f'{variant}|{k}|s{s}|graph_us']}" for k in ("qkv", "o", "pair", "down")))
-    return out
+# (block_m rows of K, block_n columns, num_warps): the published design's autotune space (small block_m, 2-4
+# warps) and larger tiles.
+TEAL_TILES = [(8, 128, 2), (16, 256, 4), (64, 64, 4), (64, 128, 2), (128, 64, 4), (64, 128, 4), (256, 32, 4),
+              (32, 256, 4), (128, 128, 8), (256, 64, 8), (32, 128, 4)]
 
 
 def teal_bench(lay: Layers, clock: Clock, meta: dict) -> list[dict]:
-    """TEAL-style split-K block at batch 1, fp16: zero + atomics, one launch per projection (q/k/v fused)."""
+    """The TEAL-design baseline at batch 1, fp16 (its only dtype): a zeroing launch + one split-K atomic launch
+    per projection (q|k|v fused, gate and up separate), its tile autotuned per op over TEAL_TILES (the tile with
+    the least summed time at sparsity 0.25 / 0.5 / 0.8), then timed per op and per block at every sparsity."""
     rows = []
     inp = Inputs(lay, 1)
     xn = inp.xn.to(lay.dtype)
-    for s in (0.0, 0.5, 0.9):
+    cub = {k: time_graph(f) * 1e3 / lay.n for k, f in cublas_ops(lay, inp).items()}
+    cub["block"] = min(cub["block7"], cub["block4"], cub["block4_t"])
+    launches = {"qkv": [("wqkv_t", xn, "tx")], "o": [("wo_t", inp.a, "ta")],
+                "pair": [("wg_t", xn, "tx"), ("wu_t", xn, "tx")], "down": [("wd_t", inp.h, "th")]}
+
+    def op_fn(op, th, tile):
+        def run():
+            for st in lay.sets:
+                for w, v, tk in launches[op]:
+                    teal_style_gemv(v, st[w], th[tk], *tile)
+        return run
+
+    tune_th = [inp.thresholds(s) for s in (0.25, 0.5, 0.8)]
+    best = {}
+    for op in launches:
+        res = {}
+        for tile in TEAL_TILES:
+            try:
+                res[tile] = sum(time_graph(op_fn(op, th, tile)) for th in tune_th)
+            except Exception as e:
+                log(f"  teal-style {op} {tile} failed: {type(e).__name__}: {str(e)[:100]}")
+        best[op] = min(res, key=res.get)
+    log(f"  teal-style tiles per op (block_m, block_n, warps): {best}")
+    for s in SPARSITIES:
         if clock.left(0.7) < 0:
             break
         th = inp.thresholds(s)
-        tx, ta, thh = th["tx"], th["ta"], th["th"]
-        best = None
-        for bm, bn in ((128, 64), (64, 128), (256, 32), (32, 256), (16, 256)):
-            def block():
-                for st in lay.sets:
-                    teal_style_gemv(xn, st["wqkv_t"], tx, bm, bn)
-                    teal_style_gemv(inp.a, st["wo_t"], ta, bm, bn)
-                    teal_style_gemv(xn, st["wg_t"], tx, bm, bn)
-                    teal_style_gemv(xn, st["wu_t"], tx, bm, bn)
-                    teal_style_gemv(inp.h, st["wd_t"], thh, bm, bn)
-            try:
-                us = time_graph(block) * 1e3 / lay.n
-            except Exception as e:
-                log(f"  teal-style {bm}x{bn} failed: {type(e).__name__}: {str(e)[:100]}")
-                continue
-            best = us if best is None else min(best, us)
-        if best is None:
-            continue
-        y = teal_style_gemv(xn, lay.sets[0]["wqkv_t"], tx)
-        err = rel(y, ref.sparse_gemv_ref(xn, lay.sets[0]["wqkv_t"], tx))
-        log(f"  TEAL-style block fp16 b1 s={s}: {best:.1f} us (rel err {err:.1e})")
-        rows.append({**meta, "kind": "kernel", "method": "teal-style", "op": "block", "sparsity": s, "batch": 1,
-                     "dtype": "fp16", "us_per_block": round(best, 2), "max_rel_err": err})
+        t = {op: time_graph(op_fn(op, th, best[op])) * 1e3 / lay.n for op in launches}
+
+        def block():
+            for op in launches:
+                op_fn(op, th, best[op])()
+        t["block"] = time_graph(block) * 1e3 / lay.n
+        y = teal_style_gemv(xn, lay.sets[0]["wqkv_t"], th["tx"], *best["qkv"])
+        err = rel(y, ref.sparse_gemv_ref(xn, lay.sets[0]["wqkv_t"], torch.tensor([th["tx"]], device=DEV)))
+        log(f"  teal-style fp16 b1 s={s:.2f}: " + " ".join(f"{k}={v:.1f}" for k, v in t.items()) + f"  rel err {err:.1e}")
+        for k, v in t.items():
+            rows.append({**meta, "kind": "kernel", "method": "teal-style", "op": k, "sparsity": s, "batch": 1,
+                         "dtype": "fp16", "us_per_block" if k == "block" else "us": round(v, 2),
+                         "speedup": round(cub["block" if k == "block" else k] / v, 3), "max_rel_err": err,
+                         "tile": list(best[k]) if k in best else None})
     return rows
 
 
 def crossover(rows: list[dict], op: str, batch: int) -> float:
     """Sparsity under which the sparse op loses to cuBLAS (bf16), by linear interpolation; 1.0: always."""
-    pts = sorted((r["sparsity"], r["speedup"]) for r in rows if r["kind"] == "kernel" and r["op"] == op
-                 and r["method"] == "actsparse" and r["dtype"] == "bf16" and r["batch"] == batch)
-    if not pts or pts[0][1] >= 1.0:
-        return 0.0
-    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
-        if v0 < 1.0 <= v1:
-            return round(s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0), 3)
-    return 1.0
+    return crossing([(r["sparsity"], r["speedup"]) for r in rows if r["kind"] == "kernel" and r["op"] == op
+                     and r["method"] == "actsparse" and r["dtype"] == "bf16" and r["batch"] == batch])
 
 
 # ---------------------------------------------------------------------- decode
-def decode_bench(clock: Clock, meta: dict, models, batches, n_steps: int, n_layers: int | None,
-                 fallback_below: float | dict | None = None) -> list[dict]:
+# (model, batch) -> (method, union calibration, target sparsities) measured end to end
+DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5, 0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8))],
+               ("llama3-8b", 2): [("teal", False, (0.5,)), ("teal-union", True, (0.5,))],
+               ("llama3-8b", 4): [("teal", False, (0.5,)), ("teal-union", True, (0.5, 0.8))],
+               ("llama2-7b", 1): [("teal", False, (0.25, 0.4, 0.5))]}
+
+
+def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None) -> list[dict]:
+    """Decode tokens/s, dense vs sparse, per DECODE_PLAN; the engine picks sparse kernel or cuBLAS per op and
+    batch from the crossovers it measures on this GPU (logged with the rows)."""
     from actsparse.engine import PRESETS, Engine
+    from actsparse.engine.crossover import crossovers
 
     rows = []
-    for name in models:
+    for name in dict.fromkeys(m for m, _ in DECODE_PLAN):
         cfg = PRESETS[name] if not SMOKE else PRESETS["tiny"]
         if n_layers:
             cfg = cfg.with_layers(n_layers)
@@ -637,9 +516,10 @@ def decode_bench(clock: Clock, meta: dict, models, batches, n_steps: int, n_laye
             log(f"decode {name}: skipped, out of time budget")
             continue
         t0 = time.time()
+        batches = [b for m, b in DECODE_PLAN if m == name]
         dtype = torch.bfloat16 if not SMOKE else torch.float32
         eng = Engine.random(cfg, device=DEV, dtype=dtype, max_batch=max(batches), max_seq_len=256,
-                            kernels="triton", fallback_below=fallback_below)
+                            kernels="triton", fallback_below=None if not SMOKE else 0.0)
         log(f"[decode {name}] {cfg.n_layers} layers, weights built in {time.time() - t0:.1f}s, "
             f"{torch.cuda.memory_allocated() / 2**30 if not SMOKE else 0:.1f} GiB allocated")
 
@@ -650,17 +530,19 @@ def decode_bench(clock: Clock, meta: dict, models, batches, n_steps: int, n_laye
         for b in batches:
             eng.clear_thresholds()
             dense = speed(b, False)
-            log(f"  b{b} dense: {dense:.1f} tok/s ({eng.last_step_ms:.2f} ms/step)")
+            cross = crossovers(eng, b) if not SMOKE else {}
+            log(f"  b{b} dense: {dense:.1f} tok/s ({eng.last_step_ms:.2f} ms/step); crossovers measured by the "
+                f"engine (skipped-row fraction under which an op runs on cuBLAS): {cross}")
             rows.append({**meta, "kind": "decode", "model": name, "method": "dense", "sparsity": 0.0, "batch": b,
                          "dtype": "bf16", "tok_s": round(dense, 1), "tok_s_dense": round(dense, 1), "speedup": 1.0,
-                         "layers": cfg.n_layers})
-            variants = [("teal", False)] + ([("teal-union", True)] if b > 1 else [])
-            for method, union in variants:
-                for s in (0.25, 0.4, 0.5, 0.65, 0.8):
+                         "layers": cfg.n_layers, "crossovers": cross})
+            for method, union, targets in DECODE_PLAN[(name, b)]:
+                for s in targets:
                     if clock.left() < 25:
                         log("  decode: out of time budget")
                         break
-                    eng.calibrate_thresholds(s, n_tokens=16, batch=b, union=union)
+                    eng.calibrate_thresholds(s, n_tokens=16, batch=b, union=union,
+                                             method="cats" if method == "cats" else "teal")
                     tok_s = speed(b, True)
                     ms = eng.measure_sparsity(n_tokens=8, batch=b)
                     log(f"  b{b} {method} s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  "
@@ -669,138 +551,121 @@ def decode_bench(clock: Clock, meta: dict, models, batches, n_steps: int, n_laye
                                  "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
                                  "speedup": round(tok_s / dense, 3), "measured_sparsity": round(ms["mean"], 4),
                                  "effective_sparsity": round(ms["union"], 4), "layers": cfg.n_layers})
-            if b == 1 and clock.left() > 40 and DEV == "cuda":
-                # The same engine and thresholds with every kernel launched with PDL (graphs recaptured).
-                eng.calibrate_thresholds(0.5, n_tokens=16, batch=1)
-                with use_pdl(True):
-                    eng.reset_graphs()
-                    tok_s = speed(1, True)
-                eng.reset_graphs()
-                log(f"  b1 teal s=0.5 with PDL: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x")
-                rows.append({**meta, "kind": "decode", "model": name, "method": "teal-pdl", "sparsity": 0.5,
-                             "batch": 1, "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
-                             "speedup": round(tok_s / dense, 3), "layers": cfg.n_layers})
-            if b == 1 and clock.left() > 40:
-                for s in (0.5, 0.8):
-                    eng.calibrate_thresholds(s, n_tokens=16, batch=1, method="cats")
-                    tok_s = speed(1, True)
-                    ms = eng.measure_sparsity(n_tokens=8, batch=1)
-                    log(f"  b1 cats s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  "
-                        f"effective sparsity {ms['union']:.3f}")
-                    rows.append({**meta, "kind": "decode", "model": name, "method": "cats", "sparsity": s, "batch": 1,
-                                 "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
-                                 "speedup": round(tok_s / dense, 3), "effective_sparsity": round(ms["union"], 4),
-                                 "layers": cfg.n_layers})
         del eng
         (torch.cuda.empty_cache() if not SMOKE else None)
     return rows
 
 
 # ---------------------------------------------------------------------- report
+def _fmt(v, spec: str = ".1f") -> str:
+    return "" if v is None else format(v, spec)
+
+
 def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
-    out = [f"\n## {meta['date']} · {meta['device']} · commit {meta['commit']}\n",
-           f"Ceilings: {json.dumps(extra.get('ceilings', {}))}. CUDA graphs; median of replays; "
-           "weights rotate over several copies so nothing is served from L2.\n"]
+    """The run's tables: block and per-op kernel times with the TEAL-design baseline beside ours, and decode."""
+    out = [f"\n## {meta['device']} · {meta['date']} · commit {meta['commit']}\n",
+           f"Ceilings: {json.dumps(extra.get('ceilings', {}))}. Llama-3-8B shapes, CUDA graphs, median of replays, "
+           "4 weight sets rotating so nothing is served from L2; thresholds at |x| quantiles of random inputs "
+           "(the skipped rows of the batch union).\n"]
     for impl in TUNERS:
         if extra.get(f"tuned_{impl}"):
-            out.append(f"Tuned {impl} configs this run (objective weights per sparsity {extra.get('tune_weights')}): "
-                       + "; ".join(f"{k}: {v}" for k, v in extra[f"tuned_{impl}"].items()) + "\n")
-    kr = [r for r in rows if r["kind"] == "kernel" and r["op"] == "block" and r["method"] == "actsparse"]
-    if kr:
-        out.append("\n### Block time (q+k+v+o+gate+up+down), Llama-3-8B shapes, µs\n")
-        out.append("| dtype | batch | sparsity | actsparse | cuBLAS 7 GEMMs | cuBLAS 4 fused "
-                   "| speedup vs best cuBLAS |")
-        out.append("|---|---|---|---|---|---|---|")
-        for r in kr:
-            out.append(f"| {r['dtype']} | {r['batch']} | {r['sparsity']:.2f} | {r['us_per_block']:.1f} | "
-                       f"{r['us_cublas_block7']:.1f} | {r['us_cublas_block4']:.1f} | {r['speedup']:.2f}× |")
-    side = {(r["batch"], r["sparsity"], r["op"], r["method"][len("actsparse-"):]): r.get("us_per_block", r.get("us"))
-            for r in rows if r["kind"] == "kernel" and r["method"].startswith("actsparse-")}
-    if side:
-        cub = {(r["batch"], r["op"]): r.get("us") for r in rows if r["kind"] == "kernel" and r["method"] == "cublas"}
-        cub.update({(r["batch"], "block"): r["us_per_block"] for r in rows
-                    if r["kind"] == "kernel" and r["method"] == "cublas-block4" and r["dtype"] == "bf16"})
-        impls = sorted({m for (_, _, _, m) in side})
-        base, others = impls[0], impls[1:]
-        out.append(f"\n### {' vs '.join(impls)} side by side (bf16, same run), µs\n")
-        out.append(f"| batch | sparsity | op | {' | '.join(impls)} | cuBLAS | "
-                   + " | ".join(f"{o} vs {base}" for o in others) + " |")
-        out.append("|---" * (4 + len(impls) + len(others)) + "|")
-        for (b, s, op) in sorted({k[:3] for k in side}):
-            if not all((b, s, op, i) in side for i in impls):
+            out.append(f"Tuned {impl} configs this run: " +
+                       "; ".join(f"{k}: {v}" for k, v in extra[f"tuned_{impl}"].items()) + "\n")
+    k_rows = [r for r in rows if r["kind"] == "kernel"]
+
+    def us(method, op, s, b=1, dtype="bf16"):
+        for r in k_rows:
+            if (r["method"], r["op"], r["batch"], r["dtype"]) == (method, op, b, dtype) and \
+                    (r["sparsity"] == s or method.startswith("cublas")):
+                return r.get("us_per_block", r.get("us"))
+        return None
+
+    impls = sorted({r["method"][len("actsparse-"):] for r in k_rows if r["method"].startswith("actsparse-")})
+    for b in sorted({r["batch"] for r in k_rows if r["method"] == "actsparse"}):
+        cub = min(v for v in (us("cublas-block4", "block", 0, b), us("cublas-block7", "block", 0, b),
+                              us("cublas-block4_t", "block", 0, b)) if v is not None)
+        out.append(f"\n### Block (q|k|v + o + gate|up + down), batch {b}, µs\n")
+        head = ["sparsity", "actsparse bf16 (engine's pick)"] + [f"{i} bf16" for i in impls]
+        if b == 1:
+            head += ["TEAL design fp16", "actsparse fp16", "vs TEAL (bf16 / fp16)"]
+        head += ["cuBLAS bf16", "vs cuBLAS"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|---" * len(head) + "|")
+        for s in SPARSITIES:
+            mine = us("actsparse", "block", s, b)
+            if mine is None:
                 continue
-            t = {i: side[(b, s, op, i)] for i in impls}
-            c = cub.get((b, op))
-            out.append(f"| {b} | {s:.2f} | {op} | " + " | ".join(f"{t[i]:.1f}" for i in impls)
-                       + f" | {'' if c is None else f'{c:.1f}'} | " + " | ".join(f"{t[base] / t[o]:.2f}×" for o in others) + " |")
-        if extra.get("impl"):
-            out.append(f"\nPer-op kernel chosen for the 'actsparse' rows and the decode engine: {extra['impl']}")
-    prof = extra.get("profile")
-    if prof:
-        out.append("\n### Where an op's time goes (batch 1, bf16, µs)\n")
-        out.append(f"A bare launch in a CUDA graph: {prof.get('empty_launch_us_pdl0')} µs without PDL, "
-                   f"{prof.get('empty_launch_us_pdl1')} µs with. Kernel times: torch.profiler, eager launches.\n")
-        out.append("| sparsity | op | graph, PDL | graph, no PDL | each kernel's device time |")
+            cells = [f"{s:.2f}", _fmt(mine)] + [_fmt(us(f"actsparse-{i}", "block", s, b)) for i in impls]
+            if b == 1:
+                teal, mine16 = us("teal-style", "block", s, 1, "fp16"), us("actsparse", "block", s, 1, "fp16")
+                ratio = (f"{teal / mine:.2f}× / {teal / mine16:.2f}×" if teal and mine16 else "")
+                cells += [_fmt(teal), _fmt(mine16), ratio]
+            cells += [f"{cub:.1f}", f"{cub / mine:.2f}×"]
+            out.append("| " + " | ".join(cells) + " |")
+    if any(r["method"] == "teal-style" for r in k_rows):
+        out.append("\n### Per op, batch 1, µs (actsparse bf16 / TEAL design fp16 / cuBLAS bf16)\n")
+        out.append("| sparsity | q\\|k\\|v | o | gate\\|up | down |")
         out.append("|---|---|---|---|---|")
-        for key in prof:
-            parts = key.split("|")
-            if len(parts) != 4 or parts[3] != "graph_us" or not parts[0].endswith("-pdl"):
+        for s in SPARSITIES:
+            if us("actsparse", "qkv", s) is None:
                 continue
-            impl, op, s_ = parts[0][: -len("-pdl")], parts[1], parts[2]
-            kern = prof.get(f"{impl}|{op}|{s_}|kernels_us", {})
-            out.append(f"| {s_[1:]} | {op} | {prof[key]} | {prof.get(f'{impl}-nopdl|{op}|{s_}|graph_us', '')} | "
-                       + ", ".join(f"{k} {v}" for k, v in kern.items()) + " |")
-    tr = [r for r in rows if r["method"] == "teal-style"]
-    if tr:
-        out.append("\nTEAL-style split-K block (fp16, batch 1, own reimplementation, best of 5 tiles): " +
-                   ", ".join(f"{r['sparsity']:.1f} → {r['us_per_block']:.1f} µs" for r in tr))
+            out.append(f"| {s:.2f} | " + " | ".join(
+                f"{_fmt(us('actsparse', op, s))} / {_fmt(us('teal-style', op, s, 1, 'fp16'))} / "
+                f"{_fmt(us('cublas', op, 0))}" for op in ("qkv", "o", "pair", "down")) + " |")
+    if extra.get("impl"):
+        out.append(f"\nKernel per op (fastest summed over sparsity ≥ 0.4, installed for the decode rows): "
+                   f"{extra['impl']}. Kernel-table crossovers (skipped rows under which an op loses to cuBLAS): "
+                   f"{extra.get('kernel_crossovers')}")
     dr = [r for r in rows if r["kind"] == "decode"]
     if dr:
-        out.append("\n### End-to-end decode, random weights, bf16, tokens/s (all rows of the batch)\n")
-        out.append("| model | layers | batch | method | target | tok/s | dense tok/s | speedup "
-                   "| token sparsity | rows skipped |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        out.append("\n### Decode, random weights, bf16, tokens/s (all rows of the batch)\n")
+        out.append("| model | batch | method | target | tok/s | dense tok/s | speedup | rows skipped |")
+        out.append("|---|---|---|---|---|---|---|---|")
         for r in dr:
-            out.append(f"| {r['model']} | {r['layers']} | {r['batch']} | {r['method']} | {r['sparsity']:.2f} | "
-                       f"{r['tok_s']:.1f} | {r['tok_s_dense']:.1f} | {r['speedup']:.2f}× | "
-                       f"{r.get('measured_sparsity', '')} | {r.get('effective_sparsity', '')} |")
+            if r["method"] == "dense":
+                continue
+            out.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['sparsity']:.2f} | {r['tok_s']:.1f} | "
+                       f"{r['tok_s_dense']:.1f} | {r['speedup']:.2f}× | {r.get('effective_sparsity', '')} |")
+        cross = {f"{r['model']} b{r['batch']}": r.get("crossovers") for r in dr if r["method"] == "dense"}
+        out.append(f"\nCrossovers the engine measured (skipped-row fraction under which an op runs on cuBLAS): "
+                   f"{cross}")
     return "\n".join(out) + "\n"
 
 
 def merge(run_dir: pathlib.Path, note: str = "") -> None:
-    """Append a device run's rows to benchmarks/results/<device>.json and its section to BENCHMARKS.md."""
+    """Make a device run's numbers the current ones for its device: its rows replace
+    benchmarks/results/<device>.json and its section replaces that device's section of BENCHMARKS.md."""
     got = json.loads((run_dir / "results.json").read_text())
-    slug = "".join(c if c.isalnum() else "-" for c in got["meta"]["device"].lower()).strip("-")
+    device = got["meta"]["device"]
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
     dest = ROOT / "benchmarks" / "results" / f"{slug}.json"
-    rows = json.loads(dest.read_text()) if dest.exists() else []
-    rows += [{**r, **({"note": note} if note else {})} for r in got["rows"]]
-    dest.write_text(json.dumps(rows, indent=1) + "\n")
-    lines = (run_dir / "BENCHMARKS_fragment.md").read_text().split("\n")
-    if note:  # right under the "## date · device · commit" heading
-        at = next(i for i, line in enumerate(lines) if line.startswith("## ")) + 1
-        lines[at:at] = ["", note]
-    with open(ROOT / "benchmarks" / "BENCHMARKS.md", "a") as f:
-        f.write("\n".join(lines))
-    log(f"appended {len(got['rows'])} rows to {dest} and a section to BENCHMARKS.md")
+    dest.write_text(json.dumps([{**r, **({"note": note} if note else {})} for r in got["rows"]], indent=1) + "\n")
+    section = (run_dir / "BENCHMARKS_fragment.md").read_text().strip("\n").split("\n")
+    if note:  # right under the "## device · date · commit" heading
+        section[1:1] = ["", note]
+    page = (ROOT / "benchmarks" / "BENCHMARKS.md").read_text().rstrip("\n").split("\n")
+    start = next((i for i, line in enumerate(page) if line.startswith(f"## {device} ·")), None)
+    if start is None:
+        page += [""] + section
+    else:
+        end = next((i for i in range(start + 1, len(page)) if page[i].startswith("## ")), len(page))
+        page[start:end] = section + ([""] if end < len(page) else [])
+    (ROOT / "benchmarks" / "BENCHMARKS.md").write_text("\n".join(page) + "\n")
+    log(f"wrote {len(got['rows'])} rows to {dest} and the {device} section of BENCHMARKS.md")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--merge", type=pathlib.Path, help="append a device run's $OUT to the repo's results and log")
+    ap.add_argument("--merge", type=pathlib.Path, help="make a device run's $OUT the repo's current numbers for it")
     ap.add_argument("--note", default="", help="with --merge: a line recorded with every row")
     ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--tune", action="store_true", help="sweep v2 launch configs first and use the winners")
-    ap.add_argument("--tune-v3", action="store_true", help="sweep v3 launch configs first and use the winners")
-    ap.add_argument("--tune-v4", action="store_true", help="sweep v4 launch configs first and use the winners")
-    ap.add_argument("--tune-v5", action="store_true", help="sweep v5 launch configs first and use the winners")
-    ap.add_argument("--tune-v6", action="store_true", help="sweep v6 launch configs first and use the winners")
-    ap.add_argument("--impls", default="v2,v6", help="kernels timed side by side (default: %(default)s)")
+    ap.add_argument("--tune", action="store_true", help="sweep masked-walk launch configs first and use the winners")
+    ap.add_argument("--tune-gather", action="store_true", help="sweep gather-walk launch configs first, use the winners")
+    ap.add_argument("--impls", default="masked,gather", help="kernels timed side by side (default: %(default)s)")
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
                     help="weight of each sparsity in the tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
     ap.add_argument("--tune-batches", default="1,4", help="batches every tuning sweep covers (default: %(default)s)")
-    ap.add_argument("--teal", action="store_true", help="also time the TEAL-style split-K kernel (fp16)")
-    ap.add_argument("--profile", action="store_true",
-                    help="also log each v6 kernel's device time, the ops with and without PDL and a bare launch (batch 1)")
+    ap.add_argument("--no-teal", action="store_true", help="skip the TEAL-design baseline (fp16, tuned tiles)")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
@@ -833,8 +698,8 @@ def main() -> None:
             weights = {float(a): float(b) for a, b in (w.split(":") for w in args.tune_weights.split(","))}
             batches = tuple(int(b) for b in args.tune_batches.split(","))
             SIDE_BY_SIDE[:] = [i for i in args.impls.split(",") if i]
-            for impl, (sweep, table) in TUNERS.items():
-                if not getattr(args, "tune" if impl == "v2" else f"tune_{impl}"):
+            for impl, (sweep, table, flag) in TUNERS.items():
+                if not getattr(args, flag):
                     continue
                 best, trows = sweep(lay, clock, batches, weights)
                 getattr(configs, table).update(best)
@@ -844,8 +709,6 @@ def main() -> None:
                 extra["tune_weights"] = weights
             if tuned:
                 (out / "tuned.json").write_text(json.dumps(tuned, indent=1))
-            if args.profile and not SMOKE:
-                extra["profile"] = kernel_profile(lay, clock)
             rows += kernel_bench(lay, "bf16", (1, 4), clock, meta)
             extra["impl"] = dict(extra_impl)
             save()
@@ -853,20 +716,20 @@ def main() -> None:
             (torch.cuda.empty_cache() if not SMOKE else None)
             lay = Layers(4, torch.float16)
             rows += kernel_bench(lay, "fp16", (1,), clock, meta)
-            if args.teal:
+            if not args.no_teal:
                 rows += teal_bench(lay, clock, meta)
             save()
             del lay
             (torch.cuda.empty_cache() if not SMOKE else None)
         if not args.skip_decode:
-            # Per batch and engine op (gu = the fused gate/up), measured above; without kernel rows
-            # (--skip-kernels) the engine's built-in measured table applies.
+            # Per batch and engine op (gu = the fused gate/up), from the kernel rows above (reported only: the
+            # engine measures its own crossovers at its own shapes).
             ops = (("qkv", "qkv"), ("o", "o"), ("gu", "pair"), ("down", "down"))
-            measured = {b: {eop: crossover(rows, kop, b) for eop, kop in ops} for b in (1, 4)}
-            extra["fallback_below"] = measured if any(r["kind"] == "kernel" for r in rows) else None
-            log(f"decode: an op expected to skip fewer rows than {extra['fallback_below']} runs on cuBLAS")
-            rows += decode_bench(clock, {k: v for k, v in meta.items() if k != "model"}, ("llama3-8b", "llama2-7b"),
-                                 (1, 4), args.decode_steps, args.decode_layers or None, extra["fallback_below"])
+            if any(r["kind"] == "kernel" for r in rows):
+                extra["kernel_crossovers"] = {b: {eop: crossover(rows, kop, b) for eop, kop in ops} for b in (1, 4)}
+                log(f"kernel-table crossovers: {extra['kernel_crossovers']}")
+            rows += decode_bench(clock, {k: v for k, v in meta.items() if k != "model"}, args.decode_steps,
+                                 args.decode_layers or None)
     except Exception:
         traceback.print_exc()
         extra["error"] = traceback.format_exc()

@@ -2,11 +2,11 @@
 
 Meant to run under ncu on the GPU machine (one call, the report lands in $OUT):
 
-    ncu --kernel-name regex:sparse_gemv_kernel --launch-skip 3 --launch-count 1 \
+    ncu --kernel-name regex:gather_kernel --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section MemoryWorkloadAnalysis python3 benchmarks/profile_kernels.py --op pair --sparsity 0.9
 
---impl picks the kernel (v2, v3, v4; the configs are the tuned ones of `kernels/configs.py`).
+--impl picks the kernel (gather, masked or auto; the configs are the tuned ones of `kernels/configs.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--op", choices=["qkv", "o", "pair", "down"], default="pair")
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--impl", default="v2")
+    ap.add_argument("--impl", default="auto", choices=["auto", "gather", "masked"])
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# One device call: install, GPU tests, kernel tuning + microbenchmark, decode benchmark.
-#   COMMIT=<sha> bash benchmarks/run_on_device.sh [extra bench_kernels.py args, e.g. --tune-v6 --tune-batches 1]
-# (the kernels in --impls, default v2 and v6, are timed side by side; the per-op winner drives the decode rows.)
-# Next run (BENCHMARKS.md, Session 5): --impls v2,v6,v6-pdl --profile --tune-v6 --tune-batches 4
-#   --tune-weights 0:0,0.5:1,0.9:1  (PDL on vs off per op and block, each kernel's device time, the batch-4
-#   tensor-core walk tuned); BENCH_BUDGET=420.
-# Everything lands in $OUT (at most 8 files come back): env.txt, tests.log, bench.log,
-# results.json, BENCHMARKS_fragment.md, tuned.json.
+# One device call, one run: install, GPU tests, kernel table (cuBLAS, our kernels, the TEAL-design baseline
+# side by side) and decode table.
+#   COMMIT=<sha> bash benchmarks/run_on_device.sh [extra bench_kernels.py args, e.g. --tune --tune-batches 1]
+# Everything lands in $OUT (at most 8 files come back): env.txt, tests.log, bench.log, results.json,
+# BENCHMARKS_fragment.md, tuned.json. Here, afterwards: python benchmarks/bench_kernels.py --merge <that dir>.
+# TESTS: pytest selection (default: every kernel and engine test); TEST_TIMEOUT, BENCH_BUDGET in seconds.
 set -uo pipefail
 OUT=${OUT:-/tmp/actsparse_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 TEST_TIMEOUT=${TEST_TIMEOUT:-130}
 BENCH_BUDGET=${BENCH_BUDGET:-360}
+TESTS=${TESTS:-tests/kernels tests/engine}
 
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
@@ -22,8 +21,11 @@ BENCH_BUDGET=${BENCH_BUDGET:-360}
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# Correctness first: every kernel test (compiled for the GPU) and the engine tests.
-TRITON_INTERPRET=0 timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels tests/engine 2>&1 \
-  | tee "$OUT/tests.log" | tail -25
+# Correctness first: the kernel tests (compiled for the GPU) and the engine tests.
+if [ "$TESTS" != "none" ]; then
+  TRITON_INTERPRET=0 timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -n 16 $TESTS 2>&1 \
+    | tee "$OUT/tests.log" | tail -25
+fi
 
-python3 benchmarks/bench_kernels.py --out "$OUT" --budget-s "$BENCH_BUDGET" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^  tune .*failed" | tail -150
+python3 benchmarks/bench_kernels.py --out "$OUT" --budget-s "$BENCH_BUDGET" "$@" 2>&1 | tee "$OUT/bench.log" \
+  | grep -v "^  tune .*failed" | tail -150

@@ -3,7 +3,7 @@ what model affinity saves, and the same grid on 1 vs 2 GPUs with both GPUs' util
 
     python benchmarks/sweep_bench.py                                  # CPU: grid, re-run, affinity
     python benchmarks/sweep_bench.py --parts grid,rerun,gpus --gpus 2 --device cuda --model /tmp/big-llama
-                                                                      # GPU machine (scripts/device_ray_sweep.sh)
+                                                                      # GPU machine (scripts/device/ray_sweep.sh)
 
 Every sweep runs as the real console script in a fresh process (fresh Ray, as a user would run it), on
 its own MLflow SQLite store under --work; figures come from the parent run's tags and metrics. Prints a

@@ -25,10 +25,11 @@ def _splitk_kernel(y_ptr, w_ptr, x_ptr, t, K, N, BLOCK_M: tl.constexpr, BLOCK_N:
     tl.atomic_add(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-def teal_style_gemv(x: torch.Tensor, wt: torch.Tensor, t: float, block_m: int = 128, block_n: int = 64) -> torch.Tensor:
+def teal_style_gemv(x: torch.Tensor, wt: torch.Tensor, t: float, block_m: int = 128, block_n: int = 64,
+                    num_warps: int = 4) -> torch.Tensor:
     """Return y [1, N] = x_s @ wt for x [1, K] fp16, wt [K, N]: zeroing launch + split-K atomics."""
     k, n = wt.shape
     y = torch.zeros(1, n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_m))
-    _splitk_kernel[grid](y, wt, x, t, k, n, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    _splitk_kernel[grid](y, wt, x, t, k, n, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return y

@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 from .configs import new_output
-from .pdl import launch_kwargs, pdl_prologue
 
 
 @triton.jit
@@ -30,9 +29,8 @@ def _decode_attention_kernel(
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_ob,
     sm_scale, rope_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pdl_prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + b)
@@ -99,7 +97,6 @@ def _decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         sm_scale, rope_scale,
         HQ=n_heads, HKV=n_kv_heads, D=d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_S=block_s, IEEE=k_cache.dtype == torch.float32, num_warps=4, num_stages=2,
-        **launch_kwargs(qkv.device),
     )
     return out
 

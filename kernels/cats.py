@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import FMA_MAX_BATCH, MAX_TILES, choose_split, new_output, pick_config, tile_counters
-from .pdl import launch_kwargs, pdl_prologue
-from .sparse_gemv import _accumulate, _row_rstd
+from .configs import FMA_MAX_BATCH, choose_impl, choose_split, new_output
+from .gemv_common import accumulate, row_rstd, split_workspace
 
 
 @triton.jit
@@ -27,9 +26,8 @@ def _gather_up_kernel(
     stride_xb, stride_ab, stride_tn, stride_wn, stride_yb,
     eps,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -48,7 +46,7 @@ def _gather_up_kernel(
 
     rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
     if NORM:
-        rstd = _row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
+        rstd = row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
 
     if USE_DOT:
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
@@ -67,7 +65,7 @@ def _gather_up_kernel(
         if NORM:
             gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             xv = xv * rstd[:, None] * gv[None, :]
-        acc = _accumulate(acc, xv, w, USE_DOT, IEEE)
+        acc = accumulate(acc, xv, w, USE_DOT, IEEE)
     if USE_DOT:
         up = acc
     else:
@@ -97,7 +95,7 @@ def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: to
                 norm_weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     b, k = x.shape
     n = w_up.shape[0]
-    cfg = pick_config("gather", k, n, b)
+    _, cfg = choose_impl("cats_up", k, n, b, "masked")  # the masked walk's configuration (or its override)
     use_dot = cfg.use_dot or b > FMA_MAX_BATCH
     block_b = 16 if use_dot else triton.next_power_of_2(b)
     tiles_n, tiles_b = triton.cdiv(n, cfg.block_n), triton.cdiv(b, block_b)
@@ -105,13 +103,7 @@ def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: to
     k_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_split)
     y = new_output((b, n), x.device, a.dtype)
-    if split > 1:
-        if tiles_n * tiles_b > MAX_TILES:
-            raise ValueError(f"too many output tiles ({tiles_n * tiles_b}) for split-K; use a larger block_n")
-        ws = torch.empty(split * b * n, device=x.device, dtype=torch.float32)
-        cnt = tile_counters(x.device)
-    else:
-        ws = cnt = y
+    ws, cnt = split_workspace(split, 1, b, n, tiles_n * tiles_b, y)
     _gather_up_kernel[(tiles_n, split, tiles_b)](
         x, norm_weight if norm_weight is not None else x, a, thresh, w_up, y, ws, cnt,
         b, k, n, k_split,
@@ -120,7 +112,7 @@ def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: to
         NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), max(1024, 4096 // block_b)),
         USE_DOT=use_dot, IEEE=w_up.dtype == torch.float32, SPLIT=split > 1,
         BLOCK_B=block_b, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(x.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 

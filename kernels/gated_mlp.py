@@ -1,7 +1,8 @@
 """Fused gate/up projection of a gated MLP: h = silu(W_g·x_s,g) ⊙ (W_u·x_s,u), one read of x, one launch.
 
-Same kernel as `sparse_gemv` in PAIR mode: each program streams the matching column strips of
-W_g^T and W_u^T and writes h for its columns, so silu(gate)·up never round-trips through memory.
+The same kernels as `sparse_gemv` in PAIR mode: gate and up are read side by side (the gather walk: in
+separate programs of one launch; the masked walk: in one program), and the last program of each column strip
+writes h = silu(gate)·up, so neither product round-trips through memory.
 The down projection then takes h as an input-sparse GEMV (TEAL thresholds |h|; M-COUNTDOWN is
 the same computation with its threshold on h).
 """
@@ -13,7 +14,8 @@ from typing import Optional
 import torch
 
 from .configs import choose_impl
-from .sparse_gemv import _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm, wshape
+from .gemv_common import wshape
+from .sparse_gemv import _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm
 
 
 @torch.library.custom_op("actsparse::sparse_gated_mlp", mutates_args=())
@@ -53,10 +55,7 @@ def sparse_gated_mlp(
     thresh: float32 [2] or [2, K] (row 0 gate, row 1 up); shift: [2, K]; bias: [2, I]. thresh=None: x
     is already selected and both projections read it as is. out_thresh [1] or [I] / out_shift [I]: h is
     written selected for the down projection, h ← (h − m)⊙1[|h − m| > t] (see `sparse_gemv`).
-    impl: "v6" (a compaction pass, then gate and up gather their active rows, batch ≤ 4), "v5" (a selection
-    pass, then the v2 walk), "v4" (selection once per K slice, columns streamed,
-    batch ≤ 4), "v3" (gate and up in separate programs over compacted active rows, batch ≤ 4), "v2" or
-    "auto" (see `sparse_gemv`).
+    impl: "gather", "masked" or "auto" (see `sparse_gemv`).
     """
     _check_common(x, wt_gate, "wt_gate")
     _check_common(x, wt_up, "wt_up")
@@ -77,6 +76,7 @@ def sparse_gated_mlp(
         raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
     nm_n, nm_m = _validate_nm(nm)
     # Rejects a bad impl / batch here.
-    choose_impl("pair", k, n, x.shape[0], impl, presel=thresh is None, out_sel=out_thresh is not None)
+    choose_impl("pair", k, n, x.shape[0], impl, packed=wt_gate.dim() == 3, presel=thresh is None,
+                out_sel=out_thresh is not None)
     return torch.ops.actsparse.sparse_gated_mlp(x, wt_gate, wt_up, thresh, shift, bias, norm_weight,
                                                 float(eps), nm_n, nm_m, impl, out_thresh, out_shift)

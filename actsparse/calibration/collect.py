@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..artifacts import content_key
 from ..data.text import TextData, text_data, token_stream, token_windows
 from ..errors import ActsparseError
+from ..models.moe import install_routing
 from ..models.sites import find_blocks, hook_points
 from .stats import ProbeCollector, Stats
 
@@ -33,6 +34,7 @@ def model_fingerprint(model) -> dict:
 
 def probe_points(model) -> dict[str, tuple]:
     """Return probe name -> (module, 'input'|'output'): every site input, plus gate_act and up_out."""
+    install_routing(model)   # MoE experts run through hookable per-expert linears (a no-op elsewhere)
     return {p: v for p, v in hook_points(model).items() if not p.endswith(".mlp")}
 
 

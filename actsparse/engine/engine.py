@@ -5,17 +5,18 @@ The hot path is `Engine._block`: per decoder block, dense runs
     cuBLAS gate|up → silu·mul → cuBLAS down (+res)                                    (8 launches)
 and sparse runs the kernels with thresholds, norms and residuals fused:
     sparse q|k|v (norm fused) → attention → sparse o (+res) → sparse gate/up (norm, silu·mul fused)
-    → sparse down (+res)                                                              (5 launches)
+    → sparse down (+res)                  (9 launches: each sparse op is a compaction pass and a walk)
+and each op whose expected skipped rows are under its crossover, measured on the GPU at hand
+(`crossover.py`), runs the dense way instead.
 CATS layers replace the gate/up launch by gate (silu fused) + up rows gathered by |silu(gate)| > t.
 
-Plans are data: `set_thresholds({"layers.{i}.{role}": t})` with roles q k v o gate up down, plus
-`gate_act` (CATS: threshold on silu(gate), selects up and down rows), optional per-channel
-shifts (SCAP: x_s = (x − m)⊙1[|x − m| > t], W·m folded into a bias).
+Plans are data: `set_plan(EnginePlan)` (plan.py: per layer and role q k v o gate up down, plus `gate_act`
+for CATS, a threshold, an optional SCAP shift and the expected skip), or `set_thresholds` with the same as
+dicts keyed `layers.{i}.{role}`.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,10 @@ import torch.nn.functional as F
 from actsparse.kernels import ref as kref
 
 from .config import LlamaConfig
+from .crossover import crossovers
+from .plan import ROLES, EnginePlan, Threshold
 from .weights import Weights, random_weights, weights_from_hf
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act")
-_SITE = re.compile(r"^layers\.(\d+)\.(q|k|v|o|gate|up|down|gate_act)$")
-Threshold = Union[float, torch.Tensor]
 
 
 class _TorchOps:
@@ -76,6 +76,7 @@ class _LayerRule:
     gu: _OpRule
     down: _OpRule
     gate_act: Optional[torch.Tensor] = None  # CATS threshold on silu(gate), float32 [1] or [I]
+    up_expected: float = 0.0  # CATS: fraction of up rows the gate_act mask is expected to skip
 
 
 @dataclass
@@ -93,8 +94,9 @@ class Engine:
     fallback_below: an op (qkv, o, gu, down) whose expected skipped-row fraction is under this
     level runs on cuBLAS instead, where the kernels lose; below it cuBLAS computes W·x exactly (a
     shift cancels out). A float for every op, a dict per op, or {batch: {op: level}} per batch
-    (the smallest batch key ≥ the batch applies). None: the table measured on an H100
-    (`actsparse.kernels.configs.MEASURED_CROSSOVER`) when the Triton kernels run on a GPU, else 0.
+    (the smallest batch key ≥ the batch applies). None: with the Triton kernels on a GPU, the levels
+    are measured on that GPU at this model's shapes, once per batch (`crossover.crossovers`), so no op
+    runs slower than cuBLAS would; otherwise 0.
     """
 
     def __init__(self, cfg: LlamaConfig, weights: Weights, *, max_batch: int = 4, max_seq_len: int = 512,
@@ -112,10 +114,7 @@ class Engine:
         self.ops = _TritonOps() if kernels == "triton" else _TorchOps()
         self.use_graphs = use_graphs and self.device.type == "cuda" and kernels == "triton"
         if fallback_below is None:
-            from actsparse.kernels import configs as kconfigs
-
-            on_gpu = self.device.type == "cuda" and kernels == "triton"
-            fallback_below = dict(kconfigs.MEASURED_CROSSOVER) if on_gpu else 0.0
+            fallback_below = "measured" if self.device.type == "cuda" and kernels == "triton" else 0.0
         self.fallback_below = fallback_below
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
@@ -155,24 +154,20 @@ class Engine:
     # ------------------------------------------------------------------ plans
     def set_thresholds(self, thresholds: dict[str, Threshold], shifts: Optional[dict[str, torch.Tensor]] = None,
                        expected_sparsity: Optional[dict[str, float]] = None) -> None:
-        """Turn sparse decoding on with one threshold (float or per-channel [K]) per site `layers.{i}.{role}`.
+        """Turn sparse decoding on from dicts keyed `layers.{i}.{role}` (see `EnginePlan.from_names`)."""
+        self.set_plan(EnginePlan.from_names(self.cfg.n_layers, thresholds, shifts, expected_sparsity))
 
-        Sites left out keep every nonzero input. `shifts` (SCAP) maps sites to per-channel [K] shifts.
-        `expected_sparsity` (per site, from calibration) lets ops under `fallback_below` run on cuBLAS.
-        """
+    def set_plan(self, plan: EnginePlan) -> None:
+        """Turn sparse decoding on: per layer and role, a threshold (float or per-channel [K]), an optional
+        shift (SCAP) and the expected fraction of skipped weight rows (ops under their crossover run on
+        cuBLAS). Roles left out keep every nonzero input."""
         cfg = self.cfg
-        shifts = shifts or {}
-        expected = expected_sparsity or {}
-        per: dict[int, dict[str, Threshold]] = {i: {} for i in range(cfg.n_layers)}
-        per_shift: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(cfg.n_layers)}
-        for table, into in ((thresholds, per), (shifts, per_shift)):
-            for name, val in table.items():
-                m = _SITE.match(name)
-                if not m or int(m.group(1)) >= cfg.n_layers:
-                    raise ValueError(f"unknown site {name!r}: expected 'layers.{{i}}.{{role}}' with i < {cfg.n_layers} "
-                                     f"and role in {ROLES}")
-                into[int(m.group(1))][m.group(2)] = val
-        for i in per_shift:
+        if len(plan.layers) != cfg.n_layers:
+            raise ValueError(f"the plan has {len(plan.layers)} layers, the engine {cfg.n_layers}")
+        per = [{r: s.thresh for r, s in L.items()} for L in plan.layers]
+        per_shift = [{r: s.shift for r, s in L.items() if s.shift is not None} for L in plan.layers]
+        expected = plan.expected_sparsity
+        for i in range(cfg.n_layers):
             if "gate_act" in per_shift[i]:
                 raise ValueError(f"layers.{i}.gate_act takes no shift (CATS thresholds |silu(gate)|)")
 
@@ -217,6 +212,7 @@ class Engine:
                 gu=op("gu", ("gate", "up"), d, [wg_t, wu_t]),
                 down=op("down", ("down",), inter, [lw.wd_t if lw.wd_t is not None else lw.wd.t()]),
                 gate_act=gate_act,
+                up_expected=exp(("up",)) if gate_act is not None else 0.0,
             ))
         self.rules = rules
         self.expected_sparsity = dict(expected)
@@ -243,11 +239,19 @@ class Engine:
     def _dense(self, rule: _OpRule, op: str, b: int) -> bool:
         """Whether op runs on cuBLAS at batch b: its expected skipped rows are under the crossover."""
         fb = self.fallback_below
+        if fb == "measured":
+            fb = crossovers(self, b)
         if isinstance(fb, dict) and fb and all(isinstance(k, int) for k in fb):
             keys = sorted(fb)
             fb = next((fb[k] for k in keys if b <= k), fb[keys[-1]])
         level = fb.get(op, 0.0) if isinstance(fb, dict) else float(fb)
         return rule.expected < level
+
+    def _cats(self, r: Optional[_LayerRule], b: int) -> bool:
+        """Whether a layer runs CATS at batch b: only where the up rows it skips pay for its extra launch (the
+        gate/up crossover); else gate, up and down run dense."""
+        return (r is not None and r.gate_act is not None
+                and not self._dense(_OpRule(thresh=r.gate_act, expected=r.up_expected), "gu", b))
 
     # ------------------------------------------------------------------ the hot path
     def _linear(self, x: torch.Tensor, w: Optional[torch.Tensor], wt: Optional[torch.Tensor],
@@ -286,7 +290,8 @@ class Engine:
             record(i, "gu", xn)
             record(i, "gate_act", F.silu(self._linear(xn, None if lw.w13 is None else lw.w13[:inter],
                                                       None if lw.wg_t is None else lw.wg_t).float()))
-        if r is not None and r.gate_act is not None:
+        cats = self._cats(r, b)
+        if cats:
             g = r.gu
             if self._dense(g, "gu", b):
                 ag = F.silu(self._linear(ops.rmsnorm(x, lw.mlp_norm, eps), None if lw.w13 is None else lw.w13[:inter],
@@ -307,7 +312,8 @@ class Engine:
                                      norm_weight=lw.mlp_norm, eps=eps)  # [B, I]
         if record is not None:
             record(i, "down", h)
-        if r is None or self._dense(r.down, "down", b):
+        # A CATS plan's down rows are the zeros of h that cats_up writes: none when CATS fell back to dense.
+        if r is None or self._dense(r.down, "down", b) or (r.gate_act is not None and not cats):
             return self._linear(h, lw.wd, lw.wd_t, res=x)
         return ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=x)
 
@@ -344,6 +350,8 @@ class Engine:
         if key in self._graphs:
             return self._graphs[key]
         st = self._new_state(b)
+        if sparse and self.fallback_below == "measured":
+            crossovers(self, b)  # measured now: never inside the capture below
         if self.use_graphs:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
@@ -358,8 +366,8 @@ class Engine:
         return st
 
     def reset_graphs(self) -> None:
-        """Drop the captured decode graphs: the next decode recaptures them (e.g. after changing a kernel
-        launch setting such as `actsparse.kernels.pdl.use_pdl`, which a captured graph keeps)."""
+        """Drop the captured decode graphs: the next decode recaptures them (e.g. after an `override_config`,
+        whose launch configuration a captured graph keeps)."""
         self._graphs.clear()
 
     def _run(self, st: _Graph, sparse: bool) -> None:
@@ -497,7 +505,8 @@ class Engine:
                                batch):
                     keep = torch.ones_like(keep)
                 if r.gate_act is not None and role in ("up", "down"):
-                    keep = acts[f"layers.{i}.gate_act"].abs() > r.gate_act
+                    keep = (acts[f"layers.{i}.gate_act"].abs() > r.gate_act if self._cats(r, batch)
+                            else torch.ones_like(keep))
                 tok[role].append(1.0 - keep.float().mean().item())
                 rows[role] = 1.0 - keep.any(dim=1).float().mean().item()
             skipped += sum(rows[k] * params[k] for k in params)

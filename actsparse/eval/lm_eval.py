@@ -203,18 +203,55 @@ def lm_eval_accuracy(model, tok, tasks: "str | list[str]" = "actsparse_offline",
 
 
 def summarize(out: dict, names: list[str]) -> dict:
-    """Flatten lm-eval's results into actsparse's metric names."""
+    """Flatten lm-eval's results into actsparse's metric names, standard errors included.
+
+    A task's standard error is lm-eval's where it computed one, else the binomial sqrt(p(1-p)/(n-1)) over
+    its n items (what lm-eval's mean_stderr gives for 0/1 scores); a group's is that of the item-weighted
+    mean of its tasks, sqrt(sum n_i^2 se_i^2) / sum n_i, as is acc_avg's over the names asked for (equal weights).
+    `n_samples` are the items scored, `n_total` the items the task has: fewer when `limit` subsampled it.
+    """
     res: dict = {}
-    for task, metrics in out.get("results", {}).items():
+    results = out.get("results", {})
+    counts = {t: v for t, v in out.get("n-samples", {}).items() if isinstance(v, dict)}
+    n_of = {t: int(v.get("effective", v.get("original", 0)) or 0) for t, v in counts.items()}
+    for group, subtasks in (out.get("group_subtasks") or {}).items():
+        if group not in n_of and subtasks:
+            n_of[group] = sum(n_of.get(t, 0) for t in subtasks)
+    for task, metrics in results.items():
         for m in ("acc", "acc_norm"):
             v = metrics.get(f"{m},none")
-            if isinstance(v, (int, float)) and not math.isnan(v):
-                res[f"{m}/{task}"] = float(v)
-    accs = [res[f"acc/{n}"] for n in names if f"acc/{n}" in res]
+            if not isinstance(v, (int, float)) or math.isnan(v):
+                continue
+            res[f"{m}/{task}"] = float(v)
+            se = metrics.get(f"{m}_stderr,none")
+            subtasks = (out.get("group_subtasks") or {}).get(task)
+            if not isinstance(se, (int, float)) or math.isnan(se):
+                if subtasks:
+                    parts = [(n_of.get(t, 0), _task_stderr(results.get(t, {}), m, n_of.get(t, 0))) for t in subtasks]
+                    parts = [(n, e) for n, e in parts if n and e is not None]
+                    se = math.sqrt(sum(n * n * e * e for n, e in parts)) / sum(n for n, _ in parts) if parts else None
+                else:
+                    se = _task_stderr(metrics, m, n_of.get(task, 0))
+            if se is not None:
+                res[f"{m}_stderr/{task}"] = float(se)
+    accs = [n for n in names if f"acc/{n}" in res]
     if accs:
-        res["acc_avg"] = sum(accs) / len(accs)
+        res["acc_avg"] = sum(res[f"acc/{n}"] for n in accs) / len(accs)
+        if all(f"acc_stderr/{n}" in res for n in accs):
+            res["acc_avg_stderr"] = math.sqrt(sum(res[f"acc_stderr/{n}"] ** 2 for n in accs)) / len(accs)
     res["versions"] = {k: v for k, v in out.get("versions", {}).items()}
-    res["n_samples"] = {k: v.get("effective", v.get("original")) if isinstance(v, dict) else v
-                        for k, v in out.get("n-samples", {}).items()}
+    res["n_samples"] = dict(n_of)
+    res["n_total"] = {k: int(v.get("original", n_of.get(k, 0)) or 0) for k, v in counts.items()}
     res["n_shot"] = dict(out.get("n-shot", {}))
     return res
+
+
+def _task_stderr(metrics: dict, m: str, n: int) -> float | None:
+    """lm-eval's standard error of metric m of one task, or the binomial one from its score and n items."""
+    se = metrics.get(f"{m}_stderr,none")
+    if isinstance(se, (int, float)) and not math.isnan(se):
+        return float(se)
+    p = metrics.get(f"{m},none")
+    if not isinstance(p, (int, float)) or math.isnan(p) or n < 2:
+        return None
+    return math.sqrt(p * (1 - p) / (n - 1))

@@ -9,13 +9,17 @@ per token).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..errors import ActsparseError
 from ..models.sites import find_blocks
 from ..sparsifiers.plan import SparsityPlan
 
-ENGINE_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act")
+if TYPE_CHECKING:
+    from ..engine.plan import EnginePlan
+
 
 
 def speed_unavailable_reason(model) -> str | None:
@@ -28,29 +32,43 @@ def speed_unavailable_reason(model) -> str | None:
     return None
 
 
-def plan_to_engine(plan: SparsityPlan) -> tuple[dict, dict, dict]:
-    """Return (thresholds, shifts, expected skip fraction) per engine site `layers.{i}.{role}`."""
-    th, sh, expected = {}, {}, {}
+def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePlan":
+    """Return the engine's typed plan (thresholds, shifts, expected skips per layer and role) for a fitted plan.
+
+    n_layers defaults to one past the highest layer the plan names.
+    """
+    from ..engine.plan import ROLES, EnginePlan
+
+    where = {}
+    for point in [*plan.rules, *(s for r in plan.rules.values() for s in r.skips)]:
+        layer, _, role = point.removeprefix("layers.").partition(".")
+        if not layer.isdigit() or role not in ROLES:
+            rule = plan.rules.get(point)
+            kind = rule.kind if rule is not None else "threshold"
+            raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ROLES)}; plan "
+                                 f"{plan.method!r} has a {kind!r} rule at {point}")
+        where[point] = (int(layer), role)
+    out = EnginePlan.empty(n_layers if n_layers is not None else 1 + max((i for i, _ in where.values()), default=-1))
     for point, rule in plan.rules.items():
-        role = point.rsplit(".", 1)[-1]
         if rule.kind in ("rotated_topk", "topk_token"):
             raise ActsparseError(f"the triton kernels have no per-token Top-K selection (plan {plan.method!r}, "
                                  f"{rule.kind!r} rule at {point}); LaRoSA would also need its rotation folded "
                                  "into the engine's weights, so decode speed is not measured for this plan")
-        if rule.kind != "threshold" or role not in ENGINE_ROLES:
-            raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ENGINE_ROLES)}; "
-                                 f"plan {plan.method!r} has a {rule.kind!r} rule at {point}")
+        if rule.kind != "threshold":
+            raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ROLES)}; plan "
+                                 f"{plan.method!r} has a {rule.kind!r} rule at {point}")
+        site = out.site(*where[point])
         t = rule.tensors["thresh"].float()
-        th[point] = float(t) if t.dim() == 0 else t
+        site.thresh = float(t) if t.dim() == 0 else t
         if "shift" in rule.tensors:
             m = rule.tensors["shift"].float()
             if m.dim() > 1:
                 raise ActsparseError(f"{point}: the kernels take a scalar or per-channel shift; got shape "
                                      f"{tuple(m.shape)}")
-            sh[point] = float(m) if m.dim() == 0 else m      # the engine spreads a scalar (SCAP's mode) over K
-        for site in rule.skips or [point]:
-            expected[site] = rule.expected_sparsity
-    return th, sh, expected
+            site.shift = float(m) if m.dim() == 0 else m      # the engine spreads a scalar (SCAP's mode) over K
+        for skipped in rule.skips or [point]:
+            out.site(*where[skipped]).expected = rule.expected_sparsity
+    return out
 
 
 @torch.no_grad()
@@ -72,10 +90,10 @@ def decode_speed(model, plan: SparsityPlan, n_tokens: int = 128, batch: int = 1,
         return max(runs)
 
     dense_tok_s, _ = best(False)
-    th, sh, expected = plan_to_engine(plan)
-    if not th:  # the dense plan: sparse path = dense path
+    eplan = plan_to_engine(plan, n_layers)
+    if not plan.rules:  # the dense plan: sparse path = dense path
         return {"decode/tok_s": dense_tok_s, "decode/tok_s_dense": dense_tok_s, "decode/speedup": 1.0}
-    eng.set_thresholds(th, shifts=sh, expected_sparsity=expected)
+    eng.set_plan(eplan)
     tok_s, step_ms = best(True)
     return {"decode/tok_s": tok_s, "decode/tok_s_dense": dense_tok_s, "decode/speedup": tok_s / dense_tok_s,
             "kernel/us_per_layer": step_ms * 1e3 / n_layers}

@@ -21,25 +21,21 @@ MLP probes exist per MLP: with P the MLP's prefix ('' for a dense MLP, 'expert{e
 `layers.i.{P}gate_act` (output of act(gate)), `layers.i.{P}up_out` (output of up) and
 `layers.i.{P}mlp` (input of the module that computes the whole MLP).
 
-Fused experts (transformers 5 stores each MoE layer's experts as 3-D parameters `gate_up_proj`
-[E, 2I, H] and `down_proj` [E, H, I], no per-expert modules): find_blocks makes them routable once,
-by giving the experts module an equivalent per-expert loop that calls one virtual linear per
-(expert, role) — views of the fused weight, so hooks see each expert's input. The loop is checked
-against the model's own expert forward on random routing before it is kept; a layout it does not
-reproduce leaves the experts unsparsified, with a warning naming the class.
+Discovery has no side effects: it describes the model and patches nothing. Fused experts (transformers 5
+stores each MoE layer's experts as 3-D parameters) are listed through the virtual per-expert linears of
+`moe.routable_experts`; `moe.install_routing(model)`, called by what hooks a model, makes those linears run
+and token policies reach the rows each expert sees.
 """
 from __future__ import annotations
 
 import re
-import types
-import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ActsparseError
+from .moe import is_fused_experts, routable_experts
 
 # role -> regex on the module's name relative to its block. First match wins, in this order.
 ROLE_PATTERNS: list[tuple[str, str]] = [
@@ -131,6 +127,8 @@ class Block:
     mlp: nn.Module | None = None  # the module holding the dense MLP's sites (parent of `up`), for MLP-level rules
     mlps: list[Mlp] = field(default_factory=list)
     moe: nn.Module | None = None  # the sparse-MoE module (router + experts), when the block has experts
+    moe_routed: nn.Module | None = None   # its fused experts module, routed per expert by moe.install_routing
+    moe_opaque: bool = False              # experts kept as modules: their token rows are not visible
 
     @property
     def gated(self) -> bool:
@@ -180,10 +178,10 @@ def _role_key(role: str) -> tuple:
 
 
 def find_blocks(model: nn.Module) -> list[Block]:
-    """Return the model's blocks with their sites; raise ActsparseError naming the modules if none match."""
-    cached = getattr(model, "_actsparse_blocks", None)
-    if cached is not None:
-        return cached
+    """Return the model's blocks with their sites; raise ActsparseError naming the modules if none match.
+
+    Pure discovery: nothing on the model changes (fused experts' virtual linears are remembered in moe.py).
+    """
     list_name, layers = _layer_list(model)
     blocks: list[Block] = []
     seen_linear: list[str] = []
@@ -199,7 +197,7 @@ def find_blocks(model: nn.Module) -> list[Block]:
             if b.act is None and re.match(ACT_PATTERN, rel):
                 b.act = dense.act = mod
                 continue
-            if _is_fused_experts(mod):
+            if is_fused_experts(mod):
                 fused.append((rel, mod))
                 continue
             feats = _features(mod)
@@ -243,18 +241,17 @@ def find_blocks(model: nn.Module) -> list[Block]:
             dense.module = b.mlp
             b.mlps.append(dense)
         for rel, mod in fused:
-            _add_fused_experts(model, b, blk, rel, mod)
+            _add_fused_experts(b, blk, rel, mod)
         for lst_name, mlps in module_experts.items():
             b.mlps.extend(mlps.values())
-            _install_moe_scope(model, b, blk.get_submodule(lst_name.rsplit(".", 1)[0]), opaque=True)
+            b.moe, b.moe_opaque = blk.get_submodule(lst_name.rsplit(".", 1)[0]), True
         for name, mlp in shared.items():
             b.mlps.append(mlp)
-            _install_moe_scope(model, b, blk.get_submodule(name.rsplit(".", 1)[0]))
+            b.moe = blk.get_submodule(name.rsplit(".", 1)[0])
         if b.sites:
             blocks.append(b)
     if not blocks:
         raise ActsparseError(_no_sites_message(model, list_name, layers, seen_linear))
-    model._actsparse_blocks = blocks
     return blocks
 
 
@@ -292,181 +289,11 @@ def _no_sites_message(model, list_name: str, layers: nn.ModuleList, seen_linear:
             "actsparse.models.sites.ROLE_PATTERNS")
 
 
-# -- fused experts ------------------------------------------------------------------------------------
-def _is_fused_experts(m: nn.Module) -> bool:
-    """transformers 5 experts: 3-D `down_proj` plus 3-D `gate_up_proj` (gated) or `up_proj` parameters."""
-    down = getattr(m, "down_proj", None)
-    up = getattr(m, "gate_up_proj", None)
-    if up is None:
-        up = getattr(m, "up_proj", None)
-    return (isinstance(down, torch.Tensor) and down.dim() == 3 and isinstance(up, torch.Tensor)
-            and up.dim() == 3 and not isinstance(down, nn.Module))
-
-
-class ExpertLinear(nn.Module):
-    """A virtual linear: one expert's rows of a fused 3-D weight, callable (and hookable) like nn.Linear."""
-
-    def __init__(self, experts: nn.Module, param: str, expert: int, rows: slice, in_features: int,
-                 out_features: int):
-        super().__init__()
-        # a plain attribute, not a submodule: the experts module stays the only owner of the weight
-        object.__setattr__(self, "_experts", experts)
-        self.param, self.expert, self.rows = param, expert, rows
-        self.in_features, self.out_features = in_features, out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """[out, in] view of this expert's slice of the fused parameter."""
-        w = getattr(self._experts, self.param)[self.expert]  # [out_all, in], or [in, out_all] if transposed
-        if getattr(self._experts, "is_transposed", False):
-            w = w.t()
-        return w[self.rows]
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        if not getattr(self._experts, "has_bias", False):
-            return None
-        return getattr(self._experts, f"{self.param}_bias")[self.expert][self.rows]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{self.param}[{self.expert}][{self.rows.start}:{self.rows.stop}:{self.rows.step}], " \
-               f"in_features={self.in_features}, out_features={self.out_features}"
-
-
-class ExpertAct(nn.Module):
-    """One expert's view of the shared activation, so its output can be probed per expert."""
-
-    def __init__(self, act: nn.Module):
-        super().__init__()
-        object.__setattr__(self, "_act", act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._act(x)
-
-
-class ExpertMLP(nn.Module):
-    """One routed expert as an MLP module: gate_proj / up_proj / down_proj / act_fn, like a dense gated MLP."""
-
-    def __init__(self, experts: nn.Module, e: int, gate: ExpertLinear | None, up: ExpertLinear,
-                 down: ExpertLinear):
-        super().__init__()
-        object.__setattr__(self, "_experts", experts)
-        self.expert = e
-        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
-        cls_gate = getattr(type(experts), "_apply_gate", None)
-        # a model-specific gate (clamped SwiGLU, ...) is applied to the re-assembled gate_up output
-        self.default_gate = cls_gate is None or getattr(cls_gate, "__name__", "") == "_default_apply_gate"
-        act = getattr(experts, "act_fn", None)
-        self.act_fn = ExpertAct(act) if act is not None else None
-        if self.act_fn is None and (gate is None or self.default_gate):
-            raise ActsparseError(f"{type(experts).__name__} has no act_fn")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, H]
-        ex = self._experts
-        if self.gate_proj is None:
-            h = self.act_fn(self.up_proj(x))
-        elif self.default_gate:
-            h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
-        else:
-            g, u = self.gate_proj(x), self.up_proj(x)  # [n, I] each
-            gu = torch.cat([g, u], -1) if getattr(ex, "is_concatenated", True) else torch.stack([g, u], -1).flatten(-2)
-            h = ex._apply_gate(gu)
-        y = self.down_proj(h)
-        if getattr(ex, "has_post_expert_norm", False):
-            y = ex.post_expert_norm(y)
-        return y
-
-
-def _expert_mlps(experts: nn.Module) -> list[ExpertMLP]:
-    """Build the virtual per-expert MLPs of a fused experts module."""
-    gated = isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
-    up_w = experts.gate_up_proj if gated else experts.up_proj
-    transposed = getattr(experts, "is_transposed", False)
-    n_exp, up_all, hidden = up_w.shape if not transposed else (up_w.shape[0], up_w.shape[2], up_w.shape[1])
-    inter = up_all // 2 if gated else up_all
-    concat = getattr(experts, "is_concatenated", True)
-    if gated and concat:
-        rows_gate, rows_up = slice(0, inter), slice(inter, 2 * inter)
-    elif gated:
-        rows_gate, rows_up = slice(0, None, 2), slice(1, None, 2)
-    else:
-        rows_gate, rows_up = None, slice(0, inter)
-    out = []
-    for e in range(n_exp):
-        gate = ExpertLinear(experts, "gate_up_proj", e, rows_gate, hidden, inter) if gated else None
-        up = ExpertLinear(experts, "gate_up_proj" if gated else "up_proj", e, rows_up, hidden, inter)
-        down = ExpertLinear(experts, "down_proj", e, slice(0, hidden), inter, hidden)
-        out.append(ExpertMLP(experts, e, gate, up, down))
-    return out
-
-
-def _routing_args(args, kwargs):
-    names = {"hidden_states": 0, "top_k_index": 1, "router_indices": 1, "top_k_weights": 2, "routing_weights": 2}
-    vals = list(args) + [None] * (3 - len(args))
-    for k, v in kwargs.items():
-        if k not in names:
-            raise TypeError(f"unexpected argument {k!r} to a routed experts forward")
-        vals[names[k]] = v
-    return vals
-
-
-def _routed_experts_forward(self, *args, **kwargs) -> torch.Tensor:
-    """Experts forward as a per-expert loop over the virtual expert MLPs (installed on fused experts)."""
-    x, idx, w = _routing_args(args, kwargs)  # [N, H], [N, k] expert ids, [N, k] routing weights
-    out = torch.zeros_like(x)
-    rows = self.__dict__.get("_actsparse_rows")  # [N] bool: rows to sparsify (set by the MoE scope), or None
-    handle = self.__dict__.get("_actsparse_handle")
-    for e in torch.unique(idx).tolist():
-        if e < 0 or e >= len(self._actsparse_mlps):
-            continue  # expert-parallel sentinels
-        tok, pos = torch.where(idx == e)  # token rows routed to e, and which of their k slots
-        mlp = self._actsparse_mlps[e]
-        xe = x[tok]  # [n_e, H]
-        if rows is None or handle is None:
-            ye = mlp(xe)
-        else:
-            with handle.positions(rows[tok]):
-                ye = mlp(xe)
-        out.index_add_(0, tok, (ye * w[tok, pos, None]).to(out.dtype))
-    return out
-
-
-def _self_check(experts: nn.Module) -> float:
-    """Relative error of the routed loop against the experts module's own forward, on random routing."""
-    p = experts.down_proj
-    n_exp, hidden = len(experts._actsparse_mlps), experts._actsparse_mlps[0].down_proj.out_features
-    k = min(2, n_exp)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, hidden, generator=g).to(p.device, p.dtype)
-    idx = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(8)]).to(p.device)
-    w = torch.rand(8, k, generator=g).to(p.device, p.dtype)
-    with torch.no_grad():
-        ref = type(experts).forward(experts, x, idx, w)
-        got = _routed_experts_forward(experts, x, idx, w)
-    return float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
-
-
-def _add_fused_experts(model: nn.Module, b: Block, blk: nn.Module, rel: str, experts: nn.Module) -> None:
-    """Give fused experts a routed forward with virtual per-expert sites, if it reproduces the model's own."""
-    try:
-        mlps = experts.__dict__.get("_actsparse_mlps") or _expert_mlps(experts)
-        experts.__dict__["_actsparse_mlps"] = mlps
-        err = _self_check(experts)
-    except Exception as e:  # an unknown layout: say so, keep the model as it is
-        err, why = float("inf"), f"{type(e).__name__}: {e}"
-    else:
-        why = f"relative error {err:.2e} against its own forward"
-    tol = 1e-4 if experts.down_proj.dtype == torch.float32 else 3e-2
-    if not err <= tol:
-        experts.__dict__.pop("_actsparse_mlps", None)
-        warnings.warn(f"{type(experts).__name__} at layers.{b.layer}.{rel}: the fused expert layout is not one "
-                      f"actsparse can route per expert ({why}); its experts stay dense (no expert sites)")
+def _add_fused_experts(b: Block, blk: nn.Module, rel: str, experts: nn.Module) -> None:
+    """Sites for each expert of a fused experts module, when its layout can be routed per expert."""
+    mlps = routable_experts(experts, f"layers.{b.layer}.{rel}")
+    if mlps is None:
         return
-    if "forward" not in experts.__dict__:
-        experts.forward = types.MethodType(_routed_experts_forward, experts)
     for e, mlp in enumerate(mlps):
         # a model-specific gate has no separate act(gate) output, hence no gate_act probe
         ex = Mlp(f"expert{e}.", module=mlp, act=mlp.act_fn if mlp.gate_proj is not None and mlp.default_gate else None)
@@ -476,62 +303,7 @@ def _add_fused_experts(model: nn.Module, b: Block, blk: nn.Module, rel: str, exp
                 ex.sites[role] = b.sites[f"expert{e}.{role}"]
         b.mlps.append(ex)
     parent = rel.rsplit(".", 1)[0] if "." in rel else ""
-    _install_moe_scope(model, b, blk.get_submodule(parent) if parent else blk, routed=experts)
-
-
-# -- token policies inside MoE blocks ------------------------------------------------------------------
-def _install_moe_scope(model: nn.Module, b: Block, moe: nn.Module, routed: nn.Module | None = None,
-                       opaque: bool = False) -> None:
-    """Wrap the MoE module so sites that see flattened token rows [N, H] are sparsified per token policy.
-
-    Inside an MoE block every expert (and the shared expert) sees rows of flattened tokens, so the
-    handle cannot tell prefill from decode by shape. The wrapper asks the handle which of the block's
-    [B, T] positions to sparsify and hands each inner call exactly those rows. `routed` is the fused
-    experts module whose loop takes the rows; `opaque` marks experts kept as modules, whose rows the
-    wrapper cannot see (only token_policy 'all' applies to them).
-    """
-    b.moe = moe
-    d = moe.__dict__
-    if "_actsparse_root" not in d:
-        object.__setattr__(moe, "_actsparse_root", model)  # not a submodule: no cycle in named_modules
-        object.__setattr__(moe, "_actsparse_inner", d.get("forward"))
-        object.__setattr__(moe, "_actsparse_routed", None)
-        object.__setattr__(moe, "_actsparse_opaque", False)
-        moe.forward = types.MethodType(_moe_scoped_forward, moe)
-    if routed is not None:
-        d["_actsparse_routed"] = routed
-    d["_actsparse_opaque"] = d["_actsparse_opaque"] or opaque
-
-
-def _moe_scoped_forward(self, hidden_states, *args, **kwargs):
-    inner = self._actsparse_inner
-    call = (lambda: inner(hidden_states, *args, **kwargs)) if inner is not None else \
-        (lambda: type(self).forward(self, hidden_states, *args, **kwargs))
-    handle = getattr(self._actsparse_root, "_actsparse_handle", None)
-    if handle is None or handle.policy == "all" or hidden_states.dim() < 3:
-        return call()
-    mask = handle._token_mask(hidden_states)  # [B, T] positions to sparsify, or None for all
-    if mask is None:
-        return call()  # 2-D rows under 'decode'/'last_fraction' with no mask are all sparsified: as wanted
-    if self._actsparse_opaque:
-        raise ActsparseError(f"{type(self).__name__}: token_policy={handle.token_policy!r} cannot be applied to "
-                             "experts kept as separate modules (their token rows are not visible); use "
-                             "token_policy='all' for this model")
-    rows = mask.reshape(-1)  # [N]
-    routed = self._actsparse_routed
-    # a row mask is honoured by the handle's 'decode' branch; switch to it for the block's inner calls
-    policy = handle.policy
-    handle.policy = "decode"
-    if routed is not None:
-        routed.__dict__["_actsparse_rows"], routed.__dict__["_actsparse_handle"] = rows, handle
-    try:
-        with handle.positions(rows):
-            return call()
-    finally:
-        handle.policy = policy
-        if routed is not None:
-            routed.__dict__.pop("_actsparse_rows", None)
-            routed.__dict__.pop("_actsparse_handle", None)
+    b.moe, b.moe_routed = (blk.get_submodule(parent) if parent else blk), experts
 
 
 def find_sites(model: nn.Module) -> dict[str, Site]:

@@ -21,11 +21,11 @@ from ..errors import ActsparseError
 from . import html as H
 from .iso import default_levels, headline, iso_quality, iso_sparsity, ratios
 from .pareto import DENSE, fronts, groups
-from .plots import heatmap_plot, pareto_plot, speed_plot
+from .plots import heatmap_plot, pareto_plot, search_plot, speed_plot
 from .quality import EFFECTIVE, SPEEDUP, Quality, default_qualities, parse_budget, parse_quality, quality_columns
 from .runs import RunFilter, find_sweep, layer_sparsity, run_info, run_link, runs_frame
 from .tables import (Table, front_tables, group_slug, group_title, iso_quality_table, iso_sparsity_table,
-                     ratio_table, slug, sparsity_table, task_table)
+                     ratio_table, same_meaning, slug, sparsity_table, task_table)
 
 _VERSIONS = ("actsparse", "torch", "transformers", "triton", "numpy", "pandas", "matplotlib", "mlflow", "ray",
              "hydra-core", "lm_eval")
@@ -58,6 +58,17 @@ class Report:
     headline: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    lead: list[Table] = field(default_factory=list)     # what the console shows, in order
+
+    def print_to(self, console) -> None:
+        """Print the lead tables as terminal tables (no Markdown), the headline, and where the page is."""
+        for t in self.lead:
+            console.print(t.rich())
+            console.print()
+        for h in self.headline:
+            console.print(h, markup=False, highlight=False)
+        console.print(f"HTML report: {self.html.resolve()}" if self.html else f"report: {self.markdown}",
+                      markup=False, highlight=False, soft_wrap=True)
 
     def console_text(self) -> str:
         """What a sweep prints at its end: the paper table, the iso-quality table, and where the page is."""
@@ -119,8 +130,8 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, title: str, options: Rep
     tables: list[Table] = []
     lead = {"table": [], "front": [], "iso": []}          # what the console shows: the first quality's tables
     for key, g in groups(ok):
-        ts: list[Table | None] = [sparsity_table(g, key, q) for q in qs]
-        lead["table"] += ts[:1]
+        comparable = same_meaning(g)
+        ts: list[Table | None] = [sparsity_table(g, key, q, compete=comparable) for q in qs]
         ts += [sparsity_table(g, key, EFFECTIVE)] + ([sparsity_table(g, key, SPEEDUP)] if has_speed else [])
         ts.append(task_table(g, key, tasks))
         for name, d in per_q.items():
@@ -134,9 +145,11 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, title: str, options: Rep
             if len(d["iso_sparsity"]):
                 ts.append(iso_sparsity_table(sel(d["iso_sparsity"]), key, q))
             fts = front_tables(sel(d["fronts"]["effective"]), q, "effective")
-            ts += fts
-            if q == qs[0]:
+            if q == qs[0]:      # results lead with effective sparsity: the first quality's front opens the group
                 lead["front"] += fts
+                ts = fts + ts
+            else:
+                ts += fts
         ts = [t for t in ts if t is not None]
         by_group[group_title(key)] = ts
         tables += ts
@@ -166,6 +179,15 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, title: str, options: Rep
         plots.append((f"Pareto curves: {q.label} vs effective sparsity"
                       + (" and decode speedup" if has_speed else "") + f"; budget line: {d['budget'].describe(q)}",
                       paths[0]))
+        if "search_id" in ok.columns and ok["search_id"].notna().any():
+            try:
+                paths = search_plot(ok, q, thr, out / "plots" / slug("search", q.name))
+            except ValueError:   # no probe recorded this quality
+                paths = []
+            if paths:
+                files += paths
+                plots.append((f"Search probes: {q.label} vs target sparsity, in probe order; budget line: "
+                              f"{d['budget'].describe(q)}", paths[0]))
     if has_speed:
         paths = speed_plot(ok, out / "plots" / "speedup_vs_sparsity")
         files += paths
@@ -192,6 +214,7 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, title: str, options: Rep
 
     # -- Markdown ---------------------------------------------------------------------------------------------
     first = per_q[qs[0].name] if qs else None
+    lead["table"] = [ts[0] for ts in ([t for t in g if t.name.startswith("table_")] for g in by_group.values()) if ts]
     table_md, front_md, iso_md = ("\n\n".join(t.markdown() for t in lead[k] if t is not None)
                                   for k in ("table", "front", "iso"))
     heads = [s for d in per_q.values() for s in headline(d["iso"])]
@@ -206,7 +229,7 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, title: str, options: Rep
     md += ["## Plots", ""] + [f"![{c}]({p.relative_to(out).as_posix()})" for c, p in plots + heat] + [""]
     if len(failed):
         md += ["## Failed cells", "", "| method | sparsity | error |", "|---|---|---|"]
-        md += [f"| {r.method} | {r.sparsity:g} | {str(r.error).splitlines()[0][:200] if r.error else ''} |"
+        md += [f"| {r.method} | {r.sparsity:g} | {str(r.error).splitlines()[0] if r.error else ''} |"
                for r in failed.itertuples()]
         md.append("")
     mdp = out / "report.md"
@@ -221,7 +244,7 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, title: str, options: Rep
     front_rows = front_rows[front_rows["on_front"]] if "on_front" in front_rows else front_rows
     iso_rows = pd.concat([d["iso"] for d in per_q.values()], ignore_index=True) if per_q else pd.DataFrame()
     return Report(out, mdp, pareto_png, csv, table_md, front_md, front_rows, htmlp, iso_md, iso_rows, heads, tables,
-                  files)
+                  files, [t for k in ("front", "iso") for t in lead[k] if t is not None])
 
 
 def _in_group(t: pd.DataFrame, key: dict) -> pd.DataFrame:
@@ -309,7 +332,7 @@ def _html(title: str, ok: pd.DataFrame, failed: pd.DataFrame, df: pd.DataFrame, 
                          "(or the tracking URI was not given).</p>"))
     if len(failed):
         rows = "".join(f"<tr><td>{e(str(r.method))}</td><td>{e(f'{r.sparsity:g}' if r.sparsity == r.sparsity else '')}"
-                       f"</td><td>{e(str(r.error or '').splitlines()[0][:300] if r.error else '')}</td></tr>"
+                       f"</td><td>{e(str(r.error or '').splitlines()[0] if r.error else '')}</td></tr>"
                        for r in failed.itertuples())
         sections.append(("failed", "Failed cells", '<table class="runs"><thead><tr><th>method</th><th>sparsity</th>'
                          f"<th>error</th></tr></thead><tbody>{rows}</tbody></table>"))
@@ -369,15 +392,41 @@ def report_sweep(uri: str, experiment: str, sweep_id: str | None = None, out_roo
     sweep = find_sweep(uri, experiment, sweep_id)
     ids = [c["run_id"] for c in sweep["cells"] if c.get("run_id")]
     df = filters.apply(runs_frame(uri, experiment, list(dict.fromkeys(ids))))
-    rep = build_report(df, Path(out_root) / sweep["sweep_id"], f"Sweep {sweep['sweep_id']}", opt, uri=uri,
-                       parent_run_id=sweep["run_id"])
+    # the sweep's own report (default options) is <out>/<sweep>/ and report/ on the parent run; any other
+    # options write beside it, never over it: <out>/<sweep>/variants/<options>/ and report-<options>/
+    variant = variant_name(opt, df)
+    out = Path(out_root) / sweep["sweep_id"] / ("variants/" + variant if variant else "")
+    title = f"Sweep {sweep['sweep_id']}" + (f" ({variant})" if variant else "")
+    rep = build_report(df, out, title, opt, uri=uri, parent_run_id=sweep["run_id"])
     if log_to_parent:
-        log_report(uri, experiment, sweep["run_id"], rep)
+        log_report(uri, experiment, sweep["run_id"], rep, "report" + (f"-{variant}" if variant else ""))
     return rep
 
 
-def log_report(uri: str, experiment: str, parent_run_id: str, rep: Report) -> None:
-    """Upload the report's files to the sweep's parent run under report/."""
+def variant_name(opt: ReportOptions, df: pd.DataFrame) -> str:
+    """A file-name-safe name of the options that differ from a sweep's default report ('' when none do)."""
+    ok = df[df["status"] == "FINISHED"] if "status" in df else df
+    default_q = [q.name for q in default_qualities(ok)]
+    qs = [parse_quality(n) for n in opt.qualities] if opt.qualities else [parse_quality(n) for n in default_q]
+    parts = []
+    if opt.qualities and [q.name for q in qs] != default_q:
+        parts.append("quality-" + "+".join(opt.qualities))
+    changed = {}
+    for k, spec in opt.budgets.items():
+        q = qs[0] if not k and qs else next((x for x in qs if x.name == k), parse_quality(k) if k else None)
+        if parse_budget(spec, q) != parse_budget(None, q):
+            changed[k] = spec
+    if changed:
+        parts.append("budget-" + "+".join(f"{k}={v}" if k else v for k, v in sorted(changed.items())))
+    if opt.levels is not None and [round(v, 4) for v in opt.levels] != default_levels(ok):
+        parts.append("iso-" + "+".join(f"{v:g}" for v in opt.levels))
+    if opt.filters:
+        parts.append(opt.filters)
+    return slug("_".join(parts))[:100] if parts else ""
+
+
+def log_report(uri: str, experiment: str, parent_run_id: str, rep: Report, artifact_path: str = "report") -> None:
+    """Upload the report's files to the sweep's parent run under report/ (or the variant's folder)."""
     from ..tracking.mlflow_runs import Tracker
 
-    Tracker(uri, experiment).log_artifacts(parent_run_id, rep.dir, "report")
+    Tracker(uri, experiment).log_artifacts(parent_run_id, rep.dir, artifact_path)

@@ -77,6 +77,26 @@ def value_at(c: pd.DataFrame, x: float) -> Reach:
     return Reach(_lerp(qs[a], xs[a], qs[b], xs[b], x), EXTRAPOLATED)
 
 
+def searched_reach(m: pd.DataFrame, q: Quality, threshold: float) -> tuple[Reach, int] | None:
+    """A search's answer for one method's runs, as a measured point: (effective sparsity of the largest passing
+    probe, its row), when a failing probe brackets it at most the search's tolerance above; else None."""
+    if "search_id" not in m.columns or q.name not in m.columns:
+        return None
+    s = m[m["search_id"].notna() & m[q.name].notna() & m["target"].notna()]
+    if s.empty:
+        return None
+    ok = (s[q.name] >= threshold) if q.higher_is_better else (s[q.name] <= threshold)
+    good, bad = s[ok], s[~ok]
+    if good.empty or bad.empty:
+        return None
+    best = good.loc[good["target"].idxmax()]
+    gap = float(bad.loc[bad["target"] > best["target"], "target"].min()) - float(best["target"])
+    tol = float(s["search_tol"].max()) if "search_tol" in s.columns and s["search_tol"].notna().any() else 0.0
+    if not (gap == gap and gap <= tol + 1e-9):
+        return None
+    return Reach(float(best["effective"]), MEASURED), int(best.name)
+
+
 def _curves(g: pd.DataFrame, q: Quality, x: str) -> dict[str, pd.DataFrame]:
     anchor = (AXES[x][1], dense_value(g, q))
     return {m: curve(p, q, anchor) for m, p in method_points(g, q, x).items()}
@@ -97,12 +117,14 @@ def iso_quality(df: pd.DataFrame, q: Quality, budget: Budget) -> pd.DataFrame:
         eff = _curves(g, q, "effective")
         spd = _curves(g, q, "speedup") if "speedup" in g.columns and g["speedup"].notna().any() else {}
         for method in sorted(eff):
-            e = reach(eff[method], q, thr, x_max=1.0)
+            found = searched_reach(g[g["method"] == method], q, thr)
+            e = found[0] if found else reach(eff[method], q, thr, x_max=1.0)
             s = reach(spd[method], q, thr) if method in spd else Reach(float("nan"), NO_DATA)
             n = int(g.loc[g["method"] == method, q.name].notna().sum())
             rows.append({**key, "quality": q.name, "method": method, "dense": dense, "threshold": thr,
                          "budget": budget.describe(q), "effective": e.value, "effective_status": e.status,
-                         "speedup": s.value, "speedup_status": s.status, "n_points": n})
+                         "speedup": s.value, "speedup_status": s.status, "n_points": n,
+                         "searched": bool(found)})
     return pd.DataFrame(rows)
 
 
@@ -163,6 +185,12 @@ def headline(iso: pd.DataFrame) -> list[str]:
     for _, g in iso.groupby(keys, dropna=False, sort=True):
         g = g[g["effective"].notna()]
         solid = g[g["effective_status"].isin([INTERPOLATED, MEASURED])]
+        if len(g) >= 2 and solid.empty:   # nothing measured to compare: say so instead of a ratio of guesses
+            b = g.iloc[0]
+            out.append(f"At {b['budget']} on {b.get('model')}, no method's reach is measured: every one "
+                       f"({', '.join(sorted(map(str, g['method'].unique())))}) is extrapolated past its sparsest cell, "
+                       "so this budget does not rank them; add sparser cells or tighten the budget.")
+            continue
         g = solid if len(solid) >= 2 else g
         if len(g) < 2:
             continue

@@ -160,6 +160,40 @@ def heatmap_plot(rows: list[tuple[str, list[tuple[str, dict[str, float], float]]
     return _save(fig, Path(stem))
 
 
+def search_plot(df: pd.DataFrame, q: Quality, thresholds: dict[str, float], stem: str | Path) -> list[Path]:
+    """Each searched method's probes: quality vs target in probe order, inside/outside the budget, and the
+    budget line (thresholds keyed by group title); one panel per model/eval group."""
+    plt = _plt()
+    s = df[df["search_id"].notna() & df[q.name].notna()] if "search_id" in df.columns and q.name in df.columns \
+        else df.iloc[:0]
+    if s.empty:
+        raise ValueError("no search probes to plot")
+    gs = list(groups(s))
+    fig, axes = plt.subplots(1, len(gs), figsize=(6.2 * len(gs), 4.2), squeeze=False)
+    colors = _colors(s["method"].astype(str).unique().tolist())
+    for ax, (key, g) in zip(axes[0], gs):
+        thr = thresholds.get(group_title(key))
+        for method, m in g.groupby("method", sort=True):
+            m = m.sort_values("search_probe") if "search_probe" in m.columns else m
+            ok = (m[q.name] >= thr) if (thr is not None and q.higher_is_better) else \
+                (m[q.name] <= thr) if thr is not None else pd.Series(True, index=m.index)
+            c = colors.get(str(method), "k")
+            ax.plot(m["target"], m[q.name], ":", color=c, alpha=0.5)
+            ax.scatter(m.loc[ok, "target"], m.loc[ok, q.name], color=c, label=f"{method} (within budget)", zorder=3)
+            ax.scatter(m.loc[~ok, "target"], m.loc[~ok, q.name], facecolors="none", edgecolors=c,
+                       label=f"{method} (outside)", zorder=3)
+            for i, (t, v) in enumerate(zip(m["target"], m[q.name])):
+                ax.annotate(str(i + 1), (t, v), textcoords="offset points", xytext=(4, 4), fontsize=8, color=c)
+        if thr is not None:
+            ax.axhline(thr, color="grey", ls="--", lw=1, label="budget")
+        ax.set_xlabel("target sparsity (probe order numbered)")
+        ax.set_ylabel(q.label)
+        ax.set_title(group_title(key), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, Path(stem))
+
+
 def speed_plot(df: pd.DataFrame, stem: str | Path) -> list[Path]:
     """Write decode speedup vs effective sparsity per method and group, with the ideal 1/(1-s) line."""
     plt = _plt()

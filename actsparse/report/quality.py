@@ -99,10 +99,17 @@ def parse_quality(spec: str) -> Quality:
 def quality_columns(df: pd.DataFrame) -> list[str]:
     """Return the recorded quality metrics of a run table (columns with at least one value), headline ones first."""
     found = [c for c in df.columns if isinstance(c, str) and direction_of(c) is not None
-             and not c.endswith(("_dense", "_ratio")) and pd.api.types.is_numeric_dtype(df[c])
+             and not c.endswith(("_dense", "_ratio")) and "_stderr" not in c and pd.api.types.is_numeric_dtype(df[c])
              and df[c].notna().any()]
     head = [c for c in DEFAULT_QUALITIES if c in found]
     return head + sorted(c for c in found if c not in head)
+
+
+def stderr_name(name: str) -> str:
+    """The column of a metric's standard error: acc/x -> acc_stderr/x, acc_norm/x -> acc_norm_stderr/x,
+    acc_avg -> acc_avg_stderr."""
+    head, sep, tail = name.partition("/")
+    return f"{head}_stderr{sep}{tail}"
 
 
 def default_qualities(df: pd.DataFrame) -> list[Quality]:

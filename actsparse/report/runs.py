@@ -35,6 +35,9 @@ COLUMNS = {
     "device": ("tags.device", str), "host": ("tags.host", str),
     "speedup": ("metrics.decode/speedup", float), "tok_s": ("metrics.decode/tok_s", float),
     "tok_s_dense": ("metrics.decode/tok_s_dense", float),
+    # probes of a search (sweep --search): which search, its resolution, and the order of the probe
+    "search_id": ("tags.search_id", str), "search_group": ("tags.search_group", str),
+    "search_tol": ("tags.search_tol", float), "search_probe": ("tags.search_probe", float),
 }
 _FROM_SOURCE = {src: col for col, (src, _) in COLUMNS.items()}
 
@@ -75,24 +78,34 @@ def _tracking_uri(uri: str):
         mlflow.set_tracking_uri(old)
 
 
-def find_sweep(uri: str, experiment: str, sweep_id: str | None = None) -> dict:
-    """Return the parent run of a sweep (the latest one, or the latest with this sweep_id) with its cell list."""
+def sweep_parents(uri: str, experiment: str) -> pd.DataFrame:
+    """Every sweep's parent run in the experiment, newest first (MLflow's search_runs columns)."""
     with _tracking_uri(uri) as mlflow:
         if mlflow.get_experiment_by_name(experiment) is None:
             raise ActsparseError(f"no experiment {experiment!r} in {uri}; run a sweep first or pass --experiment")
-        filt = f"tags.{KIND_TAG} = 'sweep'" + (f" and tags.sweep_id = '{sweep_id}'" if sweep_id else "")
-        df = mlflow.search_runs(experiment_names=[experiment], filter_string=filt, order_by=["start_time DESC"],
-                                max_results=1)
-        if df.empty:
-            what = f"sweep {sweep_id!r}" if sweep_id else "any sweep"
-            raise ActsparseError(f"no parent run of {what} in experiment {experiment!r} at {uri}")
-        run = df.iloc[0]
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = mlflow.artifacts.download_artifacts(run_id=run["run_id"], artifact_path="cells.json", dst_path=tmp)
-                cells = json.loads(open(path).read())
-            except Exception as e:
-                raise ActsparseError(f"sweep run {run['run_id']} has no readable cells.json (was it interrupted?): {e}") from e
+        return mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.{KIND_TAG} = 'sweep'",
+                                  order_by=["start_time DESC"])
+
+
+def find_sweep(uri: str, experiment: str, sweep_id: str | None = None) -> dict:
+    """Return the parent run of a sweep (the latest one, or the latest with this sweep_id) with its cell list."""
+    from ..inventory import closest_sweeps
+
+    parents = sweep_parents(uri, experiment)
+    df = parents[parents["tags.sweep_id"] == sweep_id] if sweep_id and not parents.empty else parents
+    if df.empty:
+        if sweep_id:
+            ids = list(dict.fromkeys(parents["tags.sweep_id"].dropna())) if not parents.empty else []
+            raise ActsparseError(f"no sweep {sweep_id!r} in experiment {experiment!r} at {uri}; "
+                                 f"{closest_sweeps(sweep_id, ids)} (list them with `actsparse ls sweeps`)")
+        raise ActsparseError(f"no parent run of any sweep in experiment {experiment!r} at {uri}")
+    run = df.iloc[0]
+    with _tracking_uri(uri) as mlflow, tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run["run_id"], artifact_path="cells.json", dst_path=tmp)
+            cells = json.loads(open(path).read())
+        except Exception as e:
+            raise ActsparseError(f"sweep run {run['run_id']} has no readable cells.json (was it interrupted?): {e}") from e
     return {"run_id": run["run_id"], "sweep_id": run["tags.sweep_id"], "cells": cells}
 
 

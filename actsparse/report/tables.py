@@ -28,8 +28,9 @@ class Cell:
     """One table entry as printed: text (None: missing), bold, and a footnote mark."""
     text: str | None
     bold: bool = False
-    mark: str = ""                 # after the value: † (extrapolated)
+    mark: str = ""                 # after the value: † (extrapolated), n.s. (within 2 stderr of dense)
     prefix: str = ""               # before it: ≥ (a lower bound)
+    err: str = ""                  # its standard error, printed as `± err`
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Table:
         def cell(c: Cell) -> str:
             t = "–" if c.text is None else md_escape(c.text)
             t = f"**{t}**" if c.bold and c.text is not None else t
-            return c.prefix + t + c.mark
+            return c.prefix + t + (f" ± {c.err}" if c.err and c.text is not None else "") + c.mark
         lines = [f"**{md_escape(self.title)}**", "",
                  "| " + " | ".join(md_escape(h) for h in self.header) + " |",
                  "|" + "|".join(["---"] + ["--:"] * (len(self.header) - 1)) + "|"]
@@ -68,7 +69,8 @@ class Table:
             if c.text is None:
                 return "--"
             t = latex_escape(c.text)
-            return latex_escape(c.prefix) + (f"\\textbf{{{t}}}" if c.bold else t) + latex_escape(c.mark)
+            err = f"$\\pm${latex_escape(c.err)}" if c.err else ""
+            return latex_escape(c.prefix) + (f"\\textbf{{{t}}}" if c.bold else t) + err + latex_escape(c.mark)
         cols = "l" + "r" * (len(self.header) - 1)
         out = ["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{latex_escape(self.title)}}}",
                f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
@@ -89,7 +91,8 @@ class Table:
             if c.text is None:
                 return '<td class="missing">–</td>'
             t = f"<strong>{e(c.text)}</strong>" if c.bold else e(c.text)
-            return f"<td>{e(c.prefix)}{t}{f'<sup>{e(c.mark)}</sup>' if c.mark else ''}</td>"
+            err = f' <span class="err">± {e(c.err)}</span>' if c.err else ""
+            return f"<td>{e(c.prefix)}{t}{err}{f'<sup>{e(c.mark)}</sup>' if c.mark else ''}</td>"
         body = []
         for i, r in enumerate(self.rows):
             cls = [c for c, on in (("rule", r.rule_before and i > 0), ("ref", r.label == DENSE)) if on]
@@ -99,6 +102,23 @@ class Table:
         return (f'<table class="paper" id="{e(self.name)}"><caption>{e(self.title)}</caption><thead><tr>'
                 + "".join(f"<th>{e(h)}</th>" for h in self.header) + "</tr></thead><tbody>"
                 + "".join(body) + "</tbody></table>" + notes)
+
+    def rich(self):
+        """Return the table as a rich Table for the terminal: plain text (no Markdown escapes), best in bold."""
+        from rich.table import Table as RichTable
+        from rich.text import Text
+
+        t = RichTable(title=self.title, title_justify="left", title_style="bold",
+                      caption="\n".join(self.notes) or None, caption_justify="left")
+        for i, h in enumerate(self.header):
+            t.add_column(h, justify="left" if i == 0 else "right")
+        for i, r in enumerate(self.rows):
+            if r.rule_before and i > 0:
+                t.add_section()
+            cells = [Text(c.prefix) + Text("–" if c.text is None else c.text, style="bold" if c.bold else "")
+                     + Text((f" ± {c.err}" if c.err and c.text is not None else "") + c.mark) for c in r.cells]
+            t.add_row(r.label, *cells)
+        return t
 
     def html_block(self, title: str | None = None) -> str:
         """The table with its title above it (not as a narrow caption) and its LaTeX source folded below."""
@@ -195,8 +215,9 @@ def _fmt_level(v: float) -> str:
 
 
 # -- the paper tables ---------------------------------------------------------------------------------------
-def sparsity_table(g: pd.DataFrame, key: dict, q: Quality, by: str = "sparsity") -> Table | None:
-    """Methods (dense first) x requested sparsity -> q, best per column in bold; None when nothing to show."""
+def sparsity_table(g: pd.DataFrame, key: dict, q: Quality, by: str = "sparsity", compete: bool = True) -> Table | None:
+    """Methods (dense first) x requested sparsity -> q, best per column in bold (unless not `compete`: the methods
+    do not mean the same by a requested sparsity); None when nothing to show."""
     if q.name not in g.columns or not g[q.name].notna().any():
         return None
     sparse = g[(g["method"] != DENSE) & g[q.name].notna()]
@@ -213,38 +234,76 @@ def sparsity_table(g: pd.DataFrame, key: dict, q: Quality, by: str = "sparsity")
         for m in methods:
             v = sparse.loc[(sparse["method"] == m) & (sparse[by] == lv), q.name]
             vals.append(float(v.mean()) if len(v) else None)
-        columns.append(column_cells(vals, q, compete=[not has_dense or i > 0 for i in range(len(vals))]))
+        columns.append(column_cells(vals, q, compete=[compete and (not has_dense or i > 0) for i in range(len(vals))]))
     rules = ([False] if has_dense else []) + [has_dense and i == 0 for i in range(len(methods))]
     what = {"sparsity": "requested sparsity", "target": "target sparsity"}.get(by, by)
+    notes = [] if compete else [NOT_COMPARABLE]
     return Table(f"{q.label} by method and {what} ({group_title(key)})",
                  ["method"] + [_fmt_level(lv) for lv in levels], _assemble(labels, columns, rules),
-                 slug("table", group_slug(key), q.name), key)
+                 slug("table", group_slug(key), q.name), key, notes)
+
+
+NOT_COMPARABLE = ("No entry is bold: at one requested sparsity these methods skip different fractions of the weight "
+                  "reads (see effective sparsity); compare them on the Pareto front and iso-quality tables.")
+
+
+def same_meaning(g: pd.DataFrame, by: str = "sparsity", tol: float = 0.02) -> bool:
+    """Whether, at every requested sparsity, the methods reach effective sparsities within tol of each other."""
+    sparse = g[(g["method"] != DENSE)].dropna(subset=[by, "effective"]) if "effective" in g else g.iloc[:0]
+    for _, block in sparse.groupby(by):
+        eff = block.groupby("method")["effective"].mean()
+        if len(eff) > 1 and eff.max() - eff.min() > tol:
+            return False
+    return True
 
 
 def task_table(g: pd.DataFrame, key: dict, tasks: list[Quality], by: str = "sparsity") -> Table | None:
-    """Methods x tasks (accuracies), one block of rows per requested sparsity; best per column and block in bold."""
+    """Methods x tasks (accuracies ± standard error), one block of rows per requested sparsity; best per column and
+    block in bold; a value within 2 standard errors of dense marked n.s."""
+    from .accuracy import significant
+    from .quality import stderr_name
+
     tasks = [t for t in tasks if t.name in g.columns and g[t.name].notna().any()]
     if not tasks:
         return None
     sparse = g[(g["method"] != DENSE)].dropna(subset=[by])
     labels, rules, per_col = [], [], [[] for _ in tasks]
+    ses = [Quality(stderr_name(t.name), True) for t in tasks]
     dense = [dense_value(g, t) for t in tasks]
+    dense_se = [dense_value(g, s) for s in ses]
+    pts = lambda v: None if v is None or math.isnan(v) else f"{100 * v:.2f}"  # noqa: E731
     if not all(math.isnan(d) for d in dense):
         labels.append(DENSE)
         rules.append(False)
         for j, t in enumerate(tasks):
-            per_col[j].append(Cell(t.fmt(dense[j])))
+            per_col[j].append(Cell(t.fmt(dense[j]), err=pts(dense_se[j]) or ""))
+    n_ns = 0
     for lv in sorted(sparse[by].unique()):
         block = sparse[sparse[by] == lv]
         methods = sorted(block["method"].unique())
         for j, t in enumerate(tasks):
             vals = [block.loc[block["method"] == m, t.name].mean() for m in methods]
-            per_col[j] += column_cells([None if math.isnan(v) else v for v in vals], t)
+            errs = [block.loc[block["method"] == m, ses[j].name].mean() if ses[j].name in block else float("nan")
+                    for m in methods]
+            cells = column_cells([None if math.isnan(v) else v for v in vals], t)
+            for c, v, se in zip(cells, vals, errs):
+                c.err = pts(se) or ""
+                if significant(v, None if math.isnan(se) else se, dense[j],
+                               None if math.isnan(dense_se[j]) else dense_se[j]) is False:
+                    c.mark, n_ns = c.mark + " n.s.", n_ns + 1
+            per_col[j] += cells
         labels += [f"{m} @ {_fmt_level(lv)}" for m in methods]
         rules += [i == 0 for i in range(len(methods))]
     rows = [Row(lab, [col[i] for col in per_col], rule) for i, (lab, rule) in enumerate(zip(labels, rules))]
+    notes = ["± one standard error (lm-eval's, or binomial over the items scored)"] if any(
+        c.err for col in per_col for c in col) else []
+    notes += ["n.s.: within 2 standard errors of dense, not a significant difference"] if n_ns else []
+    cut = g["tags.lm_eval_subsampled"].dropna().unique() if "tags.lm_eval_subsampled" in g else []
+    notes += [f"{cut[0]}: figures from a subsample of each task" + (" (in some runs)" if len(cut) > 1 else "")] \
+        if len(cut) else []
     return Table(f"Accuracy (%) by task, per requested sparsity ({group_title(key)})",
-                 ["method @ sparsity"] + [t.label for t in tasks], rows, slug("tasks", group_slug(key)), key)
+                 ["method @ sparsity"] + [t.label for t in tasks], rows, slug("tasks", group_slug(key)), key,
+                 notes)
 
 
 def iso_quality_table(iso: pd.DataFrame, key: dict, q: Quality) -> Table | None:
@@ -275,6 +334,10 @@ def iso_quality_table(iso: pd.DataFrame, key: dict, q: Quality) -> Table | None:
              "linear interpolation along each method's Pareto curve from the dense point."]
     if iso[["effective_status", "speedup_status"]].isin([EXTRAPOLATED, LOWER_BOUND]).any().any():
         notes.append(EXTRAPOLATION_NOTE)
+    if "searched" in iso.columns and iso["searched"].any():
+        found = ", ".join(iso.loc[iso["searched"], "method"].astype(str))
+        notes.append(f"Searched ({found}): the effective sparsity of the largest measured target within the budget, "
+                     "with a probe outside the budget at most the search's tolerance above it (not interpolated).")
     return Table(f"Iso-quality: {r0['budget']} ({group_title(key)})", header,
                  _assemble(labels, columns, [False, True] + [False] * (len(iso) - 1)),
                  slug("iso_quality", group_slug(key), q.name), key, notes)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import ActsparseError
+from ..models.moe import install_routing
 from ..models.sites import Block, find_blocks, find_sites
 from .plan import Rule, SparsityPlan
 
@@ -112,6 +113,7 @@ class BlockCalls:
 @torch.no_grad()
 def capture_blocks(model, windows: torch.Tensor, batch_size: int = 4) -> list[BlockCalls]:
     """Record every block's inputs, call kwargs and dense outputs on the calibration windows."""
+    install_routing(model)   # MoE experts run through hookable per-expert linears (a no-op elsewhere)
     calls = [BlockCalls(b) for b in find_blocks(model)]
     hooks = []
     for c in calls:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import ActsparseError
+from ..models.moe import install_routing
 from ..models.sites import hook_points
 from .plan import SparsityPlan, effective_sparsity
 from .rules import rule_fn
@@ -41,14 +42,18 @@ class SparsifyHandle:
         self.model, self.plan, self.backend = model, plan, backend
         self.policy, self.fraction = parse_token_policy(token_policy)
         self.token_policy = token_policy
+        install_routing(model)   # MoE experts run through hookable per-expert linears (a no-op elsewhere)
         points = hook_points(model)
         missing = [p for p in plan.rules if p not in points]
         if missing:
             raise ActsparseError(f"plan has rules for points this model lacks: {missing[:5]}; "
                                  "was the plan fitted on another model?")
         self._points = {p: points[p] for p in plan.rules}
+        # resolve every rule kind now (importing where it is defined), so an unknown kind fails before hooking
+        self._fns = {k: rule_fn(k, plan.rule_modules.get(k)) for k in {r.kind for r in plan.rules.values()}}
         self._undo: list = []
         self._explicit_mask: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
         self.reset_counters()
 
     # -- token selection ------------------------------------------------------------------------------
@@ -61,8 +66,20 @@ class SparsifyHandle:
         finally:
             self._explicit_mask = prev
 
-    def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
-        """[B, T] bool of positions to sparsify, or None for all of them."""
+    @contextmanager
+    def rows(self, mask: torch.Tensor):
+        """Within the block, sparsify exactly the rows where mask (the activations' leading shape) is True, whatever
+        the token policy: an MoE block hands each expert the rows of its [B, T] token mask (models/moe.py)."""
+        prev, self._rows = self._rows, mask
+        try:
+            yield
+        finally:
+            self._rows = prev
+
+    def token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[B, T] bool of the positions of x [B, T, C] to sparsify under the token policy, or None for all."""
+        if self._rows is not None:
+            return self._check_mask(self._rows, x)
         if self.policy == "all":
             return None
         t = x.shape[-2] if x.dim() >= 3 else 1
@@ -75,19 +92,22 @@ class SparsifyHandle:
             return mask
         # decode: an explicit mask from the evaluator (continuation tokens), else one-token steps only
         if self._explicit_mask is not None:
-            m = self._explicit_mask.to(x.device)
-            if m.shape != x.shape[:-1]:
-                raise ActsparseError(f"positions mask has shape {tuple(m.shape)}, the activations "
-                                     f"{tuple(x.shape[:-1])}")
-            return m
+            return self._check_mask(self._explicit_mask, x)
         return None if t == 1 else torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+
+    @staticmethod
+    def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        m = mask.to(x.device)
+        if m.shape != x.shape[:-1]:
+            raise ActsparseError(f"positions mask has shape {tuple(m.shape)}, the activations {tuple(x.shape[:-1])}")
+        return m
 
     # -- hooking --------------------------------------------------------------------------------------
     def _run(self, point: str, x: torch.Tensor, forward):
         rule = self.plan.rules[point]
-        fn = rule_fn(rule.kind)
+        fn = self._fns[rule.kind]
         module = self._points[point][0]
-        mask = self._token_mask(x)
+        mask = self.token_mask(x)
         if mask is None:
             y, nz = fn(rule, x, forward, module)
             self._count(point, nz, x.numel())

@@ -99,6 +99,14 @@ class NM(Method):
                 raise ActsparseError(f"nm calib_tokens must be >= 2, got {self.calib_tokens}")
 
     @classmethod
+    def nominal_sparsity(cls, params) -> float:
+        """The fraction of each chosen site's input the pattern zeroes: what a target sparsity would have set."""
+        if params.pattern == "unstructured":
+            return params.unstructured_sparsity
+        n, m = parse_pattern(params.pattern)
+        return 1.0 - n / m
+
+    @classmethod
     def needs_model_for(cls, params) -> bool:
         return params.score != "magnitude" or params.mitigation in ("shift", "scaling", "learnable")
 

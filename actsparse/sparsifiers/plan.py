@@ -38,6 +38,7 @@ class SparsityPlan:
     rules: dict[str, Rule]
     site_params: dict[str, int]        # every site of the model -> in*out weight elements
     meta: dict = field(default_factory=dict)
+    rule_modules: dict[str, str] = field(default_factory=dict)  # rule kind -> defining module, from load()
 
     @property
     def key(self) -> str:
@@ -78,9 +79,14 @@ class SparsityPlan:
                 tensors[f"{p}/{k}"] = v
             rules[p] = {"kind": r.kind, "attrs": r.attrs, "skips": r.skips, "tensors": sorted(r.tensors),
                         "expected_sparsity": r.expected_sparsity, "extra_params": r.extra_params}
+        from .rules import rule_module
+
+        # where each rule kind is defined, so a fresh interpreter can apply the plan without importing its method
+        kind_modules = {k: rule_module(k) for k in sorted({r.kind for r in self.rules.values()})}
         save_tensors_json(path, tensors, {"kind": "plan", "method": self.method, "params": self.params,
                                           "target": self.target, "site_params": self.site_params,
-                                          "meta": self.meta, "rules": rules, "tensor_aliases": aliases})
+                                          "meta": self.meta, "rules": rules, "rule_modules": kind_modules,
+                                          "tensor_aliases": aliases})
 
     @classmethod
     def load(cls, path) -> "SparsityPlan":
@@ -92,7 +98,8 @@ class SparsityPlan:
             t[name] = t[target]
         rules = {p: Rule(p, r["kind"], {k: t[f"{p}/{k}"] for k in r["tensors"]}, r["attrs"], r["skips"],
                          r["expected_sparsity"], r["extra_params"]) for p, r in m["rules"].items()}
-        return cls(m["method"], m["params"], m["target"], rules, m["site_params"], m["meta"])
+        return cls(m["method"], m["params"], m["target"], rules, m["site_params"], m["meta"],
+                   {k: v for k, v in m.get("rule_modules", {}).items() if v})
 
 
 def _site_skip(plan: SparsityPlan, point_sparsity: dict[str, float]) -> dict[str, float]:

@@ -20,9 +20,12 @@ A node whose actor died (SIGKILL, a segfault, a lost node) runs again on a fresh
 from __future__ import annotations
 
 import math
+import re
+import tempfile
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from .cells import Cell
@@ -58,6 +61,30 @@ class _Job:
         return (self.kind, self.key)
 
 
+class WorkerPool:
+    """The model workers (Ray actors) of one or more scheduler runs, and where their crash logs go.
+
+    A sweep runs its DAG once and closes the pool; a search runs one DAG per round and keeps the pool, so a
+    round's probes find their model already loaded by the previous round's worker.
+    """
+
+    def __init__(self):
+        self.slots: list[_Slot] = []
+        self.crash_dir = tempfile.mkdtemp(prefix="actsparse-workers-")   # faulthandler logs of the model workers
+        self.oom_kills_at_start = oom_kills()
+
+    def close(self) -> None:
+        """Kill every worker and remove the crash logs."""
+        import shutil
+
+        import ray
+
+        for s in self.slots:
+            ray.kill(s.actor, no_restart=True)
+        self.slots.clear()
+        shutil.rmtree(self.crash_dir, ignore_errors=True)
+
+
 @dataclass
 class _Slot:
     actor: object
@@ -69,12 +96,14 @@ class AffinityScheduler:
     """Runs a SweepDag on model-keeping Ray actors; calls on_cell(cell, result | None, Failure | None) per cell."""
 
     def __init__(self, dag: SweepDag, launcher: dict, store, faults: dict,
-                 on_cell: Callable[[Cell, dict | None, Failure | None], None]):
+                 on_cell: Callable[[Cell, dict | None, Failure | None], None], pool: WorkerPool | None = None):
         self.dag, self.launcher, self.store, self.faults, self.on_cell = dag, launcher, store, faults, on_cell
         self.results: dict[tuple, dict] = {}
         self.failures: dict[tuple, Failure] = {}
         self.jobs: dict[tuple, _Job] = {}
-        self.slots: list[_Slot] = []
+        self.own_pool = pool is None                      # a pool it made itself is closed when it is done
+        self.pool = pool or WorkerPool()
+        self.slots = self.pool.slots
         self.inflight: dict = {}                          # ObjectRef -> (job, slot or None)
         self.ready: dict[str, list[_Job]] = defaultdict(list)
         self.ready_tasks: list[_Job] = []
@@ -146,13 +175,15 @@ class AffinityScheduler:
                 done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
                 for ref in done:
                     self._complete(ref)
-        finally:  # on Ctrl-C or an error too: leave nothing running on the cluster
+        except BaseException:  # on Ctrl-C or an error: leave nothing running on the cluster
+            self.pool.close()
+            raise
+        finally:
             for ref, (_, slot) in self.inflight.items():
                 if slot is None:
                     ray.cancel(ref, force=True)
-            for s in self.slots:
-                ray.kill(s.actor, no_restart=True)
-            self.slots.clear()
+        if self.own_pool:
+            self.pool.close()
 
     def _staff(self) -> None:
         """Start actors, up to the cap, while queued actor nodes outnumber the actors."""
@@ -164,7 +195,8 @@ class AffinityScheduler:
         while len(self.slots) < min(self.cap, sum(self.queued.values())):
             self.actors_started += 1
             actor = ray.remote(ModelWorker).options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
-                                                    max_restarts=0, max_task_retries=0, max_concurrency=1).remote()
+                                                    max_restarts=0, max_task_retries=0,
+                                                    max_concurrency=1).remote(self.pool.crash_dir, self.faults)
             self.slots.append(_Slot(actor))
 
     def _serving(self) -> dict[str, int]:
@@ -238,18 +270,21 @@ class AffinityScheduler:
         try:
             result = ray.get(ref)
         except RayActorError as e:        # the worker process died under the node (SIGKILL, segfault, lost node)
-            self.actor_deaths += 1
             if slot is not None and slot in self.slots:
                 self.slots.remove(slot)   # a fresh actor replaces it on the next _staff()
+            if getattr(e, "actor_init_failed", False):   # it raised while starting: a retry would raise again
+                kind_, first, tb = _creation_error(e)
+                self._fail(job, _failure(job.kind, f"its model worker could not start: {kind_}", tb, first))
+                return
+            self.actor_deaths += 1
             job.attempts += 1
             if job.attempts <= self.launcher["max_retries"]:
                 if job.on_actor:
                     self.queued[job.model] += 1
                 self._make_ready(job)
                 return
-            self._fail(job, Failure(f"{STAGE[job.kind]} failed: its worker process died {job.attempts} time(s) "
-                                    f"({type(e).__name__}); raise launcher.max_retries or check the workers' "
-                                    "memory (an out-of-memory kill looks like this)", str(e)))
+            self._fail(job, _death_failure(job.kind, e, job.attempts, self.pool.crash_dir,
+                                                     self.pool.oom_kills_at_start))
         except RayTaskError as e:
             cause = e.cause if e.cause is not None else e
             self._fail(job, _failure(job.kind, cause, str(e)))
@@ -286,6 +321,65 @@ class AffinityScheduler:
             self._fail(dep, failure)
 
 
-def _failure(kind: str, cause: BaseException, tb: str) -> Failure:
-    text = str(cause).strip().splitlines()
-    return Failure(f"{STAGE[kind]} failed: {type(cause).__name__}: {text[0] if text else ''}", tb)
+def _failure(kind: str, cause: BaseException | str, tb: str, first_line: str | None = None) -> Failure:
+    """`<stage> failed: <ExceptionType>: <first line of its message>`, the full traceback kept beside it."""
+    if isinstance(cause, BaseException):
+        text = str(cause).strip().splitlines()
+        cause, first_line = type(cause).__name__, text[0] if text else ""
+    return Failure(f"{STAGE[kind]} failed: {cause}: {first_line or ''}", tb)
+
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): ?(.*)$")
+
+
+def _creation_error(e: BaseException) -> tuple[str, str, str]:
+    """(exception type, first line of its message, traceback) of the error a model worker raised while starting."""
+    text = str(e)
+    for line in reversed(text.splitlines()):
+        m = _EXC_LINE.match(line.strip())
+        if m:
+            return m.group(1).rsplit(".", 1)[-1], m.group(2), text
+    return type(e).__name__, "the model worker raised while starting", text
+
+
+def oom_kills() -> int | None:
+    """The kernel's count of OOM kills in this process's cgroup (cgroup v2), or None where it cannot be read."""
+    try:
+        for line in Path("/sys/fs/cgroup/memory.events").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def crash_log(crash_dir: str, pid: int) -> Path:
+    """Where a model worker's faulthandler writes when a fatal signal (SIGSEGV, SIGABRT, ...) kills it."""
+    return Path(crash_dir) / f"worker-{pid}.log"
+
+
+def _death_failure(kind: str, e: BaseException, attempts: int, crash_dir: str, oom_before: int | None) -> Failure:
+    """Say how a worker process died: the fatal signal its faulthandler caught, an OOM kill the kernel counted,
+    or, when neither left a trace, that something it could not catch (SIGKILL, a lost node) ended it."""
+    text = str(e)
+    m = re.search(r"(?:\bpid: |Worker PID: |pid=)(\d+)", text)
+    pid = int(m.group(1)) if m else None
+    who = f"its worker process{f' (pid {pid})' if pid else ''} died {attempts} time(s)"
+    log = crash_log(crash_dir, pid) if pid else None
+    fatal = log.read_text().strip().splitlines() if log is not None and log.exists() else []
+    now = oom_kills()
+    if fatal:
+        how = f"{fatal[0]} (its faulthandler log: {log})"
+    elif "OutOfMemoryError" in type(e).__name__ or re.search(r"low on memory|memory pressure", text):
+        how = ("Ray's memory monitor killed it for lack of memory; lower data.batch_size / eval.batch_size, run "
+               "fewer workers (launcher.max_workers) or give them more memory")
+    elif oom_before is not None and now is not None and now > oom_before:
+        how = (f"the kernel's out-of-memory killer killed it (cgroup oom_kill {oom_before} -> {now}); lower "
+               "data.batch_size / eval.batch_size, run fewer workers (launcher.max_workers) or give them more memory")
+    else:
+        counted = ("no out-of-memory kill was counted" if now is not None
+                   else "this machine does not expose its out-of-memory kill count")
+        how = ("it ended without a Python error or a fatal-signal trace: killed by a signal it cannot catch "
+               f"(SIGKILL: `kill -9`, `ray stop --force`) or its node was lost; {counted}")
+    return Failure(f"{STAGE[kind]} failed: {who}: {how}; launcher.max_retries retries a node whose worker dies",
+                   text)

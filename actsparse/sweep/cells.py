@@ -135,6 +135,7 @@ class Cell:
     device: str
     label: str = field(default="")
     method_label: str = field(default="")       # the name plus non-default params: teal(allocation=greedy)
+    ignored_target: float | None = None          # the requested sparsity, when the method's params set it instead
 
 
 def validate_cells(configs: list[tuple[list[str], dict]]) -> list[Cell]:
@@ -173,6 +174,13 @@ def _cell(index: int, overrides: list[str], cfg: dict, ctx: _Context) -> Cell:
     typed = make_params(cls, given)
     params = dataclasses.asdict(typed)
     sparsity = check_sparsity(cfg["sparsity"])
+    # a method whose params set its sparsity (nm's N:M pattern) is recorded and labelled at that sparsity,
+    # never at the target the grid asked for, which it ignores
+    nominal = getattr(cls, "nominal_sparsity", None)
+    ignored = None
+    if not cls.uses_target and callable(nominal) and abs(nominal(typed) - sparsity) > 1e-9:
+        ignored, sparsity = sparsity, round(float(nominal(typed)), 6)
+        cfg = {**cfg, "sparsity": sparsity}
     parse_token_policy(e["token_policy"])
     device = _device(cfg["device"], cfg["launcher"])
     _check_collector(d)
@@ -195,8 +203,24 @@ def _cell(index: int, overrides: list[str], cfg: dict, ctx: _Context) -> Cell:
     key = content_key("cell", plan.key, ev.identity())
     method_label = _method_label(cls, params)
     label = f"{m['name'] if model.kind != 'local' else Path(m['name']).name} {method_label}" + \
-            (f" s={sparsity:g}" if cls.uses_target else "")
-    return Cell(index, tuple(overrides), cfg, key, stats, plan, dense, ev, sparsity, device, label, method_label)
+            (f" s={sparsity:g}" if cls.uses_target or callable(nominal) else "")
+    return Cell(index, tuple(overrides), cfg, key, stats, plan, dense, ev, sparsity, device, label, method_label,
+                ignored)
+
+
+def target_notes(cells: list[Cell]) -> list[str]:
+    """One line per method whose params, not the grid's `sparsity`, set its sparsity, naming the points it merges."""
+    by_label: dict[str, list[Cell]] = {}
+    for c in cells:
+        if c.ignored_target is not None:
+            by_label.setdefault(c.label, []).append(c)
+    out = []
+    for label, cs in by_label.items():
+        asked = ", ".join(f"{v:g}" for v in sorted({c.ignored_target for c in cs}))
+        out.append(f"note: {cs[0].plan.method} ignores sparsity={asked}: its parameters set it "
+                   f"({cs[0].method_label}: {cs[0].sparsity:g} of each input zeroed), so it runs, and is recorded, as "
+                   f"`{label}`; change it with method.params.* (see `actsparse ls methods`)")
+    return out
 
 
 def _method_label(cls, params: dict) -> str:

@@ -8,6 +8,8 @@ as one DAG.
 """
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass
 
 from ..errors import ActsparseError
@@ -36,7 +38,7 @@ def compose_grid(overrides: list[str]) -> Grid:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="actsparse"):
         loader = GlobalHydra.instance().config_loader()
         parser = OverridesParser.create(config_loader=loader)
-        with _hydra_errors(loader):
+        with _hydra_errors(loader, overrides):
             overrides = _model_overrides(parser.parse_overrides(list(overrides)), loader)
             primary = loader.load_configuration("config", overrides, run_mode=RunMode.MULTIRUN)
             params = dict(primary.hydra.sweeper.params or {})
@@ -52,11 +54,17 @@ def compose_grid(overrides: list[str]) -> Grid:
 
 
 def _model_overrides(parsed, loader) -> list[str]:
-    """`model=X` where X is not a preset in conf/model means `model.name=X` (any asp.load_model spec)."""
+    """`model=X` where X is not a preset in conf/model means `model.name=X` (any asp.load_model spec);
+    `+method.params.k=v` means `++method.params.k=v`.
+
+    Every method's parameters are in the config with their defaults, so Hydra would refuse `+` (append) for
+    them; `++` sets a known parameter and adds an unknown one, which validation then rejects by name."""
     options = set(loader.get_group_options("model"))
     out = []
     for o in parsed:
         line = o.input_line
+        if line.startswith("+method.params."):
+            line = "+" + line
         if o.key_or_group == "model" and o.package is None and line.startswith("model="):
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             if any(v not in options for v in values):
@@ -68,8 +76,9 @@ def _model_overrides(parsed, loader) -> list[str]:
 class _hydra_errors:
     """Turn Hydra/OmegaConf composition errors into one-paragraph ActsparseErrors."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, overrides: list[str]):
         self.loader = loader
+        self.overrides = overrides
 
     def __enter__(self):
         return self
@@ -84,8 +93,30 @@ class _hydra_errors:
             group, _, value = e.missing_cfg_file.rpartition("/")
             raise _missing_option(group, value, self.loader) from None
         if isinstance(e, (HydraException, OmegaConfBaseException)):
+            bad = re.search(r"Could not override 'method\.params\.([^'.]+)'", str(e))
+            if bad:
+                raise _unknown_param(bad.group(1), self.overrides) from None
             raise ActsparseError(f"bad configuration: {_first_lines(e)}") from None
         return False
+
+
+def _unknown_param(name: str, overrides: list[str]) -> ActsparseError:
+    """The error for `method.params.<name>=...` that the chosen method(s) do not have: their valid parameters."""
+    from .config import method_defaults
+
+    defaults = method_defaults()
+    chosen = [v.strip() for o in overrides if o.startswith("method=") for v in o[len("method="):].split(",")]
+    lines = []
+    for method in dict.fromkeys(chosen or ["teal"]):
+        params = defaults.get(method)
+        if params is None or name in params:
+            continue
+        close = difflib.get_close_matches(name, params, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        listed = ", ".join(f"{k}={v}" for k, v in params.items()) or "none"
+        lines.append(f"method {method!r} has no parameter {name!r}{hint}; its parameters (defaults): {listed}")
+    return ActsparseError("; ".join(lines) or f"no method of this grid has a parameter {name!r}; "
+                          "list them with `actsparse ls methods`")
 
 
 def _missing_option(group: str, value: str, loader) -> ActsparseError:

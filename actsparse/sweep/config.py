@@ -188,18 +188,26 @@ def _first_dir(env: str, candidates: list[Path]) -> Path:
 
 
 def register_configs() -> None:
-    """Store the schema, one `method` option per registered method, and the `sweep` presets in the ConfigStore."""
+    """Store the schema, one `method` option per registered method (its parameters with their defaults), and the
+    `sweep` presets in the ConfigStore."""
     from hydra.core.config_store import ConfigStore
-
-    from ..sparsifiers.registry import methods
 
     cs = ConfigStore.instance()
     cs.store(name="actsparse_schema", node=SweepConf)
-    # a method registered in Python is sweepable by name with no YAML file; conf/method/<name>.yaml wins
+    # every registered method is an option of the `method` group, its typed parameters filled with their
+    # defaults, so `method.params.<name>=v` overrides it and `--cfg` shows them; conf/method/<name>.yaml wins
     have_yaml = {p.stem for p in (conf_dir() / "method").glob("*.yaml")}
-    for name in methods():
+    for name, params in method_defaults().items():
         if name not in have_yaml:
-            cs.store(group="method", name=name, node={"name": name, "params": {}})
+            cs.store(group="method", name=name, node={"name": name, "params": params})
     # presets live in sweeps/ (short files that read like a paper table's caption) and are the `sweep` group
     for path in sorted(sweeps_dir().glob("*.yaml")):
         cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def method_defaults() -> dict[str, dict]:
+    """{method: {param: default}} of every registered method, as plain config values (tuples as lists)."""
+    from ..sparsifiers.registry import methods
+
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return {name: {k: plain(p["default"]) for k, p in params.items()} for name, params in methods().items()}

@@ -4,7 +4,8 @@ Set `ACTSPARSE_INJECT_FAULTS` to a JSON object in the environment of the process
 (the driver reads it and ships it with each node, so Ray workers need not inherit it):
 
     {"oom":  [{"stage": "cell", "match": "teal s=0.6", "times": 1}],
-     "hold": [{"stage": "cell", "match": "teal s=0.3", "pidfile": "/tmp/hold.pid", "seconds": 120}]}
+     "hold": [{"stage": "cell", "match": "teal s=0.3", "pidfile": "/tmp/hold.pid", "seconds": 120}],
+     "raise": [{"stage": "calibrate", "type": "ImportError", "message": "cannot import name 'X' from 'y'"}]}
 
 - `oom`: the node's calibration or perplexity call (calibrate, dense or cell) raises a real
   `torch.OutOfMemoryError` on its first `times` calls in that task, as a GPU that runs out of memory
@@ -13,11 +14,15 @@ Set `ACTSPARSE_INJECT_FAULTS` to a JSON object in the environment of the process
   `seconds` before doing its work, so a test can SIGKILL that worker mid-node (or Ctrl-C the sweep)
   at a known point; a retry finds the pidfile and does not hold again.
 
-`stage` is `calibrate`, `fit`, `dense` or `cell`; `match` (optional) is a substring of the node's label
+- `raise`: the node raises the named built-in exception with that message, as a broken install would; stage
+  `worker` raises it while a model worker starts (the affinity launcher's actors), before it runs any node.
+
+`stage` is `calibrate`, `fit`, `dense`, `cell` (or `worker`, for `raise`); `match` (optional) is a substring of the node's label
 (the cell label, e.g. `tiny-llama teal s=0.5`, or the model name for calibrate/dense). Unset: no faults.
 """
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import time
@@ -26,8 +31,8 @@ from pathlib import Path
 from ..errors import ActsparseError
 
 ENV = "ACTSPARSE_INJECT_FAULTS"
-_KINDS = {"oom", "hold"}
-STAGES = ("calibrate", "fit", "dense", "cell")
+_KINDS = {"oom", "hold", "raise"}
+STAGES = ("calibrate", "fit", "dense", "cell", "worker")
 
 
 def from_env() -> dict:
@@ -44,7 +49,18 @@ def from_env() -> dict:
     for kind, specs in faults.items():
         if not isinstance(specs, list) or not all(isinstance(s, dict) and s.get("stage") in STAGES for s in specs):
             raise ActsparseError(f"{ENV}: {kind!r} must be a list of objects with stage in {list(STAGES)}")
+    for s in faults.get("raise", []):
+        exc = getattr(builtins, str(s.get("type")), None)
+        if not (isinstance(exc, type) and issubclass(exc, Exception)):
+            raise ActsparseError(f"{ENV}: 'raise' needs type = a built-in exception name (e.g. ImportError), "
+                                 f"got {s.get('type')!r}")
     return faults
+
+
+def raise_now(spec: dict | None) -> None:
+    """Raise the built-in exception a `raise` fault names, with its message (see module doc)."""
+    if spec:
+        raise getattr(builtins, spec["type"])(spec.get("message", "injected fault"))
 
 
 def select(faults: dict, stage: str, label: str) -> dict:

@@ -16,16 +16,19 @@ import os
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ActsparseError
 from .affinity import Failure
-from .cells import Cell, validate_cells
+from .cells import Cell, target_notes, validate_cells
 from .compose import Grid
 from .dag import SweepDag, build_dag
 
-FINISHED, SKIPPED, FAILED = "finished", "skipped", "failed"
+# skipped: the cell already had a FINISHED run; merged: a grid point that repeats another point's cell
+# (dense at several sparsities), reported once under the first point
+FINISHED, SKIPPED, FAILED, MERGED = "finished", "skipped", "failed", "merged"
 _SHARED = ("tracking", "report", "launcher", "ray")   # one value per sweep: not sweepable
 
 
@@ -44,6 +47,7 @@ class Outcome:
     nodes: dict = field(default_factory=dict)             # {"calibrations_computed": n, ...} (see _node_counts)
     model: dict = field(default_factory=dict)             # model loads, cache hits, seconds loading and saved
     wall_s: float = 0.0
+    view: str = ""                                        # how to open the runs table in the MLflow UI
 
     def count(self, status: str) -> int:
         return sum(s["status"] == status for s in self.statuses)
@@ -60,8 +64,10 @@ class Outcome:
             where += f"; report: {self.report.html}"
         elif self.report_error:
             where += f"; report failed: {self.report_error}"
+        merged = self.count(MERGED)
+        merged = f", {merged} merged grid point(s) that repeat a cell" if merged else ""
         return (f"cells: {self.count(FINISHED)} finished, {self.count(SKIPPED)} skipped, "
-                f"{self.count(FAILED)} failed — {where}")
+                f"{self.count(FAILED)} failed{merged} — {where}")
 
 
 def plan_sweep(grid: Grid) -> tuple[list[Cell], SweepDag, dict]:
@@ -103,7 +109,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     from rich.console import Console
     from rich.markup import escape
 
-    from ..tracking.mlflow_runs import Tracker
+    from ..tracking.mlflow_runs import Tracker, runs_view
     from . import faults as fault_hook
     from .store import open_store
 
@@ -117,13 +123,15 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     done = tracker.finished_cells()
     todo = {k for k in dag.cells if k not in done}
     out = Outcome(sweep_id, None, tr["uri"], tr["experiment"])
+    out.view = runs_view(tr["uri"], tracker.experiment_id)
     by_key: dict[str, dict] = {k: {"status": SKIPPED, "run_id": done[k], "why": "already finished"}
                                for k in dag.cells if k in done}
     sub = dag.only(todo)
     console.print(f"[bold]sweep {sweep_id}[/]: {len(cells)} grid points, {len(dag.cells)} unique cells "
-                  f"({len(dag.duplicates)} duplicate grid points), {len(dag.cells) - len(todo)} already finished; "
-                  f"to run: {len(sub.cells)} cells, {len(sub.stats)} calibrations, {len(sub.plans)} fits, "
-                  f"{len(sub.dense)} dense evaluations")
+                  f"({len(dag.duplicates)} grid points merged: they repeat a cell), {len(dag.cells) - len(todo)} "
+                  f"already finished; to run: {len(sub.cells)} cells{_to_compute(sub, launcher['store'])}")
+    for note in target_notes(cells):
+        console.print(f"[yellow]{escape(note)}[/]")
     if todo:  # connect first: a cluster without the resources asked for fails before any run exists
         out.ray_started = _start_ray(launcher, console)
     try:
@@ -139,7 +147,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
         _stop_ray(out.ray_started)
         raise
     out.parent_run_id = parent
-    try:
+    with parent_run_guard(tracker, parent):
         if todo:
             out.n_tasks = len(sub.stats) + len(sub.plans) + len(sub.dense) + len(sub.cells)
             store = open_store(launcher["store"], launcher["store_cache"])
@@ -165,18 +173,30 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
                 console.print(f"[red]report failed:[/] {escape(out.report_error)}")
                 traceback.print_exc()
         out.wall_s = time.perf_counter() - t_start
-        tracker.end_run(parent, "FAILED" if out.exit_code else "FINISHED",
-                        {"cells/finished": out.count(FINISHED), "cells/skipped": out.count(SKIPPED),
-                         "cells/failed": out.count(FAILED), "time/sweep_s": out.wall_s,
-                         **{f"nodes/{k}": v for k, v in out.nodes.items()},
-                         **{f"model/{k}": v for k, v in out.model.items()}})
+        end_parent(tracker, parent, out, {**{f"nodes/{k}": v for k, v in out.nodes.items()},
+                                          **{f"model/{k}": v for k, v in out.model.items()}})
+    return out
+
+
+@contextmanager
+def parent_run_guard(tracker, parent: str):
+    """On Ctrl-C end the sweep's parent run KILLED, on any other error FAILED, and re-raise."""
+    try:
+        yield
     except KeyboardInterrupt:
         tracker.end_run(parent, "KILLED")
         raise
     except BaseException:
         tracker.end_run(parent, "FAILED")
         raise
-    return out
+
+
+def end_parent(tracker, parent: str, out: Outcome, extra: dict) -> None:
+    """End the parent run with the sweep's counts: FAILED when a cell or the report failed."""
+    tracker.end_run(parent, "FAILED" if out.exit_code else "FINISHED",
+                    {"cells/finished": out.count(FINISHED), "cells/skipped": out.count(SKIPPED),
+                     "cells/merged": out.count(MERGED), "cells/failed": out.count(FAILED),
+                     "time/sweep_s": out.wall_s, **extra})
 
 
 def _grid_statuses(dag: SweepDag, by_key: dict[str, dict]) -> list[dict]:
@@ -185,10 +205,29 @@ def _grid_statuses(dag: SweepDag, by_key: dict[str, dict]) -> list[dict]:
         first = dag.cells[c.key]
         st = dict(by_key[c.key])
         if first is not c:
-            st = {"status": SKIPPED, "run_id": st.get("run_id"), "why": f"duplicate of grid point {first.index}"}
+            st = {"status": MERGED, "run_id": st.get("run_id"), "why": f"repeats grid point {first.index}"}
         rows.append({"index": c.index, "overrides": list(c.overrides), "label": c.label, "cell_key": c.key,
                      "stats_key": c.stats.key, "plan_key": c.plan.key, **st})
     return rows
+
+
+def _to_compute(sub: SweepDag, store_spec: str) -> str:
+    """`, computing N calibrations, N fits, N dense evaluations` for the nodes whose artifact is not in the store."""
+    if not sub.cells:
+        return ""
+    try:
+        from .store import open_store
+
+        store = open_store(store_spec)
+        have = {kind: set(store.keys(kind)) for kind in ("stats", "plans", "dense")}
+    except Exception:    # an unreachable store is reported when the nodes run; here only the count is lost
+        have = {"stats": set(), "plans": set(), "dense": set()}
+    parts = []
+    for kind, nodes, what in (("stats", sub.stats, "calibration"), ("plans", sub.plans, "fit"),
+                              ("dense", sub.dense, "dense evaluation")):
+        stored = sum(k in have[kind] for k in nodes)
+        parts.append(f"{len(nodes) - stored} {what}(s)" + (f" (+{stored} from the store)" if stored else ""))
+    return ", computing " + ", ".join(parts)
 
 
 # -- Ray ------------------------------------------------------------------------------------------------
@@ -232,6 +271,8 @@ def _start_ray(launcher: dict, console) -> bool:
 
     if ray.is_initialized():
         return False
+    # the embedded cluster's token authentication is on by design; its notice on every start is noise
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     r = launcher["ray"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     kw = dict(include_dashboard=False, log_to_driver=r["log_to_driver"], logging_level=logging.WARNING)
@@ -253,8 +294,12 @@ def _start_ray(launcher: dict, console) -> bool:
 
 
 def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent: str, sweep_id: str, by_key: dict,
-             console) -> dict:
-    """Run the DAG (on model actors, or as chained tasks), logging each cell as it completes; return node results."""
+             console, extra_tags=None, pool=None) -> dict:
+    """Run the DAG (on model actors, or as chained tasks), logging each cell as it completes; return node results.
+
+    extra_tags(cell, result or None) adds tags to a cell's child run (a search tags its probes); pool (an
+    affinity.WorkerPool) keeps the model workers for the caller's next DAG instead of closing them.
+    """
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -264,21 +309,25 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
 
         def record(cell: Cell, result: dict | None, failure: Failure | None) -> None:
             if failure is not None:  # a failing cell becomes a FAILED run; the sweep goes on
-                rid = _log_failed(tracker, parent, sweep_id, cell, failure.message, failure.traceback)
+                rid = _log_failed(tracker, parent, sweep_id, cell, failure.message, failure.traceback,
+                                  extra_tags(cell, None) if extra_tags else {})
                 by_key[cell.key] = {"status": FAILED, "run_id": rid, "error": failure.message}
-                prog.console.print(f"[red]✗[/] {escape(cell.label)}  {escape(failure.message.splitlines()[0][:160])}  "
+                prog.console.print(f"[red]✗[/] {escape(cell.label)}  {escape(failure.message.splitlines()[0])}  "
                                    f"[dim]\\[{cell.key}][/]")
             else:
-                rid = _log_finished(tracker, parent, sweep_id, cell, result)
+                rid = _log_finished(tracker, parent, sweep_id, cell, result,
+                                    extra_tags(cell, result) if extra_tags else {})
                 by_key[cell.key] = {"status": FINISHED, "run_id": rid}
                 prog.console.print(f"[green]✓[/] {escape(cell.label)}  {escape(cell_line(result))}  "
                                    f"[dim]\\[{cell.key}][/]")
+                if "acc" in result:
+                    prog.console.print(accuracy_table(result), soft_wrap=False)
             prog.update(bar, advance=1, description=escape(f"last: {cell.label}"))
 
         if launcher["affinity"]:
             from .affinity import AffinityScheduler
 
-            sched = AffinityScheduler(dag, launcher, store, faults, record)
+            sched = AffinityScheduler(dag, launcher, store, faults, record, pool)
             sched.run()
             return {"results": sched.results, "actors": sched.actors_started, "actor_deaths": sched.actor_deaths}
         return _execute_tasks(dag, launcher, store, faults, record)
@@ -401,7 +450,7 @@ def _tags(cell: Cell, sweep_id: str, device: str) -> dict:
             "method": cell.plan.method, "method_label": cell.method_label or cell.plan.method}
 
 
-def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict) -> str:
+def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict, extra: dict | None = None) -> str:
     from ..report.plots import layer_sparsity_plot
 
     metrics = {"sparsity/effective": r["effective"], "sparsity/effective_expected": r["expected_effective"],
@@ -414,7 +463,8 @@ def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict) -> s
     tags = {**_tags(cell, sweep_id, r["device"]), "stats_source": r["stats_source"], "host": r["host"],
             "model_cache": "miss" if model.get("loads") else "hit" if model.get("hits") else "none",
             "ray_node": worker.get("node", "")[:16], "worker_pid": worker.get("pid", ""),
-            "eval_batch_size": r.get("eval_batch_size", cell.eval.batch_size), "oom_retries": r.get("oom_retries", 0)}
+            "eval_batch_size": r.get("eval_batch_size", cell.eval.batch_size), "oom_retries": r.get("oom_retries", 0),
+            **(extra or {})}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         _write_config(cell, d)
@@ -426,6 +476,10 @@ def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict) -> s
             tags["lm_eval_versions"] = json.dumps(r["acc"].get("versions", {}), sort_keys=True)[:4900]
             tags["lm_eval_n_shot"] = json.dumps(r["acc"].get("n_shot", {}), sort_keys=True)[:4900]
             tags["lm_eval"] = _lm_eval_version()
+            from ..report.accuracy import subsampled
+
+            if subsampled(r["acc"]):
+                tags["lm_eval_subsampled"] = subsampled(r["acc"])[:4900]
         if "speed_skipped" in r:
             tags["speed_skipped"] = r["speed_skipped"][:4900]
         if r["per_point"]:
@@ -444,7 +498,8 @@ def quality_metrics(r: dict) -> dict:
     if "acc" in r:
         dense = r.get("acc_dense") or {}
         for k, v in r["acc"].items():
-            if k.startswith(("acc/", "acc_norm/")) or k == "acc_avg":
+            if k.startswith(("acc/", "acc_norm/", "acc_stderr/", "acc_norm_stderr/")) or k in ("acc_avg",
+                                                                                             "acc_avg_stderr"):
                 m[k] = v
                 if isinstance(dense.get(k), (int, float)):
                     m[f"{k}_dense"] = dense[k]
@@ -462,8 +517,16 @@ def cell_line(r: dict) -> str:
     if "ppl" in r:
         parts.append(f"ppl {r['ppl']:.3f} (x{r['ppl_ratio']:.3f} dense)")
     if "acc" in r and "acc_avg" in r["acc"]:
-        d = (r.get("acc_dense") or {}).get("acc_avg")
-        parts.append(f"acc_avg {100 * r['acc']['acc_avg']:.1f}%" + (f" (dense {100 * d:.1f}%)" if d is not None else ""))
+        from ..report.accuracy import pct, significant, subsampled
+
+        a, dense = r["acc"], r.get("acc_dense") or {}
+        d = dense.get("acc_avg")
+        sig = significant(a["acc_avg"], a.get("acc_avg_stderr"), d, dense.get("acc_avg_stderr")) if d is not None \
+            else None
+        parts.append(f"acc_avg {pct(a['acc_avg'], a.get('acc_avg_stderr'))}%"
+                     + (f" (dense {pct(d, dense.get('acc_avg_stderr'))}%"
+                        + ("; not significant: within 2 stderr" if sig is False else "") + ")" if d is not None else "")
+                     + (f" [{subsampled(a).split(':')[0]}]" if subsampled(a) else ""))
     if "fidelity" in r:
         parts.append(f"fidelity cos {r['fidelity']['cos']:.4f}")
     if "speed" in r:
@@ -475,6 +538,23 @@ def cell_line(r: dict) -> str:
     return "  ".join(parts + [f"effective sparsity {r['effective']:.3f}"])
 
 
+def accuracy_table(r: dict):
+    """A finished cell's lm-eval figures per task as a terminal table: ± stderr, dense beside, n.s. marks."""
+    from rich.table import Table
+
+    from ..report.accuracy import subsampled, task_rows
+
+    rows = task_rows(r["acc"], r.get("acc_dense"))
+    caption = "accuracy in %, ± one standard error; Δ in points, (n.s.): within 2 standard errors of dense"
+    note = subsampled(r["acc"])
+    t = Table(caption=caption + (f"\n{note}" if note else ""), caption_justify="left")
+    for col in rows[0] if rows else []:
+        t.add_column(col, justify="left" if col == "task" else "right")
+    for row in rows:
+        t.add_row(*row.values())
+    return t
+
+
 def _lm_eval_version() -> str:
     try:
         from importlib.metadata import version
@@ -484,8 +564,8 @@ def _lm_eval_version() -> str:
         return "unknown"
 
 
-def _log_failed(tracker, parent: str, sweep_id: str, cell: Cell, msg: str, tb: str) -> str:
-    tags = {**_tags(cell, sweep_id, cell.device), "error": msg[:4900]}
+def _log_failed(tracker, parent: str, sweep_id: str, cell: Cell, msg: str, tb: str, extra: dict | None = None) -> str:
+    tags = {**_tags(cell, sweep_id, cell.device), "error": msg[:4900], **(extra or {})}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         _write_config(cell, d)
@@ -499,13 +579,15 @@ def _write_config(cell: Cell, d: Path) -> None:
     (d / "config.yaml").write_text(f"# overrides: {' '.join(cell.overrides)}\n" + OmegaConf.to_yaml(cell.config))
 
 
-def _report(tr: dict, results: Path, sweep_id: str, statuses: list[dict], tracker, parent: str, console):
-    from ..report.build import build_report
+def _report(tr: dict, results: Path, sweep_id: str, statuses: list[dict], tracker, parent: str, console,
+            budgets: dict | None = None):
+    from ..report.build import ReportOptions, build_report
     from ..report.runs import runs_frame
 
     ids = list(dict.fromkeys(s["run_id"] for s in statuses if s.get("run_id")))
     df = runs_frame(tr["uri"], tr["experiment"], ids)
-    rep = build_report(df, results, f"Sweep {sweep_id}")
+    rep = build_report(df, results, f"Sweep {sweep_id}", ReportOptions(budgets=dict(budgets or {})))
     tracker.log_artifacts(parent, rep.dir, "report")
-    console.print(rep.console_text() + "\n", markup=False, highlight=False)
+    rep.print_to(console)
+    console.print()
     return rep

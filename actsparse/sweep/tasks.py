@@ -155,6 +155,7 @@ def calibrate_task(node: StatsNode, store: "Store | str", device: str, threads: 
     st = _as_store(store)
     f = _faults.select(faults, "calibrate", node.model.name)
     _faults.hold(f.get("hold"))
+    _faults.raise_now(f.get("raise"))
     path = st.fetch("stats", node.key)
     if path is not None:
         return _end({"key": node.key, "path": str(path), "source": "cache",
@@ -185,7 +186,9 @@ def fit_task(node: PlanNode, store: "Store | str", stats: dict, device: str, thr
 
     _begin()
     st = _as_store(store)
-    _faults.hold(_faults.select(faults, "fit", f"{node.method} {node.target:g}").get("hold"))
+    f = _faults.select(faults, "fit", f"{node.method} {node.target:g}")
+    _faults.hold(f.get("hold"))
+    _faults.raise_now(f.get("raise"))
     path = st.fetch("plans", node.key)
     if path is not None:
         plan, source = SparsityPlan.load(path), "cache"
@@ -213,6 +216,7 @@ def dense_task(node: DenseNode, store: "Store | str", device: str, threads: floa
     st = _as_store(store)
     f = _faults.select(faults, "dense", node.model.name)
     _faults.hold(f.get("hold"))
+    _faults.raise_now(f.get("raise"))
     path = st.fetch("dense", node.key)
     if path is not None:
         m = _meta(path)
@@ -317,6 +321,7 @@ def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: 
     st = _as_store(store)
     f = _faults.select(faults, "cell", cell.label)
     _faults.hold(f.get("hold"))
+    _faults.raise_now(f.get("raise"))
     device = resolve_device(cell.device)
     p = SparsityPlan.load(_need(st, "plans", plan["key"], "plan"))
     ev = cell.eval
@@ -367,8 +372,17 @@ def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: 
 class ModelWorker:
     """A Ray actor that runs nodes and keeps the models it loaded (launcher.model_cache) between them (affinity)."""
 
-    def __init__(self):
+    def __init__(self, crash_dir: str | None = None, faults: dict | None = None):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if crash_dir:  # a fatal signal (SIGSEGV, SIGABRT, ...) leaves its name and traceback for the driver
+            import faulthandler
+
+            from .affinity import crash_log
+
+            os.makedirs(crash_dir, exist_ok=True)
+            self._crash_file = open(crash_log(crash_dir, os.getpid()), "w")
+            faulthandler.enable(self._crash_file)
+        _faults.raise_now(_faults.select(faults, "worker", "").get("raise"))
         _warm_imports()
 
     def run(self, stage: str, *args) -> dict:

@@ -13,6 +13,9 @@ from pathlib import Path
 from ..errors import ActsparseError
 
 KIND_TAG = "run_kind"          # "sweep" (parent) or "cell" (child)
+# MLflow 3's UI picks an experiment's landing page by this tag; without it an experiment may open on the GenAI
+# overview (traces), which shows nothing of a sweep. custom_model_development opens the runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 _MAX_PARAM = 6000              # MLflow's limit on a param value
 
 
@@ -46,6 +49,13 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def runs_view(uri: str, experiment_id: str) -> str:
+    """How to open the experiment's runs table in the MLflow UI: the command (for a local store) and the URL."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"mlflow ui --backend-store-uri {uri}  then  http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+
+
 class Tracker:
     """An MLflow experiment seen through MlflowClient (no global mlflow state)."""
 
@@ -62,9 +72,12 @@ class Tracker:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 loc = artifact_location or default_artifact_location(uri)
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc,
+                                                                   tags=dict([EXPERIMENT_KIND]))
             else:
                 self.experiment_id = exp.experiment_id
+                if exp.tags.get(EXPERIMENT_KIND[0]) is None:
+                    self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         except Exception as e:  # an unreachable server or an unusable database: say which
             raise ActsparseError(f"cannot open the MLflow tracking store {uri!r} (experiment {experiment!r}): "
                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; check "
@@ -91,9 +104,18 @@ class Tracker:
 
     # -- writing ----------------------------------------------------------------------------------------
     def start_sweep(self, sweep_id: str, name: str, params: dict, tags: dict) -> str:
-        """Create the parent run of a sweep; return its run id."""
-        run = self.client.create_run(self.experiment_id, run_name=sweep_id,
+        """Create the parent run of a sweep; return its run id.
+
+        Every invocation of a sweep is one parent run (its cells.json says what that attempt ran or skipped); a
+        re-run, after an interrupt or not, is numbered: `<sweep_id>`, `<sweep_id> #2`, ... (tag `attempt`)."""
+        before = self.client.search_runs([self.experiment_id],
+                                         f"tags.{KIND_TAG} = 'sweep' and tags.sweep_id = '{sweep_id}'",
+                                         max_results=1000)
+        attempt = 1 + max([int(r.data.tags.get("attempt", 1)) for r in before] or [0])
+        run = self.client.create_run(self.experiment_id,
+                                     run_name=sweep_id + (f" #{attempt}" if attempt > 1 else ""),
                                      tags={KIND_TAG: "sweep", "sweep_id": sweep_id, "sweep_name": name,
+                                           "attempt": str(attempt),
                                            **{k: str(v) for k, v in tags.items()}})  # a server takes strings only
         self._log(run.info.run_id, params=flatten(params))
         return run.info.run_id

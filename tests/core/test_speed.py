@@ -11,20 +11,22 @@ def test_teal_plan_maps_to_engine_thresholds(tiny, text_file):
     model, tok = tiny
     stats = asp.calibrate(model, tok, str(text_file), tokens=512, seq_len=128, progress=False)
     plan = asp.fit("teal", stats, sparsity=0.4)
-    th, sh, expected = plan_to_engine(plan)
-    assert set(th) == set(plan.rules) and not sh
-    for site, t in th.items():
-        assert t == pytest.approx(float(plan.rules[site].tensors["thresh"]))
-        assert expected[site] == pytest.approx(0.4)
+    ep = plan_to_engine(plan)
+    sites = {f"layers.{i}.{r}": s for i, L in enumerate(ep.layers) for r, s in L.items()}
+    assert set(sites) == set(plan.rules) and all(s.shift is None for s in sites.values())
+    for site, s in sites.items():
+        assert s.thresh == pytest.approx(float(plan.rules[site].tensors["thresh"]))
+        assert s.expected == pytest.approx(0.4)
 
 
 def test_cats_rule_maps_skips_to_up_and_down():
     rule = Rule("layers.0.gate_act", "threshold", {"thresh": torch.tensor(0.1)},
                 skips=["layers.0.up", "layers.0.down"], expected_sparsity=0.5)
     plan = SparsityPlan("cats", {}, 0.5, {rule.point: rule}, {"layers.0.up": 4, "layers.0.down": 4})
-    th, _, expected = plan_to_engine(plan)
-    assert th == {"layers.0.gate_act": pytest.approx(0.1)}
-    assert expected == {"layers.0.up": 0.5, "layers.0.down": 0.5}
+    ep = plan_to_engine(plan)
+    assert len(ep.layers) == 1 and ep.layers[0]["gate_act"].thresh == pytest.approx(0.1)
+    assert ep.expected_sparsity == {"layers.0.up": 0.5, "layers.0.down": 0.5}
+    assert ep.layers[0]["up"].thresh == 0.0 and ep.layers[0]["down"].thresh == 0.0   # rows chosen by gate_act
 
 
 def test_unsupported_rule_kind_is_named():
@@ -32,6 +34,9 @@ def test_unsupported_rule_kind_is_named():
     plan = SparsityPlan("rsparse", {}, 0.5, {rule.point: rule}, {})
     with pytest.raises(asp.ActsparseError, match="'lowrank' rule at layers.0.mlp"):
         plan_to_engine(plan)
+    rule = Rule("layers.0.up", "nm", {}, skips=["layers.0.up"], expected_sparsity=0.5)
+    with pytest.raises(asp.ActsparseError, match="'nm' rule at layers.0.up"):
+        plan_to_engine(SparsityPlan("nm", {}, 0.5, {rule.point: rule}, {}))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")

@@ -114,6 +114,20 @@ def test_ops_under_the_crossover_fall_back_to_dense_per_batch():
     assert eng.measure_sparsity(n_tokens=4, batch=2)["union"] == 0.0  # nothing skipped where dense
 
 
+def test_cats_under_the_gate_up_crossover_runs_dense():
+    model = _hf_tiny(seed=10)
+    eng = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=16,
+                         fallback_below={"qkv": 0.5, "o": 0.5, "gu": 0.9, "down": 0.0})
+    eng.calibrate_thresholds(0.5, n_tokens=4, method="cats")  # skips ~half the up rows: under 0.9
+    seq = torch.randint(0, TINY.vocab_size, (1, 3))
+    assert torch.equal(_engine_logits(eng, seq, False), _engine_logits(eng, seq, True))
+    assert eng.measure_sparsity(n_tokens=4)["union"] == 0.0
+    eng.fallback_below = {"qkv": 0.5, "o": 0.5, "gu": 0.1, "down": 0.0}  # now above it: CATS runs
+    dense, sparse = _engine_logits(eng, seq, False), _engine_logits(eng, seq, True)
+    assert (dense - sparse).norm() / dense.norm() > 1e-3
+    assert eng.measure_sparsity(n_tokens=4)["union"] > 0.1
+
+
 def test_calibrated_sparsity_is_measured_close_to_target():
     model = _hf_tiny(seed=7)
     eng = Engine.from_hf(model, kernels="torch", max_batch=2, max_seq_len=64)
@@ -177,10 +191,11 @@ def test_a_scap_plan_with_scalar_modes_runs_in_the_engine_as_in_the_torch_backen
             r = _rule(f"layers.{i}.{role}", "median", m, t, mod.weight.detach().float(), 0.5)
             rules[r.point] = r
     plan = SparsityPlan("scap", {}, 0.5, rules, {p: 1 for p in rules})
-    th, sh, expected = plan_to_engine(plan)
-    assert set(sh) == set(rules) and all(isinstance(v, float) for v in sh.values())
+    ep = plan_to_engine(plan, TINY.n_layers)
+    shifts = {f"layers.{i}.{r}": s.shift for i, L in enumerate(ep.layers) for r, s in L.items() if s.shift is not None}
+    assert set(shifts) == set(rules) and all(isinstance(v, float) for v in shifts.values())
     eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=1, max_seq_len=16, fallback_below=0.0)
-    eng.set_thresholds(th, shifts=sh, expected_sparsity=expected)
+    eng.set_plan(ep)
     seq = torch.randint(0, TINY.vocab_size, (1, 5), generator=g)
     got = _engine_logits(eng, seq, True)
     with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):

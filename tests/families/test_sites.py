@@ -50,9 +50,33 @@ def test_every_routed_expert_is_a_slice_of_the_fused_weight():
     assert {"layers.1.expert3.gate_act", "layers.1.expert3.up_out", "layers.1.expert3.mlp"} <= set(pts)
 
 
-def test_expert_sites_see_exactly_the_tokens_routed_to_them():
+def test_discovery_changes_nothing_on_the_model():
+    """find_sites describes; only install_routing (called by sparsify / calibrate) patches MoE forwards."""
+    from actsparse.models.moe import install_routing
+
     model = make_family("qwen3_moe")
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        before = model(ids, use_cache=False).logits
     find_sites(model)
+    hook_points(model)
+    patched = [n for n, m in model.named_modules() if "forward" in m.__dict__ or
+               any(k.startswith("_actsparse") for k in m.__dict__)]
+    assert patched == []
+    install_routing(model)
+    install_routing(model)                                  # idempotent
+    patched = sorted(n for n, m in model.named_modules() if "forward" in m.__dict__)
+    assert patched == ["model.layers.0.mlp", "model.layers.0.mlp.experts", "model.layers.1.mlp",
+                       "model.layers.1.mlp.experts"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, use_cache=False).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_sites_see_exactly_the_tokens_routed_to_them():
+    from actsparse.models.moe import install_routing
+
+    model = make_family("qwen3_moe")
+    install_routing(model)
     seen: dict[int, int] = {}
     hooks = [find_sites(model)[f"layers.0.expert{e}.up"].module.register_forward_pre_hook(
         lambda m, a, e=e: seen.__setitem__(e, seen.get(e, 0) + a[0].shape[0])) for e in range(4)]

@@ -3,16 +3,13 @@
 import pytest
 import torch
 
-from actsparse.kernels import GemvConfig, add_rmsnorm, cats_up, override_config, poison_outputs, rmsnorm, silu_mul
+from actsparse.kernels import MaskedConfig, add_rmsnorm, cats_up, override_config, poison_outputs, rmsnorm, silu_mul
 from actsparse.kernels import ref
+
+from .checks import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def rel_err(got, want):
-    assert not torch.isnan(got).any(), "output has NaNs: some elements were never written"
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -27,7 +24,7 @@ def test_cats_up_matches_reference(dtype, batch, sparsity, use_dot, split_k):
     a = torch.nn.functional.silu(torch.randn(batch, n, device=DEVICE)).to(dtype)
     g = (torch.rand(k, device=DEVICE) + 0.5).to(dtype)
     t = float(torch.quantile(a.abs().float().flatten(), sparsity)) if sparsity else 0.0
-    with override_config(GemvConfig(32, 32, 4, 1, use_dot, split_k=split_k)), poison_outputs():
+    with override_config(MaskedConfig(32, 32, 4, 1, use_dot, split_k=split_k)), poison_outputs():
         h = cats_up(x, w_up, a, torch.tensor(t, device=DEVICE), norm_weight=g)
     want = ref.cats_up_ref(x, w_up, a, t, norm_weight=g)
     assert rel_err(h, want) < TOL[dtype]

@@ -1,41 +1,37 @@
-"""The v2 kernel's producer/consumer options and packed weights, against the torch references, outputs poisoned:
+"""The masked walk's producer/consumer options and packed weights, against the torch references, outputs poisoned:
 thresh=None (the input arrives already selected, e.g. from a producer's out_thresh), out_thresh/out_shift (the
-output selected for the next GEMV) and weights packed in column strips (`pack_weight`), on the v2 and v5 paths."""
+output selected for the next GEMV) and weights packed in column strips (`pack_weight`)."""
 
 import pytest
 import torch
 
-from actsparse.kernels import (GemvConfig, override_config, pack_weight, poison_outputs, ref, sparse_gated_mlp,
+from actsparse.kernels import (MaskedConfig, override_config, pack_weight, poison_outputs, ref, sparse_gated_mlp,
                                sparse_gemv)
 from actsparse.kernels.configs import choose_impl
 
+from .checks import rel_err
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-CFGS = {"split": GemvConfig(block_n=16, block_k=16, split_k=3), "whole": GemvConfig(block_n=32, block_k=64, split_k=1),
-        "dot": GemvConfig(block_n=32, block_k=32, use_dot=True, num_stages=2, split_k=2)}
+CFGS = {"split": MaskedConfig(block_n=16, block_k=16, split_k=3), "whole": MaskedConfig(block_n=32, block_k=64, split_k=1),
+        "dot": MaskedConfig(block_n=32, block_k=32, use_dot=True, num_stages=2, split_k=2)}
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert not torch.isnan(got).any(), "output has NaNs: some elements were never written"
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
-def run(fn, *args, impl="v5", cfg="split", **kw):
-    with override_config(CFGS[cfg], impl=impl), poison_outputs():
+def run(fn, *args, cfg="split", **kw):
+    with override_config(CFGS[cfg]), poison_outputs():
         return fn(*args, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("cfg", list(CFGS))
-@pytest.mark.parametrize("impl", ["v2", "v5"])
-def test_preselected_input_and_selected_output(impl, cfg, batch, dtype):
+def test_preselected_input_and_selected_output(cfg, batch, dtype):
     k, n = 96, 80
     x = ref.sparsify_ref(torch.randn(batch, k, device=DEVICE, dtype=dtype), 0.8)  # already selected: ~58% zeros
     wt = (torch.randn(k, n, device=DEVICE) / k**0.5).to(dtype)
     kw = dict(bias=torch.randn(n, device=DEVICE), residual=torch.randn(batch, n, device=DEVICE, dtype=dtype),
               out_thresh=torch.rand(n, device=DEVICE) * 2, out_shift=torch.randn(n, device=DEVICE) * 0.1)
-    y = run(sparse_gemv, x, wt, None, impl=impl, cfg=cfg, **kw)
+    y = run(sparse_gemv, x, wt, None, cfg=cfg, **kw)
     want = ref.sparse_gemv_ref(x, wt, None, **kw)
     assert rel_err(y, want) < TOL[dtype]
     # The output selection zeroes exactly the entries whose |y − m| is at most the threshold (in fp32, where
@@ -44,13 +40,12 @@ def test_preselected_input_and_selected_output(impl, cfg, batch, dtype):
     if dtype == torch.float32:
         assert torch.equal(y == 0, want == 0)
     # A scalar output threshold broadcasts over the columns.
-    y = run(sparse_gemv, x, wt, None, impl=impl, cfg=cfg, out_thresh=torch.tensor([0.3], device=DEVICE))
+    y = run(sparse_gemv, x, wt, None, cfg=cfg, out_thresh=torch.tensor([0.3], device=DEVICE))
     assert rel_err(y, ref.sparse_gemv_ref(x, wt, None, out_thresh=0.3)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("impl", ["v2", "v5"])
-def test_gated_mlp_selects_h_for_down_and_down_reads_it_as_is(impl, batch):
+def test_gated_mlp_selects_h_for_down_and_down_reads_it_as_is(batch):
     """The engine's flow: gate|up writes h⊙1[|h| > t_down]; down with thresh=None equals down with t_down on h."""
     k, inter, d = 64, 96, 48
     x = torch.randn(batch, k, device=DEVICE) * 2
@@ -65,19 +60,18 @@ def test_gated_mlp_selects_h_for_down_and_down_reads_it_as_is(impl, batch):
     i = int(0.6 * u.numel())
     t_down = float((u[i - 1] + u[i]) / 2)
     kw = dict(norm_weight=g, out_thresh=torch.tensor([t_down], device=DEVICE))
-    h_s = run(sparse_gated_mlp, x, wg, wu, thresh, impl=impl, **kw)
+    h_s = run(sparse_gated_mlp, x, wg, wu, thresh, **kw)
     assert rel_err(h_s, ref.sparse_gated_mlp_ref(x, wg, wu, thresh, **kw)) < 1e-5
-    y = run(sparse_gemv, h_s, wd, None, impl=impl, residual=x[:, :d])
+    y = run(sparse_gemv, h_s, wd, None, residual=x[:, :d])
     assert rel_err(y, ref.sparse_gemv_ref(h_full, wd, t_down, residual=x[:, :d])) < 1e-5
     # A preselected pair input: gate and up both read x as is.
     xs = ref.sparsify_ref(x, 1.0)
-    assert rel_err(run(sparse_gated_mlp, xs, wg, wu, None, impl=impl),
+    assert rel_err(run(sparse_gated_mlp, xs, wg, wu, None),
                    ref.sparse_gated_mlp_ref(xs, wg, wu, None)) < 1e-5
 
 
 @pytest.mark.parametrize("width", [16, 32, 64])
-@pytest.mark.parametrize("impl", ["v2", "v5"])
-def test_packed_weights_match_the_row_major_ones(impl, width):
+def test_packed_weights_match_the_row_major_ones(width):
     k, nq, nkv = 72, 64, 32
     n = nq + 2 * nkv
     x = torch.randn(2, k, device=DEVICE)
@@ -87,12 +81,12 @@ def test_packed_weights_match_the_row_major_ones(impl, width):
     kw = dict(norm_weight=torch.rand(k, device=DEVICE) + 0.5, segments=(nq, nq + nkv), bias=torch.randn(n, device=DEVICE))
     thresh = torch.rand(3, k, device=DEVICE)
     for cfg in CFGS:
-        y = run(sparse_gemv, x, packed, thresh, impl=impl, cfg=cfg, **kw)
+        y = run(sparse_gemv, x, packed, thresh, cfg=cfg, **kw)
         assert y.shape == (2, n)
         assert rel_err(y, ref.sparse_gemv_ref(x, wt, thresh, **kw)) < 1e-5
     wg, wu = torch.randn(k, n, device=DEVICE) / 8, torch.randn(k, n, device=DEVICE) / 8
     t2 = torch.tensor([0.3, 0.5], device=DEVICE)
-    h = run(sparse_gated_mlp, x, pack_weight(wg, width), pack_weight(wu, width), t2, impl=impl)
+    h = run(sparse_gated_mlp, x, pack_weight(wg, width), pack_weight(wu, width), t2)
     assert rel_err(h, ref.sparse_gated_mlp_ref(x, wg, wu, t2)) < 1e-5
 
 
@@ -110,22 +104,22 @@ def test_bad_arguments_are_rejected():
         sparse_gemv(x, wt, t, out_thresh=torch.zeros(5, device=DEVICE))
     with pytest.raises(ValueError, match="out_thresh must be float32"):
         sparse_gemv(x, wt, t, out_thresh=torch.zeros(64, device=DEVICE, dtype=torch.float64))
-    for impl in ("v3", "v4", "v6"):
-        with pytest.raises(ValueError, match=f"the {impl} kernel cannot take an already-selected input"):
-            sparse_gemv(x, wt, None, impl=impl)
-        with pytest.raises(ValueError, match=f"the {impl} kernel cannot .* select its output"):
-            sparse_gemv(x, wt, t, out_thresh=t, impl=impl)
-        with pytest.raises(ValueError, match=f"the {impl} kernel reads \\[K, N\\] weights, not packed ones"):
-            sparse_gemv(x, pack_weight(wt, 16), t, impl=impl)
+    with pytest.raises(ValueError, match="the gather kernel cannot take an already-selected input"):
+        sparse_gemv(x, wt, None, impl="gather")
+    with pytest.raises(ValueError, match="the gather kernel cannot .* select its output"):
+        sparse_gemv(x, wt, t, out_thresh=t, impl="gather")
+    with pytest.raises(ValueError, match="the gather kernel reads \\[K, N\\] weights, not packed ones"):
+        sparse_gemv(x, pack_weight(wt, 16), t, impl="gather")
     # auto never picks a kernel that cannot serve the call
-    assert choose_impl("gemv", 32, 64, 1, presel=True)[0] == "v5"
-    assert choose_impl("gemv", 32, 64, 1, out_sel=True)[0] in ("v2", "v5")
+    assert choose_impl("gemv", 32, 64, 1, presel=True)[0] == "masked"
+    assert choose_impl("gemv", 32, 64, 1, out_sel=True)[0] == "masked"
+    assert choose_impl("gemv", 32, 64, 1, packed=True)[0] == "masked"
     with pytest.raises(ValueError, match="width must be a power of two ≥ 16 dividing out_features=64"):
         pack_weight(wt, 24)
     with pytest.raises(ValueError, match="width must be a power of two ≥ 16 dividing out_features=48"):
         pack_weight(torch.randn(32, 48, device=DEVICE), 32)
     with pytest.raises(ValueError, match="a packed wt must be contiguous"):
         sparse_gemv(x, pack_weight(wt, 16).transpose(0, 1), t)
-    with pytest.raises(ValueError, match="override_config: impl must be"):
-        with override_config(CFGS["split"], impl="v9"):
+    with pytest.raises(ValueError, match="override_config takes a MaskedConfig or a GatherConfig"):
+        with override_config("masked"):
             pass

@@ -3,23 +3,22 @@
 import pytest
 import torch
 
-from actsparse.kernels import GemvConfig, override_config, poison_outputs, sparse_gated_mlp, sparse_gemv
+from actsparse.kernels import MaskedConfig, override_config, poison_outputs, sparse_gated_mlp, sparse_gemv
 from actsparse.kernels import ref
+
+from .checks import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Both compute paths (tensor-core tl.dot, CUDA-core FMA up to batch 4), with and without split-K, and
-# with two weight tiles in flight (depth 2: odd and even chunk counts per slice, one-chunk slices).
-PATHS = {"dot": GemvConfig(block_n=32, block_k=32, num_warps=4, num_stages=2, use_dot=True, split_k=2),
-         "fma": GemvConfig(block_n=32, block_k=32, num_warps=4, num_stages=1, use_dot=False, split_k=3),
-         "fma1": GemvConfig(block_n=32, block_k=16, num_warps=4, num_stages=1, use_dot=False, split_k=1),
-         "fma_d2": GemvConfig(block_n=16, block_k=16, num_warps=4, num_stages=1, use_dot=False, split_k=2, depth=2),
-         "dot_d2": GemvConfig(block_n=32, block_k=16, num_warps=4, num_stages=1, use_dot=True, split_k=3, depth=2)}
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert not torch.isnan(got).any(), "output has NaNs: some elements were never written"
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+# with two weight tiles in flight (depth 2: odd and even chunk counts per slice, one-chunk slices), and one-shot tiles.
+PATHS = {"dot": MaskedConfig(block_n=32, block_k=32, num_warps=4, num_stages=2, use_dot=True, split_k=2),
+         "fma": MaskedConfig(block_n=32, block_k=32, num_warps=4, num_stages=1, use_dot=False, split_k=3),
+         "fma1": MaskedConfig(block_n=32, block_k=16, num_warps=4, num_stages=1, use_dot=False, split_k=1),
+         "fma_d2": MaskedConfig(block_n=16, block_k=16, num_warps=4, num_stages=1, use_dot=False, split_k=2, depth=2),
+         "dot_d2": MaskedConfig(block_n=32, block_k=16, num_warps=4, num_stages=1, use_dot=True, split_k=3, depth=2),
+         # one K chunk a program (one-shot tiles): more partials than the last program sums in one load
+         "one_shot": MaskedConfig(block_n=128, block_k=8, num_warps=4, split_k=13)}
 
 
 def quantile_thresh(x: torch.Tensor, sparsity: float) -> float:

@@ -109,10 +109,12 @@ def test_wina_sequential_fits_each_layer_on_sparsified_inputs(llama):
 def test_wina_plan_runs_on_the_triton_backend_as_per_channel_thresholds(llama):
     model, stats = llama
     plan = asp.fit("wina", stats, 0.5, model=model, calib_tokens=256)
-    th, sh, expected = plan_to_engine(plan)
-    assert torch.is_tensor(th["layers.0.k"]) and th["layers.0.k"].shape == (64,)
-    assert isinstance(th["layers.0.q"], float)
-    assert not sh and expected["layers.1.down"] == 0.5
+    eng = plan_to_engine(plan)
+    k, q, down = eng.site(0, "k"), eng.site(0, "q"), eng.site(1, "down")
+    assert torch.is_tensor(k.thresh) and k.thresh.shape == (64,)
+    torch.testing.assert_close(k.thresh, plan.rules["layers.0.k"].tensors["thresh"])
+    assert isinstance(q.thresh, float)
+    assert down.expected == 0.5
 
 
 def test_wina_plan_roundtrips_through_safetensors(llama, tmp_path):

@@ -90,17 +90,23 @@ def _kill_when_held(pidfile, killed: dict, timeout: float = 240) -> threading.Th
     return t
 
 
-def test_a_worker_killed_with_sigkill_mid_cell_is_retried_and_the_sweep_completes(ray_cluster, workspace, monkeypatch):
-    ws, base = workspace
+def _sweep_with_a_sigkill(ws, base, monkeypatch, *extra) -> tuple[int, str, dict]:
+    """Run the smoke sweep, SIGKILL the worker of the teal 0.6 cell mid-cell; return (rc, stdout, {pid})."""
     pidfile = ws / "held.pid"
     monkeypatch.setenv("ACTSPARSE_INJECT_FAULTS", json.dumps(
         {"hold": [{"stage": "cell", "match": "teal s=0.6", "pidfile": str(pidfile), "seconds": 300}]}))
     killed = {}
     t = _kill_when_held(pidfile, killed)
-    rc, out, _ = sweep_in_process(["+sweep=smoke", *base, "report.enabled=false"])
+    rc, out, _ = sweep_in_process(["+sweep=smoke", *base, "report.enabled=false", *extra])
     t.join(5)
     assert killed, "the held cell never started"
-    assert rc == 0 and summary(out) == (3, 1, 0), out
+    return rc, out, killed
+
+
+def test_a_worker_killed_with_sigkill_mid_cell_is_retried_and_the_sweep_completes(ray_cluster, workspace, monkeypatch):
+    ws, base = workspace
+    rc, out, killed = _sweep_with_a_sigkill(ws, base, monkeypatch)
+    assert rc == 0 and summary(out) == (3, 0, 0), out
     uri = f"sqlite:///{ws}/mlflow.db"
     cells = mlflow_runs(uri, "cell")
     assert len(cells) == 3 and all(r.info.status == "FINISHED" for r in cells)
@@ -110,3 +116,41 @@ def test_a_worker_killed_with_sigkill_mid_cell_is_retried_and_the_sweep_complete
         os.kill(killed["pid"], 0)                                  # and the killed one is gone for good
     (parent,) = mlflow_runs(uri, "sweep")
     assert parent.data.tags["actor_deaths"] == "1"
+
+
+IMPORT_MSG = "cannot import name 'CUDAProperties' from 'kernels' (/repo/kernels/__init__.py)"
+
+
+@pytest.mark.parametrize("stage", ["calibrate", "worker"])
+def test_an_import_error_names_its_type_and_message_in_the_console_and_the_report(ray_cluster, workspace,
+                                                                                   monkeypatch, stage):
+    """Raised by a node, or by a model worker while it starts (a broken install): the cause, not "worker died"."""
+    ws, base = workspace
+    monkeypatch.setenv("ACTSPARSE_INJECT_FAULTS", json.dumps(
+        {"raise": [{"stage": stage, "type": "ImportError", "message": IMPORT_MSG}]}))
+    rc, out, _ = sweep_in_process(["+sweep=smoke", *base, "method=teal", "sparsity=0.3",
+                                   "launcher.max_retries=2"])
+    assert rc == 1 and summary(out)[2] == 1, out
+    want = f"ImportError: {IMPORT_MSG}"
+    flat = " ".join(out.split())                  # the console wraps long lines; it never cuts them
+    assert want in flat, out
+    assert "died" not in out and "memory" not in out
+    uri = f"sqlite:///{ws}/mlflow.db"
+    (cell,) = mlflow_runs(uri, "cell")
+    assert cell.info.status == "FAILED" and want in cell.data.tags["error"]
+    html = next((ws / "results").rglob("report.html")).read_text()
+    import html as _html
+
+    assert _html.escape(want, quote=True) in html or want in html
+
+
+def test_a_worker_killed_with_sigkill_and_no_retries_says_it_died_and_blames_no_memory(ray_cluster, workspace,
+                                                                                       monkeypatch):
+    ws, base = workspace
+    rc, out, killed = _sweep_with_a_sigkill(ws, base, monkeypatch, "launcher.max_retries=0")
+    assert rc == 1 and summary(out)[2] == 1, out
+    flat = " ".join(out.split())
+    assert f"evaluation failed: its worker process (pid {killed['pid']}) died 1 time(s)" in flat, out
+    assert "SIGKILL" in flat and ("no out-of-memory kill was counted" in flat
+                                  or "does not expose its out-of-memory kill count" in flat)
+    assert "give them more memory" not in flat

@@ -100,7 +100,8 @@ def test_method_variants_are_labelled_by_their_non_default_params(tiny_dir):
     (c,), _ = _cells([f"model={tiny_dir}", "method=teal", "method.params.allocation=uniform"])   # the default
     assert c.method_label == "teal" and c.label.endswith("teal s=0.5")
     (c,), _ = _cells([f"model={tiny_dir}", "method=nm", "+method.params.pattern=8:16"])
-    assert c.method_label == "nm(pattern=8:16)" and c.label.endswith(" nm(pattern=8:16)")
+    # labelled at the sparsity its pattern sets (8 of 16 kept), not at the grid's target
+    assert c.method_label == "nm(pattern=8:16)" and c.label.endswith(" nm(pattern=8:16) s=0.5")
 
 
 def test_a_method_filter_keeps_the_variants_of_that_method():

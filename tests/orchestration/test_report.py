@@ -131,4 +131,4 @@ def test_report_of_a_missing_store_or_sweep_says_so_and_creates_nothing(tmp_path
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     _write_synthetic_sweep(uri, "synthetic-0002", tmp_path)
     assert main(["report", "--tracking-uri", uri, "--sweep-id", "nope-0000"]) == 2
-    assert "actsparse: error: no parent run of sweep 'nope-0000'" in capsys.readouterr().err
+    assert "actsparse: error: no sweep 'nope-0000'" in capsys.readouterr().err

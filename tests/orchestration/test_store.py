@@ -126,8 +126,10 @@ def test_bad_launcher_settings_are_refused_before_anything_starts(case, tiny_dir
 
 @pytest.mark.parametrize("text,message", [
     ("{not json", "must be a JSON object"),
-    ('{"explode": []}', "with keys among ['hold', 'oom']"),
-    ('{"oom": [{"stage": "cook"}]}', "stage in ['calibrate', 'fit', 'dense', 'cell']"),
+    ('{"explode": []}', "with keys among ['hold', 'oom', 'raise']"),
+    ('{"oom": [{"stage": "cook"}]}', "stage in ['calibrate', 'fit', 'dense', 'cell', 'worker']"),
+    ('{"raise": [{"stage": "fit", "type": "NoSuchError"}]}', "a built-in exception name (e.g. ImportError)"),
+    ('{"raise": [{"stage": "fit", "type": "print"}]}', "a built-in exception name (e.g. ImportError)"),
 ])
 def test_a_malformed_fault_hook_is_refused(text, message, monkeypatch):
     monkeypatch.setenv("ACTSPARSE_INJECT_FAULTS", text)

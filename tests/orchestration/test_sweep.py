@@ -58,7 +58,8 @@ def smoke(ray_cluster, tmp_path_factory, sweep_model):
 def test_smoke_sweep_runs_unique_cells_once_and_logs_one_child_per_cell(smoke, sweep_model):
     ws, _, rc, out = smoke
     assert rc == 0, out
-    assert _summary(out) == (3, 1, 0)            # dense at 0.3 and 0.6 is one cell: the other is skipped
+    assert _summary(out) == (3, 0, 0)            # dense at 0.3 and 0.6 is one cell: the other is merged into it
+    assert "1 merged grid point(s)" in out
     (parent,) = _runs(ws, "sweep")
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep_id"].startswith("smoke-")
     children = _runs(ws, "cell", parent.info.run_id)
@@ -134,7 +135,7 @@ def test_cell_artifacts_and_the_report(smoke):
     png = (ws / "results" / sweep_id / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     cells = json.loads((ws / "results" / sweep_id / "cells.json").read_text())
-    assert [c["status"] for c in cells].count("skipped") == 1 and len(cells) == 4
+    assert [c["status"] for c in cells].count("merged") == 1 and len(cells) == 4
     assert f"report: {ws / 'results' / sweep_id / 'report.html'}" in smoke[3]
 
 
@@ -145,7 +146,7 @@ def test_rerun_does_no_model_work_and_a_new_point_reuses_the_calibration(smoke):
     # a fresh process (the console script): every cell has a FINISHED run, so Ray is not even started
     proc = run_cli(["sweep", "+sweep=smoke", *base], cwd=ws)
     assert proc.returncode == 0, proc.stderr
-    assert _summary(proc.stdout) == (0, 4, 0)
+    assert _summary(proc.stdout) == (0, 3, 0) and "1 merged grid point(s)" in proc.stdout
     assert "Ray not started" in proc.stdout and "ray: local cluster" not in proc.stdout
     assert [p.stat().st_mtime_ns for p in store_files] == mtimes
     assert len(_runs(ws, "cell")) == 3 and len(_runs(ws, "sweep")) == 2
@@ -153,7 +154,9 @@ def test_rerun_does_no_model_work_and_a_new_point_reuses_the_calibration(smoke):
     # one more sparsity: only the new teal cell runs; calibration and dense ppl come from the store
     rc, out = _sweep(["+sweep=smoke", *base, "sparsity=0.3,0.6,0.45"])
     assert rc == 0, out
-    assert _summary(out) == (1, 5, 0)
+    assert _summary(out) == (1, 3, 0) and "2 merged grid point(s)" in out
+    assert "to run: 1 cells, computing 0 calibration(s) (+1 from the store), 1 fit(s), 0 dense evaluation(s) " \
+           "(+1 from the store)" in " ".join(out.split())
     (new,) = [r for r in _runs(ws, "cell") if r.data.metrics["sparsity/target"] == 0.45]
     assert new.data.tags["stats_source"] == "cache"
     assert len(list((ws / "store" / "stats").iterdir())) == 1

@@ -146,4 +146,8 @@ def built_report(tmp_path_factory):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # in-process: the imports are paid once
         rc = main(["report", "--tracking-uri", uri, "--out", str(ws / "results"), "--quality", "ppl",
                    "--quality", "acc_avg", "--budget", "acc_avg=1pt", "--iso-sparsity", "0.3,0.5"])
-    return ws, uri, parent, (rc, out.getvalue(), err.getvalue()), ws / "results" / "synthetic-0001"
+    # iso-sparsity levels other than the sweep's targets: a variant, written beside the sweep's own report
+    return ws, uri, parent, (rc, out.getvalue(), err.getvalue()), ws / "results" / "synthetic-0001" / VARIANT
+
+
+VARIANT = "variants/iso-0.3+0.5"

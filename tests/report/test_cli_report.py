@@ -22,7 +22,8 @@ def test_report_writes_the_page_tables_plots_and_logs_them_to_the_parent_run(bui
     assert rc == 0, stderr
     # the console ends with the iso-quality table and the page's path
     assert stdout.rstrip().endswith(f"HTML report: {out / 'report.html'}")
-    assert "**Iso-quality: ppl ≤ 1.02 × dense (model m, eval bundled:eval, token policy all)**" in stdout
+    assert "Iso-quality: ppl ≤ 1.02 × dense (model m, eval bundled:eval, token policy all)" in stdout
+    assert "**" not in stdout and "\\_" not in stdout and "┃ method" in stdout    # terminal tables, not Markdown
     assert "Downloading artifacts" not in stdout + stderr
     for name in ("report.html", "report.md", "runs.csv", "pareto.png", "pareto.svg", "tables/tables.tex",
                  "plots/pareto_acc_avg.png", "plots/speedup_vs_sparsity.svg",
@@ -33,9 +34,9 @@ def test_report_writes_the_page_tables_plots_and_logs_them_to_the_parent_run(bui
     assert (out / "pareto.svg").read_text()[:200].lstrip().startswith("<?xml")
     from mlflow import MlflowClient
 
-    logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
-    assert {"report/report.html", "report/report.md", "report/pareto.png", "report/tables",
-            "report/plots"} <= logged
+    where = "report-" + out.name
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, where)}
+    assert {f"{where}/{f}" for f in ("report.html", "report.md", "pareto.png", "tables", "plots")} <= logged
 
 
 def test_report_numbers_equal_the_hand_computation_for_each_model(built_report):

@@ -64,7 +64,7 @@ def test_report_page_renders_in_chromium_with_every_image_loaded(built_report, c
     assert re.search(r'data-svg-bad=""', dom), re.search(r'data-svg-bad="([^"]*)"', dom)[1]
     assert int(re.search(r'data-svg-ok="(\d+)"', dom)[1]) == 5
     # the page rendered its content: title, the tables of both models, links to the MLflow runs
-    assert "<h1>Sweep synthetic-0001</h1>" in dom
+    assert "<h1>Sweep synthetic-0001 (iso-0.3+0.5)</h1>" in dom
     assert dom.count('<table class="paper"') >= 20 and "model big/model-x" in dom
     assert dom.count("#/experiments/") >= 20
 

@@ -1,5 +1,5 @@
 """Fits that run forward passes, on the CPU and on the GPU from the same statistics: do they agree, and how long
-do they take? (Run on a CUDA machine: `PYTHONPATH=. python scripts/device_check_fits.py --out $OUT`.)
+do they take? (Run on a CUDA machine: `PYTHONPATH=. python scripts/device/check_fits.py --out $OUT`.)
 
 For each method variant the model is fitted twice from one calibration (made on the CPU, float32): once with the
 model on the CPU, once with it on the GPU (float32, so only the order of floating-point sums differs). Every rule

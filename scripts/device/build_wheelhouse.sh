@@ -2,9 +2,9 @@
 # Build, here, the wheelhouse a GPU device machine needs to run sweeps (it has torch, transformers, numpy,
 # pandas, matplotlib, ... but no hydra, omegaconf, ray or mlflow, and no network), for CPython 3.12 on
 # manylinux x86_64, and split it into parts that each fit one device call's 64 MiB carry limit next to
-# the working tree (which always travels). Then scripts/device_ray_sweep.sh installs it there.
+# the working tree (which always travels). Then scripts/device/ray_sweep.sh installs it there.
 #
-#   bash scripts/build_wheelhouse.sh          # -> build/wheelhouse/{wheels/, part1/, part2/, ..., PLAN.txt}
+#   bash scripts/device/build_wheelhouse.sh          # -> build/wheelhouse/{wheels/, part1/, part2/, ..., PLAN.txt}
 #
 # What goes in: ray (slimmed, 76 -> ~38 MB: no Java jar, no dashboard web client, no RLlib/Data/Serve/Tune/
 # Train/LLM libraries; sweeps start Ray core without a dashboard), mlflow-skinny + sqlalchemy + alembic (the SQLite
@@ -14,7 +14,7 @@
 # the device runs what the tests ran. A wheel bigger than a part is cut into byte chunks (split -b);
 # MANIFEST.sha256 in every part lets the device reassemble and check each wheel.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-build/wheelhouse}
 PY=${PY:-.venv/bin/python}
 LIMIT_MIB=${LIMIT_MIB:-64}          # the device tool's carry limit per call (tree + carried paths)
@@ -138,7 +138,7 @@ plan = [f"{len(parts)} part(s) for {len(parts)} call(s) of the SAME warm device 
         f"(per call: working tree + at most {budget / 2**20:.0f} MiB):"]
 for i, s in enumerate(sizes, 1):
     last = i == len(parts)
-    cmd = "bash scripts/device_ray_sweep.sh " + ("run" if last else "stash")
+    cmd = "bash scripts/device/ray_sweep.sh " + ("run" if last else "stash")
     plan.append(f"  call {i}: kind nvidia-h200-x2, carry [\"{out}/part{i}\"] ({s / 2**20:.1f} MiB), command: {cmd}")
 (out / "PLAN.txt").write_text("\n".join(plan) + "\n")
 print("\n".join(plan))

@@ -1,26 +1,23 @@
-"""The v6 walk on tensor cores (V3Config(use_dot=True): the gathered [16 (batch padded), BLOCK_K] x
+"""The gather walk on tensor cores (GatherConfig(use_dot=True): the gathered [16 (batch padded), BLOCK_K] x
 [BLOCK_K, BLOCK_N] products through tl.dot) against the torch references: fresh random inputs, outputs
 poisoned, every batch the walk runs (1-4), ragged shapes, split and whole K slices."""
 
 import pytest
 import torch
 
-from actsparse.kernels import V3Config, override_config, poison_outputs, ref, sparse_gated_mlp, sparse_gemv
+from actsparse.kernels import GatherConfig, override_config, poison_outputs, ref, sparse_gated_mlp, sparse_gemv
+
+from .checks import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-CFGS = {"split": V3Config(block_n=32, seg_k=32, block_k=16, use_dot=True),
-        "whole": V3Config(block_n=16, seg_k=128, block_k=32, use_dot=True)}
+CFGS = {"split": GatherConfig(block_n=32, seg_k=32, block_k=16, use_dot=True),
+        "whole": GatherConfig(block_n=16, seg_k=128, block_k=32, use_dot=True, depth=2)}
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert not torch.isnan(got).any(), "output has NaNs: some elements were never written"
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
 def run(fn, *args, cfg, **kw):
-    with override_config(cfg, impl="v6"), poison_outputs():
+    with override_config(cfg), poison_outputs():
         return fn(*args, **kw)
 
 
@@ -70,7 +67,7 @@ def test_tiles_under_16_are_rejected():
     x = torch.randn(2, 64, device=DEVICE)
     wt = torch.randn(64, 32, device=DEVICE)
     with pytest.raises(ValueError, match="use_dot.*needs block_k and block_n ≥ 16, got 8 and 32"):
-        run(sparse_gemv, x, wt, torch.zeros(1, device=DEVICE), cfg=V3Config(block_n=32, seg_k=64, block_k=8,
+        run(sparse_gemv, x, wt, torch.zeros(1, device=DEVICE), cfg=GatherConfig(block_n=32, seg_k=64, block_k=8,
                                                                               use_dot=True))
 
 
@@ -86,8 +83,8 @@ def test_gpu_decode_shapes(dtype, batch, sparsity, shape):
     wt = (torch.randn(k, n, device="cuda") / k**0.5).to(dtype)
     t = float(torch.quantile(x.abs().float().flatten(), sparsity)) if sparsity > 0 else 0.0
     res = torch.randn(batch, n, device="cuda", dtype=dtype)
-    for cfg in (V3Config(block_n=32, seg_k=1024, block_k=128, use_dot=True),
-                V3Config(block_n=64, seg_k=4096, block_k=64, use_dot=True, num_stages=2)):
+    for cfg in (GatherConfig(block_n=32, seg_k=1024, block_k=128, use_dot=True),
+                GatherConfig(block_n=64, seg_k=4096, block_k=64, use_dot=True, num_stages=2)):
         y = run(sparse_gemv, x, wt, torch.tensor([t], device="cuda"), residual=res, cfg=cfg)
         assert rel_err(y, ref.sparse_gemv_ref(x, wt, t, residual=res)) < TOL[dtype]
 
@@ -102,10 +99,10 @@ def test_gpu_gated_mlp_under_graph_replay():
     wg = (torch.randn(d, inter, device="cuda") / 64).to(dt)
     wu = (torch.randn(d, inter, device="cuda") / 64).to(dt)
     t = torch.tensor([0.7, 0.5], device="cuda")
-    cfg = V3Config(block_n=32, seg_k=2048, block_k=128, use_dot=True)
+    cfg = GatherConfig(block_n=32, seg_k=2048, block_k=128, use_dot=True)
 
     def step():
-        with override_config(cfg, impl="v6"):
+        with override_config(cfg):
             return sparse_gated_mlp(x, wg, wu, t, norm_weight=g)
 
     step()

@@ -3,10 +3,10 @@
 # model worker, 1 GPU vs 2 GPUs on the same grid, both GPUs' utilisation sampled with nvidia-smi.
 #
 # That machine lacks hydra, omegaconf, ray and mlflow and has no network; their wheels are built here by
-# scripts/build_wheelhouse.sh and, being larger than one call may carry, travel in parts across calls of
+# scripts/device/build_wheelhouse.sh and, being larger than one call may carry, travel in parts across calls of
 # the SAME warm machine (build/wheelhouse/PLAN.txt lists the calls):
-#   call 1..n-1: carry ["build/wheelhouse/partK"]   command: bash scripts/device_ray_sweep.sh stash
-#   call n:      carry ["build/wheelhouse/partN"]   command: bash scripts/device_ray_sweep.sh run
+#   call 1..n-1: carry ["build/wheelhouse/partK"]   command: bash scripts/device/ray_sweep.sh stash
+#   call n:      carry ["build/wheelhouse/partN"]   command: bash scripts/device/ray_sweep.sh run
 # The machine stays warm only ~30 s after a call: make the next call at once.
 # `stash` copies the carried part out of the working tree ($STASH, default ~/.actsparse_wheelhouse), where
 # the next call finds it (a call naming only its own part must not rely on the previous part's folder),
@@ -26,10 +26,10 @@
 # tokens) in windows of 1024 moved by 256, i.e. ~860 k tokens of forward work per cell, so the
 # cells, which two GPUs share, outweigh what does not parallelise: Ray start, worker start, calibration).
 # Locally (no GPU), a check of the whole path with a wheelhouse built for this Python:
-#   PYVER=3.11 OUT=/tmp/wh bash scripts/build_wheelhouse.sh && WHEELHOUSE=/tmp/wh STASH=/tmp/wh_stash \
-#   SITE=/tmp/wh_site NO_EDITABLE=1 CPU_SMOKE=1 PYTHON=.venv/bin/python bash scripts/device_ray_sweep.sh run
+#   PYVER=3.11 OUT=/tmp/wh bash scripts/device/build_wheelhouse.sh && WHEELHOUSE=/tmp/wh STASH=/tmp/wh_stash \
+#   SITE=/tmp/wh_site NO_EDITABLE=1 CPU_SMOKE=1 PYTHON=.venv/bin/python bash scripts/device/ray_sweep.sh run
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 MODE=${1:-run}
 OUT=${OUT:-build/device_out}
 STASH=${STASH:-$HOME/.actsparse_wheelhouse}
@@ -142,7 +142,7 @@ run() {
     ls -la "$OUT"
 }
 
-speed() {  # eval=speed in a real sweep on the GPU: decode/* and kernel/* metrics per cell (issue 5, item 4)
+speed() {  # eval=speed in a real sweep on the GPU: decode/* and kernel/* metrics per cell
     [ -n "${NO_INSTALL:-}" ] || { install_wheels 2>&1 | tee "$OUT/install.log"; }
     export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     local ws=/tmp/speed_sweep
@@ -173,5 +173,5 @@ case "$MODE" in
     run) run ;;
     all) stash && run ;;
     speed) speed ;;
-    *) echo "usage: bash scripts/device_ray_sweep.sh {stash|run|all|speed}" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/device/ray_sweep.sh {stash|run|all|speed}" >&2; exit 2 ;;
 esac

@@ -1,0 +1,133 @@
+"""Where each sparse op of the engine starts to beat cuBLAS, measured on the GPU it runs on.
+
+The kernels' fixed costs (launch, selection, split-K reduction) against the GPU's memory speed set the
+skipped-row fraction under which an op is slower than cuBLAS. It differs by GPU (an H200's faster memory
+leaves less time to hide those costs than an H100's) and by shape, so it is measured, not tabled: per op
+and batch, the sparse op over several layers' weights at a few skipped-row fractions and the dense op the
+engine would run instead (norm and silu·mul launches included), both timed as CUDA-graph replays; the
+crossover is where the speedup crosses 1. Cached per (device name, shapes, dtype, batch) for the process.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LEVELS = (0.0, 0.25, 0.4, 0.55, 0.7, 0.85)  # skipped-row fractions the speedup line is sampled at
+MAX_LAYERS = 8  # weight sets rotated per timing: several times the L2, so nothing is served from it
+OPS = ("qkv", "o", "gu", "down")
+
+_cache: dict[tuple, dict[str, float]] = {}
+
+
+def graph_ms(fn: Callable[[], None], reps: int = 5, warmup: int = 1) -> float:
+    """Median replay time (ms, CUDA events) of fn captured in a CUDA graph, warmed up first on a side stream."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1))
+    return statistics.median(times)
+
+
+def union_threshold(v: torch.Tensor, s: float) -> float:
+    """|v| level that skips a fraction s of the channels for every row of v [B, K] (the rows a batch reads),
+    midway between two values so that no input sits on it."""
+    if s <= 0:
+        return 0.0
+    u = v.float().abs().amax(dim=0).sort().values
+    i = max(1, min(int(s * u.numel()), u.numel() - 1))
+    return float((u[i - 1] + u[i]) / 2)
+
+
+def crossing(points: list[tuple[float, float]]) -> float:
+    """Skipped-row fraction where the speedup line [(fraction, sparse/dense speedup)] reaches 1 (linear
+    interpolation); 0.0 when the sparse op wins everywhere, 1.0 when it never wins."""
+    pts = sorted(points)
+    if not pts or pts[0][1] >= 1.0:
+        return 0.0
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if v0 < 1.0 <= v1:
+            return round(s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0), 3)
+    return 1.0
+
+
+@torch.no_grad()
+def measure(engine, batch: int) -> dict[str, float]:
+    """Return {op: skipped-row fraction under which the sparse op is slower than cuBLAS} at this batch."""
+    cfg, ops, eps = engine.cfg, engine.ops, engine.cfg.rms_eps
+    q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    layers = engine.w.layers[:MAX_LAYERS]
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(n: int) -> torch.Tensor:
+        return torch.randn(batch, n, generator=gen).to(engine.device, engine.dtype)
+
+    x, a, h = rnd(cfg.hidden_size), rnd(q), rnd(inter)  # residual stream, attention output, MLP hidden
+
+    def dense(op: str, lw) -> None:
+        if op == "qkv":
+            engine._linear(ops.rmsnorm(x, lw.attn_norm, eps), lw.wqkv, lw.wqkv_t)
+        elif op == "o":
+            engine._linear(a, lw.wo, lw.wo_t, res=x)
+        elif op == "gu":
+            xn = ops.rmsnorm(x, lw.mlp_norm, eps)
+            if lw.w13 is not None:
+                ops.silu_mul(xn @ lw.w13.t())
+            else:
+                F.silu(xn @ lw.wg_t) * (xn @ lw.wu_t)
+        else:
+            engine._linear(h, lw.wd, lw.wd_t, res=x)
+
+    def sparse(op: str, lw, s: float) -> Callable[[], None]:
+        dev = engine.device
+        if op in ("qkv", "gu"):
+            norm = lw.attn_norm if op == "qkv" else lw.mlp_norm
+            t = union_threshold(ops.rmsnorm(x, norm, eps), s)
+            if op == "qkv":
+                th = torch.full((3,), t, device=dev)
+                return lambda: ops.sparse_gemv(x, lw.wqkv_t, th, norm_weight=norm, eps=eps, segments=(q, q + kv))
+            th = torch.full((2,), t, device=dev)
+            return lambda: ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=norm, eps=eps)
+        inp, wt = (a, lw.wo_t) if op == "o" else (h, lw.wd_t)
+        th = torch.full((1,), union_threshold(inp, s), device=dev)
+        return lambda: ops.sparse_gemv(inp, wt, th, residual=x)
+
+    out = {}
+    for op in OPS:
+        t_dense = graph_ms(lambda: [dense(op, lw) for lw in layers])
+        pts = []
+        for s in LEVELS:
+            calls = [sparse(op, lw, s) for lw in layers]
+            pts.append((s, t_dense / graph_ms(lambda: [c() for c in calls])))
+        out[op] = crossing(pts)
+    return out
+
+
+def crossovers(engine, batch: int) -> dict[str, float]:
+    """`measure`, once per (device name, model shapes, dtype, batch) in this process."""
+    key = (torch.cuda.get_device_name(engine.device), engine.cfg, engine.dtype, batch)
+    if key not in _cache:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the engine measures its cuBLAS crossovers before capturing a decode graph; "
+                               "call Engine.decode (or forward_step) once outside a capture first")
+        _cache[key] = measure(engine, batch)
+    return _cache[key]

@@ -1,0 +1,67 @@
+"""The compiler's resource report of the gather walk for Hopper, on a machine without a GPU (no device time).
+
+  python benchmarks/kernel_resources.py
+
+Compiles `_gather_kernel` for sm_90 (bf16, batch 1, gate|up pair, one K slice) over a few launch configurations
+and prints registers, stack and shared memory per configuration (cuobjdump from Triton's package), so a tuning
+grid can be checked for occupancy before a device run. The local Triton may differ from the GPU machine's.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # real JIT functions, compiled for a target named below, never launched
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from actsparse.kernels import gather_gemv  # noqa: E402
+
+PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr", "res_ptr", "y_ptr")},
+        **{n: "*fp32" for n in ("t_ptr", "m_ptr", "ws_ptr", "val_ptr")},
+        **{n: "*i32" for n in ("cnt_ptr", "idx_ptr", "count_ptr")}}
+
+
+def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4):
+    """The compiled walk for one configuration (sm_90)."""
+    fn = gather_gemv._gather_kernel
+    consts = dict(NORM=True, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=True, HAS_BIAS=False, HAS_RES=False, ACT=0,
+                  NM_N=0, NM_M=1, GROUPS=1, GROUPS_P2=1, SPLIT=True, USE_DOT=False, IEEE=False, VAL_B=1, DEPTH=depth,
+                  BLOCK_B=1, SEG_K=4096, BLOCK_K=block_k, BLOCK_N=block_n)
+    sig, cst = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name], cst[(i,)] = "constexpr", consts[name]
+        else:
+            sig[name] = PTRS.get(name, "fp32" if name == "eps" else "i32")
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps})
+
+
+def resources(compiled) -> str:
+    """cuobjdump's resource line of a compiled kernel (REG, STACK, SHARED, LOCAL, ...)."""
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True)
+    return next((line.strip() for line in out.stdout.splitlines() if "REG:" in line), out.stdout[-300:])
+
+
+def main() -> None:
+    print(f"triton {triton.__version__}, sm_90, gate|up walk, bf16, batch 1, 4 warps")
+    for depth in (1, 2):
+        for block_n, block_k in ((32, 128), (64, 128), (32, 256), (16, 256)):
+            print(f"depth {depth} block_n {block_n:3d} block_k {block_k:3d}: "
+                  f"{resources(compile_gather(block_n, block_k, depth))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The gather walk (a compaction pass, then a walk over the active weight rows) against the torch references,
+fresh random inputs, outputs poisoned. The masked walk has its own file (test_sparse_gemv.py)."""
+
+import pytest
+import torch
+
+from actsparse.kernels import (GatherConfig, MaskedConfig, override_config, poison_outputs, ref, sparse_gated_mlp,
+                               sparse_gemv)
+from actsparse.kernels.configs import choose_impl
+
+from .checks import rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Several K slices with several steps each (split-K reduction), and one slice holding all of K with two
+# gathered tiles in flight (depth 2) over several steps.
+CFGS = {"split": GatherConfig(block_n=32, seg_k=32, block_k=8),
+        "whole": GatherConfig(block_n=64, seg_k=128, block_k=32, depth=2)}
+
+
+def run(fn, *args, cfg="split", **kw):
+    with override_config(CFGS[cfg]), poison_outputs():
+        return fn(*args, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("cfg", ["split", "whole"])
+def test_gemv_matches_reference(dtype, batch, sparsity, cfg):
+    k, n = 100, 70  # ragged in K, N and the last K slice
+    x = torch.randn(batch, k, device=DEVICE, dtype=dtype)
+    wt = (torch.randn(k, n, device=DEVICE) / k**0.5).to(dtype)
+    t = float(torch.quantile(x.abs().float().flatten(), sparsity)) if sparsity > 0 else 0.0
+    res = torch.randn(batch, n, device=DEVICE, dtype=dtype)
+    y = run(sparse_gemv, x, wt, torch.tensor([t], device=DEVICE), residual=res, act="silu", cfg=cfg)
+    assert y.shape == (batch, n) and y.dtype == dtype
+    want = ref.sparse_gemv_ref(x, wt, t, residual=res, act="silu")
+    assert rel_err(y, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_qkv_norm_shift_bias_match_reference(batch):
+    k, nq, nkv = 96, 64, 32
+    n = nq + 2 * nkv
+    x = torch.randn(batch, k, device=DEVICE) * 3
+    wt = torch.randn(k, n, device=DEVICE) / k**0.5
+    kw = dict(shift=torch.randn(3, k, device=DEVICE) * 0.2, bias=torch.randn(n, device=DEVICE),
+              residual=torch.randn(batch, n, device=DEVICE), norm_weight=torch.rand(k, device=DEVICE) + 0.5,
+              eps=1e-5, segments=(nq, nq + nkv))
+    thresh = torch.rand(3, k, device=DEVICE)  # per channel, one row per segment
+    for cfg in CFGS:
+        y = run(sparse_gemv, x, wt, thresh, cfg=cfg, **kw)
+        assert rel_err(y, ref.sparse_gemv_ref(x, wt, thresh, **kw)) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("sparsity", [0.0, 0.7])
+def test_gated_mlp_matches_reference(batch, sparsity):
+    k, n = 64, 80
+    x = torch.randn(batch, k, device=DEVICE) * 2
+    wg, wu = torch.randn(k, n, device=DEVICE) / 8, torch.randn(k, n, device=DEVICE) / 8
+    g = torch.rand(k, device=DEVICE) + 0.5
+    t = float(torch.quantile(ref.rmsnorm_ref(x, g).abs().flatten(), sparsity)) if sparsity else 0.0
+    thresh = torch.tensor([t, t * 1.3], device=DEVICE)  # gate and up select different rows
+    kw = dict(norm_weight=g, shift=torch.randn(2, k, device=DEVICE) * 0.1, bias=torch.randn(2, n, device=DEVICE))
+    want = ref.sparse_gated_mlp_ref(x, wg, wu, thresh, **kw)
+    for cfg in CFGS:
+        assert rel_err(run(sparse_gated_mlp, x, wg, wu, thresh, cfg=cfg, **kw), want) < 1e-5
+
+
+def test_nm_selection_and_empty_slices():
+    k, n = 64, 32
+    x = torch.randn(1, k, device=DEVICE)
+    wt = torch.randn(k, n, device=DEVICE) / 8
+    y = run(sparse_gemv, x, wt, torch.zeros(1, device=DEVICE), nm=(2, 4))
+    assert rel_err(y, ref.sparse_gemv_ref(x, wt, 0.0, nm=(2, 4))) < 1e-5
+    # Every channel skipped: each slice's list is empty and the output is exactly the bias.
+    bias = torch.randn(n, device=DEVICE)
+    y = run(sparse_gemv, x, wt, torch.full((1,), 1e9, device=DEVICE), bias=bias)
+    assert torch.equal(y[0], bias)
+
+
+def test_repeated_launches_reuse_their_counters():
+    """The last program of a strip resets its counter: back-to-back launches stay correct."""
+    x = torch.randn(1, 96, device=DEVICE)
+    wt = torch.randn(96, 64, device=DEVICE) / 10
+    for _ in range(3):
+        x = torch.randn_like(x)
+        y = run(sparse_gemv, x, wt, torch.tensor([0.5], device=DEVICE))
+        assert rel_err(y, ref.sparse_gemv_ref(x, wt, 0.5)) < 1e-5
+
+
+def test_auto_runs_gather_where_it_can_and_masked_elsewhere():
+    x = torch.randn(6, 32, device=DEVICE)
+    wt = torch.randn(32, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="the gather kernel runs batches of at most 4 rows, got 6"):
+        sparse_gemv(x, wt, torch.zeros(1, device=DEVICE), impl="gather")
+    with pytest.raises(ValueError, match="impl must be 'auto', 'masked' or 'gather', got 'v6'"):
+        sparse_gemv(x, wt, torch.zeros(1, device=DEVICE), impl="v6")
+    assert choose_impl("gemv", 32, 16, 4)[0] == "gather"
+    assert choose_impl("gemv", 32, 16, 6)[0] == "masked"  # batch > 4
+    with override_config(MaskedConfig(block_n=16, block_k=16)):
+        assert choose_impl("gemv", 32, 16, 2) == ("masked", MaskedConfig(block_n=16, block_k=16))
+    with override_config(CFGS["split"]):
+        assert choose_impl("gemv", 32, 16, 2) == ("gather", CFGS["split"])
+        assert choose_impl("gemv", 32, 16, 6)[0] == "masked"  # a forced gather config still falls back
+    y2 = sparse_gemv(x[:1], wt, torch.zeros(1, device=DEVICE), impl="masked")
+    y = sparse_gemv(x[:1], wt, torch.zeros(1, device=DEVICE), impl="gather")
+    assert rel_err(y, y2) < 1e-5
+
+
+def test_repeated_launch_is_bitwise_identical():
+    """Fixed-order reduction, no atomics on data: the same inputs give the same bits."""
+    k, n = 200, 96
+    x = torch.randn(2, k, device=DEVICE)
+    wt = torch.randn(k, n, device=DEVICE) / k**0.5
+    t = torch.tensor([0.6], device=DEVICE)
+    with override_config(CFGS["split"]), poison_outputs():
+        y = sparse_gemv(x, wt, t)
+        assert torch.equal(sparse_gemv(x, wt, t), y)
+    assert rel_err(y, ref.sparse_gemv_ref(x, wt, t)) < 1e-5
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(4096, 6144), (14336, 4096), (4096, 1024)])
+def test_gpu_decode_shapes(dtype, batch, sparsity, shape):
+    k, n = shape
+    x = torch.randn(batch, k, device="cuda", dtype=dtype)
+    wt = (torch.randn(k, n, device="cuda") / k**0.5).to(dtype)
+    t = float(torch.quantile(x.abs().float().flatten(), sparsity)) if sparsity > 0 else 0.0
+    res = torch.randn(batch, n, device="cuda", dtype=dtype)
+    with poison_outputs():
+        y = sparse_gemv(x, wt, torch.tensor([t], device="cuda"), residual=res)
+    assert rel_err(y, ref.sparse_gemv_ref(x, wt, t, residual=res)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_gpu_qkv_and_gated_mlp_llama_shapes_under_graph_replay(batch):
+    d, nq, nkv, inter = 4096, 4096, 1024, 14336
+    dt = torch.bfloat16
+    x = torch.randn(batch, d, device="cuda", dtype=dt)
+    g = (torch.rand(d, device="cuda") + 0.5).to(dt)
+    wqkv = (torch.randn(d, nq + 2 * nkv, device="cuda") / 64).to(dt)
+    wg = (torch.randn(d, inter, device="cuda") / 64).to(dt)
+    wu = (torch.randn(d, inter, device="cuda") / 64).to(dt)
+    t = torch.tensor([0.7, 0.5, 0.9], device="cuda")
+    kw = dict(norm_weight=g, segments=(nq, nq + nkv))
+
+    def step():
+        return (sparse_gemv(x, wqkv, t, impl="gather", **kw),
+                sparse_gated_mlp(x, wg, wu, t[:2], norm_weight=g))
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        qkv, h = step()
+    for _ in range(3):  # fresh inputs each replay: counters and lists must be reset / rebuilt
+        x.copy_(torch.randn_like(x))
+        qkv.fill_(float("nan"))
+        h.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(qkv, ref.sparse_gemv_ref(x, wqkv, t, **kw)) < 1e-2
+        assert rel_err(h, ref.sparse_gated_mlp_ref(x, wg, wu, t[:2], norm_weight=g)) < 1e-2
