@@ -227,7 +227,7 @@ def _ls_parser() -> argparse.ArgumentParser:
 
 def cmd_ls(argv: list[str]) -> int:
     """List methods, models, tasks or sweeps; return the exit status."""
-    from . import inventory as inv
+    from .sweep import inventory as inv
 
     args = _ls_parser().parse_args(argv)
     if args.what == "methods":
@@ -261,7 +261,7 @@ def _cache_parser() -> argparse.ArgumentParser:
 
 def cmd_cache(argv: list[str]) -> int:
     """List or clear the artifact store; return the exit status (1 when a clear was declined)."""
-    from . import inventory as inv
+    from .sweep import inventory as inv
 
     args = _cache_parser().parse_args(argv)
     kinds = inv.check_kinds([k.strip() for it in args.kind for k in it.split(",") if k.strip()])

@@ -89,7 +89,7 @@ def sweep_parents(uri: str, experiment: str) -> pd.DataFrame:
 
 def find_sweep(uri: str, experiment: str, sweep_id: str | None = None) -> dict:
     """Return the parent run of a sweep (the latest one, or the latest with this sweep_id) with its cell list."""
-    from ..inventory import closest_sweeps
+    from ..sweep.inventory import closest_sweeps
 
     parents = sweep_parents(uri, experiment)
     df = parents[parents["tags.sweep_id"] == sweep_id] if sweep_id and not parents.empty else parents

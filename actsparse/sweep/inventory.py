@@ -11,14 +11,14 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import ActsparseError
+from ..errors import ActsparseError
 
 STORE_KINDS = ("stats", "plans", "dense")
 
 
 def method_rows() -> list[dict]:
     """One row per registered method: name, what sets its sparsity, its parameters with defaults, its summary."""
-    from .sparsifiers.registry import METHODS, methods
+    from ..sparsifiers.registry import METHODS, methods
 
     rows = []
     for name, params in methods().items():
@@ -34,7 +34,7 @@ def method_rows() -> list[dict]:
 
 def model_rows() -> list[dict]:
     """Bundled models, packaged ones (installed or not), and every model in the local Hugging Face hub cache."""
-    from .models.load import BUNDLED_MODELS, NAMED_MODELS, bundled_model_dir
+    from ..models.load import BUNDLED_MODELS, NAMED_MODELS, bundled_model_dir
 
     rows = [{"model": n, "kind": "bundled", "where": str(bundled_model_dir(n))} for n in BUNDLED_MODELS]
     for n, nm in NAMED_MODELS.items():
@@ -61,7 +61,7 @@ def hf_hub_cache() -> Path:
 
 def task_rows(include_lm_eval: bool = False) -> list[dict]:
     """The bundled offline lm-eval tasks (and, with include_lm_eval, every task, group and tag lm-eval knows)."""
-    from .eval.lm_eval import TASK_DIR, offline_tasks
+    from ..eval.lm_eval import TASK_DIR, offline_tasks
 
     import yaml
 
@@ -77,7 +77,7 @@ def task_rows(include_lm_eval: bool = False) -> list[dict]:
                      "contents": ", ".join(t if isinstance(t, str) else t.get("task", "?") for t in cfg["task"])
                      if kind == "group" else str(cfg.get("output_type", ""))})
     if include_lm_eval:
-        from .eval.lm_eval import task_manager
+        from ..eval.lm_eval import task_manager
 
         tm = task_manager(True)
         bundled = {r["task"] for r in rows}
@@ -91,7 +91,7 @@ def task_rows(include_lm_eval: bool = False) -> list[dict]:
 # -- sweeps in an MLflow store -------------------------------------------------------------------------------
 def sweep_rows(uri: str, experiment: str) -> list[dict]:
     """One row per sweep parent run of the experiment, newest first: sweep id, status, cells, when, run id."""
-    from .report.runs import sweep_parents
+    from ..report.runs import sweep_parents
 
     df = sweep_parents(uri, experiment)
     rows = []
@@ -118,7 +118,7 @@ def _fs(spec: str):
     """(fsspec file system, root path) of a store directory or URL."""
     import fsspec
 
-    from .sweep.store import check_store, is_url
+    from .store import check_store, is_url
 
     check_store(spec)
     fs, root = fsspec.core.url_to_fs(spec if is_url(spec) else str(Path(spec).expanduser().resolve()))
