@@ -419,22 +419,5 @@ def front_tables(fr: pd.DataFrame, q: Quality, x: str = "effective") -> list[Tab
     return out
 
 
-# -- compatibility: the first slice's Markdown helpers ------------------------------------------------------
-def ppl_table(df: pd.DataFrame, value: str = "ppl") -> str:
-    """Return Markdown: per model and eval spec, methods (rows, dense first) x requested sparsity -> `value`."""
-    from .quality import parse_quality
-
-    q = parse_quality(value)
-    tables = [sparsity_table(g, key, q) for key, g in groups(df)]
-    return "\n\n".join(t.markdown() for t in tables if t is not None)
-
-
-def front_table(front: pd.DataFrame, q: Quality | None = None) -> str:
-    """Return Markdown of a Pareto front (rows as given): method, requested and effective sparsity, quality."""
-    q = q or Quality("ppl", False)
-    fr = front.assign(x=front["effective"], q=front[q.name])
-    return "\n\n".join(t.markdown() for t in front_tables(fr, q))
-
-
 __all__ = ["Cell", "Row", "Table", "latex_escape", "md_escape", "sparsity_table", "task_table", "iso_quality_table",
-           "ratio_table", "iso_sparsity_table", "front_tables", "ppl_table", "front_table", "GROUP", "DENSE"]
+           "ratio_table", "iso_sparsity_table", "front_tables", "GROUP", "DENSE"]

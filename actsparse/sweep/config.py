@@ -1,9 +1,9 @@
 """The typed schema of a sweep cell's configuration, registered in Hydra's ConfigStore.
 
 Hydra merges `conf/` (and the `sweeps/` presets) onto these dataclasses, so a wrong type or an
-unknown key fails at composition; `keys.validate_cell` then checks the values (method registered,
+unknown key fails at composition; `cells.validate_cells` then checks the values (method registered,
 sparsity in [0, 1), model resolvable, token policy) before any model is loaded or Ray is started.
-Which fields make a cell's identity is decided in keys.py, not here.
+Which fields make a cell's identity is decided in cells.py, not here.
 """
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 
 from actsparse.report.pareto import pareto_front
-from actsparse.report.tables import ppl_table
+from actsparse.report.pareto import groups
+from actsparse.report.quality import parse_quality
+from actsparse.report.tables import sparsity_table
 
 from .conftest import run_cli
 
@@ -69,7 +71,8 @@ def test_pareto_front_equals_brute_force_dominance_on_random_tables():
 
 
 def test_ppl_table_has_methods_by_sparsity_and_a_dense_row():
-    md = ppl_table(_frame()[lambda d: d["model"] == "m1"])
+    ((key, g),) = list(groups(_frame()[lambda d: d["model"] == "m1"]))
+    md = sparsity_table(g, key, parse_quality("ppl")).markdown()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in md.splitlines() if line.startswith("|") and "---" not in line}
     assert rows["method"] == ["0.2", "0.4", "0.6"]
