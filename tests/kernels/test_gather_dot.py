@@ -7,7 +7,7 @@ import torch
 
 from actsparse.kernels import GatherConfig, override_config, poison_outputs, ref, sparse_gated_mlp, sparse_gemv
 
-from .checks import rel_err
+from .checks import quantile_thresh, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -29,7 +29,7 @@ def test_gemv_matches_reference(dtype, batch, sparsity, cfg):
     k, n = 100, 80  # ragged K and last slice
     x = torch.randn(batch, k, device=DEVICE, dtype=dtype)
     wt = (torch.randn(k, n, device=DEVICE) / k**0.5).to(dtype)
-    t = float(torch.quantile(x.abs().float().flatten(), sparsity)) if sparsity > 0 else 0.0
+    t = quantile_thresh(x, sparsity)
     res = torch.randn(batch, n, device=DEVICE, dtype=dtype)
     y = run(sparse_gemv, x, wt, torch.tensor([t], device=DEVICE), residual=res, act="silu", cfg=CFGS[cfg])
     assert y.shape == (batch, n) and y.dtype == dtype
@@ -81,7 +81,7 @@ def test_gpu_decode_shapes(dtype, batch, sparsity, shape):
     k, n = shape
     x = torch.randn(batch, k, device="cuda", dtype=dtype)
     wt = (torch.randn(k, n, device="cuda") / k**0.5).to(dtype)
-    t = float(torch.quantile(x.abs().float().flatten(), sparsity)) if sparsity > 0 else 0.0
+    t = quantile_thresh(x, sparsity)
     res = torch.randn(batch, n, device="cuda", dtype=dtype)
     for cfg in (GatherConfig(block_n=32, seg_k=1024, block_k=128, use_dot=True),
                 GatherConfig(block_n=64, seg_k=4096, block_k=64, use_dot=True, num_stages=2)):

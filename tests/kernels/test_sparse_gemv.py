@@ -6,7 +6,7 @@ import torch
 from actsparse.kernels import MaskedConfig, override_config, poison_outputs, sparse_gated_mlp, sparse_gemv
 from actsparse.kernels import ref
 
-from .checks import rel_err
+from .checks import quantile_thresh, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -19,11 +19,6 @@ PATHS = {"dot": MaskedConfig(block_n=32, block_k=32, num_warps=4, num_stages=2, 
          "dot_d2": MaskedConfig(block_n=32, block_k=16, num_warps=4, num_stages=1, use_dot=True, split_k=3, depth=2),
          # one K chunk a program (one-shot tiles): more partials than the last program sums in one load
          "one_shot": MaskedConfig(block_n=128, block_k=8, num_warps=4, split_k=13)}
-
-
-def quantile_thresh(x: torch.Tensor, sparsity: float) -> float:
-    """The |x| level under which a `sparsity` fraction of x lies."""
-    return float(torch.quantile(x.abs().float().flatten(), sparsity)) if sparsity > 0 else 0.0
 
 
 def run(fn, *args, path="dot", **kw):
@@ -178,7 +173,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
-@pytest.mark.parametrize("shape", [(4096, 1024), (1024, 4096), (14336, 512)])
+@pytest.mark.parametrize("shape", [(4096, 6144), (14336, 4096), (4096, 1024), (1024, 4096), (14336, 512)])
 def test_gpu_decode_shapes_default_configs(dtype, batch, sparsity, shape):
     k, n = shape
     x = torch.randn(batch, k, device="cuda", dtype=dtype)
