@@ -125,14 +125,15 @@ def cmd_sweep(argv: list[str]) -> int:
     if spec is not None:
         from .sweep.search import prepare_search, run_search
 
-        groups, _ = prepare_search(grid, spec)
+        prepared = prepare_search(grid, spec)
+        groups = prepared[0]
         if args.dry_run or args.cfg:
             print(f"search {spec.describe()}: {len(groups)} group(s), at most {spec.max_probes} probes each")
             for g in groups:
                 print(f"  {g.label}")
             return 0
         _interruptible()
-        out = run_search(grid, spec)
+        out = run_search(grid, spec, prepared=prepared)
         print(out.summary_line(), flush=True)
         return out.exit_code
     if args.cfg:

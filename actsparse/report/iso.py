@@ -77,9 +77,9 @@ def value_at(c: pd.DataFrame, x: float) -> Reach:
     return Reach(_lerp(qs[a], xs[a], qs[b], xs[b], x), EXTRAPOLATED)
 
 
-def searched_reach(m: pd.DataFrame, q: Quality, threshold: float) -> tuple[Reach, int] | None:
-    """A search's answer for one method's runs, as a measured point: (effective sparsity of the largest passing
-    probe, its row), when a failing probe brackets it at most the search's tolerance above; else None."""
+def searched_reach(m: pd.DataFrame, q: Quality, threshold: float) -> Reach | None:
+    """A search's answer for one method's runs, as a measured point: the effective sparsity of the largest
+    passing probe, when a failing probe brackets it at most the search's tolerance above; else None."""
     if "search_id" not in m.columns or q.name not in m.columns:
         return None
     s = m[m["search_id"].notna() & m[q.name].notna() & m["target"].notna()]
@@ -94,7 +94,7 @@ def searched_reach(m: pd.DataFrame, q: Quality, threshold: float) -> tuple[Reach
     tol = float(s["search_tol"].max()) if "search_tol" in s.columns and s["search_tol"].notna().any() else 0.0
     if not (gap == gap and gap <= tol + 1e-9):
         return None
-    return Reach(float(best["effective"]), MEASURED), int(best.name)
+    return Reach(float(best["effective"]), MEASURED)
 
 
 def _curves(g: pd.DataFrame, q: Quality, x: str) -> dict[str, pd.DataFrame]:
@@ -118,7 +118,7 @@ def iso_quality(df: pd.DataFrame, q: Quality, budget: Budget) -> pd.DataFrame:
         spd = _curves(g, q, "speedup") if "speedup" in g.columns and g["speedup"].notna().any() else {}
         for method in sorted(eff):
             found = searched_reach(g[g["method"] == method], q, thr)
-            e = found[0] if found else reach(eff[method], q, thr, x_max=1.0)
+            e = found or reach(eff[method], q, thr, x_max=1.0)
             s = reach(spd[method], q, thr) if method in spd else Reach(float("nan"), NO_DATA)
             n = int(g.loc[g["method"] == method, q.name].notna().sum())
             rows.append({**key, "quality": q.name, "method": method, "dense": dense, "threshold": thr,

@@ -191,8 +191,11 @@ def _value(spec: SearchSpec, metrics: dict) -> tuple[float, float]:
     return float(v), float(dense)
 
 
-def run_search(grid: Grid, spec: SearchSpec, console=None):
-    """Search every group of the grid; return the sweep's Outcome (its report shows the found points as measured)."""
+def run_search(grid: Grid, spec: SearchSpec, console=None, prepared: tuple[list[Group], dict] | None = None):
+    """Search every group of the grid; return the sweep's Outcome (its report shows the found points as measured).
+
+    prepared: what prepare_search returned, when the caller validated already.
+    """
     from rich.console import Console
     from rich.markup import escape
 
@@ -204,7 +207,7 @@ def run_search(grid: Grid, spec: SearchSpec, console=None):
 
     t_start = time.perf_counter()
     console = console or Console(soft_wrap=True)
-    groups, shared = prepare_search(grid, spec)         # raises on bad input: nothing opened or started yet
+    groups, shared = prepared or prepare_search(grid, spec)   # raises on bad input: nothing opened or started yet
     faults = fault_hook.from_env()
     tr, launcher = shared["tracking"], dict(shared["launcher"], ray=shared["ray"])
     sweep_id = f"search-{grid.name}-{content_key(sorted(g.key for g in groups), spec.text, spec.tol, spec.max_sparsity)[:8]}"
