@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the bundled English prose corpus offline from permissively licensed Debian documentation.
+r"""Build the bundled English prose corpus offline from permissively licensed Debian documentation.
 
 Recipe (deterministic for the same .deb files and seed):
   1. `apt-get download` the pinned documentation packages (or reuse --deb-dir) and `dpkg -x` them.
