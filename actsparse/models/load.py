@@ -193,7 +193,7 @@ def config_is_encoder(config) -> bool:
     """True when the config's architectures name only non-causal models (BertModel, ...ForMaskedLM, ...)."""
     archs = list(getattr(config, "architectures", None) or [])
     if not archs:
-        return False  # no hint: a causal LM, as before
+        return False  # no hint: assume a causal LM, the kind actsparse is for
     return not any(a.endswith(CAUSAL_SUFFIXES) for a in archs)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 7, item 7: a real sweep on the two-GPU device (nvidia-h200-x2) with Ray scheduling one GPU per
-# model worker, 1 GPU vs 2 GPUs on the same grid, both GPUs' utilisation sampled with nvidia-smi.
+# A real sweep on the two-GPU device (nvidia-h200-x2) with Ray scheduling one GPU per
+# model worker, 1 GPU vs 2 GPUs on the same grid, both GPUs' utilisation sampled with nvidia-smi:
+# what tests cannot show, that Ray's GPU placement spreads model workers and the second GPU pays off.
 #
 # That machine lacks hydra, omegaconf, ray and mlflow and has no network; their wheels are built here by
 # scripts/device/build_wheelhouse.sh and, being larger than one call may carry, travel in parts across calls of
