@@ -5,7 +5,7 @@
     actsparse sweep --dry-run ...                                 show the cells and their keys, run nothing
     actsparse sweep --search 'ppl<=1.02x' -m method=teal,cats     per method, the largest target within a budget
     actsparse report [--tracking-uri URI] [--sweep-id ID]         fronts, iso-quality, tables, plots, HTML page
-    actsparse ls methods|models|tasks|sweeps                      what exists (methods with their parameters, ...)
+    actsparse ls methods|measures|models|tasks|sweeps             what exists (methods with their parameters, ...)
     actsparse cache ls|clear [--store DIR] [--kind K] [--yes]     the artifact store: list, or delete (asks first)
 
 Every user mistake ends with one `actsparse: error: ...` message and exit status 2, before any
@@ -215,10 +215,11 @@ def print_rows(title: str, rows: list[dict], empty: str) -> None:
 
 def _ls_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="actsparse ls", description="List what exists: registered methods with their "
-                                "parameters and defaults, models, lm-eval tasks, the sweeps of an MLflow store.",
+                                "parameters and defaults, measures with their settings, models, lm-eval tasks, the "
+                                "sweeps of an MLflow store.",
                                 epilog="examples: actsparse ls methods | actsparse ls tasks --all | "
                                        "actsparse ls sweeps --tracking-uri sqlite:///mlflow.db")
-    p.add_argument("what", choices=["methods", "models", "tasks", "sweeps"])
+    p.add_argument("what", choices=["methods", "measures", "models", "tasks", "sweeps"])
     p.add_argument("--all", action="store_true", help="tasks: every task, group and tag lm-eval knows (slow: ~15 s)")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="sweeps: MLflow tracking URI (default: "
                    "%(default)s)")
@@ -233,6 +234,8 @@ def cmd_ls(argv: list[str]) -> int:
     args = _ls_parser().parse_args(argv)
     if args.what == "methods":
         print_rows("methods (set a parameter with method=NAME method.params.KEY=VALUE)", inv.method_rows(), "")
+    elif args.what == "measures":
+        print_rows("measures (eval.measure=[NAME,...]; set one with eval.NAME.KEY=VALUE)", inv.measure_rows(), "")
     elif args.what == "models":
         print_rows(f"models (model=NAME; any local HF-format directory works too; HF cache: {inv.hf_hub_cache()})",
                    inv.model_rows(), "")

@@ -1,6 +1,6 @@
-"""Quality evaluation: perplexity, lm-eval accuracy (lm_eval_accuracy) and output fidelity vs dense."""
-from .fidelity import fidelity
-from .lm_eval import lm_eval_accuracy, offline_tasks
-from .perplexity import perplexity
+"""Quality evaluation: perplexity, lm-eval accuracy, output fidelity vs dense, mask stability, decode speed, and
+the registry of what a sweep cell measures (measures.py).
 
-__all__ = ["perplexity", "fidelity", "lm_eval_accuracy", "offline_tasks"]
+The functions are public as `actsparse.perplexity`, `actsparse.fidelity`, ... and live in their modules; this
+package imports nothing, so that reading the measure registry (the CLI, reports) does not import torch.
+"""

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import pandas as pd
 
+from ..eval.measures import self_reference
 from .quality import Quality
 
 GROUP = ("model", "eval_data", "token_policy")   # results are comparable only within one model and eval spec
@@ -60,12 +61,12 @@ def dense_value(g: pd.DataFrame, q: Quality) -> float:
     col = f"{q.name}_dense"
     if col in g.columns and g[col].notna().any():
         return float(g[col].dropna().iloc[0])
-    if q.name in SELF_REFERENCE and q.name in g.columns and g[q.name].notna().any():
-        return SELF_REFERENCE[q.name]      # fidelity compares with the dense model: dense scores itself exactly
+    ref = self_reference()
+    if q.name in ref and q.name in g.columns and g[q.name].notna().any():
+        return ref[q.name]      # fidelity compares with the dense model: dense scores itself exactly
     return float("nan")
 
 
-SELF_REFERENCE = {"fidelity/cos": 1.0, "fidelity/rel_err": 0.0}
 
 
 def method_points(g: pd.DataFrame, q: Quality, x: str) -> dict[str, pd.DataFrame]:

@@ -1,7 +1,9 @@
 """Quality metrics: which way is better (read from the metric's name), how to print them, and budgets vs dense.
 
-ppl*, loss*, */rel_err: lower is better; acc*, fidelity* (fidelity/cos): higher is better. Any other metric needs an explicit
-direction (`name:min` or `name:max`), because guessing wrong would silently invert every front.
+The measures declare their quality metrics' directions (eval/measures.py: ppl* and loss* lower is better, acc*
+and fidelity/cos higher, fidelity/rel_err lower); any */ppl*, */loss* or */rel_err* is lower-is-better too. Any
+other metric needs an explicit direction (`name:min` or `name:max`), because guessing wrong would silently invert
+every front.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from typing import Iterable
 import pandas as pd
 
 from ..errors import ActsparseError
+from ..eval.measures import headline_metrics
 
-DEFAULT_QUALITIES = ("ppl", "acc_avg", "fidelity/cos")   # the headline metric of each kind, when recorded
 _LABELS = {"effective": "effective sparsity", "speedup": "decode speedup (×)", "target": "target sparsity",
            "act_mean": "mean activation sparsity"}
 
@@ -70,12 +72,14 @@ class Quality:
 
 def direction_of(name: str) -> bool | None:
     """Return True when higher is better, False when lower is, None when the name does not say."""
+    from ..eval.measures import direction_of as declared
+
+    d = declared(name)
+    if d is not None:
+        return d
     n = name.lower()
-    base = n.rsplit("/", 1)[-1]
-    if n.startswith(("ppl", "loss")) or base.startswith(("ppl", "loss", "rel_err")) or n.endswith("loss"):
+    if n.rsplit("/", 1)[-1].startswith(("ppl", "loss", "rel_err")) or n.endswith("loss"):
         return False
-    if n.startswith(("acc", "fidelity")):
-        return True
     return None
 
 
@@ -101,7 +105,7 @@ def quality_columns(df: pd.DataFrame) -> list[str]:
     found = [c for c in df.columns if isinstance(c, str) and direction_of(c) is not None
              and not c.endswith(("_dense", "_ratio")) and "_stderr" not in c and pd.api.types.is_numeric_dtype(df[c])
              and df[c].notna().any()]
-    head = [c for c in DEFAULT_QUALITIES if c in found]
+    head = [c for c in headline_metrics() if c in found]
     return head + sorted(c for c in found if c not in head)
 
 
@@ -113,9 +117,10 @@ def stderr_name(name: str) -> str:
 
 
 def default_qualities(df: pd.DataFrame) -> list[Quality]:
-    """Return the qualities a report shows when none is asked for: ppl, acc_avg, fidelity/cos (else any acc*)."""
+    """Return the qualities a report shows when none is asked for: each measure's headline metric (ppl, acc_avg,
+    fidelity/cos), else any acc*."""
     found = quality_columns(df)
-    head = [c for c in DEFAULT_QUALITIES if c in found]
+    head = [c for c in headline_metrics() if c in found]
     if not head:
         head = [c for c in found if c.startswith("acc")][:1] or found[:1]
     return [parse_quality(c) for c in head]

@@ -260,7 +260,7 @@ def same_meaning(g: pd.DataFrame, by: str = "sparsity", tol: float = 0.02) -> bo
 def task_table(g: pd.DataFrame, key: dict, tasks: list[Quality], by: str = "sparsity") -> Table | None:
     """Methods x tasks (accuracies ± standard error), one block of rows per requested sparsity; best per column and
     block in bold; a value within 2 standard errors of dense marked n.s."""
-    from .accuracy import significant
+    from ..eval.accuracy import significant
     from .quality import stderr_name
 
     tasks = [t for t in tasks if t.name in g.columns and g[t.name].notna().any()]

@@ -13,7 +13,6 @@ many sparsities a grid lists it at.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -25,8 +24,6 @@ from ..errors import ActsparseError
 DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "auto")
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _HASH_LIMIT = 64 << 20  # files above this are identified by size + mtime instead of content
-MEASURES = ("ppl", "lm_eval", "fidelity", "speed", "stability")   # what a cell can measure (eval.measure)
-DECODER_ONLY = ("ppl", "lm_eval", "speed")
 
 
 @dataclass(frozen=True)
@@ -72,8 +69,9 @@ class EvalSpec:
     """What a cell measures and how; batch sizes are not part of any key.
 
     `measure` is resolved per model (encoders take eval.encoder_measure); `settings` holds the
-    parameters of each measure other than ppl. A perplexity-only spec keys exactly as it did before
-    the other measures existed, so finished sweeps stay finished.
+    parameters of each measure that has its own (eval.<measure>.*). A perplexity-only spec's identity leaves out
+    `measure` and `settings`, so the keys of stores and runs made by perplexity-only sweeps stay valid. `modules` names the module
+    that registered each measure, for worker processes that have not imported a plugin (not part of keys).
     """
     data: str
     data_key: str
@@ -84,9 +82,11 @@ class EvalSpec:
     batch_size: int
     measure: tuple = ("ppl",)
     settings: dict = field(default_factory=dict)     # {"lm_eval": {...}, "fidelity": {...}, "speed": {...}}
+    modules: dict = field(default_factory=dict)      # {measure: module that registered it}
 
     def identity(self, with_policy: bool = True) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_size", "measure", "settings")}
+        d = {k: v for k, v in dataclasses.asdict(self).items()
+             if k not in ("batch_size", "measure", "settings", "modules")}
         if not with_policy:
             d.pop("token_policy")
         if self.measure != ("ppl",):
@@ -95,21 +95,25 @@ class EvalSpec:
         return d
 
     def dense_identity(self) -> dict:
-        """What the dense node computes from: the spec without token policy, fidelity or speed settings."""
+        """What the dense node computes from: the spec without token policy and without the measures that have
+        no dense side (fidelity compares with the model itself, speed times dense beside sparse)."""
         d = self.identity(with_policy=False)
-        dense = [m for m in self.measure if m in DENSE_MEASURES]
+        dense = self.dense_measures()
         d.pop("measure", None)
         settings = d.pop("settings", {})
-        if dense != ["ppl"]:     # perplexity alone keys as it always did
+        if dense != ["ppl"]:     # perplexity alone: no measure list in the key (see identity)
             d["measure"] = dense
-            d["settings"] = {m: v for m, v in settings.items() if m in DENSE_MEASURES}
+            d["settings"] = {m: v for m, v in settings.items() if m in dense}
         return d
+
+    def dense_measures(self) -> list[str]:
+        """The measures the dense node evaluates once per model."""
+        from ..eval.measures import get_measure
+
+        return [m for m in self.measure if get_measure(m, self.modules.get(m)).dense]
 
     def has(self, measure: str) -> bool:
         return measure in self.measure
-
-
-DENSE_MEASURES = ("ppl", "lm_eval")   # what the dense node evaluates once per model (fidelity's dense is itself)
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,7 @@ class _Context:
 
 
 def _cell(index: int, overrides: list[str], cfg: dict, ctx: _Context) -> Cell:
+    from ..eval.measures import measure_modules
     from ..sparsifiers.apply import parse_token_policy
     from ..sparsifiers.registry import check_sparsity, get_method, make_params
 
@@ -198,7 +203,7 @@ def _cell(index: int, overrides: list[str], cfg: dict, ctx: _Context) -> Cell:
     plan = PlanNode(content_key("plan", stats.key, cls.name, params, target), stats.key, model, cls.name,
                     params, given, target, _needs_model(cls, typed))
     ev = EvalSpec(e["data"], eval_key, e["seq_len"], e["stride"] or e["seq_len"], e["max_tokens"],
-                  e["token_policy"], e["batch_size"], measure, {k: dict(e[k]) for k in measure if k != "ppl"})
+                  e["token_policy"], e["batch_size"], measure, _settings(e, measure), measure_modules(measure))
     dense = DenseNode(content_key("dense", model.key, ev.dense_identity()), model, ev)
     key = content_key("cell", plan.key, ev.identity())
     method_label = _method_label(cls, params)
@@ -277,60 +282,50 @@ def _check_eval(e: dict) -> None:
                              "or null (all of the data)")
     if e["batch_size"] < 1:
         raise ActsparseError(f"eval.batch_size must be >= 1, got {e['batch_size']}")
+    from ..eval.measures import get_measure, measures
+
+    known = measures()
     for what in ("measure", "encoder_measure"):
         ms = e.get(what)
         if ms is None and what == "encoder_measure":
             continue
         ms = list(ms or [])
-        bad = [x for x in ms if x not in MEASURES]
+        bad = [x for x in ms if x not in known]
         if not ms or bad or len(set(ms)) != len(ms):
-            raise ActsparseError(f"eval.{what} must be a non-empty list of distinct measures from {list(MEASURES)}, "
+            raise ActsparseError(f"eval.{what} must be a non-empty list of distinct measures from {list(known)}, "
                                  f"got {ms}")
-    lm, fid, sp = e["lm_eval"], e["fidelity"], e["speed"]
-    if any("lm_eval" in (e.get(w) or []) for w in ("measure", "encoder_measure")):
-        tasks = [t for t in (lm["tasks"] or []) if str(t).strip()]
-        if not tasks:
-            raise ActsparseError("eval.lm_eval.tasks must name at least one lm-eval task (e.g. actsparse_offline)")
-        _check_tasks(tuple(str(t).strip() for t in tasks))   # unknown names (close matches), hub tasks offline
-        if lm["num_fewshot"] is not None and lm["num_fewshot"] < 0:
-            raise ActsparseError(f"eval.lm_eval.num_fewshot must be >= 0 or null, got {lm['num_fewshot']}")
-        if lm["limit"] is not None and not lm["limit"] > 0:
-            raise ActsparseError(f"eval.lm_eval.limit must be > 0 (items, or a fraction < 1) or null, got {lm['limit']}")
-        if lm["batch_size"] < 1:
-            raise ActsparseError(f"eval.lm_eval.batch_size must be >= 1, got {lm['batch_size']}")
-    from ..eval.fidelity import OUTPUTS
-
-    if fid["n"] < 1 or fid["seq_len"] < 2 or fid["batch_size"] < 1 or fid["output"] not in OUTPUTS:
-        raise ActsparseError(f"eval.fidelity needs n >= 1, seq_len >= 2, batch_size >= 1 and output in "
-                             f"{list(OUTPUTS)}; got n={fid['n']}, seq_len={fid['seq_len']}, "
-                             f"batch_size={fid['batch_size']}, output={fid['output']!r}")
-    if sp["n_tokens"] < 1 or sp["batch"] < 1 or sp["prompt_len"] < 1 or sp["repeats"] < 1:
-        raise ActsparseError(f"eval.speed needs n_tokens, batch, prompt_len and repeats >= 1; got {dict(sp)}")
-    st = e["stability"]
-    if st["seq_len"] < 2 or st["n_windows"] < 1 or st["batch_size"] < 1 or not 0.0 <= st["perturb"] <= 1.0 \
-            or not st["roles"]:
-        raise ActsparseError(f"eval.stability needs seq_len >= 2, n_windows >= 1, batch_size >= 1, perturb in "
-                             f"[0, 1] and at least one role; got {dict(st)}")
+    for name in dict.fromkeys([*e["measure"], *(e.get("encoder_measure") or [])]):
+        m = get_measure(name)
+        m.check(m.settings(_settings(e, (name,)).get(name)))
 
 
-@functools.lru_cache(maxsize=32)
-def _check_tasks(tasks: tuple) -> None:
-    from ..eval.lm_eval import check_tasks
+def _settings(e: dict, names) -> dict:
+    """{measure: its eval.<measure>.* mapping} for the measures that have settings."""
+    from ..eval.measures import get_measure
 
-    check_tasks(list(tasks))
+    out = {}
+    for name in names:
+        if get_measure(name).Settings is None:
+            continue
+        if name not in e:
+            raise ActsparseError(f"eval.{name} is not in the config: the measure {name!r} was registered after the "
+                                 "config schema was built; import its module (or install its entry point) first")
+        out[name] = dict(e[name])
+    return out
 
 
 def _measures(e: dict, model: ModelRef, name: str) -> tuple:
     """The measures a cell of this model runs: eval.measure, or eval.encoder_measure for an encoder.
 
-    Decode speed is not refused here: a cell without a GPU, a Llama-family model or a plan of threshold
-    rules skips it and records why (tag `speed_skipped`), so one grid can mix what the engine runs and
-    what it does not."""
+    A measure that cannot run on a given cell is not refused here: it raises measures.Skip when the cell
+    runs and the reason is recorded (decode speed without a GPU: tag `speed_skipped`)."""
     ms = list(e["measure"])
     if model.encoder and e.get("encoder_measure") is not None:
         ms = list(e["encoder_measure"])
     if model.encoder:
-        bad = [x for x in ms if x in DECODER_ONLY]
+        from ..eval.measures import get_measure
+
+        bad = [x for x in ms if get_measure(x).decoder_only]
         if bad:
             raise ActsparseError(f"model {name!r} is an encoder: {', '.join(bad)} need(s) a decoder-only LM; "
                                  "evaluate it with fidelity (eval=fidelity, or eval=quality for a grid of "

@@ -8,7 +8,10 @@ Which fields make a cell's identity is decided in cells.py, not here.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import dataclasses
+import typing
+from dataclasses import MISSING as MISSING_FIELD
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -43,53 +46,14 @@ class DataConf:
 
 
 @dataclass
-class LmEvalConf:
-    """Accuracy through lm-evaluation-harness (measure `lm_eval`): any registered task, group or tag by name."""
-    tasks: List[str] = field(default_factory=lambda: ["actsparse_offline"])   # the bundled offline tasks
-    num_fewshot: Optional[int] = None   # None: each task's default
-    limit: Optional[float] = None       # items per task (an int, or a fraction < 1); None: all
-    batch_size: int = 8
-    seed: int = 0
-
-
-@dataclass
-class FidelityConf:
-    """Cosine of sparsified vs dense outputs (measure `fidelity`): pooled embeddings (encoders), hidden states
-    or logits (decoders), on the evaluation data."""
-    n: int = 64                         # text chunks (encoders) or token windows (decoders)
-    seq_len: int = 128
-    output: str = "auto"                # auto | pooled | hidden | logits
-    batch_size: int = 8
-
-
-@dataclass
-class SpeedConf:
-    """Decode speed in the CUDA-graphed engine with the Triton kernels, dense side by side (measure `speed`)."""
-    n_tokens: int = 128
-    batch: int = 1
-    prompt_len: int = 16
-    repeats: int = 3
-
-
-@dataclass
-class StabilityConf:
-    """Mask stability (measure `stability`, arXiv 2412.12178): Jaccard overlap of the active input channels of
-    consecutive tokens and of a text vs a perturbed copy, per watched site (stability/* metrics)."""
-    seq_len: int = 128
-    n_windows: int = 8
-    perturb: float = 0.3                # fraction of tokens replaced in the perturbed copy
-    roles: List[str] = field(default_factory=lambda: ["down"])
-    batch_size: int = 8
-    seed: int = 0
-
-
-@dataclass
-class EvalConf:
+class EvalBase:
     """What each cell measures, and how: with the plan, it makes the cell_key.
 
-    `measure` lists the evaluations of every cell: ppl (perplexity on `data`), lm_eval (accuracy),
-    fidelity, speed, stability (mask stability). ppl, lm_eval and speed need a decoder-only LM; `encoder_measure` says what
-    encoders measure instead (None: the same list, which then must suit them).
+    `measure` lists the evaluations of every cell, from the measure registry (actsparse/eval/measures.py):
+    ppl (perplexity on `data`), lm_eval (accuracy), fidelity, speed, stability (mask stability), and any
+    registered plugin. ppl, lm_eval and speed need a decoder-only LM; `encoder_measure` says what encoders
+    measure instead (None: the same list, which then must suit them). Each measure with settings adds its
+    group `eval.<measure>.*` (see eval_conf).
     """
     data: str = "bundled:eval"
     seq_len: int = 256
@@ -99,10 +63,15 @@ class EvalConf:
     token_policy: str = "all"           # all | decode | last_fraction=f
     measure: List[str] = field(default_factory=lambda: ["ppl"])
     encoder_measure: Optional[List[str]] = None
-    lm_eval: LmEvalConf = field(default_factory=LmEvalConf)
-    fidelity: FidelityConf = field(default_factory=FidelityConf)
-    speed: SpeedConf = field(default_factory=SpeedConf)
-    stability: StabilityConf = field(default_factory=StabilityConf)
+
+
+def eval_conf() -> type:
+    """The `eval` schema: EvalBase plus one `eval.<measure>` group per registered measure that has settings."""
+    from ..eval.measures import measures
+
+    groups = [(name, m.Settings, field(default_factory=m.Settings)) for name, m in measures().items()
+              if m.Settings is not None]
+    return make_dataclass("EvalConf", groups, bases=(EvalBase,))
 
 
 @dataclass
@@ -153,12 +122,12 @@ class ReportConf:
 
 
 @dataclass
-class SweepConf:
-    """One cell's whole configuration (and, before the grid is expanded, the sweep's defaults)."""
+class SweepBase:
+    """One cell's whole configuration (and, before the grid is expanded, the sweep's defaults) but for `eval`,
+    whose schema grows with the measure registry: schema() adds it after `data`."""
     model: ModelConf = field(default_factory=ModelConf)
     method: MethodConf = field(default_factory=MethodConf)
     data: DataConf = field(default_factory=DataConf)
-    eval: EvalConf = field(default_factory=EvalConf)
     tracking: TrackingConf = field(default_factory=TrackingConf)
     launcher: LauncherConf = field(default_factory=LauncherConf)
     ray: RayConf = field(default_factory=RayConf)
@@ -166,6 +135,22 @@ class SweepConf:
     sparsity: float = 0.5
     device: str = "cpu"                 # cpu | cuda | cuda:N | auto
     name: str = "adhoc"                 # the sweep's name (presets set it); part of the sweep_id
+
+
+def schema() -> type:
+    """The sweep config schema with the measures registered now (plugins imported before this call included)."""
+    ev = eval_conf()
+    hints = typing.get_type_hints(SweepBase)
+    fields = [(f.name, hints[f.name], field(default=f.default) if f.default_factory is MISSING_FIELD
+               else field(default_factory=f.default_factory)) for f in dataclasses.fields(SweepBase)]
+    at = [name for name, _, _ in fields].index("data") + 1      # eval after data, as configs print it
+    fields.insert(at, ("eval", ev, field(default_factory=ev)))
+    cls = make_dataclass("SweepConf", fields)
+    cls.__module__ = __name__
+    return cls
+
+
+SweepConf = schema()    # the schema with the built-in measures
 
 
 def conf_dir() -> Path:
@@ -193,7 +178,7 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="actsparse_schema", node=SweepConf)
+    cs.store(name="actsparse_schema", node=schema())
     # every registered method is an option of the `method` group, its typed parameters filled with their
     # defaults, so `method.params.<name>=v` overrides it and `--cfg` shows them; conf/method/<name>.yaml wins
     have_yaml = {p.stem for p in (conf_dir() / "method").glob("*.yaml")}

@@ -1,4 +1,4 @@
-"""What exists, for `actsparse ls` and `actsparse cache`: methods with their parameters, models (bundled,
+"""What exists, for `actsparse ls` and `actsparse cache`: methods with their parameters, measures, models (bundled,
 packaged, in the local Hugging Face cache), lm-eval tasks, the sweeps of an MLflow store, and the artifacts of
 a sweep's store.
 
@@ -29,6 +29,23 @@ def method_rows() -> list[dict]:
                      "params" if hasattr(cls, "nominal_sparsity") else "none (0)",
                      "parameters (default)": ", ".join(f"{k}={fmt(p['default'])}" for k, p in params.items()) or "–",
                      "what it does": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""})
+    return rows
+
+
+def measure_rows() -> list[dict]:
+    """One row per registered measure: its settings (eval.<name>.*) with defaults, dense side, who can run it."""
+    import dataclasses
+
+    from ..eval.measures import measures
+
+    rows = []
+    for name, m in measures().items():
+        s = m.Settings() if m.Settings is not None else None
+        settings = ", ".join(f"{f.name}={getattr(s, f.name)}" for f in dataclasses.fields(s)) if s is not None \
+            else "eval.data, seq_len, stride, max_tokens, batch_size"
+        rows.append({"measure": name, "settings (default)": settings, "dense side": "yes" if m.dense else "no",
+                     "models": "decoders" if m.decoder_only else "any",
+                     "what it measures": (type(m).__doc__ or "").strip().splitlines()[0] if type(m).__doc__ else ""})
     return rows
 
 

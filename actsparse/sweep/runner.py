@@ -303,6 +303,8 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from ..eval.measures import cell_line, measures
+
     with Progress(SpinnerColumn(), TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False) as prog:
         bar = prog.add_task("", total=len(dag.cells))
@@ -320,8 +322,9 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
                 by_key[cell.key] = {"status": FINISHED, "run_id": rid}
                 prog.console.print(f"[green]✓[/] {escape(cell.label)}  {escape(cell_line(result))}  "
                                    f"[dim]\\[{cell.key}][/]")
-                if "acc" in result:
-                    prog.console.print(accuracy_table(result), soft_wrap=False)
+                for m in measures().values():   # a measure's detail under the line (lm-eval: per-task table)
+                    if m.key in result and (t := m.details(result[m.key], result.get("dense", {}).get(m.key))):
+                        prog.console.print(t, soft_wrap=False)
             prog.update(bar, advance=1, description=escape(f"last: {cell.label}"))
 
         if launcher["affinity"]:
@@ -451,6 +454,7 @@ def _tags(cell: Cell, sweep_id: str, device: str) -> dict:
 
 
 def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict, extra: dict | None = None) -> str:
+    from ..eval.measures import measures, quality_metrics
     from ..report.plots import layer_sparsity_plot
 
     metrics = {"sparsity/effective": r["effective"], "sparsity/effective_expected": r["expected_effective"],
@@ -470,98 +474,18 @@ def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict, extr
         _write_config(cell, d)
         (d / "plan_summary.txt").write_text(r["plan_summary"] + "\n")
         (d / "measured_sparsity.json").write_text(json.dumps(r["per_point"], indent=1, sort_keys=True))
-        if "acc" in r:   # lm-eval's figures with the task versions and sample counts, dense beside
-            (d / "lm_eval.json").write_text(json.dumps({"sparse": r["acc"], "dense": r.get("acc_dense", {})},
-                                                       indent=1, sort_keys=True, default=str))
-            tags["lm_eval_versions"] = json.dumps(r["acc"].get("versions", {}), sort_keys=True)[:4900]
-            tags["lm_eval_n_shot"] = json.dumps(r["acc"].get("n_shot", {}), sort_keys=True)[:4900]
-            tags["lm_eval"] = _lm_eval_version()
-            from ..report.accuracy import subsampled
-
-            if subsampled(r["acc"]):
-                tags["lm_eval_subsampled"] = subsampled(r["acc"])[:4900]
-        if "speed_skipped" in r:
-            tags["speed_skipped"] = r["speed_skipped"][:4900]
+        for m in measures().values():   # each measure's own tags and files (lm-eval: versions, per-task json)
+            if m.key in r:
+                mtags, files = m.record(r[m.key], r.get("dense", {}).get(m.key))
+                tags.update(mtags)
+                for name, text in files.items():
+                    (d / name).write_text(text)
+            if f"{m.name}_skipped" in r:
+                tags[f"{m.name}_skipped"] = r[f"{m.name}_skipped"][:4900]
         if r["per_point"]:
             layer_sparsity_plot(r["per_point"], r["target"], d / "sparsity_per_layer.png", title=cell.label)
         return tracker.log_cell(parent, cell.label, cell.config, metrics, tags, d, "FINISHED",
                                 r["t_start"], r["t_end"])
-
-
-def quality_metrics(r: dict) -> dict:
-    """A cell result's quality figures under DESIGN.md's metric names: ppl, ppl_dense, ppl_ratio; acc/<task>,
-    acc_norm/<task>, acc_avg with their dense values as <name>_dense; fidelity/cos, fidelity/rel_err;
-    decode/tok_s, decode/tok_s_dense, decode/speedup, kernel/us_per_layer; stability/*."""
-    m = {}
-    if "ppl" in r:
-        m.update(ppl=r["ppl"], ppl_dense=r["ppl_dense"], ppl_ratio=r["ppl_ratio"])
-    if "acc" in r:
-        dense = r.get("acc_dense") or {}
-        for k, v in r["acc"].items():
-            if k.startswith(("acc/", "acc_norm/", "acc_stderr/", "acc_norm_stderr/")) or k in ("acc_avg",
-                                                                                             "acc_avg_stderr"):
-                m[k] = v
-                if isinstance(dense.get(k), (int, float)):
-                    m[f"{k}_dense"] = dense[k]
-    if "fidelity" in r:
-        m["fidelity/cos"] = r["fidelity"]["cos"]
-        m["fidelity/rel_err"] = r["fidelity"]["rel_err"]
-    m.update(r.get("speed", {}))
-    m.update(r.get("stability", {}))        # stability/{consecutive,perturbed,chance}/<site> and /mean
-    return m
-
-
-def cell_line(r: dict) -> str:
-    """The console's summary of a finished cell: its quality figures and effective sparsity."""
-    parts = []
-    if "ppl" in r:
-        parts.append(f"ppl {r['ppl']:.3f} (x{r['ppl_ratio']:.3f} dense)")
-    if "acc" in r and "acc_avg" in r["acc"]:
-        from ..report.accuracy import pct, significant, subsampled
-
-        a, dense = r["acc"], r.get("acc_dense") or {}
-        d = dense.get("acc_avg")
-        sig = significant(a["acc_avg"], a.get("acc_avg_stderr"), d, dense.get("acc_avg_stderr")) if d is not None \
-            else None
-        parts.append(f"acc_avg {pct(a['acc_avg'], a.get('acc_avg_stderr'))}%"
-                     + (f" (dense {pct(d, dense.get('acc_avg_stderr'))}%"
-                        + ("; not significant: within 2 stderr" if sig is False else "") + ")" if d is not None else "")
-                     + (f" [{subsampled(a).split(':')[0]}]" if subsampled(a) else ""))
-    if "fidelity" in r:
-        parts.append(f"fidelity cos {r['fidelity']['cos']:.4f}")
-    if "speed" in r:
-        parts.append(f"decode {r['speed']['decode/speedup']:.2f}x")
-    if "stability" in r and "stability/consecutive/mean" in r["stability"]:
-        parts.append(f"mask stability {r['stability']['stability/consecutive/mean']:.3f}")
-    if "speed_skipped" in r:
-        parts.append(f"decode speed skipped: {r['speed_skipped']}")
-    return "  ".join(parts + [f"effective sparsity {r['effective']:.3f}"])
-
-
-def accuracy_table(r: dict):
-    """A finished cell's lm-eval figures per task as a terminal table: ± stderr, dense beside, n.s. marks."""
-    from rich.table import Table
-
-    from ..report.accuracy import subsampled, task_rows
-
-    rows = task_rows(r["acc"], r.get("acc_dense"))
-    caption = "accuracy in %, ± one standard error; Δ in points, (n.s.): within 2 standard errors of dense"
-    note = subsampled(r["acc"])
-    t = Table(caption=caption + (f"\n{note}" if note else ""), caption_justify="left")
-    for col in rows[0] if rows else []:
-        t.add_column(col, justify="left" if col == "task" else "right")
-    for row in rows:
-        t.add_row(*row.values())
-    return t
-
-
-def _lm_eval_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("lm_eval")
-    except Exception:
-        return "unknown"
 
 
 def _log_failed(tracker, parent: str, sweep_id: str, cell: Cell, msg: str, tb: str, extra: dict | None = None) -> str:

@@ -29,8 +29,6 @@ FORMS = ("METRIC<=Rx (ratio to dense: ppl<=1.02x), METRIC>=dense-N (accuracy poi
          "METRIC>=Rx (fidelity/cos>=0.99x), METRIC<=dense+Nabs (absolute: ppl<=dense+0.5abs), or the report's "
          "METRIC=SPEC (ppl=1.02x, acc_avg=1pt)")
 _NUM = r"[0-9]*\.?[0-9]+(?:e[-+]?\d+)?"
-# which eval measure records a quality metric, by prefix
-_MEASURE_OF = (("ppl", "ppl"), ("acc", "lm_eval"), ("fidelity", "fidelity"))
 
 
 @dataclass(frozen=True)
@@ -131,6 +129,7 @@ class Group:
 
 def check_search(spec: SearchSpec, cells: list[Cell]) -> None:
     """Refuse, before anything runs, groups a search cannot answer: methods without a target, unrecorded metrics."""
+    from ..eval.measures import measure_of
     from ..sparsifiers.registry import get_method
 
     for c in cells:
@@ -139,7 +138,7 @@ def check_search(spec: SearchSpec, cells: list[Cell]) -> None:
             raise ActsparseError(f"search: method {c.plan.method!r} does not take a target sparsity (its sparsity "
                                  "comes from its parameters), so there is nothing to search; drop it from the grid "
                                  "(dense is the reference every probe is compared with anyway)")
-        need = next((ms for prefix, ms in _MEASURE_OF if spec.quality.name.startswith(prefix)), None)
+        need = measure_of(spec.quality.name)
         if need is None or need not in c.eval.measure:
             have = ", ".join(c.eval.measure)
             raise ActsparseError(f"search: budget on {spec.quality.name!r}, but cell {c.label!r} measures only "
@@ -199,6 +198,7 @@ def run_search(grid: Grid, spec: SearchSpec, console=None, prepared: tuple[list[
     from rich.console import Console
     from rich.markup import escape
 
+    from ..eval.measures import quality_metrics
     from ..tracking.mlflow_runs import Tracker
     from . import faults as fault_hook
     from . import runner as R
@@ -256,7 +256,7 @@ def run_search(grid: Grid, spec: SearchSpec, console=None, prepared: tuple[list[
                     t = {"search_id": sweep_id, "search_group": g.label, "search_probe": i, "search_budget": spec.text,
                          "search_tol": spec.tol}
                     if result is not None:
-                        v, d = _value(spec, R.quality_metrics(result))
+                        v, d = _value(spec, quality_metrics(result))
                         t["search_pass"] = int(_passes(spec, v, d))
                     return t
 
@@ -272,7 +272,7 @@ def run_search(grid: Grid, spec: SearchSpec, console=None, prepared: tuple[list[
                     probe = {"target": c.sparsity, "run_id": st.get("run_id"), "status": st["status"]}
                     if st["status"] != R.FAILED:
                         m = nodes_all["results"].get(("cell", c.key))
-                        metrics = R.quality_metrics(m) if m is not None else tracker.client.get_run(st["run_id"]).data.metrics
+                        metrics = quality_metrics(m) if m is not None else tracker.client.get_run(st["run_id"]).data.metrics
                         eff = m["effective"] if m is not None else metrics.get("sparsity/effective", float("nan"))
                         v, d = _value(spec, metrics)
                         probe.update(value=v, dense=d, effective=eff, threshold=_threshold(spec, d, v),

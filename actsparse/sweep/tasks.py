@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import ActsparseError
 from . import faults as _faults
+from ..eval.measures import Context, Skip, get_measure
 from .cells import Cell, DenseNode, ModelRef, PlanNode, StatsNode
 from .store import Store, open_store
 
@@ -208,8 +209,9 @@ def fit_task(node: PlanNode, store: "Store | str", stats: dict, device: str, thr
 
 def dense_task(node: DenseNode, store: "Store | str", device: str, threads: float, cache_size: int,
                faults: dict | None = None, oom_retries: int = 1) -> dict:
-    """Dense quality once per model x eval spec, kept in the store's dense/<key>: perplexity and/or lm-eval
-    accuracy, as the spec measures (fidelity's dense reference is the cell's own model with the plan lifted)."""
+    """The dense values of the spec's dense measures (perplexity, lm-eval accuracy) once per model x eval spec, kept
+    in the store's dense/<key>; measures without a dense side (fidelity compares with the cell's own model with the
+    plan lifted) are not run here."""
     from ..artifacts import save_tensors_json
 
     _begin()
@@ -217,102 +219,65 @@ def dense_task(node: DenseNode, store: "Store | str", device: str, threads: floa
     f = _faults.select(faults, "dense", node.model.name)
     _faults.hold(f.get("hold"))
     _faults.raise_now(f.get("raise"))
+    ev = node.eval
+    names = ev.dense_measures()
     path = st.fetch("dense", node.key)
     if path is not None:
         m = _meta(path)
-        return _end({"key": node.key, "ppl_dense": m["ppl"], "acc_dense": m.get("acc", {}), "time_s": m["time_s"],
-                     "source": "cache"})
-    ev = node.eval
-    ppl, acc, bs, n_oom, dt = None, {}, ev.batch_size, 0, 0.0
-    if ev.has("ppl") or ev.has("lm_eval"):
+        return _end({"key": node.key, "values": _dense_values(m, ev), "time_s": m["time_s"], "source": "cache"})
+    values, bs, n_oom, dt = {}, ev.batch_size, 0, 0.0
+    if names:
         _threads(threads)
         model, tok = _model(node.model, resolve_device(device), cache_size)
         t0 = time.perf_counter()
         inject = _faults.OomInjector(f.get("oom"))
-        if ev.has("ppl"):
-            ppl, bs, n_oom = _ppl(model, tok, ev, oom_retries, inject, "dense evaluation")
-        if ev.has("lm_eval"):
-            acc, _, n = _accuracy(model, tok, ev, oom_retries, "dense lm-eval")
-            n_oom += n
+        for i, name in enumerate(names):
+            m = get_measure(name, ev.modules.get(name))
+            values[m.key], b, n = _run_measure(m, _context(model, tok, ev, m), oom_retries, f"dense {m.title}",
+                                               inject if i == 0 else None)
+            bs, n_oom = (b if i == 0 else bs), n_oom + n
         dt = time.perf_counter() - t0
     target = st.target("dense", node.key)
-    save_tensors_json(target, {}, {"kind": "dense_eval", "ppl": ppl, "acc": acc, "time_s": dt,
-                                   "eval": ev.dense_identity(), "batch_size": bs})
+    # perplexity and accuracy sit under "ppl" and "acc" as in stores written before the measure registry
+    save_tensors_json(target, {}, {"kind": "dense_eval", "ppl": values.get("ppl"), "acc": values.get("acc", {}),
+                                   "values": values, "time_s": dt, "eval": ev.dense_identity(), "batch_size": bs})
     st.publish("dense", node.key, target)
-    return _end({"key": node.key, "ppl_dense": ppl, "acc_dense": acc, "time_s": dt, "source": "computed",
-                 "oom_retries": n_oom})
+    return _end({"key": node.key, "values": values, "time_s": dt, "source": "computed", "oom_retries": n_oom})
 
 
-def _ppl(model, tok, ev, oom_retries: int, inject, what: str, handle=None) -> tuple:
-    """(perplexity, batch size used, OOM retries) of the model as it is (sparsified when a plan is installed)."""
-    from ..eval.perplexity import perplexity
-
-    def run(b: int) -> float:
-        if handle is not None:
-            handle.reset_counters()       # a retried evaluation must not count the aborted batches
-        return perplexity(model, tok, data=ev.data, seq_len=ev.seq_len, stride=ev.stride,
-                          max_tokens=ev.max_tokens, batch_size=b)
-
-    return retry_oom(run, ev.batch_size, oom_retries, what, "eval.batch_size", inject)
+def _dense_values(meta: dict, ev) -> dict:
+    """{result key: dense value} from a stored dense evaluation (older ones keep only "ppl" and "acc")."""
+    if "values" in meta:
+        return meta["values"]
+    keys = {get_measure(n, ev.modules.get(n)).key for n in ev.dense_measures()}
+    return {k: meta[k] for k in ("ppl", "acc") if k in keys and meta.get(k) is not None}
 
 
-def _accuracy(model, tok, ev, oom_retries: int, what: str) -> tuple:
-    """(lm-eval summary, batch size used, OOM retries): acc/<task>, acc_norm/<task>, acc_avg, versions, ..."""
-    from ..eval.lm_eval import lm_eval_accuracy
-
-    s = ev.settings["lm_eval"]
-    limit = s["limit"]
-    limit = int(limit) if limit is not None and limit >= 1 else limit
-    return retry_oom(lambda b: lm_eval_accuracy(model, tok, tasks=list(s["tasks"]), num_fewshot=s["num_fewshot"],
-                                                limit=limit, batch_size=b, seed=s["seed"]),
-                     s["batch_size"], oom_retries, what, "eval.lm_eval.batch_size")
+def _context(model, tok, ev, m, plan=None, device: str = "cpu", handle=None) -> Context:
+    return Context(model, tok, ev.data, ev.seq_len, ev.stride, ev.max_tokens, ev.batch_size,
+                   m.settings(ev.settings.get(m.name)), plan, device, handle)
 
 
-def _fidelity(model, tok, ev, oom_retries: int) -> tuple:
-    from ..eval.fidelity import fidelity
+def _run_measure(m, ctx: Context, oom_retries: int, what: str, inject=None, reset=None) -> tuple:
+    """(value, batch size used, OOM retries): the measure run, its batch halved on out-of-memory (when it has one).
 
-    s = ev.settings["fidelity"]
-    return retry_oom(lambda b: fidelity(model, tok, data=ev.data, n=s["n"], seq_len=s["seq_len"], batch_size=b,
-                                        output=s["output"]),
-                     s["batch_size"], oom_retries, "fidelity", "eval.fidelity.batch_size")
+    `reset` runs before every attempt: a retried measurement must not count the aborted batches' sparsity."""
+    def run(b):
+        if reset is not None:
+            reset()
+        return m.run(ctx, b)
 
-
-def _stability(model, tok, ev, oom_retries: int) -> tuple:
-    from ..eval.stability import mask_stability
-
-    s = ev.settings["stability"]
-    return retry_oom(lambda b: mask_stability(model, tok, data=ev.data, seq_len=s["seq_len"], n_windows=s["n_windows"],
-                                              perturb=s["perturb"], roles=tuple(s["roles"]), batch_size=b,
-                                              seed=s["seed"]),
-                     s["batch_size"], oom_retries, "mask stability", "eval.stability.batch_size")
-
-
-def _speed(cell: Cell, plan, device: str, cache_size: int) -> dict:
-    """{"speed": decode/* and kernel/* figures}, or {"speed_skipped": why} when this cell cannot be timed."""
-    from ..eval.speed import decode_speed, plan_to_engine, speed_unavailable_reason
-
-    s = cell.eval.settings["speed"]
-    if not device.startswith("cuda"):
-        return {"speed_skipped": f"decode speed needs a CUDA GPU and this cell runs on device={device} "
-                                 "(use device=cuda launcher=gpu)"}
-    model = _model(cell.plan.model, device, cache_size)[0]
-    why = speed_unavailable_reason(model)
-    if why is None:
-        try:
-            plan_to_engine(plan)
-        except ActsparseError as e:
-            why = str(e)
-    if why is not None:
-        return {"speed_skipped": why}
-    return {"speed": decode_speed(model, plan, n_tokens=s["n_tokens"], batch=s["batch"], prompt_len=s["prompt_len"],
-                                  repeats=s["repeats"])}
+    bs = m.batch_size(ctx)
+    if bs is None:
+        return run(None), None, 0
+    return retry_oom(run, bs, oom_retries, what, m.batch_knob, inject)
 
 
 def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: dict, threads: float,
               cache_size: int, faults: dict | None = None, oom_retries: int = 1) -> dict:
-    """Evaluate one cell: sparsify with its plan and token policy, then run its measures in order (ppl, lm_eval,
-    fidelity, speed, as eval.measure lists them); activation sparsity is measured during the first of them
-    that runs the sparsified model (perplexity when it is measured)."""
+    """Evaluate one cell: sparsify with its plan and token policy and run its measures in eval.measure's order
+    (those that install the plan themselves, like decode speed, after the others); activation sparsity is measured
+    during the first measure that runs the sparsified model."""
     from ..sparsifiers.apply import sparsify
     from ..sparsifiers.plan import SparsityPlan
 
@@ -325,47 +290,42 @@ def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: 
     device = resolve_device(cell.device)
     p = SparsityPlan.load(_need(st, "plans", plan["key"], "plan"))
     ev = cell.eval
+    ms = [get_measure(n, ev.modules.get(n)) for n in ev.measure]
     bs, n_oom, out = ev.batch_size, 0, {}
-    quality = [m for m in ev.measure if m != "speed"]
     measured = {"per_point": {}, "mean": 0.0, "per_role": {}, "effective": p.effective_sparsity}
     t0 = time.perf_counter()
-    if not p.rules:  # nothing is sparsified: the model is the dense model, whose quality is known
-        if ev.has("ppl"):
-            out["ppl"] = dense["ppl_dense"]
-        if ev.has("lm_eval"):
-            out["acc"] = dense["acc_dense"]
-        if ev.has("fidelity"):
-            out["fidelity"] = {"cos": 1.0, "rel_err": 0.0, "n": 0}   # the dense model against itself
-        eval_s = 0.0
-    else:
+    hooked = [m for m in ms if m.sparsified]
+    if not p.rules:  # nothing is sparsified: the model is the dense model, whose values are known
+        for m in hooked:
+            v = m.at_dense_plan(dense["values"].get(m.key))
+            if v is not None:
+                out[m.key] = v
+        hooked = []
+    if hooked:
         _threads(threads)
         model, tok = _model(cell.plan.model, device, cache_size)
         with sparsify(model, p, backend="torch", token_policy=ev.token_policy) as h:
-            for i, m in enumerate(quality):
-                if m == "ppl":
-                    out["ppl"], bs, n = _ppl(model, tok, ev, oom_retries, _faults.OomInjector(f.get("oom")),
-                                             "evaluation", handle=h)
-                elif m == "lm_eval":
-                    out["acc"], _, n = _accuracy(model, tok, ev, oom_retries, "lm-eval")
-                elif m == "stability":
-                    out["stability"], _, n = _stability(model, tok, ev, oom_retries)
-                else:
-                    out["fidelity"], _, n = _fidelity(model, tok, ev, oom_retries)
+            for i, m in enumerate(hooked):
+                out[m.key], b, n = _run_measure(m, _context(model, tok, ev, m, p, device, h), oom_retries,
+                                                m.title, _faults.OomInjector(f.get("oom")) if i == 0 else None,
+                                                h.reset_counters if i == 0 else None)
                 n_oom += n
                 if i == 0:
-                    measured = h.measured_sparsity()
-        eval_s = time.perf_counter() - t0
-    if ev.has("speed"):
-        out.update(_speed(cell, p, device, cache_size))
+                    measured, bs = h.measured_sparsity(), b or bs
+    eval_s = time.perf_counter() - t0
+    for m in ms:
+        if not m.sparsified:
+            model, tok = _model(cell.plan.model, device, cache_size) if device.startswith("cuda") else (None, None)
+            try:
+                out[m.key] = m.run(_context(model, tok, ev, m, p, device), None)
+            except Skip as why:
+                out[f"{m.name}_skipped"] = str(why)
     r = {"target": p.target, "effective": measured["effective"], "expected_effective": p.effective_sparsity,
          "act_mean": measured["mean"], "per_role": measured["per_role"], "per_point": measured["per_point"],
          "calibrate_s": stats["time_s"], "stats_source": stats["source"], "fit_s": plan["fit_s"],
          "eval_s": eval_s, "plan_summary": p.summary(), "device": device, "host": socket.gethostname(),
-         "eval_batch_size": bs, "oom_retries": n_oom, "t_start": t_start, "t_end": time.time(), **out}
-    if "ppl" in out:
-        r.update(ppl_dense=dense["ppl_dense"], ppl_ratio=out["ppl"] / dense["ppl_dense"])
-    if "acc" in out:
-        r["acc_dense"] = dense["acc_dense"]
+         "eval_batch_size": bs, "oom_retries": n_oom, "t_start": t_start, "t_end": time.time(), **out,
+         "dense": {k: v for k, v in dense["values"].items() if k in out}}
     return _end(r)
 
 

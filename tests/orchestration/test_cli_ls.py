@@ -45,6 +45,21 @@ def test_ls_methods_lists_every_method_with_every_parameter_default(tmp_path):
             assert f"{f.name}={d}".replace(" ", "") in text, (cls.name, f.name)
 
 
+def test_ls_measures_lists_every_measure_with_its_settings(tmp_path):
+    from actsparse.eval.measures import measures
+
+    proc = run_cli(["ls", "measures"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = re.sub(r"\s+", "", re.sub(r"\s*│\s*", " ", proc.stdout))
+    rows = [r for r in _rows(proc.stdout) if r[0]]
+    assert [r[0] for r in rows] == list(measures())
+    assert {r[0]: r[2] for r in rows} == {n: "yes" if m.dense else "no" for n, m in measures().items()}
+    for m in measures().values():
+        for f in dataclasses.fields(m.Settings) if m.Settings else []:
+            d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert f"{f.name}={d}".replace(" ", "") in text, (m.name, f.name)
+
+
 def test_ls_models_shows_bundled_and_hf_cache_models(tmp_path):
     org, name = "".join(random.choices(string.ascii_lowercase, k=6)), "m" + str(random.randint(0, 999))
     snap = tmp_path / "hub" / f"models--{org}--{name}" / "snapshots" / "abc123"

@@ -56,7 +56,7 @@ def test_oom_in_a_cell_is_retried_at_half_the_batch_and_twice_fails_only_that_ce
     assert ok.data.tags["oom_retries"] == "1" and ok.data.tags["eval_batch_size"] == "4"
     assert failed.info.status == "FAILED"
     assert failed.data.tags["error"].startswith(
-        "evaluation failed: ActsparseError: evaluation ran out of GPU memory at batch_size 4 (retried 1x from 8)")
+        "evaluation failed: ActsparseError: perplexity ran out of GPU memory at batch_size 4 (retried 1x from 8)")
     (parent,) = mlflow_runs(uri, "sweep")
     assert parent.data.tags["oom_retries"] == "1"
     # the retried cell's numbers are those of the Python API with the same plan at the configured batch size
