@@ -104,7 +104,7 @@ class Measure:
         return None
 
     def record(self, value, dense) -> tuple[dict, dict]:
-        """(tags, {artifact file name: text}) logged with a finished cell's run."""
+        """(tags, {artifact file name: text}) logged with a finished cell's run (long tag values are cut)."""
         return {}, {}
 
     def settings(self, d: Optional[dict]):
@@ -317,11 +317,10 @@ class LmEval(Measure):
 
         from .accuracy import subsampled
 
-        tags = {"lm_eval_versions": json.dumps(value.get("versions", {}), sort_keys=True)[:4900],
-                "lm_eval_n_shot": json.dumps(value.get("n_shot", {}), sort_keys=True)[:4900],
-                "lm_eval": _lm_eval_version()}
+        tags = {"lm_eval_versions": json.dumps(value.get("versions", {}), sort_keys=True),
+                "lm_eval_n_shot": json.dumps(value.get("n_shot", {}), sort_keys=True), "lm_eval": _lm_eval_version()}
         if subsampled(value):
-            tags["lm_eval_subsampled"] = subsampled(value)[:4900]
+            tags["lm_eval_subsampled"] = subsampled(value)
         files = {"lm_eval.json": json.dumps({"sparse": value, "dense": dense or {}}, indent=1, sort_keys=True,
                                             default=str)}
         return tags, files

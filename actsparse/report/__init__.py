@@ -6,5 +6,6 @@ pareto    per-method curves (dense anchor) and the overall front, for effective 
 iso       iso-quality reach (interpolated along each curve, extrapolation flagged), ratios, iso-sparsity
 tables    Table: Markdown / LaTeX (booktabs, escaped) / HTML, best per column in bold, dense row
 plots     PNG + SVG: Pareto curves, per-layer x per-role sparsity heat maps, speedup vs 1/(1-s)
-html      the static page; build.build_report / report_sweep write it all and log it to the parent run
+html      the static page; build.build_report writes it all, build.sweep_report (what a sweep, a search and
+          `actsparse report` call) also logs it to the sweep's parent run
 """

@@ -390,16 +390,29 @@ def report_sweep(uri: str, experiment: str, sweep_id: str | None = None, out_roo
         what = "every finished cell" + (f" matching {filters.describe()}" if filters else "")
         return build_report(df, Path(out_root) / name, f"Report of {what} in experiment {experiment}", opt, uri=uri)
     sweep = find_sweep(uri, experiment, sweep_id)
-    ids = [c["run_id"] for c in sweep["cells"] if c.get("run_id")]
-    df = filters.apply(runs_frame(uri, experiment, list(dict.fromkeys(ids))))
-    # the sweep's own report (default options) is <out>/<sweep>/ and report/ on the parent run; any other
-    # options write beside it, never over it: <out>/<sweep>/variants/<options>/ and report-<options>/
-    variant = variant_name(opt, df)
-    out = Path(out_root) / sweep["sweep_id"] / ("variants/" + variant if variant else "")
-    title = f"Sweep {sweep['sweep_id']}" + (f" ({variant})" if variant else "")
-    rep = build_report(df, out, title, opt, uri=uri, parent_run_id=sweep["run_id"])
+    return sweep_report(uri, experiment, sweep["sweep_id"], sweep["run_id"],
+                        [c["run_id"] for c in sweep["cells"] if c.get("run_id")], out_root, opt, filters,
+                        log_to_parent=log_to_parent)
+
+
+def sweep_report(uri: str, experiment: str, sweep_id: str, parent_run_id: str, run_ids: list[str],
+                 out_root: str | Path, options: ReportOptions | None = None, filters: RunFilter | None = None, *,
+                 own: bool = False, log_to_parent: bool = True) -> Report:
+    """Build the report of a sweep's cell runs into <out_root>/<sweep_id>/ and log it to its parent run; return it.
+
+    The sweep's own report is <out_root>/<sweep_id>/ and report/ on the parent run; options other than the
+    defaults write beside it, never over it: <out_root>/<sweep_id>/variants/<options>/ and report-<options>/.
+    own: these options are the ones the sweep itself reports with (a search's budget), so they are its own report.
+    """
+    opt = options or ReportOptions()
+    df = runs_frame(uri, experiment, list(dict.fromkeys(run_ids)))
+    df = filters.apply(df) if filters else df
+    variant = "" if own else variant_name(opt, df)
+    out = Path(out_root) / sweep_id / ("variants/" + variant if variant else "")
+    title = f"Sweep {sweep_id}" + (f" ({variant})" if variant else "")
+    rep = build_report(df, out, title, opt, uri=uri, parent_run_id=parent_run_id)
     if log_to_parent:
-        log_report(uri, experiment, sweep["run_id"], rep, "report" + (f"-{variant}" if variant else ""))
+        log_report(uri, experiment, parent_run_id, rep, "report" + (f"-{variant}" if variant else ""))
     return rep
 
 

@@ -16,6 +16,10 @@ GPU), capped by `launcher.max_workers`, started as work appears. An actor serves
   it (a sweep's tail does not trigger model loads), up to `launcher.workers_per_model`.
 A node whose actor died (SIGKILL, a segfault, a lost node) runs again on a fresh actor,
 `launcher.max_retries` times; an exception is final and fails the nodes that depend on it.
+
+With `launcher.affinity=false` the same loop runs every node as a plain Ray task with its stage's resources
+(no actors): a task reuses a model only when its worker process loaded it for an earlier task
+(`launcher.model_cache`), and Ray retries a task whose worker died.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from .dag import SweepDag
 STAGE = {"stats": "calibration", "plan": "fit", "dense": "dense evaluation", "cell": "evaluation"}
 _PRIORITY = {"stats": 0, "dense": 1, "plan": 2, "cell": 3}
 _TASK = {"stats": "calibrate", "plan": "fit", "dense": "dense", "cell": "cell"}
+_RESOURCES = {"stats": "calibrate", "plan": "fit", "dense": "evaluate", "cell": "evaluate"}   # launcher.<stage>
 
 
 @dataclass
@@ -93,7 +98,8 @@ class _Slot:
 
 
 class AffinityScheduler:
-    """Runs a SweepDag on model-keeping Ray actors; calls on_cell(cell, result | None, Failure | None) per cell."""
+    """Runs a SweepDag on model-keeping Ray actors (or, without affinity, as plain Ray tasks); calls
+    on_cell(cell, result | None, Failure | None) per cell."""
 
     def __init__(self, dag: SweepDag, launcher: dict, store, faults: dict,
                  on_cell: Callable[[Cell, dict | None, Failure | None], None], pool: WorkerPool | None = None):
@@ -112,6 +118,7 @@ class AffinityScheduler:
         self.actors_started = 0
         self.actor_deaths = 0
         self.cap, self.fits_as_tasks = 1, False
+        self.remote_tasks: dict = {}                      # node kind -> its task function as a Ray remote function
 
     # -- set-up --------------------------------------------------------------------------------------------
     def _actor_resources(self) -> dict:
@@ -136,17 +143,17 @@ class AffinityScheduler:
                               and res.get("GPU", 0) - self.cap * want["num_gpus"] >= fit["num_gpus"])
 
     def _build(self) -> None:
-        d = self.dag
+        d, actors = self.dag, bool(self.launcher["affinity"])
         for k, n in d.stats.items():
-            self._add(_Job("stats", k, n.model.key, n, [], True))
+            self._add(_Job("stats", k, n.model.key, n, [], actors))
         for k, n in d.dense.items():
-            self._add(_Job("dense", k, n.model.key, n, [], True))
+            self._add(_Job("dense", k, n.model.key, n, [], actors))
         for k, n in d.plans.items():
             self._add(_Job("plan", k, n.model.key, n, [("stats", n.stats_key)],
-                           n.needs_model or not self.fits_as_tasks))
+                           actors and (n.needs_model or not self.fits_as_tasks)))
         for k, c in d.cells.items():
             self._add(_Job("cell", k, c.plan.model.key, c, [("stats", c.stats.key), ("plan", c.plan.key),
-                                                               ("dense", c.dense.key)], True))
+                                                               ("dense", c.dense.key)], actors))
         for j in self.jobs.values():
             for dep in j.deps:
                 self.jobs[dep].dependents.append(j.id)
@@ -236,19 +243,23 @@ class AffinityScheduler:
                 self.queued[job.model] -= 1
                 s.busy = s.actor.run.remote(_TASK[job.kind], *self._args(job))
                 self.inflight[s.busy] = (job, s)
-        fit = self.launcher["fit"]
         while self.ready_tasks:
             job = self.ready_tasks.pop(0)
             job.running = True
-            ref = ray.remote(tasks.fit_task).options(
-                num_cpus=fit["num_cpus"], num_gpus=fit["num_gpus"], max_retries=self.launcher["max_retries"],
-                retry_exceptions=False, name=f"fit:{job.key[:8]}").remote(*self._args(job))
+            if job.kind not in self.remote_tasks:
+                fn = {"stats": tasks.calibrate_task, "plan": tasks.fit_task, "dense": tasks.dense_task,
+                      "cell": tasks.cell_task}[job.kind]
+                self.remote_tasks[job.kind] = ray.remote(fn)
+            res = self.launcher[_RESOURCES[job.kind]]
+            ref = self.remote_tasks[job.kind].options(
+                num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_retries=self.launcher["max_retries"],
+                retry_exceptions=False, name=f"{_TASK[job.kind]}:{job.key[:8]}").remote(*self._args(job))
             self.inflight[ref] = (job, None)
 
     def _args(self, job: _Job) -> tuple:
         L, r = self.launcher, self.results
         first = self.dag.first_cell[job.key] if job.kind != "cell" else job.node
-        threads = L["calibrate" if job.kind == "stats" else "fit" if job.kind == "plan" else "evaluate"]["num_cpus"]
+        threads = L[_RESOURCES[job.kind]]["num_cpus"]
         cache, f, oom = L["model_cache"], self.faults, L["oom_retries"]
         if job.kind == "stats":
             return (job.node, self.store, first.device, threads, cache, f, oom)

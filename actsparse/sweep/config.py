@@ -107,8 +107,8 @@ class LauncherConf:
     max_retries: int = 1                # re-runs of a node whose worker process died (not of exceptions)
     model_cache: int = 1                # models each worker process keeps loaded between tasks
     # model affinity: each model's calibration, dense and sparse evaluations (and the fits that need the
-    # model) run on Ray actors that keep it loaded; false: independent Ray tasks (the model is reloaded
-    # whenever a task lands on a worker process that has not loaded it yet)
+    # model) run on Ray actors that keep it loaded; false: every node is a plain Ray task with its stage's
+    # resources (the model is reloaded whenever a task lands on a worker process that has not loaded it yet)
     affinity: bool = True
     workers_per_model: Optional[int] = None   # actors per model (None: share the cluster among the models with work)
     max_workers: Optional[int] = None         # actors in all (None: as many as the cluster's CPUs/GPUs hold)

@@ -6,14 +6,14 @@ started, and the cluster checked for the resources the launcher asks for, before
 created. Only this driver process writes to MLflow, and it writes a child run whole, once its cell
 has a result: an interrupted sweep (Ctrl-C) leaves FINISHED runs intact and no half-written one.
 
-Execution: with `launcher.affinity` (the default) the DAG runs on per-model actors (affinity.py);
-otherwise as a DAG of independent Ray tasks chained by ObjectRefs (`_execute_tasks`).
+The work is done elsewhere: Ray's session in ray_session.py, the DAG's scheduling in affinity.py (per-model
+actors, or plain tasks with `launcher.affinity=false`), each node in tasks.py, node counts in counts.py, a
+cell's child run in tracking/child_runs.py, the report in report/build.py. search.py runs its rounds through
+the same functions.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import traceback
 from contextlib import contextmanager
@@ -44,7 +44,7 @@ class Outcome:
     report_error: str | None = None
     ray_started: bool = False
     n_tasks: int = 0                                      # DAG nodes submitted (0: no model work)
-    nodes: dict = field(default_factory=dict)             # {"calibrations_computed": n, ...} (see _node_counts)
+    nodes: dict = field(default_factory=dict)             # {"calibrations_computed": n, ...} (see counts.node_counts)
     model: dict = field(default_factory=dict)             # model loads, cache hits, seconds loading and saved
     wall_s: float = 0.0
     view: str = ""                                        # how to open the runs table in the MLflow UI
@@ -111,6 +111,8 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
 
     from ..tracking.mlflow_runs import Tracker, runs_view
     from . import faults as fault_hook
+    from .counts import model_counts, node_counts, nodes_line, to_compute
+    from .ray_session import stop_ray
     from .store import open_store
 
     t_start = time.perf_counter()
@@ -129,53 +131,52 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     sub = dag.only(todo)
     console.print(f"[bold]sweep {sweep_id}[/]: {len(cells)} grid points, {len(dag.cells)} unique cells "
                   f"({len(dag.duplicates)} grid points merged: they repeat a cell), {len(dag.cells) - len(todo)} "
-                  f"already finished; to run: {len(sub.cells)} cells{_to_compute(sub, launcher['store'])}")
+                  f"already finished; to run: {len(sub.cells)} cells{to_compute(sub, launcher['store'])}")
     for note in target_notes(cells):
         console.print(f"[yellow]{escape(note)}[/]")
-    if todo:  # connect first: a cluster without the resources asked for fails before any run exists
-        out.ray_started = _start_ray(launcher, console)
-    try:
-        if todo:
-            _check_resources(launcher, console)
-        parent = tracker.start_sweep(sweep_id, grid.name,
-                                     params={"name": grid.name, "overrides": grid.overrides,
-                                             "grid": grid.sweep_params, "n_grid_points": len(cells),
-                                             "n_cells": len(dag.cells)},
-                                     tags={"n_grid_points": len(cells), "affinity": str(bool(launcher["affinity"])),
-                                           "store": launcher["store"]})
-    except BaseException:
-        _stop_ray(out.ray_started)
-        raise
-    out.parent_run_id = parent
+    parent = start_parent(out, tracker, launcher, console, bool(todo), grid.name,
+                          params={"name": grid.name, "overrides": grid.overrides, "grid": grid.sweep_params,
+                                  "n_grid_points": len(cells), "n_cells": len(dag.cells)},
+                          tags={"n_grid_points": len(cells), "affinity": str(bool(launcher["affinity"])),
+                                "store": launcher["store"]})
     with parent_run_guard(tracker, parent):
         if todo:
             out.n_tasks = len(sub.stats) + len(sub.plans) + len(sub.dense) + len(sub.cells)
             store = open_store(launcher["store"], launcher["store_cache"])
             try:
-                nodes = _execute(sub, launcher, store, faults, tracker, parent, sweep_id, by_key, console)
+                nodes = run_dag(sub, launcher, store, faults, tracker, parent, sweep_id, by_key, console)
             finally:
-                _stop_ray(out.ray_started)
-            out.nodes, out.model = _node_counts(nodes), _model_counts(nodes)
-            tracker.set_tags(parent, {k: v for k, v in out.nodes.items()})
-            console.print(_nodes_line(out))
+                stop_ray(out.ray_started)
+            out.nodes, out.model = node_counts(nodes), model_counts(nodes)
+            tracker.set_tags(parent, out.nodes)
+            console.print(nodes_line(out.nodes, out.model))
         else:
             console.print("nothing to run: every cell has a FINISHED run (Ray not started)")
-        out.statuses = _grid_statuses(dag, by_key)
-        results = Path(shared["report"]["dir"]) / sweep_id
-        results.mkdir(parents=True, exist_ok=True)
-        (results / "cells.json").write_text(json.dumps(out.statuses, indent=1))
-        tracker.log_artifact(parent, results / "cells.json")
-        if shared["report"]["enabled"]:
-            try:
-                out.report = _report(tr, results, sweep_id, out.statuses, tracker, parent, console)
-            except Exception as e:  # the cells are recorded already; say what broke, fail the exit status
-                out.report_error = f"{type(e).__name__}: {e}"
-                console.print(f"[red]report failed:[/] {escape(out.report_error)}")
-                traceback.print_exc()
+        out.statuses = grid_statuses(dag, by_key)
+        save_statuses(out, shared, tracker)
+        write_report(out, shared, console)
         out.wall_s = time.perf_counter() - t_start
         end_parent(tracker, parent, out, {**{f"nodes/{k}": v for k, v in out.nodes.items()},
                                           **{f"model/{k}": v for k, v in out.model.items()}})
     return out
+
+
+def start_parent(out: Outcome, tracker, launcher: dict, console, with_ray: bool, name: str, params: dict,
+                 tags: dict) -> str:
+    """Start Ray and check its resources (with_ray: there is model work), then create the sweep's parent run;
+    return its id. Ray is stopped again when either fails, so a cluster too small leaves no run behind."""
+    from .ray_session import check_resources, start_ray, stop_ray
+
+    if with_ray:  # connect first: a cluster without the resources asked for fails before any run exists
+        out.ray_started = start_ray(launcher, console)
+    try:
+        if with_ray:
+            check_resources(launcher, console)
+        out.parent_run_id = tracker.start_sweep(out.sweep_id, name, params=params, tags=tags)
+    except BaseException:
+        stop_ray(out.ray_started)
+        raise
+    return out.parent_run_id
 
 
 @contextmanager
@@ -199,7 +200,8 @@ def end_parent(tracker, parent: str, out: Outcome, extra: dict) -> None:
                      "time/sweep_s": out.wall_s, **extra})
 
 
-def _grid_statuses(dag: SweepDag, by_key: dict[str, dict]) -> list[dict]:
+def grid_statuses(dag: SweepDag, by_key: dict[str, dict]) -> list[dict]:
+    """One status row per grid point (cells.json): its overrides, keys, and what became of its cell."""
     rows = []
     for c in dag.grid:
         first = dag.cells[c.key]
@@ -211,91 +213,41 @@ def _grid_statuses(dag: SweepDag, by_key: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def _to_compute(sub: SweepDag, store_spec: str) -> str:
-    """`, computing N calibrations, N fits, N dense evaluations` for the nodes whose artifact is not in the store."""
-    if not sub.cells:
-        return ""
+def save_statuses(out: Outcome, shared: dict, tracker) -> Path:
+    """Write out.statuses to <report.dir>/<sweep_id>/cells.json and log it to the parent run; return that folder."""
+    results = Path(shared["report"]["dir"]) / out.sweep_id
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "cells.json").write_text(json.dumps(out.statuses, indent=1))
+    tracker.log_artifact(out.parent_run_id, results / "cells.json")
+    return results
+
+
+def write_report(out: Outcome, shared: dict, console, budgets: dict | None = None) -> None:
+    """Build the sweep's report of out.statuses, log it to the parent run and print it (when report.enabled); a
+    failure is recorded in out.report_error (the cells are recorded already) and fails the exit status."""
+    from rich.markup import escape
+
+    from ..report.build import ReportOptions, sweep_report
+
+    if not shared["report"]["enabled"]:
+        return
+    tr = shared["tracking"]
     try:
-        from .store import open_store
-
-        store = open_store(store_spec)
-        have = {kind: set(store.keys(kind)) for kind in ("stats", "plans", "dense")}
-    except Exception:    # an unreachable store is reported when the nodes run; here only the count is lost
-        have = {"stats": set(), "plans": set(), "dense": set()}
-    parts = []
-    for kind, nodes, what in (("stats", sub.stats, "calibration"), ("plans", sub.plans, "fit"),
-                              ("dense", sub.dense, "dense evaluation")):
-        stored = sum(k in have[kind] for k in nodes)
-        parts.append(f"{len(nodes) - stored} {what}(s)" + (f" (+{stored} from the store)" if stored else ""))
-    return ", computing " + ", ".join(parts)
-
-
-# -- Ray ------------------------------------------------------------------------------------------------
-def _stop_ray(started: bool) -> None:
-    if started:
-        import ray
-
-        ray.shutdown()
-
-
-def _check_resources(launcher: dict, console) -> None:
-    """Raise ActsparseError when no Ray node can run a stage's resource request (it would wait forever).
-
-    On a cluster joined by address the autoscaler may still add such a node: there it is a warning.
-    """
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes) or "none"
-    asks = {s: launcher[s] for s in ("calibrate", "fit", "evaluate")}
-    if launcher["affinity"]:  # one actor runs calibrations and evaluations: it asks for the larger of the two
-        asks["calibrate/evaluate worker"] = {r: max(launcher["calibrate"][r], launcher["evaluate"][r])
-                                             for r in ("num_cpus", "num_gpus")}
-    for stage, ask in asks.items():
-        if not any(r.get("CPU", 0) >= ask["num_cpus"] and r.get("GPU", 0) >= ask["num_gpus"] for r in nodes):
-            where = f"launcher.{stage}" if "/" not in stage else "launcher.calibrate/evaluate"
-            msg = (f"{where} asks for {ask['num_cpus']:g} CPU(s) and {ask['num_gpus']:g} GPU(s) per task, but no "
-                   f"node of the Ray cluster has that much (nodes: {have}); on a CPU-only machine use "
-                   "launcher=local (no GPU request), else lower launcher.*.num_gpus / num_cpus or add nodes")
-            if launcher["ray"]["address"] in (None, "", "local"):
-                raise ActsparseError(msg)
-            console.print(f"[yellow]warning:[/] {msg} (waiting for the cluster to grow)")
-            return
-
-
-def _start_ray(launcher: dict, console) -> bool:
-    """Connect to Ray (reusing an initialised session); return True when this call started it."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # the embedded cluster's token authentication is on by design; its notice on every start is noise
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    r = launcher["ray"]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    kw = dict(include_dashboard=False, log_to_driver=r["log_to_driver"], logging_level=logging.WARNING)
-    t0 = time.perf_counter()
-    local = r["address"] in (None, "", "local")
-    try:
-        if local:  # num_cpus None: Ray counts the cores this process may use (cgroup limits included)
-            ray.init(address="local", num_cpus=r["num_cpus"], num_gpus=r["num_gpus"], **kw)
-        else:
-            ray.init(address=r["address"], log_to_driver=r["log_to_driver"], logging_level=logging.WARNING)
+        rep = sweep_report(tr["uri"], tr["experiment"], out.sweep_id, out.parent_run_id,
+                           [s["run_id"] for s in out.statuses if s.get("run_id")], shared["report"]["dir"],
+                           ReportOptions(budgets=dict(budgets or {})), own=True)
+        rep.print_to(console)
+        console.print()
+        out.report = rep
     except Exception as e:
-        raise ActsparseError(f"cannot {'start a local Ray cluster' if local else 'connect to Ray at ' + repr(r['address'])}: "
-                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; check ray.address "
-                             "(null for an embedded cluster, auto or host:port for a running one)") from e
-    res = ray.cluster_resources()
-    console.print(f"ray: {'local cluster' if local else 'connected to ' + r['address']} with "
-                  f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs ({time.perf_counter() - t0:.1f} s)")
-    return True
+        out.report_error = f"{type(e).__name__}: {e}"
+        console.print(f"[red]report failed:[/] {escape(out.report_error)}")
+        traceback.print_exc()
 
 
-def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent: str, sweep_id: str, by_key: dict,
-             console, extra_tags=None, pool=None) -> dict:
-    """Run the DAG (on model actors, or as chained tasks), logging each cell as it completes; return node results.
+def run_dag(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent: str, sweep_id: str, by_key: dict,
+            console, extra_tags=None, pool=None) -> dict:
+    """Run the DAG (affinity.AffinityScheduler), logging each cell as it completes; return the node results.
 
     extra_tags(cell, result or None) adds tags to a cell's child run (a search tags its probes); pool (an
     affinity.WorkerPool) keeps the model workers for the caller's next DAG instead of closing them.
@@ -304,6 +256,8 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from ..eval.measures import cell_line, measures
+    from ..tracking.child_runs import log_failed, log_finished
+    from .affinity import AffinityScheduler
 
     with Progress(SpinnerColumn(), TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False) as prog:
@@ -311,14 +265,14 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
 
         def record(cell: Cell, result: dict | None, failure: Failure | None) -> None:
             if failure is not None:  # a failing cell becomes a FAILED run; the sweep goes on
-                rid = _log_failed(tracker, parent, sweep_id, cell, failure.message, failure.traceback,
-                                  extra_tags(cell, None) if extra_tags else {})
+                rid = log_failed(tracker, parent, sweep_id, cell, failure.message, failure.traceback,
+                                 extra_tags(cell, None) if extra_tags else {})
                 by_key[cell.key] = {"status": FAILED, "run_id": rid, "error": failure.message}
                 prog.console.print(f"[red]✗[/] {escape(cell.label)}  {escape(failure.message.splitlines()[0])}  "
                                    f"[dim]\\[{cell.key}][/]")
             else:
-                rid = _log_finished(tracker, parent, sweep_id, cell, result,
-                                    extra_tags(cell, result) if extra_tags else {})
+                rid = log_finished(tracker, parent, sweep_id, cell, result,
+                                   extra_tags(cell, result) if extra_tags else {})
                 by_key[cell.key] = {"status": FINISHED, "run_id": rid}
                 prog.console.print(f"[green]✓[/] {escape(cell.label)}  {escape(cell_line(result))}  "
                                    f"[dim]\\[{cell.key}][/]")
@@ -327,191 +281,6 @@ def _execute(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent
                         prog.console.print(t, soft_wrap=False)
             prog.update(bar, advance=1, description=escape(f"last: {cell.label}"))
 
-        if launcher["affinity"]:
-            from .affinity import AffinityScheduler
-
-            sched = AffinityScheduler(dag, launcher, store, faults, record, pool)
-            sched.run()
-            return {"results": sched.results, "actors": sched.actors_started, "actor_deaths": sched.actor_deaths}
-        return _execute_tasks(dag, launcher, store, faults, record)
-
-
-def _execute_tasks(dag: SweepDag, launcher: dict, store, faults: dict, record) -> dict:
-    """The DAG as independent Ray tasks chained by ObjectRefs (launcher.affinity=false); return node results."""
-    import ray
-
-    from . import tasks
-
-    retries, cache, oom = launcher["max_retries"], launcher["model_cache"], launcher["oom_retries"]
-
-    def opts(stage: str, name: str) -> dict:
-        res = launcher[stage]
-        return {"num_cpus": res["num_cpus"], "num_gpus": res["num_gpus"], "max_retries": retries,
-                "retry_exceptions": False, "name": name}
-
-    def threads(stage: str) -> float:
-        return launcher[stage]["num_cpus"]
-
-    calibrate = ray.remote(tasks.calibrate_task)
-    fit = ray.remote(tasks.fit_task)
-    dense = ray.remote(tasks.dense_task)
-    evaluate = ray.remote(tasks.cell_task)
-    stats_refs = {k: calibrate.options(**opts("calibrate", f"calibrate:{k[:8]}")).remote(
-        n, store, dag.first_cell[k].device, threads("calibrate"), cache, faults, oom) for k, n in dag.stats.items()}
-    plan_refs = {k: fit.options(**opts("fit", f"fit:{k[:8]}")).remote(
-        n, store, stats_refs[n.stats_key], dag.first_cell[k].device, threads("fit"), cache, faults)
-        for k, n in dag.plans.items()}
-    dense_refs = {k: dense.options(**opts("evaluate", f"dense:{k[:8]}")).remote(
-        n, store, dag.first_cell[k].device, threads("evaluate"), cache, faults, oom) for k, n in dag.dense.items()}
-    pending = {}
-    for k, c in dag.cells.items():
-        deps = {"calibration": stats_refs[c.stats.key], "fit": plan_refs[c.plan.key],
-                "dense evaluation": dense_refs[c.dense.key]}
-        ref = evaluate.options(**opts("evaluate", f"cell:{k[:8]}")).remote(
-            c, store, deps["calibration"], deps["fit"], deps["dense evaluation"], threads("evaluate"), cache,
-            faults, oom)
-        pending[ref] = (c, deps)
-    results: dict[tuple, dict] = {}
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for ref in ready:
-                cell, deps = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as e:
-                    msg, tb = _describe_failure(e, deps)
-                    record(cell, None, Failure(msg, tb))
-                else:
-                    results[("cell", cell.key)] = result
-                    record(cell, result, None)
-    except BaseException:  # Ctrl-C or an error: leave nothing running on the cluster
-        for ref in [*pending, *stats_refs.values(), *plan_refs.values(), *dense_refs.values()]:
-            ray.cancel(ref, force=True)
-        raise
-    for kind, refs in (("stats", stats_refs), ("plan", plan_refs), ("dense", dense_refs)):
-        for k, ref in refs.items():
-            try:
-                results[(kind, k)] = ray.get(ref, timeout=0)
-            except Exception:
-                pass
-    return {"results": results, "actors": 0, "actor_deaths": 0}
-
-
-def _node_counts(nodes: dict) -> dict:
-    """{calibrations,fits,dense_evals}_{computed,cached}, OOM retries, actors, Ray nodes used: for tags and metrics."""
-    out = {}
-    for kind, name in (("stats", "calibrations"), ("plan", "fits"), ("dense", "dense_evals")):
-        rs = [r for (k, _), r in nodes["results"].items() if k == kind]
-        out[f"{name}_computed"] = sum(r["source"] == "computed" for r in rs)
-        out[f"{name}_cached"] = sum(r["source"] == "cache" for r in rs)
-    out["oom_retries"] = sum(r.get("oom_retries", 0) for r in nodes["results"].values())
-    out["actors"], out["actor_deaths"] = nodes["actors"], nodes["actor_deaths"]
-    out["ray_nodes"] = len({r["worker"]["node"] for r in nodes["results"].values() if r.get("worker", {}).get("node")})
-    return out
-
-
-def _model_counts(nodes: dict) -> dict:
-    """Model loads, cache hits, seconds spent loading, and the seconds the hits saved (hits x mean load time)."""
-    ms = [r["model"] for r in nodes["results"].values() if "model" in r]
-    loads, hits, load_s = sum(m["loads"] for m in ms), sum(m["hits"] for m in ms), sum(m["load_s"] for m in ms)
-    return {"loads": loads, "cache_hits": hits, "load_s": load_s,
-            "load_s_saved": hits * load_s / loads if loads else 0.0}
-
-
-def _nodes_line(out: Outcome) -> str:
-    n, m = out.nodes, out.model
-    return (f"nodes: {n['calibrations_computed']} calibration(s) computed + {n['calibrations_cached']} from the store, "
-            f"{n['fits_computed']} + {n['fits_cached']} fit(s), {n['dense_evals_computed']} + "
-            f"{n['dense_evals_cached']} dense evaluation(s); model: {m['loads']} load(s) ({m['load_s']:.1f} s), "
-            f"{m['cache_hits']} reuse(s) saving ~{m['load_s_saved']:.1f} s"
-            + (f"; {n['actors']} model worker(s)" if n["actors"] else "")
-            + (f", {n['actor_deaths']} died and were replaced" if n["actor_deaths"] else ""))
-
-
-def _describe_failure(e: Exception, deps: dict) -> tuple[str, str]:
-    """(one-paragraph message naming the failed stage, full remote traceback)."""
-    import ray
-    from ray.exceptions import RayTaskError
-
-    stage = "evaluation"
-    for name, ref in deps.items():  # did a node this cell depends on fail?
-        try:
-            ray.get(ref, timeout=0)
-        except Exception:
-            stage = name
-            break
-    cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
-    text = str(cause).strip().splitlines()
-    return f"{stage} failed: {type(cause).__name__}: {text[0] if text else ''}", str(e)
-
-
-# -- MLflow child runs ----------------------------------------------------------------------------------
-def _tags(cell: Cell, sweep_id: str, device: str) -> dict:
-    return {"cell_key": cell.key, "stats_key": cell.stats.key, "plan_key": cell.plan.key, "sweep_id": sweep_id,
-            "token_policy": cell.eval.token_policy, "device": device, "model": cell.config["model"]["name"],
-            "method": cell.plan.method, "method_label": cell.method_label or cell.plan.method}
-
-
-def _log_finished(tracker, parent: str, sweep_id: str, cell: Cell, r: dict, extra: dict | None = None) -> str:
-    from ..eval.measures import measures, quality_metrics
-    from ..report.plots import layer_sparsity_plot
-
-    metrics = {"sparsity/effective": r["effective"], "sparsity/effective_expected": r["expected_effective"],
-               "sparsity/target": r["target"], "sparsity/act_mean": r["act_mean"],
-               "time/calibrate_s": r["calibrate_s"], "time/fit_s": r["fit_s"], "time/eval_s": r["eval_s"]}
-    metrics.update({f"sparsity/act/{role}": v for role, v in r["per_role"].items()})
-    metrics.update(quality_metrics(r))
-    model, worker = r.get("model", {}), r.get("worker", {})
-    metrics["time/model_load_s"] = model.get("load_s", 0.0)
-    tags = {**_tags(cell, sweep_id, r["device"]), "stats_source": r["stats_source"], "host": r["host"],
-            "model_cache": "miss" if model.get("loads") else "hit" if model.get("hits") else "none",
-            "ray_node": worker.get("node", "")[:16], "worker_pid": worker.get("pid", ""),
-            "eval_batch_size": r.get("eval_batch_size", cell.eval.batch_size), "oom_retries": r.get("oom_retries", 0),
-            **(extra or {})}
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        _write_config(cell, d)
-        (d / "plan_summary.txt").write_text(r["plan_summary"] + "\n")
-        (d / "measured_sparsity.json").write_text(json.dumps(r["per_point"], indent=1, sort_keys=True))
-        for m in measures().values():   # each measure's own tags and files (lm-eval: versions, per-task json)
-            if m.key in r:
-                mtags, files = m.record(r[m.key], r.get("dense", {}).get(m.key))
-                tags.update(mtags)
-                for name, text in files.items():
-                    (d / name).write_text(text)
-            if f"{m.name}_skipped" in r:
-                tags[f"{m.name}_skipped"] = r[f"{m.name}_skipped"][:4900]
-        if r["per_point"]:
-            layer_sparsity_plot(r["per_point"], r["target"], d / "sparsity_per_layer.png", title=cell.label)
-        return tracker.log_cell(parent, cell.label, cell.config, metrics, tags, d, "FINISHED",
-                                r["t_start"], r["t_end"])
-
-
-def _log_failed(tracker, parent: str, sweep_id: str, cell: Cell, msg: str, tb: str, extra: dict | None = None) -> str:
-    tags = {**_tags(cell, sweep_id, cell.device), "error": msg[:4900], **(extra or {})}
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        _write_config(cell, d)
-        (d / "error.txt").write_text(tb)
-        return tracker.log_cell(parent, cell.label, cell.config, {}, tags, d, "FAILED")
-
-
-def _write_config(cell: Cell, d: Path) -> None:
-    from omegaconf import OmegaConf
-
-    (d / "config.yaml").write_text(f"# overrides: {' '.join(cell.overrides)}\n" + OmegaConf.to_yaml(cell.config))
-
-
-def _report(tr: dict, results: Path, sweep_id: str, statuses: list[dict], tracker, parent: str, console,
-            budgets: dict | None = None):
-    from ..report.build import ReportOptions, build_report
-    from ..report.runs import runs_frame
-
-    ids = list(dict.fromkeys(s["run_id"] for s in statuses if s.get("run_id")))
-    df = runs_frame(tr["uri"], tr["experiment"], ids)
-    rep = build_report(df, results, f"Sweep {sweep_id}", ReportOptions(budgets=dict(budgets or {})))
-    tracker.log_artifacts(parent, rep.dir, "report")
-    rep.print_to(console)
-    console.print()
-    return rep
+        sched = AffinityScheduler(dag, launcher, store, faults, record, pool)
+        sched.run()
+        return {"results": sched.results, "actors": sched.actors_started, "actor_deaths": sched.actor_deaths}

@@ -18,7 +18,6 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..artifacts import content_key
 from ..errors import ActsparseError
@@ -202,7 +201,10 @@ def run_search(grid: Grid, spec: SearchSpec, console=None, prepared: tuple[list[
     from ..tracking.mlflow_runs import Tracker
     from . import faults as fault_hook
     from . import runner as R
+    from .affinity import WorkerPool
+    from .counts import model_counts, node_counts
     from .dag import build_dag
+    from .ray_session import stop_ray
     from .store import open_store
 
     t_start = time.perf_counter()
@@ -216,23 +218,13 @@ def run_search(grid: Grid, spec: SearchSpec, console=None, prepared: tuple[list[
                   f"{escape(spec.describe())}, bisection on the target in [0, {spec.max_sparsity:g}] to "
                   f"±{spec.tol:g}: at most {spec.max_probes} probes per group")
     out = R.Outcome(sweep_id, None, tr["uri"], tr["experiment"])
-    out.ray_started = R._start_ray(launcher, console)
-    try:
-        R._check_resources(launcher, console)
-        parent = tracker.start_sweep(sweep_id, grid.name,
-                                     params={"name": grid.name, "overrides": grid.overrides, "search": spec.text,
-                                             "search_tol": spec.tol, "search_max_sparsity": spec.max_sparsity},
-                                     tags={"search_budget": spec.text, "n_groups": len(groups),
-                                           "store": launcher["store"]})
-    except BaseException:
-        R._stop_ray(out.ray_started)
-        raise
-    out.parent_run_id = parent
+    parent = R.start_parent(out, tracker, launcher, console, True, grid.name,
+                            params={"name": grid.name, "overrides": grid.overrides, "search": spec.text,
+                                    "search_tol": spec.tol, "search_max_sparsity": spec.max_sparsity},
+                            tags={"search_budget": spec.text, "n_groups": len(groups), "store": launcher["store"]})
     by_key: dict[str, dict] = {}
     all_cells: list[Cell] = []
     nodes_all: dict = {"results": {}, "actors": 0, "actor_deaths": 0}
-    from .affinity import WorkerPool
-
     pool = WorkerPool() if launcher["affinity"] else None   # one set of model workers for every round
     with R.parent_run_guard(tracker, parent):
         try:
@@ -261,8 +253,8 @@ def run_search(grid: Grid, spec: SearchSpec, console=None, prepared: tuple[list[
                     return t
 
                 if todo:
-                    nodes = R._execute(dag.only(todo), launcher, store, faults, tracker, parent, sweep_id, by_key,
-                                       console, extra_tags=tags, pool=pool)
+                    nodes = R.run_dag(dag.only(todo), launcher, store, faults, tracker, parent, sweep_id, by_key,
+                                      console, extra_tags=tags, pool=pool)
                     nodes_all["results"].update(nodes["results"])
                     nodes_all["actors"] += nodes["actors"]
                     nodes_all["actor_deaths"] += nodes["actor_deaths"]
@@ -286,28 +278,19 @@ def run_search(grid: Grid, spec: SearchSpec, console=None, prepared: tuple[list[
         finally:
             if pool is not None:
                 pool.close()
-            R._stop_ray(out.ray_started)
+            stop_ray(out.ray_started)
         results = [g.result(spec) for g in groups]
         if nodes_all["results"]:
-            out.nodes, out.model = R._node_counts(nodes_all), R._model_counts(nodes_all)
+            out.nodes, out.model = node_counts(nodes_all), model_counts(nodes_all)
             tracker.set_tags(parent, out.nodes)
-        out.statuses = R._grid_statuses(build_dag(all_cells), by_key) if all_cells else []
-        res_dir = Path(shared["report"]["dir"]) / sweep_id
-        res_dir.mkdir(parents=True, exist_ok=True)
-        (res_dir / "cells.json").write_text(json.dumps(out.statuses, indent=1))
+        out.statuses = R.grid_statuses(build_dag(all_cells), by_key) if all_cells else []
+        res_dir = R.save_statuses(out, shared, tracker)
         summary = {"budget": spec.text, "describe": spec.describe(), "tol": spec.tol,
                    "max_sparsity": spec.max_sparsity, "groups": results}
         (res_dir / "search.json").write_text(json.dumps(summary, indent=1, default=str))
-        tracker.log_artifact(parent, res_dir / "cells.json")
         tracker.log_artifact(parent, res_dir / "search.json")
         console.print(search_table(results, spec), markup=False, highlight=False)
-        if shared["report"]["enabled"]:
-            try:
-                out.report = R._report(tr, res_dir, sweep_id, out.statuses, tracker, parent, console,
-                                       budgets={spec.quality.name: spec.budget.spec})
-            except Exception as e:
-                out.report_error = f"{type(e).__name__}: {e}"
-                console.print(f"[red]report failed:[/] {escape(out.report_error)}")
+        R.write_report(out, shared, console, budgets={spec.quality.name: spec.budget.spec})
         out.wall_s = time.perf_counter() - t_start
         R.end_parent(tracker, parent, out,
                      {**{f"search/{_slug(r['group'])}/found_target": r["found_target"] for r in results},

@@ -1,6 +1,9 @@
 """Model affinity: each model is loaded once by the actor that runs all of its nodes (against plain tasks that
-reload it per node), with the same numbers; and resource requests the cluster cannot meet are refused."""
+reload it per node), with the same numbers; resource requests the cluster cannot meet are refused; and without
+affinity a failed node names its stage as with it."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -56,3 +59,17 @@ def test_a_gpu_request_on_a_cpu_only_cluster_is_refused_before_any_run(ray_clust
                            "of the Ray cluster has that much (nodes: 2 CPU/0 GPU); on a CPU-only machine use "
                            "launcher=local"), line
     assert mlflow_runs(f"sqlite:///{ws}/mlflow.db", "sweep") == []
+
+
+def test_without_affinity_a_failed_calibration_fails_its_cells_naming_the_stage(ray_cluster, workspace, monkeypatch):
+    ws, base = workspace
+    msg = "cannot import name 'X' from 'y'"
+    monkeypatch.setenv("ACTSPARSE_INJECT_FAULTS", json.dumps(
+        {"raise": [{"stage": "calibrate", "type": "ImportError", "message": msg}]}))
+    rc, out, err = sweep_in_process(["+sweep=smoke", *base, "method=teal", "launcher.affinity=false",
+                                     "report.enabled=false"])
+    assert rc == 1 and summary(out) == (0, 0, 2), out + err
+    uri = f"sqlite:///{ws}/mlflow.db"
+    assert [r.data.tags["error"] for r in mlflow_runs(uri, "cell")] == [f"calibration failed: ImportError: {msg}"] * 2
+    (parent,) = mlflow_runs(uri, "sweep")
+    assert parent.data.tags["actors"] == "0"
