@@ -506,6 +506,7 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None) -
     batch from the crossovers it measures on this GPU (logged with the rows)."""
     from actsparse.engine import PRESETS, Engine
     from actsparse.engine.crossover import crossovers
+    from engine_thresholds import calibrate_thresholds, measure_sparsity
 
     rows = []
     for name in dict.fromkeys(m for m, _ in DECODE_PLAN):
@@ -541,10 +542,10 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None) -
                     if clock.left() < 25:
                         log("  decode: out of time budget")
                         break
-                    eng.calibrate_thresholds(s, n_tokens=16, batch=b, union=union,
-                                             method="cats" if method == "cats" else "teal")
+                    calibrate_thresholds(eng, s, n_tokens=16, batch=b, union=union,
+                                         method="cats" if method == "cats" else "teal")
                     tok_s = speed(b, True)
-                    ms = eng.measure_sparsity(n_tokens=8, batch=b)
+                    ms = measure_sparsity(eng, n_tokens=8, batch=b)
                     log(f"  b{b} {method} s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  "
                         f"measured token sparsity {ms['mean']:.3f}, rows skipped {ms['union']:.3f}")
                     rows.append({**meta, "kind": "decode", "model": name, "method": method, "sparsity": s, "batch": b,

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_kernels  # noqa: E402,F401  (makes actsparse.kernels importable from the source tree, as there)
 
+from actsparse.calibration.quantile import AbsThresholds  # noqa: E402
 from actsparse.kernels import ref, sparse_gated_mlp, sparse_gemv  # noqa: E402
 
 D, KV, INTER = 4096, 1024, 14336
@@ -41,7 +42,7 @@ def main() -> None:
     w = (torch.randn(k, n, device=dev) / k**0.5).to(dt)
     w2 = (torch.randn(k, n, device=dev) / k**0.5).to(dt)
     xin = ref.rmsnorm_ref(x, g) if args.op in ("qkv", "pair") else x
-    t = float(torch.quantile(xin.abs().float().flatten(), args.sparsity)) if args.sparsity > 0 else 0.0
+    t = AbsThresholds(xin)(args.sparsity)
     for _ in range(args.reps):
         if args.op == "pair":
             y = sparse_gated_mlp(x, w, w2, torch.tensor([t, t], device=dev), norm_weight=g, impl=args.impl)

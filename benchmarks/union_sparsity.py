@@ -16,7 +16,8 @@ the script reports (parameter-weighted over the sites, as the kernels' bytes are
   - rows skipped by the batch union,
   - the independent-mask expectation s^B,
   - union calibration: the per-token sparsity a site pays when its threshold is set so that the union
-    skips s (thresholds on max over the batch, as `Engine.calibrate_thresholds(union=True)` does).
+    skips s (thresholds on max over the batch, as the decode benchmark's
+    `engine_thresholds.calibrate_thresholds(union=True)` does).
 Prints a table and appends it to benchmarks/BENCHMARKS.md (date, CPU, commit).
 """
 
@@ -35,10 +36,10 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from actsparse.calibration.quantile import AbsThresholds  # noqa: E402
 from actsparse.data.text import text_data, token_stream, token_windows  # noqa: E402
 from actsparse.models.load import load_model  # noqa: E402
 from actsparse.models.sites import find_blocks  # noqa: E402
-from actsparse.sparsifiers._calib import SortedAbs  # noqa: E402
 
 SPARSITIES = (0.25, 0.4, 0.5, 0.65, 0.8)
 BATCHES = (1, 2, 4, 8, 16)
@@ -70,9 +71,9 @@ def batch_max(a: torch.Tensor, b: int) -> torch.Tensor:
 
 def measure(calib: dict, evals: dict, params: dict) -> list[dict]:
     """Parameter-weighted per-token sparsity, union rows skipped and union-calibrated per-token sparsity for every
-    (target, batch); each batch's maxima and each distribution's sort are computed once (SortedAbs)."""
+    (target, batch); each batch's maxima and each distribution's sort are computed once (AbsThresholds)."""
     total = sum(params.values())
-    q_tok = {n: SortedAbs(a) for n, a in calib.items()}  # per-token thresholds: quantiles of |x|
+    q_tok = {n: AbsThresholds(a) for n, a in calib.items()}  # per-token thresholds: quantiles of |x|
     acc: dict[tuple[float, int], dict[str, float]] = {
         (s, b): {"token_sparsity": 0.0, "rows_skipped": 0.0, "union_calibrated_token_sparsity": 0.0}
         for s in SPARSITIES for b in BATCHES}
@@ -81,7 +82,7 @@ def measure(calib: dict, evals: dict, params: dict) -> list[dict]:
         th = {s: q_tok[n](s) for s in SPARSITIES}
         for b in BATCHES:
             u = batch_max(a, b)
-            q_union = SortedAbs(batch_max(calib[n], b))  # thresholds that make the union skip s (calibration text)
+            q_union = AbsThresholds(batch_max(calib[n], b))  # thresholds that make the union skip s (calibration text)
             for s in SPARSITIES:
                 r = acc[(s, b)]
                 r["token_sparsity"] += w * float((a <= th[s]).float().mean())

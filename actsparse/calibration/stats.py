@@ -6,13 +6,13 @@ width. A Llama-3-8B calibration (32 blocks x 9 probes) therefore holds about 150
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..artifacts import load_tensors_json, save_tensors_json
 from ..errors import ActsparseError
+from .quantile import AbsThresholds, quantile
 
 # log10|x| histogram: 12 decades, 100 bins per decade, plus an exact-zero count kept separately
 LOG_LO, LOG_HI, N_BINS = -8.0, 4.0, 1200
@@ -47,18 +47,15 @@ class ProbeStats:
         """Per-channel L2 norm over all calibration tokens."""
         return self.ch_sq_sum.sqrt()
 
-    def abs_quantile(self, q: float, shift: float | torch.Tensor = 0.0) -> float:
-        """Exact q-quantile of |x - shift| over the sample (shift: scalar or per-channel is not allowed here)."""
+    def abs_quantile(self, q: float, shift: float = 0.0) -> float:
+        """The q-quantile of |x - shift| over the sample (`AbsThresholds`): the threshold on |x - shift| at sparsity q."""
         if not 0.0 <= q <= 1.0:
             raise ActsparseError(f"quantile must be in [0, 1], got {q}")
-        if q == 0.0:
-            return 0.0
-        v = (self.sample.double() - float(shift)).abs()
-        return float(_exact_quantile(v, q))
+        return AbsThresholds(self.sample.double() - float(shift))(q)
 
     def quantile(self, q: float) -> float:
-        """Exact q-quantile of the signed values over the sample."""
-        return float(_exact_quantile(self.sample.double(), q))
+        """The q-quantile of the signed values over the sample (`quantile`)."""
+        return quantile(self.sample, q)
 
     def hist_abs_quantile(self, q: float) -> float:
         """Approximate q-quantile of |x| over *all* elements, from the streaming histogram."""
@@ -71,15 +68,6 @@ class ProbeStats:
         idx = min(idx, N_BINS - 1)
         width = (LOG_HI - LOG_LO) / N_BINS
         return 10 ** (LOG_LO + (idx + 1) * width)
-
-
-def _exact_quantile(v: torch.Tensor, q: float) -> torch.Tensor:
-    """Linear-interpolated quantile (numpy's default 'linear' method), without torch.quantile's size limit."""
-    s, _ = torch.sort(v.flatten())
-    pos = q * (s.numel() - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, s.numel() - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 class ProbeCollector:

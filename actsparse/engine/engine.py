@@ -123,7 +123,6 @@ class Engine:
         self.rules: Optional[list[_LayerRule]] = None
         self.expected_sparsity: dict[str, float] = {}
         self._graphs: dict[tuple[int, bool], _Graph] = {}
-        self._calib: dict[tuple, dict[str, torch.Tensor]] = {}
         self.last_tokens: Optional[torch.Tensor] = None
         self.last_step_ms: float = float("nan")
 
@@ -319,10 +318,14 @@ class Engine:
 
     def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, sparse: Optional[bool] = None,
                      record: Optional[Callable[[int, str, torch.Tensor], None]] = None) -> torch.Tensor:
-        """Return logits [B, V] for tokens [B] at positions pos (int32 [B]), writing the KV cache (eager)."""
+        """Return logits [B, V] for tokens [B] at positions pos (int32 [B]), writing the KV cache (eager).
+
+        `record(layer, op, x)`, if given, sees each op's input (`qkv`, `o`, `gu`, `down`, and `gate_act` =
+        silu(gate)): what thresholds are calibrated and sparsity measured on.
+        """
         sparse = self.rules is not None if sparse is None else sparse
         if sparse and self.rules is None:
-            raise RuntimeError("sparse decoding needs thresholds: call set_thresholds or calibrate_thresholds first")
+            raise RuntimeError("sparse decoding needs thresholds: call set_thresholds or set_plan first")
         x = self.w.embed[tokens]  # [B, D]
         for i in range(self.cfg.n_layers):
             x = self._block(i, x, pos, sparse, record)
@@ -385,7 +388,7 @@ class Engine:
         """
         sparse = self.rules is not None if sparse is None else sparse
         if sparse and self.rules is None:
-            raise RuntimeError("sparse decoding needs thresholds: call set_thresholds or calibrate_thresholds first")
+            raise RuntimeError("sparse decoding needs thresholds: call set_thresholds or set_plan first")
         if prompt is None:
             g = torch.Generator().manual_seed(seed)
             prompt = torch.randint(0, self.cfg.vocab_size, (batch, prompt_len), generator=g)
@@ -417,100 +420,3 @@ class Engine:
         self.last_tokens = st.out[:, : t0 + n].clone()
         self.last_step_ms = ms / n
         return b * n / (ms / 1e3)
-
-    # ------------------------------------------------------------------ calibration and measurement
-    @torch.no_grad()
-    def _record(self, n_tokens: int, batch: int, seed: int, sparse: bool) -> dict[str, torch.Tensor]:
-        """Run n_tokens teacher-forced eager steps on random tokens; return each probe's inputs [T·B, K] float32."""
-        g = torch.Generator().manual_seed(seed)
-        toks = torch.randint(0, self.cfg.vocab_size, (n_tokens, batch), generator=g).to(self.device)
-        got: dict[str, list[torch.Tensor]] = {}
-
-        def rec(i: int, probe: str, t: torch.Tensor) -> None:
-            got.setdefault(f"layers.{i}.{probe}", []).append(t.float())
-
-        pos = torch.zeros(batch, dtype=torch.int32, device=self.device)
-        for t in range(n_tokens):
-            self.forward_step(toks[t], pos, sparse, rec)
-            pos += 1
-        return {k: torch.stack(v) for k, v in got.items()}  # [T, B, K]
-
-    @staticmethod
-    def _quantile(a: torch.Tensor, q: float) -> float:
-        flat = a.reshape(-1)
-        k = min(max(int(q * flat.numel()), 1), flat.numel())
-        return float(flat.kthvalue(k).values)
-
-    _PROBES = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gu", "up": "gu", "down": "down"}
-
-    @torch.no_grad()
-    def calibrate_thresholds(self, target: float, n_tokens: int = 64, *, batch: int = 1, union: bool = False,
-                             method: str = "teal", seed: int = 0) -> dict[str, float]:
-        """Set (and return) per-site thresholds that zero a `target` fraction of each site's inputs.
-
-        Calibrated on the engine's own dense activations (n_tokens random teacher-forced tokens per row).
-        union=True calibrates on max_b |x_b| so the union over `batch` rows (the weight rows actually read)
-        hits the target. method="cats" thresholds |silu(gate)| (site gate_act) instead of every input.
-        """
-        if not 0.0 <= target < 1.0:
-            raise ValueError(f"target sparsity must be in [0, 1), got {target}")
-        if method not in ("teal", "cats"):
-            raise ValueError(f"method must be 'teal' or 'cats', got {method!r}")
-        key = (n_tokens, batch, seed)
-        if key not in self._calib:
-            self._calib = {key: self._record(n_tokens, batch, seed, sparse=False)}
-        acts = self._calib[key]
-        th: dict[str, float] = {}
-        rows_skipped: dict[str, float] = {}
-        for i in range(self.cfg.n_layers):
-            roles = ("gate_act",) if method == "cats" else tuple(self._PROBES)
-            for role in roles:
-                a = acts[f"layers.{i}.{self._PROBES.get(role, role)}"].abs()  # [T, B, K]
-                u = a.amax(dim=1)  # [T, K]: what the batch union reads
-                t = self._quantile(u if union else a, target) if target > 0 else 0.0
-                name = f"layers.{i}.{role}"
-                th[name] = t
-                # The kernels' cost follows the rows the union skips, not the per-token sparsity.
-                rows_skipped[name] = float((u <= t).float().mean()) if target > 0 else 0.0
-        if method == "cats":  # gate_act's mask decides the up and down rows
-            for i in range(self.cfg.n_layers):
-                for role in ("up", "down"):
-                    rows_skipped[f"layers.{i}.{role}"] = rows_skipped[f"layers.{i}.gate_act"]
-        self.set_thresholds(th, expected_sparsity=rows_skipped)
-        return th
-
-    @torch.no_grad()
-    def measure_sparsity(self, n_tokens: int = 16, *, batch: int = 1, seed: int = 1) -> dict[str, float]:
-        """Return measured sparsity under the current thresholds on fresh tokens: per role (token level),
-        'union' (weight rows skipped across the batch, weighted by parameter count = effective sparsity)."""
-        if self.rules is None:
-            raise RuntimeError("no thresholds set")
-        acts = self._record(n_tokens, batch, seed, sparse=True)
-        cfg = self.cfg
-        d, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
-        params = {"q": d * q, "k": d * kv, "v": d * kv, "o": q * d, "gate": d * inter, "up": d * inter,
-                  "down": inter * d}
-        tok: dict[str, list[float]] = {r: [] for r in params}
-        skipped = 0.0
-        for i, r in enumerate(self.rules):
-            rows = {}
-            for role, op, j in (("q", r.qkv, 0), ("k", r.qkv, 1), ("v", r.qkv, 2), ("o", r.o, 0),
-                                ("gate", r.gu, 0), ("up", r.gu, 1), ("down", r.down, 0)):
-                x = acts[f"layers.{i}.{self._PROBES[role]}"]  # [T, B, K]
-                if op.shift is not None:
-                    x = x - op.shift[j]
-                t = op.thresh[j] if op.thresh.dim() == 1 else op.thresh[j][None, None, :]
-                keep = x.abs() > t
-                if self._dense(op, {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gu", "up": "gu"}.get(role, role),
-                               batch):
-                    keep = torch.ones_like(keep)
-                if r.gate_act is not None and role in ("up", "down"):
-                    keep = (acts[f"layers.{i}.gate_act"].abs() > r.gate_act if self._cats(r, batch)
-                            else torch.ones_like(keep))
-                tok[role].append(1.0 - keep.float().mean().item())
-                rows[role] = 1.0 - keep.any(dim=1).float().mean().item()
-            skipped += sum(rows[k] * params[k] for k in params)
-        out = {k: sum(v) / len(v) for k, v in tok.items()}
-        out["mean"] = sum(out[k] * params[k] for k in params) / sum(params.values())
-        out["union"] = skipped / (sum(params.values()) * cfg.n_layers)
-        return out

@@ -8,7 +8,6 @@ each method's `calib_tokens` parameter.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
@@ -133,32 +132,6 @@ def capture_blocks(model, windows: torch.Tensor, batch_size: int = 4) -> list[Bl
         for h in hooks:
             h.remove()
     return calls
-
-
-class SortedAbs:
-    """Exact linear-interpolated quantiles of |v| (numpy's default), with the sort done once.
-
-    The sort runs on `device` (default: where v is), in float32 for inputs of float32 or narrower (the
-    order, hence every order statistic, is the same as in float64) and in float64 otherwise; the
-    interpolation is done in float64. Passing the model's GPU turns a fit's seconds-per-site CPU sort
-    of [tokens x channels] entries into milliseconds.
-    """
-
-    def __init__(self, v: torch.Tensor, device: "torch.device | str | None" = None):
-        v = v.detach()
-        if device is not None:
-            v = v.to(device)
-        dt = torch.float64 if v.dtype == torch.float64 else torch.float32
-        self.s = v.to(dt).abs().flatten().sort().values
-
-    def __call__(self, q: float) -> float:
-        if q <= 0.0:
-            return 0.0
-        pos = min(q, 1.0) * (self.s.numel() - 1)
-        lo = int(math.floor(pos))
-        hi = min(lo + 1, self.s.numel() - 1)
-        a, b = float(self.s[lo]), float(self.s[hi])
-        return a + (b - a) * (pos - lo)
 
 
 def plan_of(rules: list[Rule], stats, method: str = "_fit") -> SparsityPlan:

@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..calibration.quantile import quantile
 from ..errors import ActsparseError
 from ..models.sites import find_blocks
 from ._calib import calib_windows, collect, mlp_intermediate, mlp_parts, require_model
@@ -152,7 +153,7 @@ def d_rules(stats, sparsity: float, params, model) -> list[Rule]:
         u, v = train_predictor(x, labels, r, params, gen)
         with torch.no_grad():
             logits = (x @ v) @ u.t()                            # [N, F]
-            tau = _quantile(logits.flatten(), sparsity)
+            tau = quantile(logits, sparsity, "nearest")
             pred = logits > tau
             truth = labels.bool()
             recall = float((pred & truth).sum() / truth.sum().clamp(min=1))
@@ -188,8 +189,3 @@ def train_predictor(x: torch.Tensor, labels: torch.Tensor, r: int, params, gen: 
             loss.backward()
             opt.step()
     return u.detach(), v.detach()
-
-
-def _quantile(v: torch.Tensor, q: float) -> float:
-    k = int(round(q * (v.numel() - 1)))
-    return float(v.double().kthvalue(k + 1).values)

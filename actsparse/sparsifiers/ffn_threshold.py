@@ -32,9 +32,10 @@ import dataclasses
 
 import torch
 
+from ..calibration.quantile import AbsThresholds
 from ..errors import ActsparseError
 from ..models.sites import find_blocks
-from ._calib import SortedAbs, calib_windows, collect, measure, require_model
+from ._calib import calib_windows, collect, measure, require_model
 from .plan import Rule
 from .registry import Method, register_method
 from .rules import register_rule
@@ -81,7 +82,7 @@ class FFNThreshold(Method):
         for i, m in mlps:
             base = f"layers.{i}.{m.prefix}"
             # an expert no calibration token was routed to gets no threshold (and no rule)
-            t = {o: SortedAbs(acts[base + o], dev)(sparsity) for o in params.outputs
+            t = {o: AbsThresholds(acts[base + o], dev)(sparsity) for o in params.outputs
                  if base + o in acts and acts[base + o].numel()}
             if not t:
                 continue

@@ -41,9 +41,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..calibration.quantile import AbsThresholds
 from ..errors import ActsparseError
 from ..models.sites import find_sites
-from ._calib import SortedAbs, calib_windows, capture_blocks, collect, installed, require_model
+from ._calib import calib_windows, capture_blocks, collect, installed, require_model
 from .plan import Rule
 from .registry import Method, register_method
 from .rules import register_rule
@@ -114,8 +115,8 @@ class _SiteFit:
         self.us, self.v = u * s, vh.t()                                # [out, R], [in, R]
         self.scale = w.norm(dim=0)                                     # ||W[:, k]||: [in]
         x = x.to(device)
-        self.q_plain = SortedAbs(x)                                    # |x|
-        self.q_scaled = SortedAbs(x.double() * self.scale)             # |x_k| c_k
+        self.q_plain = AbsThresholds(x)                                # |x|
+        self.q_scaled = AbsThresholds(x.double() * self.scale)         # |x_k| c_k
 
     def budget(self, sparsity: float, alpha: float) -> tuple[float, int]:
         """(zero fraction of the sparse path's channels, rank) for target s and split alpha."""

@@ -37,9 +37,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..calibration.quantile import AbsThresholds, quantile
 from ..errors import ActsparseError
 from ..models.sites import find_sites
-from ._calib import SortedAbs, calib_windows, collect, fit_in_order, require_model
+from ._calib import calib_windows, collect, fit_in_order, require_model
 from .plan import Rule
 from .registry import Method, register_method
 from .teal import check_roles
@@ -119,7 +120,7 @@ def _fit_site(site, mode: str, sparsity: float, sample: torch.Tensor, X: torch.T
     if mode == "zero":
         m = 0.0
     elif mode == "median":
-        m = float(_quantile(v, 0.5))
+        m = quantile(v, 0.5)
     else:
         cands = kde_peaks(v, n_candidates, bw_adjust)
         if len(cands) == 1:
@@ -127,32 +128,24 @@ def _fit_site(site, mode: str, sparsity: float, sample: torch.Tensor, X: torch.T
         else:
             Xd = X.to(dev)
             m = min(cands, key=lambda c: _output_error(Xd, w, c, sparsity))
-    t = SortedAbs(v - m, dev)(sparsity)
+    t = AbsThresholds(v - m, dev)(sparsity)
     return _rule(site.name, mode, m, t, w.cpu(), sparsity)
 
 
 def _output_error(X: torch.Tensor, w: torch.Tensor, m: float, sparsity: float) -> float:
     """||W (x_s + m) - W x|| over the calibration inputs, for candidate mode m (the reference's criterion)."""
     xc = X.float() - m                                  # [N, C]
-    t = SortedAbs(xc, xc.device)(sparsity)
+    t = AbsThresholds(xc)(sparsity)
     xs = xc * (xc.abs() > t) + m
     return float((F.linear(xs, w) - F.linear(X.float(), w)).norm())
-
-
-def _quantile(v: torch.Tensor, q: float) -> float:
-    s = v.flatten().sort().values
-    pos = q * (s.numel() - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, s.numel() - 1)
-    return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
 
 
 def kde_peaks(v: torch.Tensor, k: int, bw_adjust: float = 0.5, grid: int = 2048) -> list[float]:
     """Return up to k modes of a Gaussian KDE of v (highest density first), on a binned grid."""
     v = v.double().flatten()
-    lo, hi = _quantile(v, 0.001), _quantile(v, 0.999)
+    lo, hi = quantile(v, 0.001), quantile(v, 0.999)
     if not hi > lo:
-        return [_quantile(v, 0.5)]
+        return [quantile(v, 0.5)]
     v = v[(v >= lo) & (v <= hi)]
     h = bw_adjust * float(v.std()) * v.numel() ** (-0.2)  # Scott's rule, scaled as seaborn's bw_adjust
     width = (hi - lo) / grid

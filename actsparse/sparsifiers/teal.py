@@ -47,9 +47,10 @@ from typing import Callable, ClassVar, Literal
 
 import torch
 
+from ..calibration.quantile import AbsThresholds
 from ..errors import ActsparseError
 from ..models.sites import find_blocks
-from ._calib import SortedAbs, calib_windows, capture_blocks, fit_in_order, require_model
+from ._calib import calib_windows, capture_blocks, fit_in_order, require_model
 from .plan import Rule
 from .registry import Method, register_method
 
@@ -106,7 +107,7 @@ class Teal(Method):
             require_model("teal", model, "with sequential=True calibrates on sparsified inputs")
             names = [s for s in stats.meta["sites"] if s.rsplit(".", 1)[-1] in params.roles]
             return fit_in_order(model, stats, names, calib_windows(stats, params.calib_tokens),
-                                lambda site, X: threshold_rule(site.name, SortedAbs(X)(sparsity), sparsity,
+                                lambda site, X: threshold_rule(site.name, AbsThresholds(X)(sparsity), sparsity,
                                                                sequential=True),
                                 sequential=True)
         if params.allocation == "uniform":
@@ -140,7 +141,7 @@ _MAX_CACHED = 64
 
 def abs_quantiles(stats, sites) -> dict[str, Callable[[float], float]]:
     """TEAL's per-site threshold at a sparsity level: the |x| quantile of the calibration sample."""
-    return {s.name: SortedAbs(stats[s.name].sample) for s in sites}
+    return {s.name: AbsThresholds(stats[s.name].sample) for s in sites}
 
 
 @torch.no_grad()

@@ -38,9 +38,10 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..calibration.quantile import AbsThresholds
 from ..errors import ActsparseError
 from ..models.sites import Site, find_blocks, find_sites
-from ._calib import SortedAbs, calib_windows, collect, fit_in_order, require_model
+from ._calib import calib_windows, collect, fit_in_order, require_model
 from .registry import Method, register_method
 from .teal import ThresholdParams, greedy_rules, threshold_rule
 
@@ -62,7 +63,7 @@ class WinaThresholds:
     def __init__(self, X: torch.Tensor, norms: torch.Tensor | None, device):
         self.norms = None if norms is None else norms.to(device)
         x = X.to(device)
-        self.sorted = SortedAbs(x if norms is None else x * self.norms)   # [N, C] scores, sorted once
+        self.sorted = AbsThresholds(x if norms is None else x * self.norms)   # [N, C] scores, sorted once
 
     def __call__(self, level: float):
         t = self.sorted(level)

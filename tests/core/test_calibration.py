@@ -114,3 +114,35 @@ def test_calibration_is_deterministic_and_aliases_only_shared_inputs():
         if i:
             assert a[f"layers.{i}.q"] is not a[f"layers.{i - 1}.q"]
             assert a[f"layers.{i}.down"] is not a[f"layers.{i - 1}.down"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_abs_thresholds_match_numpy_in_every_dtype(dtype):
+    """The calibrator sorts narrow inputs in float32: its answers equal numpy's float64 linear quantile."""
+    from actsparse.calibration.quantile import AbsThresholds
+
+    v = (torch.randn(997, 13) * torch.rand(13) * 3).to(dtype)
+    ref = np.abs(v.double().numpy()).ravel()
+    q = AbsThresholds(v, device="cpu")
+    for p in [0.0, 0.013, 0.25, 0.5, 0.77, 0.999, 1.0]:
+        want = 0.0 if p == 0.0 else float(np.quantile(ref, p))
+        assert q(p) == pytest.approx(want, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 1001, 4096])
+def test_quantile_ranks_are_numpys_linear_and_nearest_and_the_kth_smallest(n):
+    from actsparse.calibration.quantile import quantile
+
+    v = torch.randn(n, dtype=torch.float64)
+    s = np.sort(v.numpy())
+    for q in [0.0, 0.1, 0.25, 0.5, 0.55, 0.75, 0.9, 1.0]:
+        assert quantile(v, q) == pytest.approx(float(np.quantile(s, q)), rel=1e-12, abs=1e-300)
+        assert quantile(v, q, "nearest") == float(np.quantile(s, q, method="nearest"))
+        k = min(max(int(q * n), 1), n)
+        assert quantile(v, q, "kth") == float(s[k - 1])
+        if 0 < q and k == int(q * n):   # zeroes exactly k values with keep |x| > t: never more than q
+            assert (v <= quantile(v, q, "kth")).sum() == k
+    with pytest.raises(asp.ActsparseError, match="rank"):
+        quantile(v, 0.5, "midpoint")
+    with pytest.raises(asp.ActsparseError, match="empty"):
+        quantile(v[:0], 0.5)

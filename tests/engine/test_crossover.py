@@ -5,6 +5,7 @@ import torch
 
 from actsparse.engine import TINY, Engine
 from actsparse.engine.crossover import LEVELS, OPS, crossing, crossovers, union_threshold
+from benchmarks.engine_thresholds import calibrate_thresholds
 
 
 def test_crossing_interpolates_where_the_speedup_reaches_one():
@@ -43,5 +44,5 @@ def test_gpu_measured_crossovers_are_levels_and_cached(batch):
     assert set(got) == set(OPS)
     assert all(v == 0.0 or v == 1.0 or LEVELS[0] <= v <= LEVELS[-1] for v in got.values())
     assert crossovers(eng, batch) is got
-    eng.calibrate_thresholds(0.5, n_tokens=4, batch=batch)
+    calibrate_thresholds(eng, 0.5, n_tokens=4, batch=batch)
     assert eng.decode(None, 4, batch=batch) > 0
