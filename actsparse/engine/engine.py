@@ -29,7 +29,7 @@ from actsparse.kernels import ref as kref
 
 from .config import LlamaConfig
 from .crossover import crossovers
-from .plan import ROLES, EnginePlan, Threshold
+from .plan import EnginePlan, Threshold
 from .weights import Weights, random_weights, weights_from_hf
 
 
