@@ -107,7 +107,7 @@ class Measure:
         """(tags, {artifact file name: text}) logged with a finished cell's run (long tag values are cut)."""
         return {}, {}
 
-    def settings(self, d: Optional[dict]):
+    def parse_settings(self, d: Optional[dict]):
         """The Settings instance for a config's `eval.<name>` mapping (None without Settings)."""
         return self.Settings(**d) if self.Settings is not None else None
 
@@ -151,7 +151,12 @@ def get_measure(name: str, module: Optional[str] = None) -> Measure:
 
 def measure_modules(names) -> dict[str, str]:
     """{name: the module that registered it}: recorded with a cell, so worker processes can import plugins."""
-    return {n: type(get_measure(n)).__module__ for n in names}
+    out = {n: type(get_measure(n)).__module__ for n in names}
+    for n, mod in out.items():
+        if mod == "__main__":
+            raise ActsparseError(f"measure {n!r} is defined in the script being run (__main__), which the sweep's "
+                                 "worker processes cannot import; move it into a module of its own and import that")
+    return out
 
 
 def _load_plugins() -> None:

@@ -296,7 +296,7 @@ def _check_eval(e: dict) -> None:
                                  f"got {ms}")
     for name in dict.fromkeys([*e["measure"], *(e.get("encoder_measure") or [])]):
         m = get_measure(name)
-        m.check(m.settings(_settings(e, (name,)).get(name)))
+        m.check(m.parse_settings(_settings(e, (name,)).get(name)))
 
 
 def _settings(e: dict, names) -> dict:

@@ -255,7 +255,7 @@ def _dense_values(meta: dict, ev) -> dict:
 
 def _context(model, tok, ev, m, plan=None, device: str = "cpu", handle=None) -> Context:
     return Context(model, tok, ev.data, ev.seq_len, ev.stride, ev.max_tokens, ev.batch_size,
-                   m.settings(ev.settings.get(m.name)), plan, device, handle)
+                   m.parse_settings(ev.settings.get(m.name)), plan, device, handle)
 
 
 def _run_measure(m, ctx: Context, oom_retries: int, what: str, inject=None, reset=None) -> tuple:

@@ -42,7 +42,7 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 180, env: dict | None = N
     """Run the `actsparse` console script of this environment, offline, in cwd (extra env vars, stdin text)."""
     script = Path(sys.executable).parent / "actsparse"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "actsparse.cli"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), **(env or {}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(cmd + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
                           input=input if input is not None else "")
 

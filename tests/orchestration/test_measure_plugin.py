@@ -4,11 +4,13 @@ under its metric names, summarised on the console and shown in the report as a q
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 
 import pytest
 
-from .conftest import mlflow_runs, run_cli, summary, sweep_in_process
+from .conftest import REPO, mlflow_runs, run_cli, summary, sweep_in_process
 
 MODULE = "tests.orchestration.toy_measure"
 SMALL = ["data.tokens=512", "data.seq_len=64", "data.sample_size=4096", "eval.seq_len=64", "eval.max_tokens=256",
@@ -59,3 +61,59 @@ def test_an_unregistered_measure_is_refused_with_the_registered_ones(tmp_path):
     assert proc.returncode == 2
     assert "eval.measure must be a non-empty list of distinct measures from ['ppl', 'lm_eval', 'fidelity', 'speed', " \
            "'stability']" in proc.stderr
+
+
+def _plugin_dist(tmp_path, target: str):
+    """A folder holding an installed distribution's metadata with one `actsparse.measures` entry point."""
+    site = tmp_path / "site"
+    d = site / "toyplugin-0.1.dist-info"
+    d.mkdir(parents=True)
+    (d / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplugin\nVersion: 0.1\n")
+    (d / "entry_points.txt").write_text(f"[actsparse.measures]\ntop1 = {target}\n")
+    return {"PYTHONPATH": os.pathsep.join([str(REPO), str(site)])}
+
+
+def test_an_entry_point_adds_a_measure_to_the_command_line_and_the_config(tmp_path):
+    env = _plugin_dist(tmp_path, MODULE)
+    proc = run_cli(["ls", "measures"], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "│ top1" in proc.stdout and "n_windows=4" in proc.stdout
+    proc = run_cli(["sweep", "--dry-run", f"tracking.uri=sqlite:///{tmp_path}/m.db", "method=teal",
+                    "eval.measure=[ppl,top1]", "eval.top1.n_windows=2"], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_cli(["sweep", "--dry-run", "method=teal", "eval.measure=[top1]", "eval.top1.seq_len=1"],
+                   cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "eval.top1 needs" in proc.stderr
+
+
+def test_a_broken_measure_plugin_is_named(tmp_path):
+    proc = run_cli(["ls", "measures"], cwd=tmp_path, env=_plugin_dist(tmp_path, "tests.orchestration.no_such_module"))
+    assert proc.returncode == 2
+    assert ("the measure plugin 'top1' (tests.orchestration.no_such_module) failed to import: ModuleNotFoundError"
+            in proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_measure_defined_in_the_script_run_is_refused_before_the_sweep(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from actsparse.eval.measures import Measure, register_measure\n"
+        "from actsparse.errors import ActsparseError\n"
+        "from actsparse.sweep.cells import validate_cells\n"
+        "from actsparse.sweep.config import schema\n"
+        "from omegaconf import OmegaConf\n"
+        "@register_measure('here')\n"
+        "class Here(Measure):\n"
+        "    def run(self, ctx, batch_size): return 1.0\n"
+        "cfg = OmegaConf.to_container(OmegaConf.structured(schema()), resolve=True)\n"
+        "cfg['model']['name'] = 'tiny-llama'; cfg['method'] = {'name': 'teal', 'params': {}}\n"
+        "cfg['eval']['measure'] = ['here']\n"
+        "try:\n"
+        "    validate_cells([([], cfg)])\n"
+        "except ActsparseError as e:\n"
+        "    print(e); sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "measure 'here' is defined in the script being run (__main__)" in proc.stdout
