@@ -35,7 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from actsparse.engine.crossover import crossing, graph_ms  # noqa: E402
+from actsparse.engine.crossover import crossing, graph_ms, union_threshold  # noqa: E402
 from actsparse.kernels import (GatherConfig, MaskedConfig, configs, override_config, ref,  # noqa: E402
                                sparse_gated_mlp, sparse_gemv)
 
@@ -162,24 +162,8 @@ class Inputs:
         gu = self.xn.to(dt) @ s0["w13"].t()
         self.h = (F.silu(gu[:, :INTER].float()) * gu[:, INTER:].float()).to(dt)
 
-    @staticmethod
-    def _t(v: torch.Tensor, s: float) -> float:
-        """Threshold on |v| that skips a fraction s of weight rows (the batch union).
-
-        Midway between two sorted values, so that no input sits on the threshold (where the
-        kernel's and the reference's last-bit rounding could disagree about it).
-        """
-        if s <= 0:
-            return 0.0
-        u = v.float().abs().amax(dim=0).sort().values
-        i = max(1, min(int(s * u.numel()), u.numel() - 1))
-        # bf16 inputs repeat values: step past ties so the midpoint lies strictly between two values.
-        while i < u.numel() - 1 and u[i] == u[i - 1]:
-            i += 1
-        return float((u[i - 1] + u[i]) / 2)
-
     def thresholds(self, s: float) -> dict[str, torch.Tensor]:
-        tx, ta, th = self._t(self.xn, s), self._t(self.a, s), self._t(self.h, s)
+        tx, ta, th = union_threshold(self.xn, s), union_threshold(self.a, s), union_threshold(self.h, s)
         dev = DEV
         return {"qkv": torch.tensor([tx] * 3, device=dev), "o": torch.tensor([ta], device=dev),
                 "pair": torch.tensor([tx, tx], device=dev), "down": torch.tensor([th], device=dev),
