@@ -101,3 +101,59 @@ def test_the_checker_sees_a_violation(tmp_path):
     names = [n for _, n in _imports(src, "actsparse.eval.x")]
     assert names == ["ray", "actsparse.sweep"]
     assert floor("actsparse.sweep") == 3 and floor("actsparse.eval.x") == 2 and floor("actsparse.kernels.ref") == 1
+
+
+def _graph() -> dict[str, set[str]]:
+    """module -> the actsparse modules (not packages) it imports anywhere in its file, TYPE_CHECKING included."""
+    paths = {_module_of(p): p for p in _sources()}
+    packages = {m for m, p in paths.items() if p.name == "__init__.py"}
+    graph = {}
+    for m, p in paths.items():
+        tree = ast.parse(p.read_text(), str(p))
+        named = {f"{base}.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for base in [_resolve(node, m, p)] for a in node.names}
+        targets = {n for _, n in _imports(p, m)} | named
+        graph[m] = {t for t in targets if t in paths and t not in packages and t != m}
+    return graph
+
+
+def _resolve(node: ast.ImportFrom, module: str, path: Path) -> str:
+    if not node.level:
+        return node.module or ""
+    is_pkg = path.name == "__init__.py" or module == "actsparse.kernels"
+    base = (module if is_pkg else module.rsplit(".", 1)[0]).split(".")
+    return ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle among the modules, as a path that ends where it starts; [] when there is none."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str]:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                return stack[stack.index(t):] + [t]
+            if t not in state and (found := visit(t)):
+                return found
+        state[m] = 2
+        stack.pop()
+        return []
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return []
+
+
+def test_no_two_modules_import_each_other():
+    """No import cycle, lazy imports included: each module can be read knowing only what it imports."""
+    cycle = _cycle(_graph())
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_one():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []

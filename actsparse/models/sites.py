@@ -23,7 +23,7 @@ MLP probes exist per MLP: with P the MLP's prefix ('' for a dense MLP, 'expert{e
 
 Discovery has no side effects: it describes the model and patches nothing. Fused experts (transformers 5
 stores each MoE layer's experts as 3-D parameters) are listed through the virtual per-expert linears of
-`moe.routable_experts`; `moe.install_routing(model)`, called by what hooks a model, makes those linears run
+`experts.routable_experts`; `moe.install_routing(model)`, called by what hooks a model, makes those linears run
 and token policies reach the rows each expert sees.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import ActsparseError
-from .moe import is_fused_experts, routable_experts
+from .experts import is_fused_experts, routable_experts
 
 # role -> regex on the module's name relative to its block. First match wins, in this order.
 ROLE_PATTERNS: list[tuple[str, str]] = [
@@ -180,7 +180,7 @@ def _role_key(role: str) -> tuple:
 def find_blocks(model: nn.Module) -> list[Block]:
     """Return the model's blocks with their sites; raise ActsparseError naming the modules if none match.
 
-    Pure discovery: nothing on the model changes (fused experts' virtual linears are remembered in moe.py).
+    Pure discovery: nothing on the model changes (fused experts' virtual linears are remembered in experts.py).
     """
     list_name, layers = _layer_list(model)
     blocks: list[Block] = []

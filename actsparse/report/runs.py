@@ -6,6 +6,7 @@ non-default parameters, e.g. `teal(allocation=greedy)`), every other metric unde
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -78,6 +79,14 @@ def _tracking_uri(uri: str):
         mlflow.set_tracking_uri(old)
 
 
+def closest_sweeps(wanted: str, existing: list[str], n: int = 3) -> str:
+    """`closest: a, b; all: ...` for an unknown sweep id (the newest few when nothing is close)."""
+    close = difflib.get_close_matches(wanted, existing, n=n, cutoff=0.4)
+    if close:
+        return f"closest: {', '.join(close)}"
+    return f"existing sweeps (newest first): {', '.join(existing[:5])}" if existing else "no sweep has run there yet"
+
+
 def sweep_parents(uri: str, experiment: str) -> pd.DataFrame:
     """Every sweep's parent run in the experiment, newest first (MLflow's search_runs columns)."""
     with _tracking_uri(uri) as mlflow:
@@ -89,7 +98,6 @@ def sweep_parents(uri: str, experiment: str) -> pd.DataFrame:
 
 def find_sweep(uri: str, experiment: str, sweep_id: str | None = None) -> dict:
     """Return the parent run of a sweep (the latest one, or the latest with this sweep_id) with its cell list."""
-    from ..sweep.inventory import closest_sweeps
 
     parents = sweep_parents(uri, experiment)
     df = parents[parents["tags.sweep_id"] == sweep_id] if sweep_id and not parents.empty else parents

@@ -10,7 +10,7 @@ from ..errors import ActsparseError
 from ..models.moe import install_routing
 from ..models.sites import hook_points
 from .plan import SparsityPlan, effective_sparsity
-from .rules import rule_fn
+from .kinds import rule_fn
 
 BACKENDS = ("torch", "triton")
 _LAST_FRACTION = re.compile(r"^last_fraction=(0(\.\d+)?|1(\.0+)?|\.\d+)$")

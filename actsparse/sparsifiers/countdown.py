@@ -43,7 +43,7 @@ from ._calib import calib_windows, collect, mlp_intermediate, mlp_parts, require
 from .cats import gated_mlps
 from .plan import Rule
 from .registry import Method, register_method
-from .rules import register_rule
+from .kinds import register_rule
 
 
 @register_method("countdown")

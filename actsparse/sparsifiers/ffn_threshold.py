@@ -38,7 +38,7 @@ from ..models.sites import find_blocks
 from ._calib import calib_windows, collect, measure, require_model
 from .plan import Rule
 from .registry import Method, register_method
-from .rules import register_rule
+from .kinds import register_rule
 
 OUTPUTS = ("gate", "up", "down")
 

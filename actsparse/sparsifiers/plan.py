@@ -79,7 +79,7 @@ class SparsityPlan:
                 tensors[f"{p}/{k}"] = v
             rules[p] = {"kind": r.kind, "attrs": r.attrs, "skips": r.skips, "tensors": sorted(r.tensors),
                         "expected_sparsity": r.expected_sparsity, "extra_params": r.extra_params}
-        from .rules import rule_module
+        from .kinds import rule_module
 
         # where each rule kind is defined, so a fresh interpreter can apply the plan without importing its method
         kind_modules = {k: rule_module(k) for k in sorted({r.kind for r in self.rules.values()})}

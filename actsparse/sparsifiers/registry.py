@@ -16,6 +16,7 @@ from typing import ClassVar
 from ..artifacts import content_key
 from ..calibration.stats import Stats
 from ..errors import ActsparseError
+from .builtin import load_builtin
 from .plan import Rule, SparsityPlan
 
 METHODS: dict[str, type["Method"]] = {}
@@ -51,24 +52,9 @@ def register_method(name: str):
     return deco
 
 
-_INFRA = {"registry", "plan", "rules", "apply"}
-
-
-def _load_builtin() -> None:
-    """Import every module of this package once, so each method file registers itself."""
-    import importlib
-    import pkgutil
-
-    from .. import sparsifiers as pkg
-
-    for m in pkgutil.iter_modules(pkg.__path__):
-        if m.name not in _INFRA and not m.name.startswith("_"):
-            importlib.import_module(f"{pkg.__name__}.{m.name}")
-
-
 def get_method(name: str) -> type[Method]:
     """Return the registered method class, or raise naming close matches."""
-    _load_builtin()
+    load_builtin()
     if name not in METHODS:
         close = difflib.get_close_matches(str(name), METHODS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -78,7 +64,7 @@ def get_method(name: str) -> type[Method]:
 
 def methods() -> dict[str, dict[str, dict]]:
     """Return registered method names with their parameters: {method: {param: {type, default}}}."""
-    _load_builtin()
+    load_builtin()
     out = {}
     for name, cls in sorted(METHODS.items()):
         hints = typing.get_type_hints(cls.Params)

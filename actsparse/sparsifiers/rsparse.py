@@ -47,7 +47,7 @@ from ..models.sites import find_sites
 from ._calib import calib_windows, capture_blocks, collect, installed, require_model
 from .plan import Rule
 from .registry import Method, register_method
-from .rules import register_rule
+from .kinds import register_rule
 from .teal import check_roles
 
 

@@ -1,4 +1,4 @@
-"""Rule kinds: the arithmetic of each kind of rule, for the torch backend.
+"""The built-in rule kinds' arithmetic, for the torch backend (the kinds' registry is kinds.py).
 
 A rule kind is a function `apply(rule, x, forward, module) -> (y, n_zero)`:
   x        the tensor at the hook point for the selected tokens, [..., C]
@@ -8,59 +8,15 @@ A rule kind is a function `apply(rule, x, forward, module) -> (y, n_zero)`:
            rules that read weights (MLP-level predictors, low-rank paths)
   y        what the module returns instead, and n_zero the number of entries of x zeroed (a 0-d tensor;
            kept on device so measuring sparsity never synchronises).
-New methods either reuse a kind or register their own with @register_rule.
+New methods either reuse a kind or register their own with @register_rule (kinds.py); threshold, topk_token
+and rotated_topk live here because several methods share them.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from ..errors import ActsparseError
+from .kinds import register_rule
 from .plan import Rule
-
-RuleFn = Callable[[Rule, torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.nn.Module],
-                  tuple[torch.Tensor, torch.Tensor]]
-RULE_KINDS: dict[str, RuleFn] = {}
-
-
-def register_rule(kind: str):
-    """Register a rule kind's torch arithmetic under `kind`."""
-    def deco(fn: RuleFn) -> RuleFn:
-        RULE_KINDS[kind] = fn
-        return fn
-    return deco
-
-
-def rule_module(kind: str) -> str | None:
-    """Return the module that registered a rule kind (plans record it, so a fresh process can import it)."""
-    fn = RULE_KINDS.get(kind)
-    return None if fn is None else fn.__module__
-
-
-def rule_fn(kind: str, module: str | None = None) -> RuleFn:
-    """Return the arithmetic of a rule kind, importing the module that defines it when it is not loaded yet.
-
-    Method files register their own kinds when imported, and a plan read back in a fresh interpreter may
-    name a kind whose method was never imported there: the built-in methods are imported on a miss, and
-    `module` (recorded in the plan for kinds registered outside actsparse) is imported first.
-    """
-    if kind not in RULE_KINDS and module:
-        import importlib
-
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ActsparseError(f"rule kind {kind!r} is defined in module {module!r}, which cannot be imported "
-                                 f"here ({type(e).__name__}: {e}); install it or import it before sparsify()") from e
-    if kind not in RULE_KINDS:
-        from .registry import _load_builtin
-
-        _load_builtin()
-    if kind not in RULE_KINDS:
-        raise ActsparseError(f"unknown rule kind {kind!r}; known: {', '.join(sorted(RULE_KINDS))}. A kind "
-                             f"registered by a plugin needs that plugin's module imported before sparsify()")
-    return RULE_KINDS[kind]
 
 
 @register_rule("threshold")

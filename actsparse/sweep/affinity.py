@@ -364,14 +364,11 @@ def oom_kills() -> int | None:
     return None
 
 
-def crash_log(crash_dir: str, pid: int) -> Path:
-    """Where a model worker's faulthandler writes when a fatal signal (SIGSEGV, SIGABRT, ...) kills it."""
-    return Path(crash_dir) / f"worker-{pid}.log"
-
-
 def _death_failure(kind: str, e: BaseException, attempts: int, crash_dir: str, oom_before: int | None) -> Failure:
     """Say how a worker process died: the fatal signal its faulthandler caught, an OOM kill the kernel counted,
     or, when neither left a trace, that something it could not catch (SIGKILL, a lost node) ended it."""
+    from .tasks import crash_log
+
     text = str(e)
     m = re.search(r"(?:\bpid: |Worker PID: |pid=)(\d+)", text)
     pid = int(m.group(1)) if m else None

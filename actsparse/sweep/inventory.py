@@ -6,7 +6,6 @@ Each lister returns plain rows (dicts); the command line renders them as termina
 """
 from __future__ import annotations
 
-import difflib
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,14 +119,6 @@ def sweep_rows(uri: str, experiment: str) -> list[dict]:
                      "started (UTC)": start.strftime("%Y-%m-%d %H:%M") if hasattr(start, "strftime") else str(start),
                      "parent run": r.get("run_id")})
     return rows
-
-
-def closest_sweeps(wanted: str, existing: list[str], n: int = 3) -> str:
-    """`closest: a, b; all: ...` for an unknown sweep id (the newest few when nothing is close)."""
-    close = difflib.get_close_matches(wanted, existing, n=n, cutoff=0.4)
-    if close:
-        return f"closest: {', '.join(close)}"
-    return f"existing sweeps (newest first): {', '.join(existing[:5])}" if existing else "no sweep has run there yet"
 
 
 # -- the artifact store -------------------------------------------------------------------------------------

@@ -329,6 +329,11 @@ def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: 
     return _end(r)
 
 
+def crash_log(crash_dir: str, pid: int) -> Path:
+    """Where a model worker's faulthandler writes when a fatal signal (SIGSEGV, SIGABRT, ...) kills it."""
+    return Path(crash_dir) / f"worker-{pid}.log"
+
+
 class ModelWorker:
     """A Ray actor that runs nodes and keeps the models it loaded (launcher.model_cache) between them (affinity)."""
 
@@ -336,8 +341,6 @@ class ModelWorker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if crash_dir:  # a fatal signal (SIGSEGV, SIGABRT, ...) leaves its name and traceback for the driver
             import faulthandler
-
-            from .affinity import crash_log
 
             os.makedirs(crash_dir, exist_ok=True)
             self._crash_file = open(crash_log(crash_dir, os.getpid()), "w")

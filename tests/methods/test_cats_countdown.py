@@ -64,7 +64,7 @@ def test_oracle_keeps_each_tokens_top_coefficients(fixture, request):
     model, stats = request.getfixturevalue(fixture)
     plan = asp.fit("countdown", stats, 0.5, mode="oracle")
     z = torch.randn(4, 7, stats.meta["sites"]["layers.0.down"][0])
-    from actsparse.sparsifiers.rules import rule_fn
+    from actsparse.sparsifiers.kinds import rule_fn
     r = plan.rules["layers.0.down"]
     y, nz = rule_fn(r.kind)(r, z, lambda t: t, None)
     k = int(z.shape[-1] * 0.5)

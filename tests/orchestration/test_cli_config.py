@@ -6,13 +6,14 @@ import re
 
 import pytest
 
-from actsparse.sparsifiers.registry import METHODS, _load_builtin
+from actsparse.sparsifiers.builtin import load_builtin
+from actsparse.sparsifiers.registry import METHODS
 
 from .conftest import run_cli
 
 
 def _methods() -> dict:
-    _load_builtin()
+    load_builtin()
     return {name: cls for name, cls in METHODS.items()}
 
 

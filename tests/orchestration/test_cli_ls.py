@@ -1,14 +1,14 @@
 """`actsparse ls` and `actsparse cache` through the real console script, on a real sweep's MLflow store and
 artifact store; `report --sweep-id` with an unknown id names the closest sweeps."""
 import dataclasses
-import os
 import random
 import re
 import string
 
 import pytest
 
-from actsparse.sparsifiers.registry import METHODS, _load_builtin
+from actsparse.sparsifiers.builtin import load_builtin
+from actsparse.sparsifiers.registry import METHODS
 
 from .conftest import mlflow_runs, run_cli
 
@@ -36,7 +36,7 @@ def test_ls_methods_lists_every_method_with_every_parameter_default(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = re.sub(r"\s*│\s*", " ", proc.stdout)      # rich folds long cells over lines: compare on the words
     text = re.sub(r"\s+", "", text)
-    _load_builtin()
+    load_builtin()
     names = [r[0] for r in _rows(proc.stdout) if r[0]]
     assert names == sorted(METHODS)
     for cls in METHODS.values():
