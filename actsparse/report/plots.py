@@ -222,28 +222,3 @@ def speed_plot(df: pd.DataFrame, stem: str | Path) -> list[Path]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, Path(stem))
-
-
-def layer_sparsity_plot(per_point: dict[str, float], target: float, path: str | Path, title: str = "") -> Path:
-    """Write measured activation sparsity per layer, one line per role, with the target; return the path."""
-    plt = _plt()
-    roles: dict[str, dict[int, float]] = {}
-    for point, s in per_point.items():
-        _, layer, role = point.split(".", 2)
-        roles.setdefault(role, {})[int(layer)] = s
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for role, by_layer in roles.items():
-        layers = sorted(by_layer)
-        ax.plot(layers, [by_layer[i] for i in layers], "o-", ms=3, label=role)
-    ax.axhline(target, color="black", ls="--", lw=1, label=f"target {target:g}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("measured activation sparsity")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=4, loc="lower left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..sweep.cells import Cell
     from .mlflow_runs import Tracker
 
 _MAX_TAG = 4900      # under the smallest limit on a tag value among MLflow versions and stores (5000)
 
 
-def cell_tags(cell: Cell, sweep_id: str, device: str) -> dict:
-    """The tags every child run has, finished or failed: its keys, sweep, device, model and method."""
+def cell_tags(cell, sweep_id: str, device: str) -> dict:
+    """The tags every child run has, finished or failed (cell: a sweep.cells.Cell): its keys, sweep, device, model
+    and method."""
     return {"cell_key": cell.key, "stats_key": cell.stats.key, "plan_key": cell.plan.key, "sweep_id": sweep_id,
             "token_policy": cell.eval.token_policy, "device": device, "model": cell.config["model"]["name"],
             "method": cell.plan.method, "method_label": cell.method_label or cell.plan.method}
@@ -36,10 +36,9 @@ def cell_metrics(r: dict) -> dict:
     return m
 
 
-def log_finished(tracker: Tracker, parent: str, sweep_id: str, cell: Cell, r: dict, extra: dict | None = None) -> str:
+def log_finished(tracker: Tracker, parent: str, sweep_id: str, cell, r: dict, extra: dict | None = None) -> str:
     """Write a FINISHED child run of cell result r; return its id."""
     from ..eval.measures import measures, quality_metrics
-    from ..report.plots import layer_sparsity_plot
 
     metrics = {**cell_metrics(r), **quality_metrics(r)}
     model, worker = r.get("model", {}), r.get("worker", {})
@@ -68,7 +67,7 @@ def log_finished(tracker: Tracker, parent: str, sweep_id: str, cell: Cell, r: di
                                 r["t_start"], r["t_end"])
 
 
-def log_failed(tracker: Tracker, parent: str, sweep_id: str, cell: Cell, msg: str, tb: str,
+def log_failed(tracker: Tracker, parent: str, sweep_id: str, cell, msg: str, tb: str,
                extra: dict | None = None) -> str:
     """Write a FAILED child run: tag `error` = msg (the stage that failed and why), error.txt = tb; return its id."""
     tags = {**cell_tags(cell, sweep_id, cell.device), "error": msg[:_MAX_TAG], **(extra or {})}
@@ -79,7 +78,36 @@ def log_failed(tracker: Tracker, parent: str, sweep_id: str, cell: Cell, msg: st
         return tracker.log_cell(parent, cell.label, cell.config, {}, tags, d, "FAILED")
 
 
-def _write_config(cell: Cell, d: Path) -> None:
+def _write_config(cell, d: Path) -> None:
     from omegaconf import OmegaConf
 
     (d / "config.yaml").write_text(f"# overrides: {' '.join(cell.overrides)}\n" + OmegaConf.to_yaml(cell.config))
+
+
+def layer_sparsity_plot(per_point: dict[str, float], target: float, path: str | Path, title: str = "") -> Path:
+    """Write measured activation sparsity per layer, one line per role, with the target; return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    roles: dict[str, dict[int, float]] = {}
+    for point, s in per_point.items():
+        _, layer, role = point.split(".", 2)
+        roles.setdefault(role, {})[int(layer)] = s
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for role, by_layer in roles.items():
+        layers = sorted(by_layer)
+        ax.plot(layers, [by_layer[i] for i in layers], "o-", ms=3, label=role)
+    ax.axhline(target, color="black", ls="--", lw=1, label=f"target {target:g}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("measured activation sparsity")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=4, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
