@@ -315,9 +315,10 @@ def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: 
     eval_s = time.perf_counter() - t0
     for m in ms:
         if not m.sparsified:
-            model, tok = _model(cell.plan.model, device, cache_size) if device.startswith("cuda") else (None, None)
+            model, tok = _model(cell.plan.model, device, cache_size)
             try:
-                out[m.key] = m.run(_context(model, tok, ev, m, p, device), None)
+                out[m.key], _, n = _run_measure(m, _context(model, tok, ev, m, p, device), oom_retries, m.title)
+                n_oom += n
             except Skip as why:
                 out[f"{m.name}_skipped"] = str(why)
     r = {"target": p.target, "effective": measured["effective"], "expected_effective": p.effective_sparsity,
