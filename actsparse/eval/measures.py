@@ -6,11 +6,16 @@ loop over this registry instead of naming measures:
 
 - `Settings`: a dataclass whose fields become `eval.<name>.*` in the sweep config (None: no settings);
 - `check(settings)`: raise ActsparseError naming the bad value (called before any model is loaded);
-- `run(ctx, batch_size)`: the measurement on a model (sparsified under the cell's plan when `sparsified`);
-  raise `Skip(why)` when this cell cannot be measured (recorded as the tag `<name>_skipped`);
-- `metrics(value, dense)`: its figures under their MLflow names; `line(...)` the console's summary;
-- `dense`: whether its dense value is computed once per model (the dense node) and reused by every cell;
-- `decoder_only`: encoders cannot run it; `headline`/`directions`/`self_reference`: how reports read it.
+- `run(ctx, batch_size)`: the measurement on a model, under the cell's plan (torch hooks) unless
+  `sparsified = False`, for a measure that installs the plan itself (decode speed's engine); raise
+  `Skip(why)` when this cell cannot be measured (recorded as the tag `<name>_skipped`; `skip_reason(device)`
+  says so before the model is loaded);
+- `metrics(value, dense)`: its figures under their MLflow names; `line(...)` the console's summary,
+  `details(...)` a table under it, `record(...)` extra tags and artifact files of the run;
+- `dense`: whether its dense value is computed once per model (the dense node) and reused by every cell
+  (`at_dense_plan` gives a cell whose plan sparsifies nothing its value without running);
+- `decoder_only`: encoders cannot run it; `headline`/`directions`/`self_reference`: how reports read it;
+- `result_key`: where a cell's result dict keeps the value, when not under the name (lm_eval's is `acc`).
 
 Adding a measure is one file: subclass `Measure`, decorate it, and name it in `eval.measure`. A measure
 from another package is found by the module that defined it (recorded per cell, imported on a miss in
@@ -28,6 +33,12 @@ from ..errors import ActsparseError
 
 _REGISTRY: dict[str, "Measure"] = {}
 _PLUGINS_LOADED = False
+# eval.* fields and the keys of a cell's result: a measure named (or keyed) like one would overwrite it
+RESERVED = frozenset({"data", "data_key", "seq_len", "stride", "max_tokens", "batch_size", "token_policy", "measure",
+                      "encoder_measure", "settings", "modules", "target", "effective", "expected_effective",
+                      "act_mean", "per_role", "per_point", "calibrate_s", "stats_source", "fit_s", "eval_s",
+                      "plan_summary", "device", "host", "eval_batch_size", "oom_retries", "t_start", "t_end",
+                      "dense", "model", "worker", "values", "skipped", "key", "source", "time_s"})
 
 
 class Skip(Exception):
@@ -83,6 +94,10 @@ class Measure:
     def check(self, s) -> None:
         """Raise ActsparseError for settings this measure cannot run with."""
 
+    def skip_reason(self, device: str) -> Optional[str]:
+        """Why a cell on this device cannot run the measure, known before any model is loaded (None: it can)."""
+        return None
+
     def run(self, ctx: Context, batch_size: Optional[int]):
         raise NotImplementedError
 
@@ -119,6 +134,10 @@ def register_measure(name: str):
             raise TypeError(f"@register_measure({name!r}) decorates a Measure subclass, got {cls!r}")
         if not name.isidentifier():
             raise ValueError(f"a measure's name must be an identifier (it is a config key), got {name!r}")
+        taken = {name, cls.result_key} & RESERVED
+        if taken:
+            raise ValueError(f"measure {name!r}: {', '.join(map(repr, sorted(taken)))} is a field of eval.* or a key "
+                             "of a cell's result; choose another name (or result_key)")
         if name in _REGISTRY and type(_REGISTRY[name]).__qualname__ != cls.__qualname__:
             raise ValueError(f"measure {name!r} is registered already (by {type(_REGISTRY[name]).__module__})")
         cls.name, cls.title = name, cls.title or name
@@ -163,15 +182,15 @@ def _load_plugins() -> None:
     global _PLUGINS_LOADED
     if _PLUGINS_LOADED:
         return
-    _PLUGINS_LOADED = True
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="actsparse.measures"):
         try:
             ep.load()
-        except Exception as e:  # a broken plugin must not hide the built-in measures
+        except Exception as e:  # say which plugin, every time it is asked for: never half a registry in silence
             raise ActsparseError(f"the measure plugin {ep.name!r} ({ep.value}) failed to import: "
                                  f"{type(e).__name__}: {e}") from e
+    _PLUGINS_LOADED = True
 
 
 def _declaring(metric: str) -> tuple[Optional[Measure], Optional[bool]]:
@@ -214,7 +233,7 @@ class Perplexity(Measure):
     title = "perplexity"
     dense = decoder_only = True
     headline = ("ppl",)
-    directions = {"ppl": False, "loss": False}
+    directions = {"ppl": False}
 
     @property
     def batch_knob(self) -> str:
@@ -411,13 +430,16 @@ class Speed(Measure):
         _need(s.n_tokens >= 1 and s.batch >= 1 and s.prompt_len >= 1 and s.repeats >= 1,
               "eval.speed needs n_tokens, batch, prompt_len and repeats >= 1", s)
 
+    def skip_reason(self, device: str) -> Optional[str]:
+        if not device.startswith("cuda"):
+            return (f"decode speed needs a CUDA GPU and this cell runs on device={device} "
+                    "(use device=cuda launcher=gpu)")
+        return None
+
     def run(self, ctx: Context, batch_size) -> dict:
         from .speed import decode_speed, plan_to_engine, speed_unavailable_reason
 
-        if not ctx.device.startswith("cuda"):
-            raise Skip(f"decode speed needs a CUDA GPU and this cell runs on device={ctx.device} "
-                       "(use device=cuda launcher=gpu)")
-        why = speed_unavailable_reason(ctx.model)
+        why = self.skip_reason(ctx.device) or speed_unavailable_reason(ctx.model)
         if why is None:
             try:
                 plan_to_engine(ctx.plan)

@@ -67,8 +67,6 @@ def dense_value(g: pd.DataFrame, q: Quality) -> float:
     return float("nan")
 
 
-
-
 def method_points(g: pd.DataFrame, q: Quality, x: str) -> dict[str, pd.DataFrame]:
     """Return each sparse method's measured (x, quality) points in one group, sorted by x (duplicates averaged)."""
     out = {}

@@ -1,8 +1,7 @@
 """Quality metrics: which way is better (read from the metric's name), how to print them, and budgets vs dense.
 
-The measures declare their quality metrics' directions (eval/measures.py: ppl* and loss* lower is better, acc*
-and fidelity/cos higher, fidelity/rel_err lower); any */ppl*, */loss* or */rel_err* is lower-is-better too. Any
-other metric needs an explicit direction (`name:min` or `name:max`), because guessing wrong would silently invert
+Any loss*, */ppl*, */loss*, *loss or */rel_err* is lower-is-better; otherwise the measures declare their quality
+metrics' directions (eval/measures.py: ppl* lower is better, acc* and fidelity* higher). Any other metric needs an explicit direction (`name:min` or `name:max`), because guessing wrong would silently invert
 every front.
 """
 from __future__ import annotations
@@ -74,13 +73,10 @@ def direction_of(name: str) -> bool | None:
     """Return True when higher is better, False when lower is, None when the name does not say."""
     from ..eval.measures import direction_of as declared
 
-    d = declared(name)
-    if d is not None:
-        return d
     n = name.lower()
-    if n.rsplit("/", 1)[-1].startswith(("ppl", "loss", "rel_err")) or n.endswith("loss"):
-        return False
-    return None
+    if n.startswith("loss") or n.rsplit("/", 1)[-1].startswith(("ppl", "loss", "rel_err")) or n.endswith("loss"):
+        return False       # whoever records it: a perplexity, a loss or an error is lower-is-better
+    return declared(name)
 
 
 def parse_quality(spec: str) -> Quality:

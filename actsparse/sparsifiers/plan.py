@@ -16,7 +16,7 @@ class Rule:
     point: a site name `layers.{i}.{role}` (the rule acts on that site's input and may replace its
         output computation) or an MLP probe `layers.{i}.gate_act` / `layers.{i}.up_out` (acts on that
         module's output).
-    kind: a registered rule kind (see rules.py) that gives the rule its arithmetic.
+    kind: a registered rule kind (kinds.py; the shared ones in rules.py) that gives the rule its arithmetic.
     skips: sites whose weight reads a decode step skips in proportion to this point's activation sparsity.
     extra_params: weight elements read per decode step beyond the sparse path (predictors, low-rank factors).
     """

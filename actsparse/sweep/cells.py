@@ -5,7 +5,7 @@ files it names:
     model_key = hash(model source + revision, dtype, the model files' content)
     stats_key = hash(model_key, calibration data content, collector params)
     plan_key  = hash(stats_key, method, params with defaults filled in, target)
-    dense_key = hash(model_key, eval spec without the token policy)   (ppl_dense, shared by cells)
+    dense_key = hash(model_key, eval spec without the token policy)   (dense values of the dense measures, shared)
     cell_key  = hash(plan_key, eval spec)
 A method that ignores its target (dense) fits at target 0, so it is one plan and one cell however
 many sparsities a grid lists it at.

@@ -150,7 +150,12 @@ def schema() -> type:
     return cls
 
 
-SweepConf = schema()    # the schema with the built-in measures
+def __getattr__(name: str):
+    """`SweepConf`: the schema with the measures registered when it is first asked for (built lazily, so that
+    importing this module never imports measure plugins)."""
+    if name == "SweepConf":
+        return schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def conf_dir() -> Path:

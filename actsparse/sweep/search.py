@@ -179,11 +179,13 @@ def _probe_points(groups: list[Group], spec: SearchSpec) -> list[tuple[list[str]
 
 def _value(spec: SearchSpec, metrics: dict) -> tuple[float, float]:
     """(the probe's quality, dense's) from a cell's metrics under DESIGN.md's names."""
+    from ..eval.measures import self_reference
+
     name = spec.quality.name
     v = metrics.get(name)
     if v is None:
         raise ActsparseError(f"search: a probe recorded no {name!r} (metrics: {', '.join(sorted(metrics)) or 'none'})")
-    dense = 1.0 if name.startswith("fidelity") else metrics.get(f"{name}_dense")
+    dense = self_reference().get(name, metrics.get(f"{name}_dense"))   # fidelity: dense against itself
     if dense is None:
         raise ActsparseError(f"search: a probe recorded {name!r} but not its dense value {name}_dense")
     return float(v), float(dense)

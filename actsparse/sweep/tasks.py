@@ -224,25 +224,34 @@ def dense_task(node: DenseNode, store: "Store | str", device: str, threads: floa
     path = st.fetch("dense", node.key)
     if path is not None:
         m = _meta(path)
-        return _end({"key": node.key, "values": _dense_values(m, ev), "time_s": m["time_s"], "source": "cache"})
-    values, bs, n_oom, dt = {}, ev.batch_size, 0, 0.0
+        return _end({"key": node.key, "values": _dense_values(m, ev), "skipped": m.get("skipped", {}),
+                     "time_s": m["time_s"], "source": "cache"})
+    values, skipped, bs, n_oom, dt = {}, {}, ev.batch_size, 0, 0.0
     if names:
         _threads(threads)
-        model, tok = _model(node.model, resolve_device(device), cache_size)
+        device = resolve_device(device)
+        model, tok = _model(node.model, device, cache_size)
         t0 = time.perf_counter()
         inject = _faults.OomInjector(f.get("oom"))
         for i, name in enumerate(names):
             m = get_measure(name, ev.modules.get(name))
-            values[m.key], b, n = _run_measure(m, _context(model, tok, ev, m), oom_retries, f"dense {m.title}",
-                                               inject if i == 0 else None)
-            bs, n_oom = (b if i == 0 else bs), n_oom + n
+            try:
+                values[m.key], b, n = _run_measure(m, _context(model, tok, ev, m, device=device), oom_retries,
+                                                   f"dense {m.title}", inject if i == 0 else None)
+            except Skip as why:        # the cells skip it too, with this reason
+                skipped[m.key] = str(why)
+                continue
+            bs, n_oom = (b if m.batch_knob == "eval.batch_size" else bs), n_oom + n
         dt = time.perf_counter() - t0
     target = st.target("dense", node.key)
-    # perplexity and accuracy sit under "ppl" and "acc" as in stores written before the measure registry
+    # "ppl" and "acc" are where actsparse releases without the measure registry read a dense evaluation; a store
+    # may be shared by both
     save_tensors_json(target, {}, {"kind": "dense_eval", "ppl": values.get("ppl"), "acc": values.get("acc", {}),
-                                   "values": values, "time_s": dt, "eval": ev.dense_identity(), "batch_size": bs})
+                                   "values": values, "skipped": skipped, "time_s": dt, "eval": ev.dense_identity(),
+                                   "batch_size": bs})
     st.publish("dense", node.key, target)
-    return _end({"key": node.key, "values": values, "time_s": dt, "source": "computed", "oom_retries": n_oom})
+    return _end({"key": node.key, "values": values, "skipped": skipped, "time_s": dt, "source": "computed",
+                 "oom_retries": n_oom})
 
 
 def _dense_values(meta: dict, ev) -> dict:
@@ -294,6 +303,11 @@ def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: 
     bs, n_oom, out = ev.batch_size, 0, {}
     measured = {"per_point": {}, "mean": 0.0, "per_role": {}, "effective": p.effective_sparsity}
     t0 = time.perf_counter()
+    for m in ms:   # a measure the dense node skipped, or one that says up front it cannot run here
+        why = dense.get("skipped", {}).get(m.key) or m.skip_reason(device)
+        if why:
+            out[f"{m.name}_skipped"] = why
+    ms = [m for m in ms if f"{m.name}_skipped" not in out]
     hooked = [m for m in ms if m.sparsified]
     if not p.rules:  # nothing is sparsified: the model is the dense model, whose values are known
         for m in hooked:
@@ -305,13 +319,19 @@ def cell_task(cell: Cell, store: "Store | str", stats: dict, plan: dict, dense: 
         _threads(threads)
         model, tok = _model(cell.plan.model, device, cache_size)
         with sparsify(model, p, backend="torch", token_policy=ev.token_policy) as h:
-            for i, m in enumerate(hooked):
-                out[m.key], b, n = _run_measure(m, _context(model, tok, ev, m, p, device, h), oom_retries,
-                                                m.title, _faults.OomInjector(f.get("oom")) if i == 0 else None,
-                                                h.reset_counters if i == 0 else None)
+            first = True      # activation sparsity is read after the first measure that runs
+            for m in hooked:
+                try:
+                    out[m.key], b, n = _run_measure(m, _context(model, tok, ev, m, p, device, h), oom_retries,
+                                                    m.title, _faults.OomInjector(f.get("oom")) if first else None,
+                                                    h.reset_counters if first else None)
+                except Skip as why:
+                    out[f"{m.name}_skipped"] = str(why)
+                    continue
                 n_oom += n
-                if i == 0:
-                    measured, bs = h.measured_sparsity(), b or bs
+                bs = b if m.batch_knob == "eval.batch_size" else bs   # the tag eval_batch_size: eval.batch_size's
+                if first:
+                    measured, first = h.measured_sparsity(), False
     eval_s = time.perf_counter() - t0
     for m in ms:
         if not m.sparsified:

@@ -24,7 +24,8 @@ def top1():
 
     mod = importlib.import_module(MODULE)
     yield mod
-    unregister_measure("top1")
+    for name in ("top1", "unavailable"):
+        unregister_measure(name)
     sys.modules.pop(MODULE, None)
 
 
@@ -47,6 +48,32 @@ def test_a_plugin_measure_runs_in_a_sweep(ray_cluster, workspace, top1, sweep_mo
     assert 0.0 <= teal["top1"] <= 1.0 and "ppl" in teal
     assert "top1 " in out and "(dense " in out
     assert "top1" in (ws / "results").rglob("report.md").__next__().read_text()
+
+
+def test_a_measure_that_cannot_run_is_skipped_and_the_cells_finish(ray_cluster, workspace, top1):
+    """A dense measure raising Skip: the dense node records why, every cell finishes with the reason as a tag."""
+    ws, base = workspace
+    rc, out, err = sweep_in_process(["-m", "method=dense,teal", "sparsity=0.5", "eval.measure=[ppl,unavailable]",
+                                     *SMALL, *base, "report.enabled=false"])
+    assert rc == 0, out + err
+    assert summary(out) == (2, 0, 0)
+    for r in mlflow_runs(f"sqlite:///{ws}/mlflow.db", "cell"):
+        assert r.data.tags["unavailable_skipped"] == "needs an instrument this machine lacks"
+        assert "ppl" in r.data.metrics
+    assert out.count("unavailable skipped: needs an instrument this machine lacks") == 2
+
+
+def test_a_measure_may_not_take_a_name_the_sweep_uses():
+    from actsparse.eval.measures import Measure, measures, register_measure
+
+    for name in ("seq_len", "effective", "device"):
+        with pytest.raises(ValueError, match="is a field of eval"):
+            register_measure(name)(type("M", (Measure,), {}))
+    with pytest.raises(ValueError, match="result_key"):
+        register_measure("fine")(type("M", (Measure,), {"result_key": "target"}))
+    with pytest.raises(TypeError, match="decorates a Measure subclass"):
+        register_measure("fine")(object)
+    assert "fine" not in measures() and "seq_len" not in measures()
 
 
 def test_plugin_measure_settings_are_checked_before_anything_runs(ray_cluster, workspace, top1):

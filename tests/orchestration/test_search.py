@@ -45,6 +45,16 @@ def test_malformed_or_unsatisfiable_budgets_are_refused_naming_the_forms(text, w
         parse_search(text)
 
 
+def test_a_self_referenced_metric_compares_with_the_dense_models_own_score():
+    """fidelity compares with the dense model itself: dense's cos is 1 and its rel_err 0, whatever a probe logs."""
+    from actsparse.sweep.search import _threshold, _value
+
+    spec = parse_search("fidelity/rel_err<=dense+0.05abs")
+    value, dense = _value(spec, {"fidelity/rel_err": 0.08, "fidelity/cos": 0.99})
+    assert (value, dense) == (0.08, 0.0) and _threshold(spec, dense, value) == pytest.approx(0.05)
+    assert _value(parse_search("fidelity/cos>=0.99x"), {"fidelity/cos": 0.995}) == (0.995, 1.0)
+
+
 def test_search_resolution_must_be_sane():
     with pytest.raises(ActsparseError, match=r"--tol must be in \(0, 0.5\)"):
         parse_search("ppl<=1.02x", tol=0)
@@ -58,6 +68,7 @@ def test_cli_refuses_before_loading_anything(workspace):
         (["--search", "ppl=>1.02x"], "accepted forms"),
         (["--search", "acc_avg>=dense-1", "method=teal"], "measures only ppl; choose eval=lm_eval"),
         (["--search", "ppl<=1.02x", "method=nm"], "does not take a target sparsity"),
+        (["--search", "loss<=1.02x", "method=teal"], "budget on 'loss', but cell"),   # no measure records it
     ):
         proc = run_cli(["sweep", *args, "+sweep=smoke", *base], cwd=ws)
         assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -10,7 +10,7 @@ import torch
 
 from actsparse.data.text import text_data, token_stream, token_windows
 from actsparse.errors import ActsparseError
-from actsparse.eval.measures import Context, Measure, register_measure
+from actsparse.eval.measures import Context, Measure, Skip, register_measure
 
 
 @dataclass
@@ -52,3 +52,12 @@ class Top1(Measure):
 
     def line(self, value: float, dense: float) -> str:
         return f"top1 {value:.4f} (dense {dense:.4f})"
+
+
+@register_measure("unavailable")
+class Unavailable(Measure):
+    """A measure this machine cannot run: every cell finishes and records why (tag `unavailable_skipped`)."""
+    dense = True
+
+    def run(self, ctx: Context, batch_size) -> float:
+        raise Skip("needs an instrument this machine lacks")
