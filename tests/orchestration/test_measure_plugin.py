@@ -76,6 +76,18 @@ def test_a_measure_may_not_take_a_name_the_sweep_uses():
     assert "fine" not in measures() and "seq_len" not in measures()
 
 
+def test_a_plugin_registered_before_the_registry_is_read_still_meets_the_built_in_names():
+    """The built-ins load lazily; a plugin module imported first must not take a built-in's name unnoticed."""
+    code = ("from actsparse.eval.measures import Measure, register_measure\n"
+            "try:\n"
+            "    register_measure('ppl')(type('Mine', (Measure,), {}))\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "measure 'ppl' is registered already (by actsparse.eval.builtin_measures)" in proc.stdout
+
+
 def test_plugin_measure_settings_are_checked_before_anything_runs(ray_cluster, workspace, top1):
     ws, base = workspace
     rc, out, err = sweep_in_process(["method=teal", "eval.measure=[top1]", "eval.top1.n_windows=0", *base])
