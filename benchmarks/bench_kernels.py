@@ -48,7 +48,9 @@ SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
 # masked walk: (block_n, block_k, num_warps, num_stages[, depth]). Batch 1: one-shot tiles (one K chunk a program, as in
 # TEAL's design: thousands of programs, many masked row loads in flight) and two chunks a program; see _masked_grid.
 FMA_GRID = {1: [(32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 8, 1), (64, 64, 4, 1), (128, 64, 4, 1),
-                (64, 256, 8, 1), (32, 256, 4, 1), (256, 64, 8, 1), (16, 256, 4, 1), (128, 32, 4, 1)],
+                (64, 256, 8, 1), (32, 256, 4, 1), (256, 64, 8, 1), (16, 256, 4, 1), (128, 32, 4, 1),
+                # TEAL's winning tile on the H200 (128 columns, 64 rows, 2 warps) and its neighbours
+                (128, 64, 2, 1), (128, 32, 2, 1), (64, 64, 2, 1), (256, 32, 4, 1)],
             4: [(32, 64, 4, 1), (32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1), (32, 64, 4, 1, 2), (32, 32, 4, 1, 2)]}
 DOT_GRID = {1: [], 4: [(64, 128, 4, 3), (32, 128, 4, 3)]}
 # gather walk: GatherConfig (block_n, seg_k, block_k, num_warps, use_dot, num_stages, depth);

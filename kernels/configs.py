@@ -68,13 +68,14 @@ TUNED_MASKED: dict[tuple[str, int, int, int], MaskedConfig] = {
     ("gemv", 14336, 4096, 4): MaskedConfig(block_n=64, block_k=128, num_stages=3, use_dot=True, split_k=16),
 }
 
-# Gather, batch 1: H100 80GB HBM3, 2026-11-23 (32-column strips, 128 gathered rows a step, long K slices);
+# Gather, batch 1: H200, 2026-12-05, `--tune-gather` over 21 configs a shape, weights 0:1,0.5:1,0.9:1 (two
+# gathered tiles in flight, depth 2, won every op; 32-column strips except gate|up's 64 at 2 warps);
 # batch 4: the FMA walk with short slices.
 TUNED_GATHER: dict[tuple[str, int, int, int], GatherConfig] = {
-    ("qkv", 4096, 6144, 1): GatherConfig(block_n=32, seg_k=2048, block_k=128),
-    ("gemv", 4096, 4096, 1): GatherConfig(block_n=32, seg_k=1024, block_k=128),
-    ("pair", 4096, 14336, 1): GatherConfig(block_n=32, seg_k=4096, block_k=128),
-    ("gemv", 14336, 4096, 1): GatherConfig(block_n=32, seg_k=4096, block_k=128),
+    ("qkv", 4096, 6144, 1): GatherConfig(block_n=32, seg_k=2048, block_k=128, depth=2),
+    ("gemv", 4096, 4096, 1): GatherConfig(block_n=32, seg_k=1024, block_k=128, depth=2),
+    ("pair", 4096, 14336, 1): GatherConfig(block_n=64, seg_k=4096, block_k=64, num_warps=2, depth=2),
+    ("gemv", 14336, 4096, 1): GatherConfig(block_n=32, seg_k=4096, block_k=128, depth=2),
     **{(kind, k, n, 4): GatherConfig(block_n=64, seg_k=256, block_k=32)
        for kind, k, n in (("qkv", 4096, 6144), ("gemv", 4096, 4096), ("pair", 4096, 14336), ("gemv", 14336, 4096))},
 }

@@ -34,15 +34,27 @@ def test_kernels_folder_is_not_a_regular_package():
 
 
 def test_from_the_root_kernels_is_hugging_faces_and_llama_imports():
-    code = ("import importlib.metadata as md, kernels, actsparse.kernels as ak\n"
+    """Where Hugging Face's `kernels` is installed (transformers >= 5.2x pulls it in) the root's folder never hides
+    it; where it is not (the GPU machine's transformers 5.17), `import kernels` finds at most our folder as an
+    empty namespace that runs none of our code, and transformers' Llama still imports."""
+    code = ("import importlib.metadata as md\n"
+            "try:\n"
+            "    hf = md.version('kernels')\n"
+            "except md.PackageNotFoundError:\n"
+            "    hf = None\n"
+            "import actsparse.kernels as ak\n"
             "from transformers.models.llama.modeling_llama import LlamaForCausalLM\n"
             "import transformers.activations\n"
-            "print(kernels.__file__)\n"
-            "print(md.version('kernels'))\n"
+            "import kernels\n"
+            "print(getattr(kernels, '__file__', None))\n"
+            "print(hf)\n"
             "print(ak.sparse_gemv.__module__, ak.__path__[0])\n")
     lines = _py(code, cwd=REPO).splitlines()
-    assert "site-packages" in lines[0] and not lines[0].startswith(str(REPO / "kernels"))
-    assert re.match(r"\d+\.\d+", lines[1])
+    if lines[1] == "None":
+        assert lines[0] == "None"   # a namespace portion: no module of ours ran under the name `kernels`
+    else:
+        assert "site-packages" in lines[0] and not lines[0].startswith(str(REPO / "kernels"))
+        assert re.match(r"\d+\.\d+", lines[1])
     mod, path = lines[2].split()
     assert mod == "actsparse.kernels.sparse_gemv"
     assert Path(path).name == "kernels" and (Path(path) / "sparse_gemv.py").is_file()
