@@ -1,4 +1,4 @@
-"""Sweep benchmarks (issue 7): one calibration for a 4 x 4 grid, the cost of re-running a finished sweep,
+"""Sweep benchmarks: one calibration for a 4 x 4 grid, the cost of re-running a finished sweep,
 what model affinity saves, and the same grid on 1 vs 2 GPUs with both GPUs' utilisation sampled.
 
     python benchmarks/sweep_bench.py                                  # CPU: grid, re-run, affinity

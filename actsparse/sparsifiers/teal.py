@@ -12,7 +12,7 @@ Allocation:
   inputs computed with every site before it already sparsified (one pass per layer and stage over
   `calib_tokens` calibration tokens), so the measured sparsity follows the target instead of
   drifting above it as upstream zeros shrink downstream inputs.
-- `greedy` (TEAL's block-wise greedy, teal/greedyopt.py): per block, starting from all-dense,
+- `greedy` (TEAL's block-wise greedy, greedyopt.py in FasterDecoding/TEAL): per block, starting from all-dense,
   repeatedly raise the sparsity of the one site whose increment least increases the block-output
   error on calibration inputs; site r's increment is base_step * P_o / P_r (P = the site's weight
   elements, P_o the attention output projection's), so every step adds about the same effective
