@@ -33,6 +33,7 @@ class MaskedConfig:
     use_dot: bool = False  # tensor-core tl.dot vs CUDA-core FMA (FMA only up to FMA_MAX_BATCH rows)
     split_k: int = 0  # programs along K per column strip; 0 = enough to fill the GPU (see choose_split)
     depth: int = 1  # 2: software-pipelined walk, two weight tiles and the next selection's operands in flight
+    atomic: bool = False  # split-K partials summed by fp32 atomics in L2 (order-dependent) instead of in order
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,25 @@ def tile_counters(device: torch.device) -> torch.Tensor:
             raise RuntimeError("actsparse kernels: run each op once before CUDA-graph capture "
                                "(its tile counters are allocated on first use)")
         buf = _counters[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return buf
+
+
+_accumulators: dict[torch.device, torch.Tensor] = {}
+MAX_ACC = 1 << 20   # fp32 accumulators for the atomic split-K reduction: nacc × batch × N of one launch
+
+
+def atomic_accumulator(device: torch.device) -> torch.Tensor:
+    """Return the device's fp32 accumulators of the atomic split-K reduction, zeroed once at creation.
+
+    The last program of a tile reads its sums and zeroes them, so no launch ever zeroes them again (as the
+    tile counters). Fixed size: a CUDA graph keeps the address it captured.
+    """
+    buf = _accumulators.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("actsparse kernels: run each op once before CUDA-graph capture "
+                               "(its split-K accumulators are allocated on first use)")
+        buf = _accumulators[device] = torch.zeros(MAX_ACC, dtype=torch.float32, device=device)
     return buf
 
 

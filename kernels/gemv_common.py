@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import MAX_TILES, tile_counters
+from .configs import MAX_TILES, atomic_accumulator, tile_counters
 
 
 @triton.jit
@@ -150,12 +150,15 @@ def launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, boun
     return ptrs, n01, strides, flags
 
 
-def split_workspace(split: int, nacc: int, b: int, n: int, tiles: int,
-                     y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 split-K partials [split × nacc, b, n] (nacc: partials per program and column) and the arrival
-    counters of `tiles` output tiles; y twice when split == 1 (SPLIT is off and neither is touched)."""
+def split_workspace(split: int, nacc: int, b: int, n: int, tiles: int, y: torch.Tensor,
+                    atomic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 split-K partials [split × nacc, b, n] (nacc: partials per program and column), or with `atomic` the
+    device's self-zeroing accumulators, and the arrival counters of `tiles` output tiles; y twice when
+    split == 1 (SPLIT is off and neither is touched)."""
     if split <= 1:
         return y, y
     if tiles > MAX_TILES:
         raise ValueError(f"too many output tiles ({tiles}) for split-K; use a larger block_n")
+    if atomic:
+        return atomic_accumulator(y.device), tile_counters(y.device)
     return torch.empty(split * nacc * b * n, device=y.device, dtype=torch.float32), tile_counters(y.device)

@@ -13,6 +13,12 @@ counter reset by that last program) adds them in a fixed order, a few partials p
 epilogue. So: no zeroing launch, no atomics on data, deterministic results. The next chunk's selection is
 computed while the current chunk's weights are in flight; with `depth=2` two weight tiles are in flight.
 
+`MaskedConfig(atomic=True)` sums the partials instead with fp32 atomic adds into per-device accumulators
+(`configs.atomic_accumulator`) that L2 reduces as they arrive; the last program of a tile reads the sum, zeroes
+it for the next launch and runs the epilogue. Still one launch and no zeroing launch, and one load instead of
+`split` for the last program, at the price of an arrival-order-dependent fp32 rounding (TEAL's kernel adds its
+partials the same way, in fp16, after a zeroing launch).
+
 One chunk a program (split-K = K / BLOCK_K) is TEAL's one-shot tile design; on the H200 it lost to the gather
 walk by 1.6x at 50% sparsity (BENCHMARKS.md), so `impl="auto"` runs this kernel only where gather cannot:
 batches over 4, packed weights, an already-selected input (thresh=None) and a selected output (out_thresh).
@@ -28,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import FMA_MAX_BATCH, MaskedConfig, choose_split, new_output, record_compiled
+from .configs import FMA_MAX_BATCH, MAX_ACC, MaskedConfig, choose_split, new_output, record_compiled
 from .gemv_common import (accumulate, epilogue, fit_block_n, launch_args, row_rstd, sel_operands, selected,
                           split_workspace, wshape)
 
@@ -117,6 +123,7 @@ def _masked_gemv_kernel(
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, DEPTH: tl.constexpr, RED: tl.constexpr,
+    ATOMIC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -214,25 +221,39 @@ def _masked_gemv_kernel(
         n_split = tl.num_programs(1)
         NACC = 1 + PAIR  # accumulators per program
         ws_tile = offs_b[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptr + (pid_k * NACC) * B * N + ws_tile, out, mask=mask_out)
-        if PAIR:
-            tl.store(ws_ptr + (pid_k * NACC + 1) * B * N + ws_tile, out2, mask=mask_out)
+        if ATOMIC:
+            tl.atomic_add(ws_ptr + ws_tile, out, mask=mask_out, sem="relaxed")
+            if PAIR:
+                tl.atomic_add(ws_ptr + B * N + ws_tile, out2, mask=mask_out, sem="relaxed")
+        else:
+            tl.store(ws_ptr + (pid_k * NACC) * B * N + ws_tile, out, mask=mask_out)
+            if PAIR:
+                tl.store(ws_ptr + (pid_k * NACC + 1) * B * N + ws_tile, out2, mask=mask_out)
         tl.debug_barrier()  # all of this program's partials are written before it signals
         tile = pid_b * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if arrived == n_split - 1:
             tl.store(cnt_ptr + tile, 0)  # ready for the next launch: no zeroing launch ever
-            # RED partials per load, summed in a fixed order: the result does not depend on arrival order, and
-            # a tile of one-shot programs (dozens of partials) costs a few L2 round trips, not one per partial.
-            rs = tl.arange(0, RED)
-            out = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-            out2 = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-            for s0 in range(0, n_split, RED):
-                part = ((s0 + rs) * NACC)[:, None, None] * B * N + ws_tile[None, :, :]
-                pm = ((s0 + rs) < n_split)[:, None, None] & mask_out[None, :, :]
-                out += tl.sum(tl.load(ws_ptr + part, mask=pm, other=0.0, cache_modifier=".cg"), axis=0)
+            if ATOMIC:  # the sums, then zeroes in their place for the next launch
+                out = tl.load(ws_ptr + ws_tile, mask=mask_out, other=0.0, cache_modifier=".cg")
+                tl.store(ws_ptr + ws_tile, tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), mask=mask_out)
                 if PAIR:
-                    out2 += tl.sum(tl.load(ws_ptr + part + B * N, mask=pm, other=0.0, cache_modifier=".cg"), axis=0)
+                    out2 = tl.load(ws_ptr + B * N + ws_tile, mask=mask_out, other=0.0, cache_modifier=".cg")
+                    tl.store(ws_ptr + B * N + ws_tile, tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32),
+                             mask=mask_out)
+            else:
+                # RED partials per load, summed in a fixed order: the result does not depend on arrival order,
+                # and a tile of one-shot programs (dozens of partials) costs a few L2 round trips, not one each.
+                rs = tl.arange(0, RED)
+                out = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+                out2 = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+                for s0 in range(0, n_split, RED):
+                    part = ((s0 + rs) * NACC)[:, None, None] * B * N + ws_tile[None, :, :]
+                    pm = ((s0 + rs) < n_split)[:, None, None] & mask_out[None, :, :]
+                    out += tl.sum(tl.load(ws_ptr + part, mask=pm, other=0.0, cache_modifier=".cg"), axis=0)
+                    if PAIR:
+                        out2 += tl.sum(tl.load(ws_ptr + part + B * N, mask=pm, other=0.0, cache_modifier=".cg"),
+                                       axis=0)
             epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
                       mask_out, HAS_BIAS, PAIR, ACT, HAS_RES, to_ptr, mo_ptr, stride_to, OUT_SEL, OUT_SHIFT)
     else:
@@ -269,7 +290,9 @@ def launch_masked(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_split)
     y = new_output((b, n), x.device, x.dtype)
-    ws, cnt = split_workspace(split, 2 if w2 is not None else 1, b, n, tiles_n * tiles_b, y)
+    nacc = 2 if w2 is not None else 1
+    atomic = cfg.atomic and split > 1 and nacc * b * n <= MAX_ACC   # else the ordered sum (a larger launch)
+    ws, cnt = split_workspace(split, nacc, b, n, tiles_n * tiles_b, y, atomic)
     ptrs, (n0, n1), strides, flags = launch_args(x, wt, w2, y if presel else thresh, shift, bias, residual,
                                                   norm_weight, act, bounds, nm_n, nm_m, y, block_b)
     compiled = _masked_gemv_kernel[(tiles_n, split, tiles_b)](
@@ -278,7 +301,7 @@ def launch_masked(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
         wt.stride(0) if wt.dim() == 3 else 0, eps, PRESEL=presel, OUT_SEL=out_thresh is not None,
         OUT_SHIFT=out_shift is not None, PACK_W=wt.shape[2] if wt.dim() == 3 else 0, **flags,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, SPLIT=split > 1, DEPTH=cfg.depth,
-        RED=_reduce_width(split, block_b * block_n * (2 if w2 is not None else 1), cfg.num_warps),
+        RED=_reduce_width(split, block_b * block_n * nacc, cfg.num_warps), ATOMIC=atomic,
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

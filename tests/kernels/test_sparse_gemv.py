@@ -18,7 +18,9 @@ PATHS = {"dot": MaskedConfig(block_n=32, block_k=32, num_warps=4, num_stages=2, 
          "fma_d2": MaskedConfig(block_n=16, block_k=16, num_warps=4, num_stages=1, use_dot=False, split_k=2, depth=2),
          "dot_d2": MaskedConfig(block_n=32, block_k=16, num_warps=4, num_stages=1, use_dot=True, split_k=3, depth=2),
          # one K chunk a program (one-shot tiles): more partials than the last program sums in one load
-         "one_shot": MaskedConfig(block_n=128, block_k=8, num_warps=4, split_k=13)}
+         "one_shot": MaskedConfig(block_n=128, block_k=8, num_warps=4, split_k=13),
+         # partials summed by fp32 atomics in the self-zeroing accumulators
+         "atomic": MaskedConfig(block_n=32, block_k=16, num_warps=4, split_k=5, atomic=True)}
 
 
 def run(fn, *args, path="dot", **kw):
@@ -123,6 +125,28 @@ def test_gated_mlp_matches_reference(dtype, batch, sparsity):
     for path in PATHS:
         y = run(sparse_gated_mlp, x, wg, wu, thresh, path=path, **kw)
         assert rel_err(y, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("use_dot", [False, True])
+def test_atomic_partials_leave_the_accumulators_zero_for_the_next_launch(use_dot):
+    """Launches in a row (a gemv, then a gate/up pair of another width, then the gemv again) each equal the
+    reference: the last program of every tile zeroed its sums, so nothing carries over."""
+    from actsparse.kernels.configs import atomic_accumulator
+
+    cfg = MaskedConfig(block_n=16, block_k=16, num_warps=4, num_stages=1, use_dot=use_dot, split_k=4, atomic=True)
+    k, n, n2 = 96, 40, 24
+    x = torch.randn(2, k, device=DEVICE)
+    wt = torch.randn(k, n, device=DEVICE) / k**0.5
+    wg, wu = (torch.randn(k, n2, device=DEVICE) / k**0.5 for _ in range(2))
+    thresh = torch.tensor([quantile_thresh(x, 0.5)], device=DEVICE)
+    want = ref.sparse_gemv_ref(x, wt, thresh)
+    with override_config(cfg), poison_outputs():
+        first = sparse_gemv(x, wt, thresh)
+        pair = sparse_gated_mlp(x, wg, wu, thresh.expand(2).contiguous())
+        again = sparse_gemv(x, wt, thresh)
+    assert rel_err(first, want) < 1e-5 and rel_err(again, want) < 1e-5
+    assert rel_err(pair, ref.sparse_gated_mlp_ref(x, wg, wu, thresh.expand(2))) < 1e-5
+    assert not atomic_accumulator(x.device).any()
 
 
 def test_bad_arguments_are_rejected():
