@@ -653,6 +653,8 @@ def main() -> None:
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
                     help="weight of each sparsity in the tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
     ap.add_argument("--tune-batches", default="1,4", help="batches every tuning sweep covers (default: %(default)s)")
+    ap.add_argument("--masked-tiles", default="", help="with --tune: batch 1's masked tiles instead of FMA_GRID[1], "
+                    "'block_n,block_k,warps,stages;...'")
     ap.add_argument("--no-teal", action="store_true", help="skip the TEAL-design baseline (fp16, tuned tiles)")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--skip-decode", action="store_true")
@@ -663,6 +665,8 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.note)
         return
+    if args.masked_tiles:
+        FMA_GRID[1] = [tuple(int(v) for v in t.split(",")) for t in args.masked_tiles.split(";") if t]
     clock = Clock(args.budget_s)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

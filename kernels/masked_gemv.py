@@ -114,6 +114,15 @@ def _weights(w_ptr, w2_ptr, offs_k, offs_n, mask_n, rows, rows2, stride_wk, PAIR
 
 
 @triton.jit
+def _acc(acc, xs, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    """acc += x_s @ w. A program of one K chunk reduces it at once (acc [B, N]): a [B, K, N] accumulator kept
+    for one step only costs registers (at 64 rows × 128 columns and 2 warps it spilled)."""
+    if ONE_CHUNK and not USE_DOT:
+        return acc + tl.sum(xs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    return accumulate(acc, xs, w, USE_DOT, IEEE)
+
+
+@triton.jit
 def _masked_gemv_kernel(
     x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, to_ptr, mo_ptr,
     B, K, N, N0, N1, K_SPLIT,
@@ -123,7 +132,7 @@ def _masked_gemv_kernel(
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, DEPTH: tl.constexpr, RED: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    ATOMIC: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -162,7 +171,7 @@ def _masked_gemv_kernel(
     if NORM:  # every program needs the row norms
         rstd = row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
 
-    if USE_DOT:
+    if USE_DOT or ONE_CHUNK:
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     else:
@@ -180,9 +189,9 @@ def _masked_gemv_kernel(
             xs_n, rows_n, xs2_n, rows2_n = _chunk(x_rows, g_ptr, rstd, t_row, m_row, t_row2, m_row2, nxt,
                                                   nxt < k_hi, mask_b, stride_tk, NORM, HAS_SHIFT, PAIR, NM_N, NM_M,
                                                   PRESEL, BLOCK_B, BLOCK_K)
-            acc = accumulate(acc, xs, w, USE_DOT, IEEE)
+            acc = _acc(acc, xs, w, USE_DOT, IEEE, ONE_CHUNK)
             if PAIR:
-                acc2 = accumulate(acc2, xs2, w2, USE_DOT, IEEE)
+                acc2 = _acc(acc2, xs2, w2, USE_DOT, IEEE, ONE_CHUNK)
             xs, rows, xs2, rows2 = xs_n, rows_n, xs2_n, rows2_n
     else:
         # Nothing is used in the step that requests it: step i uses chunk i's weight tile (requested one
@@ -205,12 +214,12 @@ def _masked_gemv_kernel(
             xv_1, xv2_1, gv_1, t_1, m_1, t2_1, m2_1 = _raw_chunk(x_rows, g_ptr, t_row, m_row, t_row2, m_row2,
                                                                  nxt2, nxt2 < k_hi, mask_b, stride_tk, NORM, HAS_SHIFT,
                                                                  PAIR, NM_N, PRESEL)
-            acc = accumulate(acc, xs, w, USE_DOT, IEEE)
+            acc = _acc(acc, xs, w, USE_DOT, IEEE, ONE_CHUNK)
             if PAIR:
-                acc2 = accumulate(acc2, xs2, w2, USE_DOT, IEEE)
+                acc2 = _acc(acc2, xs2, w2, USE_DOT, IEEE, ONE_CHUNK)
             xs, xs2, w, w2 = xs_1, xs2_1, w_1, w2_1
 
-    if USE_DOT:
+    if USE_DOT or ONE_CHUNK:
         out = acc
         out2 = acc2
     else:
@@ -302,6 +311,7 @@ def launch_masked(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
         OUT_SHIFT=out_shift is not None, PACK_W=wt.shape[2] if wt.dim() == 3 else 0, **flags,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, SPLIT=split > 1, DEPTH=cfg.depth,
         RED=_reduce_width(split, block_b * block_n * nacc, cfg.num_warps), ATOMIC=atomic,
+        ONE_CHUNK=k_split == block_k,
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
