@@ -117,9 +117,12 @@ def _weights(w_ptr, w2_ptr, offs_k, offs_n, mask_n, rows, rows2, stride_wk, PAIR
 def _acc(acc, xs, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """acc += x_s @ w. A program of one K chunk reduces it at once (acc [B, N]): a [B, K, N] accumulator kept
     for one step only costs registers (at 64 rows × 128 columns and 2 warps it spilled)."""
+    # One return: Triton's compiler (not its interpreter) types every return of a function, pruned or not.
     if ONE_CHUNK and not USE_DOT:
-        return acc + tl.sum(xs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-    return accumulate(acc, xs, w, USE_DOT, IEEE)
+        acc = acc + tl.sum(xs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    else:
+        acc = accumulate(acc, xs, w, USE_DOT, IEEE)
+    return acc
 
 
 @triton.jit
