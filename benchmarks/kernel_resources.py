@@ -1,10 +1,14 @@
-"""The compiler's resource report of the gather walk for Hopper, on a machine without a GPU (no device time).
+"""The compiler's resource report of the gather and masked walks for Hopper, on a machine without a GPU (no
+device time).
 
   python benchmarks/kernel_resources.py
 
-Compiles `_gather_kernel` for sm_90 (bf16, batch 1, gate|up pair, one K slice) over a few launch configurations
-and prints registers, stack and shared memory per configuration (cuobjdump from Triton's package), so a tuning
-grid can be checked for occupancy before a device run. The local Triton may differ from the GPU machine's.
+Compiles `_gather_kernel` (bf16, batch 1, gate|up pair, one K slice) and `_masked_gemv_kernel` (bf16, batch 1,
+one-shot tiles: one K chunk a program, ordered or atomic sum; o's plain GEMV and gate|up's normed pair) for
+sm_90 over a few launch configurations and prints registers, stack and shared memory per configuration
+(cuobjdump from Triton's package), so a tuning grid can be checked for compilation and occupancy before a
+device run: the interpreter the tests use does not compile, and accepts code the compiler refuses. The local
+Triton may differ from the GPU machine's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from actsparse.kernels import gather_gemv  # noqa: E402
+from actsparse.kernels import gather_gemv, masked_gemv  # noqa: E402
 
 PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr", "res_ptr", "y_ptr")},
         **{n: "*fp32" for n in ("t_ptr", "m_ptr", "ws_ptr", "val_ptr")},
@@ -31,16 +35,30 @@ PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr",
 
 def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4):
     """The compiled walk for one configuration (sm_90)."""
-    fn = gather_gemv._gather_kernel
     consts = dict(NORM=True, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=True, HAS_BIAS=False, HAS_RES=False, ACT=0,
                   NM_N=0, NM_M=1, GROUPS=1, GROUPS_P2=1, SPLIT=True, USE_DOT=False, IEEE=False, VAL_B=1, DEPTH=depth,
                   BLOCK_B=1, SEG_K=4096, BLOCK_K=block_k, BLOCK_N=block_n)
+    return _compile(gather_gemv._gather_kernel, consts, num_warps)
+
+
+def compile_masked(block_n: int, block_k: int, num_warps: int, pair: bool, atomic: bool, one_chunk: bool = True):
+    """The compiled masked walk for one configuration (sm_90): o's GEMV, or gate|up's pair with the RMSNorm."""
+    consts = dict(PRESEL=False, OUT_SEL=False, OUT_SHIFT=False, PACK_W=0, NORM=pair, NORM_BLOCK=4096,
+                  HAS_SHIFT=False, PAIR=pair, HAS_BIAS=False, HAS_RES=False, ACT=0, NM_N=0, NM_M=1, USE_DOT=False,
+                  IEEE=False, SPLIT=True, DEPTH=1, RED=masked_gemv._reduce_width(4096 // block_k, block_n, num_warps),
+                  ATOMIC=atomic, ONE_CHUNK=one_chunk, BLOCK_B=1, BLOCK_K=block_k, BLOCK_N=block_n)
+    return _compile(masked_gemv._masked_gemv_kernel, consts, num_warps)
+
+
+def _compile(fn, consts: dict, num_warps: int):
     sig, cst = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name], cst[(i,)] = "constexpr", consts[name]
         else:
             sig[name] = PTRS.get(name, "fp32" if name == "eps" else "i32")
+    # the masked walk's extra pointers: the output selection's thresholds and shifts
+    sig.update({n: "*fp32" for n in ("to_ptr", "mo_ptr") if n in sig})
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps})
 
@@ -61,6 +79,14 @@ def main() -> None:
         for block_n, block_k in ((32, 128), (64, 128), (32, 256), (16, 256)):
             print(f"depth {depth} block_n {block_n:3d} block_k {block_k:3d}: "
                   f"{resources(compile_gather(block_n, block_k, depth))}")
+    print("masked walk, one-shot tiles (block_n columns, block_k rows, warps), bf16, batch 1")
+    for block_n, block_k, warps in ((128, 64, 2), (32, 128, 4), (64, 64, 2)):
+        for pair in (False, True):
+            for atomic in (False, True):
+                for one in (True, False):
+                    print(f"{'gate|up' if pair else 'o      '} {block_n:3d}x{block_k:3d} {warps}w "
+                          f"{'atomic ' if atomic else 'ordered'} {'one chunk' if one else '3-D acc  '}: "
+                          f"{resources(compile_masked(block_n, block_k, warps, pair, atomic, one))}")
 
 
 if __name__ == "__main__":
