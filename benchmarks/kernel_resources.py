@@ -1,7 +1,8 @@
 """The compiler's resource report of the gather and masked walks for Hopper, on a machine without a GPU (no
 device time).
 
-  python benchmarks/kernel_resources.py
+  python benchmarks/kernel_resources.py            # the report
+  python benchmarks/kernel_resources.py --check    # compile every switch of both walks; exit 1 on a failure
 
 Compiles `_gather_kernel` (bf16, batch 1, gate|up pair, one K slice) and `_masked_gemv_kernel` (bf16, batch 1,
 one-shot tiles: one K chunk a program, ordered or atomic sum; o's plain GEMV and gate|up's normed pair) for
@@ -33,21 +34,46 @@ PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr",
         **{n: "*i32" for n in ("cnt_ptr", "idx_ptr", "count_ptr")}}
 
 
-def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4):
+def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4, use_dot: bool = False):
     """The compiled walk for one configuration (sm_90)."""
     consts = dict(NORM=True, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=True, HAS_BIAS=False, HAS_RES=False, ACT=0,
-                  NM_N=0, NM_M=1, GROUPS=1, GROUPS_P2=1, SPLIT=True, USE_DOT=False, IEEE=False, VAL_B=1, DEPTH=depth,
-                  BLOCK_B=1, SEG_K=4096, BLOCK_K=block_k, BLOCK_N=block_n)
+                  NM_N=0, NM_M=1, GROUPS=1, GROUPS_P2=1, SPLIT=True, USE_DOT=use_dot, IEEE=False,
+                  VAL_B=4 if use_dot else 1, DEPTH=depth, BLOCK_B=16 if use_dot else 1, SEG_K=4096,
+                  BLOCK_K=block_k, BLOCK_N=block_n)
     return _compile(gather_gemv._gather_kernel, consts, num_warps)
 
 
-def compile_masked(block_n: int, block_k: int, num_warps: int, pair: bool, atomic: bool, one_chunk: bool = True):
+def compile_masked(block_n: int, block_k: int, num_warps: int, pair: bool, atomic: bool, one_chunk: bool = True,
+                   depth: int = 1, use_dot: bool = False):
     """The compiled masked walk for one configuration (sm_90): o's GEMV, or gate|up's pair with the RMSNorm."""
     consts = dict(PRESEL=False, OUT_SEL=False, OUT_SHIFT=False, PACK_W=0, NORM=pair, NORM_BLOCK=4096,
-                  HAS_SHIFT=False, PAIR=pair, HAS_BIAS=False, HAS_RES=False, ACT=0, NM_N=0, NM_M=1, USE_DOT=False,
-                  IEEE=False, SPLIT=True, DEPTH=1, RED=masked_gemv._reduce_width(4096 // block_k, block_n, num_warps),
-                  ATOMIC=atomic, ONE_CHUNK=one_chunk, BLOCK_B=1, BLOCK_K=block_k, BLOCK_N=block_n)
+                  HAS_SHIFT=False, PAIR=pair, HAS_BIAS=False, HAS_RES=False, ACT=0, NM_N=0, NM_M=1, USE_DOT=use_dot,
+                  IEEE=False, SPLIT=True, DEPTH=depth,
+                  RED=masked_gemv._reduce_width(4096 // block_k, block_n * (2 if pair else 1), num_warps),
+                  ATOMIC=atomic, ONE_CHUNK=one_chunk, BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k, BLOCK_N=block_n)
     return _compile(masked_gemv._masked_gemv_kernel, consts, num_warps)
+
+
+def check() -> int:
+    """Compile every branch of both walks' compile-time switches for sm_90 at small tiles; print each failure.
+
+    The tests run the kernels in Triton's interpreter, which accepts code the compiler refuses (two returns of
+    different shapes, say); this is the compiler's word on the same code, without a GPU. Returns the failures."""
+    cases = [(f"masked pair={p} atomic={a} one_chunk={o} depth={d} dot={dot}",
+              lambda p=p, a=a, o=o, d=d, dot=dot: compile_masked(32, 64, 4, p, a, o, d, dot))
+             for p in (False, True) for a in (False, True) for o in (False, True) for d in (1, 2)
+             for dot in (False, True)]
+    cases += [(f"gather depth={d} dot={dot}", lambda d=d, dot=dot: compile_gather(32, 64, d, 4, dot))
+              for d in (1, 2) for dot in (False, True)]
+    failed = 0
+    for name, build in cases:
+        try:
+            build()
+        except Exception as e:  # the compiler's message names the line; keep its first lines
+            failed += 1
+            print(f"FAILED {name}: {type(e).__name__}: {str(e)[:600]}")
+    print(f"{len(cases) - failed} of {len(cases)} configurations compiled for sm_90")
+    return failed
 
 
 def _compile(fn, consts: dict, num_warps: int):
@@ -90,4 +116,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--check"]:
+        sys.exit(1 if check() else 0)
     main()
