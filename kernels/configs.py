@@ -188,41 +188,34 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, packed
     return "masked", cfg or TUNED_MASKED.get(key) or default_masked(kind, b)
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
 MAX_TILES = 1 << 16
+MAX_ACC = 1 << 20   # fp32 accumulators for the atomic split-K reduction: nacc × batch × N of one launch
+_zeroed: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _self_zeroing(what: str, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-device buffer zeroed once at creation: the kernels leave it zero after every launch (the last
+    program of a tile resets its part), so no launch ever zeroes it again. Fixed size: a CUDA graph keeps the
+    address it captured, so it must exist before capture."""
+    buf = _zeroed.get((what, device))
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"actsparse kernels: run each op once before CUDA-graph capture "
+                               f"(its {what} are allocated on first use)")
+        buf = _zeroed[(what, device)] = torch.zeros(size, dtype=dtype, device=device)
+    return buf
 
 
 def tile_counters(device: torch.device) -> torch.Tensor:
-    """Return the device's arrival counters (int32, one per output tile), zeroed once at creation.
-
-    The last program of a tile resets its counter, so no launch ever zeroes them again.
-    """
-    buf = _counters.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("actsparse kernels: run each op once before CUDA-graph capture "
-                               "(its tile counters are allocated on first use)")
-        buf = _counters[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
-    return buf
-
-
-_accumulators: dict[torch.device, torch.Tensor] = {}
-MAX_ACC = 1 << 20   # fp32 accumulators for the atomic split-K reduction: nacc × batch × N of one launch
+    """Return the device's arrival counters (int32, one per output tile); the last program of a tile resets
+    its counter."""
+    return _self_zeroing("tile counters", MAX_TILES, torch.int32, device)
 
 
 def atomic_accumulator(device: torch.device) -> torch.Tensor:
-    """Return the device's fp32 accumulators of the atomic split-K reduction, zeroed once at creation.
-
-    The last program of a tile reads its sums and zeroes them, so no launch ever zeroes them again (as the
-    tile counters). Fixed size: a CUDA graph keeps the address it captured.
-    """
-    buf = _accumulators.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("actsparse kernels: run each op once before CUDA-graph capture "
-                               "(its split-K accumulators are allocated on first use)")
-        buf = _accumulators[device] = torch.zeros(MAX_ACC, dtype=torch.float32, device=device)
-    return buf
+    """Return the device's fp32 accumulators of the atomic split-K reduction; the last program of a tile reads
+    its sums and zeroes them."""
+    return _self_zeroing("split-K accumulators", MAX_ACC, torch.float32, device)
 
 
 # kernel name -> resources of its most recent launch (registers and spills per thread, shared memory
