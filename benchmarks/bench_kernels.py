@@ -280,10 +280,10 @@ def _masked_grid(b: int, k: int, n: int, fma: dict | None = None, dot: dict | No
     for c, dot in [(c, False) for c in fma[b]] + [(c, True) for c in dot_.get(b, [])]:
         base = MaskedConfig(*c[:4], use_dot=dot, depth=c[4] if len(c) > 4 else 1)
         tiles = -(-n // base.block_n) * (1 if not dot else -(-b // 16))
-        if b == 1 and not dot:  # one chunk a program (one-shot tiles), and two; partials summed in order or by atomics
+        if b == 1 and not dot:  # one chunk a program (one-shot tiles), and two; partials summed in order or atomically
             one_shot = -(-k // base.block_k)
-            grid += [dataclasses.replace(base, split_k=sp, atomic=at) for sp in sorted({one_shot, max(1, one_shot // 2)})
-                     for at in (False, True)]
+            grid += [dataclasses.replace(base, split_k=sp, atomic=at)
+                     for sp in sorted({one_shot, max(1, one_shot // 2)}) for at in (False, True)]
             continue
         auto = configs.choose_split(base, k, tiles, torch.device(DEV))
         grid += [dataclasses.replace(base, split_k=sp) for sp in sorted({max(1, auto // 2), auto, 2 * auto})]

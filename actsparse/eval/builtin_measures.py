@@ -20,7 +20,6 @@ def _need(cond: bool, what: str, s) -> None:
         raise ActsparseError(f"{what}; got {dataclasses.asdict(s)}")
 
 
-
 @register_measure("ppl")
 class Perplexity(Measure):
     """Perplexity on eval.data over windows of eval.seq_len (stride, max_tokens): the shared eval.* fields."""

@@ -1,7 +1,8 @@
 """Quality metrics: which way is better (read from the metric's name), how to print them, and budgets vs dense.
 
 Any loss*, */ppl*, */loss*, *loss or */rel_err* is lower-is-better; otherwise the measures declare their quality
-metrics' directions (eval/builtin_measures.py: ppl* lower is better, acc* and fidelity* higher). Any other metric needs an explicit direction (`name:min` or `name:max`), because guessing wrong would silently invert
+metrics' directions (eval/builtin_measures.py: ppl* lower is better, acc* and fidelity* higher). Any other
+metric needs an explicit direction (`name:min` or `name:max`), because guessing wrong would silently invert
 every front.
 """
 from __future__ import annotations
