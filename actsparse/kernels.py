@@ -42,7 +42,7 @@ if not _torch.cuda.is_available():
 
 from actsparse.kernels.attention import decode_attention
 from actsparse.kernels.cats import cats_up
-from actsparse.kernels.configs import GatherConfig, MaskedConfig, override_config, poison_outputs
+from actsparse.kernels.configs import GatherConfig, MaskedConfig, OneshotConfig, override_config, poison_outputs
 from actsparse.kernels.gated_mlp import sparse_gated_mlp
 from actsparse.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from actsparse.kernels.silu_mul import silu_mul
@@ -51,6 +51,7 @@ from actsparse.kernels.sparse_gemv import pack_weight, sparse_gemv
 __all__ = [
     "GatherConfig",
     "MaskedConfig",
+    "OneshotConfig",
     "add_rmsnorm",
     "cats_up",
     "decode_attention",

@@ -1,10 +1,10 @@
-"""The compiler's resource report of the gather and masked walks for Hopper, on a machine without a GPU (no
+"""The compiler's resource report of the sparse-GEMV kernels for Hopper, on a machine without a GPU (no
 device time).
 
   python benchmarks/kernel_resources.py            # the report
-  python benchmarks/kernel_resources.py --check    # compile every switch of both walks; exit 1 on a failure
+  python benchmarks/kernel_resources.py --check    # compile every switch of every kernel; exit 1 on a failure
 
-Compiles `_gather_kernel` (bf16, batch 1, gate|up pair, one K slice) and `_masked_gemv_kernel` (bf16, batch 1,
+Compiles `_oneshot_kernel` (bf16, batch 1 and the tensor-core batch path, o and gate|up), `_gather_kernel` (bf16, batch 1, gate|up pair, one K slice) and `_masked_gemv_kernel` (bf16, batch 1,
 one-shot tiles: one K chunk a program, ordered or atomic sum; o's plain GEMV and gate|up's normed pair) for
 sm_90 over a few launch configurations and prints registers, stack and shared memory per configuration
 (cuobjdump from Triton's package), so a tuning grid can be checked for compilation and occupancy before a
@@ -27,10 +27,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from actsparse.kernels import gather_gemv, masked_gemv  # noqa: E402
+from actsparse.kernels import gather_gemv, masked_gemv, oneshot_gemv  # noqa: E402
 
 PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr", "res_ptr", "y_ptr")},
-        **{n: "*fp32" for n in ("t_ptr", "m_ptr", "ws_ptr", "val_ptr")},
+        **{n: "*fp32" for n in ("t_ptr", "m_ptr", "ws_ptr", "val_ptr", "acc_ptr")},
         **{n: "*i32" for n in ("cnt_ptr", "idx_ptr", "count_ptr")}}
 
 
@@ -54,6 +54,14 @@ def compile_masked(block_n: int, block_k: int, num_warps: int, pair: bool, atomi
     return _compile(masked_gemv._masked_gemv_kernel, consts, num_warps)
 
 
+def compile_oneshot(block_n: int, block_k: int, num_warps: int, pair: bool, use_dot: bool = False):
+    """The compiled one-shot tiles for one configuration (sm_90): o's GEMV, or gate|up's pair with the RMSNorm."""
+    consts = dict(NORM=pair, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=pair, HAS_BIAS=False, HAS_RES=not pair, ACT=0,
+                  NM_N=0, NM_M=1, USE_DOT=use_dot, IEEE=False, BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k,
+                  BLOCK_N=block_n)
+    return _compile(oneshot_gemv._oneshot_kernel, consts, num_warps)
+
+
 def check() -> int:
     """Compile every branch of both walks' compile-time switches for sm_90 at small tiles; print each failure.
 
@@ -65,6 +73,8 @@ def check() -> int:
              for dot in (False, True)]
     cases += [(f"gather depth={d} dot={dot}", lambda d=d, dot=dot: compile_gather(32, 64, d, 4, dot))
               for d in (1, 2) for dot in (False, True)]
+    cases += [(f"oneshot pair={p} dot={dot}", lambda p=p, dot=dot: compile_oneshot(128, 64, 2, p, dot))
+              for p in (False, True) for dot in (False, True)]
     failed = 0
     for name, build in cases:
         try:
@@ -113,6 +123,11 @@ def main() -> None:
                     print(f"{'gate|up' if pair else 'o      '} {block_n:3d}x{block_k:3d} {warps}w "
                           f"{'atomic ' if atomic else 'ordered'} {'one chunk' if one else '3-D acc  '}: "
                           f"{resources(compile_masked(block_n, block_k, warps, pair, atomic, one))}")
+    print("one-shot tiles (block_n columns, block_k rows, warps), bf16, batch 1")
+    for block_n, block_k, warps in ((128, 64, 2), (64, 128, 2), (128, 128, 4), (256, 64, 4), (64, 64, 2)):
+        for pair in (False, True):
+            print(f"{'gate|up' if pair else 'o      '} {block_n:3d}x{block_k:3d} {warps}w: "
+                  f"{resources(compile_oneshot(block_n, block_k, warps, pair))}")
 
 
 if __name__ == "__main__":

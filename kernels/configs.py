@@ -37,6 +37,16 @@ class MaskedConfig:
 
 
 @dataclass(frozen=True)
+class OneshotConfig:
+    """One launch configuration of the one-shot tiles: one program per [block_k rows × block_n columns] tile."""
+
+    block_n: int = 128  # output columns a program owns
+    block_k: int = 64  # input rows (channels) a program owns
+    num_warps: int = 2
+    num_stages: int = 1
+
+
+@dataclass(frozen=True)
 class GatherConfig:
     """One launch configuration of the compaction pass + gather walk."""
 
@@ -49,10 +59,11 @@ class GatherConfig:
     depth: int = 1  # 2: two gathered weight tiles in flight per program
 
 
-Config = Union[MaskedConfig, GatherConfig]
+Config = Union[MaskedConfig, GatherConfig, OneshotConfig]
 FMA_MAX_BATCH = 4  # beyond this the masked walk's FMA accumulators cost too many registers
 GATHER_MAX_BATCH = 4  # the gather walk keeps batch × BLOCK_K × BLOCK_N accumulators (FMA) or 16 padded rows (dot)
-IMPLS = ("masked", "gather")
+ONESHOT_MAX_BATCH = 16  # the one-shot tiles pad batches 2-16 to one 16-row tl.dot
+IMPLS = ("masked", "gather", "oneshot")
 
 # (kind, K, N, batch bucket) -> config; kind in {"gemv", "qkv", "pair"}. Winners of the on-device sweeps
 # (`benchmarks/bench_kernels.py --tune` / `--tune-gather`), bf16, Llama-3-8B shapes; anything else gets the default.
@@ -80,6 +91,15 @@ TUNED_GATHER: dict[tuple[str, int, int, int], GatherConfig] = {
     **{(kind, k, n, 4): GatherConfig(block_n=64, seg_k=256, block_k=32)
        for kind, k, n in (("qkv", 4096, 6144), ("gemv", 4096, 4096), ("pair", 4096, 14336), ("gemv", 14336, 4096))},
 }
+
+
+# One-shot tiles, batch 1: (kind, K, N, batch bucket) -> config, winners of `bench_kernels.py --tune-oneshot`.
+TUNED_ONESHOT: dict[tuple[str, int, int, int], OneshotConfig] = {}
+
+# impl="auto" without an override: the kernel measured fastest over the sparsities that keep quality (0.25-0.5)
+# per (kind, K, N, batch bucket); gather where there is no entry. The decode engine chooses per op from its own
+# measurement on the GPU at hand instead (`actsparse/engine/crossover.py`).
+PREFERRED: dict[tuple[str, int, int, int], str] = {}
 
 
 def batch_bucket(b: int) -> int:
@@ -138,15 +158,18 @@ def choose_split(cfg: MaskedConfig, k: int, tiles: int, device: torch.device) ->
 
 
 _override: Config | None = None
+_CLASSES = {MaskedConfig: "masked", GatherConfig: "gather", OneshotConfig: "oneshot"}
 
 
 @contextlib.contextmanager
 def override_config(cfg: Config | None) -> Iterator[None]:
     """Inside the block, every launch that its kernel can run uses `cfg`: a MaskedConfig forces the masked walk,
-    a GatherConfig the gather walk (launches gather cannot run, see `choose_impl`, take the masked default)."""
+    a GatherConfig the gather walk, a OneshotConfig the one-shot tiles (launches the forced kernel cannot run,
+    see `choose_impl`, take the masked default)."""
     global _override
-    if cfg is not None and not isinstance(cfg, (MaskedConfig, GatherConfig)):
-        raise ValueError(f"override_config takes a MaskedConfig or a GatherConfig, got {type(cfg).__name__}")
+    if cfg is not None and type(cfg) not in _CLASSES:
+        raise ValueError(f"override_config takes a MaskedConfig, a GatherConfig or a OneshotConfig, "
+                         f"got {type(cfg).__name__}")
     old, _override = _override, cfg
     try:
         yield
@@ -154,10 +177,13 @@ def override_config(cfg: Config | None) -> Iterator[None]:
         _override = old
 
 
-def _gather_can_run(b: int, packed: bool, presel: bool, out_sel: bool) -> str:
-    """Why the gather walk cannot run a launch ('' when it can)."""
-    if b > GATHER_MAX_BATCH:
-        return f"runs batches of at most {GATHER_MAX_BATCH} rows, got {b}"
+def why_not(impl: str, b: int, packed: bool, presel: bool, out_sel: bool) -> str:
+    """Why kernel `impl` cannot run a launch ('' when it can); the masked walk runs anything."""
+    if impl == "masked":
+        return ""
+    cap = GATHER_MAX_BATCH if impl == "gather" else ONESHOT_MAX_BATCH
+    if b > cap:
+        return f"runs batches of at most {cap} rows, got {b}"
     if packed:
         return "reads [K, N] weights, not packed ones"
     if presel or out_sel:
@@ -165,26 +191,37 @@ def _gather_can_run(b: int, packed: bool, presel: bool, out_sel: bool) -> str:
     return ""
 
 
+def _auto(kind: str, k: int, n: int, b: int, packed: bool, presel: bool, out_sel: bool) -> str:
+    """impl="auto": the kernel of an active override, else the op's measured preference, else gather, where each
+    can run; the masked walk where nothing else can."""
+    wanted = [_CLASSES[type(_override)]] if _override is not None else []
+    wanted += [PREFERRED.get((kind, k, n, batch_bucket(b)), "gather"), "gather"]
+    return next((i for i in wanted if not why_not(i, b, packed, presel, out_sel)), "masked")
+
+
 def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, packed: bool = False, presel: bool = False,
                 out_sel: bool = False) -> tuple[str, Config]:
-    """Return which kernel runs a launch ("masked" or "gather") and its configuration.
+    """Return which kernel runs a launch ("masked", "gather" or "oneshot") and its configuration.
 
-    impl="auto": gather wherever it can run (batch ≤ 4, [K, N] weights, selection inside the op), else masked;
-    an `override_config` picks the kernel of its config class where that kernel can run. packed: weights from
-    `pack_weight`; presel: the input arrives already selected (thresh=None); out_sel: out_thresh is given.
+    impl="auto": an `override_config`'s kernel where it can run, else the kernel measured fastest for this op
+    shape and batch (`PREFERRED`), else gather, else masked (which runs anything); naming a kernel that cannot
+    run the launch is an error. packed: weights from `pack_weight`; presel: the input arrives already selected
+    (thresh=None); out_sel: out_thresh is given.
     """
     if impl not in ("auto",) + IMPLS:
-        raise ValueError(f"impl must be 'auto', 'masked' or 'gather', got {impl!r}")
-    why_not = _gather_can_run(b, packed, presel, out_sel)
-    if impl == "gather" and why_not:
-        raise ValueError(f"the gather kernel {why_not}; use impl='masked' or 'auto'")
-    if impl == "auto":
-        impl = "masked" if why_not or isinstance(_override, MaskedConfig) else "gather"
+        raise ValueError(f"impl must be 'auto', 'masked', 'gather' or 'oneshot', got {impl!r}")
+    if impl != "auto":
+        reason = why_not(impl, b, packed, presel, out_sel)
+        if reason:
+            raise ValueError(f"the {impl} kernel {reason}; use impl='masked' or 'auto'")
+    else:
+        impl = _auto(kind, k, n, b, packed, presel, out_sel)
     key = (kind, k, n, batch_bucket(b))
+    cfg = _override if _CLASSES.get(type(_override)) == impl else None
     if impl == "gather":
-        cfg = _override if isinstance(_override, GatherConfig) else None
         return "gather", cfg or TUNED_GATHER.get(key) or default_gather(b)
-    cfg = _override if isinstance(_override, MaskedConfig) else None
+    if impl == "oneshot":
+        return "oneshot", cfg or TUNED_ONESHOT.get(key) or OneshotConfig()
     return "masked", cfg or TUNED_MASKED.get(key) or default_masked(kind, b)
 
 

@@ -1,7 +1,7 @@
 """Fused gate/up projection of a gated MLP: h = silu(W_g·x_s,g) ⊙ (W_u·x_s,u), one read of x, one launch.
 
-The same kernels as `sparse_gemv` in PAIR mode: gate and up are read side by side (the gather walk: in
-separate programs of one launch; the masked walk: in one program), and the last program of each column strip
+The same kernels as `sparse_gemv` in PAIR mode: gate and up are read side by side (the one-shot tiles and the
+gather walk: in separate programs of one launch; the masked walk: in one program), and the last program of each column strip
 writes h = silu(gate)·up, so neither product round-trips through memory.
 The down projection then takes h as an input-sparse GEMV (TEAL thresholds |h|; M-COUNTDOWN is
 the same computation with its threshold on h).
@@ -55,7 +55,7 @@ def sparse_gated_mlp(
     thresh: float32 [2] or [2, K] (row 0 gate, row 1 up); shift: [2, K]; bias: [2, I]. thresh=None: x
     is already selected and both projections read it as is. out_thresh [1] or [I] / out_shift [I]: h is
     written selected for the down projection, h ← (h − m)⊙1[|h − m| > t] (see `sparse_gemv`).
-    impl: "gather", "masked" or "auto" (see `sparse_gemv`).
+    impl: "oneshot", "gather", "masked" or "auto" (see `sparse_gemv`).
     """
     _check_common(x, wt_gate, "wt_gate")
     _check_common(x, wt_up, "wt_up")

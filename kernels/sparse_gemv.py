@@ -1,7 +1,7 @@
 """The public sparse-GEMV op: y = act(W·x_s + bias) + residual, x_s = (x̂ − m)⊙1[|x̂ − m| > t], one fused op.
 
 `sparse_gemv` (and `sparse_gated_mlp` in gated_mlp.py) validate their arguments, ask `configs.choose_impl`
-which kernel runs (the gather walk where it can, else the masked walk) and launch it through a registered
+which kernel runs (the one-shot tiles, the gather walk or the masked walk) and launch it through a registered
 `torch.library` custom op, so torch.compile and CUDA graphs capture it.
 """
 
@@ -15,6 +15,7 @@ from .configs import choose_impl
 from .gather_gemv import launch_gather
 from .gemv_common import wshape
 from .masked_gemv import launch_masked
+from .oneshot_gemv import launch_oneshot
 
 
 ACTS = {"none": 0, "silu": 1}
@@ -72,6 +73,9 @@ def _launch(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bou
                              out_sel=out_thresh is not None)
     if which == "gather":
         return launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, cfg)
+    if which == "oneshot":
+        return launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,
+                              cfg)
     return launch_masked(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m, cfg,
                          out_thresh, out_shift)
 
@@ -151,10 +155,11 @@ def sparse_gemv(
     consecutive channels instead of thresholding. thresh=None: x is already selected (x_s = x, its
     zeros skipped; shift, norm_weight and nm must be None), e.g. a producer's output with out_thresh.
     out_thresh: float32 [1] or [N], out_shift: [N]: the output is written selected for the next GEMV,
-    y ← (y − m)⊙1[|y − m| > t] (after bias, act and residual). impl: "gather" (a compaction pass, then a
-    walk that gathers only the active weight rows; batch ≤ 4, [K, N] weights, selection inside the op),
-    "masked" (a split-K walk whose masked row loads skip the unselected rows; anything) or "auto" (gather
-    where it can run, else masked: `configs.choose_impl`).
+    y ← (y − m)⊙1[|y − m| > t] (after bias, act and residual). impl: "oneshot" (one program per weight
+    tile, masked row loads, fp32 atomic sums; batch ≤ 16, [K, N] weights, selection inside the op),
+    "gather" (a compaction pass, then a walk that gathers only the active weight rows; batch ≤ 4, same
+    conditions), "masked" (a split-K walk whose masked row loads skip the unselected rows; anything) or
+    "auto" (the kernel measured fastest for the op where it can run: `configs.choose_impl`).
     """
     _check_common(x, wt)
     k, n = wshape(wt)

@@ -96,7 +96,7 @@ def test_auto_runs_gather_where_it_can_and_masked_elsewhere():
     wt = torch.randn(32, 16, device=DEVICE)
     with pytest.raises(ValueError, match="the gather kernel runs batches of at most 4 rows, got 6"):
         sparse_gemv(x, wt, torch.zeros(1, device=DEVICE), impl="gather")
-    with pytest.raises(ValueError, match="impl must be 'auto', 'masked' or 'gather', got 'v6'"):
+    with pytest.raises(ValueError, match="impl must be 'auto', 'masked', 'gather' or 'oneshot', got 'v6'"):
         sparse_gemv(x, wt, torch.zeros(1, device=DEVICE), impl="v6")
     assert choose_impl("gemv", 32, 16, 4)[0] == "gather"
     assert choose_impl("gemv", 32, 16, 6)[0] == "masked"  # batch > 4

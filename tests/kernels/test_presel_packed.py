@@ -120,6 +120,6 @@ def test_bad_arguments_are_rejected():
         pack_weight(torch.randn(32, 48, device=DEVICE), 32)
     with pytest.raises(ValueError, match="a packed wt must be contiguous"):
         sparse_gemv(x, pack_weight(wt, 16).transpose(0, 1), t)
-    with pytest.raises(ValueError, match="override_config takes a MaskedConfig or a GatherConfig"):
+    with pytest.raises(ValueError, match="override_config takes a MaskedConfig, a GatherConfig or a OneshotConfig"):
         with override_config("masked"):
             pass

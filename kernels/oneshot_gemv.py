@@ -1,0 +1,128 @@
+"""The one-shot tiles: one program per [BLOCK_K input rows × BLOCK_N output columns] tile, no loop, one launch.
+
+This is TEAL's kernel design (FasterDecoding/TEAL, kernels/sparse_gemv.py) made a path of its own: thousands of
+short programs, each loading its slice of x, selecting it, issuing one masked load of its tile's kept weight
+rows (W^T [K, N] row-major: a skipped input channel is a contiguous row segment never read) and adding its
+partial sums into the output columns. With so many independent programs the memory pipe is full at any
+sparsity, where a walk over a K range waits one memory latency per step.
+
+Where it differs from TEAL's kernel, and why:
+- **No zeroing launch, and any output dtype.** Partials are fp32 atomic adds into the device's self-zeroing
+  accumulators (`configs.atomic_accumulator`); one counter increment per program elects the last program of
+  each column strip, which reads the sums, zeroes them for the next launch, resets its counter and runs the
+  epilogue (bias, silu or silu(gate)·up, residual, cast). TEAL adds fp16 partials into an output a separate
+  launch zeroed, which bf16 (8 bits of mantissa per atomic add) could not afford.
+- **Fused ops.** RMSNorm of x (each program takes the row's factor from the whole row, which the programs of
+  an SM share through L1), per-channel thresholds and shifts per q/k/v segment, N:M selection, and gate/up in
+  one launch (programs of both matrices, one counter per strip: the epilogue writes silu(gate)·up).
+- **Batches 2-16** on tensor cores: x_s rows padded to 16, one tl.dot [16, BLOCK_K] × [BLOCK_K, BLOCK_N]
+  over the tile's union of kept rows (each token's own unselected entries zeroed).
+The fp32 atomic sum makes the last bits of the result depend on arrival order (as TEAL's fp16 sum does).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import MAX_ACC, MAX_TILES, OneshotConfig, atomic_accumulator, new_output, record_compiled, tile_counters
+from .gemv_common import epilogue, fit_block_n, launch_args, row_rstd, select_chunk
+
+
+@triton.jit
+def _oneshot_kernel(
+    x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, acc_ptr, cnt_ptr,
+    B, K, N, N0, N1,
+    stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb,
+    eps,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)  # fastest: neighbouring programs read neighbouring columns of the same rows
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)  # which matrix of a gate/up pair
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    n_start = pid_n * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    if PAIR:
+        sel = pid_m  # gate / up thresholds
+    else:
+        sel = (n_start >= N0).to(tl.int32) + (n_start >= N1).to(tl.int32)  # q / k / v segment
+    x_rows = x_ptr + offs_b[:, None] * stride_xb
+    xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
+                 eviction_policy="evict_last").to(tl.float32)
+    if NORM:
+        gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        rstd = row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
+        xv = xv * rstd[:, None] * gv[None, :]
+    xs, rows = select_chunk(xv, t_ptr + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b, stride_tk,
+                            HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
+    if pid_m == 0:
+        wb = w_ptr
+    else:
+        wb = w2_ptr
+    w = tl.load(wb + offs_k[:, None] * stride_wk + offs_n[None, :], mask=(rows[:, None] != 0) & mask_n[None, :],
+                other=0.0, eviction_policy="evict_first")
+    if USE_DOT:
+        if IEEE:
+            part = tl.dot(xs, w.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(xs.to(w.dtype), w)
+    else:
+        part = tl.sum(xs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    mask_out = mask_b[:, None] & mask_n[None, :]
+    tile = offs_b[:, None] * N + offs_n[None, :]
+    if tl.max(rows.to(tl.int32), axis=0) > 0:  # a tile with no kept row adds nothing: no atomics
+        tl.atomic_add(acc_ptr + pid_m * B * N + tile, part, mask=mask_out, sem="relaxed")
+    tl.debug_barrier()  # every partial of this program is issued before it signals
+    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+    if arrived == tl.num_programs(1) * (1 + PAIR) - 1:
+        tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch or graph replay
+        out = tl.load(acc_ptr + tile, mask=mask_out, other=0.0, cache_modifier=".cg")
+        tl.store(acc_ptr + tile, tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), mask=mask_out)
+        out2 = out
+        if PAIR:
+            out2 = tl.load(acc_ptr + B * N + tile, mask=mask_out, other=0.0, cache_modifier=".cg")
+            tl.store(acc_ptr + B * N + tile, tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), mask=mask_out)
+        epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
+                 mask_out, HAS_BIAS, PAIR, ACT, HAS_RES, y_ptr, y_ptr, 0, False, False)
+
+
+def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,
+                   cfg: OneshotConfig) -> torch.Tensor:
+    """Run the one-shot tiles (arguments validated by the public ops); return y [B, N]."""
+    b, k = x.shape
+    n = wt.shape[1]
+    use_dot = b > 1
+    block_b = 16 if use_dot else 1
+    block_n = fit_block_n(cfg.block_n, bounds) if bounds else cfg.block_n
+    block_k = cfg.block_k
+    if nm_n > 0 and block_k % nm_m:
+        block_k = max(nm_m, block_k // nm_m * nm_m)
+    if use_dot and (block_k < 16 or block_n < 16):
+        raise ValueError(f"batches over 1 run on tensor cores, which need block_k and block_n ≥ 16, got {block_k} "
+                         f"and {block_n}")
+    mats = 2 if w2 is not None else 1
+    tiles_n = triton.cdiv(n, block_n)
+    if tiles_n > MAX_TILES:
+        raise ValueError(f"too many output strips ({tiles_n}) for the one-shot tiles; use a larger block_n")
+    if mats * b * n > MAX_ACC:
+        raise ValueError(f"the one-shot tiles accumulate at most {MAX_ACC} fp32 sums a launch, got "
+                         f"{mats} × {b} × {n}; use the gather or masked kernel")
+    y = new_output((b, n), x.device, x.dtype)
+    ptrs, (n0, n1), strides, flags = launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
+                                                 nm_n, nm_m, y, block_b)
+    compiled = _oneshot_kernel[(tiles_n, triton.cdiv(k, block_k), mats)](
+        *ptrs, atomic_accumulator(x.device), tile_counters(x.device), b, k, n, n0, n1, *strides, eps, **flags,
+        USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    record_compiled("oneshot_kernel", compiled, k, n, w2 is not None)
+    return y

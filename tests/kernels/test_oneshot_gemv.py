@@ -1,0 +1,118 @@
+"""The one-shot tiles (one program per weight tile, fp32 atomic sums, the last program of a strip runs the
+epilogue) against the torch references, fresh random inputs, outputs poisoned."""
+
+import pytest
+import torch
+
+from actsparse.kernels import (OneshotConfig, configs, override_config, poison_outputs, ref, sparse_gated_mlp,
+                               sparse_gemv)
+from actsparse.kernels.configs import choose_impl
+
+from .checks import quantile_thresh, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Ragged shapes cut into several strips and several K tiles; a wide tile on the second.
+CFGS = {"small": OneshotConfig(block_n=16, block_k=16), "wide": OneshotConfig(block_n=64, block_k=32, num_warps=4)}
+
+
+def run(fn, *args, cfg="small", **kw):
+    with override_config(CFGS[cfg]), poison_outputs():
+        return fn(*args, impl="oneshot", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 0.95])
+def test_gemv_matches_reference(dtype, batch, sparsity):
+    k, n = 100, 70  # ragged in K and N
+    x = torch.randn(batch, k, device=DEVICE, dtype=dtype)
+    wt = (torch.randn(k, n, device=DEVICE) / k**0.5).to(dtype)
+    t = quantile_thresh(x, sparsity)
+    res = torch.randn(batch, n, device=DEVICE, dtype=dtype)
+    for cfg in CFGS:
+        y = run(sparse_gemv, x, wt, torch.tensor([t], device=DEVICE), residual=res, act="silu", cfg=cfg)
+        assert y.shape == (batch, n) and y.dtype == dtype
+        assert rel_err(y, ref.sparse_gemv_ref(x, wt, t, residual=res, act="silu")) < TOL[dtype]
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_fused_qkv_norm_shift_bias_match_reference(batch):
+    k, nq, nkv = 96, 64, 32
+    n = nq + 2 * nkv
+    x = torch.randn(batch, k, device=DEVICE) * 3
+    wt = torch.randn(k, n, device=DEVICE) / k**0.5
+    kw = dict(shift=torch.randn(3, k, device=DEVICE) * 0.2, bias=torch.randn(n, device=DEVICE),
+              residual=torch.randn(batch, n, device=DEVICE), norm_weight=torch.rand(k, device=DEVICE) + 0.5,
+              eps=1e-5, segments=(nq, nq + nkv))
+    thresh = torch.rand(3, k, device=DEVICE)  # per channel, one row per segment
+    want = ref.sparse_gemv_ref(x, wt, thresh, **kw)
+    for cfg in CFGS:
+        assert rel_err(run(sparse_gemv, x, wt, thresh, cfg=cfg, **kw), want) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gated_mlp_matches_reference(batch):
+    k, n = 64, 80
+    x = torch.randn(batch, k, device=DEVICE) * 2
+    wg, wu = torch.randn(k, n, device=DEVICE) / 8, torch.randn(k, n, device=DEVICE) / 8
+    g = torch.rand(k, device=DEVICE) + 0.5
+    t = quantile_thresh(ref.rmsnorm_ref(x, g), 0.6)
+    thresh = torch.tensor([t, t * 1.3], device=DEVICE)  # gate and up select different rows
+    kw = dict(norm_weight=g, shift=torch.randn(2, k, device=DEVICE) * 0.1, bias=torch.randn(2, n, device=DEVICE))
+    want = ref.sparse_gated_mlp_ref(x, wg, wu, thresh, **kw)
+    for cfg in CFGS:
+        assert rel_err(run(sparse_gated_mlp, x, wg, wu, thresh, cfg=cfg, **kw), want) < 1e-5
+
+
+def test_nm_selection_and_all_skipped():
+    k, n = 64, 32
+    x = torch.randn(1, k, device=DEVICE)
+    wt = torch.randn(k, n, device=DEVICE) / 8
+    y = run(sparse_gemv, x, wt, torch.zeros(1, device=DEVICE), nm=(2, 4))
+    assert rel_err(y, ref.sparse_gemv_ref(x, wt, 0.0, nm=(2, 4))) < 1e-5
+    # Every channel skipped: no tile adds anything and the output is exactly the bias.
+    bias = torch.randn(n, device=DEVICE)
+    y = run(sparse_gemv, x, wt, torch.full((1,), 1e9, device=DEVICE), bias=bias)
+    assert torch.equal(y[0], bias)
+
+
+def test_repeated_launches_leave_accumulators_and_counters_zero():
+    """The last program of a strip zeroes its sums and resets its counter: launches of different shapes in a
+    row (the same device buffers) stay correct, and the buffers are zero between launches."""
+    for k, n, b in ((96, 64, 1), (64, 48, 2), (96, 64, 1)):
+        x = torch.randn(b, k, device=DEVICE)
+        wt = torch.randn(k, n, device=DEVICE) / 10
+        y = run(sparse_gemv, x, wt, torch.tensor([0.5], device=DEVICE))
+        assert rel_err(y, ref.sparse_gemv_ref(x, wt, 0.5)) < 1e-5
+        assert not configs.atomic_accumulator(x.device).any()
+        assert not configs.tile_counters(x.device).any()
+
+
+def test_what_oneshot_cannot_run_is_refused():
+    x = torch.randn(17, 32, device=DEVICE)
+    wt = torch.randn(32, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="the oneshot kernel runs batches of at most 16 rows, got 17"):
+        sparse_gemv(x, wt, torch.zeros(1, device=DEVICE), impl="oneshot")
+    with pytest.raises(ValueError, match=r"the oneshot kernel cannot take an already-selected input \(thresh=None\)"):
+        sparse_gemv(x[:1], wt, None, impl="oneshot")
+    with pytest.raises(ValueError, match="the oneshot kernel reads \\[K, N\\] weights, not packed ones"):
+        sparse_gemv(x[:1], torch.randn(1, 32, 16, device=DEVICE), torch.zeros(1, device=DEVICE), impl="oneshot")
+    with override_config(OneshotConfig(block_n=8, block_k=8)), pytest.raises(ValueError, match="tensor cores"):
+        sparse_gemv(x[:2], wt, torch.zeros(1, device=DEVICE), impl="oneshot")
+
+
+def test_auto_follows_the_measured_preference(monkeypatch):
+    """impl="auto": the op's measured kernel where it can run, else gather, else masked."""
+    key = ("gemv", 32, 16, 1)
+    assert choose_impl("gemv", 32, 16, 1)[0] == "gather"
+    monkeypatch.setitem(configs.PREFERRED, key, "oneshot")
+    assert choose_impl("gemv", 32, 16, 1) == ("oneshot", OneshotConfig())
+    assert choose_impl("gemv", 32, 16, 1, presel=True)[0] == "masked"
+    with override_config(CFGS["wide"]):
+        assert choose_impl("gemv", 32, 16, 8) == ("oneshot", CFGS["wide"])  # the override's kernel first
+        assert choose_impl("gemv", 32, 16, 20)[0] == "masked"  # ... where it can run
+    x = torch.randn(1, 32, device=DEVICE)
+    wt = torch.randn(32, 16, device=DEVICE)
+    y = sparse_gemv(x, wt, torch.tensor([0.3], device=DEVICE))  # runs the preferred one-shot tiles
+    assert rel_err(y, ref.sparse_gemv_ref(x, wt, 0.3)) < 1e-5
