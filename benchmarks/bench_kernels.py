@@ -516,7 +516,7 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None) -
     """Decode tokens/s, dense vs sparse, per DECODE_PLAN; the engine picks sparse kernel or cuBLAS per op and
     batch from the crossovers it measures on this GPU (logged with the rows)."""
     from actsparse.engine import PRESETS, Engine
-    from actsparse.engine.crossover import crossovers
+    from actsparse.engine.crossover import crossovers, op_times
     from engine_thresholds import calibrate_thresholds, measure_sparsity
 
     rows = []
@@ -543,11 +543,14 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None) -
             eng.clear_thresholds()
             dense = speed(b, False)
             cross = crossovers(eng, b) if not SMOKE else {}
+            picks = ({op: {s: t.choice(s) for s in (0.25, 0.4, 0.5, 0.65, 0.8, 0.9)}
+                      for op, t in op_times(eng, b).items()} if not SMOKE else {})
             log(f"  b{b} dense: {dense:.1f} tok/s ({eng.last_step_ms:.2f} ms/step); crossovers measured by the "
-                f"engine (skipped-row fraction under which an op runs on cuBLAS): {cross}")
+                f"engine (skipped-row fraction under which an op runs on cuBLAS): {cross}; its kernel per op and "
+                f"skip: {picks}")
             rows.append({**meta, "kind": "decode", "model": name, "method": "dense", "sparsity": 0.0, "batch": b,
                          "dtype": "bf16", "tok_s": round(dense, 1), "tok_s_dense": round(dense, 1), "speedup": 1.0,
-                         "layers": cfg.n_layers, "crossovers": cross})
+                         "layers": cfg.n_layers, "crossovers": cross, "kernel_choice": picks})
             for method, union, targets in DECODE_PLAN[(name, b)]:
                 for s in targets:
                     if clock.left() < 25:

@@ -1,16 +1,19 @@
-"""Where each sparse op of the engine starts to beat cuBLAS, measured on the GPU it runs on.
+"""Which implementation runs each op of the engine, measured on the GPU it runs on.
 
-The kernels' fixed costs (launch, selection, split-K reduction) against the GPU's memory speed set the
-skipped-row fraction under which an op is slower than cuBLAS. It differs by GPU (an H200's faster memory
-leaves less time to hide those costs than an H100's) and by shape, so it is measured, not tabled: per op
-and batch, the sparse op over several layers' weights at a few skipped-row fractions and the dense op the
-engine would run instead (norm and silu·mul launches included), both timed as CUDA-graph replays; the
-crossover is where the speedup crosses 1. Cached per (device name, shapes, dtype, batch) for the process.
+The kernels' fixed costs (launches, selection, split-K reduction) against the GPU's memory speed decide, per
+op, which of cuBLAS, the one-shot tiles and the gather walk is fastest at a given fraction of skipped weight
+rows. They differ by GPU (an H200's faster memory leaves less time to hide those costs than an H100's) and by
+shape, so they are measured, not tabled: per op and batch, each sparse kernel that can run the batch over
+several layers' weights at a few skipped-row fractions, and the dense op the engine would run instead (norm
+and silu·mul launches included), all timed as CUDA-graph replays. `OpTimes.choice` interpolates those times
+at an op's expected skip and takes the least; the crossover is where the best kernel's speedup over cuBLAS
+crosses 1. Cached per (device name, shapes, dtype, batch) for the process.
 """
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,8 +22,40 @@ import torch.nn.functional as F
 LEVELS = (0.0, 0.25, 0.4, 0.55, 0.7, 0.85)  # skipped-row fractions the speedup line is sampled at
 MAX_LAYERS = 8  # weight sets rotated per timing: several times the L2, so nothing is served from it
 OPS = ("qkv", "o", "gu", "down")
+KERNELS = ("oneshot", "gather")  # the sparse kernels the engine chooses among (the masked walk never wins at b ≤ 4)
 
-_cache: dict[tuple, dict[str, float]] = {}
+_cache: dict[tuple, dict[str, "OpTimes"]] = {}
+
+
+@dataclass(frozen=True)
+class OpTimes:
+    """One op's measured times (ms, over the timed layers): dense, and each kernel at each skipped-row level."""
+
+    dense_ms: float
+    levels: tuple[float, ...]
+    kernel_ms: dict[str, tuple[float, ...]]
+
+    def at(self, kernel: str, s: float) -> float:
+        """The kernel's time at skipped-row fraction s, linearly interpolated between the levels (clamped)."""
+        ts = self.kernel_ms[kernel]
+        if s <= self.levels[0]:
+            return ts[0]
+        for (s0, t0), (s1, t1) in zip(zip(self.levels, ts), zip(self.levels[1:], ts[1:])):
+            if s <= s1:
+                return t0 + (s - s0) * (t1 - t0) / (s1 - s0)
+        return ts[-1]
+
+    def choice(self, s: float) -> str:
+        """The fastest at skipped-row fraction s: "dense" (cuBLAS) or a kernel's name."""
+        best = min(self.kernel_ms, key=lambda k: self.at(k, s), default=None)
+        return "dense" if best is None or self.dense_ms <= self.at(best, s) else best
+
+    def crossover(self) -> float:
+        """Skipped-row fraction under which even the best kernel is slower than cuBLAS."""
+        if not self.kernel_ms:
+            return 1.0
+        return crossing([(s, self.dense_ms / min(ts[i] for ts in self.kernel_ms.values()))
+                         for i, s in enumerate(self.levels)])
 
 
 def graph_ms(fn: Callable[[], None], reps: int = 5, warmup: int = 1) -> float:
@@ -76,8 +111,11 @@ def crossing(points: list[tuple[float, float]]) -> float:
 
 
 @torch.no_grad()
-def measure(engine, batch: int) -> dict[str, float]:
-    """Return {op: skipped-row fraction under which the sparse op is slower than cuBLAS} at this batch."""
+def measure(engine, batch: int) -> dict[str, OpTimes]:
+    """Return {op: its OpTimes} at this batch: cuBLAS and every kernel of KERNELS that runs the batch."""
+    from actsparse.kernels import configs
+
+    kernels = [k for k in KERNELS if not configs.why_not(k, batch, False, False, False)]
     cfg, ops, eps = engine.cfg, engine.ops, engine.cfg.rms_eps
     q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
     layers = engine.w.layers[:MAX_LAYERS]
@@ -102,37 +140,46 @@ def measure(engine, batch: int) -> dict[str, float]:
         else:
             engine._linear(h, lw.wd, lw.wd_t, res=x)
 
-    def sparse(op: str, lw, s: float) -> Callable[[], None]:
+    def sparse(op: str, lw, s: float, impl: str) -> Callable[[], None]:
         dev = engine.device
         if op in ("qkv", "gu"):
             norm = lw.attn_norm if op == "qkv" else lw.mlp_norm
             t = union_threshold(ops.rmsnorm(x, norm, eps), s)
             if op == "qkv":
                 th = torch.full((3,), t, device=dev)
-                return lambda: ops.sparse_gemv(x, lw.wqkv_t, th, norm_weight=norm, eps=eps, segments=(q, q + kv))
+                return lambda: ops.sparse_gemv(x, lw.wqkv_t, th, norm_weight=norm, eps=eps, segments=(q, q + kv),
+                                               impl=impl)
             th = torch.full((2,), t, device=dev)
-            return lambda: ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=norm, eps=eps)
+            return lambda: ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=norm, eps=eps, impl=impl)
         inp, wt = (a, lw.wo_t) if op == "o" else (h, lw.wd_t)
         th = torch.full((1,), union_threshold(inp, s), device=dev)
-        return lambda: ops.sparse_gemv(inp, wt, th, residual=x)
+        return lambda: ops.sparse_gemv(inp, wt, th, residual=x, impl=impl)
 
     out = {}
     for op in OPS:
         t_dense = graph_ms(lambda: [dense(op, lw) for lw in layers])
-        pts = []
-        for s in LEVELS:
-            calls = [sparse(op, lw, s) for lw in layers]
-            pts.append((s, t_dense / graph_ms(lambda: [c() for c in calls])))
-        out[op] = crossing(pts)
+        times = {}
+        for impl in kernels:
+            ts = []
+            for s in LEVELS:
+                calls = [sparse(op, lw, s, impl) for lw in layers]
+                ts.append(graph_ms(lambda: [c() for c in calls]))
+            times[impl] = tuple(ts)
+        out[op] = OpTimes(t_dense, LEVELS, times)
     return out
 
 
-def crossovers(engine, batch: int) -> dict[str, float]:
+def op_times(engine, batch: int) -> dict[str, OpTimes]:
     """`measure`, once per (device name, model shapes, dtype, batch) in this process."""
     key = (torch.cuda.get_device_name(engine.device), engine.cfg, engine.dtype, batch)
     if key not in _cache:
         if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the engine measures its cuBLAS crossovers before capturing a decode graph; "
+            raise RuntimeError("the engine measures its kernels against cuBLAS before capturing a decode graph; "
                                "call Engine.decode (or forward_step) once outside a capture first")
         _cache[key] = measure(engine, batch)
     return _cache[key]
+
+
+def crossovers(engine, batch: int) -> dict[str, float]:
+    """{op: skipped-row fraction under which the op runs on cuBLAS} at this batch (from `op_times`)."""
+    return {op: t.crossover() for op, t in op_times(engine, batch).items()}

@@ -5,9 +5,9 @@ The hot path is `Engine._block`: per decoder block, dense runs
     cuBLAS gate|up → silu·mul → cuBLAS down (+res)                                    (8 launches)
 and sparse runs the kernels with thresholds, norms and residuals fused:
     sparse q|k|v (norm fused) → attention → sparse o (+res) → sparse gate/up (norm, silu·mul fused)
-    → sparse down (+res)                  (9 launches: each sparse op is a compaction pass and a walk)
-and each op whose expected skipped rows are under its crossover, measured on the GPU at hand
-(`crossover.py`), runs the dense way instead.
+    → sparse down (+res)      (5 launches with the one-shot tiles; the gather walk adds a compaction pass)
+and each op runs whichever of cuBLAS, the one-shot tiles and the gather walk is fastest at its expected
+skipped rows, as measured on the GPU at hand (`crossover.py`).
 CATS layers replace the gate/up launch by gate (silu fused) + up rows gathered by |silu(gate)| > t.
 
 Plans are data: `set_plan(EnginePlan)` (plan.py: per layer and role q k v o gate up down, plus `gate_act`
@@ -28,10 +28,17 @@ import torch.nn.functional as F
 from actsparse.kernels import ref as kref
 
 from .config import LlamaConfig
-from .crossover import crossovers
+from .crossover import op_times
 from .plan import EnginePlan, Threshold
 from .weights import Weights, random_weights, weights_from_hf
 
+
+
+def _any_impl(ref_fn: Callable) -> Callable:
+    """A reference that takes (and ignores) the kernels' `impl` argument: it is one implementation."""
+    def call(*args, impl: str = "auto", **kw):
+        return ref_fn(*args, **kw)
+    return call
 
 
 class _TorchOps:
@@ -39,8 +46,8 @@ class _TorchOps:
 
     rmsnorm = staticmethod(kref.hf_rmsnorm_ref)
     silu_mul = staticmethod(kref.silu_mul_ref)
-    sparse_gemv = staticmethod(kref.sparse_gemv_ref)
-    sparse_gated_mlp = staticmethod(kref.sparse_gated_mlp_ref)
+    sparse_gemv = staticmethod(_any_impl(kref.sparse_gemv_ref))
+    sparse_gated_mlp = staticmethod(_any_impl(kref.sparse_gated_mlp_ref))
     cats_up = staticmethod(kref.cats_up_ref)
     decode_attention = staticmethod(kref.decode_attention_ref)
 
@@ -93,10 +100,11 @@ class Engine:
 
     fallback_below: an op (qkv, o, gu, down) whose expected skipped-row fraction is under this
     level runs on cuBLAS instead, where the kernels lose; below it cuBLAS computes W·x exactly (a
-    shift cancels out). A float for every op, a dict per op, or {batch: {op: level}} per batch
-    (the smallest batch key ≥ the batch applies). None: with the Triton kernels on a GPU, the levels
-    are measured on that GPU at this model's shapes, once per batch (`crossover.crossovers`), so no op
-    runs slower than cuBLAS would; otherwise 0.
+    shift cancels out), above it the kernels' `impl="auto"` runs. A float for every op, a dict per op,
+    or {batch: {op: level}} per batch (the smallest batch key ≥ the batch applies). None: with the
+    Triton kernels on a GPU, cuBLAS and each sparse kernel are timed on that GPU at this model's shapes,
+    once per batch (`crossover.op_times`), and every op runs whichever is fastest at its expected skip;
+    otherwise 0.
     """
 
     def __init__(self, cfg: LlamaConfig, weights: Weights, *, max_batch: int = 4, max_seq_len: int = 512,
@@ -235,16 +243,21 @@ class Engine:
             return torch.stack([t.reshape(()) for t in ts])
         return torch.stack([t.reshape(-1).expand(k) for t in ts]).contiguous()
 
-    def _dense(self, rule: _OpRule, op: str, b: int) -> bool:
-        """Whether op runs on cuBLAS at batch b: its expected skipped rows are under the crossover."""
+    def _choose(self, rule: _OpRule, op: str, b: int) -> str:
+        """What runs op at batch b: "dense" (cuBLAS) or the sparse kernel to ask for ("auto" where the levels
+        are given rather than measured)."""
         fb = self.fallback_below
         if fb == "measured":
-            fb = crossovers(self, b)
+            return op_times(self, b)[op].choice(rule.expected)
         if isinstance(fb, dict) and fb and all(isinstance(k, int) for k in fb):
             keys = sorted(fb)
             fb = next((fb[k] for k in keys if b <= k), fb[keys[-1]])
         level = fb.get(op, 0.0) if isinstance(fb, dict) else float(fb)
-        return rule.expected < level
+        return "dense" if rule.expected < level else "auto"
+
+    def _dense(self, rule: _OpRule, op: str, b: int) -> bool:
+        """Whether op runs on cuBLAS at batch b."""
+        return self._choose(rule, op, b) == "dense"
 
     def _cats(self, r: Optional[_LayerRule], b: int) -> bool:
         """Whether a layer runs CATS at batch b: only where the up rows it skips pay for its extra launch (the
@@ -270,19 +283,21 @@ class Engine:
 
         if record is not None:
             record(i, "qkv", ops.rmsnorm(x, lw.attn_norm, eps))
-        if r is None or self._dense(r.qkv, "qkv", b):
+        impl = "dense" if r is None else self._choose(r.qkv, "qkv", b)
+        if impl == "dense":
             qkv = self._linear(ops.rmsnorm(x, lw.attn_norm, eps), lw.wqkv, lw.wqkv_t)  # [B, Nq + 2Nkv]
         else:
             qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
-                                  norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv))
+                                  norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), impl=impl)
         a = ops.decode_attention(qkv, kc, vc, pos, self.w.inv_freq, cfg.n_heads, cfg.n_kv_heads,
                                  rope_scale=self.w.rope_scale)  # [B, Nq]
         if record is not None:
             record(i, "o", a)
-        if r is None or self._dense(r.o, "o", b):
+        impl = "dense" if r is None else self._choose(r.o, "o", b)
+        if impl == "dense":
             x = self._linear(a, lw.wo, lw.wo_t, res=x)
         else:
-            x = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=x)
+            x = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=x, impl=impl)
 
         if record is not None:
             xn = ops.rmsnorm(x, lw.mlp_norm, eps)
@@ -300,7 +315,7 @@ class Engine:
                                      bias=None if g.bias is None else g.bias[0], norm_weight=lw.mlp_norm, eps=eps,
                                      act="silu")  # [B, I] = silu(gate)
             h = ops.cats_up(x, lw.wu, ag, r.gate_act, norm_weight=lw.mlp_norm, eps=eps)
-        elif r is None or self._dense(r.gu, "gu", b):
+        elif r is None or (impl := self._choose(r.gu, "gu", b)) == "dense":
             xn = ops.rmsnorm(x, lw.mlp_norm, eps)
             if lw.w13 is not None:
                 h = ops.silu_mul(xn @ lw.w13.t())  # [B, 2I] -> [B, I]
@@ -308,13 +323,15 @@ class Engine:
                 h = F.silu(xn @ lw.wg_t) * (xn @ lw.wu_t)
         else:
             h = ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,
-                                     norm_weight=lw.mlp_norm, eps=eps)  # [B, I]
+                                     norm_weight=lw.mlp_norm, eps=eps, impl=impl)  # [B, I]
         if record is not None:
             record(i, "down", h)
         # A CATS plan's down rows are the zeros of h that cats_up writes: none when CATS fell back to dense.
-        if r is None or self._dense(r.down, "down", b) or (r.gate_act is not None and not cats):
+        impl = "dense" if r is None or (r.gate_act is not None and not cats) else self._choose(r.down, "down", b)
+        if impl == "dense":
             return self._linear(h, lw.wd, lw.wd_t, res=x)
-        return ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=x)
+        return ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=x,
+                               impl=impl)
 
     def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, sparse: Optional[bool] = None,
                      record: Optional[Callable[[int, str, torch.Tensor], None]] = None) -> torch.Tensor:
@@ -354,7 +371,7 @@ class Engine:
             return self._graphs[key]
         st = self._new_state(b)
         if sparse and self.fallback_below == "measured":
-            crossovers(self, b)  # measured now: never inside the capture below
+            op_times(self, b)  # measured now: never inside the capture below
         if self.use_graphs:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())

@@ -1,10 +1,11 @@
-"""The engine's cuBLAS crossovers: the interpolation, the thresholds it measures at, and the measurement on a GPU."""
+"""The engine's choice among cuBLAS and the sparse kernels: the interpolation, the thresholds it measures at, and
+the measurement on a GPU."""
 
 import pytest
 import torch
 
 from actsparse.engine import TINY, Engine
-from actsparse.engine.crossover import LEVELS, OPS, crossing, crossovers, union_threshold
+from actsparse.engine.crossover import LEVELS, OPS, OpTimes, crossing, crossovers, op_times, union_threshold
 from benchmarks.engine_thresholds import calibrate_thresholds
 
 
@@ -14,6 +15,19 @@ def test_crossing_interpolates_where_the_speedup_reaches_one():
     assert crossing([(0.0, 1.05), (0.5, 2.0)]) == 0.0  # wins everywhere: never cuBLAS
     assert crossing([(0.0, 0.3), (0.85, 0.9)]) == 1.0  # never wins: always cuBLAS
     assert crossing([]) == 0.0
+
+
+def test_op_times_choose_the_fastest_at_the_expected_skip():
+    # dense 10 ms; oneshot 12 -> 6 (flat fixed cost), gather 14 -> 2 (work proportional to the kept rows)
+    t = OpTimes(10.0, (0.0, 0.5, 1.0), {"oneshot": (12.0, 8.0, 6.0), "gather": (14.0, 8.0, 2.0)})
+    assert t.at("gather", 0.25) == pytest.approx(11.0) and t.at("oneshot", 0.75) == pytest.approx(7.0)
+    assert t.at("gather", -1.0) == 14.0 and t.at("gather", 2.0) == 2.0  # clamped to the measured range
+    assert t.choice(0.0) == "dense"  # 10 < 12
+    assert t.choice(0.4) == "oneshot"  # dense 10, oneshot 8.8, gather 9.2
+    assert t.choice(0.8) == "gather"  # oneshot 6.8, gather 4.4
+    # the best kernel's speedup line: 10/12 at 0, 10/8 at 0.5, so it crosses 1 at 0.5 * (1 - 10/12) / (10/8 - 10/12)
+    assert t.crossover() == pytest.approx(0.2, abs=1e-3)
+    assert OpTimes(1.0, (0.0,), {}).choice(0.5) == "dense" and OpTimes(1.0, (0.0,), {}).crossover() == 1.0
 
 
 @pytest.mark.parametrize("s", [0.25, 0.5, 0.8])
@@ -43,6 +57,9 @@ def test_gpu_measured_crossovers_are_levels_and_cached(batch):
     got = crossovers(eng, batch)
     assert set(got) == set(OPS)
     assert all(v == 0.0 or v == 1.0 or LEVELS[0] <= v <= LEVELS[-1] for v in got.values())
-    assert crossovers(eng, batch) is got
+    times = op_times(eng, batch)
+    assert op_times(eng, batch) is times  # measured once
+    assert all(set(t.kernel_ms) == {"oneshot", "gather"} and len(t.kernel_ms["gather"]) == len(LEVELS)
+               for t in times.values())
     calibrate_thresholds(eng, 0.5, n_tokens=4, batch=batch)
     assert eng.decode(None, 4, batch=batch) > 0
