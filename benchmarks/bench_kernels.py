@@ -361,6 +361,7 @@ def tune_oneshot(lay: Layers, clock: Clock, batches=(1, 4), weights: dict | None
                   "oneshot", 0.4)
 
 
+CONFIG_CLASSES = {"masked": MaskedConfig, "gather": GatherConfig, "oneshot": OneshotConfig}
 # kernel -> (its sweep, the configs table its winners go to, its command-line flag)
 TUNERS = {"masked": (tune_masked, "TUNED_MASKED", "tune"), "gather": (tune_gather, "TUNED_GATHER", "tune_gather"),
           "oneshot": (tune_oneshot, "TUNED_ONESHOT", "tune_oneshot")}
@@ -678,6 +679,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep masked-walk launch configs first and use the winners")
     ap.add_argument("--tune-gather", action="store_true", help="sweep gather-walk launch configs first, use the winners")
     ap.add_argument("--tune-oneshot", action="store_true", help="sweep the one-shot tiles' configs first, use the winners")
+    ap.add_argument("--load-tuned", type=pathlib.Path, help="an earlier run's tuned.json: use its winners (no sweep)")
     ap.add_argument("--impls", default="masked,gather,oneshot", help="kernels timed side by side (default: %(default)s)")
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
                     help="weight of each sparsity in the tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
@@ -694,6 +696,13 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.note)
         return
+    if args.load_tuned:
+        for impl, got in json.loads(args.load_tuned.read_text()).items():
+            cls, table = CONFIG_CLASSES[impl], getattr(configs, TUNERS[impl][1])
+            for key, cfg in got["best"].items():
+                kind, k, n, b = key.split("|")
+                table[(kind, int(k), int(n), int(b))] = cls(**cfg)
+        log(f"tuned configs from {args.load_tuned}: {configs.TUNED_ONESHOT} {configs.TUNED_GATHER}")
     if args.masked_tiles:
         FMA_GRID[1] = [tuple(int(v) for v in t.split(",")) for t in args.masked_tiles.split(";") if t]
     clock = Clock(args.budget_s)

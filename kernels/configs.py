@@ -1,16 +1,22 @@
 """Which sparse-GEMV kernel runs a launch, and with which launch configuration.
 
-Two implementations (BENCHMARKS.md has their measured times side by side):
+Three implementations (BENCHMARKS.md has their measured times side by side):
 
+- **oneshot** (`oneshot_gemv.py`, `OneshotConfig`): one program per [rows × columns] weight tile, masked row
+  loads, fp32 atomic sums; TEAL's design with no zeroing launch. A flat fixed cost and a full memory pipe at any
+  sparsity: the fastest at the sparsities that keep quality. Batches 1 to 16, weights [K, N], input selected
+  inside the op.
 - **gather** (`gather_gemv.py`, `GatherConfig`): a compaction pass lists each K slice's kept input channels,
-  then a walk gathers only those weight rows: work proportional to the active rows. Batches 1 to 4, weights
-  [K, N], input selected by thresholds (or N:M) inside the op. The fastest kernel on every op measured, batch 1
-  and 4, so `impl="auto"` runs it wherever it can.
+  then a walk gathers only those weight rows: work proportional to the active rows, so it wins at high
+  sparsity. Batches 1 to 4, same conditions.
 - **masked** (`masked_gemv.py`, `MaskedConfig`): a split-K walk over every K chunk whose masked row loads skip
   the unselected rows. Any batch, packed weights (`pack_weight`), an input that arrives already selected
-  (`thresh=None`) and an output written selected for the next op (`out_thresh`): everything gather cannot run.
+  (`thresh=None`) and an output written selected for the next op (`out_thresh`): everything the others cannot.
 
-`choose_impl` is the dispatcher; `override_config` forces one configuration (tests, the tuning sweep).
+`choose_impl` is the dispatcher: a named kernel, or with `impl="auto"` the kernel `PREFERRED` names for the op
+(measured), else gather, else masked. The decode engine names the kernel per op itself, from times it measures
+on the GPU at hand at the op's expected skip (`actsparse/engine/crossover.py`). `override_config` forces one
+configuration (tests, the tuning sweep).
 """
 
 from __future__ import annotations
