@@ -406,6 +406,8 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
                                  "batch": b, "dtype": dtype_name,
                                  "us_per_block" if k == "block" else "us": round(t[k], 2),
                                  "max_rel_err": errs.get(k, max(errs.values()))})
+        if "oneshot" in impls and b == 1:
+            rows += prenormed_bench(lay, inp, clock, meta, dtype_name)
         common = [s for s in SPARSITIES if impls and all(s in side[i] for i in impls)]
         if common:
             # Per op, the kernel with the least summed time over the sparsities that keep quality (0.25-0.5):
@@ -439,6 +441,30 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
                 rows.append({**meta, "kind": "kernel", "method": "actsparse", "op": k, "sparsity": s, "batch": b,
                              "dtype": dtype_name, "us": round(t[k], 2), "us_cublas": round(cub[k], 2),
                              "speedup": round(cub[k] / t[k], 3)})
+    return rows
+
+
+def prenormed_bench(lay: Layers, inp: Inputs, clock: Clock, meta: dict, dtype_name: str) -> list[dict]:
+    """What the fused RMSNorm costs the one-shot tiles: q|k|v and gate|up fed the normalised x (no norm in the
+    op, as TEAL's kernel is fed), against the fused op's rows (method "actsparse-oneshot")."""
+    rows = []
+    xn = inp.xn.to(lay.dtype)
+    for s in SPARSITIES:
+        if clock.left(0.6) < 0:
+            break
+        th = inp.thresholds(s)
+
+        def qkv():
+            for st in lay.sets:
+                sparse_gemv(xn, st["wqkv_t"], th["qkv"], segments=(D, D + KV), impl="oneshot")
+
+        def pair():
+            for st in lay.sets:
+                sparse_gated_mlp(xn, st["wg_t"], st["wu_t"], th["pair"], impl="oneshot")
+        t = {"qkv": time_graph(qkv) * 1e3 / lay.n, "pair": time_graph(pair) * 1e3 / lay.n}
+        log(f"  oneshot fed normalised x s={s:.2f}: " + " ".join(f"{k}={v:.1f}" for k, v in t.items()))
+        rows += [{**meta, "kind": "kernel", "method": "oneshot-prenormed", "op": k, "sparsity": s, "batch": 1,
+                  "dtype": dtype_name, "us": round(v, 2)} for k, v in t.items()]
     return rows
 
 
