@@ -25,6 +25,7 @@ from .affinity import Failure
 from .cells import Cell, target_notes, validate_cells
 from .compose import Grid
 from .dag import SweepDag, build_dag
+from .placement import place
 
 # skipped: the cell already had a FINISHED run; merged: a grid point that repeats another point's cell
 # (dense at several sparsities), reported once under the first point
@@ -71,7 +72,8 @@ class Outcome:
 
 
 def plan_sweep(grid: Grid) -> tuple[list[Cell], SweepDag, dict]:
-    """Validate every grid point and build the DAG; return (cells, dag, the sweep-wide settings)."""
+    """Validate every grid point, size each cell's GPUs and build the DAG; return (cells, dag, the sweep-wide
+    settings, with `placement`: placement.Placement)."""
     if not grid.points:
         raise ActsparseError("the grid is empty")
     cells = validate_cells(grid.points)
@@ -82,7 +84,13 @@ def plan_sweep(grid: Grid) -> tuple[list[Cell], SweepDag, dict]:
                 raise ActsparseError(f"{k}.* must be the same for every cell of a sweep (it is not sweepable); "
                                      f"cell {' '.join(c.overrides)} differs from the first cell")
     check_launcher(shared["launcher"])
+    shared["placement"] = place(cells, shared["launcher"], shared["ray"])   # refuses a cell no node holds
     return cells, build_dag(cells), shared
+
+
+def worker_launcher(shared: dict) -> dict:
+    """The launcher settings the scheduler reads: launcher.*, ray.*, and the GPUs of each model's workers."""
+    return dict(shared["launcher"], ray=shared["ray"], model_gpus=shared["placement"].model_gpus)
 
 
 def check_launcher(launcher: dict) -> None:
@@ -119,7 +127,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     console = console or Console(soft_wrap=True)
     cells, dag, shared = plan_sweep(grid)            # raises on bad input: nothing opened or started yet
     faults = fault_hook.from_env()
-    tr, launcher = shared["tracking"], dict(shared["launcher"], ray=shared["ray"])
+    tr, launcher = shared["tracking"], worker_launcher(shared)
     sweep_id = f"{grid.name}-{dag.sweep_key}"
     tracker = Tracker(tr["uri"], tr["experiment"], tr["artifact_location"])
     done = tracker.finished_cells()
@@ -132,7 +140,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     console.print(f"[bold]sweep {sweep_id}[/]: {len(cells)} grid points, {len(dag.cells)} unique cells "
                   f"({len(dag.duplicates)} grid points merged: they repeat a cell), {len(dag.cells) - len(todo)} "
                   f"already finished; to run: {len(sub.cells)} cells{to_compute(sub, launcher['store'])}")
-    for note in target_notes(cells):
+    for note in [*target_notes(cells), *shared["placement"].notes]:
         console.print(f"[yellow]{escape(note)}[/]")
     parent = start_parent(out, tracker, launcher, console, bool(todo), grid.name,
                           params={"name": grid.name, "overrides": grid.overrides, "grid": grid.sweep_params,

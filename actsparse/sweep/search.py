@@ -213,7 +213,7 @@ def run_search(grid: Grid, spec: SearchSpec, console=None, prepared: tuple[list[
     console = console or Console(soft_wrap=True)
     groups, shared = prepared or prepare_search(grid, spec)   # raises on bad input: nothing opened or started yet
     faults = fault_hook.from_env()
-    tr, launcher = shared["tracking"], dict(shared["launcher"], ray=shared["ray"])
+    tr, launcher = shared["tracking"], R.worker_launcher(shared)
     sweep_id = f"search-{grid.name}-{content_key(sorted(g.key for g in groups), spec.text, spec.tol, spec.max_sparsity)[:8]}"
     tracker = Tracker(tr["uri"], tr["experiment"], tr["artifact_location"])
     console.print(f"[bold]search {sweep_id}[/]: {len(groups)} model × method group(s), budget "
