@@ -254,16 +254,17 @@ def write_report(out: Outcome, shared: dict, console, budgets: dict | None = Non
 
 
 def run_dag(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent: str, sweep_id: str, by_key: dict,
-            console, extra_tags=None, pool=None) -> dict:
+            console, extra_tags=None, pool=None, verdict=None) -> dict:
     """Run the DAG (affinity.AffinityScheduler), logging each cell as it completes; return the node results.
 
     extra_tags(cell, result or None) adds tags to a cell's child run (a search tags its probes); pool (an
-    affinity.WorkerPool) keeps the model workers for the caller's next DAG instead of closing them.
+    affinity.WorkerPool) keeps the model workers for the caller's next DAG instead of closing them;
+    verdict(cell, result) -> (ok, why) marks a finished cell's console line (a search: within its budget or not).
     """
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from ..eval.measures import cell_line, measures
+    from ..eval.measures import measures
     from ..tracking.child_runs import log_failed, log_finished
     from .affinity import AffinityScheduler
 
@@ -282,8 +283,7 @@ def run_dag(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent:
                 rid = log_finished(tracker, parent, sweep_id, cell, result,
                                    extra_tags(cell, result) if extra_tags else {})
                 by_key[cell.key] = {"status": FINISHED, "run_id": rid}
-                prog.console.print(f"[green]✓[/] {escape(cell.label)}  {escape(cell_line(result))}  "
-                                   f"[dim]\\[{cell.key}][/]")
+                prog.console.print(finished_line(cell, result, verdict))
                 for m in measures().values():   # a measure's detail under the line (lm-eval: per-task table)
                     if m.key in result and (t := m.details(result[m.key], result.get("dense", {}).get(m.key))):
                         prog.console.print(t, soft_wrap=False)
@@ -292,3 +292,18 @@ def run_dag(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent:
         sched = AffinityScheduler(dag, launcher, store, faults, record, pool)
         sched.run()
         return {"results": sched.results, "actors": sched.actors_started, "actor_deaths": sched.actor_deaths}
+
+
+def finished_line(cell: Cell, result: dict, verdict=None) -> str:
+    """A finished cell's console line (rich markup): ✓ and its measures' figures, or, under a verdict (see run_dag),
+    ✓ when it holds and ✗ when it does not, with why."""
+    from rich.markup import escape
+
+    from ..eval.measures import cell_line
+
+    mark, why = "[green]✓[/]", ""
+    if verdict is not None:
+        ok, text = verdict(cell, result)
+        color = "green" if ok else "yellow"
+        mark, why = f"[{color}]{'✓' if ok else '✗'}[/]", f"  [{color}]{escape(text)}[/]"
+    return f"{mark} {escape(cell.label)}  {escape(cell_line(result))}{why}  [dim]\\[{cell.key}][/]"
