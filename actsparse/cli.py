@@ -146,7 +146,7 @@ def cmd_sweep(argv: list[str]) -> int:
         from .sweep.cells import target_notes
         from .sweep.runner import plan_sweep
 
-        cells, dag, shared = plan_sweep(grid)
+        cells, dag, shared = plan_sweep(grid, estimate_all=True)
         print(*target_notes(cells), sep="\n") if target_notes(cells) else None
         print(f"{len(cells)} grid points -> {len(dag.cells)} cells, {len(dag.stats)} calibrations, "
               f"{len(dag.plans)} plans, {len(dag.dense)} dense evaluations")

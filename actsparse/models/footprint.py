@@ -1,7 +1,8 @@
 """A model's memory from its config alone: what its weights take at a dtype, and what calibration, evaluation and
-the decode-speed measure add on top. Nothing is loaded: the parameters are counted on the meta device.
+the decode-speed measure add on top. Nothing is loaded and nothing allocated.
 
-Every figure is an upper bound of the peak a stage reaches on the device that holds the model (bytes):
+Llama and Mistral are counted by formula, other families on the meta device. Every figure is an upper bound
+of the peak a stage reaches on the device that holds the model (bytes):
 
     weights      = parameters × bytes of the dtype
     activations  = B·T·b·(2·hidden + 3·inter)          residual stream + normed input; gate, up, act(gate)·up
@@ -70,7 +71,35 @@ def size(n: float) -> str:
 
 
 def model_shape(path: str, local: bool = True) -> ModelShape:
-    """The shape of the model whose config is at `path` (a local folder, or a hub id when not local)."""
+    """The shape of the model whose config is at `path` (a local folder, or a hub id when not local).
+
+    Llama and Mistral configs are counted by their formula (no transformers import: a sweep's dry run stays
+    quick); any other family is built on the meta device and its parameters counted."""
+    f = Path(path) / "config.json"
+    if local and f.exists():
+        cfg = json.loads(f.read_text())
+        if cfg.get("model_type") in _FORMULA:
+            return _llama_shape(cfg)
+    return _meta_shape(path, local)
+
+
+_FORMULA = ("llama", "mistral")
+
+
+def _llama_shape(c: dict) -> ModelShape:
+    """A Llama/Mistral decoder's shape: q, k, v, o, gate, up, down per layer, two norms, embeddings, LM head."""
+    h, i, layers, nh, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], \
+        c["num_attention_heads"], c["vocab_size"]
+    kv, hd = c.get("num_key_value_heads") or nh, c.get("head_dim") or h // nh
+    linear = h * nh * hd + 2 * h * kv * hd + nh * hd * h + 3 * h * i
+    bias = (nh * hd + 2 * kv * hd + h if c.get("attention_bias") else 0) + (2 * i + h if c.get("mlp_bias") else 0)
+    embeddings = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
+    return ModelShape(params=layers * (linear + bias + 2 * h) + embeddings + h, linear_params=layers * linear,
+                      layers=layers, hidden=h, inter=i, heads=nh, kv_heads=kv, head_dim=hd, vocab=vocab,
+                      dtype=str(c.get("dtype") or c.get("torch_dtype") or "float32"))
+
+
+def _meta_shape(path: str, local: bool) -> ModelShape:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -81,24 +110,21 @@ def model_shape(path: str, local: bool = True) -> ModelShape:
     with torch.device("meta"):        # shapes only: no memory, no initialisation
         model = auto.from_config(cfg)
     head = model.get_output_embeddings()
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    # nn.Linear, and GPT-2's Conv1D (weight [in, out], `nx` inputs)
+    linears = {m: getattr(m, "in_features", None) or m.nx for m in model.modules()
+               if m is not head and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")}
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     heads = int(getattr(text, "num_attention_heads", 0) or 0)
     hidden = int(getattr(text, "hidden_size", 0) or 0)
-    dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or _json_dtype(path, local)
+    dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
     return ModelShape(params=sum(p.numel() for p in model.parameters()),
                       linear_params=sum(m.weight.numel() for m in linears),
                       layers=int(getattr(text, "num_hidden_layers", 0) or 0), hidden=hidden,
-                      inter=max((m.in_features for m in linears), default=hidden),
+                      inter=max(linears.values(), default=hidden),
                       heads=heads, kv_heads=int(getattr(text, "num_key_value_heads", 0) or heads),
                       head_dim=int(getattr(text, "head_dim", 0) or (hidden // heads if heads else 0)),
                       vocab=int(getattr(text, "vocab_size", 0) or 0),
                       dtype=str(dtype or "float32").replace("torch.", ""))
-
-
-def _json_dtype(path: str, local: bool) -> str | None:
-    f = Path(path) / "config.json"
-    return json.loads(f.read_text()).get("torch_dtype") if local and f.exists() else None
 
 
 def load_dtype(dtype: str, shape: ModelShape, on_gpu: bool) -> str:

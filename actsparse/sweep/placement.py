@@ -75,8 +75,9 @@ def gpus_per_node(ray_conf: dict) -> tuple[int | None, str]:
     return (torch.cuda.device_count() if torch.cuda.is_available() else 0), "this machine's CUDA devices"
 
 
-def place(cells: list[Cell], launcher: dict, ray_conf: dict) -> Placement:
-    """Each cell's estimate and GPU request; raise ActsparseError naming the figures when a cell fits no node."""
+def place(cells: list[Cell], launcher: dict, ray_conf: dict, every: bool = False) -> Placement:
+    """Each cell's GPU request, and the estimate of each GPU cell (every: of CPU cells too, as --dry-run prints
+    them); raise ActsparseError naming the figures when a cell fits no node."""
     check_gpus_per_cell(launcher)
     base = max(launcher["calibrate"]["num_gpus"], launcher["evaluate"]["num_gpus"])
     fixed = launcher.get("gpus_per_cell", "auto")
@@ -88,9 +89,9 @@ def place(cells: list[Cell], launcher: dict, ray_conf: dict) -> Placement:
     need: dict[str, Cell] = {}
     for c in cells:
         on_gpu = c.device.startswith("cuda") or (c.device == "auto" and base > 0)
-        est = _estimate(c, on_gpu, shapes)
+        est = _estimate(c, on_gpu, shapes) if on_gpu or every else None
         if not on_gpu:
-            g, why = base, "CPU cell"
+            g, why = base, "CPU cell"     # its memory is the machine's: no request follows from it
         elif str(fixed) != "auto":
             g, why = int(fixed), "launcher.gpus_per_cell"
             if est is not None and usable and est.peak > g * usable:

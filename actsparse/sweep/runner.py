@@ -71,9 +71,9 @@ class Outcome:
                 f"{self.count(FAILED)} failed{merged} — {where}")
 
 
-def plan_sweep(grid: Grid) -> tuple[list[Cell], SweepDag, dict]:
+def plan_sweep(grid: Grid, estimate_all: bool = False) -> tuple[list[Cell], SweepDag, dict]:
     """Validate every grid point, size each cell's GPUs and build the DAG; return (cells, dag, the sweep-wide
-    settings, with `placement`: placement.Placement)."""
+    settings, with `placement`: placement.Placement; estimate_all: CPU cells' memory estimates too)."""
     if not grid.points:
         raise ActsparseError("the grid is empty")
     cells = validate_cells(grid.points)
@@ -84,7 +84,7 @@ def plan_sweep(grid: Grid) -> tuple[list[Cell], SweepDag, dict]:
                 raise ActsparseError(f"{k}.* must be the same for every cell of a sweep (it is not sweepable); "
                                      f"cell {' '.join(c.overrides)} differs from the first cell")
     check_launcher(shared["launcher"])
-    shared["placement"] = place(cells, shared["launcher"], shared["ray"])   # refuses a cell no node holds
+    shared["placement"] = place(cells, shared["launcher"], shared["ray"], estimate_all)  # refuses a cell no node holds
     return cells, build_dag(cells), shared
 
 

@@ -34,7 +34,10 @@ def _hand_70b_bf16_peak(eval_batch=8, eval_seq=256) -> float:
 
 
 def test_70b_parameters_come_from_the_config_and_weigh_141_gb_in_bf16(llama70):
+    from actsparse.models.footprint import _meta_shape
+
     s = model_shape(str(llama70))
+    assert s == _meta_shape(str(llama70), local=True)          # the formula = what transformers would build
     assert s.params == 70_553_706_496
     assert s.linear_params == L * (H * NH * HD + 2 * H * KV * HD + NH * HD * H + 3 * H * I)
     assert (s.layers, s.hidden, s.inter, s.heads, s.kv_heads, s.head_dim, s.vocab) == (L, H, I, NH, KV, HD, V)
@@ -48,6 +51,29 @@ def test_70b_parameters_come_from_the_config_and_weigh_141_gb_in_bf16(llama70):
     # decode speed: the engine's two bf16 copies of the block linears + a KV cache of 1 x (16 + 128 + 1) positions
     sp = estimate_memory(s, "bfloat16", (4, 256, 131072), (8, 256), speed=(1, 16, 128))
     assert sp.speed == 2 * s.linear_params * 2 + 2 * L * KV * HD * 145 * 2
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("llama", {}), ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}),
+    ("mistral", {"head_dim": 24}),
+])
+def test_the_llama_formula_counts_what_transformers_builds(model_type, extra, tmp_path):
+    from transformers import AutoConfig
+
+    from actsparse.models.footprint import _meta_shape
+
+    AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, **extra).save_pretrained(tmp_path)
+    assert model_shape(str(tmp_path)) == _meta_shape(str(tmp_path), local=True)
+
+
+def test_other_families_are_counted_on_the_meta_device(tmp_path):
+    from tests.conftest import make_model
+
+    model = make_model("gpt2")
+    model.config.save_pretrained(tmp_path)
+    s = model_shape(str(tmp_path))
+    assert s.params == sum(p.numel() for p in model.parameters()) and (s.layers, s.hidden, s.inter) == (2, 64, 256)
 
 
 def test_a_small_models_count_equals_its_loaded_weights(tiny):
