@@ -96,8 +96,8 @@ def place(cells: list[Cell], launcher: dict, ray_conf: dict, every: bool = False
             g, why = int(fixed), "launcher.gpus_per_cell"
             if est is not None and usable and est.peak > g * usable:
                 pl.notes.append(f"note: {c.label} is estimated at {est.peak / 1e9:.1f} GB, more than the "
-                                f"{g * usable / 1e9:.1f} GB usable on launcher.gpus_per_cell={g} GPU(s); it may run out "
-                                "of memory (launcher.gpus_per_cell=auto sizes it)")
+                                f"{g * usable / 1e9:.1f} GB usable on launcher.gpus_per_cell={g} GPU(s); it may run "
+                                "out of memory (launcher.gpus_per_cell=auto sizes it)")
         elif est is None or usable is None:
             g = base
             why = "no estimate: the model's config could not be read" if est is None else \
@@ -159,8 +159,8 @@ def _estimate(c: Cell, on_gpu: bool, shapes: dict) -> MemoryEstimate | None:
     batches = [c.eval.batch_size, *(v["batch_size"] for n, v in c.eval.settings.items()
                                      if n != "speed" and "batch_size" in v)]
     sp = c.eval.settings.get("speed") if c.eval.has("speed") else None
-    return estimate_memory(s, load_dtype(m.dtype, s, on_gpu), (c.stats.batch_size, c.stats.seq_len, c.stats.sample_size),
-                           (max(batches), c.eval.seq_len),
+    calib = (c.stats.batch_size, c.stats.seq_len, c.stats.sample_size)
+    return estimate_memory(s, load_dtype(m.dtype, s, on_gpu), calib, (max(batches), c.eval.seq_len),
                            (sp["batch"], sp["prompt_len"], sp["n_tokens"]) if sp is not None else None)
 
 

@@ -310,7 +310,7 @@ def _passes(spec: SearchSpec, value: float, dense: float) -> bool:
 
 
 def probe_verdict(spec: SearchSpec, metrics: dict) -> tuple[bool, str]:
-    """(whether a probe's quality is within the budget, `within ppl<=1.05x (limit 23.48)` or `over ...`)."""
+    """(whether a probe's quality is within the budget, `within ppl<=1.05x (limit 23.49)` or `over ...`)."""
     v, d = _value(spec, metrics)
     ok = _passes(spec, v, d)
     return ok, f"{'within' if ok else 'over'} {spec.text} (limit {spec.quality.fmt(_threshold(spec, d, v))})"

@@ -71,13 +71,16 @@ def test_a_probe_over_its_budget_is_marked_with_a_cross_naming_the_limit(tiny_di
 
     (cell,), _, _ = plan_sweep(compose_grid([f"model={tiny_dir}", "method=teal", "sparsity=0.45"]))
     spec = parse_search("ppl<=1.05x")
-    verdict = lambda c, result: probe_verdict(spec, {"ppl": result["ppl"], "ppl_dense": result["dense"]["ppl"]})  # noqa: E731
+
+    def verdict(c, result):
+        return probe_verdict(spec, {"ppl": result["ppl"], "ppl_dense": result["dense"]["ppl"]})
+
     dense = 22.368
     for ppl, mark, word in ((25.723, "✗", "over"), (23.40, "✓", "within"), (dense * 1.05, "✓", "within")):
         line = Text.from_markup(finished_line(cell, {"ppl": ppl, "dense": {"ppl": dense}, "effective": 0.4},
                                               verdict)).plain
         assert line == (f"{mark} {cell.label}  ppl {ppl:.3f} (x{ppl / dense:.3f} dense)  effective sparsity 0.400  "
-                        f"{word} ppl<=1.05x (limit {1.05 * dense:.2f})  [{cell.key}]"), line  # the report's precision
+                        f"{word} ppl<=1.05x (limit {1.05 * dense:.2f})  [{cell.key}]"), line   # the report's digits
     plain = Text.from_markup(finished_line(cell, {"ppl": 25.723, "dense": {"ppl": dense}, "effective": 0.4})).plain
     assert plain.startswith("✓ ") and "limit" not in plain      # an ordinary sweep cell: finished is all it says
 
@@ -115,7 +118,8 @@ def test_search_converges_to_the_crossing_of_a_dense_grid(ray_cluster, workspace
     for r in probes:     # the console marks each probe by that verdict: ✓ within the budget, ✗ over it
         ok = r.data.tags["search_pass"] == "1"
         (line,) = [x for x in out.splitlines() if f"teal s={float(r.data.params['sparsity']):g}  ppl " in x]
-        assert line.startswith("✓" if ok else "✗") and f"{'within' if ok else 'over'} {budget} (limit " in line, line
+        verdict = f"{'within' if ok else 'over'} {budget} (limit "
+        assert line.startswith("✓" if ok else "✗") and verdict in line, line
     found = [r for r in probes if float(r.data.params["sparsity"]) == lo]
     assert found and found[0].data.metrics["sparsity/effective"] == pytest.approx(res["found_effective"])
 
