@@ -146,13 +146,16 @@ def cmd_sweep(argv: list[str]) -> int:
         from .sweep.cells import target_notes
         from .sweep.runner import plan_sweep
 
-        cells, dag, _ = plan_sweep(grid)
+        cells, dag, shared = plan_sweep(grid, estimate_all=True)
         print(*target_notes(cells), sep="\n") if target_notes(cells) else None
         print(f"{len(cells)} grid points -> {len(dag.cells)} cells, {len(dag.stats)} calibrations, "
               f"{len(dag.plans)} plans, {len(dag.dense)} dense evaluations")
+        placement = shared["placement"]
+        print(placement.header(), *placement.notes, sep="\n")
         for c in cells:
             dup = "" if dag.cells[c.key] is c else f"  (duplicate of #{dag.cells[c.key].index})"
             print(f"#{c.index:<3} {c.label:<40} cell {c.key}  stats {c.stats.key}  plan {c.plan.key}{dup}")
+            print(f"     {placement.line(c.key)}") if not dup else None
         return 0
     from .sweep.runner import run_sweep
 

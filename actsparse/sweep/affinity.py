@@ -7,7 +7,10 @@ needs the model, run on the actors; fits that need only the statistics run as pl
 cluster has CPUs beside the actors, else on the actors too (a CPU-only box then has no idle core).
 
 Actors are the cluster's evaluation slots: `floor(GPUs / gpus per actor)` (or CPUs when actors take no
-GPU), capped by `launcher.max_workers`, started as work appears. An actor serves one model at a time:
+GPU), capped by `launcher.max_workers`, started as work appears. An actor's GPUs are its model's
+(`launcher.model_gpus`, from the cells' memory estimates: placement.py); actors of different sizes share the
+cluster, and an idle actor whose size has no work left is ended when another size waits for its GPUs.
+An actor serves one model at a time, of its size:
 - it keeps taking its model's nodes while that model has any left (waiting for them if need be);
 - when its model is done, it moves to the next model, preferring one no actor serves yet (grid order),
   then the one with most work queued per actor; moving costs one model load (the old one is evicted,
@@ -93,6 +96,7 @@ class WorkerPool:
 @dataclass
 class _Slot:
     actor: object
+    gpus: float = 0.0               # its Ray GPU request: the size of the models it may serve
     model: str | None = None        # the model it serves now
     busy: object | None = None      # the ObjectRef in flight, if any
 
@@ -117,30 +121,38 @@ class AffinityScheduler:
         self.left = 0                                     # unfinished nodes
         self.actors_started = 0
         self.actor_deaths = 0
-        self.cap, self.fits_as_tasks = 1, False
+        self.caps: dict[float, int] = {}                  # actors the cluster holds, per actor size (GPUs)
+        self.fits_as_tasks = False
         self.remote_tasks: dict = {}                      # node kind -> its task function as a Ray remote function
 
     # -- set-up --------------------------------------------------------------------------------------------
-    def _actor_resources(self) -> dict:
+    def _actor_resources(self, model: str | None = None) -> dict:
+        """A model worker's Ray request: the larger calibrate/evaluate CPUs, and its model's GPUs."""
         cal, ev = self.launcher["calibrate"], self.launcher["evaluate"]
-        return {"num_cpus": max(cal["num_cpus"], ev["num_cpus"]), "num_gpus": max(cal["num_gpus"], ev["num_gpus"])}
+        gpus = max(cal["num_gpus"], ev["num_gpus"])
+        return {"num_cpus": max(cal["num_cpus"], ev["num_cpus"]),
+                "num_gpus": self.launcher.get("model_gpus", {}).get(model, gpus)}
 
     def _size(self) -> None:
-        """How many actors the cluster holds, and whether CPU fits fit beside them."""
+        """How many actors of each size the cluster holds, and whether CPU fits fit beside them."""
         import ray
 
-        res, want = ray.cluster_resources(), self._actor_resources()
-        by_cpu = math.floor(res.get("CPU", 0) / want["num_cpus"] + 1e-9) if want["num_cpus"] > 0 else math.inf
-        by_gpu = math.floor(res.get("GPU", 0) / want["num_gpus"] + 1e-9) if want["num_gpus"] > 0 else math.inf
-        cap = min(by_cpu, by_gpu)
-        if cap == math.inf:   # actors that ask for nothing: one per model is plenty
-            cap = len({c.plan.model.key for c in self.dag.cells.values()})
-        if self.launcher.get("max_workers"):
-            cap = min(cap, self.launcher["max_workers"])
-        self.cap = max(1, int(cap))
-        fit = self.launcher["fit"]
-        self.fits_as_tasks = (res.get("CPU", 0) - self.cap * want["num_cpus"] >= max(fit["num_cpus"], 1e-9)
-                              and res.get("GPU", 0) - self.cap * want["num_gpus"] >= fit["num_gpus"])
+        res = ray.cluster_resources()
+        models = {c.plan.model.key for c in self.dag.cells.values()}
+        fit, free_cpu, free_gpu = self.launcher["fit"], res.get("CPU", 0), res.get("GPU", 0)
+        for m in models:
+            want = self._actor_resources(m)
+            by_cpu = math.floor(res.get("CPU", 0) / want["num_cpus"] + 1e-9) if want["num_cpus"] > 0 else math.inf
+            by_gpu = math.floor(res.get("GPU", 0) / want["num_gpus"] + 1e-9) if want["num_gpus"] > 0 else math.inf
+            cap = min(by_cpu, by_gpu)
+            if cap == math.inf:   # actors that ask for nothing: one per model is plenty
+                cap = len(models)
+            if self.launcher.get("max_workers"):
+                cap = min(cap, self.launcher["max_workers"])
+            cap = self.caps[want["num_gpus"]] = max(1, int(cap))
+            free_cpu = min(free_cpu, res.get("CPU", 0) - cap * want["num_cpus"])
+            free_gpu = min(free_gpu, res.get("GPU", 0) - cap * want["num_gpus"])
+        self.fits_as_tasks = free_cpu >= max(fit["num_cpus"], 1e-9) and free_gpu >= fit["num_gpus"]
 
     def _build(self) -> None:
         d, actors = self.dag, bool(self.launcher["affinity"])
@@ -193,18 +205,45 @@ class AffinityScheduler:
             self.pool.close()
 
     def _staff(self) -> None:
-        """Start actors, up to the cap, while queued actor nodes outnumber the actors."""
+        """Per actor size, start actors up to its cap while its queued nodes outnumber its actors and the cluster
+        has room; end idle actors of a size without work when another size waits for room."""
         import ray
 
         from .tasks import ModelWorker
 
-        res = self._actor_resources()
-        while len(self.slots) < min(self.cap, sum(self.queued.values())):
-            self.actors_started += 1
-            actor = ray.remote(ModelWorker).options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
-                                                    max_restarts=0, max_task_retries=0,
-                                                    max_concurrency=1).remote(self.pool.crash_dir, self.faults)
-            self.slots.append(_Slot(actor))
+        queued, asks = defaultdict(int), {}
+        for m, q in self.queued.items():
+            if q:
+                res = self._actor_resources(m)
+                queued[res["num_gpus"]] += q
+                asks[res["num_gpus"]] = res
+        for gpus, q in sorted(queued.items(), key=lambda x: -x[1]):
+            res = asks[gpus]
+            while self._count(gpus) < min(self.caps.get(gpus, 1), q):
+                if not self._room(res):
+                    idle = [s for s in self.slots if s.busy is None and not queued.get(s.gpus)]
+                    if not idle:
+                        break
+                    ray.kill(idle[0].actor, no_restart=True)
+                    self.slots.remove(idle[0])
+                    continue
+                self.actors_started += 1
+                actor = ray.remote(ModelWorker).options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
+                                                        max_restarts=0, max_task_retries=0,
+                                                        max_concurrency=1).remote(self.pool.crash_dir, self.faults)
+                self.slots.append(_Slot(actor, res["num_gpus"]))
+
+    def _count(self, gpus: float) -> int:
+        return sum(s.gpus == gpus for s in self.slots)
+
+    def _room(self, res: dict) -> bool:
+        """Whether the cluster has the GPUs (and CPUs) for one more actor beside the ones started."""
+        import ray
+
+        have, cpus = ray.cluster_resources(), self._actor_resources()["num_cpus"]
+        gpu_ok = res["num_gpus"] == 0 or sum(s.gpus for s in self.slots) + res["num_gpus"] <= have.get("GPU", 0) + 1e-9
+        cpu_ok = cpus == 0 or (len(self.slots) + 1) * cpus <= have.get("CPU", 0) + 1e-9
+        return not self.slots or (gpu_ok and cpu_ok)   # the first actor always (Ray queues it if it must)
 
     def _serving(self) -> dict[str, int]:
         n = defaultdict(int)
@@ -220,8 +259,9 @@ class AffinityScheduler:
             return slot.model
         if slot.model is not None:
             serving[slot.model] -= 1
-        per = self.launcher.get("workers_per_model") or self.cap
-        cand = [m for m, q in self.queued.items() if q and serving[m] < per and (serving[m] == 0 or q > 2 * serving[m])]
+        per = self.launcher.get("workers_per_model") or self.caps.get(slot.gpus, 1)
+        cand = [m for m, q in self.queued.items() if q and serving[m] < per and (serving[m] == 0 or q > 2 * serving[m])
+                and self._actor_resources(m)["num_gpus"] == slot.gpus]
         if not cand:
             return None
         return min(cand, key=lambda m: (serving[m] > 0, -self.queued[m] / (serving[m] + 1)))
@@ -251,8 +291,11 @@ class AffinityScheduler:
                       "cell": tasks.cell_task}[job.kind]
                 self.remote_tasks[job.kind] = ray.remote(fn)
             res = self.launcher[_RESOURCES[job.kind]]
+            gpus = res["num_gpus"]
+            if gpus > 0 and job.kind != "plan":   # a GPU stage of a model larger than its request: the model's GPUs
+                gpus = max(gpus, self._actor_resources(job.model)["num_gpus"])
             ref = self.remote_tasks[job.kind].options(
-                num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_retries=self.launcher["max_retries"],
+                num_cpus=res["num_cpus"], num_gpus=gpus, max_retries=self.launcher["max_retries"],
                 retry_exceptions=False, name=f"{_TASK[job.kind]}:{job.key[:8]}").remote(*self._args(job))
             self.inflight[ref] = (job, None)
 

@@ -113,6 +113,10 @@ class LauncherConf:
     workers_per_model: Optional[int] = None   # actors per model (None: share the cluster among the models with work)
     max_workers: Optional[int] = None         # actors in all (None: as many as the cluster's CPUs/GPUs hold)
     oom_retries: int = 1                # on a GPU out-of-memory error, retries with half the batch size
+    # GPUs of one node per cell (its model workers' Ray request): auto follows the cell's memory estimate
+    # (sweep/placement.py), an integer fixes it; CPU cells take none
+    gpus_per_cell: str = "auto"
+    gpu_memory_gb: Optional[float] = None     # one GPU's memory (None: torch.cuda's, where the sweep starts)
 
 
 @dataclass

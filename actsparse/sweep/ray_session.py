@@ -59,9 +59,14 @@ def check_resources(launcher: dict, console) -> None:
     if launcher["affinity"]:  # one actor runs calibrations and evaluations: it asks for the larger of the two
         asks["calibrate/evaluate worker"] = {r: max(launcher["calibrate"][r], launcher["evaluate"][r])
                                              for r in ("num_cpus", "num_gpus")}
+    model_gpus = max(launcher.get("model_gpus", {}).values(), default=0)
+    if model_gpus > max(launcher["calibrate"]["num_gpus"], launcher["evaluate"]["num_gpus"]):
+        asks["cell"] = {"num_cpus": max(launcher["calibrate"]["num_cpus"], launcher["evaluate"]["num_cpus"]),
+                        "num_gpus": model_gpus}
     for stage, ask in asks.items():
         if not any(r.get("CPU", 0) >= ask["num_cpus"] and r.get("GPU", 0) >= ask["num_gpus"] for r in nodes):
-            where = f"launcher.{stage}" if "/" not in stage else "launcher.calibrate/evaluate"
+            where = {"cell": "the largest cell (its memory estimate, launcher.gpus_per_cell; see --dry-run)",
+                     "calibrate/evaluate worker": "launcher.calibrate/evaluate"}.get(stage, f"launcher.{stage}")
             msg = (f"{where} asks for {ask['num_cpus']:g} CPU(s) and {ask['num_gpus']:g} GPU(s) per task, but no "
                    f"node of the Ray cluster has that much (nodes: {have}); on a CPU-only machine use "
                    "launcher=local (no GPU request), else lower launcher.*.num_gpus / num_cpus or add nodes")

@@ -25,6 +25,7 @@ from .affinity import Failure
 from .cells import Cell, target_notes, validate_cells
 from .compose import Grid
 from .dag import SweepDag, build_dag
+from .placement import place
 
 # skipped: the cell already had a FINISHED run; merged: a grid point that repeats another point's cell
 # (dense at several sparsities), reported once under the first point
@@ -70,8 +71,9 @@ class Outcome:
                 f"{self.count(FAILED)} failed{merged} — {where}")
 
 
-def plan_sweep(grid: Grid) -> tuple[list[Cell], SweepDag, dict]:
-    """Validate every grid point and build the DAG; return (cells, dag, the sweep-wide settings)."""
+def plan_sweep(grid: Grid, estimate_all: bool = False) -> tuple[list[Cell], SweepDag, dict]:
+    """Validate every grid point, size each cell's GPUs and build the DAG; return (cells, dag, the sweep-wide
+    settings, with `placement`: placement.Placement; estimate_all: CPU cells' memory estimates too)."""
     if not grid.points:
         raise ActsparseError("the grid is empty")
     cells = validate_cells(grid.points)
@@ -82,7 +84,13 @@ def plan_sweep(grid: Grid) -> tuple[list[Cell], SweepDag, dict]:
                 raise ActsparseError(f"{k}.* must be the same for every cell of a sweep (it is not sweepable); "
                                      f"cell {' '.join(c.overrides)} differs from the first cell")
     check_launcher(shared["launcher"])
+    shared["placement"] = place(cells, shared["launcher"], shared["ray"], estimate_all)  # refuses a cell no node holds
     return cells, build_dag(cells), shared
+
+
+def worker_launcher(shared: dict) -> dict:
+    """The launcher settings the scheduler reads: launcher.*, ray.*, and the GPUs of each model's workers."""
+    return dict(shared["launcher"], ray=shared["ray"], model_gpus=shared["placement"].model_gpus)
 
 
 def check_launcher(launcher: dict) -> None:
@@ -119,7 +127,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     console = console or Console(soft_wrap=True)
     cells, dag, shared = plan_sweep(grid)            # raises on bad input: nothing opened or started yet
     faults = fault_hook.from_env()
-    tr, launcher = shared["tracking"], dict(shared["launcher"], ray=shared["ray"])
+    tr, launcher = shared["tracking"], worker_launcher(shared)
     sweep_id = f"{grid.name}-{dag.sweep_key}"
     tracker = Tracker(tr["uri"], tr["experiment"], tr["artifact_location"])
     done = tracker.finished_cells()
@@ -132,7 +140,7 @@ def run_sweep(grid: Grid, console=None) -> Outcome:
     console.print(f"[bold]sweep {sweep_id}[/]: {len(cells)} grid points, {len(dag.cells)} unique cells "
                   f"({len(dag.duplicates)} grid points merged: they repeat a cell), {len(dag.cells) - len(todo)} "
                   f"already finished; to run: {len(sub.cells)} cells{to_compute(sub, launcher['store'])}")
-    for note in target_notes(cells):
+    for note in [*target_notes(cells), *shared["placement"].notes]:
         console.print(f"[yellow]{escape(note)}[/]")
     parent = start_parent(out, tracker, launcher, console, bool(todo), grid.name,
                           params={"name": grid.name, "overrides": grid.overrides, "grid": grid.sweep_params,
@@ -246,16 +254,17 @@ def write_report(out: Outcome, shared: dict, console, budgets: dict | None = Non
 
 
 def run_dag(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent: str, sweep_id: str, by_key: dict,
-            console, extra_tags=None, pool=None) -> dict:
+            console, extra_tags=None, pool=None, verdict=None) -> dict:
     """Run the DAG (affinity.AffinityScheduler), logging each cell as it completes; return the node results.
 
     extra_tags(cell, result or None) adds tags to a cell's child run (a search tags its probes); pool (an
-    affinity.WorkerPool) keeps the model workers for the caller's next DAG instead of closing them.
+    affinity.WorkerPool) keeps the model workers for the caller's next DAG instead of closing them;
+    verdict(cell, result) -> (ok, why) marks a finished cell's console line (a search: within its budget or not).
     """
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from ..eval.measures import cell_line, measures
+    from ..eval.measures import measures
     from ..tracking.child_runs import log_failed, log_finished
     from .affinity import AffinityScheduler
 
@@ -274,8 +283,7 @@ def run_dag(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent:
                 rid = log_finished(tracker, parent, sweep_id, cell, result,
                                    extra_tags(cell, result) if extra_tags else {})
                 by_key[cell.key] = {"status": FINISHED, "run_id": rid}
-                prog.console.print(f"[green]✓[/] {escape(cell.label)}  {escape(cell_line(result))}  "
-                                   f"[dim]\\[{cell.key}][/]")
+                prog.console.print(finished_line(cell, result, verdict))
                 for m in measures().values():   # a measure's detail under the line (lm-eval: per-task table)
                     if m.key in result and (t := m.details(result[m.key], result.get("dense", {}).get(m.key))):
                         prog.console.print(t, soft_wrap=False)
@@ -284,3 +292,18 @@ def run_dag(dag: SweepDag, launcher: dict, store, faults: dict, tracker, parent:
         sched = AffinityScheduler(dag, launcher, store, faults, record, pool)
         sched.run()
         return {"results": sched.results, "actors": sched.actors_started, "actor_deaths": sched.actor_deaths}
+
+
+def finished_line(cell: Cell, result: dict, verdict=None) -> str:
+    """A finished cell's console line (rich markup): ✓ and its measures' figures, or, under a verdict (see run_dag),
+    ✓ when it holds and ✗ when it does not, with why."""
+    from rich.markup import escape
+
+    from ..eval.measures import cell_line
+
+    mark, why = "[green]✓[/]", ""
+    if verdict is not None:
+        ok, text = verdict(cell, result)
+        color = "green" if ok else "yellow"
+        mark, why = f"[{color}]{'✓' if ok else '✗'}[/]", f"  [{color}]{escape(text)}[/]"
+    return f"{mark} {escape(cell.label)}  {escape(cell_line(result))}{why}  [dim]\\[{cell.key}][/]"

@@ -213,7 +213,7 @@ def run_search(grid: Grid, spec: SearchSpec, console=None, prepared: tuple[list[
     console = console or Console(soft_wrap=True)
     groups, shared = prepared or prepare_search(grid, spec)   # raises on bad input: nothing opened or started yet
     faults = fault_hook.from_env()
-    tr, launcher = shared["tracking"], dict(shared["launcher"], ray=shared["ray"])
+    tr, launcher = shared["tracking"], R.worker_launcher(shared)
     sweep_id = f"search-{grid.name}-{content_key(sorted(g.key for g in groups), spec.text, spec.tol, spec.max_sparsity)[:8]}"
     tracker = Tracker(tr["uri"], tr["experiment"], tr["artifact_location"])
     console.print(f"[bold]search {sweep_id}[/]: {len(groups)} model × method group(s), budget "
@@ -250,13 +250,13 @@ def run_search(grid: Grid, spec: SearchSpec, console=None, prepared: tuple[list[
                     t = {"search_id": sweep_id, "search_group": g.label, "search_probe": i, "search_budget": spec.text,
                          "search_tol": spec.tol}
                     if result is not None:
-                        v, d = _value(spec, quality_metrics(result))
-                        t["search_pass"] = int(_passes(spec, v, d))
+                        t["search_pass"] = int(probe_verdict(spec, quality_metrics(result))[0])
                     return t
 
                 if todo:
                     nodes = R.run_dag(dag.only(todo), launcher, store, faults, tracker, parent, sweep_id, by_key,
-                                      console, extra_tags=tags, pool=pool)
+                                      console, extra_tags=tags, pool=pool,
+                                      verdict=lambda cell, result: probe_verdict(spec, quality_metrics(result)))
                     nodes_all["results"].update(nodes["results"])
                     nodes_all["actors"] += nodes["actors"]
                     nodes_all["actor_deaths"] += nodes["actor_deaths"]
@@ -307,6 +307,13 @@ def _threshold(spec: SearchSpec, dense: float, value: float) -> float:
 def _passes(spec: SearchSpec, value: float, dense: float) -> bool:
     thr = _threshold(spec, dense, value)
     return value >= thr if spec.quality.higher_is_better else value <= thr
+
+
+def probe_verdict(spec: SearchSpec, metrics: dict) -> tuple[bool, str]:
+    """(whether a probe's quality is within the budget, `within ppl<=1.05x (limit 23.49)` or `over ...`)."""
+    v, d = _value(spec, metrics)
+    ok = _passes(spec, v, d)
+    return ok, f"{'within' if ok else 'over'} {spec.text} (limit {spec.quality.fmt(_threshold(spec, d, v))})"
 
 
 def _slug(s: str) -> str:

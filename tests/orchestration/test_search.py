@@ -62,6 +62,29 @@ def test_search_resolution_must_be_sane():
         parse_search("ppl<=1.02x", max_sparsity=1.0)
 
 
+def test_a_probe_over_its_budget_is_marked_with_a_cross_naming_the_limit(tiny_dir):
+    from rich.text import Text
+
+    from actsparse.sweep.compose import compose_grid
+    from actsparse.sweep.runner import finished_line, plan_sweep
+    from actsparse.sweep.search import probe_verdict
+
+    (cell,), _, _ = plan_sweep(compose_grid([f"model={tiny_dir}", "method=teal", "sparsity=0.45"]))
+    spec = parse_search("ppl<=1.05x")
+
+    def verdict(c, result):
+        return probe_verdict(spec, {"ppl": result["ppl"], "ppl_dense": result["dense"]["ppl"]})
+
+    dense = 22.368
+    for ppl, mark, word in ((25.723, "✗", "over"), (23.40, "✓", "within"), (dense * 1.05, "✓", "within")):
+        line = Text.from_markup(finished_line(cell, {"ppl": ppl, "dense": {"ppl": dense}, "effective": 0.4},
+                                              verdict)).plain
+        assert line == (f"{mark} {cell.label}  ppl {ppl:.3f} (x{ppl / dense:.3f} dense)  effective sparsity 0.400  "
+                        f"{word} ppl<=1.05x (limit {1.05 * dense:.2f})  [{cell.key}]"), line   # the report's digits
+    plain = Text.from_markup(finished_line(cell, {"ppl": 25.723, "dense": {"ppl": dense}, "effective": 0.4})).plain
+    assert plain.startswith("✓ ") and "limit" not in plain      # an ordinary sweep cell: finished is all it says
+
+
 def test_cli_refuses_before_loading_anything(workspace):
     ws, base = workspace
     for args, msg in (
@@ -92,6 +115,11 @@ def test_search_converges_to_the_crossing_of_a_dense_grid(ray_cluster, workspace
     assert sorted(int(r.data.tags["search_probe"]) for r in probes) == list(range(len(probes)))
     for r in probes:     # each probe's verdict is the budget applied to its own measured numbers
         assert r.data.tags["search_pass"] == str(int(r.data.metrics["ppl"] <= 1.05 * r.data.metrics["ppl_dense"]))
+    for r in probes:     # the console marks each probe by that verdict: ✓ within the budget, ✗ over it
+        ok = r.data.tags["search_pass"] == "1"
+        (line,) = [x for x in out.splitlines() if f"teal s={float(r.data.params['sparsity']):g}  ppl " in x]
+        verdict = f"{'within' if ok else 'over'} {budget} (limit "
+        assert line.startswith("✓" if ok else "✗") and verdict in line, line
     found = [r for r in probes if float(r.data.params["sparsity"]) == lo]
     assert found and found[0].data.metrics["sparsity/effective"] == pytest.approx(res["found_effective"])
 
