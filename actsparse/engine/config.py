@@ -47,6 +47,47 @@ class LlamaConfig:
         )
 
 
+# What the engine's block does not model, per transformers model_type: a model of these decodes wrong if its
+# weights are copied into a Llama block, so it is refused with the reason instead.
+_NOT_MODELLED = {
+    "qwen2": "q/k/v biases", "qwen2_5": "q/k/v biases", "qwen3": "RMSNorms on q and k",
+    "gemma": "(1 + w) RMSNorms, GeGLU and the embedding scale", "gemma2": "(1 + w) pre/post norms, GeGLU, "
+    "soft-capping and local/global attention", "gemma3": "(1 + w) pre/post norms, q/k norms, GeGLU and "
+    "local/global attention", "gemma3_text": "(1 + w) pre/post norms, q/k norms, GeGLU and local/global attention",
+    "granite": "its embedding, residual, attention and logit multipliers", "phi3": "fused q|k|v and gate|up "
+    "projections and its rope scaling", "olmo2": "post-norms and q/k norms", "mixtral": "mixture-of-experts MLPs",
+    "qwen2_moe": "mixture-of-experts MLPs", "qwen3_moe": "mixture-of-experts MLPs and q/k norms",
+    "gpt_neox": "parallel attention/MLP, LayerNorms and partial rotary", "gpt2": "LayerNorms, learned positions "
+    "and GELU MLPs",
+}
+
+
+def unsupported_reason(hf_config, max_seq_len: int | None = None) -> str | None:
+    """Why the engine cannot decode a transformers model of this config exactly (None when it can).
+
+    The engine's block is Llama's: RMSNorm with weight w, no biases, RoPE, SwiGLU. Llama and Mistral checkpoints
+    are that block; anything the block does not compute (another family, a bias, another activation, a sliding
+    window shorter than the sequence) would decode wrong tokens silently, so it is refused before any weight is
+    copied."""
+    c = hf_config
+    kind = getattr(c, "model_type", "?")
+    if kind not in ("llama", "mistral"):
+        what = _NOT_MODELLED.get(kind, "a block other than Llama's")
+        return (f"the decode engine runs Llama and Mistral models exactly; {kind} needs {what}, which it does "
+                f"not model")
+    act = getattr(c, "hidden_act", "silu")
+    if act != "silu":
+        return f"the decode engine's MLP is SwiGLU (silu); this {kind} model uses {act!r}"
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(c, flag, False):
+            return f"the decode engine's projections have no biases; this {kind} model sets {flag}"
+    window = getattr(c, "sliding_window", None)
+    if window and max_seq_len is not None and max_seq_len > window:
+        return (f"the decode engine attends to the whole cache; this {kind} model's sliding window ({window}) is "
+                f"shorter than max_seq_len={max_seq_len} (lower it to {window} or less)")
+    return None
+
+
 LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n_layers=32, n_heads=32,
                         n_kv_heads=8, head_dim=128, rms_eps=1e-5, rope_theta=500000.0)
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, n_layers=32, n_heads=32,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from actsparse.kernels import ref as kref
 
-from .config import LlamaConfig
+from .config import LlamaConfig, unsupported_reason
 from .crossover import op_times
 from .plan import EnginePlan, Threshold
 from .weights import Weights, random_weights, weights_from_hf
@@ -138,14 +138,23 @@ class Engine:
     @classmethod
     def from_hf(cls, model, *, device=None, dtype: Optional[torch.dtype] = None, layouts: str = "both",
                 **kw) -> "Engine":
-        """Return an engine holding the weights of a transformers LlamaForCausalLM or a local HF directory."""
+        """Return an engine holding the weights of a transformers Llama or Mistral model, or of a local HF directory
+        holding one; any other model is refused with the reason (`config.unsupported_reason`) before a weight is
+        copied."""
+        max_seq_len = kw.get("max_seq_len", 512)
         if isinstance(model, (str, Path)):
-            from transformers import LlamaForCausalLM
+            from transformers import AutoConfig, AutoModelForCausalLM
 
             path = Path(model)
             if not path.is_dir():
                 raise ValueError(f"{model!r} is not a local directory; pass a loaded LlamaForCausalLM or a path")
-            model = LlamaForCausalLM.from_pretrained(path, torch_dtype=dtype or torch.bfloat16)
+            why = unsupported_reason(AutoConfig.from_pretrained(path), max_seq_len)
+            if why:
+                raise ValueError(why)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.bfloat16)
+        why = unsupported_reason(model.config, max_seq_len)
+        if why:
+            raise ValueError(why)
         cfg = LlamaConfig.from_hf(model.config)
         p = next(model.parameters())
         device = torch.device(device) if device is not None else p.device

@@ -26,10 +26,11 @@ def speed_unavailable_reason(model) -> str | None:
     """Why decode speed cannot be measured for this model here (None when it can)."""
     if not torch.cuda.is_available():
         return "decode speed needs a CUDA GPU (the Triton kernels do not time meaningfully on CPU)"
-    if type(model).__name__ not in ("LlamaForCausalLM", "MistralForCausalLM"):
-        return (f"the decode engine runs Llama-family models (LlamaForCausalLM); this model is "
-                f"{type(model).__name__}")
-    return None
+    from ..engine.config import unsupported_reason
+
+    if not type(model).__name__.endswith("ForCausalLM"):
+        return f"the decode engine decodes causal LMs; this model is {type(model).__name__}"
+    return unsupported_reason(model.config)
 
 
 def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePlan":

@@ -190,3 +190,36 @@ def test_a_scap_plan_with_scalar_modes_runs_in_the_engine_as_in_the_torch_backen
     dense = _engine_logits(eng, seq, False)
     assert (got - want).norm() / want.norm() < 1e-4
     assert (dense - want).norm() / want.norm() > 1e-3
+
+
+@pytest.mark.parametrize("family,why", [("qwen3", "qwen3 needs RMSNorms on q and k"),
+                                        ("gemma", "gemma needs \\(1 \\+ w\\) RMSNorms"),
+                                        ("mixtral", "mixtral needs mixture-of-experts MLPs"),
+                                        ("neox", "gpt_neox needs parallel attention")])
+def test_a_model_the_engine_would_decode_wrong_is_refused_before_copying(family, why, tmp_path):
+    """Another family's weights in a Llama block decode wrong tokens silently: refused with the reason, from a
+    loaded model and from a saved folder (before the folder's weights load)."""
+    from tests.families.models import make_family
+
+    model = make_family(family, layers=1)
+    with pytest.raises(ValueError, match=f"runs Llama and Mistral models exactly; {why}"):
+        Engine.from_hf(model, kernels="torch")
+    model.config.save_pretrained(tmp_path)  # a config and no weights: refused before any load is tried
+    with pytest.raises(ValueError, match=why):
+        Engine.from_hf(tmp_path, kernels="torch")
+
+
+def test_features_outside_the_llama_block_are_refused():
+    from tests.families.models import make_family
+
+    mistral = make_family("mistral", layers=1)  # sliding window 64
+    with pytest.raises(ValueError, match=r"sliding window \(64\) is shorter than max_seq_len=128"):
+        Engine.from_hf(mistral, kernels="torch", max_seq_len=128)
+    assert Engine.from_hf(mistral, kernels="torch", max_seq_len=64).cfg.n_layers == 1
+    llama = _hf_tiny(0)
+    llama.config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="SwiGLU \\(silu\\); this llama model uses 'gelu'"):
+        Engine.from_hf(llama, kernels="torch")
+    llama.config.hidden_act, llama.config.mlp_bias = "silu", True
+    with pytest.raises(ValueError, match="no biases; this llama model sets mlp_bias"):
+        Engine.from_hf(llama, kernels="torch")
