@@ -27,9 +27,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from actsparse.kernels import gather_gemv, masked_gemv, oneshot_gemv  # noqa: E402
+from actsparse.kernels import cats, gather_gemv, masked_gemv, oneshot_gemv  # noqa: E402
 
-PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr", "res_ptr", "y_ptr")},
+PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr", "res_ptr", "y_ptr", "a_ptr")},
         **{n: "*fp32" for n in ("t_ptr", "m_ptr", "ws_ptr", "val_ptr", "acc_ptr")},
         **{n: "*i32" for n in ("cnt_ptr", "idx_ptr", "count_ptr")}}
 
@@ -62,6 +62,13 @@ def compile_oneshot(block_n: int, block_k: int, num_warps: int, pair: bool, use_
     return _compile(oneshot_gemv._oneshot_kernel, consts, num_warps)
 
 
+def compile_oneshot_up(block_n: int, block_k: int, num_warps: int, use_dot: bool = False):
+    """The compiled one-shot tiles of CATS's up rows (sm_90), with the RMSNorm."""
+    consts = dict(NORM=True, NORM_BLOCK=4096, USE_DOT=use_dot, IEEE=False, BLOCK_B=16 if use_dot else 1,
+                  BLOCK_K=block_k, BLOCK_N=block_n)
+    return _compile(cats._oneshot_up_kernel, consts, num_warps)
+
+
 def check() -> int:
     """Compile every branch of both walks' compile-time switches for sm_90 at small tiles; print each failure.
 
@@ -75,6 +82,7 @@ def check() -> int:
               for d in (1, 2) for dot in (False, True)]
     cases += [(f"oneshot pair={p} dot={dot}", lambda p=p, dot=dot: compile_oneshot(128, 64, 2, p, dot))
               for p in (False, True) for dot in (False, True)]
+    cases += [(f"cats_up oneshot dot={dot}", lambda dot=dot: compile_oneshot_up(64, 128, 4, dot)) for dot in (False, True)]
     failed = 0
     for name, build in cases:
         try:

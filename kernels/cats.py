@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import FMA_MAX_BATCH, choose_impl, choose_split, new_output
+from .configs import (FMA_MAX_BATCH, MAX_ACC, MAX_TILES, ONESHOT_MAX_BATCH, OneshotConfig, atomic_accumulator,
+                      batch_bucket, choose_impl, choose_split, new_output, tile_counters)
 from .gemv_common import accumulate, row_rstd, split_workspace
 
 
@@ -90,11 +91,106 @@ def _gather_up_kernel(
         tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], h.to(y_ptr.dtype.element_ty), mask=valid)
 
 
-@torch.library.custom_op("actsparse::cats_up", mutates_args=())
-def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: torch.Tensor,
-                norm_weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+@triton.jit
+def _oneshot_up_kernel(
+    x_ptr, g_ptr, a_ptr, t_ptr, w_ptr, y_ptr, acc_ptr, cnt_ptr,
+    B, K, N,
+    stride_xb, stride_ab, stride_tn, stride_wn, stride_yb,
+    eps,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per [BLOCK_N kept-or-not rows of W_u × BLOCK_K columns] tile: the rows whose |a| is under the
+    threshold for the whole batch are never read; fp32 atomic sums, the last program of a strip writes h."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    valid = mask_b[:, None] & mask_n[None, :]
+    a = tl.load(a_ptr + offs_b[:, None] * stride_ab + offs_n[None, :], mask=valid, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + offs_n * stride_tn, mask=mask_n, other=0.0)
+    keep = (tl.abs(a) > t[None, :]) & valid
+    rows = tl.max(keep.to(tl.int32), axis=0)  # [BLOCK_N] union over the batch
+    x_rows = x_ptr + offs_b[:, None] * stride_xb
+    xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
+                 eviction_policy="evict_last").to(tl.float32)
+    if NORM:
+        gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        xv = xv * row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)[:, None] * gv[None, :]
+    # [BLOCK_N, BLOCK_K] tile of W_u [N, K]: each kept row is BLOCK_K contiguous weights.
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=(rows[:, None] != 0) & mask_k[None, :],
+                other=0.0, eviction_policy="evict_first")
+    if USE_DOT:
+        if IEEE:
+            part = tl.dot(xv, tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            part = tl.dot(xv.to(w.dtype), tl.trans(w))
+    else:
+        part = tl.sum(xv[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)  # [BLOCK_B, BLOCK_N]
+    tile = offs_b[:, None] * N + offs_n[None, :]
+    if tl.max(rows, axis=0) > 0:  # no kept row: nothing to add
+        tl.atomic_add(acc_ptr + tile, part, mask=valid, sem="relaxed")
+    tl.debug_barrier()  # every partial of this program is issued before it signals
+    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+    if arrived == tl.num_programs(1) - 1:
+        tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch
+        up = tl.load(acc_ptr + tile, mask=valid, other=0.0, cache_modifier=".cg")
+        tl.store(acc_ptr + tile, tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), mask=valid)
+        h = tl.where(keep, a * up, 0.0)
+        tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], h.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+def _launch_oneshot_up(x, w_up, a, thresh, norm_weight, eps, cfg: OneshotConfig) -> torch.Tensor:
     b, k = x.shape
     n = w_up.shape[0]
+    use_dot = b > 1
+    block_b = 16 if use_dot else 1
+    tiles_n = triton.cdiv(n, cfg.block_n)
+    if tiles_n > MAX_TILES or b * n > MAX_ACC:
+        raise ValueError(f"cats_up's one-shot tiles take at most {MAX_TILES} strips and {MAX_ACC} sums, got "
+                         f"{tiles_n} and {b} × {n}; use impl='walk'")
+    y = new_output((b, n), x.device, a.dtype)
+    _oneshot_up_kernel[(tiles_n, triton.cdiv(k, cfg.block_k))](
+        x, norm_weight if norm_weight is not None else x, a, thresh, w_up, y, atomic_accumulator(x.device),
+        tile_counters(x.device), b, k, n, x.stride(0), a.stride(0), thresh.stride(0), w_up.stride(0), y.stride(0),
+        eps, NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), max(1024, 4096 // block_b)),
+        USE_DOT=use_dot, IEEE=w_up.dtype == torch.float32, BLOCK_B=block_b, BLOCK_K=cfg.block_k,
+        BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+UP_IMPLS = ("auto", "walk", "oneshot")
+# impl="auto" for cats_up: (K, N, batch bucket) -> "walk" or "oneshot", measured; the walk where there is none.
+PREFERRED_UP: dict[tuple[int, int, int], str] = {}
+# One-shot tiles of cats_up: (K, N, batch bucket) -> config; W_u rows of BLOCK_K contiguous weights.
+TUNED_ONESHOT_UP: dict[tuple[int, int, int], OneshotConfig] = {}
+
+
+def _up_impl(k: int, n: int, b: int, impl: str) -> str:
+    """The cats_up kernel a launch runs: the one named, or for "auto" the measured preference where it can run."""
+    if impl not in UP_IMPLS:
+        raise ValueError(f"impl must be one of {UP_IMPLS}, got {impl!r}")
+    if impl == "oneshot" and b > ONESHOT_MAX_BATCH:
+        raise ValueError(f"cats_up's one-shot tiles run batches of at most {ONESHOT_MAX_BATCH} rows, got {b}")
+    if impl == "auto":
+        impl = PREFERRED_UP.get((k, n, batch_bucket(b)), "walk")
+        impl = "walk" if b > ONESHOT_MAX_BATCH else impl
+    return impl
+
+
+@torch.library.custom_op("actsparse::cats_up", mutates_args=())
+def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: torch.Tensor,
+                norm_weight: Optional[torch.Tensor], eps: float, impl: str = "auto") -> torch.Tensor:
+    b, k = x.shape
+    n = w_up.shape[0]
+    if _up_impl(k, n, b, impl) == "oneshot":
+        cfg = TUNED_ONESHOT_UP.get((k, n, batch_bucket(b))) or OneshotConfig(block_n=64, block_k=128, num_warps=4)
+        return _launch_oneshot_up(x, w_up, a, thresh, norm_weight, eps, cfg)
     _, cfg = choose_impl("cats_up", k, n, b, "masked")  # the masked walk's configuration (or its override)
     use_dot = cfg.use_dot or b > FMA_MAX_BATCH
     block_b = 16 if use_dot else triton.next_power_of_2(b)
@@ -118,7 +214,7 @@ def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: to
 
 
 @_cats_up_op.register_fake
-def _(x, w_up, a, thresh, norm_weight, eps):
+def _(x, w_up, a, thresh, norm_weight, eps, impl="auto"):
     return a.new_empty((x.shape[0], w_up.shape[0]))
 
 
@@ -130,11 +226,14 @@ def cats_up(
     *,
     norm_weight: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Return h [B, I] = where(|a| > t, a ⊙ (W_u·x̂), 0), reading only the rows of W_u [I, K] that are kept.
 
     x: [B, K] (the residual stream when norm_weight is given); a: [B, I] gate activations
-    silu(W_g·x̂); thresh: float32 scalar tensor, [1] or [I].
+    silu(W_g·x̂); thresh: float32 scalar tensor, [1] or [I]. impl: "walk" (a split-K walk over the kept rows, any
+    batch), "oneshot" (one program per [rows × columns] tile of W_u, fp32 atomic sums; batch ≤ 16) or "auto"
+    (the one measured faster for this shape, `PREFERRED_UP`, else the walk).
     """
     if x.dim() != 2 or w_up.dim() != 2 or w_up.shape[1] != x.shape[1]:
         raise ValueError(f"x must be [B, K] and w_up [I, K] (natural nn.Linear layout), got "
@@ -152,4 +251,5 @@ def cats_up(
         raise ValueError(f"thresh must be a scalar or have shape [{n}], got {tuple(thresh.shape)}")
     if norm_weight is not None and tuple(norm_weight.shape) != (x.shape[1],):
         raise ValueError(f"norm_weight must have shape [{x.shape[1]}], got {tuple(norm_weight.shape)}")
-    return torch.ops.actsparse.cats_up(x, w_up, a, thresh, norm_weight, float(eps))
+    _up_impl(x.shape[1], n, x.shape[0], impl)  # refuses a bad impl here
+    return torch.ops.actsparse.cats_up(x, w_up, a, thresh, norm_weight, float(eps), impl)

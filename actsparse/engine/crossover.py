@@ -23,6 +23,7 @@ LEVELS = (0.0, 0.25, 0.4, 0.55, 0.7, 0.85)  # skipped-row fractions the speedup 
 MAX_LAYERS = 8  # weight sets rotated per timing: several times the L2, so nothing is served from it
 OPS = ("qkv", "o", "gu", "down")
 KERNELS = ("oneshot", "gather")  # the sparse kernels the engine chooses among (the masked walk never wins at b ≤ 4)
+UP_KERNELS = ("walk", "oneshot")  # CATS's up rows gathered by the gate's mask (`cats_up`); no dense rival
 
 _cache: dict[tuple, dict[str, "OpTimes"]] = {}
 
@@ -166,6 +167,17 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
                 ts.append(graph_ms(lambda: [c() for c in calls]))
             times[impl] = tuple(ts)
         out[op] = OpTimes(t_dense, LEVELS, times)
+    if all(lw.wu is not None for lw in layers):  # CATS: which cats_up kernel, at the fraction of up rows skipped
+        act = F.silu(rnd(inter).float()).to(engine.dtype)
+        times = {}
+        for impl in UP_KERNELS if batch <= configs.ONESHOT_MAX_BATCH else UP_KERNELS[:1]:
+            ts = []
+            for s in LEVELS:
+                th = torch.tensor(union_threshold(act, s), device=engine.device)
+                ts.append(graph_ms(lambda: [ops.cats_up(x, lw.wu, act, th, norm_weight=lw.mlp_norm, eps=eps,
+                                                        impl=impl) for lw in layers]))
+            times[impl] = tuple(ts)
+        out["up"] = OpTimes(float("inf"), LEVELS, times)
     return out
 
 
@@ -182,4 +194,4 @@ def op_times(engine, batch: int) -> dict[str, OpTimes]:
 
 def crossovers(engine, batch: int) -> dict[str, float]:
     """{op: skipped-row fraction under which the op runs on cuBLAS} at this batch (from `op_times`)."""
-    return {op: t.crossover() for op, t in op_times(engine, batch).items()}
+    return {op: t.crossover() for op, t in op_times(engine, batch).items() if op in OPS}

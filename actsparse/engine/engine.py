@@ -48,7 +48,7 @@ class _TorchOps:
     silu_mul = staticmethod(kref.silu_mul_ref)
     sparse_gemv = staticmethod(_any_impl(kref.sparse_gemv_ref))
     sparse_gated_mlp = staticmethod(_any_impl(kref.sparse_gated_mlp_ref))
-    cats_up = staticmethod(kref.cats_up_ref)
+    cats_up = staticmethod(_any_impl(kref.cats_up_ref))
     decode_attention = staticmethod(kref.decode_attention_ref)
 
 
@@ -323,7 +323,9 @@ class Engine:
                 ag = ops.sparse_gemv(x, lw.wg_t, g.thresh[:1], shift=None if g.shift is None else g.shift[:1],
                                      bias=None if g.bias is None else g.bias[0], norm_weight=lw.mlp_norm, eps=eps,
                                      act="silu")  # [B, I] = silu(gate)
-            h = ops.cats_up(x, lw.wu, ag, r.gate_act, norm_weight=lw.mlp_norm, eps=eps)
+            up_impl = (op_times(self, b)["up"].choice(r.up_expected) if self.fallback_below == "measured"
+                       and "up" in op_times(self, b) else "auto")
+            h = ops.cats_up(x, lw.wu, ag, r.gate_act, norm_weight=lw.mlp_norm, eps=eps, impl=up_impl)
         elif r is None or (impl := self._choose(r.gu, "gu", b)) == "dense":
             xn = ops.rmsnorm(x, lw.mlp_norm, eps)
             if lw.w13 is not None:

@@ -59,7 +59,8 @@ def test_gpu_measured_crossovers_are_levels_and_cached(batch):
     assert all(v == 0.0 or v == 1.0 or LEVELS[0] <= v <= LEVELS[-1] for v in got.values())
     times = op_times(eng, batch)
     assert op_times(eng, batch) is times  # measured once
-    assert all(set(t.kernel_ms) == {"oneshot", "gather"} and len(t.kernel_ms["gather"]) == len(LEVELS)
-               for t in times.values())
+    assert all(set(times[op].kernel_ms) == {"oneshot", "gather"} and len(times[op].kernel_ms["gather"]) == len(LEVELS)
+               for op in OPS)
+    assert set(times["up"].kernel_ms) == {"walk", "oneshot"} and times["up"].choice(0.5) in ("walk", "oneshot")
     calibrate_thresholds(eng, 0.5, n_tokens=4, batch=batch)
     assert eng.decode(None, 4, batch=batch) > 0

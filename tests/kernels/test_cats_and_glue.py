@@ -31,6 +31,30 @@ def test_cats_up_matches_reference(dtype, batch, sparsity, use_dot, split_k):
     assert torch.equal(h == 0, want == 0)  # exact zeros where the mask is off: the down GEMV skips them
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cats_up_oneshot_tiles_match_reference(batch):
+    """The one-shot tiles of W_u (fp32 atomic sums, the last program of a strip writes h), several strips and
+    K tiles, ragged; back-to-back launches reuse the self-zeroing accumulators."""
+    from actsparse.kernels import cats as kc
+
+    k, n = 100, 72
+    for sparsity in (0.0, 0.6, 1.0):
+        x = torch.randn(batch, k, device=DEVICE)
+        w_up = torch.randn(n, k, device=DEVICE) / k**0.5
+        a = torch.nn.functional.silu(torch.randn(batch, n, device=DEVICE))
+        g = torch.rand(k, device=DEVICE) + 0.5
+        t = float(torch.quantile(a.abs().flatten(), sparsity)) if sparsity else 0.0
+        with poison_outputs():
+            h = kc._launch_oneshot_up(x, w_up, a, torch.full((n,), t, device=DEVICE), g, 1e-6,
+                                      kc.OneshotConfig(block_n=16, block_k=32))
+        want = ref.cats_up_ref(x, w_up, a, t, norm_weight=g, eps=1e-6)
+        assert torch.equal(h == 0, want == 0)
+        if sparsity < 1.0:
+            assert rel_err(h, want) < 1e-5
+    y = cats_up(x, w_up, a, torch.tensor(0.3, device=DEVICE), impl="oneshot")  # the public op, default tile
+    assert rel_err(y, ref.cats_up_ref(x, w_up, a, 0.3)) < 1e-5
+
+
 def test_cats_up_rejects_bad_arguments():
     x = torch.randn(1, 32, device=DEVICE)
     w = torch.randn(16, 32, device=DEVICE)
@@ -41,6 +65,11 @@ def test_cats_up_rejects_bad_arguments():
         cats_up(x, w, a[:, :8], torch.tensor(0.0, device=DEVICE))
     with pytest.raises(ValueError, match="float32"):
         cats_up(x, w, a, torch.tensor(0.0, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        cats_up(x, w, a, torch.tensor(0.0, device=DEVICE), impl="gather")
+    with pytest.raises(ValueError, match="one-shot tiles run batches of at most 16 rows, got 17"):
+        cats_up(x.expand(17, -1).contiguous(), w, a.expand(17, -1).contiguous(), torch.tensor(0.0, device=DEVICE),
+                impl="oneshot")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
