@@ -40,10 +40,9 @@ from ..models.sites import find_blocks
 from ._calib import calib_windows, collect, require_model
 from .plan import Rule
 from .registry import Method, register_method
+from .rotation import ROTATED, group_of, norm_weights, normalised, require_rotatable
 from .teal import check_roles
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-ROTATED = ("q", "k", "v", "gate", "up")     # inputs read from the (rotatable) residual stream
 LAROSA_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -68,46 +67,28 @@ class Larosa(Method):
 
     def fit(self, stats, sparsity, params, model):
         require_model("larosa", model, "computes each layer's rotation from the model's inputs")
-        kind = getattr(getattr(model, "config", None), "model_type", None)
-        if kind not in SUPPORTED:
-            raise ActsparseError(f"larosa supports {', '.join(SUPPORTED)} models (pre-RMSNorm blocks whose "
-                                 f"norm weights fold into the next linears); this model is {kind!r}")
+        require_rotatable("larosa", model)
         windows = calib_windows(stats, params.calib_tokens)
         rules: list[Rule] = []
         for b in find_blocks(model):
-            norms = {"attn": _norm_weight(b, "input_layernorm"), "mlp": _norm_weight(b, "post_attention_layernorm")}
+            norms = norm_weights(b, "larosa")
             readers = {"attn": b.sites["q"], "mlp": b.sites["gate"]}
             if any(r in params.roles for r in ROTATED):
                 X = collect(model, windows, {p: (s.module, "input") for p, s in readers.items()},
                             stop_after=b.module)
-                q = pca_basis([_normalised(X[p], norms[p]) for p in readers])
+                q = pca_basis([normalised(X[p], norms[p]) for p in readers])
             for role in params.roles:
                 site = b.sites[role]
                 c = site.in_features
                 n_zero = int(round(sparsity * c))
                 if role in ROTATED:
-                    g = norms["attn" if role in ("q", "k", "v") else "mlp"]
+                    g = norms[group_of(role)]
                     rules.append(Rule(site.name, "rotated_topk", {"Q": q, "g": g}, attrs={"n_zero": n_zero},
                                       skips=[site.name], expected_sparsity=n_zero / c))
                 else:
                     rules.append(Rule(site.name, "topk_token", attrs={"n_zero": n_zero}, skips=[site.name],
                                       expected_sparsity=n_zero / c))
         return rules
-
-
-def _norm_weight(block, name: str) -> torch.Tensor:
-    norm = getattr(block.module, name, None)
-    w = getattr(norm, "weight", None)
-    if not isinstance(w, torch.Tensor):
-        raise ActsparseError(f"larosa: layer {block.layer} has no {name} with a weight; it folds the RMSNorm "
-                             "weights of Llama/Mistral/Qwen2 blocks")
-    return w.detach().float().cpu().clone()
-
-
-def _normalised(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """n = x / g (the norm's output before its weight); channels with g = 0 carry nothing: 0."""
-    safe = torch.where(g != 0, g, torch.ones_like(g))
-    return torch.where(g != 0, x.double() / safe.double(), torch.zeros((), dtype=torch.float64))
 
 
 def pca_basis(parts: list[torch.Tensor]) -> torch.Tensor:
