@@ -45,19 +45,27 @@ def _topk_keep(score: torch.Tensor, k: int) -> torch.Tensor:
     return score > kth
 
 
+def _select(score: torch.Tensor, w: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """The keep mask of a Top-K rule: not among the k smallest scores, and never a channel with w_i = 0."""
+    keep = _topk_keep(score, k) if k > 0 else None
+    if w is not None:
+        live = w.to(score.device) > 0
+        keep = live.expand_as(score) if keep is None else keep & live
+    return keep
+
+
 @register_rule("topk_token")
 def topk_token(rule: Rule, x: torch.Tensor, forward, module=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, zero the n_zero entries of smallest score (ties at the cut too), then forward.
 
     The score is |x|, or |x_i|·w_i with the optional per-channel weight `w` [C] (WINA's column norms); a
-    channel with w_i = 0 scores 0 and is zeroed whenever n_zero > 0.
+    channel with w_i = 0 multiplies a zero weight column and is always zeroed, at n_zero = 0 too.
     """
     k = int(rule.attrs["n_zero"])
-    if k <= 0:
-        return forward(x), x.new_zeros((), dtype=torch.long)
     w = rule.tensors.get("w")
-    score = x.abs() if w is None else x.abs() * w.to(x.device, x.dtype)
-    keep = _topk_keep(score, k)
+    keep = _select(x.abs() if w is None else x.abs() * w.to(x.device, x.dtype), w, k)
+    if keep is None:
+        return forward(x), x.new_zeros((), dtype=torch.long)
     return forward(x * keep), (~keep).sum()
 
 
@@ -83,18 +91,15 @@ def rotated_topk(rule: Rule, x: torch.Tensor, forward, module=None) -> tuple[tor
     `Q` [C, C] is orthogonal (columns = the rotated basis), `g` [C] the weight of the norm that produced x
     (x = g ⊙ n), so z is the rotated normalised input that a model with g folded into its weights and its
     residual stream rotated by Q would feed this layer (LaRoSA, WINA's transform). The score is |z|, or
-    |z_i|·w_i with the optional `w` [C] (the rotated weight's column norms). `n_zero` entries of z are
-    zeroed per token (ties at the cut too); with n_zero = 0 the rotation still runs, and y equals
-    forward(x) up to rounding. A zero g_i carries nothing forward, so its channel of n is taken as 0.
+    |z_i|·w_i with the optional `w` [C] (the rotated weight's column norms; channels with w_i = 0 are always
+    zeroed). `n_zero` entries of z are zeroed per token (ties at the cut too); with n_zero = 0 and no w
+    the rotation still runs, and y equals forward(x) up to rounding. A zero g_i carries nothing forward,
+    so its channel of n is taken as 0.
     """
     k = int(rule.attrs["n_zero"])
     w = rule.tensors.get("w")
-
-    def select(z):
-        if k <= 0:
-            return None
-        return _topk_keep(z.abs() if w is None else z.abs() * w.to(z.device, z.dtype), k)
-    return _rotated(rule, x, forward, select)
+    return _rotated(rule, x, forward,
+                    lambda z: _select(z.abs() if w is None else z.abs() * w.to(z.device, z.dtype), w, k))
 
 
 @register_rule("rotated_threshold")

@@ -13,23 +13,14 @@ import actsparse as asp
 from actsparse.eval.speed import plan_to_engine
 from actsparse.models.sites import find_blocks
 from actsparse.sparsifiers._calib import calib_windows
-from tests.methods.conftest import tiny_llama, tiny_qwen2
+from tests.methods.conftest import random_norms, tiny_llama, tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _random_norms(model, seed):
-    """Norm weights far from 1, so that folding them (or not) makes a difference."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.data = torch.rand(p.shape, generator=g) * 1.5 + 0.25
-    return model
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def rotated(request, tok):
-    model = _random_norms(tiny_llama(seed=3) if request.param == "llama" else tiny_qwen2(seed=4), seed=5)
+    model = random_norms(tiny_llama(seed=3) if request.param == "llama" else tiny_qwen2(seed=4), seed=5)
     stats = asp.calibrate(model, tok, tokens=1024, seq_len=64, batch_size=8, sample_size=4096, progress=False)
     return model, stats
 
