@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import actsparse as asp
+from actsparse.eval.speed import plan_to_engine
 from actsparse.models.sites import find_blocks, find_sites
 from actsparse.sparsifiers._calib import calib_windows
 from actsparse.sparsifiers.wina import WinaParams, site_scores
@@ -190,3 +191,11 @@ def test_wina_scores_moe_expert_up_by_x_like_a_gated_mlp(family):
         else:
             w = find_sites(model)[n].weight.detach().double().norm(dim=0)
             torch.testing.assert_close(score[n].w.double(), w)
+
+
+@pytest.mark.parametrize("params", [{"transform": True, "calib_tokens": 128}, {"selection": "topk"}])
+def test_wina_rotated_or_topk_plans_are_refused_by_the_triton_backend_with_the_reason(gqa, params):
+    model, stats = gqa
+    plan = asp.fit("wina", stats, 0.5, model=model, **params)
+    with pytest.raises(asp.ActsparseError, match="no per-token Top-K selection and no rotated inputs"):
+        plan_to_engine(plan)
