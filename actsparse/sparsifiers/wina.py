@@ -105,16 +105,19 @@ class Score:
         return {k: v for k, v in (("Q", self.q), ("g", self.g), ("w", self.w)) if v is not None}
 
 
-def site_scores(model, params) -> dict[str, Score]:
-    """Every site's Score: its column norms and, with the transform, its read group's rotation."""
+def site_scores(model, params, names=None) -> dict[str, Score]:
+    """The Score of every site (of those in `names`): its column norms and, with the transform, its rotation."""
     out = {}
     for b in find_blocks(model):
+        sites = {r: s for r, s in b.sites.items() if names is None or s.name in names}
+        if not sites:
+            continue
         gated = {s.name: m.gated for m in b.mlps for s in m.sites.values()}
         bases = {}
         if params.transform:
             g = norm_weights(b, "wina")
             bases = {grp: (*svd_basis(folded(b.sites[r], g[grp])), g[grp]) for grp, r in _BASIS_OF.items()}
-        for role, site in b.sites.items():
+        for role, site in sites.items():
             if role not in ROTATED or not bases:
                 out[site.name] = Score(scoring_norms(site, params.column_norms, gated.get(site.name, False)))
                 continue
@@ -195,7 +198,7 @@ class Wina(Method):
         if missing:
             raise ActsparseError(f"wina: the stats name sites this model lacks ({missing[:3]}); "
                                  "fit with the model the stats were calibrated on")
-        score = site_scores(model, params)
+        score = site_scores(model, params, set(names))
         windows = calib_windows(stats, params.calib_tokens)
         dev = next(model.parameters()).device
 
