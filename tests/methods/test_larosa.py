@@ -63,6 +63,36 @@ def test_larosa_basis_is_the_pca_of_normalised_block_inputs(rotated):
     np.testing.assert_allclose(np.abs(np.sum(ref * q, axis=0)), 1.0, atol=1e-4)
 
 
+def test_larosa_block_input_bases_of_the_unfolded_norm_outputs_are_each_groups_pca(rotated):
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=512, bases="block_input", fold_norm=False)
+    block = find_blocks(model)[1]
+    norms = (block.module.input_layernorm, block.module.post_attention_layernorm)
+    hs = {0: [], 1: []}
+    hooks = [n.register_forward_hook(lambda m, a, out, i=i: hs[i].append(out.reshape(-1, out.shape[-1]).double()))
+             for i, n in enumerate(norms)]
+    try:
+        with torch.no_grad():
+            model(calib_windows(stats, 512))
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, role in ((0, "q"), (1, "gate")):
+        x = torch.cat(hs[i]).numpy()
+        ref = np.linalg.eigh(x.T @ x)[1][:, ::-1]                        # descending eigenvalue
+        rule = plan.rules[f"layers.1.{role}"]
+        np.testing.assert_allclose(np.abs(np.sum(ref * rule.tensors["Q"].double().numpy(), axis=0)), 1.0, atol=1e-4)
+        assert bool((rule.tensors["g"] == 1).all())
+    assert plan.rules["layers.1.k"].tensors["Q"] is plan.rules["layers.1.q"].tensors["Q"]
+    ids = torch.randint(1, 260, (2, 32))
+    exact = asp.fit("larosa", stats, 0.0, model=model, calib_tokens=256, bases="block_input", fold_norm=False)
+    with torch.no_grad():
+        want = model(ids).logits
+        with asp.sparsify(model, exact):
+            got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("sparsity", [0.25, 0.6])
 def test_larosa_site_output_equals_the_folded_rotated_weights(rotated, sparsity):
     model, stats = rotated
@@ -143,6 +173,7 @@ def test_larosa_refuses_other_families_naming_the_supported_ones(gelu):
     ({"roles": ("qkv",)}, "larosa roles must be a subset of"),
     ({"roles": ()}, "larosa roles must be a non-empty subset"),
     ({"calib_tokens": 1}, "larosa calib_tokens must be >= 2"),
+    ({"bases": "head"}, "bases must be one of"),
 ])
 def test_larosa_rejects_bad_params(llama, params, match):
     model, stats = llama

@@ -85,5 +85,5 @@ def test_paper_presets_hold_valid_params_and_name_their_source(preset):
 
 
 def test_every_paper_preset_is_listed():
-    assert PAPER == ["cats_paper", "countdown_paper", "nm_paper", "rsparse_paper", "scap_paper", "teal_paper",
-                     "wina_paper"]
+    assert PAPER == ["cats_paper", "countdown_paper", "larosa_paper", "nm_paper", "rsparse_paper", "scap_paper",
+                     "teal_paper", "wina_paper"]
