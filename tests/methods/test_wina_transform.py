@@ -199,3 +199,20 @@ def test_wina_rotated_or_topk_plans_are_refused_by_the_triton_backend_with_the_r
     plan = asp.fit("wina", stats, 0.5, model=model, **params)
     with pytest.raises(asp.ActsparseError, match="no per-token Top-K selection and no rotated inputs"):
         plan_to_engine(plan)
+
+
+def test_wina_transform_sequential_fits_rotated_thresholds_on_sparsified_inputs(gqa):
+    from tests.methods.test_wina import _inputs
+
+    model, stats = gqa
+    plan = asp.fit("wina", stats, 0.6, model=model, transform=True, sequential=True, calib_tokens=256)
+    layer0 = [r for p, r in plan.rules.items() if p.startswith("layers.0.")]
+    assert {r.kind for r in layer0} == {"rotated_threshold", "threshold"}
+    x = _inputs(model, calib_windows(stats, 256), ["layers.1.k"], rules=layer0, stats=stats)["layers.1.k"]
+    rule = plan.rules["layers.1.k"]                   # the first stage of layer 1: behind layer 0's rules only
+    q, g = rule.tensors["Q"].double(), rule.tensors["g"].double()
+    w = (find_sites(model)["layers.1.k"].module.weight.double() * g @ q).norm(dim=0)
+    w[w < 1e-6] = 0.0
+    t = np.quantile((((x / g) @ q).abs() * w).numpy(), 0.6)
+    want = torch.where(w > 0, t / w.clamp_min(1e-30), torch.inf)
+    torch.testing.assert_close(rule.tensors["thresh"].double(), want, rtol=2e-4, atol=1e-9)
