@@ -40,22 +40,29 @@ def test_larosa_rotation_at_sparsity_zero_leaves_logits_unchanged(rotated):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
-def test_larosa_basis_is_the_pca_of_normalised_block_inputs(rotated):
-    model, stats = rotated
-    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=512)
-    block = find_blocks(model)[1]
+def _norm_io(model, stats, layer):
+    """The layer's two RMSNorms and, per norm, its inputs and outputs [N, C] (float64) on 512 calibration tokens."""
+    block = find_blocks(model)[layer]
     norms = (block.module.input_layernorm, block.module.post_attention_layernorm)
     hs = {0: [], 1: []}
-    hooks = [n.register_forward_pre_hook(lambda m, a, i=i: hs[i].append(a[0].reshape(-1, a[0].shape[-1]).double()))
-             for i, n in enumerate(norms)]
+    hooks = [n.register_forward_hook(lambda m, a, out, i=i: hs[i].append((a[0], out))) for i, n in enumerate(norms)]
     try:
         with torch.no_grad():
             model(calib_windows(stats, 512))
     finally:
         for h in hooks:
             h.remove()
+    flat = {i: tuple(torch.cat([t[j].reshape(-1, t[j].shape[-1]) for t in hs[i]]).double() for j in (0, 1))
+            for i in hs}
+    return norms, flat
+
+
+def test_larosa_basis_is_the_pca_of_normalised_block_inputs(rotated):
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=512)
+    norms, hs = _norm_io(model, stats, layer=1)
     eps = norms[0].variance_epsilon
-    n = np.concatenate([_rms(torch.cat(hs[i]), eps).numpy() for i in (0, 1)])
+    n = np.concatenate([_rms(hs[i][0], eps).numpy() for i in (0, 1)])
     vals, vecs = np.linalg.eigh(n.T @ n)
     ref = vecs[:, ::-1]                                               # descending eigenvalue
     q = plan.rules["layers.1.q"].tensors["Q"].double().numpy()
@@ -66,19 +73,9 @@ def test_larosa_basis_is_the_pca_of_normalised_block_inputs(rotated):
 def test_larosa_block_input_bases_of_the_unfolded_norm_outputs_are_each_groups_pca(rotated):
     model, stats = rotated
     plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=512, bases="block_input", fold_norm=False)
-    block = find_blocks(model)[1]
-    norms = (block.module.input_layernorm, block.module.post_attention_layernorm)
-    hs = {0: [], 1: []}
-    hooks = [n.register_forward_hook(lambda m, a, out, i=i: hs[i].append(out.reshape(-1, out.shape[-1]).double()))
-             for i, n in enumerate(norms)]
-    try:
-        with torch.no_grad():
-            model(calib_windows(stats, 512))
-    finally:
-        for h in hooks:
-            h.remove()
+    _, hs = _norm_io(model, stats, layer=1)
     for i, role in ((0, "q"), (1, "gate")):
-        x = torch.cat(hs[i]).numpy()
+        x = hs[i][1].numpy()
         ref = np.linalg.eigh(x.T @ x)[1][:, ::-1]                        # descending eigenvalue
         rule = plan.rules[f"layers.1.{role}"]
         np.testing.assert_allclose(np.abs(np.sum(ref * rule.tensors["Q"].double().numpy(), axis=0)), 1.0, atol=1e-4)
