@@ -10,9 +10,9 @@ Selection (`selection`):
   by the torch backend and the triton kernels (`eval=speed` measures it). t is the target quantile of the
   scores over every entry of the site's inputs on `calib_tokens` calibration tokens (captured one layer
   at a time), so the zero fraction of x_s is the target.
-- `topk`: per token, keep the int(C (1 - s)) channels of largest score (`topk_token` rules), the
-  reference evaluation's `mask_by='topk'`: every token's sparsity is the target. The kernels have no
-  Top-K, so `eval=speed` skips these plans.
+- `topk`: per token, keep the int(C (1 - s)) channels of largest score (`topk_token` rules;
+  `rotated_topk` under the transform), the reference evaluation's `mask_by='topk'`: every token's
+  sparsity is the target. The kernels have no Top-K, so `eval=speed` skips these plans.
 
 Sites that read one input (q/k/v; gate/up) each get their own mask, as in the reference.
 `column_norms` picks the weights that score each site:
@@ -48,6 +48,9 @@ Deliberate differences from the reference:
   a LayerNorm step (SliceGPT's) that changes an RMSNorm model's function; it is not done here, so the
   dense model's logits are unchanged. The final norm and the LM head, which nothing sparsifies, are
   left alone;
+- channels whose (rotated) weight column has norm 0 are always dropped and counted as skipped reads;
+  the reference's Top-K keeps int(C (1 - s)) entries, zero-norm columns among them when s is below
+  their fraction (the same output), and counts s;
 - thresholds are exact quantiles over the captured calibration inputs (the reference fits a
   histogram and reads its inverse CDF);
 - the greedy search's relative site sizes come from the weight shapes (the reference hard-codes them
