@@ -60,6 +60,7 @@ Deliberate differences from the reference:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar, Literal
 
 import torch
@@ -95,13 +96,13 @@ class Score:
     q: torch.Tensor | None = None     # [C, C] rotation, shared by the sites that read one input
     g: torch.Tensor | None = None     # [C] norm weight folded into the readers
 
-    @property
+    @functools.cached_property
     def n_dead(self) -> int:
         """Channels that multiply a zero weight column: always dropped."""
         return 0 if self.w is None else int((self.w == 0).sum())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        z = x if self.q is None else rotate(x, self.q, self.g)
+        z = x if self.q is None else rotate(x, self.q, self.g, torch.float32)   # as the rules rotate
         return z.abs() if self.w is None else z.abs() * self.w.to(z.device, z.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
