@@ -236,7 +236,8 @@ def cmd_ls(argv: list[str]) -> int:
 
     args = _ls_parser().parse_args(argv)
     if args.what == "methods":
-        print_rows("methods (set a parameter with method=NAME method.params.KEY=VALUE)", inv.method_rows(), "")
+        print_rows("methods (set a parameter with method=NAME method.params.KEY=VALUE; a preset with "
+                   "method=PRESET)", inv.method_rows(), "")
     elif args.what == "measures":
         print_rows("measures (eval.measure=[NAME,...]; set one with eval.NAME.KEY=VALUE)", inv.measure_rows(), "")
     elif args.what == "models":

@@ -51,10 +51,11 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
         where[point] = (int(layer), role)
     out = EnginePlan.empty(n_layers if n_layers is not None else 1 + max((i for i, _ in where.values()), default=-1))
     for point, rule in plan.rules.items():
-        if rule.kind in ("rotated_topk", "topk_token"):
-            raise ActsparseError(f"the triton kernels have no per-token Top-K selection (plan {plan.method!r}, "
-                                 f"{rule.kind!r} rule at {point}); LaRoSA would also need its rotation folded "
-                                 "into the engine's weights, so decode speed is not measured for this plan")
+        if rule.kind in ("rotated_topk", "topk_token", "rotated_threshold"):
+            raise ActsparseError(f"the triton kernels have no per-token Top-K selection and no rotated inputs "
+                                 f"(plan {plan.method!r}, {rule.kind!r} rule at {point}); a rotation (LaRoSA, "
+                                 "WINA's transform) would also need folding into the engine's weights, so decode "
+                                 "speed is not measured for this plan")
         if rule.kind != "threshold":
             raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ROLES)}; plan "
                                  f"{plan.method!r} has a {rule.kind!r} rule at {point}")

@@ -9,6 +9,9 @@ Effective sparsity is therefore about 2/3 of the MLP activation sparsity times t
 site weights (gate, up, down are the same size in Llama-like MLPs): the plan's accounting says so
 (skips = [up, down]), never the target.
 
+The reference's training-free protocol (calibration data, sparsities, every position sparsified) is
+conf/method/cats_paper.yaml with sweeps/cats_paper.yaml.
+
 Deliberate differences from the reference:
 - the threshold is the exact empirical quantile of |a| over the calibration sample; the reference
   reads it off a 1000-bin histogram on [-1, 1] (coarse where |a| is small);

@@ -16,6 +16,9 @@ coefficients of the down projection's columns rather than act(g) alone (as CATS 
 - `oracle`: the per-token top (1 - s) of |act(g) ⊙ u| exactly (what D-COUNTDOWN's predictor tries to
   predict): an upper bound for analysis, not a deployable method; its accounting assumes a free oracle.
 
+The reference's practical M-COUNTDOWN runs (0.7 / 0.8 / 0.9, every position) are
+conf/method/countdown_paper.yaml with sweeps/countdown_paper.yaml.
+
 Deliberate differences from the reference:
 - M-COUNTDOWN's tau_l is the global quantile of |u| over the calibration sample (the same estimator
   our CATS uses, so the two compare on the choice of signal only); the reference averages per-token

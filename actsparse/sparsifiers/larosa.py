@@ -28,10 +28,21 @@ Deliberate differences from the paper:
 - one uniform Top-K fraction at every sparsified input; the paper's per-layer/per-block sparsity
   choices are not reproduced;
 - the covariance is taken over `calib_tokens` calibration tokens of the dense model.
+
+The public code (alibaba/EfficientAI, larosa/gen_act/grab_acts_rotate_diff_Q_llama.py and
+larosa/inference/) differs from the paper's description in ways two options reproduce:
+`bases='block_input'` takes one basis per read group, from the attention input's covariance for
+q/k/v and from the MLP input's for gate/up (the code's separate D for self_attn and mlp), and
+`fold_norm=False` takes the covariance of, and rotates, the norm's output x itself (the code never
+folds g; the rotation stays exact either way). conf/method/larosa_paper.yaml sets both, with the
+code's 10 x 2,048 WikiText-2 train tokens. Kept different from that code: it masks the rotated input
+with a threshold read from a histogram of rotated Alpaca activations (TEAL's icdf(0.5 + s/2)), here
+it is per-token Top-K as the paper describes; its o and down inputs are thresholded likewise.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 
@@ -40,10 +51,9 @@ from ..models.sites import find_blocks
 from ._calib import calib_windows, collect, require_model
 from .plan import Rule
 from .registry import Method, register_method
+from .rotation import ROTATED, group_of, norm_weights, normalised, require_rotatable
 from .teal import check_roles
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-ROTATED = ("q", "k", "v", "gate", "up")     # inputs read from the (rotatable) residual stream
 LAROSA_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -57,6 +67,8 @@ class Larosa(Method):
     class Params:
         roles: tuple[str, ...] = LAROSA_ROLES
         calib_tokens: int = 2048
+        bases: Literal["layer", "block_input"] = "layer"   # one Q per layer, or one per attention / MLP input
+        fold_norm: bool = True    # rotate x / g (g folded into the readers), or the norm's output x itself
 
         def __post_init__(self):
             check_roles("larosa", self.roles)
@@ -68,46 +80,35 @@ class Larosa(Method):
 
     def fit(self, stats, sparsity, params, model):
         require_model("larosa", model, "computes each layer's rotation from the model's inputs")
-        kind = getattr(getattr(model, "config", None), "model_type", None)
-        if kind not in SUPPORTED:
-            raise ActsparseError(f"larosa supports {', '.join(SUPPORTED)} models (pre-RMSNorm blocks whose "
-                                 f"norm weights fold into the next linears); this model is {kind!r}")
+        require_rotatable("larosa", model)
         windows = calib_windows(stats, params.calib_tokens)
         rules: list[Rule] = []
         for b in find_blocks(model):
-            norms = {"attn": _norm_weight(b, "input_layernorm"), "mlp": _norm_weight(b, "post_attention_layernorm")}
+            norms = norm_weights(b, "larosa")
+            if not params.fold_norm:
+                norms = {p: torch.ones_like(g) for p, g in norms.items()}
             readers = {"attn": b.sites["q"], "mlp": b.sites["gate"]}
             if any(r in params.roles for r in ROTATED):
                 X = collect(model, windows, {p: (s.module, "input") for p, s in readers.items()},
                             stop_after=b.module)
-                q = pca_basis([_normalised(X[p], norms[p]) for p in readers])
+                n = {p: normalised(X[p], norms[p]) for p in readers}
+                if params.bases == "layer":
+                    q = dict.fromkeys(readers, pca_basis(list(n.values())))
+                else:
+                    q = {p: pca_basis([n[p]]) for p in readers}
             for role in params.roles:
                 site = b.sites[role]
                 c = site.in_features
                 n_zero = int(round(sparsity * c))
                 if role in ROTATED:
-                    g = norms["attn" if role in ("q", "k", "v") else "mlp"]
-                    rules.append(Rule(site.name, "rotated_topk", {"Q": q, "g": g}, attrs={"n_zero": n_zero},
+                    grp = group_of(role)
+                    rules.append(Rule(site.name, "rotated_topk", {"Q": q[grp], "g": norms[grp]},
+                                      attrs={"n_zero": n_zero},
                                       skips=[site.name], expected_sparsity=n_zero / c))
                 else:
                     rules.append(Rule(site.name, "topk_token", attrs={"n_zero": n_zero}, skips=[site.name],
                                       expected_sparsity=n_zero / c))
         return rules
-
-
-def _norm_weight(block, name: str) -> torch.Tensor:
-    norm = getattr(block.module, name, None)
-    w = getattr(norm, "weight", None)
-    if not isinstance(w, torch.Tensor):
-        raise ActsparseError(f"larosa: layer {block.layer} has no {name} with a weight; it folds the RMSNorm "
-                             "weights of Llama/Mistral/Qwen2 blocks")
-    return w.detach().float().cpu().clone()
-
-
-def _normalised(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """n = x / g (the norm's output before its weight); channels with g = 0 carry nothing: 0."""
-    safe = torch.where(g != 0, g, torch.ones_like(g))
-    return torch.where(g != 0, x.double() / safe.double(), torch.zeros((), dtype=torch.float64))
 
 
 def pca_basis(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -28,12 +28,16 @@ Error mitigation (one of):
 Forward passes: `scaling`, `shift_eta="static"` and `learnable` run the model on `calib_tokens`
 calibration tokens (default 2048); `learnable` also takes `learn_steps` Adam steps per block.
 
+The reference's default configuration (2:4 by magnitude on all seven inputs, learnable scale and
+shift) is conf/method/nm_paper.yaml.
+
 Deliberate differences from the reference:
 - `scaling` uses calibration-time per-channel maxima (static), the reference the current batch's;
 - `learnable` trains scale and shift (the reference's `scale_shift` option) for `learn_steps`
   full-batch Adam steps at `learn_lr` and keeps the best affines seen (the identity included), rather
   than the reference's AdamW epoch over WikiText-2 train at lr 1e-4 with a linear schedule;
-- default roles are all seven sites; the reference's default config prunes o, gate, up and down only;
+- default roles are all seven sites, as the reference's act_prune/configs/config.py (its older
+  config_outdated.yaml prunes o, gate, up and down only);
 - the static eta is measured on the calibration tokens, not on the first 100 evaluation batches.
 """
 from __future__ import annotations

@@ -24,6 +24,9 @@ Forward passes: the inputs of the chosen sites on `calib_tokens` calibration tok
 the reference uses one 512-token WikiText-2 train window) for thresholds; greedy replays blocks,
 evolutionary runs population x generations full forwards.
 
+The reference's example run (evolutionary search, 512 calibration tokens, 0.5, last 10% of positions) is
+conf/method/rsparse_paper.yaml.
+
 Deliberate differences from the reference:
 - the searched allocation is per layer, not per site (the reference ships a per-site alpha file from an
   unreleased evolutionary search);

@@ -20,6 +20,9 @@ reference gets by calibrating inside one hooked forward pass. Forward passes: `k
 chosen sites' inputs once; `sequential` runs one pass per layer and stage; each on `calib_tokens`
 calibration tokens (default 2048).
 
+The reference's Llama-2 / Mistral calibration (FFN inputs, no centering, calibrated in one sparsifying
+forward pass on 16,384 tokens) is conf/method/scap_paper.yaml.
+
 Deliberate differences from the reference:
 - thresholds (and the median) come from the calibration statistics' uniform sample (non-sequential)
   or from all captured calibration entries (sequential); the reference uses the first batch it sees;

@@ -145,13 +145,19 @@ def abs_quantiles(stats, sites) -> dict[str, Callable[[float], float]]:
 
 
 @torch.no_grad()
-def greedy_rules(stats, target: float, params, model, thresholds=abs_quantiles, tag: tuple = ()) -> list[Rule]:
+def greedy_rules(stats, target: float, params, model, thresholds=abs_quantiles, tag: tuple = (),
+                 rule: Callable[..., Rule] | None = None) -> list[Rule]:
     """TEAL's block-wise greedy allocation: per block, the recorded level closest to `target`.
 
     `thresholds(stats, sites)` returns, per site, the map from a sparsity level to the threshold on the
-    site's input (a float, or a per-channel tensor); `tag` tells apart the trajectories of methods whose
-    thresholds differ (WINA).
+    site's input (a float, or a per-channel tensor; a map with a `mask(x, t)` method masks the input its
+    own way); `tag` tells apart the trajectories of methods whose thresholds differ (WINA).
+    `rule(site, thresholds, level, **attrs)` makes each site's rule at its chosen level (default: a
+    `threshold` rule).
     """
+    if rule is None:
+        def rule(site, th, level, **attrs):
+            return threshold_rule(site, th(level), level, **attrs)
     blocks = [b for b in find_blocks(model) if any(r in params.roles for r in b.sites)]
     ident = (params.method,) + tag + (stats.key, tuple(params.roles), params.base_step, params.last_fraction,
                                       params.calib_tokens, params.greedy_mask_fraction)
@@ -177,8 +183,8 @@ def greedy_rules(stats, target: float, params, model, thresholds=abs_quantiles, 
                 _TRAJECTORIES.pop(next(iter(_TRAJECTORIES)))
             _TRAJECTORIES[keys[b.layer]] = traj[b.layer]
         f, levels = min(traj[b.layer], key=lambda fl: abs(fl[0] - target))
-        rules += [threshold_rule(s.name, quantiles[s.name](levels[s.name]), levels[s.name],
-                                 allocation="greedy", block_effective=f) for s in sites]
+        rules += [rule(s.name, quantiles[s.name], levels[s.name], allocation="greedy", block_effective=f)
+                  for s in sites]
     return rules
 
 
@@ -200,12 +206,14 @@ def greedy_block(calls, sites, quantiles, target: float, base_step: float, last_
         return sum(size[n] * lv[n] for n in lv) / total
 
     def mask_input(name):
+        mask = getattr(quantiles[name], "mask", None)
+
         def pre(m, args):
             t = thresh[name]
             if not torch.is_tensor(t) and t <= 0.0:
                 return None
             x = args[0]                                     # [B, T, C]
-            xs = x * (x.abs() > t)
+            xs = x * (x.abs() > t) if mask is None else mask(x, t)
             if mask_fraction < 1.0:                          # TEAL masks only the last positions
                 start = x.shape[1] - int(x.shape[1] * mask_fraction)
                 xs = torch.cat([x[:, :start], xs[:, start:]], dim=1)

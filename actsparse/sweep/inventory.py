@@ -19,6 +19,7 @@ def method_rows() -> list[dict]:
     """One row per registered method: name, what sets its sparsity, its parameters with defaults, its summary."""
     from ..sparsifiers.registry import METHODS, methods
 
+    presets = method_presets()
     rows = []
     for name, params in methods().items():
         cls = METHODS[name]
@@ -27,8 +28,21 @@ def method_rows() -> list[dict]:
                      "sparsity from": "target" if cls.uses_target else
                      "params" if hasattr(cls, "nominal_sparsity") else "none (0)",
                      "parameters (default)": ", ".join(f"{k}={fmt(p['default'])}" for k, p in params.items()) or "–",
+                     "presets": ", ".join(presets.get(name, [])) or "–",
                      "what it does": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""})
     return rows
+
+
+def method_presets() -> dict[str, list[str]]:
+    """The presets of conf/method/ (method=PRESET), by the method each configures."""
+    import yaml
+
+    from .config import conf_dir
+
+    out: dict[str, list[str]] = {}
+    for path in sorted((conf_dir() / "method").glob("*.yaml")):
+        out.setdefault((yaml.safe_load(path.read_text()) or {}).get("name"), []).append(path.stem)
+    return out
 
 
 def measure_rows() -> list[dict]:

@@ -46,6 +46,15 @@ def tiny_gelu(seed: int = 0, layers: int = 2):
                  GPTNeoXForCausalLM, seed)
 
 
+def random_norms(model, seed):
+    """Norm weights far from 1, so that folding them (or not) makes a difference."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data = torch.rand(p.shape, generator=g) * 1.5 + 0.25
+    return model
+
+
 @pytest.fixture(scope="session")
 def tok():
     return ByteTok()

@@ -13,23 +13,14 @@ import actsparse as asp
 from actsparse.eval.speed import plan_to_engine
 from actsparse.models.sites import find_blocks
 from actsparse.sparsifiers._calib import calib_windows
-from tests.methods.conftest import tiny_llama, tiny_qwen2
+from tests.methods.conftest import random_norms, tiny_llama, tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _random_norms(model, seed):
-    """Norm weights far from 1, so that folding them (or not) makes a difference."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.data = torch.rand(p.shape, generator=g) * 1.5 + 0.25
-    return model
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def rotated(request, tok):
-    model = _random_norms(tiny_llama(seed=3) if request.param == "llama" else tiny_qwen2(seed=4), seed=5)
+    model = random_norms(tiny_llama(seed=3) if request.param == "llama" else tiny_qwen2(seed=4), seed=5)
     stats = asp.calibrate(model, tok, tokens=1024, seq_len=64, batch_size=8, sample_size=4096, progress=False)
     return model, stats
 
@@ -49,27 +40,54 @@ def test_larosa_rotation_at_sparsity_zero_leaves_logits_unchanged(rotated):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
-def test_larosa_basis_is_the_pca_of_normalised_block_inputs(rotated):
-    model, stats = rotated
-    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=512)
-    block = find_blocks(model)[1]
+def _norm_io(model, stats, layer):
+    """The layer's two RMSNorms and, per norm, its inputs and outputs [N, C] (float64) on 512 calibration tokens."""
+    block = find_blocks(model)[layer]
     norms = (block.module.input_layernorm, block.module.post_attention_layernorm)
     hs = {0: [], 1: []}
-    hooks = [n.register_forward_pre_hook(lambda m, a, i=i: hs[i].append(a[0].reshape(-1, a[0].shape[-1]).double()))
-             for i, n in enumerate(norms)]
+    hooks = [n.register_forward_hook(lambda m, a, out, i=i: hs[i].append((a[0], out))) for i, n in enumerate(norms)]
     try:
         with torch.no_grad():
             model(calib_windows(stats, 512))
     finally:
         for h in hooks:
             h.remove()
+    flat = {i: tuple(torch.cat([t[j].reshape(-1, t[j].shape[-1]) for t in hs[i]]).double() for j in (0, 1))
+            for i in hs}
+    return norms, flat
+
+
+def test_larosa_basis_is_the_pca_of_normalised_block_inputs(rotated):
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=512)
+    norms, hs = _norm_io(model, stats, layer=1)
     eps = norms[0].variance_epsilon
-    n = np.concatenate([_rms(torch.cat(hs[i]), eps).numpy() for i in (0, 1)])
+    n = np.concatenate([_rms(hs[i][0], eps).numpy() for i in (0, 1)])
     vals, vecs = np.linalg.eigh(n.T @ n)
     ref = vecs[:, ::-1]                                               # descending eigenvalue
     q = plan.rules["layers.1.q"].tensors["Q"].double().numpy()
     # columns agree up to sign
     np.testing.assert_allclose(np.abs(np.sum(ref * q, axis=0)), 1.0, atol=1e-4)
+
+
+def test_larosa_block_input_bases_of_the_unfolded_norm_outputs_are_each_groups_pca(rotated):
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=512, bases="block_input", fold_norm=False)
+    _, hs = _norm_io(model, stats, layer=1)
+    for i, role in ((0, "q"), (1, "gate")):
+        x = hs[i][1].numpy()
+        ref = np.linalg.eigh(x.T @ x)[1][:, ::-1]                        # descending eigenvalue
+        rule = plan.rules[f"layers.1.{role}"]
+        np.testing.assert_allclose(np.abs(np.sum(ref * rule.tensors["Q"].double().numpy(), axis=0)), 1.0, atol=1e-4)
+        assert bool((rule.tensors["g"] == 1).all())
+    assert plan.rules["layers.1.k"].tensors["Q"] is plan.rules["layers.1.q"].tensors["Q"]
+    ids = torch.randint(1, 260, (2, 32))
+    exact = asp.fit("larosa", stats, 0.0, model=model, calib_tokens=256, bases="block_input", fold_norm=False)
+    with torch.no_grad():
+        want = model(ids).logits
+        with asp.sparsify(model, exact):
+            got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("sparsity", [0.25, 0.6])
@@ -152,6 +170,7 @@ def test_larosa_refuses_other_families_naming_the_supported_ones(gelu):
     ({"roles": ("qkv",)}, "larosa roles must be a subset of"),
     ({"roles": ()}, "larosa roles must be a non-empty subset"),
     ({"calib_tokens": 1}, "larosa calib_tokens must be >= 2"),
+    ({"bases": "head"}, "bases must be one of"),
 ])
 def test_larosa_rejects_bad_params(llama, params, match):
     model, stats = llama

@@ -1,4 +1,7 @@
-"""The method library as a whole: every method registered, every rule kind survives save/load."""
+"""The method library as a whole: every method registered, every rule kind survives save/load, paper presets."""
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,3 +61,29 @@ def test_needs_model_for_tells_the_sweep_which_fits_load_the_model(llama, method
             asp.fit(method, stats, 0.5, **kw)
     else:
         asp.fit(method, stats, 0.5, **kw)
+
+
+PAPER = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf/method").glob("*_paper.yaml"))
+
+
+@pytest.mark.parametrize("preset", PAPER)
+def test_paper_presets_hold_valid_params_and_name_their_source(preset):
+    import yaml
+
+    from actsparse.sparsifiers.registry import get_method, make_params
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "conf/method" / f"{preset}.yaml").read_text()
+    conf = yaml.safe_load(text)
+    make_params(get_method(conf["name"]), conf["params"] or {})
+    header = " ".join(line for line in text.splitlines() if line.startswith("#"))
+    assert "reference code" in header and "Differences kept" in header
+    doc = importlib.import_module(get_method(conf["name"]).__module__).__doc__
+    assert f"conf/method/{preset}.yaml" in doc
+    sweep = root / "sweeps" / f"{preset}.yaml"
+    if sweep.exists():
+        assert f"override /method: {preset}" in sweep.read_text()
+
+
+def test_every_paper_preset_is_listed():
+    assert PAPER == ["cats_paper", "countdown_paper", "larosa_paper", "nm_paper", "rsparse_paper", "scap_paper",
+                     "teal_paper", "wina_paper"]

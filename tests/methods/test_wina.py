@@ -149,9 +149,27 @@ def test_wina_needs_the_model(llama):
 def test_methods_lists_wina_with_typed_params():
     m = asp.methods()["wina"]
     assert m["column_norms"] == {"type": "Literal", "default": "reference"}
+    assert m["selection"] == {"type": "Literal", "default": "threshold"}
+    assert m["transform"] == {"type": "bool", "default": False}
     assert m["sequential"]["type"] == "bool"
     import sys
 
     from actsparse.sparsifiers.registry import get_method
     cls = get_method("wina")
     assert cls.__doc__ and "arXiv 2505.19427" in sys.modules[cls.__module__].__doc__
+
+
+def test_wina_paper_preset_holds_the_reference_protocol():
+    from pathlib import Path
+
+    import yaml
+
+    from actsparse.sparsifiers.registry import get_method, make_params
+    root = Path(__file__).resolve().parents[2]
+    conf = yaml.safe_load((root / "conf/method/wina_paper.yaml").read_text())
+    p = make_params(get_method(conf["name"]), conf["params"])
+    assert (p.transform, p.selection, p.column_norms, p.allocation) == (True, "topk", "reference", "greedy")
+    assert (p.base_step, p.last_fraction, p.greedy_mask_fraction) == (0.025, 0.25, 0.99)
+    sweep = yaml.safe_load((root / "sweeps/wina_paper.yaml").read_text())
+    assert sweep["eval"]["token_policy"] == "last_fraction=0.99"
+    assert sweep["hydra"]["sweeper"]["params"]["sparsity"] == "0.25,0.4,0.5,0.65"

@@ -43,6 +43,8 @@ def test_ls_methods_lists_every_method_with_every_parameter_default(tmp_path):
         for f in dataclasses.fields(cls.Params):
             d = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)
             assert f"{f.name}={d}".replace(" ", "") in text, (cls.name, f.name)
+    for preset in ("teal_paper", "wina_paper", "larosa_paper", "cats_paper"):
+        assert preset in text
 
 
 def test_ls_measures_lists_every_measure_with_its_settings(tmp_path):

@@ -3,6 +3,7 @@ import pytest
 
 from actsparse.errors import ActsparseError
 from actsparse.sweep.compose import compose_grid
+from actsparse.sweep.config import conf_dir, sweeps_dir
 from actsparse.sweep.dag import build_dag
 from actsparse.sweep.runner import plan_sweep
 
@@ -117,3 +118,34 @@ def test_a_method_filter_keeps_the_variants_of_that_method():
     assert set(RunFilter(methods=["teal"]).apply(df)["method"]) == {"teal", "teal(allocation=greedy)", "dense"}
     assert set(RunFilter(methods=["teal(allocation=greedy)"]).apply(df)["method"]) == {"teal(allocation=greedy)",
                                                                                         "dense"}
+
+
+PAPER = sorted(p.stem for p in sweeps_dir().glob("*_paper.yaml"))
+METHOD_PAPER = sorted(p.stem for p in (conf_dir() / "method").glob("*_paper.yaml"))
+
+
+def _listed(params: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in params.items()}
+
+
+@pytest.mark.parametrize("preset", PAPER)
+def test_paper_sweep_presets_compose_into_cells_of_their_method_preset_and_grid(preset):
+    import yaml
+
+    cells, _ = _cells([f"+sweep={preset}"])
+    params = yaml.safe_load((conf_dir() / "method" / f"{preset}.yaml").read_text())["params"] or {}
+    grid = yaml.safe_load((sweeps_dir() / f"{preset}.yaml").read_text())["hydra"]["sweeper"]["params"]["sparsity"]
+    assert sorted(c.plan.target for c in cells) == sorted(float(s) for s in str(grid).split(","))
+    for c in cells:
+        assert _listed({k: c.plan.params[k] for k in params}) == _listed(params)
+
+
+@pytest.mark.parametrize("preset", METHOD_PAPER)
+def test_every_method_preset_composes_as_a_method_override(preset):
+    import yaml
+
+    conf = yaml.safe_load((conf_dir() / "method" / f"{preset}.yaml").read_text())
+    cells, _ = _cells([f"method={preset}", "sparsity=0.5"])
+    assert len(cells) == 1 and cells[0].plan.method == conf["name"]
+    params = conf["params"] or {}
+    assert _listed({k: cells[0].plan.params[k] for k in params}) == _listed(params)
