@@ -710,6 +710,7 @@ def main() -> None:
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
                     help="weight of each sparsity in the tuning objective, e.g. 0:0,0.5:1,0.9:1 (default: %(default)s)")
     ap.add_argument("--tune-batches", default="1,4", help="batches every tuning sweep covers (default: %(default)s)")
+    ap.add_argument("--kernel-batches", default="1,4", help="batches of the bf16 kernel table (default: %(default)s)")
     ap.add_argument("--masked-tiles", default="", help="with --tune: batch 1's masked tiles instead of FMA_GRID[1], "
                     "'block_n,block_k,warps,stages;...'")
     ap.add_argument("--no-teal", action="store_true", help="skip the TEAL-design baseline (fp16, tuned tiles)")
@@ -765,7 +766,7 @@ def main() -> None:
                 extra["tune_weights"] = weights
             if tuned:
                 (out / "tuned.json").write_text(json.dumps(tuned, indent=1))
-            rows += kernel_bench(lay, "bf16", (1, 4), clock, meta)
+            rows += kernel_bench(lay, "bf16", tuple(int(b) for b in args.kernel_batches.split(",")), clock, meta)
             extra["impl"] = dict(extra_impl)
             save()
             del lay
