@@ -92,9 +92,18 @@ def _dry_run(capsys, *overrides):
     return rc, out.out, out.err
 
 
-def test_dry_run_prints_each_cells_estimate_and_gpus_and_starts_nothing(llama70, tmp_path, monkeypatch, capsys):
+def _refuse_ray(monkeypatch) -> None:
+    """Make any start of Ray fail the test (a cluster another test left running in this process must not hide it)."""
     import ray
 
+    def init(*a, **kw):
+        raise AssertionError("Ray was started")
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+
+def test_dry_run_prints_each_cells_estimate_and_gpus_and_starts_nothing(llama70, tmp_path, monkeypatch, capsys):
+    _refuse_ray(monkeypatch)
     monkeypatch.chdir(tmp_path)
     gpu = [f"model={llama70}", "model.dtype=bfloat16", "launcher=gpu", "device=cuda", f"launcher.gpu_memory_gb={H100}",
            "ray.num_gpus=8"]
@@ -113,14 +122,13 @@ def test_dry_run_prints_each_cells_estimate_and_gpus_and_starts_nothing(llama70,
     rc, out, err = _dry_run(capsys, *gpu, "method=teal", "launcher.gpus_per_cell=1")
     assert rc == 0 and "; 1 GPU(s) (launcher.gpus_per_cell)" in out
     assert f"is estimated at {peak / 1e9:.1f} GB, more than the {USABLE * H100:.1f} GB usable on" in out
-    assert not ray.is_initialized() and list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_cell_no_node_holds_is_refused_before_ray_naming_the_figures(llama70, tmp_path, monkeypatch, capsys):
-    import ray
-
     from actsparse.cli import main
 
+    _refuse_ray(monkeypatch)
     monkeypatch.chdir(tmp_path)
     rc = main(["sweep", f"model={llama70}", "model.dtype=bfloat16", "method=teal", "launcher=gpu", "device=cuda",
                f"launcher.gpu_memory_gb={H100}", "ray.num_gpus=1", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
@@ -130,7 +138,7 @@ def test_a_cell_no_node_holds_is_refused_before_ray_naming_the_figures(llama70, 
     assert err.startswith(f"actsparse: error: cell llama-70b-shaped0 teal s=0.5 needs 2 GPUs of one node: its "
                           f"estimate {peak / 1e9:.1f} GB = 141.1 GB weights + ")
     assert f"over 90% of {H100:.1f} GB per GPU (launcher.gpu_memory_gb); but a node has 1 GPU(s) (ray.num_gpus)" in err
-    assert not ray.is_initialized() and list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("override, msg", [
