@@ -714,6 +714,8 @@ def main() -> None:
     ap.add_argument("--masked-tiles", default="", help="with --tune: batch 1's masked tiles instead of FMA_GRID[1], "
                     "'block_n,block_k,warps,stages;...'")
     ap.add_argument("--no-teal", action="store_true", help="skip the TEAL-design baseline (fp16, tuned tiles)")
+    ap.add_argument("--teal-tiles", default="", help="the TEAL-design tiles tried instead of TEAL_TILES, "
+                    "'block_m,block_n,warps;...'")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
@@ -730,6 +732,8 @@ def main() -> None:
                 kind, k, n, b = key.split("|")
                 table[(kind, int(k), int(n), int(b))] = cls(**cfg)
         log(f"tuned configs from {args.load_tuned}: {configs.TUNED_ONESHOT} {configs.TUNED_GATHER}")
+    if args.teal_tiles:
+        TEAL_TILES[:] = [tuple(int(v) for v in t.split(",")) for t in args.teal_tiles.split(";") if t]
     if args.masked_tiles:
         FMA_GRID[1] = [tuple(int(v) for v in t.split(",")) for t in args.masked_tiles.split(";") if t]
     clock = Clock(args.budget_s)
