@@ -4,11 +4,11 @@ epilogue) against the torch references, fresh random inputs, outputs poisoned.""
 import pytest
 import torch
 
-from actsparse.kernels import (OneshotConfig, configs, override_config, poison_outputs, ref, sparse_gated_mlp,
+from actsparse.kernels import (OneshotConfig, configs, override_config, poison_outputs, ref,
                                sparse_gemv)
 from actsparse.kernels.configs import choose_impl
 
-from .checks import quantile_thresh, rel_err
+from .checks import check_fused_qkv, check_gated_mlp, check_nm_and_nothing_kept, quantile_thresh, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -38,43 +38,17 @@ def test_gemv_matches_reference(dtype, batch, sparsity):
 
 @pytest.mark.parametrize("batch", [1, 16])
 def test_fused_qkv_norm_shift_bias_match_reference(batch):
-    k, nq, nkv = 96, 64, 32
-    n = nq + 2 * nkv
-    x = torch.randn(batch, k, device=DEVICE) * 3
-    wt = torch.randn(k, n, device=DEVICE) / k**0.5
-    kw = dict(shift=torch.randn(3, k, device=DEVICE) * 0.2, bias=torch.randn(n, device=DEVICE),
-              residual=torch.randn(batch, n, device=DEVICE), norm_weight=torch.rand(k, device=DEVICE) + 0.5,
-              eps=1e-5, segments=(nq, nq + nkv))
-    thresh = torch.rand(3, k, device=DEVICE)  # per channel, one row per segment
-    want = ref.sparse_gemv_ref(x, wt, thresh, **kw)
-    for cfg in CFGS:
-        assert rel_err(run(sparse_gemv, x, wt, thresh, cfg=cfg, **kw), want) < 1e-5
+    check_fused_qkv(run, CFGS, batch, DEVICE)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gated_mlp_matches_reference(batch):
-    k, n = 64, 80
-    x = torch.randn(batch, k, device=DEVICE) * 2
-    wg, wu = torch.randn(k, n, device=DEVICE) / 8, torch.randn(k, n, device=DEVICE) / 8
-    g = torch.rand(k, device=DEVICE) + 0.5
-    t = quantile_thresh(ref.rmsnorm_ref(x, g), 0.6)
-    thresh = torch.tensor([t, t * 1.3], device=DEVICE)  # gate and up select different rows
-    kw = dict(norm_weight=g, shift=torch.randn(2, k, device=DEVICE) * 0.1, bias=torch.randn(2, n, device=DEVICE))
-    want = ref.sparse_gated_mlp_ref(x, wg, wu, thresh, **kw)
-    for cfg in CFGS:
-        assert rel_err(run(sparse_gated_mlp, x, wg, wu, thresh, cfg=cfg, **kw), want) < 1e-5
+    check_gated_mlp(run, CFGS, batch, 0.6, DEVICE)
 
 
 def test_nm_selection_and_all_skipped():
-    k, n = 64, 32
-    x = torch.randn(1, k, device=DEVICE)
-    wt = torch.randn(k, n, device=DEVICE) / 8
-    y = run(sparse_gemv, x, wt, torch.zeros(1, device=DEVICE), nm=(2, 4))
-    assert rel_err(y, ref.sparse_gemv_ref(x, wt, 0.0, nm=(2, 4))) < 1e-5
-    # Every channel skipped: no tile adds anything and the output is exactly the bias.
-    bias = torch.randn(n, device=DEVICE)
-    y = run(sparse_gemv, x, wt, torch.full((1,), 1e9, device=DEVICE), bias=bias)
-    assert torch.equal(y[0], bias)
+    """Every channel skipped: no tile adds anything."""
+    check_nm_and_nothing_kept(run, DEVICE)
 
 
 def test_repeated_launches_leave_accumulators_and_counters_zero():
