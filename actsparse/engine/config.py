@@ -1,4 +1,5 @@
-"""Shape of a Llama-family decoder, with presets for the models the benchmarks use."""
+"""Shape of a Llama-family decoder (Llama, Mistral, Qwen2's q/k/v biases, Qwen3's q/k norms), with presets for
+the models the benchmarks use, and what the engine refuses to decode."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class LlamaConfig:
     rms_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q, k and v
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
 
     @property
     def q_size(self) -> int:
@@ -39,18 +42,20 @@ class LlamaConfig:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         rope = getattr(c, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+        kind = getattr(c, "model_type", "llama")
         return cls(
             vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
             n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
             n_kv_heads=c.num_key_value_heads or c.num_attention_heads, head_dim=head_dim,
             rms_eps=c.rms_norm_eps, rope_theta=theta, tie_embeddings=bool(c.tie_word_embeddings),
+            qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3",
         )
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # transformers model_types the engine decodes exactly
 # What the engine's block does not model, per transformers model_type: a model of these decodes wrong if its
 # weights are copied into a Llama block, so it is refused with the reason instead.
 _NOT_MODELLED = {
-    "qwen2": "q/k/v biases", "qwen2_5": "q/k/v biases", "qwen3": "RMSNorms on q and k",
     "gemma": "(1 + w) RMSNorms, GeGLU and the embedding scale", "gemma2": "(1 + w) pre/post norms, GeGLU, "
     "soft-capping and local/global attention", "gemma3": "(1 + w) pre/post norms, q/k norms, GeGLU and "
     "local/global attention", "gemma3_text": "(1 + w) pre/post norms, q/k norms, GeGLU and local/global attention",
@@ -65,16 +70,16 @@ _NOT_MODELLED = {
 def unsupported_reason(hf_config, max_seq_len: int | None = None) -> str | None:
     """Why the engine cannot decode a transformers model of this config exactly (None when it can).
 
-    The engine's block is Llama's: RMSNorm with weight w, no biases, RoPE, SwiGLU. Llama and Mistral checkpoints
-    are that block; anything the block does not compute (another family, a bias, another activation, a sliding
-    window shorter than the sequence) would decode wrong tokens silently, so it is refused before any weight is
-    copied."""
+    The engine's block is Llama's: RMSNorm with weight w, RoPE, SwiGLU, no biases but Qwen2's on q/k/v, and Qwen3's
+    per-head q/k RMSNorms. Llama, Mistral, Qwen2 and Qwen3 checkpoints are that block; anything it does not compute
+    (another family, another bias, another activation, a sliding window shorter than the sequence) would decode
+    wrong tokens silently, so it is refused before any weight is copied."""
     c = hf_config
     kind = getattr(c, "model_type", "?")
-    if kind not in ("llama", "mistral"):
+    if kind not in FAMILIES:
         what = _NOT_MODELLED.get(kind, "a block other than Llama's")
-        return (f"the decode engine runs Llama and Mistral models exactly; {kind} needs {what}, which it does "
-                f"not model")
+        return (f"the decode engine runs {', '.join(FAMILIES)} models exactly; {kind} needs {what}, which it "
+                f"does not model")
     act = getattr(c, "hidden_act", "silu")
     if act != "silu":
         return f"the decode engine's MLP is SwiGLU (silu); this {kind} model uses {act!r}"
@@ -82,6 +87,8 @@ def unsupported_reason(hf_config, max_seq_len: int | None = None) -> str | None:
         if getattr(c, flag, False):
             return f"the decode engine's projections have no biases; this {kind} model sets {flag}"
     window = getattr(c, "sliding_window", None)
+    if kind in ("qwen2", "qwen3") and not getattr(c, "use_sliding_window", False):
+        window = None  # Qwen configs carry a window that only use_sliding_window turns on
     if window and max_seq_len is not None and max_seq_len > window:
         return (f"the decode engine attends to the whole cache; this {kind} model's sliding window ({window}) is "
                 f"shorter than max_seq_len={max_seq_len} (lower it to {window} or less)")

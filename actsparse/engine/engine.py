@@ -1,4 +1,5 @@
-"""A small Llama-family decode engine: static KV cache, one CUDA-graphed decode step, dense or sparse.
+"""A small Llama-family decode engine (Llama, Mistral, Qwen2, Qwen3): static KV cache, one CUDA-graphed decode
+step, dense or sparse.
 
 The hot path is `Engine._block`: per decoder block, dense runs
     rmsnorm → cuBLAS q|k|v → attention (RoPE + cache write) → cuBLAS o (+res) → rmsnorm →
@@ -138,9 +139,9 @@ class Engine:
     @classmethod
     def from_hf(cls, model, *, device=None, dtype: Optional[torch.dtype] = None, layouts: str = "both",
                 **kw) -> "Engine":
-        """Return an engine holding the weights of a transformers Llama or Mistral model, or of a local HF directory
-        holding one; any other model is refused with the reason (`config.unsupported_reason`) before a weight is
-        copied."""
+        """Return an engine holding the weights of a transformers Llama, Mistral, Qwen2 or Qwen3 model, or of a local
+        HF directory holding one; any other model is refused with the reason (`config.unsupported_reason`) before
+        a weight is copied."""
         max_seq_len = kw.get("max_seq_len", 512)
         if isinstance(model, (str, Path)):
             from transformers import AutoConfig, AutoModelForCausalLM
@@ -201,16 +202,18 @@ class Engine:
                     vals.append(expected[name] if name in expected else (1.0 if r in th else 0.0))
                 return min(vals)
 
-            def op(name: str, roles: tuple[str, ...], k: int, wts: list[Optional[torch.Tensor]]) -> _OpRule:
+            def op(name: str, roles: tuple[str, ...], k: int, wts: list[Optional[torch.Tensor]],
+                   model_bias: Optional[torch.Tensor] = None) -> _OpRule:
                 t = self._stack([th.get(r, 0.0) for r in roles], k, roles, i)
                 s = None
-                bias = None
+                bias = model_bias
                 if any(r in sh for r in roles):
                     s = self._stack([sh.get(r, torch.zeros(k)) for r in roles], k, roles, i, per_channel=True)
                     # y = W·x_s + W·m: fold the shift's contribution into a bias once.
                     parts = [s[j] @ wts[j].float() for j in range(len(roles))]
-                    bias = (torch.cat(parts) if len(roles) == 3 else
-                            torch.stack(parts) if len(roles) == 2 else parts[0]).to(self.dtype)
+                    folded = (torch.cat(parts) if len(roles) == 3 else
+                              torch.stack(parts) if len(roles) == 2 else parts[0])
+                    bias = (folded if model_bias is None else folded + model_bias.float()).to(self.dtype)
                 return _OpRule(thresh=t, shift=s, bias=bias, expected=exp(roles))
 
             wqkv_t = lw.wqkv_t if lw.wqkv_t is not None else lw.wqkv.t()
@@ -223,7 +226,7 @@ class Engine:
                     raise ValueError(f"layers.{i}: CATS (gate_act) selects the up rows itself; drop the 'up' threshold")
                 gate_act = self._stack([th["gate_act"]], inter, ("gate_act",), i)[0]
             rules.append(_LayerRule(
-                qkv=op("qkv", ("q", "k", "v"), d, qkv_cols),
+                qkv=op("qkv", ("q", "k", "v"), d, qkv_cols, lw.bqkv),
                 o=op("o", ("o",), q, [lw.wo_t if lw.wo_t is not None else lw.wo.t()]),
                 gu=op("gu", ("gate", "up"), d, [wg_t, wu_t]),
                 down=op("down", ("down",), inter, [lw.wd_t if lw.wd_t is not None else lw.wd.t()]),
@@ -294,10 +297,15 @@ class Engine:
             record(i, "qkv", ops.rmsnorm(x, lw.attn_norm, eps))
         impl = "dense" if r is None else self._choose(r.qkv, "qkv", b)
         if impl == "dense":
-            qkv = self._linear(ops.rmsnorm(x, lw.attn_norm, eps), lw.wqkv, lw.wqkv_t)  # [B, Nq + 2Nkv]
+            qkv = self._linear(ops.rmsnorm(x, lw.attn_norm, eps), lw.wqkv, lw.wqkv_t, res=lw.bqkv)  # [B, Nq + 2Nkv]
         else:
             qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
                                   norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), impl=impl)
+        if lw.q_norm is not None:  # Qwen3: each head of q and of k normalised before RoPE
+            hd = cfg.head_dim
+            qn = ops.rmsnorm(qkv[:, :q].reshape(-1, hd), lw.q_norm, eps).reshape(b, q)
+            kn = ops.rmsnorm(qkv[:, q:q + kv].reshape(-1, hd), lw.k_norm, eps).reshape(b, kv)
+            qkv = torch.cat([qn, kn, qkv[:, q + kv:]], dim=1)
         a = ops.decode_attention(qkv, kc, vc, pos, self.w.inv_freq, cfg.n_heads, cfg.n_kv_heads,
                                  rope_scale=self.w.rope_scale)  # [B, Nq]
         if record is not None:

@@ -1,4 +1,5 @@
-"""Engine weights: loaded from a transformers Llama model or drawn at random, in the layouts each path reads.
+"""Engine weights: loaded from a transformers Llama, Mistral, Qwen2 or Qwen3 model or drawn at random, in the
+layouts each path reads.
 
 Dense (cuBLAS) reads nn.Linear's natural [out, in] layout, fused per op (q|k|v, gate|up). The
 sparse kernels read the transposed [in, out] layout, where a skipped input channel is one
@@ -35,6 +36,9 @@ class LayerWeights:
     wu_t: Optional[torch.Tensor] = None  # [D, I]
     wd_t: Optional[torch.Tensor] = None  # [I, D]
     wu: Optional[torch.Tensor] = None  # [I, D] natural layout, for the CATS row gather
+    bqkv: Optional[torch.Tensor] = None  # [Nq + 2·Nkv] q/k/v biases (Qwen2)
+    q_norm: Optional[torch.Tensor] = None  # [head_dim] per-head RMSNorm weights of q and k (Qwen3)
+    k_norm: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -90,15 +94,23 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
         return t.detach().to(device=device, dtype=dtype)
 
     layers = []
+    qkv_bias = getattr(model.config, "model_type", "") == "qwen2"
     for blk in inner.layers:
         at, mlp = blk.self_attn, blk.mlp
-        for proj in (at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        biased = (at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        biased += () if qkv_bias else (at.q_proj, at.k_proj, at.v_proj)
+        for proj in biased:
             if getattr(proj, "bias", None) is not None:
-                raise ValueError("linear biases are not supported by the engine (Llama has none); "
-                                 "got a biased projection")
-        layers.append(_layer(cp(blk.input_layernorm.weight), cp(blk.post_attention_layernorm.weight),
-                             cp(at.q_proj.weight), cp(at.k_proj.weight), cp(at.v_proj.weight), cp(at.o_proj.weight),
-                             cp(mlp.gate_proj.weight), cp(mlp.up_proj.weight), cp(mlp.down_proj.weight), layouts))
+                raise ValueError("the engine's projections have no biases but Qwen2's q/k/v; got a biased "
+                                 f"{type(proj).__name__} in {type(at).__name__}")
+        lw = _layer(cp(blk.input_layernorm.weight), cp(blk.post_attention_layernorm.weight),
+                    cp(at.q_proj.weight), cp(at.k_proj.weight), cp(at.v_proj.weight), cp(at.o_proj.weight),
+                    cp(mlp.gate_proj.weight), cp(mlp.up_proj.weight), cp(mlp.down_proj.weight), layouts)
+        if qkv_bias:
+            lw.bqkv = torch.cat([cp(at.q_proj.bias), cp(at.k_proj.bias), cp(at.v_proj.bias)])
+        if getattr(at, "q_norm", None) is not None:
+            lw.q_norm, lw.k_norm = cp(at.q_norm.weight), cp(at.k_norm.weight)
+        layers.append(lw)
     rot = inner.rotary_emb
     return Weights(embed=cp(inner.embed_tokens.weight), final_norm=cp(inner.norm.weight),
                    lm_head=cp(model.lm_head.weight),
@@ -118,11 +130,16 @@ def random_weights(cfg: LlamaConfig, device, dtype: torch.dtype, seed: int = 0, 
         return w.normal_(0.0, 1.0 / math.sqrt(n_in), generator=gen)
 
     ones = torch.ones(d, device=device, dtype=dtype)
-    layers = [
-        _layer(ones.clone(), ones.clone(), lin(cfg.q_size, d), lin(cfg.kv_size, d), lin(cfg.kv_size, d),
-               lin(d, cfg.q_size), lin(i, d), lin(i, d), lin(d, i), layouts)
-        for _ in range(cfg.n_layers)
-    ]
+    layers = []
+    for _ in range(cfg.n_layers):
+        lw = _layer(ones.clone(), ones.clone(), lin(cfg.q_size, d), lin(cfg.kv_size, d), lin(cfg.kv_size, d),
+                    lin(d, cfg.q_size), lin(i, d), lin(i, d), lin(d, i), layouts)
+        if cfg.qkv_bias:
+            lw.bqkv = lin(1, cfg.q_size + 2 * cfg.kv_size)[0]
+        if cfg.qk_norm:
+            lw.q_norm = torch.ones(cfg.head_dim, device=device, dtype=dtype)
+            lw.k_norm = torch.ones(cfg.head_dim, device=device, dtype=dtype)
+        layers.append(lw)
     embed = torch.empty(cfg.vocab_size, d, device=device, dtype=dtype).normal_(0.0, 1.0, generator=gen)
     lm_head = embed if cfg.tie_embeddings else lin(cfg.vocab_size, d)
     return Weights(embed=embed, final_norm=ones.clone(), lm_head=lm_head, inv_freq=default_inv_freq(cfg, device),

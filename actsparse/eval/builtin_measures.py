@@ -212,7 +212,7 @@ class SpeedSettings:
 class Speed(Measure):
     """Decode speed, sparse vs dense in the CUDA-graphed engine: decode/tok_s, decode/speedup, kernel/us_per_layer.
 
-    Not refused at validation: a cell without a GPU, a Llama-family model or a plan of threshold rules
+    Not refused at validation: a cell without a GPU, a model the engine decodes or a plan of threshold rules
     skips it and records why, so one grid can mix what the engine runs and what it does not."""
     title = "decode speed"
     Settings = SpeedSettings

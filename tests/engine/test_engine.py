@@ -192,8 +192,7 @@ def test_a_scap_plan_with_scalar_modes_runs_in_the_engine_as_in_the_torch_backen
     assert (dense - want).norm() / want.norm() > 1e-3
 
 
-@pytest.mark.parametrize("family,why", [("qwen3", "qwen3 needs RMSNorms on q and k"),
-                                        ("gemma", "gemma needs \\(1 \\+ w\\) RMSNorms"),
+@pytest.mark.parametrize("family,why", [("gemma", "gemma needs \\(1 \\+ w\\) RMSNorms"),
                                         ("mixtral", "mixtral needs mixture-of-experts MLPs"),
                                         ("neox", "gpt_neox needs parallel attention")])
 def test_a_model_the_engine_would_decode_wrong_is_refused_before_copying(family, why, tmp_path):
@@ -202,7 +201,7 @@ def test_a_model_the_engine_would_decode_wrong_is_refused_before_copying(family,
     from tests.families.models import make_family
 
     model = make_family(family, layers=1)
-    with pytest.raises(ValueError, match=f"runs Llama and Mistral models exactly; {why}"):
+    with pytest.raises(ValueError, match=f"runs llama, mistral, qwen2, qwen3 models exactly; {why}"):
         Engine.from_hf(model, kernels="torch")
     model.config.save_pretrained(tmp_path)  # a config and no weights: refused before any load is tried
     with pytest.raises(ValueError, match=why):
@@ -223,3 +222,30 @@ def test_features_outside_the_llama_block_are_refused():
     llama.config.hidden_act, llama.config.mlp_bias = "silu", True
     with pytest.raises(ValueError, match="no biases; this llama model sets mlp_bias"):
         Engine.from_hf(llama, kernels="torch")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_blocks_decode_as_transformers_dense_and_through_the_kernels(family):
+    """Qwen2's q/k/v biases and Qwen3's per-head q/k norms: step-by-step logits and greedy tokens equal
+    transformers'; the sparse kernels at threshold 0 (biases fused, norms between the ops) equal the dense path."""
+    from tests.families.models import make_family
+
+    model = make_family(family, layers=2).eval()
+    with torch.no_grad():  # norms and biases away from their defaults so that a missing one shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    seq = torch.randint(0, model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        want = model(seq).logits.float()
+    eng = Engine.from_hf(model, kernels="torch", max_batch=2, max_seq_len=16)
+    assert torch.allclose(_engine_logits(eng, seq, sparse=False), want, atol=2e-5, rtol=1e-4)
+    eng.decode(seq[:1, :3], 4)
+    with torch.no_grad():
+        assert torch.equal(eng.last_tokens.cpu(), model.generate(seq[:1, :3], max_new_tokens=4, do_sample=False))
+    tri = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=1, max_seq_len=16, fallback_below=0.0)
+    tri.set_thresholds({f"layers.{i}.{r}": 0.0 for i in range(2) for r in ("q", "k", "v", "o", "gate", "up", "down")})
+    got = _engine_logits(tri, seq[:1], sparse=True)
+    assert torch.allclose(got, want[:1], atol=1e-4, rtol=1e-3), (got - want[:1]).abs().max()
