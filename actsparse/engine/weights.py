@@ -1,5 +1,5 @@
-"""Engine weights: loaded from a transformers Llama, Mistral, Qwen2 or Qwen3 model or drawn at random, in the
-layouts each path reads.
+"""Engine weights: loaded from a transformers Llama, Mistral, Qwen2, Qwen3 or Phi-3 model or drawn at random, in
+the layouts each path reads.
 
 Dense (cuBLAS) reads nn.Linear's natural [out, in] layout, fused per op (q|k|v, gate|up). The
 sparse kernels read the transposed [in, out] layout, where a skipped input channel is one
@@ -97,15 +97,23 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
     qkv_bias = getattr(model.config, "model_type", "") == "qwen2"
     for blk in inner.layers:
         at, mlp = blk.self_attn, blk.mlp
-        biased = (at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        biased += () if qkv_bias else (at.q_proj, at.k_proj, at.v_proj)
-        for proj in biased:
+        fused = hasattr(at, "qkv_proj")  # Phi-3: q|k|v and gate|up are one linear each
+        qkv_projs = (at.qkv_proj,) if fused else (at.q_proj, at.k_proj, at.v_proj)
+        mlp_projs = (mlp.gate_up_proj, mlp.down_proj) if fused else (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        for proj in (at.o_proj, *mlp_projs, *(() if qkv_bias else qkv_projs)):
             if getattr(proj, "bias", None) is not None:
                 raise ValueError("the engine's projections have no biases but Qwen2's q/k/v; got a biased "
                                  f"{type(proj).__name__} in {type(at).__name__}")
-        lw = _layer(cp(blk.input_layernorm.weight), cp(blk.post_attention_layernorm.weight),
-                    cp(at.q_proj.weight), cp(at.k_proj.weight), cp(at.v_proj.weight), cp(at.o_proj.weight),
-                    cp(mlp.gate_proj.weight), cp(mlp.up_proj.weight), cp(mlp.down_proj.weight), layouts)
+        if fused:
+            nq = at.o_proj.in_features
+            nkv = (at.qkv_proj.out_features - nq) // 2
+            q, k, v = cp(at.qkv_proj.weight).split([nq, nkv, nkv])
+            gate, up = cp(mlp.gate_up_proj.weight).chunk(2)
+        else:
+            q, k, v = cp(at.q_proj.weight), cp(at.k_proj.weight), cp(at.v_proj.weight)
+            gate, up = cp(mlp.gate_proj.weight), cp(mlp.up_proj.weight)
+        lw = _layer(cp(blk.input_layernorm.weight), cp(blk.post_attention_layernorm.weight), q, k, v,
+                    cp(at.o_proj.weight), gate, up, cp(mlp.down_proj.weight), layouts)
         if qkv_bias:
             lw.bqkv = torch.cat([cp(at.q_proj.bias), cp(at.k_proj.bias), cp(at.v_proj.bias)])
         if getattr(at, "q_norm", None) is not None:
