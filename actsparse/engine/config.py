@@ -52,7 +52,7 @@ class LlamaConfig:
         )
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
 STATIC_ROPE = ("default", "llama3", "linear", "yarn")  # frequencies the model's rotary module holds fixed  # transformers model_types the engine decodes exactly
 # What the engine's block does not model, per transformers model_type: a model of these decodes wrong if its
 # weights are copied into a Llama block, so it is refused with the reason instead.
@@ -60,7 +60,7 @@ _NOT_MODELLED = {
     "gemma": "(1 + w) RMSNorms, GeGLU and the embedding scale", "gemma2": "(1 + w) pre/post norms, GeGLU, "
     "soft-capping and local/global attention", "gemma3": "(1 + w) pre/post norms, q/k norms, GeGLU and "
     "local/global attention", "gemma3_text": "(1 + w) pre/post norms, q/k norms, GeGLU and local/global attention",
-    "granite": "its embedding, residual, attention and logit multipliers", "olmo2": "post-norms and q/k norms", "mixtral": "mixture-of-experts MLPs",
+    "olmo2": "post-norms and q/k norms", "mixtral": "mixture-of-experts MLPs",
     "qwen2_moe": "mixture-of-experts MLPs", "qwen3_moe": "mixture-of-experts MLPs and q/k norms",
     "gpt_neox": "parallel attention/MLP, LayerNorms and partial rotary", "gpt2": "LayerNorms, learned positions "
     "and GELU MLPs",
@@ -71,8 +71,8 @@ def unsupported_reason(hf_config, max_seq_len: int | None = None) -> str | None:
     """Why the engine cannot decode a transformers model of this config exactly (None when it can).
 
     The engine's block is Llama's: RMSNorm with weight w, RoPE, SwiGLU, no biases but Qwen2's on q/k/v, and Qwen3's
-    per-head q/k RMSNorms. Llama, Mistral, Qwen2, Qwen3 and Phi-3 (fused q|k|v and gate|up) checkpoints are that
-    block; anything it does not compute
+    per-head q/k RMSNorms. Llama, Mistral, Qwen2, Qwen3, Phi-3 (fused q|k|v and gate|up) and Granite (its four
+    multipliers folded into the weights) checkpoints are that block; anything it does not compute
     (another family, another bias, another activation, a sliding window shorter than the sequence) would decode
     wrong tokens silently, so it is refused before any weight is copied."""
     c = hf_config

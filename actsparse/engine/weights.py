@@ -1,5 +1,5 @@
-"""Engine weights: loaded from a transformers Llama, Mistral, Qwen2, Qwen3 or Phi-3 model or drawn at random, in
-the layouts each path reads.
+"""Engine weights: loaded from a transformers Llama, Mistral, Qwen2, Qwen3, Phi-3 or Granite model or drawn at
+random, in the layouts each path reads.
 
 Dense (cuBLAS) reads nn.Linear's natural [out, in] layout, fused per op (q|k|v, gate|up). The
 sparse kernels read the transposed [in, out] layout, where a skipped input channel is one
@@ -94,7 +94,13 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
         return t.detach().to(device=device, dtype=dtype)
 
     layers = []
-    qkv_bias = getattr(model.config, "model_type", "") == "qwen2"
+    c = model.config
+    qkv_bias = getattr(c, "model_type", "") == "qwen2"
+    # Granite scales the embeddings, each block's output before the residual add, the attention scores (instead of
+    # 1/sqrt(head_dim)) and the logits: all linear, so folded into the embedding, o and down, q, and the LM head.
+    granite = {} if getattr(c, "model_type", "") != "granite" else {
+        "embed": c.embedding_multiplier, "residual": c.residual_multiplier, "logits": 1.0 / c.logits_scaling,
+        "q": c.attention_multiplier * math.sqrt(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)}
     for blk in inner.layers:
         at, mlp = blk.self_attn, blk.mlp
         fused = hasattr(at, "qkv_proj")  # Phi-3: q|k|v and gate|up are one linear each
@@ -104,6 +110,7 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
             if getattr(proj, "bias", None) is not None:
                 raise ValueError("the engine's projections have no biases but Qwen2's q/k/v; got a biased "
                                  f"{type(proj).__name__} in {type(at).__name__}")
+        o, down = cp(at.o_proj.weight), cp(mlp.down_proj.weight)
         if fused:
             nq = at.o_proj.in_features
             nkv = (at.qkv_proj.out_features - nq) // 2
@@ -112,16 +119,20 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
         else:
             q, k, v = cp(at.q_proj.weight), cp(at.k_proj.weight), cp(at.v_proj.weight)
             gate, up = cp(mlp.gate_proj.weight), cp(mlp.up_proj.weight)
-        lw = _layer(cp(blk.input_layernorm.weight), cp(blk.post_attention_layernorm.weight), q, k, v,
-                    cp(at.o_proj.weight), gate, up, cp(mlp.down_proj.weight), layouts)
+        if granite:
+            q, o, down = q * granite["q"], o * granite["residual"], down * granite["residual"]
+        lw = _layer(cp(blk.input_layernorm.weight), cp(blk.post_attention_layernorm.weight), q, k, v, o, gate, up,
+                    down, layouts)
         if qkv_bias:
             lw.bqkv = torch.cat([cp(at.q_proj.bias), cp(at.k_proj.bias), cp(at.v_proj.bias)])
         if getattr(at, "q_norm", None) is not None:
             lw.q_norm, lw.k_norm = cp(at.q_norm.weight), cp(at.k_norm.weight)
         layers.append(lw)
     rot = inner.rotary_emb
-    return Weights(embed=cp(inner.embed_tokens.weight), final_norm=cp(inner.norm.weight),
-                   lm_head=cp(model.lm_head.weight),
+    embed, lm_head = cp(inner.embed_tokens.weight), cp(model.lm_head.weight)
+    if granite:  # out of place: a tied head may be the embedding's own tensor
+        embed, lm_head = embed * granite["embed"], lm_head * granite["logits"]
+    return Weights(embed=embed, final_norm=cp(inner.norm.weight), lm_head=lm_head,
                    inv_freq=rot.inv_freq.detach().to(device=device, dtype=torch.float32),
                    rope_scale=float(getattr(rot, "attention_scaling", 1.0)), layers=layers)
 

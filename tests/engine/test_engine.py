@@ -201,7 +201,7 @@ def test_a_model_the_engine_would_decode_wrong_is_refused_before_copying(family,
     from tests.families.models import make_family
 
     model = make_family(family, layers=1)
-    with pytest.raises(ValueError, match=f"runs llama, mistral, qwen2, qwen3, phi3 models exactly; {why}"):
+    with pytest.raises(ValueError, match=f"runs llama, mistral, qwen2, qwen3, phi3, granite models exactly; {why}"):
         Engine.from_hf(model, kernels="torch")
     model.config.save_pretrained(tmp_path)  # a config and no weights: refused before any load is tried
     with pytest.raises(ValueError, match=why):
@@ -231,21 +231,23 @@ def test_features_outside_the_llama_block_are_refused():
         Engine.from_hf(llama, kernels="torch")
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3"])
-def test_qwen_and_phi3_blocks_decode_as_transformers_dense_and_through_the_kernels(family):
-    """Qwen2's q/k/v biases, Qwen3's per-head q/k norms, Phi-3's fused q|k|v and gate|up: step-by-step logits and
-    greedy tokens equal transformers'; the sparse kernels at threshold 0 (biases fused, norms between the ops)
-    equal the dense path."""
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "granite"])
+def test_other_families_decode_as_transformers_dense_and_through_the_kernels(family):
+    """Qwen2's q/k/v biases, Qwen3's per-head q/k norms, Phi-3's fused q|k|v and gate|up, Granite's multipliers:
+    step-by-step logits and greedy tokens equal transformers'; the sparse kernels at threshold 0 (biases fused,
+    norms between the ops) equal the dense path."""
     import transformers as tr
 
     from tests.families.models import make_family
 
+    torch.manual_seed(0)
+    shape = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, eos_token_id=0, bos_token_id=0)
     if family == "phi3":
-        torch.manual_seed(0)
-        model = tr.Phi3ForCausalLM(tr.Phi3Config(vocab_size=300, hidden_size=64, intermediate_size=128,
-                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                 max_position_embeddings=512, pad_token_id=0, eos_token_id=0,
-                                                 bos_token_id=0)).eval()
+        model = tr.Phi3ForCausalLM(tr.Phi3Config(**shape)).eval()
+    elif family == "granite":  # multipliers far from 1, as Granite 3's are
+        model = tr.GraniteForCausalLM(tr.GraniteConfig(**shape, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                                       attention_multiplier=0.015625, logits_scaling=8.0)).eval()
     else:
         model = make_family(family, layers=2).eval()
     with torch.no_grad():  # norms and biases away from their defaults so that a missing one shows
