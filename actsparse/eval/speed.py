@@ -40,15 +40,15 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
     """
     from ..engine.plan import ROLES, EnginePlan
 
-    where = {}
+    where = {}  # point -> (layer, the engine roles it sets): a fused q|k|v input (Phi-3's qkv_proj) sets all three
     for point in [*plan.rules, *(s for r in plan.rules.values() for s in r.skips)]:
         layer, _, role = point.removeprefix("layers.").partition(".")
-        if not layer.isdigit() or role not in ROLES:
+        if not layer.isdigit() or (role not in ROLES and role != "qkv"):
             rule = plan.rules.get(point)
             kind = rule.kind if rule is not None else "threshold"
-            raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ROLES)}; plan "
+            raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ROLES)} and qkv; plan "
                                  f"{plan.method!r} has a {kind!r} rule at {point}")
-        where[point] = (int(layer), role)
+        where[point] = (int(layer), ("q", "k", "v") if role == "qkv" else (role,))
     out = EnginePlan.empty(n_layers if n_layers is not None else 1 + max((i for i, _ in where.values()), default=-1))
     for point, rule in plan.rules.items():
         if rule.kind in ("rotated_topk", "topk_token", "rotated_threshold"):
@@ -59,17 +59,19 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
         if rule.kind != "threshold":
             raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ROLES)}; plan "
                                  f"{plan.method!r} has a {rule.kind!r} rule at {point}")
-        site = out.site(*where[point])
+        layer, roles = where[point]
         t = rule.tensors["thresh"].float()
-        site.thresh = float(t) if t.dim() == 0 else t
-        if "shift" in rule.tensors:
-            m = rule.tensors["shift"].float()
-            if m.dim() > 1:
-                raise ActsparseError(f"{point}: the kernels take a scalar or per-channel shift; got shape "
-                                     f"{tuple(m.shape)}")
-            site.shift = float(m) if m.dim() == 0 else m      # the engine spreads a scalar (SCAP's mode) over K
+        m = rule.tensors["shift"].float() if "shift" in rule.tensors else None
+        if m is not None and m.dim() > 1:
+            raise ActsparseError(f"{point}: the kernels take a scalar or per-channel shift; got shape {tuple(m.shape)}")
+        for role in roles:
+            site = out.site(layer, role)
+            site.thresh = float(t) if t.dim() == 0 else t
+            if m is not None:
+                site.shift = float(m) if m.dim() == 0 else m  # the engine spreads a scalar (SCAP's mode) over K
         for skipped in rule.skips or [point]:
-            out.site(*where[skipped]).expected = rule.expected_sparsity
+            for role in where[skipped][1]:
+                out.site(where[skipped][0], role).expected = rule.expected_sparsity
     return out
 
 

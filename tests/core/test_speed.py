@@ -29,6 +29,16 @@ def test_cats_rule_maps_skips_to_up_and_down():
     assert ep.layers[0]["up"].thresh == 0.0 and ep.layers[0]["down"].thresh == 0.0   # rows chosen by gate_act
 
 
+def test_a_fused_qkv_input_sets_q_k_and_v():
+    """Phi-3's qkv_proj is one site: its threshold and shift go to each of the engine's q, k and v."""
+    rule = Rule("layers.1.qkv", "threshold", {"thresh": torch.tensor(0.3), "shift": torch.tensor(0.05)},
+                skips=["layers.1.qkv"], expected_sparsity=0.4)
+    ep = plan_to_engine(SparsityPlan("scap", {}, 0.4, {rule.point: rule}, {"layers.1.qkv": 8}))
+    assert len(ep.layers) == 2 and set(ep.layers[1]) == {"q", "k", "v"}
+    assert all(s.thresh == pytest.approx(0.3) and s.shift == pytest.approx(0.05) for s in ep.layers[1].values())
+    assert ep.expected_sparsity == {f"layers.1.{r}": 0.4 for r in "qkv"}
+
+
 def test_unsupported_rule_kind_is_named():
     rule = Rule("layers.0.mlp", "lowrank", {}, skips=[], expected_sparsity=0.5)
     plan = SparsityPlan("rsparse", {}, 0.5, {rule.point: rule}, {})
