@@ -109,4 +109,15 @@ LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11
 TINY = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, n_layers=2, n_heads=4, n_kv_heads=2,
                    head_dim=16, rms_eps=1e-6, rope_theta=10000.0)
 
-PRESETS = {"llama3-8b": LLAMA3_8B, "llama2-7b": LLAMA2_7B, "tiny": TINY}
+# The other families' 7-8B-class shapes (their published config.json), for random-weight speed measurements.
+QWEN2_5_7B = LlamaConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n_layers=28, n_heads=28,
+                         n_kv_heads=4, head_dim=128, rms_eps=1e-6, rope_theta=1e6, qkv_bias=True)
+QWEN3_8B = LlamaConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288, n_layers=36, n_heads=32,
+                       n_kv_heads=8, head_dim=128, rms_eps=1e-6, rope_theta=1e6, qk_norm=True)
+PHI3_MINI = LlamaConfig(vocab_size=32064, hidden_size=3072, intermediate_size=8192, n_layers=32, n_heads=32,
+                        n_kv_heads=32, head_dim=96, rms_eps=1e-5, rope_theta=1e4)
+GRANITE3_8B = LlamaConfig(vocab_size=49155, hidden_size=4096, intermediate_size=12800, n_layers=40, n_heads=32,
+                          n_kv_heads=8, head_dim=128, rms_eps=1e-5, rope_theta=1e7, tie_embeddings=True)
+
+PRESETS = {"llama3-8b": LLAMA3_8B, "llama2-7b": LLAMA2_7B, "qwen2.5-7b": QWEN2_5_7B, "qwen3-8b": QWEN3_8B,
+           "phi3-mini": PHI3_MINI, "granite3-8b": GRANITE3_8B, "tiny": TINY}

@@ -268,3 +268,17 @@ def test_other_families_decode_as_transformers_dense_and_through_the_kernels(fam
     tri.set_thresholds({f"layers.{i}.{r}": 0.0 for i in range(2) for r in ("q", "k", "v", "o", "gate", "up", "down")})
     got = _engine_logits(tri, seq[:1], sparse=True)
     assert torch.allclose(got, want[:1], atol=1e-4, rtol=1e-3), (got - want[:1]).abs().max()
+
+
+def test_random_weights_follow_the_family_flags():
+    """Presets of other families draw their extra parameters, and decode; shapes as published."""
+    from dataclasses import replace
+
+    from actsparse.engine import PRESETS
+
+    assert PRESETS["qwen3-8b"].qk_norm and PRESETS["qwen2.5-7b"].qkv_bias and PRESETS["qwen3-8b"].q_size == 4096
+    cfg = replace(TINY, qkv_bias=True, qk_norm=True)
+    eng = Engine.random(cfg, device="cpu", dtype=torch.float32, kernels="torch", max_batch=1, max_seq_len=8)
+    lw = eng.w.layers[0]
+    assert lw.bqkv.shape == (cfg.q_size + 2 * cfg.kv_size,) and lw.q_norm.shape == (cfg.head_dim,)
+    assert eng.decode(None, 2, prompt_len=2) > 0
