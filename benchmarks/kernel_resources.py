@@ -69,29 +69,45 @@ def compile_oneshot_up(block_n: int, block_k: int, num_warps: int, use_dot: bool
     return _compile(cats._oneshot_up_kernel, consts, num_warps)
 
 
+def _cases() -> list[tuple[str, str, tuple]]:
+    """(name, compile function, its arguments) of every branch of the kernels' compile-time switches."""
+    cases = [(f"masked pair={p} atomic={a} one_chunk={o} depth={d} dot={dot}", "compile_masked",
+              (32, 64, 4, p, a, o, d, dot))
+             for p in (False, True) for a in (False, True) for o in (False, True) for d in (1, 2)
+             for dot in (False, True)]
+    cases += [(f"gather depth={d} dot={dot}", "compile_gather", (32, 64, d, 4, dot)) for d in (1, 2)
+              for dot in (False, True)]
+    cases += [(f"oneshot pair={p} dot={dot}", "compile_oneshot", (128, 64, 2, p, dot)) for p in (False, True)
+              for dot in (False, True)]
+    cases += [(f"cats_up oneshot dot={dot}", "compile_oneshot_up", (64, 128, 4, dot)) for dot in (False, True)]
+    return cases
+
+
+def _try(case: tuple[str, str, tuple]) -> str:
+    """'' when the case compiles, else the compiler's message (it names the line; its first lines are kept)."""
+    name, fn, args = case
+    try:
+        globals()[fn](*args)
+        return ""
+    except Exception as e:
+        return f"FAILED {name}: {type(e).__name__}: {str(e)[:600]}"
+
+
 def check() -> int:
-    """Compile every branch of both walks' compile-time switches for sm_90 at small tiles; print each failure.
+    """Compile every branch of every kernel's compile-time switches for sm_90 at small tiles, on every core;
+    print each failure.
 
     The tests run the kernels in Triton's interpreter, which accepts code the compiler refuses (two returns of
     different shapes, say); this is the compiler's word on the same code, without a GPU. Returns the failures."""
-    cases = [(f"masked pair={p} atomic={a} one_chunk={o} depth={d} dot={dot}",
-              lambda p=p, a=a, o=o, d=d, dot=dot: compile_masked(32, 64, 4, p, a, o, d, dot))
-             for p in (False, True) for a in (False, True) for o in (False, True) for d in (1, 2)
-             for dot in (False, True)]
-    cases += [(f"gather depth={d} dot={dot}", lambda d=d, dot=dot: compile_gather(32, 64, d, 4, dot))
-              for d in (1, 2) for dot in (False, True)]
-    cases += [(f"oneshot pair={p} dot={dot}", lambda p=p, dot=dot: compile_oneshot(128, 64, 2, p, dot))
-              for p in (False, True) for dot in (False, True)]
-    cases += [(f"cats_up oneshot dot={dot}", lambda dot=dot: compile_oneshot_up(64, 128, 4, dot)) for dot in (False, True)]
-    failed = 0
-    for name, build in cases:
-        try:
-            build()
-        except Exception as e:  # the compiler's message names the line; keep its first lines
-            failed += 1
-            print(f"FAILED {name}: {type(e).__name__}: {str(e)[:600]}")
-    print(f"{len(cases) - failed} of {len(cases)} configurations compiled for sm_90")
-    return failed
+    from concurrent.futures import ProcessPoolExecutor
+
+    cases = _cases()
+    with ProcessPoolExecutor(max_workers=max(1, min(len(cases), os.cpu_count() or 1))) as pool:
+        errors = [e for e in pool.map(_try, cases) if e]
+    for e in errors:
+        print(e)
+    print(f"{len(cases) - len(errors)} of {len(cases)} configurations compiled for sm_90")
+    return len(errors)
 
 
 # Integer arguments a Llama-shaped launch passes as multiples of 16; a real launch tells the compiler so (Triton
