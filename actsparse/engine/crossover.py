@@ -156,28 +156,30 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         th = torch.full((1,), union_threshold(inp, s), device=dev)
         return lambda: ops.sparse_gemv(inp, wt, th, residual=x, impl=impl)
 
+    act = F.silu(rnd(inter).float()).to(engine.dtype)  # CATS's gate activations, whose mask picks the up rows
+
+    def up(lw, s: float, impl: str) -> Callable[[], None]:
+        th = torch.tensor(union_threshold(act, s), device=engine.device)
+        return lambda: ops.cats_up(x, lw.wu, act, th, norm_weight=lw.mlp_norm, eps=eps, impl=impl)
+
+    def timed(impls, make) -> dict[str, tuple[float, ...]]:
+        """Each implementation's time at each level, over all timed layers."""
+        out = {}
+        for impl in impls:
+            ts = []
+            for s in LEVELS:
+                calls = [make(lw, s, impl) for lw in layers]
+                ts.append(graph_ms(lambda: [c() for c in calls]))
+            out[impl] = tuple(ts)
+        return out
+
     out = {}
     for op in OPS:
         t_dense = graph_ms(lambda: [dense(op, lw) for lw in layers])
-        times = {}
-        for impl in kernels:
-            ts = []
-            for s in LEVELS:
-                calls = [sparse(op, lw, s, impl) for lw in layers]
-                ts.append(graph_ms(lambda: [c() for c in calls]))
-            times[impl] = tuple(ts)
-        out[op] = OpTimes(t_dense, LEVELS, times)
+        out[op] = OpTimes(t_dense, LEVELS, timed(kernels, lambda lw, s, impl: sparse(op, lw, s, impl)))
     if all(lw.wu is not None for lw in layers):  # CATS: which cats_up kernel, at the fraction of up rows skipped
-        act = F.silu(rnd(inter).float()).to(engine.dtype)
-        times = {}
-        for impl in UP_KERNELS if batch <= configs.ONESHOT_MAX_BATCH else UP_KERNELS[:1]:
-            ts = []
-            for s in LEVELS:
-                th = torch.tensor(union_threshold(act, s), device=engine.device)
-                ts.append(graph_ms(lambda: [ops.cats_up(x, lw.wu, act, th, norm_weight=lw.mlp_norm, eps=eps,
-                                                        impl=impl) for lw in layers]))
-            times[impl] = tuple(ts)
-        out["up"] = OpTimes(float("inf"), LEVELS, times)
+        ups = UP_KERNELS if batch <= configs.ONESHOT_MAX_BATCH else UP_KERNELS[:1]
+        out["up"] = OpTimes(float("inf"), LEVELS, timed(ups, up))  # no dense rival: CATS itself is the choice
     return out
 
 

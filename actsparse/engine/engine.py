@@ -1,5 +1,5 @@
-"""A small Llama-family decode engine (Llama, Mistral, Qwen2, Qwen3): static KV cache, one CUDA-graphed decode
-step, dense or sparse.
+"""A small Llama-family decode engine (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite: `config.FAMILIES`): static
+KV cache, one CUDA-graphed decode step, dense or sparse.
 
 The hot path is `Engine._block`: per decoder block, dense runs
     rmsnorm → cuBLAS q|k|v → attention (RoPE + cache write) → cuBLAS o (+res) → rmsnorm →
@@ -139,8 +139,8 @@ class Engine:
     @classmethod
     def from_hf(cls, model, *, device=None, dtype: Optional[torch.dtype] = None, layouts: str = "both",
                 **kw) -> "Engine":
-        """Return an engine holding the weights of a transformers Llama, Mistral, Qwen2 or Qwen3 model, or of a local
-        HF directory holding one; any other model is refused with the reason (`config.unsupported_reason`) before
+        """Return an engine holding the weights of a transformers model of a family the engine decodes exactly
+        (`config.FAMILIES`), or of a local HF directory holding one; any other model is refused with the reason (`config.unsupported_reason`) before
         a weight is copied."""
         max_seq_len = kw.get("max_seq_len", 512)
         if isinstance(model, (str, Path)):
@@ -331,8 +331,7 @@ class Engine:
                 ag = ops.sparse_gemv(x, lw.wg_t, g.thresh[:1], shift=None if g.shift is None else g.shift[:1],
                                      bias=None if g.bias is None else g.bias[0], norm_weight=lw.mlp_norm, eps=eps,
                                      act="silu")  # [B, I] = silu(gate)
-            up_impl = (op_times(self, b)["up"].choice(r.up_expected) if self.fallback_below == "measured"
-                       and "up" in op_times(self, b) else "auto")
+            up_impl = op_times(self, b)["up"].choice(r.up_expected) if self.fallback_below == "measured" else "auto"
             h = ops.cats_up(x, lw.wu, ag, r.gate_act, norm_weight=lw.mlp_norm, eps=eps, impl=up_impl)
         elif r is None or (impl := self._choose(r.gu, "gu", b)) == "dense":
             xn = ops.rmsnorm(x, lw.mlp_norm, eps)
