@@ -14,6 +14,7 @@ from ..data.text import TextData, text_data, token_stream, token_windows
 from ..errors import ActsparseError
 from ..models.moe import install_routing
 from ..models.sites import find_blocks, hook_points
+from ..models.split import input_device
 from .stats import ProbeCollector, Stats
 
 DEFAULT_SAMPLE_SIZE = 2 ** 17
@@ -55,7 +56,7 @@ def calibrate(model, tok, data: "str | TextData" = "bundled:calib", tokens: int 
             raise ActsparseError(f"unknown probes {unknown}; known: {', '.join(list(points)[:8])}, ...")
         points = {p: points[p] for p in probes}
     windows = token_windows(token_stream(tok, data, max_tokens=tokens), seq_len)  # [n, seq_len]
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     collectors = {p: ProbeCollector(sample_size, seed + zlib.crc32(p.encode())) for p in points}
     # Sites that read the very same tensor (q/k/v; gate/up) are collected once: the first forward
     # records which probe saw each tensor first, later probes of that tensor become aliases of it.

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..data.text import TextData, text_data, token_stream, token_windows
 from ..errors import ActsparseError
 from ..models.load import is_decoder_lm
+from ..models.split import input_device
 from ..sparsifiers.apply import active_handle
 
 OUTPUTS = ("auto", "pooled", "hidden", "logits")
@@ -61,7 +62,7 @@ def fidelity(model, tok, data: "str | TextData" = "bundled:eval", n: int = 64, s
         raise ActsparseError(f"output='logits' needs a decoder-only LM; {type(model).__name__} is an encoder: "
                              "use output='pooled' or 'hidden'")
     data = text_data(data)
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     if decoder:
         windows = token_windows(token_stream(tok, data, max_tokens=n * seq_len), seq_len, n)  # [n, T]
         batches = [{"input_ids": windows[i:i + batch_size]} for i in range(0, len(windows), batch_size)]

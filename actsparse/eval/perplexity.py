@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ..data.text import TextData, text_data, token_stream
 from ..errors import ActsparseError
 from ..models.load import require_decoder
+from ..models.split import input_device
 from ..sparsifiers.apply import active_handle
 
 
@@ -35,7 +36,7 @@ def perplexity(model, tok, data: "str | TextData" = "bundled:eval", seq_len: int
     if ids.numel() < seq_len:
         raise ActsparseError(f"the data has {ids.numel()} tokens, fewer than one window of {seq_len}")
     starts = list(range(0, ids.numel() - seq_len + 1, stride))
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     handle = active_handle(model)
     nll, count = 0.0, 0
     for b in tqdm(range(0, len(starts), batch_size), desc="perplexity", disable=not progress):

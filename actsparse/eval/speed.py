@@ -30,6 +30,11 @@ def speed_unavailable_reason(model) -> str | None:
 
     if not type(model).__name__.endswith("ForCausalLM"):
         return f"the decode engine decodes causal LMs; this model is {type(model).__name__}"
+    from ..models.split import is_split
+
+    if is_split(model):
+        return (f"the decode engine runs on one GPU, and this model is split over "
+                f"{len(set(model.actsparse_split.values()))} devices (tensor-parallel decode is not built yet)")
     return unsupported_reason(model.config)
 
 

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from ..data.text import TextData, text_data, token_stream, token_windows
 from ..errors import ActsparseError
 from ..models.sites import find_sites
+from ..models.split import input_device
 from ..sparsifiers.apply import active_handle
 
 
@@ -50,7 +51,7 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _active_sets(model, ids: torch.Tensor, weights: dict[int, str], batch_size: int) -> dict[str, torch.Tensor]:
     """{site: bool [n, T, C]}: the channels each token's site input has non-zero."""
     handle = active_handle(model)
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     out: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(ids), batch_size):
         x = ids[i:i + batch_size].to(dev)

@@ -135,11 +135,22 @@ def _dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-def load_model(spec: str, dtype=None, device=None, revision: str | None = None, trust_remote_code: bool = False):
-    """Return (model, tokenizer) in eval mode: a causal LM, or an encoder (AutoModel) when the config names one."""
+def load_model(spec: str, dtype=None, device=None, revision: str | None = None, trust_remote_code: bool = False,
+               max_memory: dict | None = None):
+    """Return (model, tokenizer) in eval mode: a causal LM, or an encoder (AutoModel) when the config names one.
+
+    `device` is one device ("cuda", "cuda:1", "cpu"), or several ("cuda:0,cuda:1" or a list) to split a model
+    too large for one by whole blocks (models/split.py), with an optional per-device budget
+    `max_memory={"cuda:0": "70GB", "cpu": "200GB"}`.
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from .split import parse_devices, split_model
+
     src = resolve_model_source(spec)
+    devices = parse_devices(device)
+    if max_memory is not None and devices is None:
+        raise ActsparseError(f"max_memory applies to a split over several devices; device={device!r} is one")
     torch_dtype = _dtype(dtype)
     if torch_dtype is None:
         torch_dtype = torch.float32 if (device in (None, "cpu")) else None
@@ -163,7 +174,9 @@ def load_model(spec: str, dtype=None, device=None, revision: str | None = None, 
     auto = AutoModel if config_is_encoder(config) else AutoModelForCausalLM
     model = auto.from_pretrained(src.path, dtype=torch_dtype or "auto", **kw)
     tok = AutoTokenizer.from_pretrained(src.path, **kw)
-    if device is not None:
+    if devices is not None:
+        split_model(model, devices, max_memory)
+    elif device is not None:
         model = model.to(device)
     model.eval()
     model.requires_grad_(False)

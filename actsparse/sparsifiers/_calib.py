@@ -15,6 +15,7 @@ import torch
 from ..errors import ActsparseError
 from ..models.moe import install_routing
 from ..models.sites import Block, find_blocks, find_sites
+from ..models.split import input_device
 from .plan import Rule, SparsityPlan
 
 
@@ -39,7 +40,7 @@ def require_model(method: str, model, why: str) -> None:
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 class _Stop(Exception):

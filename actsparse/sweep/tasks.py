@@ -67,12 +67,30 @@ def _model(ref: ModelRef, device: str, cache_size: int):
     dtype = None if ref.dtype == "auto" else ref.dtype
     _warm_imports()  # a process's first load would otherwise count transformers' import time as loading
     t0 = time.perf_counter()
-    pair = load_model(ref.name, dtype=dtype, device=device, revision=ref.revision)
+    pair = load_model(ref.name, dtype=dtype, device=worker_devices(device), revision=ref.revision)
     _LOADS["loads"] += 1
     _LOADS["load_s"] += time.perf_counter() - t0
     if cache_size > 0:
         _MODELS[key] = pair
     return pair
+
+
+def worker_devices(device: str) -> "str | list[str]":
+    """Where a model loads: over every GPU of this worker when Ray gave it several (its model does not fit one:
+    sweep/placement.py sized the request), else on `device`."""
+    if device != "cuda":
+        return device
+    import torch
+
+    try:
+        import ray
+
+        n = len(ray.get_gpu_ids()) if ray.is_initialized() else 0
+    except Exception:  # outside a Ray worker
+        n = 0
+    if n > 1 and torch.cuda.device_count() > 1:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return device
 
 
 def _warm_imports() -> None:
