@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Everything the engine needs to know about a Llama-family model's shapes."""
+    """Everything the engine needs to know about a Llama-family model: its shapes and its family's spec (the
+    defaults are Llama's)."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
