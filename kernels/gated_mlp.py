@@ -2,8 +2,8 @@
 (act: silu, SwiGLU; or gelu-tanh, Gemma's GeGLU).
 
 The same kernels as `sparse_gemv` in PAIR mode: gate and up are read side by side (the one-shot tiles and the
-gather walk: in separate programs of one launch; the masked walk: in one program), and the last program of each column strip
-writes h = act(gate)·up, so neither product round-trips through memory.
+gather walk: in separate programs of one launch; the masked walk: in one program), and the last program of each
+column strip writes h = act(gate)·up, so neither product round-trips through memory.
 The down projection then takes h as an input-sparse GEMV (TEAL thresholds |h|; M-COUNTDOWN is
 the same computation with its threshold on h).
 """

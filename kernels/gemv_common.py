@@ -1,6 +1,6 @@
 """Triton and host helpers both sparse-GEMV kernels share: RMSNorm factor, threshold / shift / N:M selection,
-the epilogue (bias, act or act(gate)·up with act silu or gelu-tanh, residual, the consumer's selection, cast), the launch arguments and the
-split-K workspace. Kernels: `masked_gemv.py` and `gather_gemv.py`; the public ops: `sparse_gemv.py`."""
+the epilogue (bias, act or act(gate)·up with act silu or gelu-tanh, residual, the consumer's selection, cast),
+the launch arguments and the split-K workspace. Kernels: `masked_gemv.py` and `gather_gemv.py`; the public ops: `sparse_gemv.py`."""
 
 from __future__ import annotations
 
@@ -91,10 +91,12 @@ def accumulate(acc, xs, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def activate(x, ACT: tl.constexpr):
-    """act(x) in fp32: ACT 1 silu, 2 gelu-tanh (0.5·x·(1 + tanh(z)) = x·sigmoid(2z), z = √(2/π)·(x + 0.044715·x³))."""
+    """act(x) in fp32: ACT 1 silu, 2 gelu-tanh, 0.5·x·(1 + tanh(u)) = x·sigmoid(2u), u = √(2/π)·(x + 0.044715·x³)."""
     if ACT == 2:
-        return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
-    return x * tl.sigmoid(x)
+        z = 1.5957691216057308 * (x + 0.044715 * x * x * x)
+    else:
+        z = x
+    return x * tl.sigmoid(z)
 
 
 @triton.jit

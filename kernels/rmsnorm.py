@@ -46,7 +46,8 @@ def _launch(x, delta, g, eps, scale_in_f32=False):
     block = triton.next_power_of_2(k)
     _rmsnorm_kernel[(b,)](x, delta if delta is not None else x, g, res, y, k, x.stride(0),
                           delta.stride(0) if delta is not None else 0, res.stride(0), y.stride(0), eps,
-                          HAS_DELTA=delta is not None, SCALE_F32=scale_in_f32, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+                          HAS_DELTA=delta is not None, SCALE_F32=scale_in_f32, BLOCK=block,
+                          num_warps=8 if block >= 4096 else 4)
     return res, y
 
 

@@ -52,7 +52,8 @@ class LlamaConfig:
     def with_layers(self, n_layers: int) -> "LlamaConfig":
         """Return the same shapes with a different number of layers (for shorter benchmarks); the local/global
         pattern repeats."""
-        local = tuple(self.local_layers[i % len(self.local_layers)] for i in range(n_layers)) if self.local_layers else ()
+        pattern = self.local_layers
+        local = tuple(pattern[i % len(pattern)] for i in range(n_layers)) if pattern else ()
         return replace(self, n_layers=n_layers, local_layers=local)
 
     @classmethod

@@ -153,7 +153,8 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
         mlp_norm = blk.pre_feedforward_layernorm if gemma else blk.post_attention_layernorm
         lw = _layer(norm(blk.input_layernorm), norm(mlp_norm), q, k, v, o, gate, up, down, layouts)
         if gemma:
-            lw.post_attn_norm, lw.post_mlp_norm = norm(blk.post_attention_layernorm), norm(blk.post_feedforward_layernorm)
+            lw.post_attn_norm = norm(blk.post_attention_layernorm)
+            lw.post_mlp_norm = norm(blk.post_feedforward_layernorm)
         if qkv_bias:
             lw.bqkv = torch.cat([cp(at.q_proj.bias), cp(at.k_proj.bias), cp(at.v_proj.bias)])
         if getattr(at, "q_norm", None) is not None:
