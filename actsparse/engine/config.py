@@ -58,7 +58,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf_config) -> "LlamaConfig":
-        """Return the config of a transformers LlamaConfig."""
+        """Return the config of a transformers config of a family the engine decodes (`FAMILIES`)."""
         c = hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         rope = getattr(c, "rope_parameters", None) or {}
@@ -78,15 +78,16 @@ class LlamaConfig:
         return replace(
             cfg, act="gelu_tanh", norm_f32=True, sandwich_norms=True, embed_scale=c.hidden_size**0.5,
             attn_scale=c.query_pre_attn_scalar**-0.5,
-            attn_softcap=float(c.attn_logit_softcapping or 0.0) if kind == "gemma2" else 0.0,  # Gemma 3 never caps
+            # transformers' Gemma3Attention never passes attn_logit_softcapping to its attention: neither does this
+            attn_softcap=float(c.attn_logit_softcapping or 0.0) if kind == "gemma2" else 0.0,
             final_softcap=float(c.final_logit_softcapping or 0.0), sliding_window=int(c.sliding_window or 0),
             local_layers=tuple(t == "sliding_attention" for t in c.layer_types),
             rope_local_theta=float(loc.get("rope_theta", 0.0)),
         )
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3_text")  # transformers
-# model_types the engine decodes exactly
+# transformers model_types the engine decodes exactly
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3_text")
 GEMMA = ("gemma2", "gemma3_text")
 STATIC_ROPE = ("default", "llama3", "linear", "yarn")  # frequencies the model's rotary module holds fixed
 LAYER_TYPES = ("sliding_attention", "full_attention")
