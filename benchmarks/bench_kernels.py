@@ -722,7 +722,7 @@ def main() -> None:
     ap.add_argument("--decode-layers", type=int, default=0, help="fewer layers than the model has (0: all)")
     ap.add_argument("--decode-steps", type=int, default=48)
     ap.add_argument("--decode-families", default="", help="also decode these engine presets at batch 1 (teal 0.4 / 0.5), "
-                    "e.g. qwen3-8b,qwen2.5-7b,phi3-mini,granite3-8b")
+                    "e.g. qwen3-8b,qwen2.5-7b,phi3-mini,granite3-8b,gemma2-9b,gemma3-12b")
     args = ap.parse_args()
     for fam in filter(None, args.decode_families.split(",")):
         DECODE_PLAN[(fam, 1)] = [("teal", False, (0.4, 0.5))]

@@ -35,8 +35,8 @@ PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr",
 
 
 def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4, use_dot: bool = False):
-    """The compiled walk for one configuration (sm_90)."""
-    consts = dict(NORM=True, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=True, HAS_BIAS=False, HAS_RES=False, ACT=0,
+    """The compiled walk for one configuration (sm_90): gate|up's pair with the RMSNorm and Gemma's gelu-tanh."""
+    consts = dict(NORM=True, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=True, HAS_BIAS=False, HAS_RES=False, ACT=2,
                   NM_N=0, NM_M=1, GROUPS=1, GROUPS_P2=1, SPLIT=True, USE_DOT=use_dot, IEEE=False,
                   VAL_B=4 if use_dot else 1, DEPTH=depth, BLOCK_B=16 if use_dot else 1, SEG_K=4096,
                   BLOCK_K=block_k, BLOCK_N=block_n)
@@ -47,8 +47,8 @@ def compile_masked(block_n: int, block_k: int, num_warps: int, pair: bool, atomi
                    depth: int = 1, use_dot: bool = False):
     """The compiled masked walk for one configuration (sm_90): o's GEMV, or gate|up's pair with the RMSNorm."""
     consts = dict(PRESEL=False, OUT_SEL=False, OUT_SHIFT=False, PACK_W=0, NORM=pair, NORM_BLOCK=4096,
-                  HAS_SHIFT=False, PAIR=pair, HAS_BIAS=False, HAS_RES=False, ACT=0, NM_N=0, NM_M=1, USE_DOT=use_dot,
-                  IEEE=False, SPLIT=True, DEPTH=depth,
+                  HAS_SHIFT=False, PAIR=pair, HAS_BIAS=False, HAS_RES=False, ACT=int(pair), NM_N=0, NM_M=1,
+                  USE_DOT=use_dot, IEEE=False, SPLIT=True, DEPTH=depth,
                   RED=masked_gemv._reduce_width(4096 // block_k, block_n * (2 if pair else 1), num_warps),
                   ATOMIC=atomic, ONE_CHUNK=one_chunk, BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k, BLOCK_N=block_n)
     return _compile(masked_gemv._masked_gemv_kernel, consts, num_warps)
@@ -56,9 +56,9 @@ def compile_masked(block_n: int, block_k: int, num_warps: int, pair: bool, atomi
 
 def compile_oneshot(block_n: int, block_k: int, num_warps: int, pair: bool, use_dot: bool = False):
     """The compiled one-shot tiles for one configuration (sm_90): o's GEMV, or gate|up's pair with the RMSNorm."""
-    consts = dict(NORM=pair, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=pair, HAS_BIAS=False, HAS_RES=not pair, ACT=0,
-                  NM_N=0, NM_M=1, USE_DOT=use_dot, IEEE=False, BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k,
-                  BLOCK_N=block_n)
+    consts = dict(NORM=pair, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=pair, HAS_BIAS=False, HAS_RES=not pair,
+                  ACT=int(pair), NM_N=0, NM_M=1, USE_DOT=use_dot, IEEE=False, BLOCK_B=16 if use_dot else 1,
+                  BLOCK_K=block_k, BLOCK_N=block_n)
     return _compile(oneshot_gemv._oneshot_kernel, consts, num_warps)
 
 

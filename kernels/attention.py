@@ -2,7 +2,9 @@
 
 One program per (batch row, kv head) handles the GROUP query heads that share the kv head, so
 each cached key/value is read once. The position comes from a device tensor, so the launch has
-static arguments and is captured by CUDA graphs; the loop runs to the current position only.
+static arguments and is captured by CUDA graphs; the loop runs to the current position only, and from the
+first position of a sliding window where there is one (Gemma's and Mistral's local layers). Scores may be
+soft-capped, c·tanh(s / c) (Gemma 2).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ def _rope(ptr, offs_h, mask_h, d, partner, cos, sin, D: tl.constexpr):
 def _decode_attention_kernel(
     qkv_ptr, kc_ptr, vc_ptr, pos_ptr, inv_freq_ptr, out_ptr,
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_ob,
-    sm_scale, rope_scale,
+    sm_scale, rope_scale, softcap, window,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -59,7 +61,7 @@ def _decode_attention_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-    for s0 in range(0, pos + 1, BLOCK_S):
+    for s0 in range(tl.maximum(pos + 1 - window, 0), pos + 1, BLOCK_S):  # the window's positions only
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask_s = offs_s <= pos
         k = tl.load(kc + offs_s[:, None] * stride_cs + d[None, :], mask=mask_s[:, None], other=0.0)
@@ -68,6 +70,8 @@ def _decode_attention_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_G, BLOCK_S]
         else:
             s = tl.dot(q, tl.trans(k))
+        if SOFTCAP:  # c·tanh(s / c), tanh(u) = 2·sigmoid(2u) − 1
+            s = softcap * (2.0 * tl.sigmoid(s * (2.0 / softcap)) - 1.0)
         s = tl.where(mask_s[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -86,7 +90,7 @@ def _decode_attention_kernel(
 @torch.library.custom_op("actsparse::decode_attention", mutates_args=("k_cache", "v_cache"))
 def _decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                          inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int, sm_scale: float,
-                         rope_scale: float, block_s: int) -> torch.Tensor:
+                         rope_scale: float, block_s: int, softcap: float = 0.0, window: int = 0) -> torch.Tensor:
     b = qkv.shape[0]
     d = k_cache.shape[-1]
     group = n_heads // n_kv_heads
@@ -94,15 +98,16 @@ def _decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_attention_kernel[(b, n_kv_heads)](
         qkv, k_cache, v_cache, pos, inv_freq, out,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        sm_scale, rope_scale,
+        sm_scale, rope_scale, softcap if softcap > 0 else 1.0, window if window > 0 else k_cache.shape[2],
         HQ=n_heads, HKV=n_kv_heads, D=d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_S=block_s, IEEE=k_cache.dtype == torch.float32, num_warps=4, num_stages=2,
+        BLOCK_S=block_s, IEEE=k_cache.dtype == torch.float32, SOFTCAP=softcap > 0, num_warps=4, num_stages=2,
     )
     return out
 
 
 @_decode_attention_op.register_fake
-def _(qkv, k_cache, v_cache, pos, inv_freq, n_heads, n_kv_heads, sm_scale, rope_scale, block_s):
+def _(qkv, k_cache, v_cache, pos, inv_freq, n_heads, n_kv_heads, sm_scale, rope_scale, block_s, softcap=0.0,
+      window=0):
     return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]))
 
 
@@ -117,12 +122,16 @@ def decode_attention(
     *,
     sm_scale: float | None = None,
     rope_scale: float = 1.0,
+    softcap: float = 0.0,
+    window: int = 0,
     block_s: int = 32,
 ) -> torch.Tensor:
     """Return attn [B, n_heads·D]; writes the roped k and v of the new token into the caches at `pos`.
 
     qkv: [B, (n_heads + 2·n_kv_heads)·D] pre-RoPE projections; k_cache, v_cache: [B, n_kv_heads, S, D];
-    pos: int32 [B], the new token's position (< S); inv_freq: float32 [D/2] RoPE frequencies.
+    pos: int32 [B], the new token's position (< S); inv_freq: float32 [D/2] RoPE frequencies. sm_scale: the
+    scores' scale (default D^-0.5); softcap > 0: scores ← softcap·tanh(scores / softcap), after the scale;
+    window > 0: attend to the last `window` positions only, the new one included (HF's sliding window).
     """
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"k_cache and v_cache must both be [B, n_kv_heads, S, D] with equal strides, got "
@@ -140,6 +149,9 @@ def decode_attention(
         raise ValueError(f"inv_freq must be float32 [{d // 2}], got {inv_freq.dtype} {tuple(inv_freq.shape)}")
     if block_s < 16 or block_s & (block_s - 1):
         raise ValueError(f"block_s must be a power of two ≥ 16, got {block_s}")
+    if softcap < 0 or window < 0:
+        raise ValueError(f"softcap and window must be ≥ 0 (0: off), got {softcap} and {window}")
     scale = d ** -0.5 if sm_scale is None else sm_scale
     return torch.ops.actsparse.decode_attention(qkv, k_cache, v_cache, pos, inv_freq, n_heads, n_kv_heads,
-                                                float(scale), float(rope_scale), int(block_s))
+                                                float(scale), float(rope_scale), int(block_s), float(softcap),
+                                                int(window))

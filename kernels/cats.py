@@ -1,6 +1,6 @@
 """Output-sparse up projection for CATS / COUNTDOWN: h = a ⊙ (W_u·x̂) where |a| > t, else 0.
 
-`a` = silu(W_g·x̂) comes from the gate projection (`sparse_gemv(..., act="silu")`). W_u is kept in
+`a` = act(W_g·x̂) comes from the gate projection (`sparse_gemv(..., act="silu")`, or "gelu_tanh"). W_u is kept in
 its natural [I, K] row-major layout, so an intermediate channel whose |a| is under the threshold
 skips one contiguous row of K weights. h carries exact zeros where the mask is off, so the down
 projection reads it with threshold 0 (`sparse_gemv(h, W_d^T, 0)`) and skips the same rows of W_d^T:

@@ -1,8 +1,9 @@
-"""Fused gate/up projection of a gated MLP: h = silu(W_g·x_s,g) ⊙ (W_u·x_s,u), one read of x, one launch.
+"""Fused gate/up projection of a gated MLP: h = act(W_g·x_s,g) ⊙ (W_u·x_s,u), one read of x, one launch
+(act: silu, SwiGLU; or gelu-tanh, Gemma's GeGLU).
 
 The same kernels as `sparse_gemv` in PAIR mode: gate and up are read side by side (the one-shot tiles and the
-gather walk: in separate programs of one launch; the masked walk: in one program), and the last program of each column strip
-writes h = silu(gate)·up, so neither product round-trips through memory.
+gather walk: in separate programs of one launch; the masked walk: in one program), and the last program of each
+column strip writes h = act(gate)·up, so neither product round-trips through memory.
 The down projection then takes h as an input-sparse GEMV (TEAL thresholds |h|; M-COUNTDOWN is
 the same computation with its threshold on h).
 """
@@ -15,21 +16,21 @@ import torch
 
 from .configs import choose_impl
 from .gemv_common import wshape
-from .sparse_gemv import _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm
+from .sparse_gemv import ACTS, _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm
 
 
 @torch.library.custom_op("actsparse::sparse_gated_mlp", mutates_args=())
 def _sparse_gated_mlp_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: Optional[torch.Tensor],
                          shift: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                         norm_weight: Optional[torch.Tensor], eps: float, nm_n: int, nm_m: int,
+                         norm_weight: Optional[torch.Tensor], eps: float, act: int, nm_n: int, nm_m: int,
                          impl: str = "auto", out_thresh: Optional[torch.Tensor] = None,
                          out_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, "pair", impl,
+    return _launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, act, [], nm_n, nm_m, "pair", impl,
                    out_thresh, out_shift)
 
 
 @_sparse_gated_mlp_op.register_fake
-def _(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, eps, nm_n, nm_m, impl="auto", out_thresh=None,
+def _(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, eps, act, nm_n, nm_m, impl="auto", out_thresh=None,
       out_shift=None):
     return x.new_empty((x.shape[0], wshape(wt_gate)[1]))
 
@@ -44,15 +45,17 @@ def sparse_gated_mlp(
     bias: Optional[torch.Tensor] = None,
     norm_weight: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
+    act: str = "silu",
     nm: Optional[tuple[int, int]] = None,
     impl: str = "auto",
     out_thresh: Optional[torch.Tensor] = None,
     out_shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Return h [B, I] = silu(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u) with per-projection thresholds.
+    """Return h [B, I] = act(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u) with per-projection thresholds.
 
     x: [B, K] (the residual stream when norm_weight is given); wt_gate, wt_up: [K, I] row-major;
-    thresh: float32 [2] or [2, K] (row 0 gate, row 1 up); shift: [2, K]; bias: [2, I]. thresh=None: x
+    thresh: float32 [2] or [2, K] (row 0 gate, row 1 up); shift: [2, K]; bias: [2, I]; act: "silu" (SwiGLU)
+    or "gelu_tanh" (GeGLU, Gemma's gelu_pytorch_tanh). thresh=None: x
     is already selected and both projections read it as is. out_thresh [1] or [I] / out_shift [I]: h is
     written selected for the down projection, h ← (h − m)⊙1[|h − m| > t] (see `sparse_gemv`).
     impl: "oneshot", "gather", "masked" or "auto" (see `sparse_gemv`).
@@ -74,9 +77,11 @@ def sparse_gated_mlp(
         raise ValueError(f"bias must have shape [2, {n}] (gate row, up row), got {tuple(bias.shape)}")
     if norm_weight is not None and tuple(norm_weight.shape) != (k,):
         raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
+    if act not in ACTS or act == "none":
+        raise ValueError(f"act must be 'silu' or 'gelu_tanh' (the gate's activation), got {act!r}")
     nm_n, nm_m = _validate_nm(nm)
     # Rejects a bad impl / batch here.
     choose_impl("pair", k, n, x.shape[0], impl, packed=wt_gate.dim() == 3, presel=thresh is None,
                 out_sel=out_thresh is not None)
     return torch.ops.actsparse.sparse_gated_mlp(x, wt_gate, wt_up, thresh, shift, bias, norm_weight,
-                                                float(eps), nm_n, nm_m, impl, out_thresh, out_shift)
+                                                float(eps), ACTS[act], nm_n, nm_m, impl, out_thresh, out_shift)

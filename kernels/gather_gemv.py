@@ -12,7 +12,7 @@
 3. Partials [matrices × slices, B, N] go to an fp32 workspace; the last-arriving program of a strip (one
    atomic counter increment per program, the counter reset by that program for the next launch or graph
    replay) reads all partials in one vectorised load, sums them in a fixed order (deterministic) and runs the
-   epilogue: bias, silu / silu(gate)·up, residual, cast.
+   epilogue: bias, act / act(gate)·up (silu or gelu-tanh), residual, cast.
 
 Batches 2-4 (`GatherConfig(use_dot=True)`): the FMA accumulators grow with the batch (batch × BLOCK_K × BLOCK_N
 fp32); the tensor-core walk pads the batch to 16 rows and runs each gathered step as one tl.dot

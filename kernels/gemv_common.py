@@ -1,6 +1,6 @@
 """Triton and host helpers both sparse-GEMV kernels share: RMSNorm factor, threshold / shift / N:M selection,
-the epilogue (bias, silu or silu·up, residual, the consumer's selection, cast), the launch arguments and the
-split-K workspace. Kernels: `masked_gemv.py` and `gather_gemv.py`; the public ops: `sparse_gemv.py`."""
+the epilogue (bias, act or act(gate)·up with act silu or gelu-tanh, residual, the consumer's selection, cast),
+the launch arguments and the split-K workspace. Kernels: `masked_gemv.py` and `gather_gemv.py`; the public ops: `sparse_gemv.py`."""
 
 from __future__ import annotations
 
@@ -90,19 +90,30 @@ def accumulate(acc, xs, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def activate(x, ACT: tl.constexpr):
+    """act(x) in fp32: ACT 1 silu, 2 gelu-tanh, 0.5·x·(1 + tanh(u)) = x·sigmoid(2u), u = √(2/π)·(x + 0.044715·x³)."""
+    if ACT == 2:
+        z = 1.5957691216057308 * (x + 0.044715 * x * x * x)
+    else:
+        z = x
+    return x * tl.sigmoid(z)
+
+
+@triton.jit
 def epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
               mask_out, HAS_BIAS: tl.constexpr, PAIR: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
               to_ptr, mo_ptr, stride_to, OUT_SEL: tl.constexpr, OUT_SHIFT: tl.constexpr):
-    """bias, silu / silu·up, residual, the consumer's selection (OUT_SEL: y = (y − m)⊙1[|y − m| > t] per
-    column, so the next GEMV reads its input already selected), cast and store of one [BLOCK_B, BLOCK_N] tile."""
+    """bias, act (ACT > 0) or act(gate)·up (PAIR), residual, the consumer's selection (OUT_SEL: y = (y − m)⊙
+    1[|y − m| > t] per column, so the next GEMV reads its input already selected), cast and store of one
+    [BLOCK_B, BLOCK_N] tile."""
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if PAIR:
         if HAS_BIAS:
             out2 += tl.load(bias_ptr + stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out = out * tl.sigmoid(out) * out2
-    elif ACT == 1:
-        out = out * tl.sigmoid(out)
+        out = activate(out, ACT) * out2
+    elif ACT > 0:
+        out = activate(out, ACT)
     if HAS_RES:
         res = tl.load(res_ptr + offs_b[:, None] * stride_rb + offs_n[None, :], mask=mask_out, other=0.0)
         out += res.to(tl.float32)

@@ -25,7 +25,8 @@ batches over 4, packed weights, an already-selected input (thresh=None) and a se
 
 Fused options (all compile-time): RMSNorm of x in the prologue (NORM), up to three column segments with their
 own threshold/shift (fused q/k/v), a second weight matrix sharing the read of x with output
-silu(W1·x_s1) ⊙ (W2·x_s2) (PAIR: gate/up), bias (SCAP folds W·m into it), silu, residual, N:M selection.
+act(W1·x_s1) ⊙ (W2·x_s2) (PAIR: gate/up), bias (SCAP folds W·m into it), act (silu or gelu-tanh), residual,
+N:M selection.
 """
 
 from __future__ import annotations

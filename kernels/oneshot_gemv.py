@@ -10,11 +10,11 @@ Where it differs from TEAL's kernel, and why:
 - **No zeroing launch, and any output dtype.** Partials are fp32 atomic adds into the device's self-zeroing
   accumulators (`configs.atomic_accumulator`); one counter increment per program elects the last program of
   each column strip, which reads the sums, zeroes them for the next launch, resets its counter and runs the
-  epilogue (bias, silu or silu(gate)·up, residual, cast). TEAL adds fp16 partials into an output a separate
+  epilogue (bias, act or act(gate)·up, residual, cast). TEAL adds fp16 partials into an output a separate
   launch zeroed, which bf16 (8 bits of mantissa per atomic add) could not afford.
 - **Fused ops.** RMSNorm of x (each program takes the row's factor from the whole row, which the programs of
   an SM share through L1), per-channel thresholds and shifts per q/k/v segment, N:M selection, and gate/up in
-  one launch (programs of both matrices, one counter per strip: the epilogue writes silu(gate)·up).
+  one launch (programs of both matrices, one counter per strip: the epilogue writes act(gate)·up).
 - **Batches 2-16** on tensor cores: x_s rows padded to 16, one tl.dot [16, BLOCK_K] × [BLOCK_K, BLOCK_N]
   over the tile's union of kept rows (each token's own unselected entries zeroed).
 The fp32 atomic sum makes the last bits of the result depend on arrival order (as TEAL's fp16 sum does).

@@ -22,6 +22,17 @@ def rmsnorm_ref(x: torch.Tensor, g: torch.Tensor, eps: float = 1e-6) -> torch.Te
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * g.to(xf.dtype)
 
 
+def act_ref(y: torch.Tensor, act: str) -> torch.Tensor:
+    """act(y) for the kernels' activations: "none", "silu" or "gelu_tanh" (PyTorch's gelu, approximate="tanh")."""
+    if act == "silu":
+        return torch.nn.functional.silu(y)
+    if act == "gelu_tanh":
+        return torch.nn.functional.gelu(y, approximate="tanh")
+    if act != "none":
+        raise ValueError(f"act must be 'none', 'silu' or 'gelu_tanh', got {act!r}")
+    return y
+
+
 def nm_mask_ref(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Return the boolean mask keeping the n largest |score| of every m consecutive channels (ties: lower index)."""
     *lead, k = score.shape
@@ -80,8 +91,7 @@ def sparse_gemv_ref(
     y = torch.cat(outs, dim=-1)
     if bias is not None:
         y = y + bias.to(acc)
-    if act == "silu":
-        y = torch.nn.functional.silu(y)
+    y = act_ref(y, act)
     if residual is not None:
         y = y + residual.to(acc)
     return _select_out(y, out_thresh, out_shift).to(x.dtype)
@@ -97,11 +107,12 @@ def sparse_gated_mlp_ref(
     bias: Optional[torch.Tensor] = None,
     norm_weight: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
+    act: str = "silu",
     nm: Optional[tuple[int, int]] = None,
     out_thresh: torch.Tensor | float | None = None,
     out_shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference of `sparse_gated_mlp`: silu(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u), in x's dtype (thresh None:
+    """Reference of `sparse_gated_mlp`: act(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u), in x's dtype (thresh None:
     x_s = x; out_thresh: h selected for the down projection before the cast)."""
     acc = _acc_dtype(wt_gate)
     xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
@@ -116,7 +127,7 @@ def sparse_gated_mlp_ref(
         if bias is not None:
             y = y + bias[i].to(acc)
         ys.append(y)
-    return _select_out(torch.nn.functional.silu(ys[0]) * ys[1], out_thresh, out_shift).to(x.dtype)
+    return _select_out(act_ref(ys[0], act) * ys[1], out_thresh, out_shift).to(x.dtype)
 
 
 def cats_up_ref(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: torch.Tensor | float, *,
@@ -142,8 +153,10 @@ def rope_ref(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scale: 
 
 def decode_attention_ref(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                          inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int, *,
-                         sm_scale: float | None = None, rope_scale: float = 1.0) -> torch.Tensor:
-    """Reference of `decode_attention`: writes roped k/v at pos into the caches, returns attn [B, H·D]."""
+                         sm_scale: float | None = None, rope_scale: float = 1.0, softcap: float = 0.0,
+                         window: int = 0) -> torch.Tensor:
+    """Reference of `decode_attention`: writes roped k/v at pos into the caches, returns attn [B, H·D] (softcap:
+    scores ← c·tanh(scores / c); window: the last `window` positions only, the new one included)."""
     b, hkv, s, d = k_cache.shape
     q = qkv[:, : n_heads * d].reshape(b, n_heads, d)
     k = qkv[:, n_heads * d:(n_heads + n_kv_heads) * d].reshape(b, n_kv_heads, d)
@@ -156,17 +169,21 @@ def decode_attention_ref(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         p = int(pos[i])
         k_cache[i, :, p] = k[i].to(k_cache.dtype)
         v_cache[i, :, p] = v[i].to(v_cache.dtype)
-        keys = k_cache[i, :, : p + 1].to(torch.float32).repeat_interleave(n_heads // n_kv_heads, dim=0)
-        vals = v_cache[i, :, : p + 1].to(torch.float32).repeat_interleave(n_heads // n_kv_heads, dim=0)
-        att = torch.softmax((q[i, :, None, :] * scale) @ keys.transpose(1, 2), dim=-1)  # [H, 1, p+1]
+        p0 = max(0, p + 1 - window) if window > 0 else 0
+        keys = k_cache[i, :, p0: p + 1].to(torch.float32).repeat_interleave(n_heads // n_kv_heads, dim=0)
+        vals = v_cache[i, :, p0: p + 1].to(torch.float32).repeat_interleave(n_heads // n_kv_heads, dim=0)
+        s = (q[i, :, None, :] * scale) @ keys.transpose(1, 2)  # [H, 1, p+1-p0]
+        if softcap > 0:
+            s = torch.tanh(s / softcap) * softcap
+        att = torch.softmax(s, dim=-1)
         out[i] = (att @ vals)[:, 0]
     return out.reshape(b, n_heads * d).to(qkv.dtype)
 
 
-def silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:
-    """Reference of `silu_mul`: silu(gate)⊙up for [B, 2I] input, in its dtype."""
+def silu_mul_ref(gu: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """Reference of `silu_mul`: act(gate)⊙up for [B, 2I] input, in its dtype."""
     g, u = gu.to(torch.float32).chunk(2, dim=-1)
-    return (torch.nn.functional.silu(g) * u).to(gu.dtype)
+    return (act_ref(g, act) * u).to(gu.dtype)
 
 
 def add_rmsnorm_ref(x: torch.Tensor, delta: torch.Tensor, g: torch.Tensor,
@@ -176,8 +193,11 @@ def add_rmsnorm_ref(x: torch.Tensor, delta: torch.Tensor, g: torch.Tensor,
     return r, hf_rmsnorm_ref(r, g, eps)
 
 
-def hf_rmsnorm_ref(x: torch.Tensor, g: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Reference of `rmsnorm`: HF Llama's rounding (normalise in float32, cast to x's dtype, scale by g)."""
+def hf_rmsnorm_ref(x: torch.Tensor, g: torch.Tensor, eps: float = 1e-6, scale_in_f32: bool = False) -> torch.Tensor:
+    """Reference of `rmsnorm`: HF Llama's rounding (normalise in float32, cast to x's dtype, scale by g), or with
+    scale_in_f32 Gemma's (normalise and scale by g in float32, one cast)."""
     xf = x.to(torch.float32)
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return (g.to(torch.float32) * y.to(torch.float32)).to(x.dtype)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if not scale_in_f32:
+        y = y.to(x.dtype).to(torch.float32)
+    return (g.to(torch.float32) * y).to(x.dtype)

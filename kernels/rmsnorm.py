@@ -2,6 +2,8 @@
 
 add_rmsnorm(x, delta, g) returns (x + delta, rmsnorm(x + delta)·g) in one pass: one launch
 instead of an add, a norm and a cast. One program per row; rows are at most a few thousand wide.
+Rounding follows HF Llama (normalise, cast, scale by g) or, with scale_in_f32, Gemma (normalise and scale in
+float32, one cast: Gemma's g is 1 + w, which the engine keeps in float32).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .configs import new_output
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, d_ptr, g_ptr, res_ptr, y_ptr, K, stride_x, stride_d, stride_r, stride_y, eps,
-                    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_DELTA: tl.constexpr, SCALE_F32: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
@@ -30,28 +32,32 @@ def _rmsnorm_kernel(x_ptr, d_ptr, g_ptr, res_ptr, y_ptr, K, stride_x, stride_d, 
         x = xr.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32) * g
+    y = x * rstd
+    if not SCALE_F32:
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+    y = y * g
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x, delta, g, eps):
+def _launch(x, delta, g, eps, scale_in_f32=False):
     b, k = x.shape
     y = new_output(tuple(x.shape), x.device, x.dtype)
     res = new_output(tuple(x.shape), x.device, x.dtype) if delta is not None else y
     block = triton.next_power_of_2(k)
     _rmsnorm_kernel[(b,)](x, delta if delta is not None else x, g, res, y, k, x.stride(0),
                           delta.stride(0) if delta is not None else 0, res.stride(0), y.stride(0), eps,
-                          HAS_DELTA=delta is not None, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+                          HAS_DELTA=delta is not None, SCALE_F32=scale_in_f32, BLOCK=block,
+                          num_warps=8 if block >= 4096 else 4)
     return res, y
 
 
 @torch.library.custom_op("actsparse::rmsnorm", mutates_args=())
-def _rmsnorm_op(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
-    return _launch(x, None, g, eps)[1]
+def _rmsnorm_op(x: torch.Tensor, g: torch.Tensor, eps: float, scale_in_f32: bool = False) -> torch.Tensor:
+    return _launch(x, None, g, eps, scale_in_f32)[1]
 
 
 @_rmsnorm_op.register_fake
-def _(x, g, eps):
+def _(x, g, eps, scale_in_f32=False):
     return torch.empty_like(x)
 
 
@@ -73,10 +79,11 @@ def _check(x: torch.Tensor, g: torch.Tensor) -> None:
         raise ValueError(f"g must have shape [{x.shape[1]}], got {tuple(g.shape)}")
 
 
-def rmsnorm(x: torch.Tensor, g: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Return rmsnorm(x)·g [B, K] in x's dtype (HF Llama rounding: normalise, cast, then scale)."""
+def rmsnorm(x: torch.Tensor, g: torch.Tensor, eps: float = 1e-6, scale_in_f32: bool = False) -> torch.Tensor:
+    """Return rmsnorm(x)·g [B, K] in x's dtype (HF Llama rounding: normalise, cast, then scale; scale_in_f32:
+    Gemma's, normalise and scale in float32, then cast)."""
     _check(x, g)
-    return torch.ops.actsparse.rmsnorm(x, g, float(eps))
+    return torch.ops.actsparse.rmsnorm(x, g, float(eps), bool(scale_in_f32))
 
 
 def add_rmsnorm(x: torch.Tensor, delta: Optional[torch.Tensor], g: torch.Tensor,

@@ -18,7 +18,7 @@ from .masked_gemv import launch_masked
 from .oneshot_gemv import launch_oneshot
 
 
-ACTS = {"none": 0, "silu": 1}
+ACTS = {"none": 0, "silu": 1, "gelu_tanh": 2}  # the epilogue's ACT (gemv_common.activate)
 
 
 def _as_rows(t: torch.Tensor, nseg: int, k: int, name: str) -> torch.Tensor:
@@ -151,9 +151,10 @@ def sparse_gemv(
 
     x: [B, K]; wt: W^T [K, N] row-major, or packed [N / W, K, W] (`pack_weight`; the masked kernel); thresh: float32 [S] or [S, K] (S = len(segments) + 1, one row
     per output-column segment, e.g. q/k/v); shift: [S, K]; bias: [N]; residual: [B, N];
-    norm_weight: [K] RMSNorm weight applied to x first; nm=(N, M) keeps the top N of every M
-    consecutive channels instead of thresholding. thresh=None: x is already selected (x_s = x, its
-    zeros skipped; shift, norm_weight and nm must be None), e.g. a producer's output with out_thresh.
+    norm_weight: [K] RMSNorm weight applied to x first; act: "none", "silu" or "gelu_tanh" (Gemma's
+    gelu_pytorch_tanh); nm=(N, M) keeps the top N of every M consecutive channels instead of thresholding.
+    thresh=None: x is already selected (x_s = x, its zeros skipped; shift, norm_weight and nm must be None),
+    e.g. a producer's output with out_thresh.
     out_thresh: float32 [1] or [N], out_shift: [N]: the output is written selected for the next GEMV,
     y ← (y − m)⊙1[|y − m| > t] (after bias, act and residual). impl: "oneshot" (one program per weight
     tile, masked row loads, fp32 atomic sums; batch ≤ 16, [K, N] weights, selection inside the op),

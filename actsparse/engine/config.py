@@ -1,5 +1,6 @@
-"""Shape of a Llama-family decoder (Llama, Mistral, Qwen2's q/k/v biases, Qwen3's q/k norms), with presets for
-the models the benchmarks use, and what the engine refuses to decode."""
+"""Shape and family spec of a Llama-family decoder (Llama, Mistral, Qwen2's q/k/v biases, Qwen3's q/k norms, Gemma
+2/3's GeGLU, sandwich norms, scalings, soft-caps and local/global layers), with presets for the models the
+benchmarks use, and what the engine refuses to decode."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass, replace
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Everything the engine needs to know about a Llama-family model's shapes."""
+    """Everything the engine needs to know about a Llama-family model: its shapes and its family's spec (the
+    defaults are Llama's)."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -21,7 +23,19 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: biases on q, k and v
-    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: an RMSNorm over each head of q and of k, before RoPE
+    # Gemma 2 and 3
+    act: str = "silu"  # the gate's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, gelu_pytorch_tanh)
+    norm_f32: bool = False  # RMSNorms scale by their weight (1 + w, kept in float32) before their one cast
+    sandwich_norms: bool = False  # attention and MLP outputs are normalised before the residual add
+    embed_scale: float = 1.0  # the embedding times this, in its dtype (Gemma: sqrt(hidden_size))
+    attn_scale: float = 0.0  # scale of the attention scores (Gemma: query_pre_attn_scalar^-0.5); 0: head_dim^-0.5
+    attn_softcap: float = 0.0  # scores <- c·tanh(scores / c) (Gemma 2); 0: off
+    final_softcap: float = 0.0  # logits <- c·tanh(logits / c); 0: off
+    sliding_window: int = 0  # local layers attend to the last this many positions
+    local_layers: tuple[bool, ...] = ()  # per layer: local (sliding window) or global; (): all global
+    rope_local_theta: float = 0.0  # RoPE base of the local layers (Gemma 3); 0: rope_theta
+    rope_factor: float = 1.0  # linear RoPE scaling of the global layers (Gemma 3): positions / factor
 
     @property
     def q_size(self) -> int:
@@ -31,35 +45,56 @@ class LlamaConfig:
     def kv_size(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    def window(self, layer: int) -> int:
+        """The sliding window of a layer: 0 for a global one."""
+        return self.sliding_window if self.local_layers and self.local_layers[layer] else 0
+
     def with_layers(self, n_layers: int) -> "LlamaConfig":
-        """Return the same shapes with a different number of layers (for shorter benchmarks)."""
-        return replace(self, n_layers=n_layers)
+        """Return the same shapes with a different number of layers (for shorter benchmarks); the local/global
+        pattern repeats."""
+        pattern = self.local_layers
+        local = tuple(pattern[i % len(pattern)] for i in range(n_layers)) if pattern else ()
+        return replace(self, n_layers=n_layers, local_layers=local)
 
     @classmethod
     def from_hf(cls, hf_config) -> "LlamaConfig":
-        """Return the config of a transformers LlamaConfig."""
+        """Return the config of a transformers config of a family the engine decodes (`FAMILIES`)."""
         c = hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         rope = getattr(c, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
         kind = getattr(c, "model_type", "llama")
-        return cls(
+        glob, loc = rope.get("full_attention", rope), rope.get("sliding_attention", {})  # Gemma 3: one per layer type
+        theta = glob.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+        cfg = cls(
             vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
             n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
             n_kv_heads=c.num_key_value_heads or c.num_attention_heads, head_dim=head_dim,
             rms_eps=c.rms_norm_eps, rope_theta=theta, tie_embeddings=bool(c.tie_word_embeddings),
-            qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3",
+            qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "gemma3_text"),
+            rope_factor=float(glob.get("factor", 1.0)) if glob.get("rope_type") == "linear" else 1.0,
+        )
+        if kind not in GEMMA:
+            return cfg
+        return replace(
+            cfg, act="gelu_tanh", norm_f32=True, sandwich_norms=True, embed_scale=c.hidden_size**0.5,
+            attn_scale=c.query_pre_attn_scalar**-0.5,
+            # transformers' Gemma3Attention never passes attn_logit_softcapping to its attention: neither does this
+            attn_softcap=float(c.attn_logit_softcapping or 0.0) if kind == "gemma2" else 0.0,
+            final_softcap=float(c.final_logit_softcapping or 0.0), sliding_window=int(c.sliding_window or 0),
+            local_layers=tuple(t == "sliding_attention" for t in c.layer_types),
+            rope_local_theta=float(loc.get("rope_theta", 0.0)),
         )
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
-STATIC_ROPE = ("default", "llama3", "linear", "yarn")  # frequencies the model's rotary module holds fixed  # transformers model_types the engine decodes exactly
+# transformers model_types the engine decodes exactly
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
+STATIC_ROPE = ("default", "llama3", "linear", "yarn")  # frequencies the model's rotary module holds fixed
+LAYER_TYPES = ("sliding_attention", "full_attention")
 # What the engine's block does not model, per transformers model_type: a model of these decodes wrong if its
 # weights are copied into a Llama block, so it is refused with the reason instead.
 _NOT_MODELLED = {
-    "gemma": "(1 + w) RMSNorms, GeGLU and the embedding scale", "gemma2": "(1 + w) pre/post norms, GeGLU, "
-    "soft-capping and local/global attention", "gemma3": "(1 + w) pre/post norms, q/k norms, GeGLU and "
-    "local/global attention", "gemma3_text": "(1 + w) pre/post norms, q/k norms, GeGLU and local/global attention",
+    "gemma": "Gemma 1's block ((1 + w) norms and GeGLU without Gemma 2's post-norms; not wired)",
     "olmo2": "post-norms and q/k norms", "mixtral": "mixture-of-experts MLPs",
     "qwen2_moe": "mixture-of-experts MLPs", "qwen3_moe": "mixture-of-experts MLPs and q/k norms",
     "gpt_neox": "parallel attention/MLP, LayerNorms and partial rotary", "gpt2": "LayerNorms, learned positions "
@@ -67,32 +102,65 @@ _NOT_MODELLED = {
 }
 
 
+def _rope_types(c) -> list[str]:
+    """The rope_type of each rotary embedding the config describes (Gemma 3: one per layer type)."""
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    per_type = [r for r in rope.values() if isinstance(r, dict)] or [rope]
+    return [r.get("rope_type", r.get("type", "default")) for r in per_type]
+
+
+def _gemma_reason(c, kind: str) -> str | None:
+    """What of a Gemma 2 / Gemma 3 text config the engine does not model (None when it models all of it)."""
+    act = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None)
+    if act != "gelu_pytorch_tanh":
+        return f"the decode engine's Gemma MLP is GeGLU with gelu_pytorch_tanh; this {kind} model uses {act!r}"
+    if getattr(c, "use_bidirectional_attention", False):
+        return (f"the decode engine attends causally; this {kind} model sets use_bidirectional_attention, which "
+                f"it does not model")
+    types = list(getattr(c, "layer_types", None) or [])
+    if len(types) != c.num_hidden_layers or any(t not in LAYER_TYPES for t in types):
+        return (f"the decode engine's layers are {' or '.join(LAYER_TYPES)}; this {kind} model's layer_types are "
+                f"{sorted(set(types))} for {c.num_hidden_layers} layers")
+    if "sliding_attention" in types and not getattr(c, "sliding_window", None):
+        return f"this {kind} model has sliding_attention layers but no sliding_window"
+    return None
+
+
 def unsupported_reason(hf_config, max_seq_len: int | None = None) -> str | None:
     """Why the engine cannot decode a transformers model of this config exactly (None when it can).
 
     The engine's block is Llama's: RMSNorm with weight w, RoPE, SwiGLU, no biases but Qwen2's on q/k/v, and Qwen3's
     per-head q/k RMSNorms. Llama, Mistral, Qwen2, Qwen3, Phi-3 (fused q|k|v and gate|up) and Granite (its four
-    multipliers folded into the weights) checkpoints are that block; anything it does not compute
-    (another family, another bias, another activation, a sliding window shorter than the sequence) would decode
+    multipliers folded into the weights) checkpoints are that block; Gemma 2 and Gemma 3's text model are it with
+    their spec on (`LlamaConfig`: (1 + w) norms folded at load, GeGLU, sandwich norms, embedding and attention
+    scales, soft-caps, local/global layers, Gemma 3's q/k norms and per-layer-type RoPE). Anything it does not
+    compute (another family, another bias, another activation, a sliding window it does not apply) would decode
     wrong tokens silently, so it is refused before any weight is copied."""
     c = hf_config
     kind = getattr(c, "model_type", "?")
+    if kind == "gemma3":
+        return ("the decode engine runs Gemma 3's text model (Gemma3ForCausalLM, model_type gemma3_text), not the "
+                "multimodal Gemma3ForConditionalGeneration (model_type gemma3: a vision tower and image tokens); "
+                "load the checkpoint's language model as Gemma3ForCausalLM")
     if kind not in FAMILIES:
         what = _NOT_MODELLED.get(kind, "a block other than Llama's")
         return (f"the decode engine runs {', '.join(FAMILIES)} models exactly; {kind} needs {what}, which it "
                 f"does not model")
+    moving = [t for t in _rope_types(c) if t not in STATIC_ROPE]
+    if moving:
+        return (f"the decode engine's RoPE frequencies are fixed; this {kind} model's rope_type {moving[0]!r} "
+                f"changes them with the sequence length")
     rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in STATIC_ROPE:
-        return (f"the decode engine's RoPE frequencies are fixed; this {kind} model's rope_type "
-                f"{rope.get('rope_type', rope.get('type'))!r} changes them with the sequence length")
     if float(rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
         return f"the decode engine rotates whole heads; this {kind} model rotates part of each (partial_rotary_factor)"
-    act = getattr(c, "hidden_act", "silu")
-    if act != "silu":
-        return f"the decode engine's MLP is SwiGLU (silu); this {kind} model uses {act!r}"
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(c, flag, False):
             return f"the decode engine's projections have no biases; this {kind} model sets {flag}"
+    if kind in GEMMA:
+        return _gemma_reason(c, kind)  # local layers are modelled: no limit on the sequence
+    act = getattr(c, "hidden_act", "silu")
+    if act != "silu":
+        return f"the decode engine's MLP is SwiGLU (silu); this {kind} model uses {act!r}"
     window = getattr(c, "sliding_window", None)
     if kind in ("qwen2", "qwen3") and not getattr(c, "use_sliding_window", False):
         window = None  # Qwen configs carry a window that only use_sliding_window turns on
@@ -119,5 +187,19 @@ PHI3_MINI = LlamaConfig(vocab_size=32064, hidden_size=3072, intermediate_size=81
 GRANITE3_8B = LlamaConfig(vocab_size=49155, hidden_size=4096, intermediate_size=12800, n_layers=40, n_heads=32,
                           n_kv_heads=8, head_dim=128, rms_eps=1e-5, rope_theta=1e7, tie_embeddings=True)
 
+# Gemma 2 9B and Gemma 3 12B (text): GeGLU, (1 + w) sandwich norms, embedding scale sqrt(hidden), scores scaled by
+# query_pre_attn_scalar^-0.5; Gemma 2 alternates local (window 4096) and global layers and soft-caps scores at 50
+# and logits at 30; Gemma 3 has five local layers (window 1024, RoPE base 1e4) to one global (base 1e6, linear
+# factor 8) and q/k norms.
+_GEMMA = dict(act="gelu_tanh", norm_f32=True, sandwich_norms=True, rms_eps=1e-6, tie_embeddings=True,
+              attn_scale=256**-0.5, n_heads=16, n_kv_heads=8, head_dim=256)
+GEMMA2_9B = LlamaConfig(vocab_size=256000, hidden_size=3584, intermediate_size=14336, n_layers=42, rope_theta=1e4,
+                        embed_scale=3584**0.5, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096,
+                        local_layers=tuple(i % 2 == 0 for i in range(42)), **_GEMMA)
+GEMMA3_12B = LlamaConfig(vocab_size=262208, hidden_size=3840, intermediate_size=15360, n_layers=48, rope_theta=1e6,
+                         rope_factor=8.0, rope_local_theta=1e4, qk_norm=True, embed_scale=3840**0.5,
+                         sliding_window=1024, local_layers=tuple((i + 1) % 6 != 0 for i in range(48)), **_GEMMA)
+
 PRESETS = {"llama3-8b": LLAMA3_8B, "llama2-7b": LLAMA2_7B, "qwen2.5-7b": QWEN2_5_7B, "qwen3-8b": QWEN3_8B,
-           "phi3-mini": PHI3_MINI, "granite3-8b": GRANITE3_8B, "tiny": TINY}
+           "phi3-mini": PHI3_MINI, "granite3-8b": GRANITE3_8B, "gemma2-9b": GEMMA2_9B, "gemma3-12b": GEMMA3_12B,
+           "tiny": TINY}

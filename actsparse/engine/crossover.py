@@ -5,7 +5,7 @@ op, which of cuBLAS, the one-shot tiles and the gather walk is fastest at a give
 rows. They differ by GPU (an H200's faster memory leaves less time to hide those costs than an H100's) and by
 shape, so they are measured, not tabled: per op and batch, each sparse kernel that can run the batch over
 several layers' weights at a few skipped-row fractions, and the dense op the engine would run instead (norm
-and silu·mul launches included), all timed as CUDA-graph replays. `OpTimes.choice` interpolates those times
+and act·mul launches included), all timed as CUDA-graph replays. `OpTimes.choice` interpolates those times
 at an op's expected skip and takes the least; the crossover is where the best kernel's speedup over cuBLAS
 crosses 1. Cached per (device name, shapes, dtype, batch) for the process.
 """
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 LEVELS = (0.0, 0.25, 0.4, 0.55, 0.7, 0.85)  # skipped-row fractions the speedup line is sampled at
 MAX_LAYERS = 8  # weight sets rotated per timing: several times the L2, so nothing is served from it
@@ -129,15 +128,15 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
 
     def dense(op: str, lw) -> None:
         if op == "qkv":
-            engine._linear(ops.rmsnorm(x, lw.attn_norm, eps), lw.wqkv, lw.wqkv_t)
+            engine._linear(engine._norm(x, lw.attn_norm), lw.wqkv, lw.wqkv_t)
         elif op == "o":
             engine._linear(a, lw.wo, lw.wo_t, res=x)
         elif op == "gu":
-            xn = ops.rmsnorm(x, lw.mlp_norm, eps)
+            xn = engine._norm(x, lw.mlp_norm)
             if lw.w13 is not None:
-                ops.silu_mul(xn @ lw.w13.t())
+                ops.silu_mul(xn @ lw.w13.t(), act=cfg.act)
             else:
-                F.silu(xn @ lw.wg_t) * (xn @ lw.wu_t)
+                engine._act(xn @ lw.wg_t) * (xn @ lw.wu_t)
         else:
             engine._linear(h, lw.wd, lw.wd_t, res=x)
 
@@ -145,18 +144,19 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         dev = engine.device
         if op in ("qkv", "gu"):
             norm = lw.attn_norm if op == "qkv" else lw.mlp_norm
-            t = union_threshold(ops.rmsnorm(x, norm, eps), s)
+            t = union_threshold(engine._norm(x, norm), s)
             if op == "qkv":
                 th = torch.full((3,), t, device=dev)
                 return lambda: ops.sparse_gemv(x, lw.wqkv_t, th, norm_weight=norm, eps=eps, segments=(q, q + kv),
                                                impl=impl)
             th = torch.full((2,), t, device=dev)
-            return lambda: ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=norm, eps=eps, impl=impl)
+            return lambda: ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=norm, eps=eps, act=cfg.act,
+                                                impl=impl)
         inp, wt = (a, lw.wo_t) if op == "o" else (h, lw.wd_t)
         th = torch.full((1,), union_threshold(inp, s), device=dev)
         return lambda: ops.sparse_gemv(inp, wt, th, residual=x, impl=impl)
 
-    act = F.silu(rnd(inter).float()).to(engine.dtype)  # CATS's gate activations, whose mask picks the up rows
+    act = engine._act(rnd(inter).float()).to(engine.dtype)  # CATS's gate activations, whose mask picks the up rows
 
     def up(lw, s: float, impl: str) -> Callable[[], None]:
         th = torch.tensor(union_threshold(act, s), device=engine.device)

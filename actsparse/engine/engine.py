@@ -1,15 +1,18 @@
-"""A small Llama-family decode engine (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite: `config.FAMILIES`): static
-KV cache, one CUDA-graphed decode step, dense or sparse.
+"""A small Llama-family decode engine (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2, Gemma 3 text:
+`config.FAMILIES`): static KV cache, one CUDA-graphed decode step, dense or sparse.
 
 The hot path is `Engine._block`: per decoder block, dense runs
     rmsnorm → cuBLAS q|k|v → attention (RoPE + cache write) → cuBLAS o (+res) → rmsnorm →
-    cuBLAS gate|up → silu·mul → cuBLAS down (+res)                                    (8 launches)
+    cuBLAS gate|up → act·mul → cuBLAS down (+res)                                     (8 launches)
 and sparse runs the kernels with thresholds, norms and residuals fused:
-    sparse q|k|v (norm fused) → attention → sparse o (+res) → sparse gate/up (norm, silu·mul fused)
+    sparse q|k|v (norm fused) → attention → sparse o (+res) → sparse gate/up (norm, act·mul fused)
     → sparse down (+res)      (5 launches with the one-shot tiles; the gather walk adds a compaction pass)
 and each op runs whichever of cuBLAS, the one-shot tiles and the gather walk is fastest at its expected
-skipped rows, as measured on the GPU at hand (`crossover.py`).
-CATS layers replace the gate/up launch by gate (silu fused) + up rows gathered by |silu(gate)| > t.
+skipped rows, as measured on the GPU at hand (`crossover.py`). act is silu (SwiGLU) or gelu-tanh (Gemma's
+GeGLU). Gemma's sandwich norms normalise the o and down outputs before the residual add, so those two ops
+run without the residual and a norm + add follows each; its attention scales, soft-caps and slides its window
+inside the attention kernel.
+CATS layers replace the gate/up launch by gate (act fused) + up rows gathered by |act(gate)| > t.
 
 Plans are data: `set_plan(EnginePlan)` (plan.py: per layer and role q k v o gate up down, plus `gate_act`
 for CATS, a threshold, an optional SCAP shift and the expected skip), or `set_thresholds` with the same as
@@ -83,7 +86,7 @@ class _LayerRule:
     o: _OpRule
     gu: _OpRule
     down: _OpRule
-    gate_act: Optional[torch.Tensor] = None  # CATS threshold on silu(gate), float32 [1] or [I]
+    gate_act: Optional[torch.Tensor] = None  # CATS threshold on act(gate), float32 [1] or [I]
     up_expected: float = 0.0  # CATS: fraction of up rows the gate_act mask is expected to skip
 
 
@@ -127,6 +130,9 @@ class Engine:
         self.fallback_below = fallback_below
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
+        # In the embedding's dtype, as Gemma's scaled embedding multiplies (sqrt(3072) is 55.5 in bf16).
+        self.embed_scale = (None if cfg.embed_scale == 1.0 else
+                            torch.tensor(cfg.embed_scale, dtype=self.dtype, device=self.device))
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.rules: Optional[list[_LayerRule]] = None
@@ -186,7 +192,7 @@ class Engine:
         expected = plan.expected_sparsity
         for i in range(cfg.n_layers):
             if "gate_act" in per_shift[i]:
-                raise ValueError(f"layers.{i}.gate_act takes no shift (CATS thresholds |silu(gate)|)")
+                raise ValueError(f"layers.{i}.gate_act takes no shift (CATS thresholds |act(gate)|)")
 
         d, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
         rules = []
@@ -284,6 +290,18 @@ class Engine:
         wt = w.t() if w is not None else wt
         return torch.addmm(res, x, wt) if res is not None else x @ wt
 
+    def _norm(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """RMSNorm with the family's rounding (Gemma: scaled by 1 + w in float32 before the cast)."""
+        return self.ops.rmsnorm(x, g, self.cfg.rms_eps, scale_in_f32=self.cfg.norm_f32)
+
+    def _act(self, g: torch.Tensor) -> torch.Tensor:
+        """The gate's activation (silu, or Gemma's gelu-tanh) in g's dtype."""
+        return F.silu(g) if self.cfg.act == "silu" else F.gelu(g, approximate="tanh")
+
+    def _residual(self, x: torch.Tensor, y: torch.Tensor, post_norm: Optional[torch.Tensor]) -> torch.Tensor:
+        """The new residual stream: y where the op added x itself, x + norm(y) where a post-norm sits between."""
+        return y if post_norm is None else x + self._norm(y, post_norm)
+
     def _block(self, i: int, x: torch.Tensor, pos: torch.Tensor, sparse: bool,
                record: Optional[Callable[[int, str, torch.Tensor], None]] = None) -> torch.Tensor:
         """One decoder block on the residual stream x [B, D]; returns the new residual stream."""
@@ -292,79 +310,91 @@ class Engine:
         b = x.shape[0]
         eps, q, kv, inter = cfg.rms_eps, cfg.q_size, cfg.kv_size, cfg.intermediate_size
         kc, vc = self.k_cache[i, :b], self.v_cache[i, :b]
+        wg = None if lw.w13 is None else lw.w13[:inter]
 
         if record is not None:
-            record(i, "qkv", ops.rmsnorm(x, lw.attn_norm, eps))
+            record(i, "qkv", self._norm(x, lw.attn_norm))
         impl = "dense" if r is None else self._choose(r.qkv, "qkv", b)
         if impl == "dense":
-            qkv = self._linear(ops.rmsnorm(x, lw.attn_norm, eps), lw.wqkv, lw.wqkv_t, res=lw.bqkv)  # [B, Nq + 2Nkv]
+            qkv = self._linear(self._norm(x, lw.attn_norm), lw.wqkv, lw.wqkv_t, res=lw.bqkv)  # [B, Nq + 2Nkv]
         else:
             qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
                                   norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), impl=impl)
-        if lw.q_norm is not None:  # Qwen3: each head of q and of k normalised before RoPE
+        if lw.q_norm is not None:  # Qwen3, Gemma 3: each head of q and of k normalised before RoPE
             hd = cfg.head_dim
-            qn = ops.rmsnorm(qkv[:, :q].reshape(-1, hd), lw.q_norm, eps).reshape(b, q)
-            kn = ops.rmsnorm(qkv[:, q:q + kv].reshape(-1, hd), lw.k_norm, eps).reshape(b, kv)
+            qn = self._norm(qkv[:, :q].reshape(-1, hd), lw.q_norm).reshape(b, q)
+            kn = self._norm(qkv[:, q:q + kv].reshape(-1, hd), lw.k_norm).reshape(b, kv)
             qkv = torch.cat([qn, kn, qkv[:, q + kv:]], dim=1)
-        a = ops.decode_attention(qkv, kc, vc, pos, self.w.inv_freq, cfg.n_heads, cfg.n_kv_heads,
-                                 rope_scale=self.w.rope_scale)  # [B, Nq]
+        window = cfg.window(i)
+        inv_freq, rope_scale = self.w.rope(local=window > 0)
+        a = ops.decode_attention(qkv, kc, vc, pos, inv_freq, cfg.n_heads, cfg.n_kv_heads,
+                                 sm_scale=cfg.attn_scale or None, rope_scale=rope_scale, softcap=cfg.attn_softcap,
+                                 window=window)  # [B, Nq]
         if record is not None:
             record(i, "o", a)
+        # Gemma normalises the op's output before the residual add: the op cannot add the residual itself.
+        res = x if lw.post_attn_norm is None else None
         impl = "dense" if r is None else self._choose(r.o, "o", b)
         if impl == "dense":
-            x = self._linear(a, lw.wo, lw.wo_t, res=x)
+            y = self._linear(a, lw.wo, lw.wo_t, res=res)
         else:
-            x = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=x, impl=impl)
+            y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=res, impl=impl)
+        x = self._residual(x, y, lw.post_attn_norm)
 
         if record is not None:
-            xn = ops.rmsnorm(x, lw.mlp_norm, eps)
+            xn = self._norm(x, lw.mlp_norm)
             record(i, "gu", xn)
-            record(i, "gate_act", F.silu(self._linear(xn, None if lw.w13 is None else lw.w13[:inter],
-                                                      None if lw.wg_t is None else lw.wg_t).float()))
+            record(i, "gate_act", self._act(self._linear(xn, wg, lw.wg_t).float()))
         cats = self._cats(r, b)
         if cats:
             g = r.gu
             if self._dense(g, "gu", b):
-                ag = F.silu(self._linear(ops.rmsnorm(x, lw.mlp_norm, eps), None if lw.w13 is None else lw.w13[:inter],
-                                         lw.wg_t))
+                ag = self._act(self._linear(self._norm(x, lw.mlp_norm), wg, lw.wg_t))
             else:
                 ag = ops.sparse_gemv(x, lw.wg_t, g.thresh[:1], shift=None if g.shift is None else g.shift[:1],
                                      bias=None if g.bias is None else g.bias[0], norm_weight=lw.mlp_norm, eps=eps,
-                                     act="silu")  # [B, I] = silu(gate)
+                                     act=cfg.act)  # [B, I] = act(gate)
             up_impl = op_times(self, b)["up"].choice(r.up_expected) if self.fallback_below == "measured" else "auto"
             h = ops.cats_up(x, lw.wu, ag, r.gate_act, norm_weight=lw.mlp_norm, eps=eps, impl=up_impl)
         elif r is None or (impl := self._choose(r.gu, "gu", b)) == "dense":
-            xn = ops.rmsnorm(x, lw.mlp_norm, eps)
+            xn = self._norm(x, lw.mlp_norm)
             if lw.w13 is not None:
-                h = ops.silu_mul(xn @ lw.w13.t())  # [B, 2I] -> [B, I]
+                h = ops.silu_mul(xn @ lw.w13.t(), act=cfg.act)  # [B, 2I] -> [B, I]
             else:
-                h = F.silu(xn @ lw.wg_t) * (xn @ lw.wu_t)
+                h = self._act(xn @ lw.wg_t) * (xn @ lw.wu_t)
         else:
             h = ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,
-                                     norm_weight=lw.mlp_norm, eps=eps, impl=impl)  # [B, I]
+                                     norm_weight=lw.mlp_norm, eps=eps, act=cfg.act, impl=impl)  # [B, I]
         if record is not None:
             record(i, "down", h)
+        res = x if lw.post_mlp_norm is None else None
         # A CATS plan's down rows are the zeros of h that cats_up writes: none when CATS fell back to dense.
         impl = "dense" if r is None or (r.gate_act is not None and not cats) else self._choose(r.down, "down", b)
         if impl == "dense":
-            return self._linear(h, lw.wd, lw.wd_t, res=x)
-        return ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=x,
-                               impl=impl)
+            y = self._linear(h, lw.wd, lw.wd_t, res=res)
+        else:
+            y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=res,
+                                impl=impl)
+        return self._residual(x, y, lw.post_mlp_norm)
 
     def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, sparse: Optional[bool] = None,
                      record: Optional[Callable[[int, str, torch.Tensor], None]] = None) -> torch.Tensor:
         """Return logits [B, V] for tokens [B] at positions pos (int32 [B]), writing the KV cache (eager).
 
         `record(layer, op, x)`, if given, sees each op's input (`qkv`, `o`, `gu`, `down`, and `gate_act` =
-        silu(gate)): what thresholds are calibrated and sparsity measured on.
+        act(gate)): what thresholds are calibrated and sparsity measured on.
         """
         sparse = self.rules is not None if sparse is None else sparse
         if sparse and self.rules is None:
             raise RuntimeError("sparse decoding needs thresholds: call set_thresholds or set_plan first")
         x = self.w.embed[tokens]  # [B, D]
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         for i in range(self.cfg.n_layers):
             x = self._block(i, x, pos, sparse, record)
-        return self._linear(self.ops.rmsnorm(x, self.w.final_norm, self.cfg.rms_eps), self.w.lm_head, None)
+        logits = self._linear(self._norm(x, self.w.final_norm), self.w.lm_head, None)
+        c = self.cfg.final_softcap
+        return logits if not c else torch.tanh(logits / c) * c
 
     # ------------------------------------------------------------------ decoding
     def _new_state(self, b: int) -> _Graph:

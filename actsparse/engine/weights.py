@@ -1,10 +1,13 @@
-"""Engine weights: loaded from a transformers Llama, Mistral, Qwen2, Qwen3, Phi-3 or Granite model or drawn at
-random, in the layouts each path reads.
+"""Engine weights: loaded from a transformers Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2 or Gemma 3
+(text) model or drawn at random, in the layouts each path reads.
 
 Dense (cuBLAS) reads nn.Linear's natural [out, in] layout, fused per op (q|k|v, gate|up). The
 sparse kernels read the transposed [in, out] layout, where a skipped input channel is one
 contiguous row. The CATS path reads W_up in its natural layout (a skipped intermediate
 channel is one contiguous row there). `layouts` picks which copies are kept.
+
+Gemma's RMSNorms multiply by 1 + w in float32 before their one cast: the engine stores 1 + w, in float32 (every
+norm reads its weight as float32), so the fold loses nothing in bf16.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .config import LlamaConfig
+from .config import GEMMA, LlamaConfig
 
 LAYOUTS = ("dense", "sparse", "both")
 
@@ -37,8 +40,10 @@ class LayerWeights:
     wd_t: Optional[torch.Tensor] = None  # [I, D]
     wu: Optional[torch.Tensor] = None  # [I, D] natural layout, for the CATS row gather
     bqkv: Optional[torch.Tensor] = None  # [Nq + 2·Nkv] q/k/v biases (Qwen2)
-    q_norm: Optional[torch.Tensor] = None  # [head_dim] per-head RMSNorm weights of q and k (Qwen3)
+    q_norm: Optional[torch.Tensor] = None  # [head_dim] per-head RMSNorm weights of q and k (Qwen3, Gemma 3)
     k_norm: Optional[torch.Tensor] = None
+    post_attn_norm: Optional[torch.Tensor] = None  # [D] norms of the attention and MLP outputs (Gemma 2/3)
+    post_mlp_norm: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -51,6 +56,14 @@ class Weights:
     inv_freq: torch.Tensor  # [head_dim/2] float32
     rope_scale: float
     layers: list[LayerWeights] = field(default_factory=list)
+    inv_freq_local: Optional[torch.Tensor] = None  # the local layers' own RoPE (Gemma 3); None: inv_freq
+    rope_scale_local: float = 1.0
+
+    def rope(self, local: bool) -> tuple[torch.Tensor, float]:
+        """(inv_freq, rope_scale) of a local (sliding-window) or global layer."""
+        if local and self.inv_freq_local is not None:
+            return self.inv_freq_local, self.rope_scale_local
+        return self.inv_freq, self.rope_scale
 
 
 def _layer(attn_norm, mlp_norm, q, k, v, o, gate, up, down, layouts: str) -> LayerWeights:
@@ -73,10 +86,11 @@ def _layer(attn_norm, mlp_norm, q, k, v, o, gate, up, down, layouts: str) -> Lay
     return lw
 
 
-def default_inv_freq(cfg: LlamaConfig, device) -> torch.Tensor:
-    """Return the plain RoPE frequencies 1/θ^(2i/d) (no long-context scaling)."""
+def default_inv_freq(cfg: LlamaConfig, device, theta: Optional[float] = None, factor: float = 1.0) -> torch.Tensor:
+    """Return the RoPE frequencies 1/θ^(2i/d) / factor (θ: cfg.rope_theta by default; factor: linear scaling)."""
     d = cfg.head_dim
-    return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    theta = cfg.rope_theta if theta is None else theta
+    return 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)) / factor
 
 
 def check_layouts(layouts: str) -> None:
@@ -84,9 +98,16 @@ def check_layouts(layouts: str) -> None:
         raise ValueError(f"layouts must be one of {LAYOUTS}, got {layouts!r}")
 
 
+def _rotary(rot, prefix: str) -> Optional[tuple[torch.Tensor, float]]:
+    """(inv_freq, attention scaling) of a transformers rotary module (`prefix`: Gemma 3's layer type), or None."""
+    inv = getattr(rot, f"{prefix}inv_freq", None)
+    return None if inv is None else (inv, float(getattr(rot, f"{prefix}attention_scaling", 1.0)))
+
+
 @torch.no_grad()
 def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") -> Weights:
-    """Return the weights of a transformers LlamaForCausalLM, copied to `device` in `dtype`."""
+    """Return the weights of a transformers model of a family the engine decodes (`config.FAMILIES`), copied to
+    `device` in `dtype` (Gemma's norms as 1 + w in float32)."""
     check_layouts(layouts)
     inner = model.model
 
@@ -95,10 +116,16 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
 
     layers = []
     c = model.config
-    qkv_bias = getattr(c, "model_type", "") == "qwen2"
+    kind = getattr(c, "model_type", "")
+    qkv_bias = kind == "qwen2"
+    gemma = kind in GEMMA
+
+    def norm(m) -> torch.Tensor:
+        return (1.0 + m.weight.detach().float()).to(device) if gemma else cp(m.weight)
+
     # Granite scales the embeddings, each block's output before the residual add, the attention scores (instead of
     # 1/sqrt(head_dim)) and the logits: all linear, so folded into the embedding, o and down, q, and the LM head.
-    granite = {} if getattr(c, "model_type", "") != "granite" else {
+    granite = {} if kind != "granite" else {
         "embed": c.embedding_multiplier, "residual": c.residual_multiplier, "logits": 1.0 / c.logits_scaling,
         "q": c.attention_multiplier * math.sqrt(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)}
     for blk in inner.layers:
@@ -121,25 +148,38 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
             gate, up = cp(mlp.gate_proj.weight), cp(mlp.up_proj.weight)
         if granite:
             q, o, down = q * granite["q"], o * granite["residual"], down * granite["residual"]
-        lw = _layer(cp(blk.input_layernorm.weight), cp(blk.post_attention_layernorm.weight), q, k, v, o, gate, up,
-                    down, layouts)
+        # Gemma's post_attention_layernorm normalises the attention output; its MLP's input norm is
+        # pre_feedforward_layernorm. Llama's post_attention_layernorm is the MLP's input norm.
+        mlp_norm = blk.pre_feedforward_layernorm if gemma else blk.post_attention_layernorm
+        lw = _layer(norm(blk.input_layernorm), norm(mlp_norm), q, k, v, o, gate, up, down, layouts)
+        if gemma:
+            lw.post_attn_norm = norm(blk.post_attention_layernorm)
+            lw.post_mlp_norm = norm(blk.post_feedforward_layernorm)
         if qkv_bias:
             lw.bqkv = torch.cat([cp(at.q_proj.bias), cp(at.k_proj.bias), cp(at.v_proj.bias)])
         if getattr(at, "q_norm", None) is not None:
-            lw.q_norm, lw.k_norm = cp(at.q_norm.weight), cp(at.k_norm.weight)
+            lw.q_norm, lw.k_norm = norm(at.q_norm), norm(at.k_norm)
         layers.append(lw)
     rot = inner.rotary_emb
-    embed, lm_head = cp(inner.embed_tokens.weight), cp(model.lm_head.weight)
+    local = _rotary(rot, "sliding_attention_")  # Gemma 3: each layer type has its own frequencies
+    glob = _rotary(rot, "full_attention_") or _rotary(rot, "") or local
+    embed = cp(inner.embed_tokens.weight)
+    tied = model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
+    lm_head = embed if tied else cp(model.lm_head.weight)  # one copy of a tied matrix
     if granite:  # out of place: a tied head may be the embedding's own tensor
         embed, lm_head = embed * granite["embed"], lm_head * granite["logits"]
-    return Weights(embed=embed, final_norm=cp(inner.norm.weight), lm_head=lm_head,
-                   inv_freq=rot.inv_freq.detach().to(device=device, dtype=torch.float32),
-                   rope_scale=float(getattr(rot, "attention_scaling", 1.0)), layers=layers)
+    w = Weights(embed=embed, final_norm=norm(inner.norm), lm_head=lm_head,
+                inv_freq=glob[0].detach().to(device=device, dtype=torch.float32), rope_scale=glob[1], layers=layers)
+    if local is not None and local is not glob:
+        w.inv_freq_local = local[0].detach().to(device=device, dtype=torch.float32)
+        w.rope_scale_local = local[1]
+    return w
 
 
 @torch.no_grad()
 def random_weights(cfg: LlamaConfig, device, dtype: torch.dtype, seed: int = 0, layouts: str = "both") -> Weights:
-    """Return weights drawn like a freshly initialised model (normal, std 1/sqrt(fan_in)), norms at 1."""
+    """Return weights drawn like a freshly initialised model (normal, std 1/sqrt(fan_in)), norms at 1, the scaled
+    embedding at unit RMS."""
     check_layouts(layouts)
     gen = torch.Generator(device=device).manual_seed(seed)
     d, i = cfg.hidden_size, cfg.intermediate_size
@@ -148,18 +188,25 @@ def random_weights(cfg: LlamaConfig, device, dtype: torch.dtype, seed: int = 0, 
         w = torch.empty(n_out, n_in, device=device, dtype=dtype)
         return w.normal_(0.0, 1.0 / math.sqrt(n_in), generator=gen)
 
-    ones = torch.ones(d, device=device, dtype=dtype)
+    def ones(n: int = d) -> torch.Tensor:
+        return torch.ones(n, device=device, dtype=torch.float32 if cfg.norm_f32 else dtype)
+
     layers = []
     for _ in range(cfg.n_layers):
-        lw = _layer(ones.clone(), ones.clone(), lin(cfg.q_size, d), lin(cfg.kv_size, d), lin(cfg.kv_size, d),
+        lw = _layer(ones(), ones(), lin(cfg.q_size, d), lin(cfg.kv_size, d), lin(cfg.kv_size, d),
                     lin(d, cfg.q_size), lin(i, d), lin(i, d), lin(d, i), layouts)
         if cfg.qkv_bias:
             lw.bqkv = lin(1, cfg.q_size + 2 * cfg.kv_size)[0]
         if cfg.qk_norm:
-            lw.q_norm = torch.ones(cfg.head_dim, device=device, dtype=dtype)
-            lw.k_norm = torch.ones(cfg.head_dim, device=device, dtype=dtype)
+            lw.q_norm, lw.k_norm = ones(cfg.head_dim), ones(cfg.head_dim)
+        if cfg.sandwich_norms:
+            lw.post_attn_norm, lw.post_mlp_norm = ones(), ones()
         layers.append(lw)
-    embed = torch.empty(cfg.vocab_size, d, device=device, dtype=dtype).normal_(0.0, 1.0, generator=gen)
+    embed = torch.empty(cfg.vocab_size, d, device=device, dtype=dtype).normal_(0.0, 1.0 / cfg.embed_scale,
+                                                                                 generator=gen)
     lm_head = embed if cfg.tie_embeddings else lin(cfg.vocab_size, d)
-    return Weights(embed=embed, final_norm=ones.clone(), lm_head=lm_head, inv_freq=default_inv_freq(cfg, device),
-                   rope_scale=1.0, layers=layers)
+    w = Weights(embed=embed, final_norm=ones(), lm_head=lm_head,
+                inv_freq=default_inv_freq(cfg, device, factor=cfg.rope_factor), rope_scale=1.0, layers=layers)
+    if cfg.rope_local_theta:
+        w.inv_freq_local = default_inv_freq(cfg, device, theta=cfg.rope_local_theta)
+    return w

@@ -1,5 +1,7 @@
 """What every kernel test checks an output with, and the threshold it draws inputs against."""
 
+import math
+
 import torch
 
 
@@ -60,3 +62,29 @@ def check_fused_qkv(run, cfgs, batch: int, device) -> None:
     want = ref.sparse_gemv_ref(x, wt, thresh, **kw)
     for cfg in cfgs:
         assert rel_err(run(sparse_gemv, x, wt, thresh, cfg=cfg, **kw), want) < 1e-5
+
+
+def gelu_tanh(y: torch.Tensor) -> torch.Tensor:
+    """Gemma's gelu_pytorch_tanh written out: 0.5·y·(1 + tanh(√(2/π)·(y + 0.044715·y³)))."""
+    return 0.5 * y * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * y**3)))
+
+
+def check_gelu_tanh(run, cfgs, batch: int, device) -> None:
+    """The gelu-tanh epilogue, on a GEMV's output (sparse_gemv, + residual) and on the gate of a gate/up pair
+    (sparse_gated_mlp, GeGLU), equals the formula written out on the selected, normalised input."""
+    from actsparse.kernels import ref, sparse_gated_mlp, sparse_gemv
+
+    k, n = 64, 80
+    x = torch.randn(batch, k, device=device) * 2
+    wg, wu = torch.randn(k, n, device=device) / 4, torch.randn(k, n, device=device) / 4
+    g = torch.rand(k, device=device) + 0.5
+    res = torch.randn(batch, n, device=device)
+    xn = ref.rmsnorm_ref(x, g)
+    t = quantile_thresh(xn, 0.5)
+    xs = torch.where(xn.abs() > t, xn, 0.0)
+    thresh = torch.tensor([t], device=device)
+    for cfg in cfgs:
+        y = run(sparse_gemv, x, wg, thresh, norm_weight=g, residual=res, act="gelu_tanh", cfg=cfg)
+        assert rel_err(y, gelu_tanh(xs @ wg) + res) < 1e-5
+        h = run(sparse_gated_mlp, x, wg, wu, thresh.expand(2), norm_weight=g, act="gelu_tanh", cfg=cfg)
+        assert rel_err(h, gelu_tanh(xs @ wg) * (xs @ wu)) < 1e-5

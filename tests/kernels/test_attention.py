@@ -41,6 +41,30 @@ def test_decode_attention_matches_reference(dtype, heads, batch):
         torch.testing.assert_close(kc[i, :, :p], kc2[i, :, :p])  # the past is untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [0, 5, 20])
+def test_sliding_window_and_soft_capping_match_reference(dtype, window):
+    """Gemma's attention: scores scaled by query_pre_attn_scalar^-0.5, soft-capped c·tanh(s/c), over the last
+    `window` positions only (what lies before the window is NaN: it must not be read)."""
+    qkv, _, _, _, inv_freq = _case(3, 4, 2, 16, 40, dtype)
+    qkv = qkv * 4  # scores large enough that the cap bends them
+    kc, vc = torch.randn(2, 3, 2, 40, 16, device=DEVICE, dtype=dtype)
+    pos = torch.tensor([3, 17, 39], dtype=torch.int32, device=DEVICE)
+    for i, p in enumerate(pos.tolist()):
+        kc[i, :, p + 1:] = vc[i, :, p + 1:] = float("nan")
+        if window:
+            kc[i, :, :max(0, p + 1 - window)] = vc[i, :, :max(0, p + 1 - window)] = float("nan")
+    kc2, vc2 = kc.clone(), vc.clone()
+    kw = dict(sm_scale=0.3, softcap=5.0, window=window)
+    with poison_outputs():
+        out = decode_attention(qkv, kc, vc, pos, inv_freq, 4, 2, block_s=16, **kw)
+    want = ref.decode_attention_ref(qkv, kc2, vc2, pos, inv_freq, 4, 2, **kw)
+    assert not torch.isnan(out).any()
+    assert ((out.double() - want.double()).norm() / want.double().norm()) < TOL[dtype]
+    uncapped = ref.decode_attention_ref(qkv, kc.clone(), vc.clone(), pos, inv_freq, 4, 2, sm_scale=0.3, window=window)
+    assert ((uncapped.double() - want.double()).norm() / want.double().norm()) > 1e-2  # the cap changed something
+
+
 def test_position_zero_attends_to_itself_only():
     qkv, kc, vc, _, inv_freq = _case(1, 2, 1, 16, 8, torch.float32)
     pos = torch.zeros(1, dtype=torch.int32, device=DEVICE)
@@ -64,6 +88,8 @@ def test_bad_arguments_are_rejected():
         decode_attention(qkv, kc, vc, pos, inv_freq[:4], 4, 2)
     with pytest.raises(ValueError, match="block_s"):
         decode_attention(qkv, kc, vc, pos, inv_freq, 4, 2, block_s=24)
+    with pytest.raises(ValueError, match="softcap and window must be ≥ 0"):
+        decode_attention(qkv, kc, vc, pos, inv_freq, 4, 2, window=-1)
 
 
 @pytest.mark.gpu

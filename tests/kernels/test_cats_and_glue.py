@@ -6,7 +6,7 @@ import torch
 from actsparse.kernels import MaskedConfig, add_rmsnorm, cats_up, override_config, poison_outputs, rmsnorm, silu_mul
 from actsparse.kernels import ref
 
-from .checks import rel_err
+from .checks import gelu_tanh, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -87,8 +87,26 @@ def test_rmsnorm_add_rmsnorm_silu_mul_match_reference(dtype):
     assert rel_err(h, ref.silu_mul_ref(torch.cat([x, d], dim=1))) < TOL[dtype]
     with pytest.raises(ValueError, match="g must have shape"):
         rmsnorm(x, g[:10])
+    with pytest.raises(ValueError, match="act must be"):
+        silu_mul(torch.cat([x, d], dim=1), act="relu")
     with pytest.raises(ValueError, match="2I"):
         silu_mul(x[:, :199])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemma_glue_geglu_and_norm_scaled_in_float32(dtype):
+    """Gemma's glue: gelu-tanh(gate)·up against the formula written out, and its RMSNorm (normalised and scaled
+    by a float32 1 + w, one cast) against the reference, which differs from Llama's rounding in fp16."""
+    x = torch.randn(3, 200, device=DEVICE, dtype=dtype)
+    u = torch.randn(3, 200, device=DEVICE, dtype=dtype)
+    g = torch.rand(200, device=DEVICE) + 0.5  # float32, as the engine keeps Gemma's 1 + w
+    with poison_outputs():
+        h = silu_mul(torch.cat([x, u], dim=1), act="gelu_tanh")
+        y = rmsnorm(x, g, 1e-6, scale_in_f32=True)
+    assert rel_err(h, (gelu_tanh(x.float()) * u.float()).to(dtype)) < TOL[dtype]
+    want = ref.hf_rmsnorm_ref(x, g, 1e-6, scale_in_f32=True)
+    assert rel_err(y, want) < TOL[dtype]
+    assert torch.equal(want, ref.rmsnorm_ref(x, g, 1e-6).to(dtype))  # one rounding
 
 
 @pytest.mark.gpu

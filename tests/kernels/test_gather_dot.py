@@ -7,7 +7,7 @@ import torch
 
 from actsparse.kernels import GatherConfig, override_config, poison_outputs, ref, sparse_gated_mlp, sparse_gemv
 
-from .checks import quantile_thresh, rel_err
+from .checks import check_gelu_tanh, quantile_thresh, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -53,6 +53,10 @@ def test_fused_qkv_and_gated_mlp_with_norm_shift_bias(batch):
         assert rel_err(run(sparse_gemv, x, wt, thresh, cfg=cfg, **kw), ref.sparse_gemv_ref(x, wt, thresh, **kw)) < 1e-5
         assert rel_err(run(sparse_gated_mlp, x, wg, wu, tg, cfg=cfg, **gkw),
                        ref.sparse_gated_mlp_ref(x, wg, wu, tg, **gkw)) < 1e-5
+
+
+def test_gelu_tanh_epilogue_matches_the_formula():
+    check_gelu_tanh(run, CFGS.values(), 2, DEVICE)
 
 
 def test_all_channels_skipped_gives_the_bias():

@@ -8,7 +8,8 @@ from actsparse.kernels import (OneshotConfig, configs, override_config, poison_o
                                sparse_gemv)
 from actsparse.kernels.configs import choose_impl
 
-from .checks import check_fused_qkv, check_gated_mlp, check_nm_and_nothing_kept, quantile_thresh, rel_err
+from .checks import (check_fused_qkv, check_gated_mlp, check_gelu_tanh, check_nm_and_nothing_kept, quantile_thresh,
+                     rel_err)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -44,6 +45,11 @@ def test_fused_qkv_norm_shift_bias_match_reference(batch):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gated_mlp_matches_reference(batch):
     check_gated_mlp(run, CFGS, batch, 0.6, DEVICE)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_gelu_tanh_epilogue_matches_the_formula(batch):
+    check_gelu_tanh(run, CFGS, batch, DEVICE)
 
 
 def test_nm_selection_and_all_skipped():

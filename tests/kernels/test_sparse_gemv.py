@@ -6,7 +6,7 @@ import torch
 from actsparse.kernels import MaskedConfig, override_config, poison_outputs, sparse_gated_mlp, sparse_gemv
 from actsparse.kernels import ref
 
-from .checks import quantile_thresh, rel_err
+from .checks import check_gelu_tanh, quantile_thresh, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -125,6 +125,11 @@ def test_gated_mlp_matches_reference(dtype, batch, sparsity):
     for path in PATHS:
         y = run(sparse_gated_mlp, x, wg, wu, thresh, path=path, **kw)
         assert rel_err(y, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gelu_tanh_epilogue_matches_the_formula(batch):
+    check_gelu_tanh(lambda fn, *a, cfg, **kw: run(fn, *a, path=cfg, **kw), ["dot", "fma", "atomic"], batch, DEVICE)
 
 
 @pytest.mark.parametrize("use_dot", [False, True])
