@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	-scripts/ensure_chromium.sh >/dev/null 2>&1
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu" -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu and not slow" -x $(PYTEST_ARGS)

@@ -79,3 +79,18 @@ def tiny(tiny_dir):
     import actsparse as asp
 
     return asp.load_model(str(tiny_dir))
+
+
+# Tests that start Ray clusters, MLflow servers or whole sweeps run one at a time on one xdist worker
+# (`make test` runs two workers, `--dist loadgroup`): two clusters at once would fight over the CPUs
+# they each reserve. The rest spreads over both workers.
+_SERIAL_DIRS = ("orchestration", "report")
+_SERIAL_FILES = ("test_demo_e2e.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    root = os.path.dirname(__file__)
+    for item in items:
+        rel = os.path.relpath(str(item.path), root).split(os.sep)
+        if rel[0] in _SERIAL_DIRS or rel[-1] in _SERIAL_FILES:
+            item.add_marker(pytest.mark.xdist_group("cluster"))
