@@ -78,6 +78,7 @@ class _OpRule:
     shift: Optional[torch.Tensor] = None  # float32 [S, K]
     bias: Optional[torch.Tensor] = None  # W·shift: [N] or [2, N] (gate/up)
     expected: float = 1.0  # fraction of weight rows it is expected to skip (decides the cuBLAS fallback)
+    nm: Optional[tuple[int, int]] = None  # N:M selection instead of the thresholds (one pattern per op)
 
 
 @dataclass
@@ -189,6 +190,7 @@ class Engine:
             raise ValueError(f"the plan has {len(plan.layers)} layers, the engine {cfg.n_layers}")
         per = [{r: s.thresh for r, s in L.items()} for L in plan.layers]
         per_shift = [{r: s.shift for r, s in L.items() if s.shift is not None} for L in plan.layers]
+        per_nm = [{r: s.nm for r, s in L.items() if s.nm is not None} for L in plan.layers]
         expected = plan.expected_sparsity
         for i in range(cfg.n_layers):
             if "gate_act" in per_shift[i]:
@@ -211,6 +213,11 @@ class Engine:
             def op(name: str, roles: tuple[str, ...], k: int, wts: list[Optional[torch.Tensor]],
                    model_bias: Optional[torch.Tensor] = None) -> _OpRule:
                 t = self._stack([th.get(r, 0.0) for r in roles], k, roles, i)
+                nms = {per_nm[i].get(r) for r in roles}
+                if len(nms) > 1:   # the op's sites share one input and one launch: one selection rule
+                    raise ValueError(f"layers.{i}: {', '.join(roles)} run as one launch on one input, so N:M "
+                                     f"needs the same pattern on all of them or on none; got "
+                                     f"{ {r: per_nm[i].get(r) for r in roles} }")
                 s = None
                 bias = model_bias
                 if any(r in sh for r in roles):
@@ -220,7 +227,7 @@ class Engine:
                     folded = (torch.cat(parts) if len(roles) == 3 else
                               torch.stack(parts) if len(roles) == 2 else parts[0])
                     bias = (folded if model_bias is None else folded + model_bias.float()).to(self.dtype)
-                return _OpRule(thresh=t, shift=s, bias=bias, expected=exp(roles))
+                return _OpRule(thresh=t, shift=s, bias=bias, expected=exp(roles), nm=nms.pop())
 
             wqkv_t = lw.wqkv_t if lw.wqkv_t is not None else lw.wqkv.t()
             qkv_cols = [wqkv_t[:, :q], wqkv_t[:, q:q + kv], wqkv_t[:, q + kv:]]
@@ -319,7 +326,7 @@ class Engine:
             qkv = self._linear(self._norm(x, lw.attn_norm), lw.wqkv, lw.wqkv_t, res=lw.bqkv)  # [B, Nq + 2Nkv]
         else:
             qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
-                                  norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), impl=impl)
+                                  norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), nm=r.qkv.nm, impl=impl)
         if lw.q_norm is not None:  # Qwen3, Gemma 3: each head of q and of k normalised before RoPE
             hd = cfg.head_dim
             qn = self._norm(qkv[:, :q].reshape(-1, hd), lw.q_norm).reshape(b, q)
@@ -338,7 +345,8 @@ class Engine:
         if impl == "dense":
             y = self._linear(a, lw.wo, lw.wo_t, res=res)
         else:
-            y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=res, impl=impl)
+            y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=res, nm=r.o.nm,
+                                impl=impl)
         x = self._residual(x, y, lw.post_attn_norm)
 
         if record is not None:
@@ -353,7 +361,7 @@ class Engine:
             else:
                 ag = ops.sparse_gemv(x, lw.wg_t, g.thresh[:1], shift=None if g.shift is None else g.shift[:1],
                                      bias=None if g.bias is None else g.bias[0], norm_weight=lw.mlp_norm, eps=eps,
-                                     act=cfg.act)  # [B, I] = act(gate)
+                                     act=cfg.act, nm=g.nm)  # [B, I] = act(gate)
             up_impl = op_times(self, b)["up"].choice(r.up_expected) if self.fallback_below == "measured" else "auto"
             h = ops.cats_up(x, lw.wu, ag, r.gate_act, norm_weight=lw.mlp_norm, eps=eps, impl=up_impl)
         elif r is None or (impl := self._choose(r.gu, "gu", b)) == "dense":
@@ -364,7 +372,7 @@ class Engine:
                 h = self._act(xn @ lw.wg_t) * (xn @ lw.wu_t)
         else:
             h = ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,
-                                     norm_weight=lw.mlp_norm, eps=eps, act=cfg.act, impl=impl)  # [B, I]
+                                     norm_weight=lw.mlp_norm, eps=eps, act=cfg.act, nm=r.gu.nm, impl=impl)  # [B, I]
         if record is not None:
             record(i, "down", h)
         res = x if lw.post_mlp_norm is None else None
@@ -374,7 +382,7 @@ class Engine:
             y = self._linear(h, lw.wd, lw.wd_t, res=res)
         else:
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=res,
-                                impl=impl)
+                                nm=r.down.nm, impl=impl)
         return self._residual(x, y, lw.post_mlp_norm)
 
     def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, sparse: Optional[bool] = None,

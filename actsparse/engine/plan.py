@@ -1,8 +1,8 @@
 """What the sparse decode path does, per layer and role: the engine's typed plan.
 
-`EnginePlan.layers[i][role]` is a `SiteRule` (a threshold, scalar or per-channel [K]; an optional shift, SCAP's
-x_s = (x − m)·1[|x − m| > t] with W·m folded into a bias; and the fraction of weight rows it is expected to
-skip, which decides cuBLAS vs the kernels). Roles are the engine's sites q k v o gate up down, plus `gate_act`
+`EnginePlan.layers[i][role]` is a `SiteRule` (a threshold, scalar or per-channel [K], or an N:M pattern; an
+optional shift, SCAP's x_s = (x − m)·1[|x − m| > t] with W·m folded into a bias; and the fraction of weight
+rows it is expected to skip, which decides cuBLAS vs the kernels). Roles are the engine's sites q k v o gate up down, plus `gate_act`
 (CATS: a threshold on silu(gate) that selects the up and down rows). A role left out keeps every input.
 
 `from_plan` translates a fitted `SparsityPlan` (actsparse.eval.speed) and `from_names` the name-keyed dicts of
@@ -27,6 +27,7 @@ class SiteRule:
     thresh: Threshold = 0.0
     shift: Optional[Threshold] = None
     expected: Optional[float] = None    # fraction of weight rows skipped; None: trust the threshold to pay off
+    nm: Optional[tuple[int, int]] = None  # keep the N largest |x − shift| of every M channels instead (thresh unused)
 
 
 @dataclass

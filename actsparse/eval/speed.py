@@ -61,12 +61,17 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
                                  f"(plan {plan.method!r}, {rule.kind!r} rule at {point}); a rotation (LaRoSA, "
                                  "WINA's transform) would also need folding into the engine's weights, so decode "
                                  "speed is not measured for this plan")
-        if rule.kind != "threshold":
-            raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ROLES)}; plan "
+        nm = None
+        if rule.kind == "nm":
+            nm, m = _nm_pattern(plan.method, point, rule)
+            t = torch.zeros(())
+        elif rule.kind != "threshold":
+            raise ActsparseError(f"the triton backend runs threshold and N:M rules on {', '.join(ROLES)}; plan "
                                  f"{plan.method!r} has a {rule.kind!r} rule at {point}")
+        else:
+            t = rule.tensors["thresh"].float()
+            m = rule.tensors["shift"].float() if "shift" in rule.tensors else None
         layer, roles = where[point]
-        t = rule.tensors["thresh"].float()
-        m = rule.tensors["shift"].float() if "shift" in rule.tensors else None
         if m is not None and m.dim() > 1:
             raise ActsparseError(f"{point}: the kernels take a scalar or per-channel shift; got shape {tuple(m.shape)}")
         for role in roles:
@@ -74,10 +79,36 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
             site.thresh = float(t) if t.dim() == 0 else t
             if m is not None:
                 site.shift = float(m) if m.dim() == 0 else m  # the engine spreads a scalar (SCAP's mode) over K
+            site.nm = nm
         for skipped in rule.skips or [point]:
             for role in where[skipped][1]:
                 out.site(where[skipped][0], role).expected = rule.expected_sparsity
     return out
+
+
+NM_MAX_M = 32   # the kernels rank each group of M channels inside one K tile
+
+
+def _nm_pattern(method: str, point: str, rule) -> tuple[tuple[int, int], "torch.Tensor | None"]:
+    """((N, M), shift or None) of an N:M rule the kernels run as published; refuse the variants they cannot."""
+    n, m = rule.attrs["n"], rule.attrs["m"]
+    mit = rule.attrs.get("mitigation", "none")
+    where = f"plan {method!r}, {point}"
+    if m > NM_MAX_M or m & (m - 1):
+        raise ActsparseError(f"{where}: the kernels select N:M within groups of at most {NM_MAX_M} channels (M a "
+                             f"power of two), and this rule keeps {n} of {m} (an unstructured per-token Top-K "
+                             "needs a sort of the whole input per token, which the kernels do not do)")
+    if "col_score" in rule.tensors:
+        raise ActsparseError(f"{where}: the kernels rank channels by |x|; score={rule.attrs.get('score')!r} "
+                             "weights the ranks by the weight columns, so use score='magnitude'")
+    if mit == "none":
+        return (n, m), None
+    if mit == "shift" and "eta" in rule.tensors:      # x − η ranked and kept, W·η folded into a bias
+        return (n, m), rule.tensors["eta"].float()
+    raise ActsparseError(f"{where}: the kernels run N:M with mitigation 'none' or a static shift "
+                         f"(shift_eta='static'); {mit!r}"
+                         f"{' with a per-token median' if mit == 'shift' else ''} rescales each token or output, "
+                         "which they do not")
 
 
 @torch.no_grad()

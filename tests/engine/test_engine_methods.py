@@ -1,0 +1,79 @@
+"""Methods beyond thresholds in the decode engine: the engine's sparse logits equal the transformers model under
+the same plan (torch backend), and a rule the kernels cannot run is refused with the reason."""
+import pytest
+import torch
+
+import actsparse as asp
+from actsparse.engine import TINY, Engine
+from actsparse.errors import ActsparseError
+from actsparse.eval.speed import plan_to_engine
+from actsparse.sparsifiers import SparsityPlan
+from actsparse.sparsifiers.plan import Rule
+
+from .test_engine import DEVICE, _engine_logits, _hf_tiny
+
+SITES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _nm_plan(model, n: int, m: int, mitigation: str = "none", roles=SITES, g=None) -> SparsityPlan:
+    rules = {}
+    for i in range(TINY.n_layers):
+        for role in roles:
+            point = f"layers.{i}.{role}"
+            tensors, attrs = {}, {"n": n, "m": m, "mitigation": mitigation, "score": "magnitude"}
+            if mitigation == "shift":   # a static η and the weight row sums its rank-1 term reads
+                mod = dict(model.model.layers[i].named_modules())[
+                    {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                     "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                     "down": "mlp.down_proj"}[role]]
+                tensors = {"eta": torch.randn((), generator=g) * 0.05, "rowsum": mod.weight.detach().float().sum(1)}
+            rules[point] = Rule(point, "nm", tensors, attrs=attrs, skips=[point], expected_sparsity=1 - n / m)
+    return SparsityPlan("nm", {}, 1 - n / m, rules, {p: 1 for p in rules})
+
+
+@pytest.mark.parametrize("n,m,mitigation", [(2, 4, "none"), (4, 8, "shift")])
+def test_an_nm_plan_runs_in_the_engine_as_in_the_torch_backend(n, m, mitigation):
+    seed = int(torch.randint(0, 10_000, (1,)))
+    g = torch.Generator().manual_seed(seed)
+    model = _hf_tiny(seed=seed)
+    plan = _nm_plan(model, n, m, mitigation, g=g)
+    ep = plan_to_engine(plan, TINY.n_layers)
+    assert all(s.nm == (n, m) for L in ep.layers for s in L.values())
+    eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=2, max_seq_len=16, fallback_below=0.0)
+    eng.set_plan(ep)
+    seq = torch.randint(0, TINY.vocab_size, (2, 5), generator=g)
+    got = _engine_logits(eng, seq, True)
+    with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
+        want = model(seq, use_cache=False).logits.float()
+    dense = _engine_logits(eng, seq, False)
+    assert (got - want).norm() / want.norm() < 1e-4
+    assert (dense - want).norm() / want.norm() > 1e-3     # the pattern changed the logits: it was applied
+
+
+def _one_rule(**attrs_and_tensors) -> SparsityPlan:
+    tensors = attrs_and_tensors.pop("tensors", {})
+    attrs = {"n": 2, "m": 4, "mitigation": "none", "score": "magnitude", **attrs_and_tensors}
+    r = Rule("layers.0.down", "nm", tensors, attrs=attrs, skips=["layers.0.down"], expected_sparsity=0.5)
+    return SparsityPlan("nm", {}, 0.5, {r.point: r}, {r.point: 1})
+
+
+@pytest.mark.parametrize("plan, why", [
+    (_one_rule(n=2048, m=4096), "groups of at most 32 channels"),
+    (_one_rule(n=3, m=6), "groups of at most 32 channels"),
+    (_one_rule(score="amber", tensors={"col_score": torch.ones(8)}), "use score='magnitude'"),
+    (_one_rule(mitigation="variance"), "'variance' rescales each token"),
+    (_one_rule(mitigation="shift", tensors={"rowsum": torch.ones(8)}), "with a per-token median"),
+    (_one_rule(mitigation="learnable", tensors={"out_scale": torch.ones(8), "out_shift": torch.ones(8)}),
+     "'learnable' rescales"),
+])
+def test_nm_rules_the_kernels_cannot_run_are_refused_with_the_reason(plan, why):
+    with pytest.raises(ActsparseError, match=why):
+        plan_to_engine(plan, TINY.n_layers)
+
+
+def test_an_op_whose_sites_disagree_on_the_pattern_is_refused():
+    model = _hf_tiny(seed=1)
+    plan = _nm_plan(model, 2, 4, roles=("q", "v", "o"))      # k keeps every input: q|k|v is one launch
+    eng = Engine.from_hf(model, device=DEVICE, kernels="torch", max_batch=1, max_seq_len=8)
+    with pytest.raises(ValueError, match="N:M needs the same pattern on all of them"):
+        eng.set_plan(plan_to_engine(plan, TINY.n_layers))
