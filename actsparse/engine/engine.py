@@ -79,6 +79,9 @@ class _OpRule:
     bias: Optional[torch.Tensor] = None  # W·shift: [N] or [2, N] (gate/up)
     expected: float = 1.0  # fraction of weight rows it is expected to skip (decides the cuBLAS fallback)
     nm: Optional[tuple[int, int]] = None  # N:M selection instead of the thresholds (one pattern per op)
+    # R-Sparse, per site of the op: (threshold [K] or [], V [K, r], (U·S)ᵀ [r, N_site]) or None; widths: N per site
+    lowrank: Optional[list] = None
+    widths: tuple[int, ...] = ()
 
 
 @dataclass
@@ -191,6 +194,7 @@ class Engine:
         per = [{r: s.thresh for r, s in L.items()} for L in plan.layers]
         per_shift = [{r: s.shift for r, s in L.items() if s.shift is not None} for L in plan.layers]
         per_nm = [{r: s.nm for r, s in L.items() if s.nm is not None} for L in plan.layers]
+        per_lr = [{r: s.lowrank for r, s in L.items() if s.lowrank is not None} for L in plan.layers]
         expected = plan.expected_sparsity
         for i in range(cfg.n_layers):
             if "gate_act" in per_shift[i]:
@@ -227,7 +231,15 @@ class Engine:
                     folded = (torch.cat(parts) if len(roles) == 3 else
                               torch.stack(parts) if len(roles) == 2 else parts[0])
                     bias = (folded if model_bias is None else folded + model_bias.float()).to(self.dtype)
-                return _OpRule(thresh=t, shift=s, bias=bias, expected=exp(roles), nm=nms.pop())
+                lowrank = None
+                if any(r in per_lr[i] for r in roles):
+                    if s is not None:
+                        raise ValueError(f"layers.{i}: a low-rank path with a shift is not a rule any method fits")
+                    lowrank = [None if r not in per_lr[i] else
+                               (t[j], per_lr[i][r][0].to(self.device), per_lr[i][r][1].t().contiguous().to(self.device))
+                               for j, r in enumerate(roles)]
+                return _OpRule(thresh=t, shift=s, bias=bias, expected=exp(roles), nm=nms.pop(), lowrank=lowrank,
+                               widths=tuple(w.shape[1] for w in wts))
 
             wqkv_t = lw.wqkv_t if lw.wqkv_t is not None else lw.wqkv.t()
             qkv_cols = [wqkv_t[:, :q], wqkv_t[:, q:q + kv], wqkv_t[:, q + kv:]]
@@ -305,6 +317,20 @@ class Engine:
         """The gate's activation (silu, or Gemma's gelu-tanh) in g's dtype."""
         return F.silu(g) if self.cfg.act == "silu" else F.gelu(g, approximate="tanh")
 
+    @staticmethod
+    def _lowrank(xin: torch.Tensor, rule: _OpRule) -> torch.Tensor:
+        """R-Sparse's second path, [B, N] in float32: per site, (x ⊙ 1[|x| ≤ t])·V·(U·S)ᵀ, the inputs its threshold
+        dropped through the rank-r factors (zeros for a site without them)."""
+        xf = xin.float()
+        outs = []
+        for lr, n in zip(rule.lowrank, rule.widths):
+            if lr is None:
+                outs.append(xf.new_zeros(xf.shape[0], n))
+                continue
+            t, v, ust = lr
+            outs.append(((xf * (xf.abs() <= t)) @ v) @ ust)
+        return torch.cat(outs, dim=-1)
+
     def _residual(self, x: torch.Tensor, y: torch.Tensor, post_norm: Optional[torch.Tensor]) -> torch.Tensor:
         """The new residual stream: y where the op added x itself, x + norm(y) where a post-norm sits between."""
         return y if post_norm is None else x + self._norm(y, post_norm)
@@ -327,6 +353,8 @@ class Engine:
         else:
             qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
                                   norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), nm=r.qkv.nm, impl=impl)
+            if r.qkv.lowrank is not None:
+                qkv = (qkv.float() + self._lowrank(self._norm(x, lw.attn_norm), r.qkv)).to(qkv.dtype)
         if lw.q_norm is not None:  # Qwen3, Gemma 3: each head of q and of k normalised before RoPE
             hd = cfg.head_dim
             qn = self._norm(qkv[:, :q].reshape(-1, hd), lw.q_norm).reshape(b, q)
@@ -347,6 +375,8 @@ class Engine:
         else:
             y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=res, nm=r.o.nm,
                                 impl=impl)
+            if r.o.lowrank is not None:
+                y = (y.float() + self._lowrank(a, r.o)).to(y.dtype)
         x = self._residual(x, y, lw.post_attn_norm)
 
         if record is not None:
@@ -370,6 +400,12 @@ class Engine:
                 h = ops.silu_mul(xn @ lw.w13.t(), act=cfg.act)  # [B, 2I] -> [B, I]
             else:
                 h = self._act(xn @ lw.wg_t) * (xn @ lw.wu_t)
+        elif r.gu.lowrank is not None:   # R-Sparse: the low-rank part joins gate and up before the activation
+            g, lr = r.gu, self._lowrank(self._norm(x, lw.mlp_norm), r.gu)
+            gu = [ops.sparse_gemv(x, wt, g.thresh[j:j + 1], bias=None if g.bias is None else g.bias[j],
+                                  norm_weight=lw.mlp_norm, eps=eps, nm=g.nm, impl=impl).float()
+                  + lr[:, j * inter:(j + 1) * inter] for j, wt in enumerate((lw.wg_t, lw.wu_t))]
+            h = (self._act(gu[0]) * gu[1]).to(x.dtype)
         else:
             h = ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,
                                      norm_weight=lw.mlp_norm, eps=eps, act=cfg.act, nm=r.gu.nm, impl=impl)  # [B, I]
@@ -383,6 +419,8 @@ class Engine:
         else:
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=res,
                                 nm=r.down.nm, impl=impl)
+            if r.down.lowrank is not None:
+                y = (y.float() + self._lowrank(h, r.down)).to(y.dtype)
         return self._residual(x, y, lw.post_mlp_norm)
 
     def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, sparse: Optional[bool] = None,

@@ -28,6 +28,7 @@ class SiteRule:
     shift: Optional[Threshold] = None
     expected: Optional[float] = None    # fraction of weight rows skipped; None: trust the threshold to pay off
     nm: Optional[tuple[int, int]] = None  # keep the N largest |x − shift| of every M channels instead (thresh unused)
+    lowrank: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # R-Sparse: (V [K, r], U·S [N, r]) on what it drops
 
 
 @dataclass

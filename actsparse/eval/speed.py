@@ -3,12 +3,15 @@
 This is the `triton` backend of DESIGN.md: a plan fitted on a transformers model is translated to
 the decode engine's per-site thresholds (actsparse.engine). Rules the kernels implement: `threshold`
 rules on site inputs q k v o gate up down (TEAL; with a per-channel shift and folded bias, SCAP), and
-on `layers.{i}.gate_act` (CATS); a per-channel threshold [C] runs as is (WINA's t / ||W_{:,i}||).
+on `layers.{i}.gate_act` (CATS); a per-channel threshold [C] runs as is (WINA's t / ||W_{:,i}||);
+`nm` rules as the kernels' N:M selection (no mitigation, or a static shift); `rsparse` rules as a
+per-channel threshold τ/|c| plus the low-rank path U·S·Vᵀ on the dropped inputs (two small GEMVs).
 Other rule kinds raise, naming what is supported (Top-K rules, LaRoSA's included: no kernel selects
 per token).
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,13 +64,21 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
                                  f"(plan {plan.method!r}, {rule.kind!r} rule at {point}); a rotation (LaRoSA, "
                                  "WINA's transform) would also need folding into the engine's weights, so decode "
                                  "speed is not measured for this plan")
-        nm = None
+        nm = lowrank = None
         if rule.kind == "nm":
             nm, m = _nm_pattern(plan.method, point, rule)
             t = torch.zeros(())
+        elif rule.kind == "rsparse":
+            # keep |x·c| > τ  ⇔  |x| > τ / |c| per channel (a zero c keeps nothing); U·S·Vᵀ on the rest
+            t, m = rule.tensors["thresh"].float(), None
+            if "scale" in rule.tensors:
+                c = rule.tensors["scale"].float().abs()
+                t = torch.where(c > 0, t / c.clamp_min(1e-30), torch.full_like(c, math.inf))
+            if "V" in rule.tensors:
+                lowrank = (rule.tensors["V"].float(), rule.tensors["US"].float())
         elif rule.kind != "threshold":
-            raise ActsparseError(f"the triton backend runs threshold and N:M rules on {', '.join(ROLES)}; plan "
-                                 f"{plan.method!r} has a {rule.kind!r} rule at {point}")
+            raise ActsparseError(f"the triton backend runs threshold, N:M and R-Sparse rules on {', '.join(ROLES)}; "
+                                 f"plan {plan.method!r} has a {rule.kind!r} rule at {point}")
         else:
             t = rule.tensors["thresh"].float()
             m = rule.tensors["shift"].float() if "shift" in rule.tensors else None
@@ -80,6 +91,11 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
             if m is not None:
                 site.shift = float(m) if m.dim() == 0 else m  # the engine spreads a scalar (SCAP's mode) over K
             site.nm = nm
+            if lowrank is not None:
+                if len(roles) > 1:
+                    raise ActsparseError(f"{point}: a low-rank path on a fused q|k|v input needs each of q, k, v's "
+                                         "own factors; this plan has one for the fused projection")
+                site.lowrank = lowrank
         for skipped in rule.skips or [point]:
             for role in where[skipped][1]:
                 out.site(where[skipped][0], role).expected = rule.expected_sparsity
