@@ -74,7 +74,13 @@ class LlamaConfig:
             rope_factor=float(glob.get("factor", 1.0)) if glob.get("rope_type") == "linear" else 1.0,
         )
         if kind not in GEMMA:
-            return cfg
+            window = _sliding_window(c, kind)
+            if not window:
+                return cfg
+            types = getattr(c, "layer_types", None)   # Qwen2/3: the layers from max_window_layers on are local
+            local = (tuple(t == "sliding_attention" for t in types) if types and kind != "mistral"
+                     else (True,) * c.num_hidden_layers)
+            return replace(cfg, sliding_window=window, local_layers=local)
         return replace(
             cfg, act="gelu_tanh", norm_f32=True, sandwich_norms=True, embed_scale=c.hidden_size**0.5,
             attn_scale=c.query_pre_attn_scalar**-0.5,
@@ -134,7 +140,7 @@ def unsupported_reason(hf_config, max_seq_len: int | None = None) -> str | None:
     multipliers folded into the weights) checkpoints are that block; Gemma 2 and Gemma 3's text model are it with
     their spec on (`LlamaConfig`: (1 + w) norms folded at load, GeGLU, sandwich norms, embedding and attention
     scales, soft-caps, local/global layers, Gemma 3's q/k norms and per-layer-type RoPE). Anything it does not
-    compute (another family, another bias, another activation, a sliding window it does not apply) would decode
+    compute (another family, another bias, another activation, another attention pattern) would decode
     wrong tokens silently, so it is refused before any weight is copied."""
     c = hf_config
     kind = getattr(c, "model_type", "?")
@@ -161,13 +167,18 @@ def unsupported_reason(hf_config, max_seq_len: int | None = None) -> str | None:
     act = getattr(c, "hidden_act", "silu")
     if act != "silu":
         return f"the decode engine's MLP is SwiGLU (silu); this {kind} model uses {act!r}"
-    window = getattr(c, "sliding_window", None)
-    if kind in ("qwen2", "qwen3") and not getattr(c, "use_sliding_window", False):
-        window = None  # Qwen configs carry a window that only use_sliding_window turns on
-    if window and max_seq_len is not None and max_seq_len > window:
-        return (f"the decode engine attends to the whole cache; this {kind} model's sliding window ({window}) is "
-                f"shorter than max_seq_len={max_seq_len} (lower it to {window} or less)")
+    types = set(getattr(c, "layer_types", None) or ())
+    if _sliding_window(c, kind) and not types <= set(LAYER_TYPES):
+        return f"this {kind} model has layer types {sorted(types - set(LAYER_TYPES))}, which the engine does not model"
     return None
+
+
+def _sliding_window(c, kind: str) -> int:
+    """The window of a Llama-block model's local layers (0: none): Mistral's on every layer; Qwen's only when
+    use_sliding_window turns it on (their configs carry a window either way)."""
+    if kind in ("qwen2", "qwen3") and not getattr(c, "use_sliding_window", False):
+        return 0
+    return int(getattr(c, "sliding_window", None) or 0)
 
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n_layers=32, n_heads=32,

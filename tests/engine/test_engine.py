@@ -212,10 +212,6 @@ def test_a_model_the_engine_would_decode_wrong_is_refused_before_copying(family,
 def test_features_outside_the_llama_block_are_refused():
     from tests.families.models import make_family
 
-    mistral = make_family("mistral", layers=1)  # sliding window 64
-    with pytest.raises(ValueError, match=r"sliding window \(64\) is shorter than max_seq_len=128"):
-        Engine.from_hf(mistral, kernels="torch", max_seq_len=128)
-    assert Engine.from_hf(mistral, kernels="torch", max_seq_len=64).cfg.n_layers == 1
     llama = _hf_tiny(0)
     llama.config.hidden_act = "gelu"
     with pytest.raises(ValueError, match="SwiGLU \\(silu\\); this llama model uses 'gelu'"):
@@ -283,3 +279,34 @@ def test_random_weights_follow_the_family_flags():
     lw = eng.w.layers[0]
     assert lw.bqkv.shape == (cfg.q_size + 2 * cfg.kv_size,) and lw.q_norm.shape == (cfg.head_dim,)
     assert eng.decode(None, 2, prompt_len=2) > 0
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_layers_decode_like_transformers_past_the_window(family):
+    """Mistral slides its window on every layer, Qwen2 (use_sliding_window) from max_window_layers on: greedy
+    tokens past the window equal transformers' generate, and the window is what makes them so."""
+    from dataclasses import replace
+
+    from tests.families.models import make_family
+
+    model = make_family(family, layers=2)
+    model.config.sliding_window = 4
+    if family == "qwen2":
+        model.config.use_sliding_window, model.config.max_window_layers = True, 1
+        model.config.layer_types = ["full_attention", "sliding_attention"]
+    model = type(model)(model.config).eval()   # rebuilt so the attention modules read the new window
+    torch.manual_seed(int(torch.randint(0, 1000, (1,))))
+    with torch.no_grad():
+        for p_ in model.parameters():
+            p_.normal_(0, 0.3)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 7))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    eng = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=32)
+    assert eng.cfg.sliding_window == 4
+    assert eng.cfg.local_layers == ((True, True) if family == "mistral" else (False, True))
+    eng.decode(prompt, 8)
+    assert torch.equal(eng.last_tokens.cpu(), want)
+    wide = Engine(replace(eng.cfg, sliding_window=0), eng.w, kernels="torch", max_batch=1, max_seq_len=32)
+    seq = torch.randint(0, model.config.vocab_size, (1, 9))
+    assert not torch.allclose(_engine_logits(eng, seq, False)[:, -1], _engine_logits(wide, seq, False)[:, -1])
