@@ -1,8 +1,9 @@
-"""Output-sparse up projection for CATS / COUNTDOWN: h = a ⊙ (W_u·x̂) where |a| > t, else 0.
+"""Output-sparse second projection for CATS / COUNTDOWN: h = a ⊙ act(W·x̂) where |a| > t, else 0.
 
-`a` = act(W_g·x̂) comes from the gate projection (`sparse_gemv(..., act="silu")`, or "gelu_tanh"). W_u is kept in
-its natural [I, K] row-major layout, so an intermediate channel whose |a| is under the threshold
-skips one contiguous row of K weights. h carries exact zeros where the mask is off, so the down
+CATS: `a` = act(W_g·x̂) comes from the gate projection (`sparse_gemv(..., act="silu")`, or "gelu_tanh") and W is
+the up projection (act "none"). M-COUNTDOWN swaps them: `a` = W_u·x̂ is the up projection's output and W the gate,
+whose kept rows take the activation here (act "silu" / "gelu_tanh"). W is kept in its natural [I, K] row-major
+layout, so an intermediate channel whose |a| is under the threshold skips one contiguous row of K weights. h carries exact zeros where the mask is off, so the down
 projection reads it with threshold 0 (`sparse_gemv(h, W_d^T, 0)`) and skips the same rows of W_d^T:
 the mask itself never goes to memory.
 """
@@ -17,7 +18,7 @@ import triton.language as tl
 
 from .configs import (FMA_MAX_BATCH, MAX_ACC, MAX_TILES, ONESHOT_MAX_BATCH, OneshotConfig, atomic_accumulator,
                       batch_bucket, choose_impl, choose_split, new_output, tile_counters)
-from .gemv_common import accumulate, row_rstd, split_workspace
+from .gemv_common import ACTS, accumulate, activate, row_rstd, split_workspace
 
 
 @triton.jit
@@ -27,7 +28,7 @@ def _gather_up_kernel(
     stride_xb, stride_ab, stride_tn, stride_wn, stride_yb,
     eps,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -84,9 +85,13 @@ def _gather_up_kernel(
             up = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
             for s in range(0, n_split):
                 up += tl.load(ws_ptr + s * B * N + ws_tile, mask=valid, other=0.0, cache_modifier=".cg")
+            if ACT > 0:   # COUNTDOWN: the gathered gate rows take the activation
+                up = activate(up, ACT)
             h = tl.where(keep, a * up, 0.0)
             tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], h.to(y_ptr.dtype.element_ty), mask=valid)
     else:
+        if ACT > 0:   # COUNTDOWN: the gathered gate rows take the activation
+            up = activate(up, ACT)
         h = tl.where(keep, a * up, 0.0)
         tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], h.to(y_ptr.dtype.element_ty), mask=valid)
 
@@ -98,7 +103,7 @@ def _oneshot_up_kernel(
     stride_xb, stride_ab, stride_tn, stride_wn, stride_yb,
     eps,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr = 0,
 ):
     """One program per [BLOCK_N kept-or-not rows of W_u × BLOCK_K columns] tile: the rows whose |a| is under the
     threshold for the whole batch are never read; fp32 atomic sums, the last program of a strip writes h."""
@@ -140,11 +145,13 @@ def _oneshot_up_kernel(
         tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch
         up = tl.load(acc_ptr + tile, mask=valid, other=0.0, cache_modifier=".cg")
         tl.store(acc_ptr + tile, tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), mask=valid)
+        if ACT > 0:   # COUNTDOWN: the gathered gate rows take the activation
+            up = activate(up, ACT)
         h = tl.where(keep, a * up, 0.0)
         tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], h.to(y_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch_oneshot_up(x, w_up, a, thresh, norm_weight, eps, cfg: OneshotConfig) -> torch.Tensor:
+def _launch_oneshot_up(x, w_up, a, thresh, norm_weight, eps, cfg: OneshotConfig, act: int = 0) -> torch.Tensor:
     b, k = x.shape
     n = w_up.shape[0]
     use_dot = b > 1
@@ -159,7 +166,7 @@ def _launch_oneshot_up(x, w_up, a, thresh, norm_weight, eps, cfg: OneshotConfig)
         tile_counters(x.device), b, k, n, x.stride(0), a.stride(0), thresh.stride(0), w_up.stride(0), y.stride(0),
         eps, NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), max(1024, 4096 // block_b)),
         USE_DOT=use_dot, IEEE=w_up.dtype == torch.float32, BLOCK_B=block_b, BLOCK_K=cfg.block_k,
-        BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n, ACT=act, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
@@ -185,12 +192,12 @@ def _up_impl(k: int, n: int, b: int, impl: str) -> str:
 
 @torch.library.custom_op("actsparse::cats_up", mutates_args=())
 def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: torch.Tensor,
-                norm_weight: Optional[torch.Tensor], eps: float, impl: str = "auto") -> torch.Tensor:
+                norm_weight: Optional[torch.Tensor], eps: float, impl: str = "auto", act: int = 0) -> torch.Tensor:
     b, k = x.shape
     n = w_up.shape[0]
     if _up_impl(k, n, b, impl) == "oneshot":
         cfg = TUNED_ONESHOT_UP.get((k, n, batch_bucket(b))) or OneshotConfig(block_n=64, block_k=128, num_warps=4)
-        return _launch_oneshot_up(x, w_up, a, thresh, norm_weight, eps, cfg)
+        return _launch_oneshot_up(x, w_up, a, thresh, norm_weight, eps, cfg, act)
     _, cfg = choose_impl("cats_up", k, n, b, "masked")  # the masked walk's configuration (or its override)
     use_dot = cfg.use_dot or b > FMA_MAX_BATCH
     block_b = 16 if use_dot else triton.next_power_of_2(b)
@@ -207,14 +214,14 @@ def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: to
         eps,
         NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), max(1024, 4096 // block_b)),
         USE_DOT=use_dot, IEEE=w_up.dtype == torch.float32, SPLIT=split > 1,
-        BLOCK_B=block_b, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+        BLOCK_B=block_b, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, ACT=act,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
 
 @_cats_up_op.register_fake
-def _(x, w_up, a, thresh, norm_weight, eps, impl="auto"):
+def _(x, w_up, a, thresh, norm_weight, eps, impl="auto", act=0):
     return a.new_empty((x.shape[0], w_up.shape[0]))
 
 
@@ -227,11 +234,13 @@ def cats_up(
     norm_weight: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
     impl: str = "auto",
+    act: str = "none",
 ) -> torch.Tensor:
-    """Return h [B, I] = where(|a| > t, a ⊙ (W_u·x̂), 0), reading only the rows of W_u [I, K] that are kept.
+    """Return h [B, I] = where(|a| > t, a ⊙ act(W_u·x̂), 0), reading only the rows of W_u [I, K] that are kept.
 
-    x: [B, K] (the residual stream when norm_weight is given); a: [B, I] gate activations
-    silu(W_g·x̂); thresh: float32 scalar tensor, [1] or [I]. impl: "walk" (a split-K walk over the kept rows, any
+    x: [B, K] (the residual stream when norm_weight is given); a: [B, I], CATS' gate activations silu(W_g·x̂)
+    (act "none", W_u the up projection) or COUNTDOWN's up outputs (act "silu" / "gelu_tanh", w_up then holds
+    the gate projection); thresh: float32 scalar tensor, [1] or [I]. impl: "walk" (a split-K walk over the kept rows, any
     batch), "oneshot" (one program per [rows × columns] tile of W_u, fp32 atomic sums; batch ≤ 16) or "auto"
     (the one measured faster for this shape, `PREFERRED_UP`, else the walk).
     """
@@ -251,5 +260,7 @@ def cats_up(
         raise ValueError(f"thresh must be a scalar or have shape [{n}], got {tuple(thresh.shape)}")
     if norm_weight is not None and tuple(norm_weight.shape) != (x.shape[1],):
         raise ValueError(f"norm_weight must have shape [{x.shape[1]}], got {tuple(norm_weight.shape)}")
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
     _up_impl(x.shape[1], n, x.shape[0], impl)  # refuses a bad impl here
-    return torch.ops.actsparse.cats_up(x, w_up, a, thresh, norm_weight, float(eps), impl)
+    return torch.ops.actsparse.cats_up(x, w_up, a, thresh, norm_weight, float(eps), impl, ACTS[act])

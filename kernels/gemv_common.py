@@ -89,6 +89,9 @@ def accumulate(acc, xs, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     return acc
 
 
+ACTS = {"none": 0, "silu": 1, "gelu_tanh": 2}  # the kernels' ACT values for `activate`
+
+
 @triton.jit
 def activate(x, ACT: tl.constexpr):
     """act(x) in fp32: ACT 1 silu, 2 gelu-tanh, 0.5·x·(1 + tanh(u)) = x·sigmoid(2u), u = √(2/π)·(x + 0.044715·x³)."""

@@ -131,11 +131,11 @@ def sparse_gated_mlp_ref(
 
 
 def cats_up_ref(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: torch.Tensor | float, *,
-                norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
-    """Reference of `cats_up`: where(|a| > t, a ⊙ (W_u·x̂), 0), in a's dtype."""
+                norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, act: str = "none") -> torch.Tensor:
+    """Reference of `cats_up`: where(|a| > t, a ⊙ act(W_u·x̂), 0), in a's dtype."""
     acc = _acc_dtype(w_up)
     xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
-    up = xf.to(w_up.dtype).to(acc) @ w_up.to(acc).t()
+    up = act_ref(xf.to(w_up.dtype).to(acc) @ w_up.to(acc).t(), act)
     af = a.to(acc)
     t = torch.as_tensor(thresh, dtype=acc, device=x.device)
     return torch.where(af.abs() > t, af * up, torch.zeros_like(up)).to(a.dtype)

@@ -13,12 +13,11 @@ import torch
 
 from .configs import choose_impl
 from .gather_gemv import launch_gather
-from .gemv_common import wshape
+from .gemv_common import ACTS, wshape
 from .masked_gemv import launch_masked
 from .oneshot_gemv import launch_oneshot
 
 
-ACTS = {"none": 0, "silu": 1, "gelu_tanh": 2}  # the epilogue's ACT (gemv_common.activate)
 
 
 def _as_rows(t: torch.Tensor, nseg: int, k: int, name: str) -> torch.Tensor:

@@ -92,6 +92,7 @@ class _LayerRule:
     down: _OpRule
     gate_act: Optional[torch.Tensor] = None  # CATS threshold on act(gate), float32 [1] or [I]
     up_expected: float = 0.0  # CATS: fraction of up rows the gate_act mask is expected to skip
+    countdown: bool = False   # M-COUNTDOWN: gate_act thresholds up's output and gathers the gate rows instead
 
 
 @dataclass
@@ -246,17 +247,27 @@ class Engine:
             wg_t = lw.wg_t if lw.wg_t is not None else lw.w13[:inter].t()
             wu_t = lw.wu_t if lw.wu_t is not None else lw.w13[inter:].t()
             gate_act = None
-            if "gate_act" in th:
-                if "up" in th and float(torch.as_tensor(th["up"]).abs().max()) != 0.0:
-                    raise ValueError(f"layers.{i}: CATS (gate_act) selects the up rows itself; drop the 'up' threshold")
-                gate_act = self._stack([th["gate_act"]], inter, ("gate_act",), i)[0]
+            if "gate_act" in th and "up_out" in th:
+                raise ValueError(f"layers.{i}: CATS (gate_act) and COUNTDOWN (up_out) each choose the intermediate "
+                                 "channels; give one of them")
+            # CATS gathers the up rows by |act(gate)|, COUNTDOWN the gate rows by |up|: the gathered op keeps no
+            # input threshold of its own
+            mask, gathered = ("gate_act", "up") if "gate_act" in th else ("up_out", "gate")
+            if mask in th:
+                if gathered in th and float(torch.as_tensor(th[gathered]).abs().max()) != 0.0:
+                    raise ValueError(f"layers.{i}: {'CATS' if mask == 'gate_act' else 'COUNTDOWN'} ({mask}) selects "
+                                     f"the {gathered} rows itself; drop the '{gathered}' threshold")
+                gate_act = self._stack([th[mask]], inter, (mask,), i)[0]
+                if mask == "up_out" and lw.wg is None:   # the gate rows in their natural layout, for the gather
+                    lw.wg = wg_t.t().contiguous()
             rules.append(_LayerRule(
                 qkv=op("qkv", ("q", "k", "v"), d, qkv_cols, lw.bqkv),
                 o=op("o", ("o",), q, [lw.wo_t if lw.wo_t is not None else lw.wo.t()]),
                 gu=op("gu", ("gate", "up"), d, [wg_t, wu_t]),
                 down=op("down", ("down",), inter, [lw.wd_t if lw.wd_t is not None else lw.wd.t()]),
                 gate_act=gate_act,
-                up_expected=exp(("up",)) if gate_act is not None else 0.0,
+                up_expected=exp((gathered,)) if gate_act is not None else 0.0,
+                countdown=mask == "up_out",
             ))
         self.rules = rules
         self.expected_sparsity = dict(expected)
@@ -384,7 +395,17 @@ class Engine:
             record(i, "gu", xn)
             record(i, "gate_act", self._act(self._linear(xn, wg, lw.wg_t).float()))
         cats = self._cats(r, b)
-        if cats:
+        if cats and r.countdown:   # a = up's output, the gate rows it keeps gathered and activated
+            g = r.gu
+            if self._dense(g, "gu", b):
+                a_up = self._linear(self._norm(x, lw.mlp_norm), None if lw.w13 is None else lw.w13[inter:], lw.wu_t)
+            else:
+                a_up = ops.sparse_gemv(x, lw.wu_t, g.thresh[1:2], shift=None if g.shift is None else g.shift[1:2],
+                                       bias=None if g.bias is None else g.bias[1], norm_weight=lw.mlp_norm, eps=eps,
+                                       nm=g.nm)  # [B, I] = up
+            up_impl = op_times(self, b)["up"].choice(r.up_expected) if self.fallback_below == "measured" else "auto"
+            h = ops.cats_up(x, lw.wg, a_up, r.gate_act, norm_weight=lw.mlp_norm, eps=eps, impl=up_impl, act=cfg.act)
+        elif cats:
             g = r.gu
             if self._dense(g, "gu", b):
                 ag = self._act(self._linear(self._norm(x, lw.mlp_norm), wg, lw.wg_t))

@@ -2,8 +2,9 @@
 
 `EnginePlan.layers[i][role]` is a `SiteRule` (a threshold, scalar or per-channel [K], or an N:M pattern; an
 optional shift, SCAP's x_s = (x − m)·1[|x − m| > t] with W·m folded into a bias; and the fraction of weight
-rows it is expected to skip, which decides cuBLAS vs the kernels). Roles are the engine's sites q k v o gate up down, plus `gate_act`
-(CATS: a threshold on silu(gate) that selects the up and down rows). A role left out keeps every input.
+rows it is expected to skip, which decides cuBLAS vs the kernels). Roles are the engine's sites q k v o gate up
+down, plus `gate_act` (CATS: a threshold on act(gate) that selects the up and down rows) and `up_out`
+(M-COUNTDOWN: a threshold on up's output that selects the gate and down rows). A role left out keeps every input.
 
 `from_plan` translates a fitted `SparsityPlan` (actsparse.eval.speed) and `from_names` the name-keyed dicts of
 the benchmarks and tests; both build the same structure, which is all `Engine.set_plan` reads.
@@ -16,7 +17,7 @@ from typing import Optional, Union
 
 import torch
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act")
+ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act", "up_out")
 Threshold = Union[float, torch.Tensor]
 _SITE = re.compile(r"^layers\.(\d+)\.(\w+)$")
 

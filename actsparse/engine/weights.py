@@ -39,6 +39,7 @@ class LayerWeights:
     wu_t: Optional[torch.Tensor] = None  # [D, I]
     wd_t: Optional[torch.Tensor] = None  # [I, D]
     wu: Optional[torch.Tensor] = None  # [I, D] natural layout, for the CATS row gather
+    wg: Optional[torch.Tensor] = None  # [I, D] natural layout, for the COUNTDOWN row gather
     bqkv: Optional[torch.Tensor] = None  # [Nq + 2·Nkv] q/k/v biases (Qwen2)
     q_norm: Optional[torch.Tensor] = None  # [head_dim] per-head RMSNorm weights of q and k (Qwen3, Gemma 3)
     k_norm: Optional[torch.Tensor] = None
@@ -75,6 +76,7 @@ def _layer(attn_norm, mlp_norm, q, k, v, o, gate, up, down, layouts: str) -> Lay
         lw.w13 = torch.cat([gate, up], dim=0).contiguous()
         lw.wd = down.contiguous()
         lw.wu = lw.w13[gate.shape[0]:]  # contiguous rows of w13
+        lw.wg = lw.w13[:gate.shape[0]]
     if layouts in ("sparse", "both"):
         lw.wqkv_t = torch.cat([q, k, v], dim=0).t().contiguous()
         lw.wo_t = o.t().contiguous()

@@ -3,7 +3,7 @@
 This is the `triton` backend of DESIGN.md: a plan fitted on a transformers model is translated to
 the decode engine's per-site thresholds (actsparse.engine). Rules the kernels implement: `threshold`
 rules on site inputs q k v o gate up down (TEAL; with a per-channel shift and folded bias, SCAP), and
-on `layers.{i}.gate_act` (CATS); a per-channel threshold [C] runs as is (WINA's t / ||W_{:,i}||);
+on `layers.{i}.gate_act` (CATS) and `layers.{i}.up_out` (M-COUNTDOWN); a per-channel threshold [C] runs as is (WINA's t / ||W_{:,i}||);
 `nm` rules as the kernels' N:M selection (no mitigation, or a static shift); `rsparse` rules as a
 per-channel threshold τ/|c| plus the low-rank path U·S·Vᵀ on the dropped inputs (two small GEMVs).
 Other rule kinds raise, naming what is supported (Top-K rules, LaRoSA's included: no kernel selects

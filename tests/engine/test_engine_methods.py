@@ -129,3 +129,34 @@ def test_an_rsparse_plan_runs_in_the_engine_as_in_the_torch_backend():
     bare = Engine.from_hf(model, kernels="torch", max_batch=2, max_seq_len=16)
     bare.set_plan(ep)
     assert (_engine_logits(bare, seq, True) - want).norm() / want.norm() > 1e-3
+
+
+def test_an_m_countdown_plan_runs_in_the_engine_as_in_the_torch_backend():
+    """M-COUNTDOWN thresholds |up·x| and skips the gate rows and down columns it drops: the engine computes up,
+    gathers the kept gate rows (activated) and skips the same rows of down."""
+    seed = int(torch.randint(0, 10_000, (1,)))
+    g = torch.Generator().manual_seed(seed)
+    model = _hf_tiny(seed=seed)
+    rules = {}
+    for i in range(TINY.n_layers):
+        point = f"layers.{i}.up_out"
+        rules[point] = Rule(point, "threshold", {"thresh": torch.tensor(float(torch.rand((), generator=g)) * 0.3)},
+                            skips=[f"layers.{i}.gate", f"layers.{i}.down"], expected_sparsity=0.5)
+    plan = SparsityPlan("countdown", {}, 0.5, rules, {p: 1 for p in rules})
+    ep = plan_to_engine(plan, TINY.n_layers)
+    assert all(L["up_out"].thresh is not None and L["gate"].expected == 0.5 for L in ep.layers)
+    eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=2, max_seq_len=16, fallback_below=0.0,
+                         layouts="sparse")      # the gate rows' natural layout is made for the plan
+    eng.set_plan(ep)
+    seq = torch.randint(0, TINY.vocab_size, (2, 4), generator=g)
+    got = _engine_logits(eng, seq, True)
+    with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
+        want = model(seq, use_cache=False).logits.float()
+    with torch.no_grad():
+        dense = model(seq, use_cache=False).logits.float()
+    assert (got - want).norm() / want.norm() < 1e-4
+    assert (dense - want).norm() / want.norm() > 1e-3
+    both = plan_to_engine(plan, TINY.n_layers)
+    both.site(0, "gate_act").thresh = 0.1
+    with pytest.raises(ValueError, match="give one of them"):
+        eng.set_plan(both)

@@ -55,6 +55,29 @@ def test_cats_up_oneshot_tiles_match_reference(batch):
     assert rel_err(y, ref.cats_up_ref(x, w_up, a, 0.3)) < 1e-5
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("impl, batch", [("walk", 1), ("walk", 3), ("oneshot", 1), ("oneshot", 3)])
+def test_countdown_gathers_gate_rows_by_the_up_mask_and_activates_them(act, impl, batch):
+    """M-COUNTDOWN: a = W_u·x̂ (the up outputs) selects the rows of the gate projection, whose products take the
+    activation: h = where(|a| > t, a ⊙ act(W_g·x̂), 0), against the formula written out."""
+    k, n = 96, 80
+    x = torch.randn(batch, k, device=DEVICE)
+    w_gate = torch.randn(n, k, device=DEVICE) / k**0.5
+    g = torch.rand(k, device=DEVICE) + 0.5
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * g
+    a = xn @ (torch.randn(n, k, device=DEVICE) / k**0.5).t()
+    t = float(torch.quantile(a.abs().flatten(), 0.6))
+    z = xn @ w_gate.t()
+    act_z = z * torch.sigmoid(z) if act == "silu" else gelu_tanh(z)
+    want = torch.where(a.abs() > t, a * act_z, torch.zeros_like(z))
+    with poison_outputs():
+        h = cats_up(x, w_gate, a, torch.tensor(t, device=DEVICE), norm_weight=g, impl=impl, act=act)
+    assert torch.equal(h == 0, want == 0)
+    assert rel_err(h, want) < 1e-5
+    with pytest.raises(ValueError, match="act must be one of"):
+        cats_up(x, w_gate, a, torch.tensor(t, device=DEVICE), act="relu")
+
+
 def test_cats_up_rejects_bad_arguments():
     x = torch.randn(1, 32, device=DEVICE)
     w = torch.randn(16, 32, device=DEVICE)
