@@ -30,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from actsparse.kernels import cats, gather_gemv, masked_gemv, oneshot_gemv  # noqa: E402
 
 PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr", "res_ptr", "y_ptr", "a_ptr")},
-        **{n: "*fp32" for n in ("t_ptr", "m_ptr", "ws_ptr", "val_ptr", "acc_ptr")},
+        **{n: "*fp32" for n in ("t_ptr", "m_ptr", "ws_ptr", "val_ptr", "acc_ptr", "rstd_ptr")},
         **{n: "*i32" for n in ("cnt_ptr", "idx_ptr", "count_ptr")}}
 
 

@@ -12,8 +12,9 @@ Where it differs from TEAL's kernel, and why:
   each column strip, which reads the sums, zeroes them for the next launch, resets its counter and runs the
   epilogue (bias, act or act(gate)·up, residual, cast). TEAL adds fp16 partials into an output a separate
   launch zeroed, which bf16 (8 bits of mantissa per atomic add) could not afford.
-- **Fused ops.** RMSNorm of x (each program takes the row's factor from the whole row, which the programs of
-  an SM share through L1), per-channel thresholds and shifts per q/k/v segment, N:M selection, and gate/up in
+- **Fused ops.** RMSNorm of x (the row's factor 1/rms computed once per launch by a one-program-per-row pre-pass,
+  each tile then scales its own slice: measured on an H100, every program reducing the whole row itself cost
+  13 µs of q|k|v's 30 and 69 µs of gate|up's 133 at 50%), per-channel thresholds and shifts per q/k/v segment, N:M selection, and gate/up in
   one launch (programs of both matrices, one counter per strip: the epilogue writes act(gate)·up).
 - **Batches 2-16** on tensor cores: x_s rows padded to 16, one tl.dot [16, BLOCK_K] × [BLOCK_K, BLOCK_N]
   over the tile's union of kept rows (each token's own unselected entries zeroed).
@@ -31,8 +32,17 @@ from .gemv_common import epilogue, fit_block_n, launch_args, row_rstd, select_ch
 
 
 @triton.jit
+def _rstd_kernel(x_ptr, r_ptr, K, stride_xb, eps, NORM_BLOCK: tl.constexpr):
+    """r[b] = 1 / RMS of row b of x: RMSNorm's factor, once per launch of the tiles."""
+    row = tl.program_id(0)
+    r = row_rstd(x_ptr + row * stride_xb + tl.zeros([1, 1], dtype=tl.int32), tl.full([1], 1, tl.int1), K, eps,
+                 NORM_BLOCK, 1)
+    tl.store(r_ptr + row + tl.arange(0, 1), r)
+
+
+@triton.jit
 def _oneshot_kernel(
-    x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, acc_ptr, cnt_ptr,
+    x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, acc_ptr, cnt_ptr, rstd_ptr,
     B, K, N, N0, N1,
     stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb,
     eps,
@@ -60,7 +70,7 @@ def _oneshot_kernel(
                  eviction_policy="evict_last").to(tl.float32)
     if NORM:
         gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        rstd = row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
+        rstd = tl.load(rstd_ptr + offs_b, mask=mask_b, other=0.0)
         xv = xv * rstd[:, None] * gv[None, :]
     xs, rows = select_chunk(xv, t_ptr + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b, stride_tk,
                             HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
@@ -119,8 +129,13 @@ def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, a
     y = new_output((b, n), x.device, x.dtype)
     ptrs, (n0, n1), strides, flags = launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
                                                  nm_n, nm_m, y, block_b)
+    rstd = y
+    if norm_weight is not None:
+        rstd = torch.empty(b, device=x.device, dtype=torch.float32)
+        _rstd_kernel[(b,)](x, rstd, k, x.stride(0), eps, NORM_BLOCK=min(triton.next_power_of_2(k), 4096),
+                           num_warps=4)
     compiled = _oneshot_kernel[(tiles_n, triton.cdiv(k, block_k), mats)](
-        *ptrs, atomic_accumulator(x.device), tile_counters(x.device), b, k, n, n0, n1, *strides, eps, **flags,
+        *ptrs, atomic_accumulator(x.device), tile_counters(x.device), rstd, b, k, n, n0, n1, *strides, eps, **flags,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
