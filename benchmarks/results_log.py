@@ -1,0 +1,38 @@
+"""The repo's current benchmark numbers per device: benchmarks/results/<device>.json (rows) and that device's
+sections of BENCHMARKS.md. Each benchmark script owns some rows (by kind) and one section heading, and a merge
+replaces only what it owns."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Callable
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def device_slug(device: str) -> str:
+    """The results file's name for a device ("NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3")."""
+    return "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+
+
+def merge_rows(device: str, rows: list[dict], owns: Callable[[dict], bool]) -> pathlib.Path:
+    """Replace the device's rows that `owns` by `rows`; keep the others. Returns the results file."""
+    dest = ROOT / "benchmarks" / "results" / f"{device_slug(device)}.json"
+    kept = [r for r in json.loads(dest.read_text()) if not owns(r)] if dest.exists() else []
+    dest.write_text(json.dumps(kept + rows, indent=1) + "\n")
+    return dest
+
+
+def replace_section(heading_prefix: str, section: list[str]) -> None:
+    """Replace the BENCHMARKS.md section whose "## " heading starts with heading_prefix by `section` (its heading
+    first), or append it."""
+    path = ROOT / "benchmarks" / "BENCHMARKS.md"
+    page = path.read_text().rstrip("\n").split("\n")
+    start = next((i for i, line in enumerate(page) if line.startswith(heading_prefix)), None)
+    if start is None:
+        page += [""] + section
+    else:
+        end = next((i for i in range(start + 1, len(page)) if page[i].startswith("## ")), len(page))
+        page[start:end] = section + ([""] if end < len(page) else [])
+    path.write_text("\n".join(page) + "\n")
