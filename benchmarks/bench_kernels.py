@@ -679,17 +679,9 @@ def merge(run_dir: pathlib.Path, note: str = "") -> None:
     """Make a device run's numbers the current ones for its device: its rows replace this script's rows of
     benchmarks/results/<device>.json (bench_tp.py's tensor-parallel rows stay) and its section replaces that
     device's section of BENCHMARKS.md."""
-    from results_log import merge_rows, replace_section
+    from results_log import merge_run
 
-    got = json.loads((run_dir / "results.json").read_text())
-    device = got["meta"]["device"]
-    rows = [{**r, **({"note": note} if note else {})} for r in got["rows"]]
-    dest = merge_rows(device, rows, owns=lambda r: r.get("kind") != "decode_tp")
-    section = (run_dir / "BENCHMARKS_fragment.md").read_text().strip("\n").split("\n")
-    if note:  # right under the "## device · date · commit" heading
-        section[1:1] = ["", note]
-    replace_section(f"## {device} ·", section)
-    log(f"wrote {len(got['rows'])} rows to {dest} and the {device} section of BENCHMARKS.md")
+    merge_run(run_dir, note, owns=lambda r: r.get("kind") != "decode_tp", heading_prefix="## {device} ·")
 
 
 def main() -> None:

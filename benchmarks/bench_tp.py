@@ -136,17 +136,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def merge(run_dir: pathlib.Path, note: str = "") -> None:
     """Make a device run's tensor-parallel rows and section the current ones for its device."""
-    from results_log import merge_rows, replace_section
+    from results_log import merge_run
 
-    got = json.loads((run_dir / "results.json").read_text())
-    device = got["meta"]["device"]
-    rows = [{**r, **({"note": note} if note else {})} for r in got["rows"]]
-    dest = merge_rows(device, rows, owns=lambda r: r.get("kind") == "decode_tp")
-    section = (run_dir / "BENCHMARKS_fragment.md").read_text().strip("\n").split("\n")
-    if note:
-        section[1:1] = ["", note]
-    replace_section(f"## Tensor-parallel decode · {device} ·", section)
-    log(f"wrote {len(rows)} rows to {dest} and the tensor-parallel {device} section of BENCHMARKS.md")
+    merge_run(run_dir, note, owns=lambda r: r.get("kind") == "decode_tp",
+              heading_prefix="## Tensor-parallel decode · {device} ·")
 
 
 def main() -> None:

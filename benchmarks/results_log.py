@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 from typing import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,3 +37,19 @@ def replace_section(heading_prefix: str, section: list[str]) -> None:
         end = next((i for i in range(start + 1, len(page)) if page[i].startswith("## ")), len(page))
         page[start:end] = section + ([""] if end < len(page) else [])
     path.write_text("\n".join(page) + "\n")
+
+
+def merge_run(run_dir: pathlib.Path, note: str, owns: Callable[[dict], bool], heading_prefix: str) -> None:
+    """Make a device run's rows (DIR/results.json) and section (DIR/BENCHMARKS_fragment.md) the current ones for its
+    device: they replace the rows `owns` and the section under heading_prefix.format(device=...); `note` goes with
+    every row and right under the heading."""
+    got = json.loads((run_dir / "results.json").read_text())
+    device = got["meta"]["device"]
+    rows = [{**r, **({"note": note} if note else {})} for r in got["rows"]]
+    dest = merge_rows(device, rows, owns)
+    section = (run_dir / "BENCHMARKS_fragment.md").read_text().strip("\n").split("\n")
+    if note:
+        section[1:1] = ["", note]
+    replace_section(heading_prefix.format(device=device), section)
+    print(f"wrote {len(rows)} rows to {dest} and the section {heading_prefix.format(device=device)!r} of "
+          "BENCHMARKS.md", file=sys.stderr)

@@ -202,6 +202,6 @@ GEMMA3_12B = LlamaConfig(vocab_size=262208, hidden_size=3840, intermediate_size=
                          rope_factor=8.0, rope_local_theta=1e4, qk_norm=True, embed_scale=3840**0.5,
                          sliding_window=1024, local_layers=tuple((i + 1) % 6 != 0 for i in range(48)), **_GEMMA)
 
-PRESETS = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "llama2-7b": LLAMA2_7B, "qwen2.5-7b": QWEN2_5_7B, "qwen3-8b": QWEN3_8B,
-           "phi3-mini": PHI3_MINI, "granite3-8b": GRANITE3_8B, "gemma2-9b": GEMMA2_9B, "gemma3-12b": GEMMA3_12B,
+PRESETS = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "llama2-7b": LLAMA2_7B, "qwen2.5-7b": QWEN2_5_7B,
+           "qwen3-8b": QWEN3_8B, "phi3-mini": PHI3_MINI, "granite3-8b": GRANITE3_8B, "gemma2-9b": GEMMA2_9B, "gemma3-12b": GEMMA3_12B,
            "tiny": TINY}

@@ -203,7 +203,8 @@ def test_two_nccl_ranks_on_one_gpu_decode_the_single_gpu_engines_tokens():
 
 
 def _comm_share_rank(rank: int, world: int) -> dict:
-    eng = TPEngine.random(LLAMA, rank, world, device="cuda", dtype=torch.bfloat16, kernels="triton")
+    eng = TPEngine.random(LLAMA, rank, world, device="cuda", dtype=torch.bfloat16, kernels="triton",
+                          fallback_below=0.0)
     return eng.comm_share(8)
 
 
