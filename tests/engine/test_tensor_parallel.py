@@ -157,6 +157,21 @@ def test_shard_plan_slices_the_row_split_sites_by_rank():
         shard_plan(bad, LLAMA, 0, 2)
 
 
+def test_shards_are_the_same_from_either_layout_and_tile_the_whole_model():
+    """A shard cut from the transposed (sparse) layout equals one cut from nn.Linear's; rank 0's and rank 1's o and
+    down rows, and their LM-head slices, put back together are the whole model's."""
+    both = random_weights(GEMMA2, torch.device("cpu"), torch.float32, seed=3, layouts="both")
+    only_t = random_weights(GEMMA2, torch.device("cpu"), torch.float32, seed=3, layouts="sparse")
+    shards = [shard_weights(both, GEMMA2, r, 2, layouts="both") for r in (0, 1)]
+    from_t = shard_weights(only_t, GEMMA2, 1, 2, layouts="both")
+    for name in ("wqkv", "wo", "w13", "wd", "wqkv_t", "wu"):
+        assert torch.equal(getattr(from_t.layers[0], name), getattr(shards[1].layers[0], name)), name
+    assert torch.equal(torch.cat([s.layers[1].wo_t for s in shards]), both.layers[1].wo_t)
+    assert torch.equal(torch.cat([s.layers[1].wd_t for s in shards]), both.layers[1].wd_t)
+    assert torch.equal(torch.cat([s.lm_head for s in shards]), both.lm_head)
+    assert shards[0].lm_head.data_ptr() == shards[0].embed.data_ptr()  # tied: a view of the embedding, no copy
+
+
 def test_splits_it_cannot_make_are_refused_with_the_reason():
     assert split_reason(LLAMA, 2) is None and shard_config(LLAMA, 2).n_kv_heads == 1
     with pytest.raises(ValueError, match="world_size 4 does not divide the model's 2 kv heads; use a divisor of 2"):
