@@ -676,25 +676,12 @@ def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
 
 
 def merge(run_dir: pathlib.Path, note: str = "") -> None:
-    """Make a device run's numbers the current ones for its device: its rows replace
-    benchmarks/results/<device>.json and its section replaces that device's section of BENCHMARKS.md."""
-    got = json.loads((run_dir / "results.json").read_text())
-    device = got["meta"]["device"]
-    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
-    dest = ROOT / "benchmarks" / "results" / f"{slug}.json"
-    dest.write_text(json.dumps([{**r, **({"note": note} if note else {})} for r in got["rows"]], indent=1) + "\n")
-    section = (run_dir / "BENCHMARKS_fragment.md").read_text().strip("\n").split("\n")
-    if note:  # right under the "## device · date · commit" heading
-        section[1:1] = ["", note]
-    page = (ROOT / "benchmarks" / "BENCHMARKS.md").read_text().rstrip("\n").split("\n")
-    start = next((i for i, line in enumerate(page) if line.startswith(f"## {device} ·")), None)
-    if start is None:
-        page += [""] + section
-    else:
-        end = next((i for i in range(start + 1, len(page)) if page[i].startswith("## ")), len(page))
-        page[start:end] = section + ([""] if end < len(page) else [])
-    (ROOT / "benchmarks" / "BENCHMARKS.md").write_text("\n".join(page) + "\n")
-    log(f"wrote {len(got['rows'])} rows to {dest} and the {device} section of BENCHMARKS.md")
+    """Make a device run's numbers the current ones for its device: its rows replace this script's rows of
+    benchmarks/results/<device>.json (bench_tp.py's tensor-parallel rows stay) and its section replaces that
+    device's section of BENCHMARKS.md."""
+    from results_log import merge_run
+
+    merge_run(run_dir, note, owns=lambda r: r.get("kind") != "decode_tp", heading_prefix="## {device} ·")
 
 
 def main() -> None:

@@ -183,6 +183,8 @@ def _sliding_window(c, kind: str) -> int:
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n_layers=32, n_heads=32,
                         n_kv_heads=8, head_dim=128, rms_eps=1e-5, rope_theta=500000.0)
+LLAMA3_70B = LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, n_layers=80, n_heads=64,
+                         n_kv_heads=8, head_dim=128, rms_eps=1e-5, rope_theta=500000.0)
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, n_layers=32, n_heads=32,
                         n_kv_heads=32, head_dim=128, rms_eps=1e-5, rope_theta=10000.0)
 TINY = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -211,6 +213,6 @@ GEMMA3_12B = LlamaConfig(vocab_size=262208, hidden_size=3840, intermediate_size=
                          rope_factor=8.0, rope_local_theta=1e4, qk_norm=True, embed_scale=3840**0.5,
                          sliding_window=1024, local_layers=tuple((i + 1) % 6 != 0 for i in range(48)), **_GEMMA)
 
-PRESETS = {"llama3-8b": LLAMA3_8B, "llama2-7b": LLAMA2_7B, "qwen2.5-7b": QWEN2_5_7B, "qwen3-8b": QWEN3_8B,
-           "phi3-mini": PHI3_MINI, "granite3-8b": GRANITE3_8B, "gemma2-9b": GEMMA2_9B, "gemma3-12b": GEMMA3_12B,
+PRESETS = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "llama2-7b": LLAMA2_7B, "qwen2.5-7b": QWEN2_5_7B,
+           "qwen3-8b": QWEN3_8B, "phi3-mini": PHI3_MINI, "granite3-8b": GRANITE3_8B, "gemma2-9b": GEMMA2_9B, "gemma3-12b": GEMMA3_12B,
            "tiny": TINY}

@@ -346,6 +346,20 @@ class Engine:
         """The new residual stream: y where the op added x itself, x + norm(y) where a post-norm sits between."""
         return y if post_norm is None else x + self._norm(y, post_norm)
 
+    # Hooks of the row-split ops (o, down) and the LM head, which the tensor-parallel engine overrides
+    # (tensor_parallel.py): here one process holds every row, so they are the plain single-GPU steps.
+    def _op_residual(self, x: torch.Tensor, post_norm: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The residual a row-split op adds itself: x, unless a post-norm sits between the op and the add."""
+        return x if post_norm is None else None
+
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """The sum of a row-split op's partial outputs over the shards that hold its rows: y itself here."""
+        return y
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy next tokens [B] from the logits this process holds."""
+        return logits.argmax(-1)
+
     def _block(self, i: int, x: torch.Tensor, pos: torch.Tensor, sparse: bool,
                record: Optional[Callable[[int, str, torch.Tensor], None]] = None) -> torch.Tensor:
         """One decoder block on the residual stream x [B, D]; returns the new residual stream."""
@@ -379,7 +393,7 @@ class Engine:
         if record is not None:
             record(i, "o", a)
         # Gemma normalises the op's output before the residual add: the op cannot add the residual itself.
-        res = x if lw.post_attn_norm is None else None
+        res = self._op_residual(x, lw.post_attn_norm)
         impl = "dense" if r is None else self._choose(r.o, "o", b)
         if impl == "dense":
             y = self._linear(a, lw.wo, lw.wo_t, res=res)
@@ -388,7 +402,7 @@ class Engine:
                                 impl=impl)
             if r.o.lowrank is not None:
                 y = (y.float() + self._lowrank(a, r.o)).to(y.dtype)
-        x = self._residual(x, y, lw.post_attn_norm)
+        x = self._residual(x, self._reduce(y), lw.post_attn_norm)
 
         if record is not None:
             xn = self._norm(x, lw.mlp_norm)
@@ -432,7 +446,7 @@ class Engine:
                                      norm_weight=lw.mlp_norm, eps=eps, act=cfg.act, nm=r.gu.nm, impl=impl)  # [B, I]
         if record is not None:
             record(i, "down", h)
-        res = x if lw.post_mlp_norm is None else None
+        res = self._op_residual(x, lw.post_mlp_norm)
         # A CATS plan's down rows are the zeros of h that cats_up writes: none when CATS fell back to dense.
         impl = "dense" if r is None or (r.gate_act is not None and not cats) else self._choose(r.down, "down", b)
         if impl == "dense":
@@ -442,7 +456,7 @@ class Engine:
                                 nm=r.down.nm, impl=impl)
             if r.down.lowrank is not None:
                 y = (y.float() + self._lowrank(h, r.down)).to(y.dtype)
-        return self._residual(x, y, lw.post_mlp_norm)
+        return self._residual(x, self._reduce(y), lw.post_mlp_norm)
 
     def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, sparse: Optional[bool] = None,
                      record: Optional[Callable[[int, str, torch.Tensor], None]] = None) -> torch.Tensor:
@@ -469,12 +483,12 @@ class Engine:
         return _Graph(graph=None, tok=torch.zeros(b, dtype=torch.long, device=dev),
                       pos=torch.zeros(b, dtype=torch.int32, device=dev),
                       out=torch.zeros(b, self.max_seq_len, dtype=torch.long, device=dev),
-                      logits=torch.zeros(b, self.cfg.vocab_size, device=dev, dtype=self.dtype))
+                      logits=torch.zeros(b, self.w.lm_head.shape[0], device=dev, dtype=self.dtype))
 
     def _step(self, st: _Graph, sparse: bool) -> None:
         """One decode step on static buffers: logits, greedy next token, position + 1 (all on device)."""
         logits = self.forward_step(st.tok, st.pos, sparse)
-        nxt = logits.argmax(-1)
+        nxt = self._argmax(logits)
         st.logits.copy_(logits)
         st.tok.copy_(nxt)
         st.out.scatter_(1, (st.pos.long() + 1).clamp_(max=self.max_seq_len - 1)[:, None], nxt[:, None])

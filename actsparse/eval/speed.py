@@ -37,7 +37,8 @@ def speed_unavailable_reason(model) -> str | None:
 
     if is_split(model):
         return (f"the decode engine runs on one GPU, and this model is split over "
-                f"{len(set(model.actsparse_split.values()))} devices (tensor-parallel decode is not built yet)")
+                f"{len(set(model.actsparse_split.values()))} devices; the sweep does not run the tensor-parallel "
+                "engine yet: measure it with actsparse.engine.tensor_parallel.TPEngine or benchmarks/bench_tp.py")
     return unsupported_reason(model.config)
 
 
