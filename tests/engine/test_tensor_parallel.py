@@ -208,6 +208,7 @@ def test_comm_share_at_world_size_1_is_zero():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_two_nccl_ranks_on_one_gpu_decode_the_single_gpu_engines_tokens():
     """On the GPU: two NCCL ranks on one GPU, the Triton kernels, CUDA graphs (all-reduces captured), fp32."""
     cases = [("llama", "dense", "triton"), ("llama", "teal", "triton"), ("gemma2", "scap", "triton"),
@@ -224,6 +225,7 @@ def _comm_share_rank(rank: int, world: int) -> dict:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_comm_share_is_measured_over_nccl():
     got = run_ranks(_comm_share_rank, 2, backend="nccl")
     for r in got:
