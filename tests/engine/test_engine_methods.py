@@ -31,23 +31,31 @@ def _nm_plan(model, n: int, m: int, mitigation: str = "none", roles=SITES, g=Non
     return SparsityPlan("nm", {}, 1 - n / m, rules, {p: 1 for p in rules})
 
 
+def _matches_torch_backend(model, plan: SparsityPlan, g: torch.Generator, **engine_kw):
+    """The engine (Triton kernels, every op sparse) on `plan` against transformers under the same plan (torch
+    backend): equal logits, which differ from the dense model's (the plan did something). Returns (ep, seq, want)."""
+    ep = plan_to_engine(plan, TINY.n_layers)
+    eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=2, max_seq_len=16, fallback_below=0.0,
+                         **engine_kw)
+    eng.set_plan(ep)
+    seq = torch.randint(0, TINY.vocab_size, (2, 4), generator=g)
+    got = _engine_logits(eng, seq, True)
+    with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
+        want = model(seq, use_cache=False).logits.float()
+    with torch.no_grad():
+        dense = model(seq, use_cache=False).logits.float()
+    assert (got - want).norm() / want.norm() < 1e-4
+    assert (dense - want).norm() / want.norm() > 1e-3
+    return eng, ep, seq, want
+
+
 @pytest.mark.parametrize("n,m,mitigation", [(2, 4, "none"), (4, 8, "shift")])
 def test_an_nm_plan_runs_in_the_engine_as_in_the_torch_backend(n, m, mitigation):
     seed = int(torch.randint(0, 10_000, (1,)))
     g = torch.Generator().manual_seed(seed)
     model = _hf_tiny(seed=seed)
-    plan = _nm_plan(model, n, m, mitigation, g=g)
-    ep = plan_to_engine(plan, TINY.n_layers)
+    _, ep, _, _ = _matches_torch_backend(model, _nm_plan(model, n, m, mitigation, g=g), g)
     assert all(s.nm == (n, m) for L in ep.layers for s in L.values())
-    eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=2, max_seq_len=16, fallback_below=0.0)
-    eng.set_plan(ep)
-    seq = torch.randint(0, TINY.vocab_size, (2, 5), generator=g)
-    got = _engine_logits(eng, seq, True)
-    with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
-        want = model(seq, use_cache=False).logits.float()
-    dense = _engine_logits(eng, seq, False)
-    assert (got - want).norm() / want.norm() < 1e-4
-    assert (dense - want).norm() / want.norm() > 1e-3     # the pattern changed the logits: it was applied
 
 
 def _one_rule(**attrs_and_tensors) -> SparsityPlan:
@@ -109,19 +117,9 @@ def test_an_rsparse_plan_runs_in_the_engine_as_in_the_torch_backend():
     g = torch.Generator().manual_seed(seed)
     model = _hf_tiny(seed=seed)
     plan = _rsparse_plan(model, g)
-    ep = plan_to_engine(plan, TINY.n_layers)
+    _, ep, seq, want = _matches_torch_backend(model, plan, g)
     assert sum(s.lowrank is not None for L in ep.layers for s in L.values()) == sum(
         "V" in r.tensors for r in plan.rules.values())
-    eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=2, max_seq_len=16, fallback_below=0.0)
-    eng.set_plan(ep)
-    seq = torch.randint(0, TINY.vocab_size, (2, 4), generator=g)
-    got = _engine_logits(eng, seq, True)
-    with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
-        want = model(seq, use_cache=False).logits.float()
-    with torch.no_grad():
-        dense = model(seq, use_cache=False).logits.float()
-    assert (got - want).norm() / want.norm() < 1e-4
-    assert (dense - want).norm() / want.norm() > 1e-3
     # the low-rank path carries real signal: without it the engine leaves the torch backend's logits
     for L in ep.layers:
         for s in L.values():
@@ -143,19 +141,9 @@ def test_an_m_countdown_plan_runs_in_the_engine_as_in_the_torch_backend():
         rules[point] = Rule(point, "threshold", {"thresh": torch.tensor(float(torch.rand((), generator=g)) * 0.3)},
                             skips=[f"layers.{i}.gate", f"layers.{i}.down"], expected_sparsity=0.5)
     plan = SparsityPlan("countdown", {}, 0.5, rules, {p: 1 for p in rules})
-    ep = plan_to_engine(plan, TINY.n_layers)
+    # layouts="sparse": the gate rows' natural layout is made for the plan
+    eng, ep, _, _ = _matches_torch_backend(model, plan, g, layouts="sparse")
     assert all(L["up_out"].thresh is not None and L["gate"].expected == 0.5 for L in ep.layers)
-    eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=2, max_seq_len=16, fallback_below=0.0,
-                         layouts="sparse")      # the gate rows' natural layout is made for the plan
-    eng.set_plan(ep)
-    seq = torch.randint(0, TINY.vocab_size, (2, 4), generator=g)
-    got = _engine_logits(eng, seq, True)
-    with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
-        want = model(seq, use_cache=False).logits.float()
-    with torch.no_grad():
-        dense = model(seq, use_cache=False).logits.float()
-    assert (got - want).norm() / want.norm() < 1e-4
-    assert (dense - want).norm() / want.norm() > 1e-3
     both = plan_to_engine(plan, TINY.n_layers)
     both.site(0, "gate_act").thresh = 0.1
     with pytest.raises(ValueError, match="give one of them"):
