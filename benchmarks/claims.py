@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -123,12 +124,34 @@ class Bench:
         self._dense: dict[int, float] = {}
         self._plans: dict[str, tuple] = {}
         self._acc_dense: dict | None = None
+        self._saved = self.load_saved()
         t0 = time.perf_counter()
         stats = self.stats((args.calib_tokens, args.seq_len))
         self.calib_s = time.perf_counter() - t0
         self.gated = any(s.endswith(".gate") for s in stats.meta["sites"])
         self.dense = self.dense_ppl(args.seq_len)
         self.rows: dict[str, dict] = {}
+
+    @property
+    def saved_path(self) -> Path | None:
+        return Path(self.args.plans) / f"{self.name}-cells.json" if self.args.plans else None
+
+    def load_saved(self) -> dict:
+        """The cells (and dense figures) a run with the same --plans folder measured before."""
+        path = self.saved_path
+        saved = json.loads(path.read_text()) if path is not None and path.exists() else {}
+        self._dense = {int(k): v for k, v in saved.get("dense_ppl", {}).items()}
+        self._acc_dense = saved.get("dense_acc")
+        return saved.get("rows", {})
+
+    def save(self) -> None:
+        """Write every measured cell beside the plans, so an interrupted run resumes without measuring again."""
+        if self.saved_path is None:
+            return
+        rows = self._saved | {k: {**r, "claims": []} for k, r in self.rows.items()}
+        tmp = self.saved_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rows": rows, "dense_ppl": self._dense, "dense_acc": self._acc_dense}))
+        tmp.replace(self.saved_path)
 
     def stats(self, calib: tuple[int, int]):
         """The stats of `calib` = (tokens, seq_len) of bundled:calib, calibrated once."""
@@ -174,17 +197,24 @@ class Bench:
         ev = (p.seq_len or self.args.seq_len, p.token_policy)
         fit_key = json.dumps([v.method, target, params, calib], sort_keys=True)
         key = json.dumps([fit_key, ev])
+        if key not in self.rows and key in self._saved and (not acc or {"acc", "error"} & set(self._saved[key])):
+            self.rows[key] = dict(self._saved[key], claims=[])
         if key not in self.rows:
             self.rows[key] = self.measure(v.method, target, params, calib, ev, fit_key)
+            self.save()
         row = self.rows[key]
         if acc and "acc" not in row and "error" not in row:
             row.update(self.measure_acc(fit_key, ev[1]))
+            self.save()
         if claim not in row["claims"]:
             row["claims"].append(claim)
         return row
 
     def measure_acc(self, fit_key: str, token_policy: str) -> dict:
         """Accuracy of the fitted plan under the token policy, dense beside (`acc`, `acc_se`, `acc_dense`, ...)."""
+        if fit_key not in self._plans:      # a cell measured by an earlier run: reload (or refit) its plan
+            method, target, params, calib = json.loads(fit_key)
+            self.plan(method, target, params, tuple(calib), fit_key)
         plan, _ = self._plans[fit_key]
         with asp.sparsify(self.model, plan, token_policy=token_policy):
             out = self.accuracy()
@@ -525,12 +555,23 @@ def main() -> int:
         print(f"  dense ppl {b.dense:.3f} (calibration {b.calib_s:.1f}s)", flush=True)
         benches.append(b)
     verdicts = []
+    # SIGTERM (kill) stops like Ctrl-C: the cells measured so far are tabled, the unfinished claims listed
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     for c, (fn, on) in CLAIMS.items():
         if c not in args.claims:
             continue
         run_on = models_for(on, benches)
         for b in run_on:
-            verdicts.append((c, *fn(b)))
+            try:
+                verdicts.append((c, *fn(b)))
+            except KeyboardInterrupt:
+                verdicts.append((c, "not finished", f"{b.name}: the run was stopped before this claim finished"))
+                args.stopped = True
+                break
+        if getattr(args, "stopped", False):
+            verdicts += [(k, "not finished", "the run was stopped before this claim started")
+                         for k in CLAIMS if k in args.claims and int(k) > int(c)]
+            break
         if not run_on:
             verdicts.append((c, "not checked", "no " + ("two-layer (ungated) MLP" if c == "2" else
                                                              "gated (Llama-like)") + " model given"))

@@ -24,7 +24,9 @@ class Recorder(claims.Bench):
 
     def __init__(self, gated: bool, worse: dict | None = None):
         self.name, self.gated, self.dense, self.rows, self._acc_dense = MODEL[gated], gated, 1.0, {}, None
-        self.args = types.SimpleNamespace(seq_calib_tokens=None, calib_tokens=16384, seq_len=256, acc_at=0.5)
+        self.args = types.SimpleNamespace(seq_calib_tokens=None, calib_tokens=16384, seq_len=256, acc_at=0.5,
+                                          plans=None)
+        self._saved, self._dense = {}, {}
         self.worse = worse or {}
 
     def measure(self, method, target, params, calib, ev, fit_key):
@@ -180,3 +182,16 @@ def test_sequential_calibration_tokens_come_from_the_option_unless_given(given):
     row = b.cell("8", "teal_sequential", 0.5)
     want = given or claims.variant("teal_sequential_llama").params["calib_tokens"]
     assert f"calib_tokens={want}" in row["method"]
+
+
+def test_a_rerun_with_the_same_plans_folder_reuses_the_measured_cells(tmp_path):
+    first = Recorder(True)
+    first.args.plans = str(tmp_path)
+    claims.claim9(first)
+    again = Recorder(True)
+    again.args.plans = str(tmp_path)
+    again._saved = again.load_saved()
+    again.measure = again.measure_acc = lambda *a: pytest.fail("a saved cell was measured again")
+    assert claims.claim9(again) == claims.claim9(first)
+    assert {k: {**r, "claims": []} for k, r in again.rows.items()} == \
+        {k: {**r, "claims": []} for k, r in first.rows.items()}
