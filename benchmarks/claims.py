@@ -473,6 +473,27 @@ def iso_crossing(rows: list[dict], limit: float) -> float:
     return prev["effective"]
 
 
+def check(benches: list, wanted: list[str]) -> list[tuple[str, "bool | str", str]]:
+    """(claim, verdict, text) per claim in `wanted` and model it runs on; a KeyboardInterrupt stops the checks
+    and marks the claim in progress and those after it 'not finished'."""
+    verdicts = []
+    todo = [c for c in CLAIMS if c in wanted]
+    for i, c in enumerate(todo):
+        fn, on = CLAIMS[c]
+        run_on = models_for(on, benches)
+        for b in run_on:
+            try:
+                verdicts.append((c, *fn(b)))
+            except KeyboardInterrupt:
+                verdicts.append((c, "not finished", f"{b.name}: the run was stopped before this claim finished"))
+                return verdicts + [(k, "not finished", "the run was stopped before this claim started")
+                                   for k in todo[i + 1:]]
+        if not run_on:
+            verdicts.append((c, "not checked", "no " + ("two-layer (ungated) MLP" if c == "2" else
+                                                        "gated (Llama-like)") + " model given"))
+    return verdicts
+
+
 def word(ok: "bool | str") -> str:
     """A claim's verdict: the word a check returned, or holds / fails for a yes-no check."""
     return ok if isinstance(ok, str) else "holds" if ok else "fails"
@@ -554,28 +575,9 @@ def main() -> int:
         b = Bench(name, args)
         print(f"  dense ppl {b.dense:.3f} (calibration {b.calib_s:.1f}s)", flush=True)
         benches.append(b)
-    verdicts = []
     # SIGTERM (kill) stops like Ctrl-C: the cells measured so far are tabled, the unfinished claims listed
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    for c, (fn, on) in CLAIMS.items():
-        if c not in args.claims:
-            continue
-        run_on = models_for(on, benches)
-        for b in run_on:
-            try:
-                verdicts.append((c, *fn(b)))
-            except KeyboardInterrupt:
-                verdicts.append((c, "not finished", f"{b.name}: the run was stopped before this claim finished"))
-                args.stopped = True
-                break
-        if getattr(args, "stopped", False):
-            verdicts += [(k, "not finished", "the run was stopped before this claim started")
-                         for k in CLAIMS if k in args.claims and int(k) > int(c)]
-            break
-        if not run_on:
-            verdicts.append((c, "not checked", "no " + ("two-layer (ungated) MLP" if c == "2" else
-                                                             "gated (Llama-like)") + " model given"))
-
+    verdicts = check(benches, args.claims)
     table, verdict = render(benches, verdicts)
     print("\n" + table + "\n\n" + verdict)
     wall = time.perf_counter() - t0

@@ -195,3 +195,13 @@ def test_a_rerun_with_the_same_plans_folder_reuses_the_measured_cells(tmp_path):
     assert claims.claim9(again) == claims.claim9(first)
     assert {k: {**r, "claims": []} for k, r in again.rows.items()} == \
         {k: {**r, "claims": []} for k, r in first.rows.items()}
+
+
+def test_a_stopped_run_keeps_the_finished_verdicts_and_names_the_unfinished_claims(monkeypatch):
+    def stop(b):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(claims.CLAIMS, "10", (stop, "every"))
+    verdicts = claims.check([Recorder(True), Recorder(False)], ["9", "10", "11"])
+    assert [(c, v) for c, v, _ in verdicts] == [("9", "fails"), ("9", "refused"), ("10", "not finished"),
+                                                ("11", "not finished")]
