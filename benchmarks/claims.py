@@ -72,6 +72,10 @@ METHOD_DIR = ROOT / "conf" / "method"
 SWEEP = yaml.safe_load((ROOT / "sweeps" / "claims.yaml").read_text())
 
 
+class NotMeasured(Exception):
+    """A cell that --measured-only finds no saved measurement of."""
+
+
 class Protocol(NamedTuple):
     """How a variant is calibrated and evaluated; None: the script's --calib-tokens / --seq-len."""
     calib_tokens: int | None = None
@@ -197,13 +201,15 @@ class Bench:
         ev = (p.seq_len or self.args.seq_len, p.token_policy)
         fit_key = json.dumps([v.method, target, params, calib], sort_keys=True)
         key = json.dumps([fit_key, ev])
-        if key not in self.rows and key in self._saved and (not acc or {"acc", "error"} & set(self._saved[key])):
+        if key not in self.rows and key in self._saved:   # measured by an earlier run; accuracy added below
             self.rows[key] = dict(self._saved[key], claims=[])
         if key not in self.rows:
+            if self.args.measured_only:
+                raise NotMeasured(f"{label(v.method, params)} at {target:g}")
             self.rows[key] = self.measure(v.method, target, params, calib, ev, fit_key)
             self.save()
         row = self.rows[key]
-        if acc and "acc" not in row and "error" not in row:
+        if acc and "acc" not in row and "error" not in row and not self.args.measured_only:
             row.update(self.measure_acc(fit_key, ev[1]))
             self.save()
         if claim not in row["claims"]:
@@ -352,18 +358,25 @@ def claim5(b: Bench) -> tuple[bool, str]:
 def beats(b: Bench, claim: str, stem: str, base: str, names: tuple[str, str], targets=(0.4, 0.5),
           acc: bool = False) -> tuple[str, str]:
     """Variant `stem` has lower perplexity than variant `base` at every target (`acc`: accuracy beside at --acc-at)."""
-    out, wins = [], {}
+    out, wins, missing = [], {}, []
     for s in targets:
-        r = b.cell(claim, stem, s, acc=acc and s == b.args.acc_at)
-        if "error" in r:
-            return "refused", f"{b.name}: {names[0]} refuses this model: {r['error']}"
-        t = b.cell(claim, base, s, acc=acc and s == b.args.acc_at)
+        try:
+            r = b.cell(claim, stem, s, acc=acc and s == b.args.acc_at)
+            if "error" in r:
+                return "refused", f"{b.name}: {names[0]} refuses this model: {r['error']}"
+            t = b.cell(claim, base, s, acc=acc and s == b.args.acc_at)
+        except NotMeasured:
+            missing.append(f"{s:g}")
+            continue
         wins[s] = r["ppl"] < t["ppl"]
         sig = significant(r["acc"], r["acc_se"], t["acc"], t["acc_se"]) if "acc" in r and "acc" in t else None
         out.append(f"{s:g}: {names[0]} {r['ppl']:.3f} (eff {r['measured']:.3f}{acc_text(r)}) vs {names[1]} "
                    f"{t['ppl']:.3f} (eff {t['measured']:.3f}{acc_text(t)})"
                    + ("" if sig is None else ", accuracy difference " + ("significant" if sig else "within 2 se")))
-    return tally(wins), f"{b.name}: " + "; ".join(out)
+    if not wins:
+        raise NotMeasured(f"{names[0]} vs {names[1]} at every target")
+    gap = f" (not measured at {', '.join(missing)})" if missing else ""
+    return tally(wins) + gap, f"{b.name}: " + "; ".join(out) + gap
 
 
 def claim6(b: Bench) -> tuple[str, str]:
@@ -488,6 +501,8 @@ def check(benches: list, wanted: list[str]) -> list[tuple[str, "bool | str", str
                 verdicts.append((c, "not finished", f"{b.name}: the run was stopped before this claim finished"))
                 return verdicts + [(k, "not finished", "the run was stopped before this claim started")
                                    for k in todo[i + 1:]]
+            except NotMeasured as e:
+                verdicts.append((c, "not measured", f"{b.name}: no saved measurement of {e}"))
         if not run_on:
             verdicts.append((c, "not checked", "no " + ("two-layer (ungated) MLP" if c == "2" else
                                                         "gated (Llama-like)") + " model given"))
@@ -557,6 +572,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tasks", default="actsparse_offline", help="lm-eval tasks for the accuracy (offline: bundled)")
     ap.add_argument("--plans", default=None,
                     help="a folder to save each fitted plan in and reload it from on a re-run (fits are the cost)")
+    ap.add_argument("--measured-only", action="store_true",
+                    help="measure nothing: table and judge the cells saved in --plans (runs split over processes "
+                         "merge their folders and finish with this); a claim missing a cell says so")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "BENCHMARKS.md"))
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 on a busy machine")

@@ -25,7 +25,7 @@ class Recorder(claims.Bench):
     def __init__(self, gated: bool, worse: dict | None = None):
         self.name, self.gated, self.dense, self.rows, self._acc_dense = MODEL[gated], gated, 1.0, {}, None
         self.args = types.SimpleNamespace(seq_calib_tokens=None, calib_tokens=16384, seq_len=256, acc_at=0.5,
-                                          plans=None)
+                                          plans=None, measured_only=False)
         self._saved, self._dense = {}, {}
         self.worse = worse or {}
 
@@ -205,3 +205,18 @@ def test_a_stopped_run_keeps_the_finished_verdicts_and_names_the_unfinished_clai
     verdicts = claims.check([Recorder(True), Recorder(False)], ["9", "10", "11"])
     assert [(c, v) for c, v, _ in verdicts] == [("9", "fails"), ("9", "refused"), ("10", "not finished"),
                                                 ("11", "not finished")]
+
+
+def test_measured_only_judges_the_saved_cells_and_names_the_missing_targets(tmp_path):
+    first = Recorder(True, worse={"teal": lambda t: 0.1})
+    first.args.plans = str(tmp_path)
+    for s in (0.25, 0.4):                           # a run stopped after two of the four targets
+        first.cell("9", "wina_paper", s)
+        first.cell("9", "teal_paper_wina_eval", s)
+    again = Recorder(True)
+    again.args.plans, again.args.measured_only = str(tmp_path), True
+    again._saved = again.load_saved()
+    ok, text = claims.claim9(again)
+    assert ok == "holds (not measured at 0.5, 0.65)" and text.endswith("(not measured at 0.5, 0.65)")
+    verdicts = claims.check([again], ["13"])
+    assert verdicts[0][:2] == ("13", "not measured")
