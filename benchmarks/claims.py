@@ -7,7 +7,7 @@ Per model: calibrate once on bundled:calib, fit each method on those stats, and 
 on bundled:eval (windows of --seq-len, at most --max-tokens tokens, token policy 'all'). The method
 variants are the sweep presets' `claim` options: each cell fits the method and parameters of
 conf/claim/<variant>_<family>.yaml (family `llama` for a gated MLP, `gelu` for a two-layer one), the
-file sweeps/claims.yaml and sweeps/claims_frontier.yaml compose, so the sweep and this script run the
+file sweeps/claims.yaml, claims_frontier.yaml and claims_protocols.yaml compose, so the sweeps and this script run the
 same variants; the calibration and perplexity token counts default to sweeps/claims.yaml's. A variant that
 pins a protocol (the paper presets' options set data.tokens / data.seq_len / eval.seq_len /
 eval.token_policy, as the preset's sweep does) is calibrated and evaluated with it instead. Claims:

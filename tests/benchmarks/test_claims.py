@@ -14,7 +14,7 @@ claims = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(claims)
 
 MODEL = {True: "tiny-llama", False: "tiny-gelu"}  # the reference model a gated / ungated variant pins
-PRESETS = ("claims", "claims_frontier", "claims_paper")
+PRESETS = ("claims", "claims_frontier", "claims_protocols")
 
 
 class Recorder(claims.Bench):
@@ -115,7 +115,7 @@ def test_paper_claim_options_calibrate_and_evaluate_as_the_paper_sweeps_do():
         return composed[sweep]
 
     checked = 0
-    for name in swept("claims_paper"):
+    for name in swept("claims_protocols"):
         stem = name.rsplit("_", 1)[0]
         fit, _, ev = stem.partition("_paper")
         ev = ev.strip("_").removesuffix("_eval")
