@@ -44,9 +44,9 @@ def test_unsupported_rule_kind_is_named():
     plan = SparsityPlan("rsparse", {}, 0.5, {rule.point: rule}, {})
     with pytest.raises(asp.ActsparseError, match="'lowrank' rule at layers.0.mlp"):
         plan_to_engine(plan)
-    rule = Rule("layers.0.up", "nm", {}, skips=["layers.0.up"], expected_sparsity=0.5)
-    with pytest.raises(asp.ActsparseError, match="'nm' rule at layers.0.up"):
-        plan_to_engine(SparsityPlan("nm", {}, 0.5, {rule.point: rule}, {}))
+    rule = Rule("layers.0.down", "ffn_down", {}, skips=["layers.0.down"], expected_sparsity=0.5)
+    with pytest.raises(asp.ActsparseError, match="'ffn_down' rule at layers.0.down"):
+        plan_to_engine(SparsityPlan("ffn_threshold", {}, 0.5, {rule.point: rule}, {}))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
