@@ -42,6 +42,7 @@ from actsparse.kernels import (GatherConfig, MaskedConfig, OneshotConfig, config
 # teal_style imports Triton: after actsparse.kernels, which turns on Triton's interpreter without CUDA.
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from teal_style import teal_style_gemv  # noqa: E402
+from actsparse.kernels.oneshot_gemv import launch_oneshot  # noqa: E402
 
 D, KV, INTER = 4096, 1024, 14336  # Llama-3-8B
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
@@ -408,6 +409,8 @@ def kernel_bench(lay: Layers, dtype_name: str, batches, clock: Clock, meta: dict
                                  "max_rel_err": errs.get(k, max(errs.values()))})
         if "oneshot" in impls and b == 1:
             rows += prenormed_bench(lay, inp, clock, meta, dtype_name)
+        if "oneshot" in impls:
+            rows += accumulate_bench(lay, inp, side, clock, meta, dtype_name)
         common = [s for s in SPARSITIES if impls and all(s in side[i] for i in impls)]
         if common:
             # Per op, the kernel with the least summed time over the sparsities that keep quality (0.25-0.5):
@@ -465,6 +468,74 @@ def prenormed_bench(lay: Layers, inp: Inputs, clock: Clock, meta: dict, dtype_na
         log(f"  oneshot fed normalised x s={s:.2f}: " + " ".join(f"{k}={v:.1f}" for k, v in t.items()))
         rows += [{**meta, "kind": "kernel", "method": "oneshot-prenormed", "op": k, "sparsity": s, "batch": 1,
                   "dtype": dtype_name, "us": round(v, 2)} for k, v in t.items()]
+    return rows
+
+
+def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: dict, dtype_name: str) -> list[dict]:
+    """o and down adding straight into an fp32 residual stream (`sparse_gemv(accumulate=)`: the one-shot tiles with
+    no counter, epilogue or zeroing), per op (method "oneshot-accumulate"), and the block of the side-by-side
+    kernel fastest for q|k|v and gate/up with those two (method "actsparse-accumulate")."""
+    rows = []
+    h32 = inp.x.float()
+    acc = {"o": torch.zeros(inp.b, D, device=DEV), "down": torch.zeros(inp.b, D, device=DEV)}
+    gu32 = torch.zeros(2, inp.b, INTER, device=DEV)
+    qkv32 = torch.zeros(inp.b, D + 2 * KV, device=DEV)
+
+    def qkv(s, th):  # q|k|v's raw sums (what a consumer-side cast in the attention prologue would need)
+        _sparse_gemv(inp.x, s["wqkv_t"], th["qkv"], norm_weight=inp.g, eps=1e-5, segments=(D, D + KV),
+                     accumulate=qkv32)
+
+    def o(s, th):
+        _sparse_gemv(inp.a, s["wo_t"], th["o"], accumulate=h32)
+
+    def down(s, th):
+        _sparse_gemv(inp.h, s["wd_t"], th["down"], accumulate=h32)
+
+    for s in SPARSITIES:
+        if clock.left(0.6) < 0 or not all(s in side[i] for i in side):
+            break
+        th = inp.thresholds(s)
+        errs = {}
+        for name, w, xin in (("o", "wo_t", inp.a), ("down", "wd_t", inp.h)):
+            st = lay.sets[0]
+            acc[name].copy_(h32)
+            _sparse_gemv(xin, st[w], th[name], accumulate=acc[name])
+            want = h32.double() + ref.sparse_gemv_ref(xin.float(), st[w].float(), th[name]).double()
+            errs[name] = rel(acc[name] - h32, want - h32.double())
+        pick = {op: min(side, key=lambda i: side[i][s][op]) for op in ("qkv", "pair")}
+        base = sparse_ops(lay, inp, th, "oneshot")
+
+        def over(fn):
+            return lambda: [fn(st, th) for st in lay.sets]
+
+        def block():
+            for st in lay.sets:
+                _sparse_gemv(inp.x, st["wqkv_t"], th["qkv"], norm_weight=inp.g, eps=1e-5, segments=(D, D + KV),
+                             impl=pick["qkv"])
+                o(st, th)
+                _sparse_gated_mlp(inp.x, st["wg_t"], st["wu_t"], th["pair"], norm_weight=inp.g, eps=1e-5,
+                                  impl=pick["pair"])
+                down(st, th)
+        cfg_pair = configs.choose_impl("pair", D, INTER, inp.b, "oneshot")[1]
+
+        def pair(st, th):  # the raw gate and up sums, no counter (what a consumer-side act(gate)·up would need)
+            launch_oneshot(inp.x, st["wg_t"], st["wu_t"], th["pair"][:, None].expand(2, D), None, None, None, inp.g,
+                           1e-5, 0, [], 0, 0, cfg_pair, accumulate=gu32)
+        t = {"o": time_graph(over(o)) * 1e3 / lay.n, "down": time_graph(over(down)) * 1e3 / lay.n,
+             "pair": time_graph(over(pair)) * 1e3 / lay.n, "qkv": time_graph(over(qkv)) * 1e3 / lay.n,
+             "block": time_graph(block) * 1e3 / lay.n}
+        t0 = {k: time_graph(base[k]) * 1e3 / lay.n for k in ("o", "down")}
+        t0 = {**t0, "pair": time_graph(base["pair"]) * 1e3 / lay.n, "qkv": time_graph(base["qkv"]) * 1e3 / lay.n}
+        log(f"  accumulate s={s:.2f}: o={t['o']:.1f} (oneshot with residual {t0['o']:.1f}) down={t['down']:.1f} "
+            f"({t0['down']:.1f}) gate|up raw sums={t['pair']:.1f} (with act·up epilogue {t0['pair']:.1f}) "
+            f"q|k|v raw sums={t['qkv']:.1f} ({t0['qkv']:.1f}) "
+            f"block={t['block']:.1f} with {pick}  rel err {errs}")
+        rows += [{**meta, "kind": "kernel", "method": "oneshot-accumulate", "op": k, "sparsity": s, "batch": inp.b,
+                  "dtype": dtype_name, "us": round(t[k], 2), "max_rel_err": errs.get(k)} for k in ("o", "down", "pair", "qkv")]
+        rows.append({**meta, "kind": "kernel", "method": "actsparse-accumulate", "op": "block", "sparsity": s,
+                     "batch": inp.b, "dtype": dtype_name, "us_per_block": round(t["block"], 2),
+                     "impl": {**pick, "o": "accumulate", "down": "accumulate"}, "max_rel_err": max(errs.values())})
+    log(f"  accumulate resources: { {k: v for k, v in configs.COMPILED.items() if 'oneshot' in k} }")
     return rows
 
 

@@ -21,7 +21,9 @@ configuration (tests, the tuning sweep).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import Iterator, Union
 
@@ -183,8 +185,10 @@ def override_config(cfg: Config | None) -> Iterator[None]:
         _override = old
 
 
-def why_not(impl: str, b: int, packed: bool, presel: bool, out_sel: bool) -> str:
-    """Why kernel `impl` cannot run a launch ('' when it can); the masked walk runs anything."""
+def why_not(impl: str, b: int, packed: bool, presel: bool, out_sel: bool, accum: bool = False) -> str:
+    """Why kernel `impl` cannot run a launch ('' when it can); the masked walk runs anything but accumulating."""
+    if accum and impl != "oneshot":
+        return "cannot add into a given fp32 tensor (accumulate=); only the one-shot tiles can"
     if impl == "masked":
         return ""
     cap = GATHER_MAX_BATCH if impl == "gather" else ONESHOT_MAX_BATCH
@@ -206,20 +210,24 @@ def _auto(kind: str, k: int, n: int, b: int, packed: bool, presel: bool, out_sel
 
 
 def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, packed: bool = False, presel: bool = False,
-                out_sel: bool = False) -> tuple[str, Config]:
+                out_sel: bool = False, accum: bool = False) -> tuple[str, Config]:
     """Return which kernel runs a launch ("masked", "gather" or "oneshot") and its configuration.
 
     impl="auto": an `override_config`'s kernel where it can run, else the kernel measured fastest for this op
     shape and batch (`PREFERRED`), else gather, else masked (which runs anything); naming a kernel that cannot
     run the launch is an error. packed: weights from `pack_weight`; presel: the input arrives already selected
-    (thresh=None); out_sel: out_thresh is given.
+    (thresh=None); out_sel: out_thresh is given; accum: the op adds into a given fp32 tensor (the one-shot
+    tiles alone can, so "auto" means them).
     """
     if impl not in ("auto",) + IMPLS:
         raise ValueError(f"impl must be 'auto', 'masked', 'gather' or 'oneshot', got {impl!r}")
+    if impl == "auto" and accum:
+        impl = "oneshot"
     if impl != "auto":
-        reason = why_not(impl, b, packed, presel, out_sel)
+        reason = why_not(impl, b, packed, presel, out_sel, accum)
         if reason:
-            raise ValueError(f"the {impl} kernel {reason}; use impl='masked' or 'auto'")
+            hint = ("pass residual= instead of accumulate=" if accum else "use impl='masked' or 'auto'")
+            raise ValueError(f"the {impl} kernel {reason}; {hint}")
     else:
         impl = _auto(kind, k, n, b, packed, presel, out_sel)
     key = (kind, k, n, batch_bucket(b))
@@ -263,7 +271,10 @@ def atomic_accumulator(device: torch.device) -> torch.Tensor:
 
 # kernel name -> resources of its most recent launch (registers and spills per thread, shared memory
 # per program, warps), read from the compiled kernel; the tuning sweep logs them next to the times.
-COMPILED: dict[str, dict[str, int]] = {}
+COMPILED: dict[str, dict] = {}
+
+
+_RECORDED: dict[str, object] = {}  # name -> the compiled kernel COMPILED describes (re-read only when it changes)
 
 
 def record_compiled(kernel: str, compiled, k: int, n: int, pair: bool) -> None:
@@ -273,9 +284,16 @@ def record_compiled(kernel: str, compiled, k: int, n: int, pair: bool) -> None:
     if n_regs is None:
         return
     md = getattr(compiled, "metadata", None)
-    COMPILED[f"{kernel}[{k}x{n}{'x2' if pair else ''}]"] = {
+    name = f"{kernel}[{k}x{n}{'x2' if pair else ''}]"
+    if _RECORDED.get(name) is compiled:
+        return
+    _RECORDED[name] = compiled
+    # The atomic instructions as compiled (vector or scalar fp32 adds, fences): what each program's sums cost.
+    ptx = (getattr(compiled, "asm", None) or {}).get("ptx", "")
+    atomics = collections.Counter(re.findall(r"\b(?:atom|red)(?:\.[a-z0-9_]+)+", ptx if isinstance(ptx, str) else ""))
+    COMPILED[name] = {
         "regs": int(n_regs), "spills": int(getattr(compiled, "n_spills", 0)), "shared": int(getattr(md, "shared", 0)),
-        "warps": int(getattr(md, "num_warps", 0))}
+        "warps": int(getattr(md, "num_warps", 0)), "atomics": dict(atomics)}
 
 
 _poison = False

@@ -16,6 +16,8 @@ Where it differs from TEAL's kernel, and why:
   each tile then scales its own slice: measured on an H100, every program reducing the whole row itself cost
   13 µs of q|k|v's 30 and 69 µs of gate|up's 133 at 50%), per-channel thresholds and shifts per q/k/v segment, N:M selection, and gate/up in
   one launch (programs of both matrices, one counter per strip: the epilogue writes act(gate)·up).
+- **Accumulating into the caller's fp32 tensor** (`sparse_gemv(accumulate=h)`): with the residual stream kept
+  in fp32, o and down add their partials straight into it (y = h + W·x_s): no counter, no epilogue, no zeroing.
 - **Batches 2-16** on tensor cores: x_s rows padded to 16, one tl.dot [16, BLOCK_K] × [BLOCK_K, BLOCK_N]
   over the tile's union of kept rows (each token's own unselected entries zeroed).
 The fp32 atomic sum makes the last bits of the result depend on arrival order (as TEAL's fp16 sum does).
@@ -48,7 +50,7 @@ def _oneshot_kernel(
     eps,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
-    USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, ACCUM: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # fastest: neighbouring programs read neighbouring columns of the same rows
@@ -88,26 +90,39 @@ def _oneshot_kernel(
     else:
         part = tl.sum(xs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     mask_out = mask_b[:, None] & mask_n[None, :]
-    tile = offs_b[:, None] * N + offs_n[None, :]
-    if tl.max(rows.to(tl.int32), axis=0) > 0:  # a tile with no kept row adds nothing: no atomics
-        tl.atomic_add(acc_ptr + pid_m * B * N + tile, part, mask=mask_out, sem="relaxed")
-    tl.debug_barrier()  # every partial of this program is issued before it signals
-    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-    if arrived == tl.num_programs(1) * (1 + PAIR) - 1:
-        tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch or graph replay
-        out = tl.load(acc_ptr + tile, mask=mask_out, other=0.0, cache_modifier=".cg")
-        tl.store(acc_ptr + tile, tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), mask=mask_out)
-        out2 = out
-        if PAIR:
-            out2 = tl.load(acc_ptr + B * N + tile, mask=mask_out, other=0.0, cache_modifier=".cg")
-            tl.store(acc_ptr + B * N + tile, tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), mask=mask_out)
-        epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
-                 mask_out, HAS_BIAS, PAIR, ACT, HAS_RES, y_ptr, y_ptr, 0, False, False)
+    if ACCUM:
+        # y is the caller's fp32 [B, N] (it holds the residual): the partials land in it directly, no counter, no
+        # epilogue, no zeroing. The first K tile of each strip adds the bias.
+        kept = tl.max(rows.to(tl.int32), axis=0) > 0
+        if HAS_BIAS:
+            if pid_k == 0:
+                part += tl.load(bias_ptr + pid_m * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                kept = kept | (pid_k == 0)
+        if kept:
+            tl.atomic_add(y_ptr + pid_m * B * stride_yb + offs_b[:, None] * stride_yb + offs_n[None, :], part,
+                          mask=mask_out, sem="relaxed")
+    else:
+        tile = offs_b[:, None] * N + offs_n[None, :]
+        if tl.max(rows.to(tl.int32), axis=0) > 0:  # a tile with no kept row adds nothing: no atomics
+            tl.atomic_add(acc_ptr + pid_m * B * N + tile, part, mask=mask_out, sem="relaxed")
+        tl.debug_barrier()  # every partial of this program is issued before it signals
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == tl.num_programs(1) * (1 + PAIR) - 1:
+            tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch or graph replay
+            out = tl.load(acc_ptr + tile, mask=mask_out, other=0.0, cache_modifier=".cg")
+            tl.store(acc_ptr + tile, tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), mask=mask_out)
+            out2 = out
+            if PAIR:
+                out2 = tl.load(acc_ptr + B * N + tile, mask=mask_out, other=0.0, cache_modifier=".cg")
+                tl.store(acc_ptr + B * N + tile, tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32), mask=mask_out)
+            epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_yb, offs_b, offs_n, mask_n,
+                     mask_out, HAS_BIAS, PAIR, ACT, HAS_RES, y_ptr, y_ptr, 0, False, False)
 
 
 def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,
-                   cfg: OneshotConfig) -> torch.Tensor:
-    """Run the one-shot tiles (arguments validated by the public ops); return y [B, N]."""
+                   cfg: OneshotConfig, accumulate=None) -> torch.Tensor:
+    """Run the one-shot tiles (arguments validated by the public ops); return y [B, N], or with `accumulate`
+    (fp32 [B, N]; a gate/up pair: [2, B, N], the raw sums) add W·x_s (+ bias) into it in place and return it."""
     b, k = x.shape
     n = wt.shape[1]
     use_dot = b > 1
@@ -123,10 +138,13 @@ def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, a
     tiles_n = triton.cdiv(n, block_n)
     if tiles_n > MAX_TILES:
         raise ValueError(f"too many output strips ({tiles_n}) for the one-shot tiles; use a larger block_n")
-    if mats * b * n > MAX_ACC:
+    if accumulate is None and mats * b * n > MAX_ACC:
         raise ValueError(f"the one-shot tiles accumulate at most {MAX_ACC} fp32 sums a launch, got "
                          f"{mats} × {b} × {n}; use the gather or masked kernel")
-    y = new_output((b, n), x.device, x.dtype)
+    if accumulate is None:
+        y = new_output((b, n), x.device, x.dtype)
+    else:
+        y = accumulate if accumulate.dim() == 2 else accumulate[0]  # a pair's second matrix is B·N further on
     ptrs, (n0, n1), strides, flags = launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
                                                  nm_n, nm_m, y, block_b)
     rstd = y
@@ -136,8 +154,9 @@ def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, a
                            num_warps=4)
     compiled = _oneshot_kernel[(tiles_n, triton.cdiv(k, block_k), mats)](
         *ptrs, atomic_accumulator(x.device), tile_counters(x.device), rstd, b, k, n, n0, n1, *strides, eps, **flags,
-        USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
+        USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, ACCUM=accumulate is not None, BLOCK_B=block_b,
+        BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    record_compiled("oneshot_kernel", compiled, k, n, w2 is not None)
-    return y
+    record_compiled("oneshot_kernel" if accumulate is None else "oneshot_accumulate", compiled, k, n, w2 is not None)
+    return y if accumulate is None else accumulate

@@ -90,6 +90,16 @@ def _sparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresh: Optional[torch.Te
                    impl, out_thresh, out_shift)
 
 
+@torch.library.custom_op("actsparse::sparse_gemv_accumulate", mutates_args=("acc",))
+def _sparse_gemv_acc_op(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor, shift: Optional[torch.Tensor],
+                        bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor], eps: float,
+                        segments: list[int], nm_n: int, nm_m: int, acc: torch.Tensor) -> None:
+    _, cfg = choose_impl("qkv" if segments else "gemv", x.shape[1], wshape(wt)[1], x.shape[0], "oneshot",
+                         accum=True)
+    launch_oneshot(x, wt, None, thresh, shift, bias, None, norm_weight, eps, 0, segments, nm_n, nm_m, cfg,
+                   accumulate=acc)
+
+
 @_sparse_gemv_op.register_fake
 def _(x, wt, thresh, shift, bias, residual, norm_weight, eps, act, segments, nm_n, nm_m, impl="auto",
       out_thresh=None, out_shift=None):
@@ -120,6 +130,20 @@ def _out_rows(out_thresh: Optional[torch.Tensor], out_shift: Optional[torch.Tens
     return out_thresh, out_shift
 
 
+def _check_accumulate(acc: torch.Tensor, x: torch.Tensor, n: int, act: str, residual, out_thresh, thresh) -> None:
+    """accumulate= is a float32 [B, N] tensor, row-major, on x's device, that nothing else is asked to add to."""
+    if acc.dtype != torch.float32 or tuple(acc.shape) != (x.shape[0], n) or acc.stride(1) != 1:
+        raise ValueError(f"accumulate must be a float32 [{x.shape[0]}, {n}] tensor contiguous along its columns, "
+                         f"got {acc.dtype} {tuple(acc.shape)} with strides {acc.stride()}")
+    if acc.device != x.device:
+        raise ValueError(f"accumulate is on {acc.device} but x is on {x.device}")
+    clash = [name for name, bad in (("act", act != "none"), ("residual", residual is not None),
+                                    ("out_thresh", out_thresh is not None), ("thresh=None", thresh is None)) if bad]
+    if clash:
+        raise ValueError(f"accumulate= adds the raw sum into a given tensor (which holds the residual); it cannot "
+                         f"take {', '.join(clash)}")
+
+
 def _validate_nm(nm: Optional[tuple[int, int]]) -> tuple[int, int]:
     if nm is None:
         return 0, 0
@@ -145,6 +169,7 @@ def sparse_gemv(
     impl: str = "auto",
     out_thresh: Optional[torch.Tensor] = None,
     out_shift: Optional[torch.Tensor] = None,
+    accumulate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Return y [B, N] = act(W·x_s + bias) + residual, with x_s = (x̂ − m)⊙1[|x̂ − m| > t] and x̂ = rmsnorm(x) or x.
 
@@ -160,6 +185,9 @@ def sparse_gemv(
     "gather" (a compaction pass, then a walk that gathers only the active weight rows; batch ≤ 4, same
     conditions), "masked" (a split-K walk whose masked row loads skip the unselected rows; anything) or
     "auto" (the kernel measured fastest for the op where it can run: `configs.choose_impl`).
+    accumulate: a float32 [B, N] tensor (e.g. the residual stream kept in fp32) that W·x_s + bias is added into
+    in place, and returned: the one-shot tiles' partials land in it directly (no output, counter or epilogue);
+    act must be "none" and residual, out_thresh None (it is its own residual); the one-shot tiles alone run it.
     """
     _check_common(x, wt)
     k, n = wshape(wt)
@@ -183,6 +211,12 @@ def sparse_gemv(
     if act not in ACTS:
         raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
     nm_n, nm_m = _validate_nm(nm)
+    if accumulate is not None:
+        _check_accumulate(accumulate, x, n, act, residual, out_thresh, thresh)
+        choose_impl("qkv" if bounds else "gemv", k, n, x.shape[0], impl, packed=wt.dim() == 3, accum=True)
+        torch.ops.actsparse.sparse_gemv_accumulate(x, wt, thresh, shift, bias, norm_weight, float(eps), bounds,
+                                                   nm_n, nm_m, accumulate)
+        return accumulate
     # Rejects a bad impl / batch here.
     choose_impl("qkv" if bounds else "gemv", k, n, x.shape[0], impl, packed=wt.dim() == 3, presel=thresh is None,
                 out_sel=out_thresh is not None)

@@ -96,3 +96,68 @@ def test_auto_follows_the_measured_preference(monkeypatch):
     wt = torch.randn(32, 16, device=DEVICE)
     y = sparse_gemv(x, wt, torch.tensor([0.3], device=DEVICE))  # runs the preferred one-shot tiles
     assert rel_err(y, ref.sparse_gemv_ref(x, wt, 0.3)) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_accumulate_adds_into_the_given_fp32_tensor(batch, dtype):
+    """accumulate=h: h ← h + W·x_s + bias in place (RMSNorm and q/k/v segments too), the same h returned; a tile
+    with nothing kept adds nothing, the bias still lands once; the shared accumulators stay untouched."""
+    k, n = 100, 96
+    x = torch.randn(batch, k, device=DEVICE, dtype=dtype)
+    wt = (torch.randn(k, n, device=DEVICE) / k**0.5).to(dtype)
+    g = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
+    bias = torch.randn(n, device=DEVICE, dtype=dtype)
+    t = torch.rand(3, k, device=DEVICE) * 0.8
+    for cfg in CFGS:
+        h = torch.randn(batch, n, device=DEVICE)
+        want = h.double() + ref.sparse_gemv_ref(x, wt, t, bias=bias, norm_weight=g, segments=(32, 64)).double()
+        with override_config(CFGS[cfg]):
+            got = sparse_gemv(x, wt, t, bias=bias, norm_weight=g, segments=(32, 64), accumulate=h)
+        assert got is h and h.dtype == torch.float32
+        assert rel_err(h, want) < TOL[dtype]
+        assert not configs.atomic_accumulator(x.device).any() and not configs.tile_counters(x.device).any()
+    h = torch.randn(batch, n, device=DEVICE)
+    want = h + bias.float()
+    sparse_gemv(x, wt, torch.full((1,), 1e9, device=DEVICE), bias=bias, accumulate=h)  # nothing kept
+    assert torch.equal(h, want)
+
+
+def test_accumulate_refuses_what_it_cannot_take():
+    x = torch.randn(2, 32, device=DEVICE)
+    wt = torch.randn(32, 16, device=DEVICE)
+    t = torch.zeros(1, device=DEVICE)
+    h = torch.zeros(2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"accumulate must be a float32 \[2, 16\] tensor"):
+        sparse_gemv(x, wt, t, accumulate=h.half())
+    with pytest.raises(ValueError, match=r"accumulate must be a float32 \[2, 16\] tensor"):
+        sparse_gemv(x, wt, t, accumulate=torch.zeros(1, 16, device=DEVICE))
+    with pytest.raises(ValueError, match=r"accumulate must be a float32 \[2, 16\] tensor .* strides"):
+        sparse_gemv(x, wt, t, accumulate=torch.zeros(16, 2, device=DEVICE).t())
+    with pytest.raises(ValueError, match="cannot take act, residual"):
+        sparse_gemv(x, wt, t, act="silu", residual=h, accumulate=h)
+    with pytest.raises(ValueError, match="cannot take thresh=None"):
+        sparse_gemv(x, wt, None, accumulate=h)
+    with pytest.raises(ValueError, match="the gather kernel cannot add into a given fp32 tensor .* pass residual="):
+        sparse_gemv(x, wt, t, impl="gather", accumulate=h)
+    with pytest.raises(ValueError, match="the oneshot kernel runs batches of at most 16 rows"):
+        sparse_gemv(torch.randn(17, 32, device=DEVICE), wt, t, accumulate=torch.zeros(17, 16, device=DEVICE))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pair_accumulates_both_raw_sums(batch):
+    """A gate/up pair into a [2, B, N] fp32 tensor: the raw sums W_g·x_s (+ b_g) and W_u·x_s (+ b_u), no act."""
+    from actsparse.kernels.oneshot_gemv import launch_oneshot
+
+    k, n = 80, 48
+    x = torch.randn(batch, k, device=DEVICE)
+    wg, wu = (torch.randn(k, n, device=DEVICE) / k**0.5 for _ in range(2))
+    g = 1 + 0.1 * torch.randn(k, device=DEVICE)
+    bias = torch.randn(2, n, device=DEVICE)
+    t = torch.rand(2, k, device=DEVICE)
+    acc = torch.randn(2, batch, n, device=DEVICE)
+    want = [acc[j].double() + ref.sparse_gemv_ref(x, w, t[j:j + 1], bias=bias[j], norm_weight=g).double()
+            for j, w in enumerate((wg, wu))]
+    got = launch_oneshot(x, wg, wu, t, None, bias, None, g, 1e-6, 0, [], 0, 0, CFGS["small"], accumulate=acc)
+    assert got is acc
+    assert rel_err(acc[0], want[0]) < 1e-5 and rel_err(acc[1], want[1]) < 1e-5
