@@ -71,7 +71,7 @@ GATHER_GRID = {1: [(32, 4096, 128, 4), (32, 4096, 128, 4, False, 1, 2), (64, 409
 # one-shot tiles: OneshotConfig (block_n columns, block_k rows, num_warps); TEAL's winning tile (128, 64, 2) and
 # its neighbours, taller and wider tiles (fewer programs, fewer atomics), and 4-warp tiles for batches 2-16.
 ONESHOT_GRID = {1: [(128, 64, 2), (64, 64, 2), (128, 32, 2), (256, 32, 2), (64, 128, 2), (128, 64, 4),
-                    (256, 64, 4), (128, 128, 4)],
+                    (256, 64, 4), (128, 128, 4), (256, 64, 2), (128, 128, 2)],
                 4: [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 32, 4)]}
 DEV = "cuda"
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
@@ -471,6 +471,9 @@ def prenormed_bench(lay: Layers, inp: Inputs, clock: Clock, meta: dict, dtype_na
     return rows
 
 
+accumulate_tuned: dict[str, dict] = {}  # "accumulate|K|N|batch" -> the tile accumulate_bench's sweep chose
+
+
 def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: dict, dtype_name: str) -> list[dict]:
     """o and down adding straight into an fp32 residual stream (`sparse_gemv(accumulate=)`: the one-shot tiles with
     no counter, epilogue or zeroing), per op (method "oneshot-accumulate"), and the block of the side-by-side
@@ -491,6 +494,25 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
     def down(s, th):
         _sparse_gemv(inp.h, s["wd_t"], th["down"], accumulate=h32)
 
+    # Its own tiles first: without an epilogue, larger K tiles (fewer atomics) may pay.
+    for name, w, xin, (k, n) in (("o", "wo_t", inp.a, (D, D)), ("down", "wd_t", inp.h, (INTER, D))):
+        ths = [inp.thresholds(s)[name] for s in (0.25, 0.5)]
+        res = {}
+        for c in ONESHOT_GRID[1 if inp.b == 1 else 4]:
+            cfg = OneshotConfig(*c)
+            try:
+                with override_config(cfg):
+                    res[cfg] = sum(time_graph(lambda: [_sparse_gemv(xin, st[w], t, accumulate=acc[name])
+                                                       for st in lay.sets]) for t in ths)
+            except Exception as e:
+                log(f"  accumulate {name} {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
+        if res:
+            best = min(res, key=res.get)
+            configs.TUNED_ONESHOT[("accumulate", k, n, configs.batch_bucket(inp.b))] = best
+            accumulate_tuned[f"accumulate|{k}|{n}|{inp.b}"] = best.__dict__
+            log(f"  accumulate {name} tiles (us at 0.25 + 0.5): " +
+                " ".join(f"{c.block_n}x{c.block_k}x{c.num_warps}w={v * 1e3 / lay.n:.1f}" for c, v in res.items()) +
+                f" -> {best}")
     for s in SPARSITIES:
         if clock.left(0.6) < 0 or not all(s in side[i] for i in side):
             break
@@ -604,7 +626,9 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 
 # ---------------------------------------------------------------------- decode
 # (model, batch) -> (method, union calibration, target sparsities) measured end to end
-DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5, 0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8))],
+# "teal-bf16-stream": the same plan with the residual stream kept in bf16 (no op adds into it in place).
+DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5)), ("teal-bf16-stream", False, (0.25, 0.5)),
+                                  ("teal", False, (0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8))],
                ("llama3-8b", 2): [("teal", False, (0.5,)), ("teal-union", True, (0.5,))],
                ("llama3-8b", 4): [("teal", False, (0.5,)), ("teal-union", True, (0.5, 0.8))],
                ("llama2-7b", 1): [("teal", False, (0.25, 0.4, 0.5))]}
@@ -656,7 +680,10 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None) -
                         break
                     calibrate_thresholds(eng, s, n_tokens=16, batch=b, union=union,
                                          method="cats" if method == "cats" else "teal")
+                    eng.residual_fp32 = method != "teal-bf16-stream"
+                    eng.reset_graphs()
                     tok_s = speed(b, True)
+                    eng.residual_fp32 = True
                     ms = measure_sparsity(eng, n_tokens=8, batch=b)
                     log(f"  b{b} {method} s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  "
                         f"measured token sparsity {ms['mean']:.3f}, rows skipped {ms['union']:.3f}")
@@ -779,9 +806,15 @@ def main() -> None:
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--decode-layers", type=int, default=0, help="fewer layers than the model has (0: all)")
     ap.add_argument("--decode-steps", type=int, default=48)
+    ap.add_argument("--decode-models", default="", help="decode only these model:batch entries of DECODE_PLAN, "
+                    "e.g. llama3-8b:1,llama3-8b:4 (default: all)")
     ap.add_argument("--decode-families", default="", help="also decode these engine presets at batch 1 (teal 0.4 / 0.5), "
                     "e.g. qwen3-8b,qwen2.5-7b,phi3-mini,granite3-8b,gemma2-9b,gemma3-12b")
     args = ap.parse_args()
+    if args.decode_models:
+        keep = {(m, int(b)) for m, b in (k.split(":") for k in args.decode_models.split(","))}
+        for key in [k for k in DECODE_PLAN if k not in keep]:
+            del DECODE_PLAN[key]
     for fam in filter(None, args.decode_families.split(",")):
         DECODE_PLAN[(fam, 1)] = [("teal", False, (0.4, 0.5))]
     if args.merge:
@@ -834,6 +867,8 @@ def main() -> None:
                 (out / "tuned.json").write_text(json.dumps(tuned, indent=1))
             rows += kernel_bench(lay, "bf16", tuple(int(b) for b in args.kernel_batches.split(",")), clock, meta)
             extra["impl"] = dict(extra_impl)
+            if accumulate_tuned:
+                extra["tuned_accumulate"] = dict(accumulate_tuned)
             save()
             del lay
             (torch.cuda.empty_cache() if not SMOKE else None)

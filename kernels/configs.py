@@ -101,8 +101,16 @@ TUNED_GATHER: dict[tuple[str, int, int, int], GatherConfig] = {
 }
 
 
-# One-shot tiles, batch 1: (kind, K, N, batch bucket) -> config, winners of `bench_kernels.py --tune-oneshot`.
-TUNED_ONESHOT: dict[tuple[str, int, int, int], OneshotConfig] = {}
+# One-shot tiles, batch 1: (kind, K, N, batch bucket) -> config, winners of `bench_kernels.py --tune-oneshot`
+# (kind "accumulate": adding into a given tensor, `sparse_gemv(accumulate=)`), bf16, Llama-3-8B shapes, H100 80GB
+# HBM3, 2026-12-07, weights 0:0.5,0.5:1,0.9:0.5 (TEAL's own tile, 128 columns × 64 rows × 2 warps, for the
+# column-wide ops; 256 × 32 for o and down).
+TUNED_ONESHOT: dict[tuple[str, int, int, int], OneshotConfig] = {
+    ("qkv", 4096, 6144, 1): OneshotConfig(block_n=128, block_k=64, num_warps=2),
+    ("gemv", 4096, 4096, 1): OneshotConfig(block_n=256, block_k=32, num_warps=2),
+    ("pair", 4096, 14336, 1): OneshotConfig(block_n=128, block_k=64, num_warps=2),
+    ("gemv", 14336, 4096, 1): OneshotConfig(block_n=256, block_k=32, num_warps=2),
+}
 
 # impl="auto" without an override: the kernel measured fastest over the sparsities that keep quality (0.25-0.5)
 # per (kind, K, N, batch bucket); gather where there is no entry. The decode engine chooses per op from its own
@@ -235,7 +243,9 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, packed
     if impl == "gather":
         return "gather", cfg or TUNED_GATHER.get(key) or default_gather(b)
     if impl == "oneshot":
-        return "oneshot", cfg or TUNED_ONESHOT.get(key) or OneshotConfig()
+        # Adding into a given tensor has its own tuned tiles (no epilogue: larger K tiles, fewer atomics pay).
+        tuned = (TUNED_ONESHOT.get(("accumulate", k, n, batch_bucket(b))) if accum else None) or TUNED_ONESHOT.get(key)
+        return "oneshot", cfg or tuned or OneshotConfig()
     return "masked", cfg or TUNED_MASKED.get(key) or default_masked(kind, b)
 
 

@@ -32,7 +32,7 @@ def _sparse_gated_mlp_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Te
 @_sparse_gated_mlp_op.register_fake
 def _(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, eps, act, nm_n, nm_m, impl="auto", out_thresh=None,
       out_shift=None):
-    return x.new_empty((x.shape[0], wshape(wt_gate)[1]))
+    return x.new_empty((x.shape[0], wshape(wt_gate)[1]), dtype=wt_gate.dtype)
 
 
 def sparse_gated_mlp(

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .configs import GatherConfig, new_output, record_compiled
-from .gemv_common import accumulate, epilogue, fit_block_n, launch_args, row_rstd, select_chunk, split_workspace
+from .gemv_common import (accumulate, epilogue, fit_block_n, launch_args, out_dtype, row_rstd,
+                          select_chunk, split_workspace)
 
 
 @triton.jit
@@ -203,7 +204,7 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
     tiles_n = triton.cdiv(n, block_n)
     split = mats * groups > 1
     nsel = 2 if w2 is not None else len(bounds) + 1
-    y = new_output((b, n), x.device, x.dtype)
+    y = new_output((b, n), x.device, out_dtype(wt, residual))
     ws, cnt = split_workspace(mats * groups, 1, b, n, tiles_n, y)
     # Compacted lists: one per (selection row, K slice); indices int32 and values fp32 per batch row.
     idx = torch.empty(nsel * groups * seg_k, device=x.device, dtype=torch.int32)

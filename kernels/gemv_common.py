@@ -128,6 +128,12 @@ def epilogue(out, out2, bias_ptr, stride_bs, res_ptr, stride_rb, y_ptr, stride_y
     tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=mask_out)
 
 
+def out_dtype(wt: torch.Tensor, residual=None) -> torch.dtype:
+    """A GEMV's output dtype: the residual's where it adds one (the stream may be kept in fp32), else the
+    weights' (an fp32 stream's normalised input still yields model-dtype activations)."""
+    return residual.dtype if residual is not None else wt.dtype
+
+
 def wshape(wt: torch.Tensor) -> tuple[int, int]:
     """(in_features K, out_features N) of a transposed weight [K, N] or a packed one [N / W, K, W]."""
     if wt.dim() == 3:

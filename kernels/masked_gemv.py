@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from .configs import FMA_MAX_BATCH, MAX_ACC, MaskedConfig, choose_split, new_output, record_compiled
-from .gemv_common import (accumulate, epilogue, fit_block_n, launch_args, row_rstd, sel_operands, selected,
-                          split_workspace, wshape)
+from .gemv_common import (accumulate, epilogue, fit_block_n, launch_args, out_dtype, row_rstd, sel_operands,
+                          selected, split_workspace, wshape)
 
 
 @triton.jit
@@ -302,7 +302,7 @@ def launch_masked(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
     split = choose_split(cfg, k, tiles_n * tiles_b, x.device)
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_split)
-    y = new_output((b, n), x.device, x.dtype)
+    y = new_output((b, n), x.device, out_dtype(wt, residual))
     nacc = 2 if w2 is not None else 1
     atomic = cfg.atomic and split > 1 and nacc * b * n <= MAX_ACC   # else the ordered sum (a larger launch)
     ws, cnt = split_workspace(split, nacc, b, n, tiles_n * tiles_b, y, atomic)

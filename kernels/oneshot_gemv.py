@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .configs import MAX_ACC, MAX_TILES, OneshotConfig, atomic_accumulator, new_output, record_compiled, tile_counters
-from .gemv_common import epilogue, fit_block_n, launch_args, row_rstd, select_chunk
+from .gemv_common import epilogue, fit_block_n, launch_args, out_dtype, row_rstd, select_chunk
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, a
         raise ValueError(f"the one-shot tiles accumulate at most {MAX_ACC} fp32 sums a launch, got "
                          f"{mats} × {b} × {n}; use the gather or masked kernel")
     if accumulate is None:
-        y = new_output((b, n), x.device, x.dtype)
+        y = new_output((b, n), x.device, out_dtype(wt, residual))
     else:
         y = accumulate if accumulate.dim() == 2 else accumulate[0]  # a pair's second matrix is B·N further on
     ptrs, (n0, n1), strides, flags = launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,

@@ -75,8 +75,8 @@ def sparse_gemv_ref(
     out_thresh: torch.Tensor | float | None = None,
     out_shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference of `sparse_gemv`: per column segment s, y = act(W_s·x_s + bias) + residual, in x's dtype
-    (thresh None: x_s = x; out_thresh: the output selected for the next GEMV before the cast)."""
+    """Reference of `sparse_gemv`: per column segment s, y = act(W_s·x_s + bias) + residual, in the
+    residual's dtype, else the weights' (thresh None: x_s = x; out_thresh: the output selected for the next GEMV before the cast)."""
     acc = _acc_dtype(wt)
     xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
     k, n = wt.shape
@@ -94,7 +94,7 @@ def sparse_gemv_ref(
     y = act_ref(y, act)
     if residual is not None:
         y = y + residual.to(acc)
-    return _select_out(y, out_thresh, out_shift).to(x.dtype)
+    return _select_out(y, out_thresh, out_shift).to(residual.dtype if residual is not None else wt.dtype)
 
 
 def sparse_gated_mlp_ref(
@@ -112,7 +112,7 @@ def sparse_gated_mlp_ref(
     out_thresh: torch.Tensor | float | None = None,
     out_shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference of `sparse_gated_mlp`: act(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u), in x's dtype (thresh None:
+    """Reference of `sparse_gated_mlp`: act(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u), in the weights' dtype (thresh None:
     x_s = x; out_thresh: h selected for the down projection before the cast)."""
     acc = _acc_dtype(wt_gate)
     xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
@@ -127,7 +127,7 @@ def sparse_gated_mlp_ref(
         if bias is not None:
             y = y + bias[i].to(acc)
         ys.append(y)
-    return _select_out(act_ref(ys[0], act) * ys[1], out_thresh, out_shift).to(x.dtype)
+    return _select_out(act_ref(ys[0], act) * ys[1], out_thresh, out_shift).to(wt_gate.dtype)
 
 
 def cats_up_ref(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: torch.Tensor | float, *,

@@ -13,7 +13,7 @@ import torch
 
 from .configs import choose_impl
 from .gather_gemv import launch_gather
-from .gemv_common import ACTS, wshape
+from .gemv_common import ACTS, out_dtype, wshape
 from .masked_gemv import launch_masked
 from .oneshot_gemv import launch_oneshot
 
@@ -103,7 +103,7 @@ def _sparse_gemv_acc_op(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor,
 @_sparse_gemv_op.register_fake
 def _(x, wt, thresh, shift, bias, residual, norm_weight, eps, act, segments, nm_n, nm_m, impl="auto",
       out_thresh=None, out_shift=None):
-    return x.new_empty((x.shape[0], wshape(wt)[1]))
+    return x.new_empty((x.shape[0], wshape(wt)[1]), dtype=out_dtype(wt, residual))
 
 
 def _check_presel(shift, norm_weight, nm) -> None:

@@ -7,7 +7,9 @@ shape, so they are measured, not tabled: per op and batch, each sparse kernel th
 several layers' weights at a few skipped-row fractions, and the dense op the engine would run instead (norm
 and act·mul launches included), all timed as CUDA-graph replays. `OpTimes.choice` interpolates those times
 at an op's expected skip and takes the least; the crossover is where the best kernel's speedup over cuBLAS
-crosses 1. Cached per (device name, shapes, dtype, batch) for the process.
+crosses 1. With the engine's fp32 residual stream, o and down also time "accumulate" (the one-shot tiles adding
+into the stream in place) and everything reads and adds the fp32 stream as the engine does. Cached per (device
+name, shapes, dtype, stream dtype, batch) for the process.
 """
 
 from __future__ import annotations
@@ -125,6 +127,9 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         return torch.randn(batch, n, generator=gen).to(engine.device, engine.dtype)
 
     x, a, h = rnd(cfg.hidden_size), rnd(q), rnd(inter)  # residual stream, attention output, MLP hidden
+    if engine.residual_fp32:
+        x = x.float()
+    acc = x.clone()  # what "accumulate" adds into (grows over the replays: only its time counts)
 
     def dense(op: str, lw) -> None:
         if op == "qkv":
@@ -154,6 +159,8 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
                                                 impl=impl)
         inp, wt = (a, lw.wo_t) if op == "o" else (h, lw.wd_t)
         th = torch.full((1,), union_threshold(inp, s), device=dev)
+        if impl == "accumulate":
+            return lambda: ops.sparse_gemv(inp, wt, th, impl="oneshot", accumulate=acc)
         return lambda: ops.sparse_gemv(inp, wt, th, residual=x, impl=impl)
 
     act = engine._act(rnd(inter).float()).to(engine.dtype)  # CATS's gate activations, whose mask picks the up rows
@@ -173,10 +180,14 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
             out[impl] = tuple(ts)
         return out
 
+    # Adding into the stream needs the op to add the residual itself: not behind a post-norm (Gemma).
+    accumulate = (engine.residual_fp32 and "oneshot" in kernels
+                  and all(lw.post_attn_norm is None and lw.post_mlp_norm is None for lw in layers))
     out = {}
     for op in OPS:
         t_dense = graph_ms(lambda: [dense(op, lw) for lw in layers])
-        out[op] = OpTimes(t_dense, LEVELS, timed(kernels, lambda lw, s, impl: sparse(op, lw, s, impl)))
+        impls = kernels + ["accumulate"] if accumulate and op in ("o", "down") else kernels
+        out[op] = OpTimes(t_dense, LEVELS, timed(impls, lambda lw, s, impl: sparse(op, lw, s, impl)))
     if all(lw.wu is not None for lw in layers):  # CATS: which cats_up kernel, at the fraction of up rows skipped
         ups = UP_KERNELS if batch <= configs.ONESHOT_MAX_BATCH else UP_KERNELS[:1]
         out["up"] = OpTimes(float("inf"), LEVELS, timed(ups, up))  # no dense rival: CATS itself is the choice
@@ -185,7 +196,7 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
 
 def op_times(engine, batch: int) -> dict[str, OpTimes]:
     """`measure`, once per (device name, model shapes, dtype, batch) in this process."""
-    key = (torch.cuda.get_device_name(engine.device), engine.cfg, engine.dtype, batch)
+    key = (torch.cuda.get_device_name(engine.device), engine.cfg, engine.dtype, engine.residual_fp32, batch)
     if key not in _cache:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the engine measures its kernels against cuBLAS before capturing a decode graph; "

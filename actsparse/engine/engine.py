@@ -8,7 +8,9 @@ and sparse runs the kernels with thresholds, norms and residuals fused:
     sparse q|k|v (norm fused) → attention → sparse o (+res) → sparse gate/up (norm, act·mul fused)
     → sparse down (+res)      (5 launches with the one-shot tiles; the gather walk adds a compaction pass)
 and each op runs whichever of cuBLAS, the one-shot tiles and the gather walk is fastest at its expected
-skipped rows, as measured on the GPU at hand (`crossover.py`). act is silu (SwiGLU) or gelu-tanh (Gemma's
+skipped rows, as measured on the GPU at hand (`crossover.py`). With `residual_fp32` (the default on a GPU) a
+sparse step keeps the residual stream in fp32, and o and down may add straight into it ("accumulate": the
+one-shot tiles' partials land in the stream, no output, counter or epilogue) where that measures fastest. act is silu (SwiGLU) or gelu-tanh (Gemma's
 GeGLU). Gemma's sandwich norms normalise the o and down outputs before the residual add, so those two ops
 run without the residual and a norm + add follows each; its attention scales, soft-caps and slides its window
 inside the attention kernel.
@@ -39,10 +41,19 @@ from .weights import Weights, random_weights, weights_from_hf
 
 
 def _any_impl(ref_fn: Callable) -> Callable:
-    """A reference that takes (and ignores) the kernels' `impl` argument: it is one implementation."""
-    def call(*args, impl: str = "auto", **kw):
-        return ref_fn(*args, **kw)
+    """A reference that takes (and ignores) the kernels' `impl` argument: it is one implementation. With
+    `accumulate=h` (sparse_gemv's), h ← h + W·x_s (+ bias) in place, as the one-shot tiles do."""
+    def call(*args, impl: str = "auto", accumulate: Optional[torch.Tensor] = None, **kw):
+        if accumulate is None:
+            return ref_fn(*args, **kw)
+        return accumulate.copy_(ref_fn(*args, residual=accumulate, **kw))
     return call
+
+
+def _kernel(impl: str) -> str:
+    """The kernel that runs a choice: "accumulate" is the one-shot tiles adding into the stream, which an op that
+    cannot (a residual behind a post-norm, a low-rank part) runs with an output of its own."""
+    return "oneshot" if impl == "accumulate" else impl
 
 
 class _TorchOps:
@@ -116,9 +127,12 @@ class Engine:
     otherwise 0.
     """
 
+    # Whether o and down may add into the stream in place (a tensor-parallel rank's partial sums may not).
+    ACCUMULATES = True
+
     def __init__(self, cfg: LlamaConfig, weights: Weights, *, max_batch: int = 4, max_seq_len: int = 512,
                  kernels: str = "auto", fallback_below: Union[None, float, dict] = None,
-                 use_graphs: bool = True) -> None:
+                 use_graphs: bool = True, residual_fp32: Optional[bool] = None) -> None:
         if kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kernels!r}")
         self.cfg = cfg
@@ -133,6 +147,9 @@ class Engine:
         if fallback_below is None:
             fallback_below = "measured" if self.device.type == "cuda" and kernels == "triton" else 0.0
         self.fallback_below = fallback_below
+        if residual_fp32 is None:
+            residual_fp32 = self.device.type == "cuda" and kernels == "triton"
+        self.residual_fp32 = bool(residual_fp32) and self.ACCUMULATES
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         # In the embedding's dtype, as Gemma's scaled embedding multiplies (sqrt(3072) is 55.5 in bf16).
@@ -316,13 +333,23 @@ class Engine:
     # ------------------------------------------------------------------ the hot path
     def _linear(self, x: torch.Tensor, w: Optional[torch.Tensor], wt: Optional[torch.Tensor],
                 res: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """cuBLAS x·Wᵀ (+res) from whichever layout is loaded."""
+        """cuBLAS x·Wᵀ (+res) from whichever layout is loaded (an fp32 stream's res: added after, in fp32)."""
         wt = w.t() if w is not None else wt
+        if res is not None and res.dtype != x.dtype:
+            return res + x @ wt
         return torch.addmm(res, x, wt) if res is not None else x @ wt
 
     def _norm(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """RMSNorm with the family's rounding (Gemma: scaled by 1 + w in float32 before the cast)."""
-        return self.ops.rmsnorm(x, g, self.cfg.rms_eps, scale_in_f32=self.cfg.norm_f32)
+        """RMSNorm with the family's rounding (Gemma: scaled by 1 + w in float32 before the cast), in the model's
+        dtype (an fp32 stream's too)."""
+        y = self.ops.rmsnorm(x, g, self.cfg.rms_eps, scale_in_f32=self.cfg.norm_f32)
+        return y if y.dtype == self.dtype else y.to(self.dtype)
+
+    def _accumulates(self, impl: str, x: torch.Tensor, res: Optional[torch.Tensor], rule: "_OpRule") -> bool:
+        """Whether a row-split op (o, down) adds into the fp32 stream x in place: measured fastest ("accumulate"),
+        or with given fallback levels ("auto") wherever it can (it adds the residual itself, no low-rank part)."""
+        return (x.dtype == torch.float32 and self.residual_fp32 and res is x and rule.lowrank is None
+                and impl in ("accumulate", "auto") and x.shape[0] <= 16)
 
     def _act(self, g: torch.Tensor) -> torch.Tensor:
         """The gate's activation (silu, or Gemma's gelu-tanh) in g's dtype."""
@@ -397,9 +424,12 @@ class Engine:
         impl = "dense" if r is None else self._choose(r.o, "o", b)
         if impl == "dense":
             y = self._linear(a, lw.wo, lw.wo_t, res=res)
+        elif self._accumulates(impl, x, res, r.o):
+            y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, nm=r.o.nm, impl="oneshot",
+                                accumulate=x)
         else:
             y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=res, nm=r.o.nm,
-                                impl=impl)
+                                impl=_kernel(impl))
             if r.o.lowrank is not None:
                 y = (y.float() + self._lowrank(a, r.o)).to(y.dtype)
         x = self._residual(x, self._reduce(y), lw.post_attn_norm)
@@ -451,9 +481,12 @@ class Engine:
         impl = "dense" if r is None or (r.gate_act is not None and not cats) else self._choose(r.down, "down", b)
         if impl == "dense":
             y = self._linear(h, lw.wd, lw.wd_t, res=res)
+        elif self._accumulates(impl, x, res, r.down):
+            y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,
+                                impl="oneshot", accumulate=x)
         else:
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=res,
-                                nm=r.down.nm, impl=impl)
+                                nm=r.down.nm, impl=_kernel(impl))
             if r.down.lowrank is not None:
                 y = (y.float() + self._lowrank(h, r.down)).to(y.dtype)
         return self._residual(x, self._reduce(y), lw.post_mlp_norm)
@@ -471,6 +504,8 @@ class Engine:
         x = self.w.embed[tokens]  # [B, D]
         if self.embed_scale is not None:
             x = x * self.embed_scale
+        if sparse and self.residual_fp32:
+            x = x.float()
         for i in range(self.cfg.n_layers):
             x = self._block(i, x, pos, sparse, record)
         logits = self._linear(self._norm(x, self.w.final_norm), self.w.lm_head, None)

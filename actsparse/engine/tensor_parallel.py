@@ -165,6 +165,9 @@ class TPEngine(Engine):
     the W ranks (None: the default group); unused at world size 1, which needs none.
     """
 
+    # A rank's o and down hold partial sums that the all-reduce adds up: they cannot add into the stream.
+    ACCUMULATES = False
+
     def __init__(self, cfg: LlamaConfig, weights: Weights, rank: int = 0, world_size: int = 1,
                  group: Optional[dist.ProcessGroup] = None, **kw) -> None:
         if not 0 <= rank < world_size:

@@ -310,3 +310,31 @@ def test_sliding_window_layers_decode_like_transformers_past_the_window(family):
     wide = Engine(replace(eng.cfg, sliding_window=0), eng.w, kernels="torch", max_batch=1, max_seq_len=32)
     seq = torch.randint(0, model.config.vocab_size, (1, 9))
     assert not torch.allclose(_engine_logits(eng, seq, False)[:, -1], _engine_logits(wide, seq, False)[:, -1])
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_an_fp32_residual_stream_adds_o_and_down_into_itself(kernels):
+    """residual_fp32: a sparse step keeps the stream in fp32 and o / down add into it in place (the one-shot
+    tiles' `accumulate=`); logits match the bf16-stream-free reference (fp16 model, fp32 torch reference path)."""
+    model = _hf_tiny(seed=8)
+    th = {f"layers.{i}.{r}": 0.3 for i in range(TINY.n_layers) for r in ("q", "k", "v", "o", "gate", "up", "down")}
+    eng = Engine.from_hf(model, device=DEVICE, dtype=torch.float16, kernels=kernels, max_batch=2, max_seq_len=16,
+                         fallback_below=0.0, residual_fp32=True)
+    eng.set_thresholds(th)
+    calls = []
+    inner = eng.ops.sparse_gemv
+
+    def spy(*args, **kw):
+        calls.append(kw.get("accumulate") is not None)
+        return inner(*args, **kw)
+    eng.ops.sparse_gemv = spy
+    ref = Engine.from_hf(model, kernels="torch", max_batch=2, max_seq_len=16)
+    ref.set_thresholds(th)
+    seq = torch.randint(0, TINY.vocab_size, (2, 4))
+    got, want = _engine_logits(eng, seq, True), _engine_logits(ref, seq, True)
+    assert (got - want).norm() / want.norm() < 3e-3
+    assert sum(calls) == 2 * TINY.n_layers * 4  # o and down of every layer, every step, added in place
+    off = Engine.from_hf(model, device=DEVICE, dtype=torch.float16, kernels=kernels, max_batch=2, max_seq_len=16,
+                         fallback_below=0.0, residual_fp32=False)
+    off.set_thresholds(th)
+    assert not off.residual_fp32 and (_engine_logits(off, seq, True) - want).norm() / want.norm() < 3e-3
