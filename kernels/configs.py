@@ -103,12 +103,12 @@ TUNED_GATHER: dict[tuple[str, int, int, int], GatherConfig] = {
 
 # One-shot tiles, batch 1: (kind, K, N, batch bucket) -> config, winners of `bench_kernels.py --tune-oneshot`
 # (kind "accumulate": adding into a given tensor, `sparse_gemv(accumulate=)`), bf16, Llama-3-8B shapes, H100 80GB
-# HBM3, 2026-12-07, weights 0:0.5,0.5:1,0.9:0.5 (TEAL's own tile, 128 columns × 64 rows × 2 warps, for the
-# column-wide ops; 256 × 32 for o and down).
+# HBM3, 2026-12-07, weights 0:0.5,0.5:1,0.9:0.5 (TEAL's own tile, 128 columns × 64 rows × 2 warps, for q|k|v;
+# 128 × 128 for gate|up; 256 × 32 for o and down, which also won adding into a tensor, within 1% of 128 × 64).
 TUNED_ONESHOT: dict[tuple[str, int, int, int], OneshotConfig] = {
     ("qkv", 4096, 6144, 1): OneshotConfig(block_n=128, block_k=64, num_warps=2),
     ("gemv", 4096, 4096, 1): OneshotConfig(block_n=256, block_k=32, num_warps=2),
-    ("pair", 4096, 14336, 1): OneshotConfig(block_n=128, block_k=64, num_warps=2),
+    ("pair", 4096, 14336, 1): OneshotConfig(block_n=128, block_k=128, num_warps=2),
     ("gemv", 14336, 4096, 1): OneshotConfig(block_n=256, block_k=32, num_warps=2),
 }
 
