@@ -94,7 +94,7 @@ def _decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     b = qkv.shape[0]
     d = k_cache.shape[-1]
     group = n_heads // n_kv_heads
-    out = new_output((b, n_heads * d), qkv.device, qkv.dtype)
+    out = new_output((b, n_heads * d), qkv.device, k_cache.dtype)  # an fp32 q|k|v still yields cache-dtype rows
     _decode_attention_kernel[(b, n_kv_heads)](
         qkv, k_cache, v_cache, pos, inv_freq, out,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
@@ -108,7 +108,7 @@ def _decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 @_decode_attention_op.register_fake
 def _(qkv, k_cache, v_cache, pos, inv_freq, n_heads, n_kv_heads, sm_scale, rope_scale, block_s, softcap=0.0,
       window=0):
-    return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]))
+    return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]), dtype=k_cache.dtype)
 
 
 def decode_attention(

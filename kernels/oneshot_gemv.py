@@ -34,12 +34,18 @@ from .gemv_common import epilogue, fit_block_n, launch_args, out_dtype, row_rstd
 
 
 @triton.jit
-def _rstd_kernel(x_ptr, r_ptr, K, stride_xb, eps, NORM_BLOCK: tl.constexpr):
-    """r[b] = 1 / RMS of row b of x: RMSNorm's factor, once per launch of the tiles."""
+def _rstd_kernel(x_ptr, r_ptr, z_ptr, K, Z_N, stride_xb, eps, NORM_BLOCK: tl.constexpr, ZERO: tl.constexpr,
+                 Z_BLOCK: tl.constexpr):
+    """r[b] = 1 / RMS of row b of x: RMSNorm's factor, once per launch of the tiles; with ZERO, also zeroes row b
+    of the fp32 [B, Z_N] tensor the tiles then add into (`sparse_gemv(out=)`)."""
     row = tl.program_id(0)
     r = row_rstd(x_ptr + row * stride_xb + tl.zeros([1, 1], dtype=tl.int32), tl.full([1], 1, tl.int1), K, eps,
                  NORM_BLOCK, 1)
     tl.store(r_ptr + row + tl.arange(0, 1), r)
+    if ZERO:
+        for z0 in range(0, Z_N, Z_BLOCK):
+            offs = z0 + tl.arange(0, Z_BLOCK)
+            tl.store(z_ptr + row * Z_N + offs, tl.zeros([Z_BLOCK], dtype=tl.float32), mask=offs < Z_N)
 
 
 @triton.jit
@@ -120,9 +126,10 @@ def _oneshot_kernel(
 
 
 def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,
-                   cfg: OneshotConfig, accumulate=None) -> torch.Tensor:
+                   cfg: OneshotConfig, accumulate=None, zero_first: bool = False) -> torch.Tensor:
     """Run the one-shot tiles (arguments validated by the public ops); return y [B, N], or with `accumulate`
-    (fp32 [B, N]; a gate/up pair: [2, B, N], the raw sums) add W·x_s (+ bias) into it in place and return it."""
+    (fp32 [B, N]; a gate/up pair: [2, B, N], the raw sums) add W·x_s (+ bias) into it in place and return it;
+    `zero_first`: zero it first (inside the norm's pre-pass where there is one), so it receives W·x_s (+ bias)."""
     b, k = x.shape
     n = wt.shape[1]
     use_dot = b > 1
@@ -148,10 +155,16 @@ def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, a
     ptrs, (n0, n1), strides, flags = launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
                                                  nm_n, nm_m, y, block_b)
     rstd = y
+    zero = zero_first and accumulate is not None
     if norm_weight is not None:
         rstd = torch.empty(b, device=x.device, dtype=torch.float32)
-        _rstd_kernel[(b,)](x, rstd, k, x.stride(0), eps, NORM_BLOCK=min(triton.next_power_of_2(k), 4096),
-                           num_warps=4)
+        z_n = accumulate[0].numel() if zero else 0  # a row's share: one matrix, or a pair's two ([2, B, N]: row-major)
+        _rstd_kernel[(b,)](x, rstd, accumulate if zero else rstd, k, z_n, x.stride(0), eps,
+                           NORM_BLOCK=min(triton.next_power_of_2(k), 4096), ZERO=zero and accumulate.dim() == 2,
+                           Z_BLOCK=1024, num_warps=4)
+        zero = zero and accumulate.dim() == 3
+    if zero:
+        accumulate.zero_()
     compiled = _oneshot_kernel[(tiles_n, triton.cdiv(k, block_k), mats)](
         *ptrs, atomic_accumulator(x.device), tile_counters(x.device), rstd, b, k, n, n0, n1, *strides, eps, **flags,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, ACCUM=accumulate is not None, BLOCK_B=block_b,

@@ -155,7 +155,8 @@ def decode_attention_ref(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int, *,
                          sm_scale: float | None = None, rope_scale: float = 1.0, softcap: float = 0.0,
                          window: int = 0) -> torch.Tensor:
-    """Reference of `decode_attention`: writes roped k/v at pos into the caches, returns attn [B, H·D] (softcap:
+    """Reference of `decode_attention`: writes roped k/v at pos into the caches, returns attn [B, H·D] in the
+    caches' dtype (softcap:
     scores ← c·tanh(scores / c); window: the last `window` positions only, the new one included)."""
     b, hkv, s, d = k_cache.shape
     q = qkv[:, : n_heads * d].reshape(b, n_heads, d)
@@ -177,7 +178,7 @@ def decode_attention_ref(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             s = torch.tanh(s / softcap) * softcap
         att = torch.softmax(s, dim=-1)
         out[i] = (att @ vals)[:, 0]
-    return out.reshape(b, n_heads * d).to(qkv.dtype)
+    return out.reshape(b, n_heads * d).to(k_cache.dtype)
 
 
 def silu_mul_ref(gu: torch.Tensor, act: str = "silu") -> torch.Tensor:

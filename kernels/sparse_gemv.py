@@ -93,11 +93,11 @@ def _sparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresh: Optional[torch.Te
 @torch.library.custom_op("actsparse::sparse_gemv_accumulate", mutates_args=("acc",))
 def _sparse_gemv_acc_op(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor, shift: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor], eps: float,
-                        segments: list[int], nm_n: int, nm_m: int, acc: torch.Tensor) -> None:
+                        segments: list[int], nm_n: int, nm_m: int, acc: torch.Tensor, zero_first: bool = False) -> None:
     _, cfg = choose_impl("qkv" if segments else "gemv", x.shape[1], wshape(wt)[1], x.shape[0], "oneshot",
                          accum=True)
     launch_oneshot(x, wt, None, thresh, shift, bias, None, norm_weight, eps, 0, segments, nm_n, nm_m, cfg,
-                   accumulate=acc)
+                   accumulate=acc, zero_first=zero_first)
 
 
 @_sparse_gemv_op.register_fake
@@ -130,18 +130,19 @@ def _out_rows(out_thresh: Optional[torch.Tensor], out_shift: Optional[torch.Tens
     return out_thresh, out_shift
 
 
-def _check_accumulate(acc: torch.Tensor, x: torch.Tensor, n: int, act: str, residual, out_thresh, thresh) -> None:
-    """accumulate= is a float32 [B, N] tensor, row-major, on x's device, that nothing else is asked to add to."""
+def _check_accumulate(acc: torch.Tensor, x: torch.Tensor, n: int, act: str, residual, out_thresh, thresh,
+                      name: str = "accumulate") -> None:
+    """accumulate= / out= is a float32 [B, N] tensor, row-major, on x's device, taking the raw sum alone."""
     if acc.dtype != torch.float32 or tuple(acc.shape) != (x.shape[0], n) or acc.stride(1) != 1:
-        raise ValueError(f"accumulate must be a float32 [{x.shape[0]}, {n}] tensor contiguous along its columns, "
+        raise ValueError(f"{name} must be a float32 [{x.shape[0]}, {n}] tensor contiguous along its columns, "
                          f"got {acc.dtype} {tuple(acc.shape)} with strides {acc.stride()}")
     if acc.device != x.device:
-        raise ValueError(f"accumulate is on {acc.device} but x is on {x.device}")
-    clash = [name for name, bad in (("act", act != "none"), ("residual", residual is not None),
+        raise ValueError(f"{name} is on {acc.device} but x is on {x.device}")
+    clash = [what for what, bad in (("act", act != "none"), ("residual", residual is not None),
                                     ("out_thresh", out_thresh is not None), ("thresh=None", thresh is None)) if bad]
     if clash:
-        raise ValueError(f"accumulate= adds the raw sum into a given tensor (which holds the residual); it cannot "
-                         f"take {', '.join(clash)}")
+        raise ValueError(f"{name}= takes the raw sum W·x_s + bias in fp32 (an accumulate= tensor holds the residual "
+                         f"itself); it cannot take {', '.join(clash)}")
 
 
 def _validate_nm(nm: Optional[tuple[int, int]]) -> tuple[int, int]:
@@ -170,6 +171,7 @@ def sparse_gemv(
     out_thresh: Optional[torch.Tensor] = None,
     out_shift: Optional[torch.Tensor] = None,
     accumulate: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Return y [B, N] = act(W·x_s + bias) + residual, with x_s = (x̂ − m)⊙1[|x̂ − m| > t] and x̂ = rmsnorm(x) or x.
 
@@ -188,6 +190,9 @@ def sparse_gemv(
     accumulate: a float32 [B, N] tensor (e.g. the residual stream kept in fp32) that W·x_s + bias is added into
     in place, and returned: the one-shot tiles' partials land in it directly (no output, counter or epilogue);
     act must be "none" and residual, out_thresh None (it is its own residual); the one-shot tiles alone run it.
+    out: a contiguous float32 [B, N] tensor that receives W·x_s + bias, as accumulate= after zeroing it (inside
+    the norm's pre-pass where norm_weight is given): the raw sums in fp32 for a consumer that reads them (e.g.
+    q|k|v for the attention kernel), with no output cast, counter or epilogue.
     """
     _check_common(x, wt)
     k, n = wshape(wt)
@@ -211,12 +216,17 @@ def sparse_gemv(
     if act not in ACTS:
         raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
     nm_n, nm_m = _validate_nm(nm)
-    if accumulate is not None:
-        _check_accumulate(accumulate, x, n, act, residual, out_thresh, thresh)
+    if out is not None and accumulate is not None:
+        raise ValueError("give out= (written) or accumulate= (added into), not both")
+    into = accumulate if out is None else out
+    if into is not None:
+        _check_accumulate(into, x, n, act, residual, out_thresh, thresh, "accumulate" if out is None else "out")
+        if out is not None and not out.is_contiguous():
+            raise ValueError(f"out must be contiguous, got strides {out.stride()}")
         choose_impl("qkv" if bounds else "gemv", k, n, x.shape[0], impl, packed=wt.dim() == 3, accum=True)
         torch.ops.actsparse.sparse_gemv_accumulate(x, wt, thresh, shift, bias, norm_weight, float(eps), bounds,
-                                                   nm_n, nm_m, accumulate)
-        return accumulate
+                                                   nm_n, nm_m, into, out is not None)
+        return into
     # Rejects a bad impl / batch here.
     choose_impl("qkv" if bounds else "gemv", k, n, x.shape[0], impl, packed=wt.dim() == 3, presel=thresh is None,
                 out_sel=out_thresh is not None)

@@ -8,7 +8,8 @@ several layers' weights at a few skipped-row fractions, and the dense op the eng
 and act·mul launches included), all timed as CUDA-graph replays. `OpTimes.choice` interpolates those times
 at an op's expected skip and takes the least; the crossover is where the best kernel's speedup over cuBLAS
 crosses 1. With the engine's fp32 residual stream, o and down also time "accumulate" (the one-shot tiles adding
-into the stream in place) and everything reads and adds the fp32 stream as the engine does. Cached per (device
+into the stream in place), q|k|v its raw fp32 sums for the attention kernel, and everything reads and adds the
+fp32 stream as the engine does. Cached per (device
 name, shapes, dtype, stream dtype, batch) for the process.
 """
 
@@ -130,6 +131,7 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
     if engine.residual_fp32:
         x = x.float()
     acc = x.clone()  # what "accumulate" adds into (grows over the replays: only its time counts)
+    sums = torch.empty(batch, q + 2 * kv, device=engine.device)  # q|k|v's raw sums
 
     def dense(op: str, lw) -> None:
         if op == "qkv":
@@ -152,6 +154,9 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
             t = union_threshold(engine._norm(x, norm), s)
             if op == "qkv":
                 th = torch.full((3,), t, device=dev)
+                if impl == "accumulate":  # the raw fp32 sums the attention kernel reads
+                    return lambda: ops.sparse_gemv(x, lw.wqkv_t, th, norm_weight=norm, eps=eps,
+                                                   segments=(q, q + kv), impl="oneshot", out=sums)
                 return lambda: ops.sparse_gemv(x, lw.wqkv_t, th, norm_weight=norm, eps=eps, segments=(q, q + kv),
                                                impl=impl)
             th = torch.full((2,), t, device=dev)
@@ -181,12 +186,14 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         return out
 
     # Adding into the stream needs the op to add the residual itself: not behind a post-norm (Gemma).
-    accumulate = (engine.residual_fp32 and "oneshot" in kernels
-                  and all(lw.post_attn_norm is None and lw.post_mlp_norm is None for lw in layers))
+    raw = engine.residual_fp32 and "oneshot" in kernels
+    accumulating = {"qkv"} if raw else set()
+    if raw and all(lw.post_attn_norm is None and lw.post_mlp_norm is None for lw in layers):
+        accumulating |= {"o", "down"}
     out = {}
     for op in OPS:
         t_dense = graph_ms(lambda: [dense(op, lw) for lw in layers])
-        impls = kernels + ["accumulate"] if accumulate and op in ("o", "down") else kernels
+        impls = kernels + ["accumulate"] if op in accumulating else kernels
         out[op] = OpTimes(t_dense, LEVELS, timed(impls, lambda lw, s, impl: sparse(op, lw, s, impl)))
     if all(lw.wu is not None for lw in layers):  # CATS: which cats_up kernel, at the fraction of up rows skipped
         ups = UP_KERNELS if batch <= configs.ONESHOT_MAX_BATCH else UP_KERNELS[:1]

@@ -10,7 +10,8 @@ and sparse runs the kernels with thresholds, norms and residuals fused:
 and each op runs whichever of cuBLAS, the one-shot tiles and the gather walk is fastest at its expected
 skipped rows, as measured on the GPU at hand (`crossover.py`). With `residual_fp32` (the default on a GPU) a
 sparse step keeps the residual stream in fp32, and o and down may add straight into it ("accumulate": the
-one-shot tiles' partials land in the stream, no output, counter or epilogue) where that measures fastest. act is silu (SwiGLU) or gelu-tanh (Gemma's
+one-shot tiles' partials land in the stream, no output, counter or epilogue) where that measures fastest;
+q|k|v likewise writes its raw fp32 sums (zeroed by its norm pre-pass) for the attention kernel to cast. act is silu (SwiGLU) or gelu-tanh (Gemma's
 GeGLU). Gemma's sandwich norms normalise the o and down outputs before the residual add, so those two ops
 run without the residual and a norm + add follows each; its attention scales, soft-caps and slides its window
 inside the attention kernel.
@@ -42,8 +43,12 @@ from .weights import Weights, random_weights, weights_from_hf
 
 def _any_impl(ref_fn: Callable) -> Callable:
     """A reference that takes (and ignores) the kernels' `impl` argument: it is one implementation. With
-    `accumulate=h` (sparse_gemv's), h ← h + W·x_s (+ bias) in place, as the one-shot tiles do."""
-    def call(*args, impl: str = "auto", accumulate: Optional[torch.Tensor] = None, **kw):
+    `accumulate=h` (sparse_gemv's), h ← h + W·x_s (+ bias) in place, as the one-shot tiles do; `out=h`, h ← W·x_s
+    (+ bias) in fp32."""
+    def call(*args, impl: str = "auto", accumulate: Optional[torch.Tensor] = None,
+             out: Optional[torch.Tensor] = None, **kw):
+        if out is not None:
+            return out.copy_(ref_fn(*args, residual=torch.zeros_like(out), **kw))
         if accumulate is None:
             return ref_fn(*args, **kw)
         return accumulate.copy_(ref_fn(*args, residual=accumulate, **kw))
@@ -160,6 +165,7 @@ class Engine:
         self.rules: Optional[list[_LayerRule]] = None
         self.expected_sparsity: dict[str, float] = {}
         self._graphs: dict[tuple[int, bool], _Graph] = {}
+        self._sums: dict[int, torch.Tensor] = {}
         self.last_tokens: Optional[torch.Tensor] = None
         self.last_step_ms: float = float("nan")
 
@@ -345,6 +351,19 @@ class Engine:
         y = self.ops.rmsnorm(x, g, self.cfg.rms_eps, scale_in_f32=self.cfg.norm_f32)
         return y if y.dtype == self.dtype else y.to(self.dtype)
 
+    def _raw_sums(self, impl: str, x: torch.Tensor, rule: "_OpRule") -> bool:
+        """Whether q|k|v writes its raw fp32 sums (one-shot tiles, `out=`) for the attention kernel to cast: in an
+        fp32-stream step where measured fastest ("accumulate") or, with given fallback levels ("auto"), wherever
+        it can (no low-rank part)."""
+        return (x.dtype == torch.float32 and self.residual_fp32 and rule.lowrank is None
+                and impl in ("accumulate", "auto") and x.shape[0] <= 16)
+
+    def _qkv_sums(self, b: int) -> torch.Tensor:
+        """The fp32 [b, Nq + 2Nkv] buffer q|k|v's raw sums land in (one per batch size; each op zeroes it first)."""
+        if b not in self._sums:
+            self._sums[b] = torch.empty(b, self.cfg.q_size + 2 * self.cfg.kv_size, device=self.device)
+        return self._sums[b]
+
     def _accumulates(self, impl: str, x: torch.Tensor, res: Optional[torch.Tensor], rule: "_OpRule") -> bool:
         """Whether a row-split op (o, down) adds into the fp32 stream x in place: measured fastest ("accumulate"),
         or with given fallback levels ("auto") wherever it can (it adds the residual itself, no low-rank part)."""
@@ -402,9 +421,14 @@ class Engine:
         impl = "dense" if r is None else self._choose(r.qkv, "qkv", b)
         if impl == "dense":
             qkv = self._linear(self._norm(x, lw.attn_norm), lw.wqkv, lw.wqkv_t, res=lw.bqkv)  # [B, Nq + 2Nkv]
+        elif self._raw_sums(impl, x, r.qkv):  # fp32 sums, no epilogue: the attention kernel reads and casts them
+            qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
+                                  norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), nm=r.qkv.nm,
+                                  impl="oneshot", out=self._qkv_sums(b))
         else:
             qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
-                                  norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), nm=r.qkv.nm, impl=impl)
+                                  norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), nm=r.qkv.nm,
+                                  impl=_kernel(impl))
             if r.qkv.lowrank is not None:
                 qkv = (qkv.float() + self._lowrank(self._norm(x, lw.attn_norm), r.qkv)).to(qkv.dtype)
         if lw.q_norm is not None:  # Qwen3, Gemma 3: each head of q and of k normalised before RoPE

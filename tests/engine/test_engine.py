@@ -314,18 +314,20 @@ def test_sliding_window_layers_decode_like_transformers_past_the_window(family):
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_an_fp32_residual_stream_adds_o_and_down_into_itself(kernels):
-    """residual_fp32: a sparse step keeps the stream in fp32 and o / down add into it in place (the one-shot
-    tiles' `accumulate=`); logits match the bf16-stream-free reference (fp16 model, fp32 torch reference path)."""
+    """residual_fp32: a sparse step keeps the stream in fp32, o / down add into it in place (the one-shot tiles'
+    `accumulate=`) and q|k|v hands its raw fp32 sums to attention (`out=`); logits match the fp32 torch reference
+    path (fp16 model)."""
     model = _hf_tiny(seed=8)
     th = {f"layers.{i}.{r}": 0.3 for i in range(TINY.n_layers) for r in ("q", "k", "v", "o", "gate", "up", "down")}
     eng = Engine.from_hf(model, device=DEVICE, dtype=torch.float16, kernels=kernels, max_batch=2, max_seq_len=16,
                          fallback_below=0.0, residual_fp32=True)
     eng.set_thresholds(th)
-    calls = []
+    calls, raw = [], []
     inner = eng.ops.sparse_gemv
 
     def spy(*args, **kw):
         calls.append(kw.get("accumulate") is not None)
+        raw.append(kw.get("out") is not None)
         return inner(*args, **kw)
     eng.ops.sparse_gemv = spy
     ref = Engine.from_hf(model, kernels="torch", max_batch=2, max_seq_len=16)
@@ -334,6 +336,7 @@ def test_an_fp32_residual_stream_adds_o_and_down_into_itself(kernels):
     got, want = _engine_logits(eng, seq, True), _engine_logits(ref, seq, True)
     assert (got - want).norm() / want.norm() < 3e-3
     assert sum(calls) == 2 * TINY.n_layers * 4  # o and down of every layer, every step, added in place
+    assert sum(raw) == TINY.n_layers * 4  # q|k|v's raw fp32 sums, read by the attention kernel
     off = Engine.from_hf(model, device=DEVICE, dtype=torch.float16, kernels=kernels, max_batch=2, max_seq_len=16,
                          fallback_below=0.0, residual_fp32=False)
     off.set_thresholds(th)

@@ -161,3 +161,30 @@ def test_pair_accumulates_both_raw_sums(batch):
     got = launch_oneshot(x, wg, wu, t, None, bias, None, g, 1e-6, 0, [], 0, 0, CFGS["small"], accumulate=acc)
     assert got is acc
     assert rel_err(acc[0], want[0]) < 1e-5 and rel_err(acc[1], want[1]) < 1e-5
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_out_receives_the_raw_fp32_sums_whatever_it_held(batch, norm):
+    """out=: W·x_s + bias in fp32 (q/k/v segments, RMSNorm fused or not), the tensor zeroed first (NaN before:
+    every element written), twice in a row (the second launch does not add onto the first)."""
+    k, n = 100, 96
+    x = torch.randn(batch, k, device=DEVICE, dtype=torch.float16)
+    wt = (torch.randn(k, n, device=DEVICE) / k**0.5).half()
+    g = (1 + 0.1 * torch.randn(k, device=DEVICE)).half() if norm else None
+    bias = torch.randn(n, device=DEVICE, dtype=torch.float16)
+    t = torch.rand(3, k, device=DEVICE) * 0.8
+    want = ref.sparse_gemv_ref(x, wt.float(), t, bias=bias.float(), norm_weight=g, segments=(32, 64))
+    buf = torch.full((batch, n), float("nan"), device=DEVICE)
+    for _ in range(2):
+        with override_config(CFGS["wide"]):
+            got = sparse_gemv(x, wt, t, bias=bias, norm_weight=g, segments=(32, 64), out=buf)
+        assert got is buf and rel_err(buf, want) < 2e-3
+    t1 = t[0, :1]
+    with pytest.raises(ValueError, match="give out= .* or accumulate= .*, not both"):
+        sparse_gemv(x, wt, t1, out=buf, accumulate=buf)
+    if batch > 1:  # a one-row view is contiguous whatever its row stride
+        with pytest.raises(ValueError, match="out must be contiguous"):
+            sparse_gemv(x, wt, t1, out=torch.zeros(batch, 2 * n, device=DEVICE)[:, :n])
+    with pytest.raises(ValueError, match="out= takes the raw sum .* cannot take act"):
+        sparse_gemv(x, wt, t1, act="silu", out=buf)
