@@ -48,6 +48,18 @@ from actsparse.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from actsparse.kernels.silu_mul import silu_mul
 from actsparse.kernels.sparse_gemv import pack_weight, sparse_gemv
 
+
+def interpreted() -> bool:
+    """Return whether Triton's interpreter runs these kernels (on CPU tensors) rather than its compiler (on CUDA
+    tensors only). Decided when the kernels were defined, by TRITON_INTERPRET: set above without CUDA, else as the
+    caller left it."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from actsparse.kernels.rmsnorm import _rmsnorm_kernel
+
+    return isinstance(_rmsnorm_kernel, InterpretedFunction)
+
+
 __all__ = [
     "GatherConfig",
     "MaskedConfig",
@@ -55,6 +67,7 @@ __all__ = [
     "add_rmsnorm",
     "cats_up",
     "decode_attention",
+    "interpreted",
     "override_config",
     "pack_weight",
     "poison_outputs",

@@ -23,7 +23,9 @@ skipped on the rank that holds it. Every kernel path of the single-GPU engine ru
 per-op kernel choice (`crossover.op_times`) is measured at the shard's shapes, since the shard's config is the
 engine's `cfg` (`full_cfg` keeps the model's).
 
-World size 1 is the ordinary engine. `launch.run_ranks` spawns W processes on one machine.
+World size 1 is the ordinary engine. `launch.run_ranks` spawns W processes on one machine, rank r on GPU r (its
+current CUDA device, the default `device` of `from_hf` and `random`); another launcher sets each rank's current
+device itself (`torch.cuda.set_device(local_rank)`), as NCCL wants one GPU per rank.
 """
 
 from __future__ import annotations
@@ -200,7 +202,8 @@ class TPEngine(Engine):
         """Return rank's engine holding its shard of a transformers model of a family the engine decodes.
 
         The model's weights are read where they are (CPU is fine) and only the shard is copied to `device`
-        (default: cuda:<current device> when CUDA is present, else the model's device)."""
+        (default: cuda:<current device> when CUDA is present, GPU `rank` under `run_ranks`; else the model's
+        device)."""
         why = unsupported_reason(model.config, kw.get("max_seq_len", 512))
         if why:
             raise ValueError(why)

@@ -172,7 +172,11 @@ def load_model(spec: str, dtype=None, device=None, revision: str | None = None, 
         raise ActsparseError(f"model {spec!r} is an encoder-decoder; actsparse supports decoder-only LMs and "
                              "encoders")
     auto = AutoModel if config_is_encoder(config) else AutoModelForCausalLM
-    model = auto.from_pretrained(src.path, dtype=torch_dtype or "auto", **kw)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # Attention soft-capping (Gemma 2) is part of the model, and transformers' eager attention is the one that
+    # always applies it: up to 5.20 Gemma 2 defaults to SDPA, which silently drops it.
+    attn = {"attn_implementation": "eager"} if getattr(text, "attn_logit_softcapping", None) else {}
+    model = auto.from_pretrained(src.path, dtype=torch_dtype or "auto", **attn, **kw)
     tok = AutoTokenizer.from_pretrained(src.path, **kw)
     if devices is not None:
         split_model(model, devices, max_memory)

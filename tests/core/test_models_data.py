@@ -17,6 +17,27 @@ def test_load_local_directory_gives_eval_model_and_tokenizer(tiny_dir):
     assert next(m16.parameters()).dtype == torch.bfloat16
 
 
+def test_a_model_with_attention_soft_capping_loads_with_the_attention_that_applies_it(tmp_path):
+    """Gemma 2's attn_logit_softcapping: eager attention (transformers up to 5.20 default to SDPA, which drops it),
+    so the loaded model's logits are the soft-capped ones."""
+    import transformers as tr
+
+    from tests.conftest import make_tokenizer
+
+    cfg = tr.Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=1.0,
+                          pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.5)
+    torch.manual_seed(0)
+    tr.Gemma2ForCausalLM(cfg).save_pretrained(tmp_path)
+    make_tokenizer(tmp_path)
+    model, _ = asp.load_model(str(tmp_path))
+    assert model.config._attn_implementation == "eager"
+    ref = tr.Gemma2ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    seq = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(seq).logits, ref(seq).logits)
+
+
 @pytest.mark.parametrize("spec, match", [
     ("/no/such/dir", "does not exist"),
     ("./missing-model", "does not exist"),

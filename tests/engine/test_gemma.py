@@ -36,7 +36,9 @@ def _hf_gemma(family: str, seed: int = 0, **over):
 
     torch.manual_seed(seed)
     cls = tr.Gemma2ForCausalLM if family == "gemma2" else tr.Gemma3ForCausalLM
-    model = cls(_config(family, **over)).eval()
+    # Eager attention, transformers' reference: up to 5.20 Gemma 2 defaults to SDPA, which silently drops
+    # attn_logit_softcapping (5.21 on refuses SDPA for it), so the default there is not the configured model.
+    model = cls(_config(family, attn_implementation="eager", **over)).eval()
     model.generation_config.eos_token_id = None  # greedy decoding runs its full length
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,5 +1,5 @@
 """The tensor-parallel engine decodes what the single-GPU engine decodes: at world size 2 (two gloo processes on
-the CPU; on the GPU machine, two NCCL ranks sharing one GPU) its greedy tokens equal world size 1's and the
+the CPU; on a machine with two GPUs, two NCCL ranks, one per GPU) its greedy tokens equal world size 1's and the
 `Engine`'s on the same random weights, and its logits (the ranks' vocabulary slices side by side) equal theirs,
 dense and sparse (TEAL-like per-channel thresholds, a SCAP shift on every site, a CATS plan), for a Llama-shaped
 and a Gemma-2-shaped model; what cannot be split is refused with the reason."""
@@ -14,6 +14,7 @@ from actsparse.engine import TINY, Engine, EnginePlan
 from actsparse.engine.launch import run_ranks
 from actsparse.engine.tensor_parallel import TPEngine, shard_config, shard_plan, shard_weights, split_reason
 from actsparse.engine.weights import random_weights
+from actsparse.kernels import interpreted
 
 # Odd vocabularies: the ranks' slices differ in size (66 and 65).
 LLAMA = replace(TINY, vocab_size=131)
@@ -26,6 +27,14 @@ PROMPT, NEW = 5, 6  # the prompt runs past Gemma's window of 3
 # (config, plan, kernels): the torch references for every case, and the Triton kernels (interpreter: slow, so
 # once, checked against the torch references' single-GPU engine)
 CASES = [(c, p, "torch") for c in CONFIGS for p in PLANS] + [("llama", "scap", "triton")]
+# The gloo ranks' cases: the Triton ones only where Triton's interpreter runs them on CPU tensors (actsparse.kernels
+# turns it on without CUDA); with CUDA present they are compiled, take CUDA tensors only, and the NCCL test runs
+# them on the GPUs.
+GLOO_CASES = [c for c in CASES if c[2] == "torch" or interpreted()]
+NO_CPU_TRITON = ("Triton's interpreter is off (CUDA present): its compiled kernels take no CPU tensors; the NCCL "
+                 "test runs them on the GPUs")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs: NCCL runs each rank on a "
+                                                                    "GPU of its own and refuses two on one GPU")
 
 
 def _plan(cfg, kind: str):
@@ -88,19 +97,21 @@ def _run(eng, prompt, short: bool = False) -> tuple[torch.Tensor, Optional[torch
 
 
 def _rank_cases(rank: int, world: int, cases, device=None) -> dict:
-    """On each rank: every case's tokens and logit slice (run by `run_ranks`)."""
+    """On each rank: every case's tokens and logit slice (run by `run_ranks`), and "device": where its engines ran."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = {}
     for case in cases:
         short = _short(case, device)
-        out[case] = _run(*_case(*case, rank, world, device, short), short)
+        eng, prompt = _case(*case, rank, world, device, short)
+        out[case] = _run(eng, prompt, short)
+        out["device"] = str(eng.device)
     return out
 
 
 @pytest.fixture(scope="module")
 def two_ranks() -> list[dict]:
-    """Every case at world size 2: two gloo processes (spawned once for the module)."""
-    return run_ranks(_rank_cases, 2, CASES, "cpu", backend="gloo")
+    """Every case of GLOO_CASES at world size 2: two gloo processes (spawned once for the module)."""
+    return run_ranks(_rank_cases, 2, GLOO_CASES, "cpu", backend="gloo")
 
 
 def _check(case, got: list, atol: float = 1e-4, device="cpu") -> None:
@@ -121,7 +132,8 @@ def _check(case, got: list, atol: float = 1e-4, device="cpu") -> None:
     assert torch.allclose(logits, want_logits, atol=atol, rtol=1e-4), (case, (logits - want_logits).abs().max())
 
 
-@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id="-".join(c), marks=pytest.mark.skipif(
+    c not in GLOO_CASES, reason=NO_CPU_TRITON)) for c in CASES])
 def test_world_size_2_decodes_the_single_gpu_engines_tokens(case, two_ranks):
     _check(case, [r[case] for r in two_ranks])
 
@@ -188,15 +200,18 @@ def test_splits_it_cannot_make_are_refused_with_the_reason():
 
 
 def test_from_hf_shards_a_transformers_model_and_decodes_its_tokens():
-    """World size 1 from a transformers Llama: greedy tokens equal `generate`'s."""
+    """World size 1 from a transformers Llama on the CPU: the shard goes to the current GPU where there is one (else
+    stays on the CPU), and its greedy tokens equal `generate`'s."""
     from .test_engine import _hf_tiny
 
     model = _hf_tiny(seed=2)
     eng = TPEngine.from_hf(model, 0, 1, kernels="torch", max_seq_len=16)
+    cuda = torch.cuda.is_available()
+    assert eng.device == (torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
     prompt = torch.randint(0, TINY.vocab_size, (1, 4))
     eng.decode(prompt, 5)
     with torch.no_grad():
-        assert torch.equal(eng.last_tokens, model.generate(prompt, max_new_tokens=5, do_sample=False))
+        assert torch.equal(eng.last_tokens.cpu(), model.generate(prompt, max_new_tokens=5, do_sample=False))
     with pytest.raises(ValueError, match="does not divide the model's 2 kv heads"):
         TPEngine.from_hf(model, 0, 3, kernels="torch")
 
@@ -207,13 +222,22 @@ def test_comm_share_at_world_size_1_is_zero():
     assert got["comm_share"] == 0.0 and got["tok_s"] > 0 and got["step_ms"] > 0
 
 
+def test_nccl_ranks_need_a_gpu_each():
+    """run_ranks puts NCCL rank r on GPU r: more ranks than GPUs are refused before any process starts."""
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"world_size {n + 1} needs {n + 1} GPUs, {n} present; use .*backend='gloo'"):
+        run_ranks(_comm_share_rank, n + 1, backend="nccl")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_two_nccl_ranks_on_one_gpu_decode_the_single_gpu_engines_tokens():
-    """On the GPU: two NCCL ranks on one GPU, the Triton kernels, CUDA graphs (all-reduces captured), fp32."""
+@two_gpus
+def test_two_nccl_ranks_on_two_gpus_decode_the_single_gpu_engines_tokens():
+    """On two GPUs: NCCL rank r on cuda:r, the Triton kernels, CUDA graphs (all-reduces captured), fp32; the
+    single-GPU engine runs on cuda:0."""
     cases = [("llama", "dense", "triton"), ("llama", "teal", "triton"), ("gemma2", "scap", "triton"),
              ("llama", "cats", "triton")]
     got = run_ranks(_rank_cases, 2, cases, backend="nccl")
+    assert [r["device"] for r in got] == ["cuda:0", "cuda:1"]
     for case in cases:
         _check(case, [r[case] for r in got], atol=1e-3, device="cuda")
 
@@ -221,12 +245,13 @@ def test_two_nccl_ranks_on_one_gpu_decode_the_single_gpu_engines_tokens():
 def _comm_share_rank(rank: int, world: int) -> dict:
     eng = TPEngine.random(LLAMA, rank, world, device="cuda", dtype=torch.bfloat16, kernels="triton",
                           fallback_below=0.0)
-    return eng.comm_share(8)
+    return {**eng.comm_share(8), "device": str(eng.device)}
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@two_gpus
 def test_comm_share_is_measured_over_nccl():
     got = run_ranks(_comm_share_rank, 2, backend="nccl")
+    assert [r["device"] for r in got] == ["cuda:0", "cuda:1"]
     for r in got:
         assert 0.0 <= r["comm_share"] < 1.0 and r["step_ms"] >= r["step_ms_no_comm"] * 0.5
