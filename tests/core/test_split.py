@@ -141,14 +141,19 @@ def test_split_model_calibrates_fits_and_evaluates_like_the_whole(tmp_path, text
     ppl = dict(seq_len=64, max_tokens=1024, progress=False)
     assert asp.perplexity(split, tok, str(text_file), **ppl) == pytest.approx(
         asp.perplexity(whole, tok, str(text_file), **ppl), rel=1e-4)
+    # Blocks on another kind of device round their last bits differently (GPU vs host matmuls): a threshold, a
+    # quantile of a finite sample, can then land on the neighbouring sample (measured on an H100: 0.8%), and the
+    # sparse perplexity moves with it. The same arithmetic on both sides keeps them equal.
+    same = all(torch.device(d).type == "cpu" for d in devices)
+    th_tol, ppl_rel = (dict(rtol=1e-4, atol=1e-5), 1e-4) if same else (dict(rtol=3e-2, atol=1e-4), 1e-2)
     for method, extra in [("teal", {}), ("wina", {}), ("cats", {}), ("larosa", {})]:
         plans = [asp.fit(method, s, sparsity=0.5, model=m, **extra) for s, m in ((s_whole, whole), (s_split, split))]
         assert set(plans[0].rules) == set(plans[1].rules)
         for name, r in plans[0].rules.items():
             for k, v in r.tensors.items():
-                torch.testing.assert_close(plans[1].rules[name].tensors[k].cpu(), v.cpu(), rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(plans[1].rules[name].tensors[k].cpu(), v.cpu(), **th_tol)
         got = []
         for m, p in ((whole, plans[0]), (split, plans[1])):
             with asp.sparsify(m, p):
                 got.append(asp.perplexity(m, tok, str(text_file), **ppl))
-        assert got[1] == pytest.approx(got[0], rel=1e-4), method
+        assert got[1] == pytest.approx(got[0], rel=ppl_rel), method
