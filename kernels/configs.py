@@ -196,7 +196,8 @@ def override_config(cfg: Config | None) -> Iterator[None]:
 def why_not(impl: str, b: int, packed: bool, presel: bool, out_sel: bool, accum: bool = False) -> str:
     """Why kernel `impl` cannot run a launch ('' when it can); the masked walk runs anything but accumulating."""
     if accum and impl != "oneshot":
-        return "cannot add into a given fp32 tensor (accumulate=); only the one-shot tiles can"
+        return ("cannot add into a given fp32 tensor (accumulate=, out=) or read a gate/up pair's raw sums "
+                "(gated=); only the one-shot tiles can")
     if impl == "masked":
         return ""
     cap = GATHER_MAX_BATCH if impl == "gather" else ONESHOT_MAX_BATCH
@@ -224,8 +225,8 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, packed
     impl="auto": an `override_config`'s kernel where it can run, else the kernel measured fastest for this op
     shape and batch (`PREFERRED`), else gather, else masked (which runs anything); naming a kernel that cannot
     run the launch is an error. packed: weights from `pack_weight`; presel: the input arrives already selected
-    (thresh=None); out_sel: out_thresh is given; accum: the op adds into a given fp32 tensor (the one-shot
-    tiles alone can, so "auto" means them).
+    (thresh=None); out_sel: out_thresh is given; accum: the op adds into a given fp32 tensor or reads raw gate/up
+    sums (the one-shot tiles alone can, so "auto" means them).
     """
     if impl not in ("auto",) + IMPLS:
         raise ValueError(f"impl must be 'auto', 'masked', 'gather' or 'oneshot', got {impl!r}")
@@ -234,7 +235,7 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, packed
     if impl != "auto":
         reason = why_not(impl, b, packed, presel, out_sel, accum)
         if reason:
-            hint = ("pass residual= instead of accumulate=" if accum else "use impl='masked' or 'auto'")
+            hint = ("use impl='oneshot' or 'auto'" if accum else "use impl='masked' or 'auto'")
             raise ValueError(f"the {impl} kernel {reason}; {hint}")
     else:
         impl = _auto(kind, k, n, b, packed, presel, out_sel)

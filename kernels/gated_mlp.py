@@ -16,6 +16,7 @@ import torch
 
 from .configs import choose_impl
 from .gemv_common import wshape
+from .oneshot_gemv import launch_oneshot
 from .sparse_gemv import ACTS, _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm
 
 
@@ -27,6 +28,16 @@ def _sparse_gated_mlp_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Te
                          out_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     return _launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, act, [], nm_n, nm_m, "pair", impl,
                    out_thresh, out_shift)
+
+
+@torch.library.custom_op("actsparse::sparse_gated_mlp_sums", mutates_args=("out",))
+def _sparse_gated_mlp_sums_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: torch.Tensor,
+                              shift: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                              norm_weight: Optional[torch.Tensor], eps: float, nm_n: int, nm_m: int,
+                              out: torch.Tensor) -> None:
+    _, cfg = choose_impl("pair", x.shape[1], wshape(wt_gate)[1], x.shape[0], "oneshot", accum=True)
+    launch_oneshot(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, cfg,
+                   accumulate=out, zero_first=True)
 
 
 @_sparse_gated_mlp_op.register_fake
@@ -50,6 +61,7 @@ def sparse_gated_mlp(
     impl: str = "auto",
     out_thresh: Optional[torch.Tensor] = None,
     out_shift: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Return h [B, I] = act(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u) with per-projection thresholds.
 
@@ -59,6 +71,9 @@ def sparse_gated_mlp(
     is already selected and both projections read it as is. out_thresh [1] or [I] / out_shift [I]: h is
     written selected for the down projection, h ← (h − m)⊙1[|h − m| > t] (see `sparse_gemv`).
     impl: "oneshot", "gather", "masked" or "auto" (see `sparse_gemv`).
+    out: a contiguous float32 [2, B, I] tensor that receives the raw sums W_g·x_s,g + b_g and W_u·x_s,u + b_u
+    instead (no act, no product; zeroed first inside the norm's pre-pass) and is returned: the one-shot tiles with
+    no counter or epilogue, for a down projection that forms act(gate)·up itself (`sparse_gemv(gated=act)`).
     """
     _check_common(x, wt_gate, "wt_gate")
     _check_common(x, wt_up, "wt_up")
@@ -80,6 +95,17 @@ def sparse_gated_mlp(
     if act not in ACTS or act == "none":
         raise ValueError(f"act must be 'silu' or 'gelu_tanh' (the gate's activation), got {act!r}")
     nm_n, nm_m = _validate_nm(nm)
+    if out is not None:
+        b = x.shape[0]
+        if out.dtype != torch.float32 or tuple(out.shape) != (2, b, n) or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 [2, {b}, {n}] tensor (gate sums, up sums), got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        if thresh is None or out_thresh is not None:
+            raise ValueError("out= takes the raw sums: it needs thresh and cannot select the output (out_thresh)")
+        choose_impl("pair", k, n, b, impl, packed=wt_gate.dim() == 3, accum=True)
+        torch.ops.actsparse.sparse_gated_mlp_sums(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, float(eps),
+                                                  nm_n, nm_m, out)
+        return out
     # Rejects a bad impl / batch here.
     choose_impl("pair", k, n, x.shape[0], impl, packed=wt_gate.dim() == 3, presel=thresh is None,
                 out_sel=out_thresh is not None)

@@ -30,33 +30,37 @@ import triton
 import triton.language as tl
 
 from .configs import MAX_ACC, MAX_TILES, OneshotConfig, atomic_accumulator, new_output, record_compiled, tile_counters
-from .gemv_common import epilogue, fit_block_n, launch_args, out_dtype, row_rstd, select_chunk
+from .gemv_common import activate, epilogue, fit_block_n, launch_args, out_dtype, row_rstd, select_chunk
 
 
 @triton.jit
-def _rstd_kernel(x_ptr, r_ptr, z_ptr, K, Z_N, stride_xb, eps, NORM_BLOCK: tl.constexpr, ZERO: tl.constexpr,
-                 Z_BLOCK: tl.constexpr):
-    """r[b] = 1 / RMS of row b of x: RMSNorm's factor, once per launch of the tiles; with ZERO, also zeroes row b
-    of the fp32 [B, Z_N] tensor the tiles then add into (`sparse_gemv(out=)`)."""
+def _rstd_kernel(x_ptr, r_ptr, z_ptr, K, Z_N, Z_TOTAL, stride_xb, eps, NORM_BLOCK: tl.constexpr,
+                 ZERO: tl.constexpr, Z_BLOCK: tl.constexpr):
+    """r[b] = 1 / RMS of row b of x: RMSNorm's factor, once per launch of the tiles (programs (b, 0)); with ZERO,
+    program (b, j) also zeroes elements [(b·J + j)·Z_N, +Z_N) (below Z_TOTAL) of the contiguous fp32 tensor the
+    tiles then add into (`out=`: their raw sums), so the zeroing costs no launch of its own."""
     row = tl.program_id(0)
-    r = row_rstd(x_ptr + row * stride_xb + tl.zeros([1, 1], dtype=tl.int32), tl.full([1], 1, tl.int1), K, eps,
-                 NORM_BLOCK, 1)
-    tl.store(r_ptr + row + tl.arange(0, 1), r)
+    if tl.program_id(1) == 0:
+        r = row_rstd(x_ptr + row * stride_xb + tl.zeros([1, 1], dtype=tl.int32), tl.full([1], 1, tl.int1), K, eps,
+                     NORM_BLOCK, 1)
+        tl.store(r_ptr + row + tl.arange(0, 1), r)
     if ZERO:
+        start = (row * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * Z_N
         for z0 in range(0, Z_N, Z_BLOCK):
             offs = z0 + tl.arange(0, Z_BLOCK)
-            tl.store(z_ptr + row * Z_N + offs, tl.zeros([Z_BLOCK], dtype=tl.float32), mask=offs < Z_N)
+            tl.store(z_ptr + start + offs, tl.zeros([Z_BLOCK], dtype=tl.float32),
+                     mask=(offs < Z_N) & (start + offs < Z_TOTAL))
 
 
 @triton.jit
 def _oneshot_kernel(
     x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, acc_ptr, cnt_ptr, rstd_ptr,
-    B, K, N, N0, N1,
+    B, K, N, N0, N1, stride_xm,
     stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb,
     eps,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
-    USE_DOT: tl.constexpr, IEEE: tl.constexpr, ACCUM: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, ACCUM: tl.constexpr, GATED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # fastest: neighbouring programs read neighbouring columns of the same rows
@@ -80,6 +84,10 @@ def _oneshot_kernel(
         gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + offs_b, mask=mask_b, other=0.0)
         xv = xv * rstd[:, None] * gv[None, :]
+    if GATED > 0:  # x holds a gate/up pair's raw sums [2, B, K]: the input is act(gate)·up
+        uv = tl.load(x_rows + stride_xm + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
+                     eviction_policy="evict_last").to(tl.float32)
+        xv = activate(xv, GATED) * uv
     xs, rows = select_chunk(xv, t_ptr + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b, stride_tk,
                             HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
     if pid_m == 0:
@@ -126,10 +134,13 @@ def _oneshot_kernel(
 
 
 def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,
-                   cfg: OneshotConfig, accumulate=None, zero_first: bool = False) -> torch.Tensor:
+                   cfg: OneshotConfig, accumulate=None, zero_first: bool = False, gated: int = 0) -> torch.Tensor:
     """Run the one-shot tiles (arguments validated by the public ops); return y [B, N], or with `accumulate`
     (fp32 [B, N]; a gate/up pair: [2, B, N], the raw sums) add W·x_s (+ bias) into it in place and return it;
-    `zero_first`: zero it first (inside the norm's pre-pass where there is one), so it receives W·x_s (+ bias)."""
+    `zero_first`: zero it first (inside the norm's pre-pass where there is one), so it receives W·x_s (+ bias).
+    `gated` (an ACTS code): x is a gate/up pair's raw sums [2, B, K] and the input is act(gate)·up."""
+    stride_xm = x.stride(0) if gated else 0
+    x = x[0] if gated else x
     b, k = x.shape
     n = wt.shape[1]
     use_dot = b > 1
@@ -158,17 +169,18 @@ def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, a
     zero = zero_first and accumulate is not None
     if norm_weight is not None:
         rstd = torch.empty(b, device=x.device, dtype=torch.float32)
-        z_n = accumulate[0].numel() if zero else 0  # a row's share: one matrix, or a pair's two ([2, B, N]: row-major)
-        _rstd_kernel[(b,)](x, rstd, accumulate if zero else rstd, k, z_n, x.stride(0), eps,
-                           NORM_BLOCK=min(triton.next_power_of_2(k), 4096), ZERO=zero and accumulate.dim() == 2,
-                           Z_BLOCK=1024, num_warps=4)
-        zero = zero and accumulate.dim() == 3
-    if zero:
+        # The pre-pass's programs zero equal contiguous shares of the (contiguous) sums, ≤ 4096 elements each.
+        total = accumulate.numel() if zero else 0
+        chunks = max(1, triton.cdiv(total, 4096 * b))
+        _rstd_kernel[(b, chunks)](x, rstd, accumulate if zero else rstd, k, triton.cdiv(total, b * chunks), total,
+                                  x.stride(0), eps, NORM_BLOCK=min(triton.next_power_of_2(k), 4096), ZERO=zero,
+                                  Z_BLOCK=1024, num_warps=4)
+    elif zero:
         accumulate.zero_()
     compiled = _oneshot_kernel[(tiles_n, triton.cdiv(k, block_k), mats)](
-        *ptrs, atomic_accumulator(x.device), tile_counters(x.device), rstd, b, k, n, n0, n1, *strides, eps, **flags,
-        USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, ACCUM=accumulate is not None, BLOCK_B=block_b,
-        BLOCK_K=block_k, BLOCK_N=block_n,
+        *ptrs, atomic_accumulator(x.device), tile_counters(x.device), rstd, b, k, n, n0, n1, stride_xm, *strides, eps,
+        **flags, USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, ACCUM=accumulate is not None, GATED=gated,
+        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     record_compiled("oneshot_kernel" if accumulate is None else "oneshot_accumulate", compiled, k, n, w2 is not None)

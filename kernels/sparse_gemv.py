@@ -93,11 +93,12 @@ def _sparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresh: Optional[torch.Te
 @torch.library.custom_op("actsparse::sparse_gemv_accumulate", mutates_args=("acc",))
 def _sparse_gemv_acc_op(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor, shift: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor], eps: float,
-                        segments: list[int], nm_n: int, nm_m: int, acc: torch.Tensor, zero_first: bool = False) -> None:
-    _, cfg = choose_impl("qkv" if segments else "gemv", x.shape[1], wshape(wt)[1], x.shape[0], "oneshot",
+                        segments: list[int], nm_n: int, nm_m: int, acc: torch.Tensor, zero_first: bool = False,
+                        gated: int = 0) -> None:
+    _, cfg = choose_impl("qkv" if segments else "gemv", x.shape[-1], wshape(wt)[1], acc.shape[0], "oneshot",
                          accum=True)
     launch_oneshot(x, wt, None, thresh, shift, bias, None, norm_weight, eps, 0, segments, nm_n, nm_m, cfg,
-                   accumulate=acc, zero_first=zero_first)
+                   accumulate=acc, zero_first=zero_first, gated=gated)
 
 
 @_sparse_gemv_op.register_fake
@@ -128,6 +129,19 @@ def _out_rows(out_thresh: Optional[torch.Tensor], out_shift: Optional[torch.Tens
     if out_shift is not None:
         out_shift = _as_rows(row(out_shift.float()), 1, n, "out_shift")[0].contiguous()
     return out_thresh, out_shift
+
+
+def _gated_input(x: torch.Tensor, gated: str, norm_weight, into) -> torch.Tensor:
+    """gated=: x must be a pair's raw sums, a contiguous float32 [2, B, K]; the op must add into / write a tensor."""
+    if gated not in ACTS or gated == "none":
+        raise ValueError(f"gated must be 'none', 'silu' or 'gelu_tanh', got {gated!r}")
+    if x.dim() != 3 or x.shape[0] != 2 or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"gated= reads a gate/up pair's raw sums: x must be a contiguous float32 [2, B, K] "
+                         f"(sparse_gated_mlp(out=)), got {x.dtype} {tuple(x.shape)}")
+    if norm_weight is not None or into is None:
+        raise ValueError("gated= forms act(gate)·up in the one-shot tiles' prologue: it takes no norm_weight and "
+                         "needs accumulate= or out=")
+    return x
 
 
 def _check_accumulate(acc: torch.Tensor, x: torch.Tensor, n: int, act: str, residual, out_thresh, thresh,
@@ -172,6 +186,7 @@ def sparse_gemv(
     out_shift: Optional[torch.Tensor] = None,
     accumulate: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
+    gated: str = "none",
 ) -> torch.Tensor:
     """Return y [B, N] = act(W·x_s + bias) + residual, with x_s = (x̂ − m)⊙1[|x̂ − m| > t] and x̂ = rmsnorm(x) or x.
 
@@ -193,7 +208,13 @@ def sparse_gemv(
     out: a contiguous float32 [B, N] tensor that receives W·x_s + bias, as accumulate= after zeroing it (inside
     the norm's pre-pass where norm_weight is given): the raw sums in fp32 for a consumer that reads them (e.g.
     q|k|v for the attention kernel), with no output cast, counter or epilogue.
+    gated: "silu" or "gelu_tanh": x is a gate/up pair's raw fp32 sums [2, B, K] (`sparse_gated_mlp(out=)`) and
+    the input is act(gate)·up, formed in the tiles' prologue (needs accumulate= or out=; no norm_weight).
     """
+    if gated != "none":
+        x = _gated_input(x, gated, norm_weight, accumulate if out is None else out)
+    pair_sums = x if gated != "none" else None
+    x = x[0] if pair_sums is not None else x
     _check_common(x, wt)
     k, n = wshape(wt)
     bounds = [int(s) for s in segments]
@@ -224,8 +245,9 @@ def sparse_gemv(
         if out is not None and not out.is_contiguous():
             raise ValueError(f"out must be contiguous, got strides {out.stride()}")
         choose_impl("qkv" if bounds else "gemv", k, n, x.shape[0], impl, packed=wt.dim() == 3, accum=True)
-        torch.ops.actsparse.sparse_gemv_accumulate(x, wt, thresh, shift, bias, norm_weight, float(eps), bounds,
-                                                   nm_n, nm_m, into, out is not None)
+        torch.ops.actsparse.sparse_gemv_accumulate(x if pair_sums is None else pair_sums, wt, thresh, shift, bias,
+                                                   norm_weight, float(eps), bounds, nm_n, nm_m, into, out is not None,
+                                                   ACTS[gated])
         return into
     # Rejects a bad impl / batch here.
     choose_impl("qkv" if bounds else "gemv", k, n, x.shape[0], impl, packed=wt.dim() == 3, presel=thresh is None,

@@ -8,8 +8,9 @@ several layers' weights at a few skipped-row fractions, and the dense op the eng
 and act·mul launches included), all timed as CUDA-graph replays. `OpTimes.choice` interpolates those times
 at an op's expected skip and takes the least; the crossover is where the best kernel's speedup over cuBLAS
 crosses 1. With the engine's fp32 residual stream, o and down also time "accumulate" (the one-shot tiles adding
-into the stream in place), q|k|v its raw fp32 sums for the attention kernel, and everything reads and adds the
-fp32 stream as the engine does. Cached per (device
+into the stream in place), q|k|v its raw fp32 sums for the attention kernel, "mlp" the pair of gate|up's raw
+sums and down forming act(gate)·up from them (the engine compares it with gate|up's and down's best), and
+everything reads and adds the fp32 stream as the engine does. Cached per (device
 name, shapes, dtype, stream dtype, batch) for the process.
 """
 
@@ -195,6 +196,17 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         t_dense = graph_ms(lambda: [dense(op, lw) for lw in layers])
         impls = kernels + ["accumulate"] if op in accumulating else kernels
         out[op] = OpTimes(t_dense, LEVELS, timed(impls, lambda lw, s, impl: sparse(op, lw, s, impl)))
+    if "down" in accumulating:  # gate|up's raw sums + down forming act(gate)·up, adding into the stream: one time
+        def mlp(lw, s: float, impl: str) -> Callable[[], None]:
+            norm, dev = lw.mlp_norm, engine.device
+            th = torch.full((2,), union_threshold(engine._norm(x, norm), s), device=dev)
+            buf = torch.empty(2, batch, inter, device=dev)
+            ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=norm, eps=eps, impl="oneshot", out=buf)
+            td = torch.full((1,), union_threshold(engine._act(buf[0]) * buf[1], s), device=dev)
+            return lambda: (ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=norm, eps=eps, impl="oneshot",
+                                                 out=buf),
+                            ops.sparse_gemv(buf, lw.wd_t, td, impl="oneshot", gated=cfg.act, accumulate=acc))
+        out["mlp"] = OpTimes(float("inf"), LEVELS, timed(("raw",), mlp))  # against gu's best + down's best
     if all(lw.wu is not None for lw in layers):  # CATS: which cats_up kernel, at the fraction of up rows skipped
         ups = UP_KERNELS if batch <= configs.ONESHOT_MAX_BATCH else UP_KERNELS[:1]
         out["up"] = OpTimes(float("inf"), LEVELS, timed(ups, up))  # no dense rival: CATS itself is the choice

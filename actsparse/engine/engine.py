@@ -46,7 +46,9 @@ def _any_impl(ref_fn: Callable) -> Callable:
     `accumulate=h` (sparse_gemv's), h ← h + W·x_s (+ bias) in place, as the one-shot tiles do; `out=h`, h ← W·x_s
     (+ bias) in fp32."""
     def call(*args, impl: str = "auto", accumulate: Optional[torch.Tensor] = None,
-             out: Optional[torch.Tensor] = None, **kw):
+             out: Optional[torch.Tensor] = None, gated: str = "none", **kw):
+        if gated != "none":  # a gate/up pair's raw sums [2, B, K]: the input is act(gate)·up
+            args = (kref.act_ref(args[0][0], gated) * args[0][1],) + args[1:]
         if out is not None:
             return out.copy_(ref_fn(*args, residual=torch.zeros_like(out), **kw))
         if accumulate is None:
@@ -61,13 +63,28 @@ def _kernel(impl: str) -> str:
     return "oneshot" if impl == "accumulate" else impl
 
 
+def _gated_mlp_any(x, wt_gate, wt_up, thresh, *, impl: str = "auto", out: Optional[torch.Tensor] = None,
+                   bias=None, act: str = "silu", **kw):
+    """`sparse_gated_mlp`'s reference; with `out=` [2, B, I] the raw sums W·x_s + b of gate and up, in fp32."""
+    if out is None:
+        return kref.sparse_gated_mlp_ref(x, wt_gate, wt_up, thresh, bias=bias, act=act, **kw)
+    t = torch.as_tensor(thresh, dtype=torch.float32)
+    for j, wt in enumerate((wt_gate, wt_up)):
+        tj = t.reshape(-1)[j:j + 1] if t.dim() <= 1 else t[j:j + 1]
+        shift = kw.get("shift")
+        out[j] = kref.sparse_gemv_ref(x, wt, tj, bias=None if bias is None else bias[j],
+                                      **{**kw, "shift": None if shift is None else shift[j:j + 1],
+                                         "residual": torch.zeros_like(out[j])})
+    return out
+
+
 class _TorchOps:
     """Plain-PyTorch implementations (references), for any device; not graph-capturable on GPU."""
 
     rmsnorm = staticmethod(kref.hf_rmsnorm_ref)
     silu_mul = staticmethod(kref.silu_mul_ref)
     sparse_gemv = staticmethod(_any_impl(kref.sparse_gemv_ref))
-    sparse_gated_mlp = staticmethod(_any_impl(kref.sparse_gated_mlp_ref))
+    sparse_gated_mlp = staticmethod(_gated_mlp_any)
     cats_up = staticmethod(_any_impl(kref.cats_up_ref))
     decode_attention = staticmethod(kref.decode_attention_ref)
 
@@ -364,6 +381,30 @@ class Engine:
             self._sums[b] = torch.empty(b, self.cfg.q_size + 2 * self.cfg.kv_size, device=self.device)
         return self._sums[b]
 
+    def _mlp_raw(self, r: Optional["_LayerRule"], x: torch.Tensor, b: int, lw, record) -> bool:
+        """Whether gate|up writes its two raw fp32 sums (one-shot tiles, `out=`) and down forms act(gate)·up from
+        them in its prologue while adding into the fp32 stream: where both ops run sparse, no post-norm, CATS or
+        low-rank part sits between, and (measured) the pair of launches beats gate|up's and down's best."""
+        if (r is None or record is not None or not self.residual_fp32 or x.dtype != torch.float32 or b > 16
+                or lw.post_mlp_norm is not None or r.gate_act is not None or r.gu.lowrank is not None
+                or r.down.lowrank is not None):
+            return False
+        gu, down = self._choose(r.gu, "gu", b), self._choose(r.down, "down", b)
+        if "dense" in (gu, down):
+            return False
+        if self.fallback_below != "measured":
+            return True
+        t = op_times(self, b)
+        return "mlp" in t and (t["mlp"].at("raw", r.gu.expected)
+                               < t["gu"].at(gu, r.gu.expected) + t["down"].at(down, r.down.expected))
+
+    def _pair_sums(self, b: int) -> torch.Tensor:
+        """The fp32 [2, b, I] buffer gate|up's raw sums land in (one per batch size)."""
+        key = -b  # beside q|k|v's buffers
+        if key not in self._sums:
+            self._sums[key] = torch.empty(2, b, self.cfg.intermediate_size, device=self.device)
+        return self._sums[key]
+
     def _accumulates(self, impl: str, x: torch.Tensor, res: Optional[torch.Tensor], rule: "_OpRule") -> bool:
         """Whether a row-split op (o, down) adds into the fp32 stream x in place: measured fastest ("accumulate"),
         or with given fallback levels ("auto") wherever it can (it adds the residual itself, no low-rank part)."""
@@ -463,7 +504,12 @@ class Engine:
             record(i, "gu", xn)
             record(i, "gate_act", self._act(self._linear(xn, wg, lw.wg_t).float()))
         cats = self._cats(r, b)
-        if cats and r.countdown:   # a = up's output, the gate rows it keeps gathered and activated
+        mlp_raw = self._mlp_raw(r, x, b, lw, record)
+        if mlp_raw:  # the raw sums; down forms act(gate)·up itself below
+            h = ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,
+                                     norm_weight=lw.mlp_norm, eps=eps, nm=r.gu.nm, impl="oneshot",
+                                     out=self._pair_sums(b))
+        elif cats and r.countdown:   # a = up's output, the gate rows it keeps gathered and activated
             g = r.gu
             if self._dense(g, "gu", b):
                 a_up = self._linear(self._norm(x, lw.mlp_norm), None if lw.w13 is None else lw.w13[inter:], lw.wu_t)
@@ -503,7 +549,10 @@ class Engine:
         res = self._op_residual(x, lw.post_mlp_norm)
         # A CATS plan's down rows are the zeros of h that cats_up writes: none when CATS fell back to dense.
         impl = "dense" if r is None or (r.gate_act is not None and not cats) else self._choose(r.down, "down", b)
-        if impl == "dense":
+        if mlp_raw:
+            y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,
+                                impl="oneshot", gated=cfg.act, accumulate=x)
+        elif impl == "dense":
             y = self._linear(h, lw.wd, lw.wd_t, res=res)
         elif self._accumulates(impl, x, res, r.down):
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,

@@ -315,8 +315,8 @@ def test_sliding_window_layers_decode_like_transformers_past_the_window(family):
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_an_fp32_residual_stream_adds_o_and_down_into_itself(kernels):
     """residual_fp32: a sparse step keeps the stream in fp32, o / down add into it in place (the one-shot tiles'
-    `accumulate=`) and q|k|v hands its raw fp32 sums to attention (`out=`); logits match the fp32 torch reference
-    path (fp16 model)."""
+    `accumulate=`), q|k|v hands its raw fp32 sums to attention and gate|up its two to down (`out=`, `gated=`);
+    logits match the fp32 torch reference path (fp16 model)."""
     model = _hf_tiny(seed=8)
     th = {f"layers.{i}.{r}": 0.3 for i in range(TINY.n_layers) for r in ("q", "k", "v", "o", "gate", "up", "down")}
     eng = Engine.from_hf(model, device=DEVICE, dtype=torch.float16, kernels=kernels, max_batch=2, max_seq_len=16,
@@ -330,6 +330,13 @@ def test_an_fp32_residual_stream_adds_o_and_down_into_itself(kernels):
         raw.append(kw.get("out") is not None)
         return inner(*args, **kw)
     eng.ops.sparse_gemv = spy
+    pairs = []
+    inner_pair = eng.ops.sparse_gated_mlp
+
+    def spy_pair(*args, **kw):
+        pairs.append(kw.get("out") is not None)
+        return inner_pair(*args, **kw)
+    eng.ops.sparse_gated_mlp = spy_pair
     ref = Engine.from_hf(model, kernels="torch", max_batch=2, max_seq_len=16)
     ref.set_thresholds(th)
     seq = torch.randint(0, TINY.vocab_size, (2, 4))
@@ -337,6 +344,7 @@ def test_an_fp32_residual_stream_adds_o_and_down_into_itself(kernels):
     assert (got - want).norm() / want.norm() < 3e-3
     assert sum(calls) == 2 * TINY.n_layers * 4  # o and down of every layer, every step, added in place
     assert sum(raw) == TINY.n_layers * 4  # q|k|v's raw fp32 sums, read by the attention kernel
+    assert sum(pairs) == len(pairs) == TINY.n_layers * 4  # gate|up's raw sums, act(gate)·up formed by down
     off = Engine.from_hf(model, device=DEVICE, dtype=torch.float16, kernels=kernels, max_batch=2, max_seq_len=16,
                          fallback_below=0.0, residual_fp32=False)
     off.set_thresholds(th)

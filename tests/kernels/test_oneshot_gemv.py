@@ -138,7 +138,7 @@ def test_accumulate_refuses_what_it_cannot_take():
         sparse_gemv(x, wt, t, act="silu", residual=h, accumulate=h)
     with pytest.raises(ValueError, match="cannot take thresh=None"):
         sparse_gemv(x, wt, None, accumulate=h)
-    with pytest.raises(ValueError, match="the gather kernel cannot add into a given fp32 tensor .* pass residual="):
+    with pytest.raises(ValueError, match="the gather kernel cannot add into a given fp32 tensor .* impl='oneshot'"):
         sparse_gemv(x, wt, t, impl="gather", accumulate=h)
     with pytest.raises(ValueError, match="the oneshot kernel runs batches of at most 16 rows"):
         sparse_gemv(torch.randn(17, 32, device=DEVICE), wt, t, accumulate=torch.zeros(17, 16, device=DEVICE))
@@ -188,3 +188,56 @@ def test_out_receives_the_raw_fp32_sums_whatever_it_held(batch, norm):
             sparse_gemv(x, wt, t1, out=torch.zeros(batch, 2 * n, device=DEVICE)[:, :n])
     with pytest.raises(ValueError, match="out= takes the raw sum .* cannot take act"):
         sparse_gemv(x, wt, t1, act="silu", out=buf)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pair_raw_sums_then_down_forms_act_gate_times_up(batch, act):
+    """sparse_gated_mlp(out=): both raw sums (+ biases) in fp32, whatever the tensor held; sparse_gemv(gated=act)
+    on them: down(x_s) with x = act(gate)·up formed in the prologue, thresholded, added into the stream. Together:
+    the fused gate/up + down of the references, in fp32."""
+    from actsparse.kernels import sparse_gated_mlp
+
+    k, i, n = 64, 80, 48
+    x = torch.randn(batch, k, device=DEVICE)
+    wg, wu = (torch.randn(k, i, device=DEVICE) / k**0.5 for _ in range(2))
+    wd = torch.randn(i, n, device=DEVICE) / i**0.5
+    g = 1 + 0.1 * torch.randn(k, device=DEVICE)
+    bias = torch.randn(2, i, device=DEVICE)
+    t = torch.rand(2, k, device=DEVICE) * 0.8
+    sums = torch.full((2, batch, i), float("nan"), device=DEVICE)
+    with override_config(CFGS["small"]):
+        got = sparse_gated_mlp(x, wg, wu, t, bias=bias, norm_weight=g, out=sums)
+    assert got is sums
+    for j, w in enumerate((wg, wu)):
+        want = ref.sparse_gemv_ref(x, w, t[j:j + 1], bias=bias[j], norm_weight=g)
+        assert rel_err(sums[j], want) < 1e-5
+    h = ref.sparse_gated_mlp_ref(x, wg, wu, t, bias=bias, norm_weight=g, act=act)
+    u = h.abs().amax(0).sort().values
+    td = ((u[i // 2 - 1] + u[i // 2]) / 2).reshape(1)  # midway between two values: no input sits on it
+    stream = torch.randn(batch, n, device=DEVICE)
+    want = stream + ref.sparse_gemv_ref(h, wd, td)
+    with override_config(CFGS["small"]):
+        out = sparse_gemv(sums, wd, td, gated=act, accumulate=stream)
+    assert out is stream and rel_err(stream, want) < 1e-5
+
+
+def test_raw_pair_sums_and_gated_input_refuse_what_they_cannot_take():
+    from actsparse.kernels import sparse_gated_mlp
+
+    x = torch.randn(1, 32, device=DEVICE)
+    w = torch.randn(32, 16, device=DEVICE)
+    t = torch.zeros(2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"out must be a contiguous float32 \[2, 1, 16\]"):
+        sparse_gated_mlp(x, w, w, t, out=torch.zeros(1, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="the gather kernel cannot .* raw sums"):
+        sparse_gated_mlp(x, w, w, t, impl="gather", out=torch.zeros(2, 1, 16, device=DEVICE))
+    sums = torch.zeros(2, 1, 32, device=DEVICE)
+    wd = torch.randn(32, 8, device=DEVICE)
+    h = torch.zeros(1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x must be a contiguous float32 \[2, B, K\]"):
+        sparse_gemv(x, wd, t[:1], gated="silu", accumulate=h)
+    with pytest.raises(ValueError, match="takes no norm_weight and needs accumulate= or out="):
+        sparse_gemv(sums, wd, t[:1], gated="silu")
+    with pytest.raises(ValueError, match="gated must be 'none', 'silu' or 'gelu_tanh'"):
+        sparse_gemv(sums, wd, t[:1], gated="relu", accumulate=h)
