@@ -42,7 +42,6 @@ from actsparse.kernels import (GatherConfig, MaskedConfig, OneshotConfig, config
 # teal_style imports Triton: after actsparse.kernels, which turns on Triton's interpreter without CUDA.
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from teal_style import teal_style_gemv  # noqa: E402
-from actsparse.kernels.oneshot_gemv import launch_oneshot  # noqa: E402
 
 D, KV, INTER = 4096, 1024, 14336  # Llama-3-8B
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9]
@@ -482,7 +481,7 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
     rows = []
     h32 = inp.x.float()
     acc = {"o": torch.zeros(inp.b, D, device=DEV), "down": torch.zeros(inp.b, D, device=DEV)}
-    gu32 = torch.zeros(2, inp.b, INTER, device=DEV)
+    gu32 = torch.zeros(2, inp.b, INTER, device=DEV)  # gate|up's raw sums
     qkv32 = torch.zeros(inp.b, D + 2 * KV, device=DEV)
 
     def qkv(s, th):  # q|k|v's raw fp32 sums (out=: zeroed by the norm pre-pass), which the attention kernel reads
@@ -534,6 +533,16 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
         t_qkv = time_graph(over(qkv)) * 1e3 / lay.n
         raw_qkv = t_qkv < side[pick["qkv"]][s]["qkv"]  # the block takes whichever q|k|v is faster here
 
+        def pair(st, th):  # the raw gate and up sums (out=: zeroed by the norm pre-pass), no act, no counter
+            _sparse_gated_mlp(inp.x, st["wg_t"], st["wu_t"], th["pair"], norm_weight=inp.g, eps=1e-5, out=gu32)
+
+        def down_gated(st, th):  # down forming act(gate)·up from those sums, adding into the stream
+            _sparse_gemv(gu32, st["wd_t"], th["down"], gated="silu", accumulate=h32)
+        t = {"o": time_graph(over(o)) * 1e3 / lay.n, "down": time_graph(over(down)) * 1e3 / lay.n,
+             "pair": time_graph(over(pair)) * 1e3 / lay.n, "down_gated": time_graph(over(down_gated)) * 1e3 / lay.n,
+             "qkv": t_qkv}
+        raw_mlp = t["pair"] + t["down_gated"] < side[pick["pair"]][s]["pair"] + t["down"]
+
         def block():
             for st in lay.sets:
                 if raw_qkv:
@@ -542,28 +551,31 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
                     _sparse_gemv(inp.x, st["wqkv_t"], th["qkv"], norm_weight=inp.g, eps=1e-5,
                                  segments=(D, D + KV), impl=pick["qkv"])
                 o(st, th)
-                _sparse_gated_mlp(inp.x, st["wg_t"], st["wu_t"], th["pair"], norm_weight=inp.g, eps=1e-5,
-                                  impl=pick["pair"])
-                down(st, th)
-        cfg_pair = configs.choose_impl("pair", D, INTER, inp.b, "oneshot")[1]
-
-        def pair(st, th):  # the raw gate and up sums, no counter (what a consumer-side act(gate)·up would need)
-            launch_oneshot(inp.x, st["wg_t"], st["wu_t"], th["pair"][:, None].expand(2, D), None, None, None, inp.g,
-                           1e-5, 0, [], 0, 0, cfg_pair, accumulate=gu32)
-        t = {"o": time_graph(over(o)) * 1e3 / lay.n, "down": time_graph(over(down)) * 1e3 / lay.n,
-             "pair": time_graph(over(pair)) * 1e3 / lay.n, "qkv": t_qkv, "block": time_graph(block) * 1e3 / lay.n}
+                if raw_mlp:
+                    pair(st, th)
+                    down_gated(st, th)
+                else:
+                    _sparse_gated_mlp(inp.x, st["wg_t"], st["wu_t"], th["pair"], norm_weight=inp.g, eps=1e-5,
+                                      impl=pick["pair"])
+                    down(st, th)
+        t["block"] = time_graph(block) * 1e3 / lay.n
         t0 = {k: time_graph(base[k]) * 1e3 / lay.n for k in ("o", "down")}
         t0 = {**t0, "pair": time_graph(base["pair"]) * 1e3 / lay.n, "qkv": time_graph(base["qkv"]) * 1e3 / lay.n}
         log(f"  accumulate s={s:.2f}: o={t['o']:.1f} (oneshot with residual {t0['o']:.1f}) down={t['down']:.1f} "
             f"({t0['down']:.1f}) gate|up raw sums={t['pair']:.1f} (with act·up epilogue {t0['pair']:.1f}) "
+            f"down on them={t['down_gated']:.1f} "
             f"q|k|v raw sums={t['qkv']:.1f} ({t0['qkv']:.1f}) "
-            f"block={t['block']:.1f} with {pick}  rel err {errs}")
+            f"block={t['block']:.1f} with q|k|v {'raw' if raw_qkv else pick['qkv']}, gate|up + down "
+            f"{'raw + gated' if raw_mlp else pick['pair'] + ' + accumulate'}  rel err {errs}")
         rows += [{**meta, "kind": "kernel", "method": "oneshot-accumulate", "op": k, "sparsity": s, "batch": inp.b,
-                  "dtype": dtype_name, "us": round(t[k], 2), "max_rel_err": errs.get(k)} for k in ("o", "down", "pair", "qkv")]
+                  "dtype": dtype_name, "us": round(t[k], 2), "max_rel_err": errs.get(k)}
+                 for k in ("o", "down", "pair", "qkv", "down_gated")]
         rows.append({**meta, "kind": "kernel", "method": "actsparse-accumulate", "op": "block", "sparsity": s,
                      "batch": inp.b, "dtype": dtype_name, "us_per_block": round(t["block"], 2),
-                     "impl": {**pick, "qkv": "raw sums" if raw_qkv else pick["qkv"], "o": "accumulate",
-                              "down": "accumulate"}, "max_rel_err": max(errs.values())})
+                     "impl": {"qkv": "raw sums" if raw_qkv else pick["qkv"], "o": "accumulate",
+                              "pair": "raw sums" if raw_mlp else pick["pair"],
+                              "down": "gated, accumulate" if raw_mlp else "accumulate"},
+                     "max_rel_err": max(errs.values())})
     log(f"  accumulate resources: { {k: v for k, v in configs.COMPILED.items() if 'oneshot' in k} }")
     return rows
 
