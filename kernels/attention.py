@@ -18,9 +18,11 @@ from .configs import new_output
 
 @triton.jit
 def _rope(ptr, offs_h, mask_h, d, partner, cos, sin, D: tl.constexpr):
-    """x·cos + rotate_half(x)·sin for rows offs_h of a [*, D] block (HF Llama convention)."""
-    x = tl.load(ptr + offs_h[:, None] * D + d[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
-    xp = tl.load(ptr + offs_h[:, None] * D + partner[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
+    """x·cos + rotate_half(x)·sin for rows offs_h of a [*, D] block (HF Llama convention); lanes d ≥ D (the
+    padding up to a power of two) read as 0."""
+    m = mask_h[:, None] & (d < D)[None, :]
+    x = tl.load(ptr + offs_h[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+    xp = tl.load(ptr + offs_h[:, None] * D + partner[None, :], mask=m, other=0.0).to(tl.float32)
     sign = tl.where(d < D // 2, -1.0, 1.0)
     return x * cos[None, :] + sign[None, :] * xp * sin[None, :]
 
@@ -30,26 +32,28 @@ def _decode_attention_kernel(
     qkv_ptr, kc_ptr, vc_ptr, pos_ptr, inv_freq_ptr, out_ptr,
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_ob,
     sm_scale, rope_scale, softcap, window,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + b)
-    d = tl.arange(0, D)
-    partner = (d + D // 2) % D
-    ang = pos.to(tl.float32) * tl.load(inv_freq_ptr + d % (D // 2))
+    d = tl.arange(0, DP)  # head_dim D padded to a power of two (Phi-3: 96 → 128); lanes ≥ D masked
+    mask_d = d < D
+    partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
+    ang = pos.to(tl.float32) * tl.load(inv_freq_ptr + d % (D // 2), mask=mask_d, other=0.0)
     cos = tl.cos(ang) * rope_scale
     sin = tl.sin(ang) * rope_scale
 
     row = qkv_ptr + b * stride_qkv
     one = tl.arange(0, 1)
     k_new = _rope(row + (HQ + h) * D, one, one < 1, d, partner, cos, sin, D)  # [1, D]
-    v_new = tl.load(row + (HQ + HKV + h) * D + d)
+    v_new = tl.load(row + (HQ + HKV + h) * D + d, mask=mask_d, other=0.0)
     kc = kc_ptr + b * stride_cb + h * stride_ch
     vc = vc_ptr + b * stride_cb + h * stride_ch
-    tl.store(kc + pos * stride_cs + one[:, None] * 0 + d[None, :], k_new.to(kc_ptr.dtype.element_ty))
-    tl.store(vc + pos * stride_cs + d, v_new)
+    tl.store(kc + pos * stride_cs + one[:, None] * 0 + d[None, :], k_new.to(kc_ptr.dtype.element_ty),
+             mask=mask_d[None, :])
+    tl.store(vc + pos * stride_cs + d, v_new, mask=mask_d)
 
     g = tl.arange(0, BLOCK_G)
     mask_g = g < GROUP
@@ -60,12 +64,12 @@ def _decode_attention_kernel(
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, DP], dtype=tl.float32)
     for s0 in range(tl.maximum(pos + 1 - window, 0), pos + 1, BLOCK_S):  # the window's positions only
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask_s = offs_s <= pos
-        k = tl.load(kc + offs_s[:, None] * stride_cs + d[None, :], mask=mask_s[:, None], other=0.0)
-        v = tl.load(vc + offs_s[:, None] * stride_cs + d[None, :], mask=mask_s[:, None], other=0.0)
+        k = tl.load(kc + offs_s[:, None] * stride_cs + d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(vc + offs_s[:, None] * stride_cs + d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
         if IEEE:  # float32 caches: full-precision products, not tf32
             s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_G, BLOCK_S]
         else:
@@ -84,7 +88,7 @@ def _decode_attention_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     o_ptr = out_ptr + b * stride_ob + (h * GROUP + g[:, None]) * D + d[None, :]
-    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
 
 
 @torch.library.custom_op("actsparse::decode_attention", mutates_args=("k_cache", "v_cache"))
@@ -99,7 +103,7 @@ def _decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         qkv, k_cache, v_cache, pos, inv_freq, out,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         sm_scale, rope_scale, softcap if softcap > 0 else 1.0, window if window > 0 else k_cache.shape[2],
-        HQ=n_heads, HKV=n_kv_heads, D=d, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HQ=n_heads, HKV=n_kv_heads, D=d, DP=triton.next_power_of_2(d), GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_S=block_s, IEEE=k_cache.dtype == torch.float32, SOFTCAP=softcap > 0, num_warps=4, num_stages=2,
     )
     return out
@@ -139,8 +143,8 @@ def decode_attention(
     b, hkv, s, d = k_cache.shape
     if hkv != n_kv_heads or n_heads % n_kv_heads:
         raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads}) = cache dim 1 ({hkv})")
-    if d & (d - 1) or d < 16 or k_cache.stride(3) != 1:
-        raise ValueError(f"head_dim must be a power of two ≥ 16 and the cache contiguous in it, got {d}")
+    if d % 2 or d < 16 or k_cache.stride(3) != 1:
+        raise ValueError(f"head_dim must be even and ≥ 16 and the cache contiguous in it, got {d}")
     if tuple(qkv.shape) != (b, (n_heads + 2 * n_kv_heads) * d) or qkv.stride(1) != 1:
         raise ValueError(f"qkv must be contiguous [{b}, {(n_heads + 2 * n_kv_heads) * d}], got {tuple(qkv.shape)}")
     if pos.dtype != torch.int32 or tuple(pos.shape) != (b,):

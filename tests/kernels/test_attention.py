@@ -25,9 +25,10 @@ def _case(b, hq, hkv, d, s, dtype, device=DEVICE):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (8, 1)])  # GQA, MHA, MQA
 @pytest.mark.parametrize("batch", [1, 3])
-def test_decode_attention_matches_reference(dtype, heads, batch):
+@pytest.mark.parametrize("head_dim", [16, 24])  # 24: padded to 32 inside (as Phi-3's 96 to 128)
+def test_decode_attention_matches_reference(dtype, heads, batch, head_dim):
     hq, hkv = heads
-    qkv, kc, vc, pos, inv_freq = _case(batch, hq, hkv, 16, 40, dtype)
+    qkv, kc, vc, pos, inv_freq = _case(batch, hq, hkv, head_dim, 40, dtype)
     kc2, vc2 = kc.clone(), vc.clone()
     with poison_outputs():
         out = decode_attention(qkv, kc, vc, pos, inv_freq, hq, hkv, rope_scale=1.1, block_s=16)
@@ -90,6 +91,9 @@ def test_bad_arguments_are_rejected():
         decode_attention(qkv, kc, vc, pos, inv_freq, 4, 2, block_s=24)
     with pytest.raises(ValueError, match="softcap and window must be ≥ 0"):
         decode_attention(qkv, kc, vc, pos, inv_freq, 4, 2, window=-1)
+    qkv, kc, vc, pos, inv_freq = _case(1, 4, 2, 18, 8, torch.float32)
+    with pytest.raises(ValueError, match="head_dim must be even and ≥ 16"):
+        decode_attention(qkv, kc[..., :15], vc[..., :15], pos, inv_freq[:7], 4, 2)
 
 
 @pytest.mark.gpu
