@@ -31,6 +31,7 @@ device itself (`torch.cuda.set_device(local_rank)`), as NCCL wants one GPU per r
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -197,13 +198,38 @@ class TPEngine(Engine):
                    **kw)
 
     @classmethod
+    def from_pretrained(cls, path, rank: int = 0, world_size: int = 1, group: Optional[dist.ProcessGroup] = None,
+                        *, device=None, dtype: torch.dtype = torch.bfloat16, layouts: str = "both",
+                        **kw) -> "TPEngine":
+        """Return rank's engine holding its shard, read from a local Hugging Face folder (config.json and
+        model.safetensors, or shards listed by model.safetensors.index.json) without loading the model.
+
+        Each rank reads only its slices of each tensor (`checkpoint.load_shard`), so its host memory peaks at one
+        tensor's slice beside its shard, never the whole model; the shard equals `from_hf`'s of the same model
+        loaded whole. The config is checked first: a family or feature the engine does not decode
+        (`config.unsupported_reason`) and a world size that does not divide the heads, kv heads or MLP width
+        (`split_reason`) are refused before any weight is read; a folder without safetensors (pytorch_model.bin
+        only) is refused with what to do. `dtype`: the shard's dtype (default bfloat16; Gemma's norms stay
+        float32). `device`: as `from_hf`'s (cuda:<current device> when CUDA is present, else the CPU)."""
+        from .checkpoint import load_shard
+
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        cfg, shard = load_shard(path, rank, world_size, device, dtype, layouts, kw.get("max_seq_len", 512))
+        return cls(cfg, shard, rank, world_size, group, **kw)
+
+    @classmethod
     def from_hf(cls, model, rank: int = 0, world_size: int = 1, group: Optional[dist.ProcessGroup] = None, *,
                 device=None, dtype: Optional[torch.dtype] = None, layouts: str = "both", **kw) -> "TPEngine":
         """Return rank's engine holding its shard of a transformers model of a family the engine decodes.
 
         The model's weights are read where they are (CPU is fine) and only the shard is copied to `device`
         (default: cuda:<current device> when CUDA is present, GPU `rank` under `run_ranks`; else the model's
-        device)."""
+        device). Each rank then holds the whole model in host memory: for a model larger than that, pass its
+        local folder instead (a str or Path), which `from_pretrained` reads rank by rank."""
+        if isinstance(model, (str, Path)):
+            return cls.from_pretrained(model, rank, world_size, group, device=device,
+                                       dtype=dtype or torch.bfloat16, layouts=layouts, **kw)
         why = unsupported_reason(model.config, kw.get("max_seq_len", 512))
         if why:
             raise ValueError(why)

@@ -162,20 +162,25 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
         if getattr(at, "q_norm", None) is not None:
             lw.q_norm, lw.k_norm = norm(at.q_norm), norm(at.k_norm)
         layers.append(lw)
-    rot = inner.rotary_emb
-    local = _rotary(rot, "sliding_attention_")  # Gemma 3: each layer type has its own frequencies
-    glob = _rotary(rot, "full_attention_") or _rotary(rot, "") or local
     embed = cp(inner.embed_tokens.weight)
     tied = model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
     lm_head = embed if tied else cp(model.lm_head.weight)  # one copy of a tied matrix
     if granite:  # out of place: a tied head may be the embedding's own tensor
         embed, lm_head = embed * granite["embed"], lm_head * granite["logits"]
-    w = Weights(embed=embed, final_norm=norm(inner.norm), lm_head=lm_head,
-                inv_freq=glob[0].detach().to(device=device, dtype=torch.float32), rope_scale=glob[1], layers=layers)
+    return Weights(embed=embed, final_norm=norm(inner.norm), lm_head=lm_head, layers=layers,
+                   **rope_weights(inner.rotary_emb, device))
+
+
+def rope_weights(rot, device) -> dict:
+    """Weights' RoPE fields (inv_freq, rope_scale and, for Gemma 3's local layers, inv_freq_local and
+    rope_scale_local) from a transformers rotary module, on `device` in float32."""
+    local = _rotary(rot, "sliding_attention_")  # Gemma 3: each layer type has its own frequencies
+    glob = _rotary(rot, "full_attention_") or _rotary(rot, "") or local
+    out = {"inv_freq": glob[0].detach().to(device=device, dtype=torch.float32), "rope_scale": glob[1]}
     if local is not None and local is not glob:
-        w.inv_freq_local = local[0].detach().to(device=device, dtype=torch.float32)
-        w.rope_scale_local = local[1]
-    return w
+        out |= {"inv_freq_local": local[0].detach().to(device=device, dtype=torch.float32),
+                "rope_scale_local": local[1]}
+    return out
 
 
 @torch.no_grad()
