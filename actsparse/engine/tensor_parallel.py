@@ -26,9 +26,10 @@ engine's `cfg` (`full_cfg` keeps the model's).
 A rank's engine comes from a local Hugging Face folder with `TPEngine.from_pretrained`, which reads only the rank's
 slices of the safetensors (`checkpoint.load_shard`: a 70B never sits whole in one process), from a loaded
 transformers model with `from_hf` (each rank then holds the whole model in host memory), or from whole `Weights`
-with `from_weights`. World size 1 is the ordinary engine. `launch.run_ranks` spawns W processes on one machine, rank r on GPU r (its
-current CUDA device, the default `device` of `from_hf` and `random`); another launcher sets each rank's current
-device itself (`torch.cuda.set_device(local_rank)`), as NCCL wants one GPU per rank.
+with `from_weights`. World size 1 is the ordinary engine. `launch.run_ranks` spawns W processes on one machine,
+rank r on GPU r (its current CUDA device, the default `device` of `from_pretrained`, `from_hf` and `random`);
+another launcher sets each rank's current device itself (`torch.cuda.set_device(local_rank)`), as NCCL wants one
+GPU per rank.
 """
 
 from __future__ import annotations
