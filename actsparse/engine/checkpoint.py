@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .config import GEMMA, LlamaConfig, unsupported_reason
+from .sharding import shard_config, vocab_range
 from .weights import Weights, _layer, check_layouts, rope_weights
 
 
@@ -105,8 +106,6 @@ def load_shard(path, rank: int, world_size: int, device=None, dtype: torch.dtype
                layouts: str = "both", max_seq_len: Optional[int] = None) -> tuple[LlamaConfig, Weights]:
     """Return (the whole model's LlamaConfig, rank's shard of its weights on `device` in `dtype` and `layouts`),
     read from the local folder `path`'s safetensors; equal to `shard_weights(weights_from_hf(model, ...), ...)`."""
-    from .tensor_parallel import shard_config, vocab_range
-
     check_layouts(layouts)
     path, hf = read_config(path)
     why = unsupported_reason(hf, max_seq_len)

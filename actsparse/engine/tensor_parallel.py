@@ -34,7 +34,6 @@ GPU per rank.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -44,43 +43,12 @@ import torch.distributed as dist
 from .config import LlamaConfig, unsupported_reason
 from .engine import Engine
 from .plan import EnginePlan, SiteRule
+from .sharding import shard_config, split_reason, vocab_range
 from .weights import LayerWeights, Weights, _layer, check_layouts, random_weights, weights_from_hf
 
 # roles whose per-channel thresholds follow a split of their channels, and by what (gate_act and up_out: the
 # intermediate channels each rank computes)
 ROW_SPLIT = {"o": "q", "down": "inter", "gate_act": "inter", "up_out": "inter"}
-
-
-def split_reason(cfg: LlamaConfig, world_size: int) -> Optional[str]:
-    """Why `cfg` cannot be split over `world_size` ranks (None when it can)."""
-    w = world_size
-    if w < 1:
-        return f"world_size must be at least 1, got {w}"
-    if cfg.n_kv_heads % w:
-        return (f"tensor-parallel decode splits the key-value heads evenly: world_size {w} does not divide the "
-                f"model's {cfg.n_kv_heads} kv heads; use a divisor of {cfg.n_kv_heads}")
-    if cfg.n_heads % w:
-        return f"world_size {w} does not divide the model's {cfg.n_heads} query heads"
-    if cfg.intermediate_size % w:
-        return (f"tensor-parallel decode splits the MLP's intermediate channels evenly: world_size {w} does not "
-                f"divide intermediate_size {cfg.intermediate_size}")
-    return None
-
-
-def shard_config(cfg: LlamaConfig, world_size: int) -> LlamaConfig:
-    """The config of one rank's shard: its heads and intermediate channels (vocab_size stays the model's)."""
-    why = split_reason(cfg, world_size)
-    if why:
-        raise ValueError(why)
-    w = world_size
-    return replace(cfg, n_heads=cfg.n_heads // w, n_kv_heads=cfg.n_kv_heads // w,
-                   intermediate_size=cfg.intermediate_size // w)
-
-
-def vocab_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, end) of rank's slice of the vocabulary (the last slice may be shorter)."""
-    per = -(-vocab_size // world_size)
-    return min(rank * per, vocab_size), min((rank + 1) * per, vocab_size)
 
 
 def _linears(lw: LayerWeights, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
