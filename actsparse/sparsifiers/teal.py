@@ -17,9 +17,9 @@ Allocation:
   error on calibration inputs; site r's increment is base_step * P_o / P_r (P = the site's weight
   elements, P_o the attention output projection's), so every step adds about the same effective
   sparsity. Block effective sparsity = sum_r P_r s_r / sum_r P_r. Each step is recorded; the plan
-  takes the recorded level closest to the target. Runs forward passes of single blocks on
-  `calib_tokens` calibration tokens (default 2048); fit cost is about
-  (target / step) x (number of sites) block forwards per block.
+  takes the recorded level closest to the target. Runs on single blocks over `calib_tokens`
+  calibration tokens (default 2048); each step scores one candidate per site, from parts of the block
+  memoized by the levels they depend on instead of a whole-block forward each (greedy.py).
 
 Deliberate differences from the reference (conf/method/teal_paper.yaml sets the reference's
 protocol where it is a setting: sweeps/teal_paper.yaml adds its evaluation token policy):
@@ -49,13 +49,12 @@ import torch
 
 from ..calibration.quantile import AbsThresholds
 from ..errors import ActsparseError
-from ..models.sites import find_blocks
-from ._calib import calib_windows, capture_blocks, fit_in_order, require_model
+from ._calib import calib_windows, fit_in_order, require_model
+from .greedy import greedy_rules
 from .plan import Rule
 from .registry import Method, register_method
 
 TEAL_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
-MAX_SITE_SPARSITY = 0.99  # a site is never pushed past this in the greedy search (|x| quantile at 1 = all zero)
 
 
 def check_roles(method: str, roles) -> None:
@@ -113,7 +112,7 @@ class Teal(Method):
         if params.allocation == "uniform":
             return uniform_rules(stats, sparsity, params.roles)
         require_model("teal", model, "with allocation='greedy' measures block-output errors")
-        return greedy_rules(stats, sparsity, params, model)
+        return greedy_rules(stats, sparsity, params, model, thresholds=abs_quantiles, rule=greedy_threshold_rule)
 
 
 def threshold_rule(site: str, thresh, sparsity: float, **attrs) -> Rule:
@@ -132,183 +131,11 @@ def uniform_rules(stats, sparsity: float, roles) -> list[Rule]:
     return rules
 
 
-# Greedy trajectories do not depend on the target (TEAL computes one lookup table per block and reads
-# any target off it), so fits at several targets in one process extend one trajectory instead of
-# recomputing it: (stats key, params, layer, weights) -> [(block effective sparsity, {site: level})].
-_TRAJECTORIES: dict[tuple, list] = {}
-_MAX_CACHED = 64
-
-
 def abs_quantiles(stats, sites) -> dict[str, Callable[[float], float]]:
     """TEAL's per-site threshold at a sparsity level: the |x| quantile of the calibration sample."""
     return {s.name: AbsThresholds(stats[s.name].sample) for s in sites}
 
 
-@torch.no_grad()
-def greedy_rules(stats, target: float, params, model, thresholds=abs_quantiles, tag: tuple = (),
-                 rule: Callable[..., Rule] | None = None) -> list[Rule]:
-    """TEAL's block-wise greedy allocation: per block, the recorded level closest to `target`.
-
-    `thresholds(stats, sites)` returns, per site, the map from a sparsity level to the threshold on the
-    site's input (a float, or a per-channel tensor; a map with a `mask(x, t)` method masks the input its
-    own way); `tag` tells apart the trajectories of methods whose thresholds differ (WINA).
-    `rule(site, thresholds, level, **attrs)` makes each site's rule at its chosen level (default: a
-    `threshold` rule).
-    """
-    if rule is None:
-        def rule(site, th, level, **attrs):
-            return threshold_rule(site, th(level), level, **attrs)
-    blocks = [b for b in find_blocks(model) if any(r in params.roles for r in b.sites)]
-    ident = (params.method,) + tag + (stats.key, tuple(params.roles), params.base_step, params.last_fraction,
-                                      params.calib_tokens, params.greedy_mask_fraction)
-    # a block's identity includes its weights (pointer, in-place version, checksum): a changed model refits
-    keys = {b.layer: ident + (b.layer,) + tuple((s.module.weight.data_ptr(), s.module.weight._version,
-                                                 float(s.module.weight.detach().float().sum()))
-                                                for r, s in sorted(b.sites.items()) if r in params.roles)
-            for b in blocks}
-    traj = {b.layer: _TRAJECTORIES.get(keys[b.layer]) for b in blocks}
-    todo = [b.layer for b in blocks if traj[b.layer] is None or traj[b.layer][-1][0] < target - 1e-12]
-    calls = {}
-    if todo:
-        calls = {c.block.layer: c for c in capture_blocks(model, calib_windows(stats, params.calib_tokens), batch_size=16)}
-    rules: list[Rule] = []
-    for b in blocks:
-        sites = [s for r, s in b.sites.items() if r in params.roles]
-        quantiles = thresholds(stats, sites)
-        if b.layer in todo:
-            traj[b.layer] = greedy_block(calls[b.layer], sites, quantiles, target, params.base_step,
-                                         params.last_fraction, resume=traj[b.layer],
-                                         mask_fraction=params.greedy_mask_fraction)
-            if len(_TRAJECTORIES) >= _MAX_CACHED:
-                _TRAJECTORIES.pop(next(iter(_TRAJECTORIES)))
-            _TRAJECTORIES[keys[b.layer]] = traj[b.layer]
-        f, levels = min(traj[b.layer], key=lambda fl: abs(fl[0] - target))
-        rules += [rule(s.name, quantiles[s.name], levels[s.name], allocation="greedy", block_effective=f)
-                  for s in sites]
-    return rules
-
-
-def greedy_block(calls, sites, quantiles, target: float, base_step: float, last_fraction: float,
-                 resume: list | None = None, mask_fraction: float = 1.0) -> list[tuple[float, dict]]:
-    """Run (or continue) the greedy search on one block until its effective sparsity reaches the target.
-
-    Returns the trajectory [(block effective sparsity, {site: sparsity})], starting all-dense.
-    """
-    size = {s.name: s.n_params for s in sites}
-    ref = calls.block.sites["o"].n_params if "o" in calls.block.sites else min(size.values())
-    step = {n: base_step * ref / p for n, p in size.items()}
-    total = sum(size.values())
-    history = list(resume) if resume else [(0.0, {n: 0.0 for n in size})]
-    level = dict(history[-1][1])
-    thresh = {n: quantiles[n](level[n]) for n in size}
-
-    def effective(lv):
-        return sum(size[n] * lv[n] for n in lv) / total
-
-    def mask_input(name):
-        mask = getattr(quantiles[name], "mask", None)
-
-        def pre(m, args):
-            t = thresh[name]
-            if not torch.is_tensor(t) and t <= 0.0:
-                return None
-            x = args[0]                                     # [B, T, C]
-            xs = x * (x.abs() > t) if mask is None else mask(x, t)
-            if mask_fraction < 1.0:                          # TEAL masks only the last positions
-                start = x.shape[1] - int(x.shape[1] * mask_fraction)
-                xs = torch.cat([x[:, :start], xs[:, start:]], dim=1)
-            return (xs,) + tuple(args[1:])
-        return pre
-
-    hooks = [s.module.register_forward_pre_hook(mask_input(s.name)) for s in sites]
-    try:
-        # an MLP-site candidate changes only the MLP's output; in a pre-LN block that output is added to
-        # the residual, so y = y_base - mlp_base + mlp(x_mlp) on the scored positions, without re-running
-        # attention (checked once per block; otherwise every candidate replays the whole block)
-        # (the shortcut replays the MLP on the scored positions only, where a position-dependent mask
-        # would be misplaced: off when only the last positions are masked)
-        mlp = calls.block.mlp if mask_fraction >= 1.0 and _mlp_is_additive(calls) else None
-        in_mlp = {s.name for s in sites if mlp is not None and s.role in ("gate", "up", "down")}
-        base = _State.run(calls, mlp, last_fraction)
-        while effective(level) < target - 1e-12:
-            best, best_err, best_state = None, float("inf"), None
-            for n in size:
-                nxt = level[n] + step[n]
-                if nxt > MAX_SITE_SPARSITY:
-                    continue
-                thresh[n] = quantiles[n](nxt)
-                state = base.mlp_changed() if n in in_mlp else _State.run(calls, mlp, last_fraction)
-                e = state.error()
-                thresh[n] = quantiles[n](level[n])
-                if e < best_err:
-                    best, best_err, best_state = n, e, state
-            if best is None:
-                break
-            level[best] += step[best]
-            thresh[best] = quantiles[best](level[best])
-            base = best_state
-            history.append((effective(level), dict(level)))
-    finally:
-        for h in hooks:
-            h.remove()
-    return history
-
-
-class _State:
-    """Block outputs on the scored (last) positions at one allocation, with the MLP's input and output there."""
-
-    def __init__(self, calls, mlp, starts, ys, x_mlp, o_mlp):
-        self.calls, self.mlp, self.starts = calls, mlp, starts
-        self.ys, self.x_mlp, self.o_mlp = ys, x_mlp, o_mlp
-
-    @classmethod
-    def run(cls, calls, mlp, last_fraction: float) -> "_State":
-        """Replay the whole block (with whatever input masks are installed)."""
-        starts = [int(h.shape[1] * (1.0 - last_fraction)) for h in calls.inputs]
-        got = []
-        hook = mlp.register_forward_hook(lambda m, a, out: got.append((a[0], out))) if mlp is not None else None
-        try:
-            ys = [calls.run(h, i)[:, s:] for i, (h, s) in enumerate(zip(calls.inputs, starts))]  # [B, T', H]
-        finally:
-            if hook is not None:
-                hook.remove()
-        x_mlp = [x[:, s:] for (x, _), s in zip(got, starts)]
-        o_mlp = [o[:, s:] for (_, o), s in zip(got, starts)]
-        return cls(calls, mlp, starts, ys, x_mlp, o_mlp)
-
-    def mlp_changed(self) -> "_State":
-        """The state after re-running only the MLP (its masks changed) on the scored positions."""
-        o_new = [self.mlp(x) for x in self.x_mlp]
-        ys = [y - o + on for y, o, on in zip(self.ys, self.o_mlp, o_new)]
-        return _State(self.calls, self.mlp, self.starts, ys, self.x_mlp, o_new)
-
-    def error(self) -> float:
-        """Mean over scored tokens of the L2 distance to the dense block output."""
-        err, n = 0.0, 0
-        for y, o, s in zip(self.ys, self.calls.outputs, self.starts):
-            d = (y - o[:, s:]).float().norm(dim=-1)   # [B, T']
-            err += float(d.sum())
-            n += d.numel()
-        return err / max(n, 1)
-
-
-@torch.no_grad()
-def _mlp_is_additive(calls) -> bool:
-    """True if adding d to the MLP's output adds exactly d to the block's output (pre-LN residual)."""
-    mlp = calls.block.mlp
-    if mlp is None or not calls.inputs:
-        return False
-    h = calls.inputs[0]
-    y0 = calls.run(h, 0)
-    delta = {}
-
-    def bump(m, a, out):
-        delta["d"] = torch.randn_like(out) * (out.float().std() + 1e-6)
-        return out + delta["d"]
-    hook = mlp.register_forward_hook(bump)
-    try:
-        y1 = calls.run(h, 0)
-    finally:
-        hook.remove()
-    d = delta.get("d")
-    return d is not None and torch.allclose(y1 - y0, d, rtol=1e-3, atol=1e-4 * float(d.abs().max()))
+def greedy_threshold_rule(site: str, thresholds, level: float, **attrs) -> Rule:
+    """A greedy search's `threshold` rule at the site's chosen level."""
+    return threshold_rule(site, thresholds(level), level, **attrs)

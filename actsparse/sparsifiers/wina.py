@@ -73,7 +73,8 @@ from .plan import Rule
 from .registry import Method, register_method
 from .rotation import ROTATED, folded, group_of, norm_weights, require_rotatable, rotate, svd_basis
 from .rules import rotated_threshold
-from .teal import ThresholdParams, greedy_rules, threshold_rule
+from .greedy import greedy_rules
+from .teal import ThresholdParams, threshold_rule
 
 # the site of each shared input whose column norms score it in the reference code
 _REFERENCE_SCORED = ("k", "qkv", "gate")

@@ -1,10 +1,10 @@
-"""TEAL block-wise greedy allocation: first step, level choice, thresholds, and the MLP shortcut."""
+"""TEAL block-wise greedy allocation: first step, level choice, thresholds, staged parts vs whole-block replays."""
 import pytest
 import torch
 
 import actsparse as asp
 from actsparse.models.sites import find_blocks
-from actsparse.sparsifiers import teal
+from actsparse.sparsifiers import greedy
 from actsparse.sparsifiers._calib import calib_windows, capture_blocks
 from tests.methods.conftest import np_quantile_abs
 
@@ -98,13 +98,13 @@ def test_greedy_reaches_target_with_numpy_thresholds(gelu):
     assert plan.effective_sparsity == pytest.approx(0.4, abs=0.01)
 
 
-def test_greedy_mlp_shortcut_equals_full_block_replay(llama, monkeypatch):
+def test_greedy_staged_parts_choose_what_whole_block_replays_choose(llama, monkeypatch):
     model, stats = llama
     kw = dict(model=model, allocation="greedy", calib_tokens=256, base_step=0.2)
-    teal._TRAJECTORIES.clear()
+    greedy._TRAJECTORIES.clear()
     fast = asp.fit("teal", stats, 0.3, **kw)
-    monkeypatch.setattr(teal, "_mlp_is_additive", lambda calls: False)
-    teal._TRAJECTORIES.clear()
+    monkeypatch.setattr(greedy.Staged, "build", classmethod(lambda cls, *a: None))
+    greedy._TRAJECTORIES.clear()
     slow = asp.fit("teal", stats, 0.3, **kw)
     assert {p: r.expected_sparsity for p, r in fast.rules.items()} == {p: r.expected_sparsity for p, r in slow.rules.items()}
 
@@ -112,17 +112,17 @@ def test_greedy_mlp_shortcut_equals_full_block_replay(llama, monkeypatch):
 def test_greedy_trajectory_is_reused_and_extended_across_targets(gelu, monkeypatch):
     model, stats = gelu
     kw = dict(model=model, allocation="greedy", calib_tokens=256, base_step=0.2)
-    teal._TRAJECTORIES.clear()
+    greedy._TRAJECTORIES.clear()
     fresh = {s: asp.fit("teal", stats, s, **kw) for s in (0.2, 0.45)}     # 0.45 extends 0.2's trajectory
     calls = []
-    monkeypatch.setattr(teal, "capture_blocks", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(greedy, "capture_blocks", lambda *a, **k: calls.append(1))
     again = asp.fit("teal", stats, 0.3, **kw)                              # read off the cached trajectory
     assert calls == []
-    teal._TRAJECTORIES.clear()
+    greedy._TRAJECTORIES.clear()
     monkeypatch.undo()
     for s, plan in fresh.items():
         scratch = asp.fit("teal", stats, s, **kw)
-        teal._TRAJECTORIES.clear()
+        greedy._TRAJECTORIES.clear()
         assert {p: r.expected_sparsity for p, r in plan.rules.items()} == \
             {p: r.expected_sparsity for p, r in scratch.rules.items()}
     assert again.effective_sparsity == pytest.approx(0.3, abs=0.05)
