@@ -369,9 +369,9 @@ class Engine:
         return y if y.dtype == self.dtype else y.to(self.dtype)
 
     def _raw_sums(self, impl: str, x: torch.Tensor, rule: "_OpRule") -> bool:
-        """Whether q|k|v writes its raw fp32 sums (one-shot tiles, `out=`) for the attention kernel to cast: in an
+        """Whether an op hands on raw fp32 sums (one-shot tiles; q|k|v: `out=` for the attention kernel): in an
         fp32-stream step where measured fastest ("accumulate") or, with given fallback levels ("auto"), wherever
-        it can (no low-rank part)."""
+        it can (no low-rank part, batch ≤ 16)."""
         return (x.dtype == torch.float32 and self.residual_fp32 and rule.lowrank is None
                 and impl in ("accumulate", "auto") and x.shape[0] <= 16)
 
@@ -408,8 +408,7 @@ class Engine:
     def _accumulates(self, impl: str, x: torch.Tensor, res: Optional[torch.Tensor], rule: "_OpRule") -> bool:
         """Whether a row-split op (o, down) adds into the fp32 stream x in place: measured fastest ("accumulate"),
         or with given fallback levels ("auto") wherever it can (it adds the residual itself, no low-rank part)."""
-        return (x.dtype == torch.float32 and self.residual_fp32 and res is x and rule.lowrank is None
-                and impl in ("accumulate", "auto") and x.shape[0] <= 16)
+        return res is x and self._raw_sums(impl, x, rule)
 
     def _act(self, g: torch.Tensor) -> torch.Tensor:
         """The gate's activation (silu, or Gemma's gelu-tanh) in g's dtype."""
