@@ -474,25 +474,36 @@ accumulate_tuned: dict[str, dict] = {}  # "accumulate|K|N|batch" -> the tile acc
 
 
 def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: dict, dtype_name: str) -> list[dict]:
-    """o and down adding straight into an fp32 residual stream (`sparse_gemv(accumulate=)`: the one-shot tiles with
-    no counter, epilogue or zeroing), q|k|v's raw fp32 sums (`out=`) and gate|up's, per op (method
-    "oneshot-accumulate"), and the block as the engine runs it: q|k|v raw where faster than the side-by-side
-    kernels, gate/up on the fastest of those, o and down adding (method "actsparse-accumulate")."""
+    """o and down adding straight into an fp32 residual stream (`sparse_gemv(accumulate=)`: no counter, epilogue or
+    zeroing), q|k|v's raw fp32 sums (`out=`) and gate|up's, down forming act(gate)·up from those, per op and kernel
+    (methods "oneshot-accumulate", "gather-accumulate"), and the block as the engine runs it: q|k|v raw where
+    faster than the side-by-side kernels, gate|up raw + gated down where faster than gate|up's best + down, each op
+    on its fastest kernel (method "actsparse-accumulate")."""
     rows = []
     h32 = inp.x.float()
     acc = {"o": torch.zeros(inp.b, D, device=DEV), "down": torch.zeros(inp.b, D, device=DEV)}
     gu32 = torch.zeros(2, inp.b, INTER, device=DEV)  # gate|up's raw sums
     qkv32 = torch.zeros(inp.b, D + 2 * KV, device=DEV)
 
-    def qkv(s, th):  # q|k|v's raw fp32 sums (out=: zeroed by the norm pre-pass), which the attention kernel reads
+    def qkv(s, th, impl="oneshot"):  # q|k|v's raw fp32 sums (out=), which the attention kernel reads
         _sparse_gemv(inp.x, s["wqkv_t"], th["qkv"], norm_weight=inp.g, eps=1e-5, segments=(D, D + KV),
-                     out=qkv32)
+                     out=qkv32, impl=impl)
 
-    def o(s, th):
-        _sparse_gemv(inp.a, s["wo_t"], th["o"], accumulate=h32)
+    def o(s, th, impl="oneshot"):
+        _sparse_gemv(inp.a, s["wo_t"], th["o"], accumulate=h32, impl=impl)
 
-    def down(s, th):
-        _sparse_gemv(inp.h, s["wd_t"], th["down"], accumulate=h32)
+    def down(s, th, impl="oneshot"):
+        _sparse_gemv(inp.h, s["wd_t"], th["down"], accumulate=h32, impl=impl)
+
+    def pair(st, th, impl="oneshot"):  # the raw gate and up sums (out=), no act, no counter
+        _sparse_gated_mlp(inp.x, st["wg_t"], st["wu_t"], th["pair"], norm_weight=inp.g, eps=1e-5, out=gu32,
+                          impl=impl)
+
+    def down_gated(st, th, impl="oneshot"):  # down forming act(gate)·up from those sums, adding into the stream
+        _sparse_gemv(gu32, st["wd_t"], th["down"], gated="silu", accumulate=h32, impl=impl)
+
+    raw_ops = {"qkv": qkv, "o": o, "down": down, "pair": pair, "down_gated": down_gated}
+    kernels = [k for k in ("oneshot", "gather") if not configs.why_not(k, inp.b, False, False, False, True)]
 
     # Its own tiles first: without an epilogue, larger K tiles (fewer atomics) may pay.
     for name, w, xin, (k, n) in (("o", "wo_t", inp.a, (D, D)), ("down", "wd_t", inp.h, (INTER, D))):
@@ -527,56 +538,52 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
         pick = {op: min(side, key=lambda i: side[i][s][op]) for op in ("qkv", "pair")}
         base = sparse_ops(lay, inp, th, "oneshot")
 
-        def over(fn):
-            return lambda: [fn(st, th) for st in lay.sets]
+        def over(fn, impl):
+            return lambda: [fn(st, th, impl) for st in lay.sets]
 
-        t_qkv = time_graph(over(qkv)) * 1e3 / lay.n
-        raw_qkv = t_qkv < side[pick["qkv"]][s]["qkv"]  # the block takes whichever q|k|v is faster here
-
-        def pair(st, th):  # the raw gate and up sums (out=: zeroed by the norm pre-pass), no act, no counter
-            _sparse_gated_mlp(inp.x, st["wg_t"], st["wu_t"], th["pair"], norm_weight=inp.g, eps=1e-5, out=gu32)
-
-        def down_gated(st, th):  # down forming act(gate)·up from those sums, adding into the stream
-            _sparse_gemv(gu32, st["wd_t"], th["down"], gated="silu", accumulate=h32)
-        t = {"o": time_graph(over(o)) * 1e3 / lay.n, "down": time_graph(over(down)) * 1e3 / lay.n,
-             "pair": time_graph(over(pair)) * 1e3 / lay.n, "down_gated": time_graph(over(down_gated)) * 1e3 / lay.n,
-             "qkv": t_qkv}
+        # Each op adding into / writing its fp32 tensor on each kernel; the block takes the fastest of each.
+        times = {kern: {op: time_graph(over(fn, kern)) * 1e3 / lay.n for op, fn in raw_ops.items()}
+                 for kern in kernels}
+        best = {op: min(kernels, key=lambda kern: times[kern][op]) for op in raw_ops}
+        t = {op: times[best[op]][op] for op in raw_ops}
+        raw_qkv = t["qkv"] < side[pick["qkv"]][s]["qkv"]  # the block takes whichever q|k|v is faster here
         raw_mlp = t["pair"] + t["down_gated"] < side[pick["pair"]][s]["pair"] + t["down"]
 
         def block():
             for st in lay.sets:
                 if raw_qkv:
-                    qkv(st, th)
+                    qkv(st, th, best["qkv"])
                 else:
                     _sparse_gemv(inp.x, st["wqkv_t"], th["qkv"], norm_weight=inp.g, eps=1e-5,
                                  segments=(D, D + KV), impl=pick["qkv"])
-                o(st, th)
+                o(st, th, best["o"])
                 if raw_mlp:
-                    pair(st, th)
-                    down_gated(st, th)
+                    pair(st, th, best["pair"])
+                    down_gated(st, th, best["down_gated"])
                 else:
                     _sparse_gated_mlp(inp.x, st["wg_t"], st["wu_t"], th["pair"], norm_weight=inp.g, eps=1e-5,
                                       impl=pick["pair"])
-                    down(st, th)
+                    down(st, th, best["down"])
         t["block"] = time_graph(block) * 1e3 / lay.n
-        t0 = {k: time_graph(base[k]) * 1e3 / lay.n for k in ("o", "down")}
-        t0 = {**t0, "pair": time_graph(base["pair"]) * 1e3 / lay.n, "qkv": time_graph(base["qkv"]) * 1e3 / lay.n}
-        log(f"  accumulate s={s:.2f}: o={t['o']:.1f} (oneshot with residual {t0['o']:.1f}) down={t['down']:.1f} "
-            f"({t0['down']:.1f}) gate|up raw sums={t['pair']:.1f} (with act·up epilogue {t0['pair']:.1f}) "
-            f"down on them={t['down_gated']:.1f} "
-            f"q|k|v raw sums={t['qkv']:.1f} ({t0['qkv']:.1f}) "
-            f"block={t['block']:.1f} with q|k|v {'raw' if raw_qkv else pick['qkv']}, gate|up + down "
-            f"{'raw + gated' if raw_mlp else pick['pair'] + ' + accumulate'}  rel err {errs}")
-        rows += [{**meta, "kind": "kernel", "method": "oneshot-accumulate", "op": k, "sparsity": s, "batch": inp.b,
-                  "dtype": dtype_name, "us": round(t[k], 2), "max_rel_err": errs.get(k)}
-                 for k in ("o", "down", "pair", "qkv", "down_gated")]
+        t0 = {k: time_graph(base[k]) * 1e3 / lay.n for k in ("o", "down", "pair", "qkv")}
+        each = "  ".join(f"{op}=" + "/".join(f"{times[kern][op]:.1f}" for kern in kernels) for op in raw_ops)
+        log(f"  accumulate s={s:.2f} ({'/'.join(kernels)}): {each}; one-shot with output: o={t0['o']:.1f} "
+            f"down={t0['down']:.1f} gate|up (act·up epilogue)={t0['pair']:.1f} q|k|v={t0['qkv']:.1f}; "
+            f"block={t['block']:.1f} with q|k|v {'raw ' + best['qkv'] if raw_qkv else pick['qkv']}, o {best['o']}, "
+            f"gate|up + down {'raw ' + best['pair'] + ' + gated ' + best['down_gated'] if raw_mlp else pick['pair'] + ' + accumulate ' + best['down']}"
+            f"  rel err {errs}")
+        rows += [{**meta, "kind": "kernel", "method": f"{kern}-accumulate", "op": k, "sparsity": s, "batch": inp.b,
+                  "dtype": dtype_name, "us": round(times[kern][k], 2), "max_rel_err": errs.get(k)}
+                 for kern in kernels for k in raw_ops]
         rows.append({**meta, "kind": "kernel", "method": "actsparse-accumulate", "op": "block", "sparsity": s,
                      "batch": inp.b, "dtype": dtype_name, "us_per_block": round(t["block"], 2),
-                     "impl": {"qkv": "raw sums" if raw_qkv else pick["qkv"], "o": "accumulate",
-                              "pair": "raw sums" if raw_mlp else pick["pair"],
-                              "down": "gated, accumulate" if raw_mlp else "accumulate"},
+                     "impl": {"qkv": f"raw sums ({best['qkv']})" if raw_qkv else pick["qkv"],
+                              "o": f"accumulate ({best['o']})",
+                              "pair": f"raw sums ({best['pair']})" if raw_mlp else pick["pair"],
+                              "down": f"gated, accumulate ({best['down_gated']})" if raw_mlp
+                              else f"accumulate ({best['down']})"},
                      "max_rel_err": max(errs.values())})
-    log(f"  accumulate resources: { {k: v for k, v in configs.COMPILED.items() if 'oneshot' in k} }")
+    log(f"  accumulate resources: { {k: v for k, v in configs.COMPILED.items() if 'accumulate' in k} }")
     return rows
 
 

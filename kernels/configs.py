@@ -195,9 +195,9 @@ def override_config(cfg: Config | None) -> Iterator[None]:
 
 def why_not(impl: str, b: int, packed: bool, presel: bool, out_sel: bool, accum: bool = False) -> str:
     """Why kernel `impl` cannot run a launch ('' when it can); the masked walk runs anything but accumulating."""
-    if accum and impl != "oneshot":
+    if accum and impl == "masked":
         return ("cannot add into a given fp32 tensor (accumulate=, out=) or read a gate/up pair's raw sums "
-                "(gated=); only the one-shot tiles can")
+                "(gated=); the one-shot tiles and the gather walk can")
     if impl == "masked":
         return ""
     cap = GATHER_MAX_BATCH if impl == "gather" else ONESHOT_MAX_BATCH
@@ -226,7 +226,7 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, packed
     shape and batch (`PREFERRED`), else gather, else masked (which runs anything); naming a kernel that cannot
     run the launch is an error. packed: weights from `pack_weight`; presel: the input arrives already selected
     (thresh=None); out_sel: out_thresh is given; accum: the op adds into a given fp32 tensor or reads raw gate/up
-    sums (the one-shot tiles alone can, so "auto" means them).
+    sums (the one-shot tiles or the gather walk; "auto" means the one-shot tiles).
     """
     if impl not in ("auto",) + IMPLS:
         raise ValueError(f"impl must be 'auto', 'masked', 'gather' or 'oneshot', got {impl!r}")

@@ -16,6 +16,7 @@ import torch
 
 from .configs import choose_impl
 from .gemv_common import wshape
+from .gather_gemv import launch_gather
 from .oneshot_gemv import launch_oneshot
 from .sparse_gemv import ACTS, _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm
 
@@ -34,10 +35,11 @@ def _sparse_gated_mlp_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Te
 def _sparse_gated_mlp_sums_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: torch.Tensor,
                               shift: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                               norm_weight: Optional[torch.Tensor], eps: float, nm_n: int, nm_m: int,
-                              out: torch.Tensor) -> None:
-    _, cfg = choose_impl("pair", x.shape[1], wshape(wt_gate)[1], x.shape[0], "oneshot", accum=True)
-    launch_oneshot(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, cfg,
-                   accumulate=out, zero_first=True)
+                              out: torch.Tensor, impl: str = "oneshot") -> None:
+    which, cfg = choose_impl("pair", x.shape[1], wshape(wt_gate)[1], x.shape[0], impl, accum=True)
+    launch = launch_gather if which == "gather" else launch_oneshot
+    launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, cfg,
+           accumulate=out, zero_first=True)
 
 
 @_sparse_gated_mlp_op.register_fake
@@ -72,8 +74,9 @@ def sparse_gated_mlp(
     written selected for the down projection, h ← (h − m)⊙1[|h − m| > t] (see `sparse_gemv`).
     impl: "oneshot", "gather", "masked" or "auto" (see `sparse_gemv`).
     out: a contiguous float32 [2, B, I] tensor that receives the raw sums W_g·x_s,g + b_g and W_u·x_s,u + b_u
-    instead (no act, no product; zeroed first inside the norm's pre-pass) and is returned: the one-shot tiles with
-    no counter or epilogue, for a down projection that forms act(gate)·up itself (`sparse_gemv(gated=act)`).
+    instead (no act, no product) and is returned: the one-shot tiles ("auto"; zeroed first inside the norm's
+    pre-pass) or the gather walk (written by its programs), with no counter or epilogue, for a down projection
+    that forms act(gate)·up itself (`sparse_gemv(gated=act)`).
     """
     _check_common(x, wt_gate, "wt_gate")
     _check_common(x, wt_up, "wt_up")
@@ -104,7 +107,7 @@ def sparse_gated_mlp(
             raise ValueError("out= takes the raw sums: it needs thresh and cannot select the output (out_thresh)")
         choose_impl("pair", k, n, b, impl, packed=wt_gate.dim() == 3, accum=True)
         torch.ops.actsparse.sparse_gated_mlp_sums(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, float(eps),
-                                                  nm_n, nm_m, out)
+                                                  nm_n, nm_m, out, impl)
         return out
     # Rejects a bad impl / batch here.
     choose_impl("pair", k, n, x.shape[0], impl, packed=wt_gate.dim() == 3, presel=thresh is None,

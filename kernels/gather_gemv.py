@@ -13,6 +13,11 @@
    atomic counter increment per program, the counter reset by that program for the next launch or graph
    replay) reads all partials in one vectorised load, sums them in a fixed order (deterministic) and runs the
    epilogue: bias, act / act(gate)·up (silu or gelu-tanh), residual, cast.
+4. Adding into the caller's fp32 tensor (`sparse_gemv(accumulate=)` / `out=`, `sparse_gated_mlp(out=)`: the
+   residual stream, q|k|v's or gate|up's raw sums): no workspace, counter or epilogue. With one K slice a program
+   owns its output elements (a plain store, or read-add-store into the stream: deterministic); with several
+   the slices' partials meet by fp32 atomics, in a tensor the compaction pass zeroes when it is written.
+   `gated=`: the compaction pass forms act(gate)·up from a gate/up pair's raw sums before it selects.
 
 Batches 2-4 (`GatherConfig(use_dot=True)`): the FMA accumulators grow with the batch (batch × BLOCK_K × BLOCK_N
 fp32); the tensor-core walk pads the batch to 16 rows and runs each gathered step as one tl.dot
@@ -27,17 +32,18 @@ import triton
 import triton.language as tl
 
 from .configs import GatherConfig, new_output, record_compiled
-from .gemv_common import (accumulate, epilogue, fit_block_n, launch_args, out_dtype, row_rstd,
+from .gemv_common import (accumulate, activate, epilogue, fit_block_n, launch_args, out_dtype, row_rstd,
                           select_chunk, split_workspace)
 
 
 @triton.jit
 def _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_base, val_base, sel, pid_k, offs_b, mask_b, K,
-                   stride_xb, stride_ts, stride_tk, stride_ms, eps,
+                   stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps,
                    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
-                   NM_M: tl.constexpr, BLOCK_B: tl.constexpr, SEG_K: tl.constexpr):
+                   NM_M: tl.constexpr, GATED: tl.constexpr, BLOCK_B: tl.constexpr, SEG_K: tl.constexpr):
     """Select the SEG_K slice pid_k of x with threshold row `sel` and compact its kept channels (the batch union):
-    indices to idx_base[0:count], values [BLOCK_B, count] to val_base; return count."""
+    indices to idx_base[0:count], values [BLOCK_B, count] to val_base; return count. GATED (an ACTS code): x is a
+    gate/up pair's raw sums [2, B, K] (the up sums stride_xm further on) and the input is act(gate)·up."""
     x_rows = x_ptr + offs_b[:, None] * stride_xb
     rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
     if NORM:
@@ -48,6 +54,9 @@ def _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_base, val_base, sel, pid_k, o
     if NORM:
         gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         xv = xv * rstd[:, None] * gv[None, :]
+    if GATED > 0:
+        uv = tl.load(x_rows + stride_xm + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        xv = activate(xv, GATED) * uv
     xs, rows = select_chunk(xv, t_ptr + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b, stride_tk,
                              HAS_SHIFT, NM_N, NM_M, BLOCK_B, SEG_K)
     keep = rows.to(tl.int32)
@@ -59,11 +68,13 @@ def _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_base, val_base, sel, pid_k, o
 
 
 @triton.jit
-def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, B, K,
-                    stride_xb, stride_ts, stride_tk, stride_ms, eps,
+def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_ptr, B, K, Z_N, Z_TOTAL,
+                    stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps,
                     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
-                    NM_M: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr, SEG_K: tl.constexpr):
-    """The compaction pass: one program per (K slice, threshold row) writes the list the walk reads."""
+                    NM_M: tl.constexpr, GATED: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr,
+                    SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr):
+    """The compaction pass: one program per (K slice, threshold row) writes the list the walk reads; with ZERO
+    each also zeroes its equal share (Z_N elements, below Z_TOTAL) of the fp32 tensor the walk then adds into."""
     pid_k = tl.program_id(0)
     sel = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
@@ -71,9 +82,15 @@ def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, B, 
     slot = sel * GROUPS + pid_k
     count = _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr + slot * SEG_K,
                            val_ptr + slot * (BLOCK_B * SEG_K) + offs_b[:, None] * SEG_K, sel, pid_k, offs_b, mask_b,
-                           K, stride_xb, stride_ts, stride_tk, stride_ms, eps, NORM, NORM_BLOCK, HAS_SHIFT, NM_N,
-                           NM_M, BLOCK_B, SEG_K)
+                           K, stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps, NORM, NORM_BLOCK, HAS_SHIFT,
+                           NM_N, NM_M, GATED, BLOCK_B, SEG_K)
     tl.store(count_ptr + slot, count)
+    if ZERO:
+        start = slot.to(tl.int64) * Z_N
+        for z0 in range(0, Z_N, Z_BLOCK):
+            offs = z0 + tl.arange(0, Z_BLOCK)
+            tl.store(z_ptr + start + offs, tl.zeros([Z_BLOCK], dtype=tl.float32),
+                     mask=(offs < Z_N) & (start + offs < Z_TOTAL))
 
 
 @triton.jit
@@ -85,7 +102,7 @@ def _gather_kernel(
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr,
-    USE_DOT: tl.constexpr, IEEE: tl.constexpr, VAL_B: tl.constexpr, DEPTH: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, VAL_B: tl.constexpr, DEPTH: tl.constexpr, ACCUM: tl.constexpr,
     BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -158,7 +175,26 @@ def _gather_kernel(
         out = tl.sum(acc, axis=1)  # [BLOCK_B, BLOCK_N]
     mask_out = mask_b[:, None] & mask_n[None, :]
 
-    if SPLIT:
+    if ACCUM > 0:
+        # y is the caller's fp32 [B, N] (a pair's: [2, B, N]); no workspace, counter or epilogue. ACCUM 1: one
+        # program per output element (a single K slice) writes y = W·x_s (+ bias); 2: it adds into y, the sole
+        # writer of its elements, so a plain read-modify-write; 3: the slices' partials meet by fp32 atomics
+        # (y zeroed by the compaction pass where it is written, or holding the residual it is added to).
+        if HAS_BIAS:
+            if pid_k == 0:
+                out += tl.load(bias_ptr + pid_m * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y_tile = y_ptr + pid_m * B * stride_yb + offs_b[:, None] * stride_yb + offs_n[None, :]
+        if ACCUM == 1:
+            tl.store(y_tile, out, mask=mask_out)
+        elif ACCUM == 2:
+            tl.store(y_tile, out + tl.load(y_tile, mask=mask_out, other=0.0), mask=mask_out)
+        else:
+            adds = count > 0  # a slice with no kept row adds nothing: no atomics
+            if HAS_BIAS:
+                adds = adds | (pid_k == 0)
+            if adds:
+                tl.atomic_add(y_tile, out, mask=mask_out, sem="relaxed")
+    elif SPLIT:
         ws_tile = offs_b[:, None] * N + offs_n[None, :]
         tl.store(ws_ptr + (pid_m * GROUPS + pid_k) * B * N + ws_tile, out, mask=mask_out)
         tl.debug_barrier()  # all partials of this program are written before it signals
@@ -184,8 +220,13 @@ def _gather_kernel(
 
 
 def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,
-                  cfg: GatherConfig) -> torch.Tensor:
-    """Run the compaction pass and the gather walk (arguments validated by the public ops); return y [B, N]."""
+                  cfg: GatherConfig, accumulate=None, zero_first: bool = False, gated: int = 0) -> torch.Tensor:
+    """Run the compaction pass and the gather walk (arguments validated by the public ops); return y [B, N], or
+    with `accumulate` (fp32 [B, N]; a gate/up pair: [2, B, N]) add W·x_s (+ bias) into it in place and return it;
+    `zero_first`: it receives W·x_s (+ bias) instead. `gated` (an ACTS code): x is a gate/up pair's raw sums
+    [2, B, K] and the input is act(gate)·up (see `launch_oneshot`)."""
+    stride_xm = x.stride(0) if gated else 0
+    x = x[0] if gated else x
     b, k = x.shape
     n = wt.shape[1]
     val_b = triton.next_power_of_2(b)  # value rows of a compacted list
@@ -202,10 +243,20 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
     groups = triton.cdiv(k, seg_k)
     mats = 2 if w2 is not None else 1
     tiles_n = triton.cdiv(n, block_n)
-    split = mats * groups > 1
     nsel = 2 if w2 is not None else len(bounds) + 1
-    y = new_output((b, n), x.device, out_dtype(wt, residual))
-    ws, cnt = split_workspace(mats * groups, 1, b, n, tiles_n, y)
+    if accumulate is None:
+        split, accum = mats * groups > 1, 0
+        y = new_output((b, n), x.device, out_dtype(wt, residual))
+        ws, cnt = split_workspace(mats * groups, 1, b, n, tiles_n, y)
+    else:
+        # One K slice: each program owns its output elements outright (written, or read-modified-written);
+        # several: their partials meet by atomics in a tensor the compaction pass zeroed where it is written.
+        split, accum = False, (1 if zero_first else 2) if groups == 1 else 3
+        y = accumulate if accumulate.dim() == 2 else accumulate[0]  # a pair's second matrix is B·N further on
+        ws, cnt = y, y
+    zero = accum == 3 and zero_first
+    z_total = accumulate.numel() if zero else 0
+    z_n = triton.cdiv(z_total, nsel * groups)
     # Compacted lists: one per (selection row, K slice); indices int32 and values fp32 per batch row.
     idx = torch.empty(nsel * groups * seg_k, device=x.device, dtype=torch.int32)
     val = torch.empty(nsel * groups * val_b * seg_k, device=x.device, dtype=torch.float32)
@@ -214,15 +265,16 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
                                                  nm_n, nm_m, y, block_b)
     xp, gp, tp, mp = ptrs[:4]
     _compact_kernel[(groups, nsel)](
-        xp, gp, tp, mp, idx, val, count, b, k, *strides[:4], eps, NORM=flags["NORM"],
-        NORM_BLOCK=flags["NORM_BLOCK"], HAS_SHIFT=flags["HAS_SHIFT"], NM_N=flags["NM_N"], NM_M=flags["NM_M"],
-        GROUPS=groups, BLOCK_B=val_b, SEG_K=seg_k, num_warps=4)
+        xp, gp, tp, mp, idx, val, count, accumulate if zero else idx, b, k, z_n, z_total, *strides[:4], stride_xm,
+        eps, NORM=flags["NORM"], NORM_BLOCK=flags["NORM_BLOCK"], HAS_SHIFT=flags["HAS_SHIFT"], NM_N=flags["NM_N"],
+        NM_M=flags["NM_M"], GATED=gated, GROUPS=groups, BLOCK_B=val_b, SEG_K=seg_k, ZERO=zero, Z_BLOCK=1024,
+        num_warps=4)
     compiled = _gather_kernel[(tiles_n, groups, mats)](
         *ptrs, ws, cnt, idx, val, count, b, k, n, n0, n1, *strides, eps, **flags,
         GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split,
-        USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, VAL_B=val_b, DEPTH=cfg.depth,
+        USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, VAL_B=val_b, DEPTH=cfg.depth, ACCUM=accum,
         BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    record_compiled("gather_kernel", compiled, k, n, w2 is not None)
-    return y
+    record_compiled("gather_kernel" if accumulate is None else "gather_accumulate", compiled, k, n, w2 is not None)
+    return y if accumulate is None else accumulate

@@ -94,11 +94,12 @@ def _sparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresh: Optional[torch.Te
 def _sparse_gemv_acc_op(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor, shift: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor], eps: float,
                         segments: list[int], nm_n: int, nm_m: int, acc: torch.Tensor, zero_first: bool = False,
-                        gated: int = 0) -> None:
-    _, cfg = choose_impl("qkv" if segments else "gemv", x.shape[-1], wshape(wt)[1], acc.shape[0], "oneshot",
-                         accum=True)
-    launch_oneshot(x, wt, None, thresh, shift, bias, None, norm_weight, eps, 0, segments, nm_n, nm_m, cfg,
-                   accumulate=acc, zero_first=zero_first, gated=gated)
+                        gated: int = 0, impl: str = "oneshot") -> None:
+    which, cfg = choose_impl("qkv" if segments else "gemv", x.shape[-1], wshape(wt)[1], acc.shape[0], impl,
+                             accum=True)
+    launch = launch_gather if which == "gather" else launch_oneshot
+    launch(x, wt, None, thresh, shift, bias, None, norm_weight, eps, 0, segments, nm_n, nm_m, cfg,
+           accumulate=acc, zero_first=zero_first, gated=gated)
 
 
 @_sparse_gemv_op.register_fake
@@ -139,7 +140,7 @@ def _gated_input(x: torch.Tensor, gated: str, norm_weight, into) -> torch.Tensor
         raise ValueError(f"gated= reads a gate/up pair's raw sums: x must be a contiguous float32 [2, B, K] "
                          f"(sparse_gated_mlp(out=)), got {x.dtype} {tuple(x.shape)}")
     if norm_weight is not None or into is None:
-        raise ValueError("gated= forms act(gate)·up in the one-shot tiles' prologue: it takes no norm_weight and "
+        raise ValueError("gated= forms act(gate)·up in the kernel's prologue: it takes no norm_weight and "
                          "needs accumulate= or out=")
     return x
 
@@ -203,13 +204,14 @@ def sparse_gemv(
     conditions), "masked" (a split-K walk whose masked row loads skip the unselected rows; anything) or
     "auto" (the kernel measured fastest for the op where it can run: `configs.choose_impl`).
     accumulate: a float32 [B, N] tensor (e.g. the residual stream kept in fp32) that W·x_s + bias is added into
-    in place, and returned: the one-shot tiles' partials land in it directly (no output, counter or epilogue);
-    act must be "none" and residual, out_thresh None (it is its own residual); the one-shot tiles alone run it.
+    in place, and returned: the kernel's partials land in it directly (no output, counter or epilogue);
+    act must be "none" and residual, out_thresh None (it is its own residual); the one-shot tiles ("auto") or
+    the gather walk run it.
     out: a contiguous float32 [B, N] tensor that receives W·x_s + bias, as accumulate= after zeroing it (inside
     the norm's pre-pass where norm_weight is given): the raw sums in fp32 for a consumer that reads them (e.g.
     q|k|v for the attention kernel), with no output cast, counter or epilogue.
     gated: "silu" or "gelu_tanh": x is a gate/up pair's raw fp32 sums [2, B, K] (`sparse_gated_mlp(out=)`) and
-    the input is act(gate)·up, formed in the tiles' prologue (needs accumulate= or out=; no norm_weight).
+    the input is act(gate)·up, formed in the kernel's prologue (needs accumulate= or out=; no norm_weight).
     """
     if gated != "none":
         x = _gated_input(x, gated, norm_weight, accumulate if out is None else out)
@@ -247,7 +249,7 @@ def sparse_gemv(
         choose_impl("qkv" if bounds else "gemv", k, n, x.shape[0], impl, packed=wt.dim() == 3, accum=True)
         torch.ops.actsparse.sparse_gemv_accumulate(x if pair_sums is None else pair_sums, wt, thresh, shift, bias,
                                                    norm_weight, float(eps), bounds, nm_n, nm_m, into, out is not None,
-                                                   ACTS[gated])
+                                                   ACTS[gated], impl)
         return into
     # Rejects a bad impl / batch here.
     choose_impl("qkv" if bounds else "gemv", k, n, x.shape[0], impl, packed=wt.dim() == 3, presel=thresh is None,

@@ -7,11 +7,12 @@ shape, so they are measured, not tabled: per op and batch, each sparse kernel th
 several layers' weights at a few skipped-row fractions, and the dense op the engine would run instead (norm
 and act·mul launches included), all timed as CUDA-graph replays. `OpTimes.choice` interpolates those times
 at an op's expected skip and takes the least; the crossover is where the best kernel's speedup over cuBLAS
-crosses 1. With the engine's fp32 residual stream, o and down also time "accumulate" (the one-shot tiles adding
-into the stream in place), q|k|v its raw fp32 sums for the attention kernel, "mlp" the pair of gate|up's raw
-sums and down forming act(gate)·up from them (the engine compares it with gate|up's and down's best), and
-everything reads and adds the fp32 stream as the engine does. Cached per (device
-name, shapes, dtype, stream dtype, batch) for the process.
+crosses 1. With the engine's fp32 residual stream, o and down also time adding into the stream in place
+("accumulate": the one-shot tiles, "gather-accumulate": the gather walk), q|k|v its raw fp32 sums for the
+attention kernel likewise, "pair" gate|up writing its two raw sums and "gated" down forming act(gate)·up from
+them while adding into the stream (each on both kernels; the engine compares the fastest pair + gated with
+gate|up's and down's best), and everything reads and adds the fp32 stream as the engine does. Cached per
+(device name, shapes, dtype, stream dtype, batch) for the process.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ LEVELS = (0.0, 0.25, 0.4, 0.55, 0.7, 0.85)  # skipped-row fractions the speedup 
 MAX_LAYERS = 8  # weight sets rotated per timing: several times the L2, so nothing is served from it
 OPS = ("qkv", "o", "gu", "down")
 KERNELS = ("oneshot", "gather")  # the sparse kernels the engine chooses among (the masked walk never wins at b ≤ 4)
+# An op adding into a given fp32 tensor (the stream, or raw sums for the next op), by the kernel that runs it.
+ACCUMULATE = {"accumulate": "oneshot", "gather-accumulate": "gather"}
 UP_KERNELS = ("walk", "oneshot")  # CATS's up rows gathered by the gate's mask (`cats_up`); no dense rival
 
 _cache: dict[tuple, dict[str, "OpTimes"]] = {}
@@ -48,6 +51,11 @@ class OpTimes:
             if s <= s1:
                 return t0 + (s - s0) * (t1 - t0) / (s1 - s0)
         return ts[-1]
+
+    def best(self, s: float) -> tuple[str, float]:
+        """The fastest kernel at skipped-row fraction s and its time."""
+        name = min(self.kernel_ms, key=lambda k: self.at(k, s))
+        return name, self.at(name, s)
 
     def choice(self, s: float) -> str:
         """The fastest at skipped-row fraction s: "dense" (cuBLAS) or a kernel's name."""
@@ -155,9 +163,9 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
             t = union_threshold(engine._norm(x, norm), s)
             if op == "qkv":
                 th = torch.full((3,), t, device=dev)
-                if impl == "accumulate":  # the raw fp32 sums the attention kernel reads
+                if impl in ACCUMULATE:  # the raw fp32 sums the attention kernel reads
                     return lambda: ops.sparse_gemv(x, lw.wqkv_t, th, norm_weight=norm, eps=eps,
-                                                   segments=(q, q + kv), impl="oneshot", out=sums)
+                                                   segments=(q, q + kv), impl=ACCUMULATE[impl], out=sums)
                 return lambda: ops.sparse_gemv(x, lw.wqkv_t, th, norm_weight=norm, eps=eps, segments=(q, q + kv),
                                                impl=impl)
             th = torch.full((2,), t, device=dev)
@@ -165,8 +173,8 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
                                                 impl=impl)
         inp, wt = (a, lw.wo_t) if op == "o" else (h, lw.wd_t)
         th = torch.full((1,), union_threshold(inp, s), device=dev)
-        if impl == "accumulate":
-            return lambda: ops.sparse_gemv(inp, wt, th, impl="oneshot", accumulate=acc)
+        if impl in ACCUMULATE:
+            return lambda: ops.sparse_gemv(inp, wt, th, impl=ACCUMULATE[impl], accumulate=acc)
         return lambda: ops.sparse_gemv(inp, wt, th, residual=x, impl=impl)
 
     act = engine._act(rnd(inter).float()).to(engine.dtype)  # CATS's gate activations, whose mask picks the up rows
@@ -187,26 +195,40 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         return out
 
     # Adding into the stream needs the op to add the residual itself: not behind a post-norm (Gemma).
-    raw = engine.residual_fp32 and "oneshot" in kernels
-    accumulating = {"qkv"} if raw else set()
-    if raw and all(lw.post_attn_norm is None and lw.post_mlp_norm is None for lw in layers):
+    accs = [a for a, kern in ACCUMULATE.items() if kern in kernels] if engine.residual_fp32 else []
+    accumulating = {"qkv"} if accs else set()
+    if accs and all(lw.post_attn_norm is None and lw.post_mlp_norm is None for lw in layers):
         accumulating |= {"o", "down"}
     out = {}
     for op in OPS:
         t_dense = graph_ms(lambda: [dense(op, lw) for lw in layers])
-        impls = kernels + ["accumulate"] if op in accumulating else kernels
+        impls = kernels + accs if op in accumulating else kernels
         out[op] = OpTimes(t_dense, LEVELS, timed(impls, lambda lw, s, impl: sparse(op, lw, s, impl)))
-    if "down" in accumulating:  # gate|up's raw sums + down forming act(gate)·up, adding into the stream: one time
-        def mlp(lw, s: float, impl: str) -> Callable[[], None]:
-            norm, dev = lw.mlp_norm, engine.device
-            th = torch.full((2,), union_threshold(engine._norm(x, norm), s), device=dev)
-            buf = torch.empty(2, batch, inter, device=dev)
-            ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=norm, eps=eps, impl="oneshot", out=buf)
-            td = torch.full((1,), union_threshold(engine._act(buf[0]) * buf[1], s), device=dev)
-            return lambda: (ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=norm, eps=eps, impl="oneshot",
-                                                 out=buf),
-                            ops.sparse_gemv(buf, lw.wd_t, td, impl="oneshot", gated=cfg.act, accumulate=acc))
-        out["mlp"] = OpTimes(float("inf"), LEVELS, timed(("raw",), mlp))  # against gu's best + down's best
+    if "down" in accumulating:  # gate|up's raw sums, and down forming act(gate)·up from them into the stream
+        sums = {}  # per layer and level: the pair's raw sums and down's threshold on act(gate)·up
+
+        def pair_sums(lw, s: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if (id(lw), s) not in sums:
+                norm, dev = lw.mlp_norm, engine.device
+                th = torch.full((2,), union_threshold(engine._norm(x, norm), s), device=dev)
+                buf = torch.empty(2, batch, inter, device=dev)
+                ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=norm, eps=eps, impl="oneshot", out=buf)
+                td = torch.full((1,), union_threshold(engine._act(buf[0]) * buf[1], s), device=dev)
+                sums[id(lw), s] = th, buf, td
+            return sums[id(lw), s]
+
+        def pair(lw, s: float, impl: str) -> Callable[[], None]:
+            th, buf, _ = pair_sums(lw, s)
+            return lambda: ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=lw.mlp_norm, eps=eps, impl=impl,
+                                                out=buf)
+
+        def gated(lw, s: float, impl: str) -> Callable[[], None]:
+            _, buf, td = pair_sums(lw, s)
+            return lambda: ops.sparse_gemv(buf, lw.wd_t, td, impl=impl, gated=cfg.act, accumulate=acc)
+
+        # No dense rival of their own: the engine weighs the fastest of each against gate|up's and down's best.
+        out["pair"] = OpTimes(float("inf"), LEVELS, timed(kernels, pair))
+        out["gated"] = OpTimes(float("inf"), LEVELS, timed(kernels, gated))
     if all(lw.wu is not None for lw in layers):  # CATS: which cats_up kernel, at the fraction of up rows skipped
         ups = UP_KERNELS if batch <= configs.ONESHOT_MAX_BATCH else UP_KERNELS[:1]
         out["up"] = OpTimes(float("inf"), LEVELS, timed(ups, up))  # no dense rival: CATS itself is the choice

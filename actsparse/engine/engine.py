@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from actsparse.kernels import ref as kref
 
 from .config import LlamaConfig, unsupported_reason
-from .crossover import op_times
+from .crossover import ACCUMULATE, op_times
 from .plan import EnginePlan, Threshold
 from .weights import Weights, random_weights, weights_from_hf
 
@@ -58,9 +58,10 @@ def _any_impl(ref_fn: Callable) -> Callable:
 
 
 def _kernel(impl: str) -> str:
-    """The kernel that runs a choice: "accumulate" is the one-shot tiles adding into the stream, which an op that
-    cannot (a residual behind a post-norm, a low-rank part) runs with an output of its own."""
-    return "oneshot" if impl == "accumulate" else impl
+    """The kernel that runs a choice: "accumulate" / "gather-accumulate" is the one-shot tiles / the gather walk
+    adding into the stream (or writing raw sums), which an op that cannot (a residual behind a post-norm, a
+    low-rank part) runs with an output of its own."""
+    return ACCUMULATE.get(impl, impl)
 
 
 def _gated_mlp_any(x, wt_gate, wt_up, thresh, *, impl: str = "auto", out: Optional[torch.Tensor] = None,
@@ -369,11 +370,11 @@ class Engine:
         return y if y.dtype == self.dtype else y.to(self.dtype)
 
     def _raw_sums(self, impl: str, x: torch.Tensor, rule: "_OpRule") -> bool:
-        """Whether an op hands on raw fp32 sums (one-shot tiles; q|k|v: `out=` for the attention kernel): in an
-        fp32-stream step where measured fastest ("accumulate") or, with given fallback levels ("auto"), wherever
-        it can (no low-rank part, batch ≤ 16)."""
+        """Whether an op hands on raw fp32 sums (q|k|v: `out=` for the attention kernel): in an fp32-stream step
+        where measured fastest (a name of ACCUMULATE) or, with given fallback levels ("auto"), wherever the
+        one-shot tiles can (no low-rank part, batch ≤ 16)."""
         return (x.dtype == torch.float32 and self.residual_fp32 and rule.lowrank is None
-                and impl in ("accumulate", "auto") and x.shape[0] <= 16)
+                and (impl in ACCUMULATE or (impl == "auto" and x.shape[0] <= 16)))
 
     def _qkv_sums(self, b: int) -> torch.Tensor:
         """The fp32 [b, Nq + 2Nkv] buffer q|k|v's raw sums land in (one per batch size; each op zeroes it first)."""
@@ -381,22 +382,25 @@ class Engine:
             self._sums[b] = torch.empty(b, self.cfg.q_size + 2 * self.cfg.kv_size, device=self.device)
         return self._sums[b]
 
-    def _mlp_raw(self, r: Optional["_LayerRule"], x: torch.Tensor, b: int, lw, record) -> bool:
-        """Whether gate|up writes its two raw fp32 sums (one-shot tiles, `out=`) and down forms act(gate)·up from
-        them in its prologue while adding into the fp32 stream: where both ops run sparse, no post-norm, CATS or
-        low-rank part sits between, and (measured) the pair of launches beats gate|up's and down's best."""
+    def _mlp_raw(self, r: Optional["_LayerRule"], x: torch.Tensor, b: int, lw, record) -> Optional[tuple[str, str]]:
+        """The kernels (gate|up's, down's) where gate|up writes its two raw fp32 sums (`out=`) and down forms
+        act(gate)·up from them in its prologue while adding into the fp32 stream: where both ops run sparse, no
+        post-norm, CATS or low-rank part sits between, and (measured) the fastest of each beats gate|up's and
+        down's best; None where they run otherwise."""
         if (r is None or record is not None or not self.residual_fp32 or x.dtype != torch.float32 or b > 16
                 or lw.post_mlp_norm is not None or r.gate_act is not None or r.gu.lowrank is not None
                 or r.down.lowrank is not None):
-            return False
+            return None
         gu, down = self._choose(r.gu, "gu", b), self._choose(r.down, "down", b)
         if "dense" in (gu, down):
-            return False
+            return None
         if self.fallback_below != "measured":
-            return True
+            return "oneshot", "oneshot"
         t = op_times(self, b)
-        return "mlp" in t and (t["mlp"].at("raw", r.gu.expected)
-                               < t["gu"].at(gu, r.gu.expected) + t["down"].at(down, r.down.expected))
+        if "pair" not in t:
+            return None
+        (pk, pt), (dk, dt) = t["pair"].best(r.gu.expected), t["gated"].best(r.down.expected)
+        return (pk, dk) if pt + dt < t["gu"].at(gu, r.gu.expected) + t["down"].at(down, r.down.expected) else None
 
     def _pair_sums(self, b: int) -> torch.Tensor:
         """The fp32 [2, b, I] buffer gate|up's raw sums land in (one per batch size)."""
@@ -464,7 +468,7 @@ class Engine:
         elif self._raw_sums(impl, x, r.qkv):  # fp32 sums, no epilogue: the attention kernel reads and casts them
             qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
                                   norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), nm=r.qkv.nm,
-                                  impl="oneshot", out=self._qkv_sums(b))
+                                  impl=_kernel(impl), out=self._qkv_sums(b))
         else:
             qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
                                   norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), nm=r.qkv.nm,
@@ -489,8 +493,8 @@ class Engine:
         if impl == "dense":
             y = self._linear(a, lw.wo, lw.wo_t, res=res)
         elif self._accumulates(impl, x, res, r.o):
-            y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, nm=r.o.nm, impl="oneshot",
-                                accumulate=x)
+            y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, nm=r.o.nm,
+                                impl=_kernel(impl), accumulate=x)
         else:
             y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=res, nm=r.o.nm,
                                 impl=_kernel(impl))
@@ -506,7 +510,7 @@ class Engine:
         mlp_raw = self._mlp_raw(r, x, b, lw, record)
         if mlp_raw:  # the raw sums; down forms act(gate)·up itself below
             h = ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,
-                                     norm_weight=lw.mlp_norm, eps=eps, nm=r.gu.nm, impl="oneshot",
+                                     norm_weight=lw.mlp_norm, eps=eps, nm=r.gu.nm, impl=mlp_raw[0],
                                      out=self._pair_sums(b))
         elif cats and r.countdown:   # a = up's output, the gate rows it keeps gathered and activated
             g = r.gu
@@ -550,12 +554,12 @@ class Engine:
         impl = "dense" if r is None or (r.gate_act is not None and not cats) else self._choose(r.down, "down", b)
         if mlp_raw:
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,
-                                impl="oneshot", gated=cfg.act, accumulate=x)
+                                impl=mlp_raw[1], gated=cfg.act, accumulate=x)
         elif impl == "dense":
             y = self._linear(h, lw.wd, lw.wd_t, res=res)
         elif self._accumulates(impl, x, res, r.down):
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,
-                                impl="oneshot", accumulate=x)
+                                impl=_kernel(impl), accumulate=x)
         else:
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=res,
                                 nm=r.down.nm, impl=_kernel(impl))

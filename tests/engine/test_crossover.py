@@ -61,8 +61,12 @@ def test_gpu_measured_crossovers_are_levels_and_cached(batch):
     assert op_times(eng, batch) is times  # measured once
     # o and down also add into the fp32 stream (the engine's default on a GPU), q|k|v writes raw fp32 sums
     assert eng.residual_fp32
-    assert all(set(times[op].kernel_ms) == {"oneshot", "gather"} | ({"accumulate"} if op != "gu" else set())
+    adding = {"accumulate", "gather-accumulate"} if batch <= 4 else {"accumulate"}
+    assert all(set(times[op].kernel_ms) == {"oneshot", "gather"} | (adding if op != "gu" else set())
                and len(times[op].kernel_ms["gather"]) == len(LEVELS) for op in OPS)
+    # gate|up's raw sums and down forming act(gate)·up from them, each on both kernels
+    assert set(times["pair"].kernel_ms) == set(times["gated"].kernel_ms) == {"oneshot", "gather"}
+    assert times["pair"].best(0.5)[0] in ("oneshot", "gather") and times["gated"].best(0.5)[1] > 0
     assert set(times["up"].kernel_ms) == {"walk", "oneshot"} and times["up"].choice(0.5) in ("walk", "oneshot")
     calibrate_thresholds(eng, 0.5, n_tokens=4, batch=batch)
     assert eng.decode(None, 4, batch=batch) > 0

@@ -349,3 +349,32 @@ def test_an_fp32_residual_stream_adds_o_and_down_into_itself(kernels):
                          fallback_below=0.0, residual_fp32=False)
     off.set_thresholds(th)
     assert not off.residual_fp32 and (_engine_logits(off, seq, True) - want).norm() / want.norm() < 3e-3
+
+
+def test_the_fp32_stream_paths_run_on_the_gather_walk_where_it_is_chosen(monkeypatch):
+    """Where the engine's measurement picks the gather walk for adding into the stream ("gather-accumulate") and
+    for gate|up's raw sums and down's gated input, those launches run on it (impl="gather") and the logits
+    match the fp32 torch reference path (fp16 model, the Triton kernels)."""
+    model = _hf_tiny(seed=9)
+    th = {f"layers.{i}.{r}": 0.3 for i in range(TINY.n_layers) for r in ("q", "k", "v", "o", "gate", "up", "down")}
+    eng = Engine.from_hf(model, device=DEVICE, dtype=torch.float16, kernels="triton", max_batch=2, max_seq_len=16,
+                         fallback_below=0.0, residual_fp32=True)
+    eng.set_thresholds(th)
+    monkeypatch.setattr(Engine, "_choose", lambda self, rule, op, b: "gather" if op == "gu" else "gather-accumulate")
+    inner_raw = Engine._mlp_raw
+    monkeypatch.setattr(Engine, "_mlp_raw", lambda self, *a: inner_raw(self, *a) and ("gather", "gather"))
+    impls = []
+    for name in ("sparse_gemv", "sparse_gated_mlp"):
+        inner = getattr(eng.ops, name)
+
+        def spy(*args, _inner=inner, **kw):
+            impls.append((kw.get("impl"), kw.get("accumulate") is not None or kw.get("out") is not None))
+            return _inner(*args, **kw)
+        setattr(eng.ops, name, spy)
+    ref = Engine.from_hf(model, kernels="torch", max_batch=2, max_seq_len=16)
+    ref.set_thresholds(th)
+    seq = torch.randint(0, TINY.vocab_size, (2, 4))
+    got, want = _engine_logits(eng, seq, True), _engine_logits(ref, seq, True)
+    assert (got - want).norm() / want.norm() < 3e-3
+    assert impls and set(impls) == {("gather", True)}  # q|k|v, o, gate|up, down: all four, every layer and step
+    assert len(impls) == 4 * TINY.n_layers * 4

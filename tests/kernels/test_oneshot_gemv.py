@@ -4,7 +4,7 @@ epilogue) against the torch references, fresh random inputs, outputs poisoned.""
 import pytest
 import torch
 
-from actsparse.kernels import (OneshotConfig, configs, override_config, poison_outputs, ref,
+from actsparse.kernels import (GatherConfig, OneshotConfig, configs, override_config, poison_outputs, ref,
                                sparse_gemv)
 from actsparse.kernels.configs import choose_impl
 
@@ -15,6 +15,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Ragged shapes cut into several strips and several K tiles; a wide tile on the second.
 CFGS = {"small": OneshotConfig(block_n=16, block_k=16), "wide": OneshotConfig(block_n=64, block_k=32, num_warps=4)}
+# Adding into a given tensor (accumulate=, out=, gated=) runs on the one-shot tiles or the gather walk; the walk's
+# "sliced" config splits K (partials meet by atomics), its "whole" one gives each program all of K (it owns its
+# output elements: a plain store, or read-add-store).
+ACC_CFGS = {"oneshot": CFGS, "gather": {"sliced": GatherConfig(block_n=16, seg_k=32, block_k=16),
+                                        "whole": GatherConfig(block_n=32, seg_k=128, block_k=32, depth=2)}}
 
 
 def run(fn, *args, cfg="small", **kw):
@@ -98,9 +103,10 @@ def test_auto_follows_the_measured_preference(monkeypatch):
     assert rel_err(y, ref.sparse_gemv_ref(x, wt, 0.3)) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["oneshot", "gather"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_accumulate_adds_into_the_given_fp32_tensor(batch, dtype):
+def test_accumulate_adds_into_the_given_fp32_tensor(batch, dtype, impl):
     """accumulate=h: h ← h + W·x_s + bias in place (RMSNorm and q/k/v segments too), the same h returned; a tile
     with nothing kept adds nothing, the bias still lands once; the shared accumulators stay untouched."""
     k, n = 100, 96
@@ -109,18 +115,19 @@ def test_accumulate_adds_into_the_given_fp32_tensor(batch, dtype):
     g = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
     bias = torch.randn(n, device=DEVICE, dtype=dtype)
     t = torch.rand(3, k, device=DEVICE) * 0.8
-    for cfg in CFGS:
+    for cfg in ACC_CFGS[impl].values():
         h = torch.randn(batch, n, device=DEVICE)
         want = h.double() + ref.sparse_gemv_ref(x, wt, t, bias=bias, norm_weight=g, segments=(32, 64)).double()
-        with override_config(CFGS[cfg]):
-            got = sparse_gemv(x, wt, t, bias=bias, norm_weight=g, segments=(32, 64), accumulate=h)
+        with override_config(cfg):
+            got = sparse_gemv(x, wt, t, bias=bias, norm_weight=g, segments=(32, 64), accumulate=h, impl=impl)
         assert got is h and h.dtype == torch.float32
         assert rel_err(h, want) < TOL[dtype]
         assert not configs.atomic_accumulator(x.device).any() and not configs.tile_counters(x.device).any()
-    h = torch.randn(batch, n, device=DEVICE)
-    want = h + bias.float()
-    sparse_gemv(x, wt, torch.full((1,), 1e9, device=DEVICE), bias=bias, accumulate=h)  # nothing kept
-    assert torch.equal(h, want)
+        h = torch.randn(batch, n, device=DEVICE)
+        want = h + bias.float()
+        with override_config(cfg):  # nothing kept
+            sparse_gemv(x, wt, torch.full((1,), 1e9, device=DEVICE), bias=bias, accumulate=h, impl=impl)
+        assert torch.equal(h, want)
 
 
 def test_accumulate_refuses_what_it_cannot_take():
@@ -138,10 +145,13 @@ def test_accumulate_refuses_what_it_cannot_take():
         sparse_gemv(x, wt, t, act="silu", residual=h, accumulate=h)
     with pytest.raises(ValueError, match="cannot take thresh=None"):
         sparse_gemv(x, wt, None, accumulate=h)
-    with pytest.raises(ValueError, match="the gather kernel cannot add into a given fp32 tensor .* impl='oneshot'"):
-        sparse_gemv(x, wt, t, impl="gather", accumulate=h)
+    with pytest.raises(ValueError, match="the masked kernel cannot add into a given fp32 tensor .* impl='oneshot'"):
+        sparse_gemv(x, wt, t, impl="masked", accumulate=h)
     with pytest.raises(ValueError, match="the oneshot kernel runs batches of at most 16 rows"):
         sparse_gemv(torch.randn(17, 32, device=DEVICE), wt, t, accumulate=torch.zeros(17, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="the gather kernel runs batches of at most 4 rows"):
+        sparse_gemv(torch.randn(5, 32, device=DEVICE), wt, t, impl="gather", accumulate=torch.zeros(5, 16,
+                                                                                                  device=DEVICE))
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -163,9 +173,10 @@ def test_pair_accumulates_both_raw_sums(batch):
     assert rel_err(acc[0], want[0]) < 1e-5 and rel_err(acc[1], want[1]) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["oneshot", "gather"])
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_out_receives_the_raw_fp32_sums_whatever_it_held(batch, norm):
+def test_out_receives_the_raw_fp32_sums_whatever_it_held(batch, norm, impl):
     """out=: W·x_s + bias in fp32 (q/k/v segments, RMSNorm fused or not), the tensor zeroed first (NaN before:
     every element written), twice in a row (the second launch does not add onto the first)."""
     k, n = 100, 96
@@ -175,11 +186,12 @@ def test_out_receives_the_raw_fp32_sums_whatever_it_held(batch, norm):
     bias = torch.randn(n, device=DEVICE, dtype=torch.float16)
     t = torch.rand(3, k, device=DEVICE) * 0.8
     want = ref.sparse_gemv_ref(x, wt.float(), t, bias=bias.float(), norm_weight=g, segments=(32, 64))
-    buf = torch.full((batch, n), float("nan"), device=DEVICE)
-    for _ in range(2):
-        with override_config(CFGS["wide"]):
-            got = sparse_gemv(x, wt, t, bias=bias, norm_weight=g, segments=(32, 64), out=buf)
-        assert got is buf and rel_err(buf, want) < 2e-3
+    for cfg in ACC_CFGS[impl].values():
+        buf = torch.full((batch, n), float("nan"), device=DEVICE)
+        for _ in range(2):
+            with override_config(cfg):
+                got = sparse_gemv(x, wt, t, bias=bias, norm_weight=g, segments=(32, 64), out=buf, impl=impl)
+            assert got is buf and rel_err(buf, want) < 2e-3
     t1 = t[0, :1]
     with pytest.raises(ValueError, match="give out= .* or accumulate= .*, not both"):
         sparse_gemv(x, wt, t1, out=buf, accumulate=buf)
@@ -190,9 +202,10 @@ def test_out_receives_the_raw_fp32_sums_whatever_it_held(batch, norm):
         sparse_gemv(x, wt, t1, act="silu", out=buf)
 
 
+@pytest.mark.parametrize("impl", ["oneshot", "gather"])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_pair_raw_sums_then_down_forms_act_gate_times_up(batch, act):
+def test_pair_raw_sums_then_down_forms_act_gate_times_up(batch, act, impl):
     """sparse_gated_mlp(out=): both raw sums (+ biases) in fp32, whatever the tensor held; sparse_gemv(gated=act)
     on them: down(x_s) with x = act(gate)·up formed in the prologue, thresholded, added into the stream. Together:
     the fused gate/up + down of the references, in fp32."""
@@ -205,21 +218,22 @@ def test_pair_raw_sums_then_down_forms_act_gate_times_up(batch, act):
     g = 1 + 0.1 * torch.randn(k, device=DEVICE)
     bias = torch.randn(2, i, device=DEVICE)
     t = torch.rand(2, k, device=DEVICE) * 0.8
-    sums = torch.full((2, batch, i), float("nan"), device=DEVICE)
-    with override_config(CFGS["small"]):
-        got = sparse_gated_mlp(x, wg, wu, t, bias=bias, norm_weight=g, out=sums)
-    assert got is sums
-    for j, w in enumerate((wg, wu)):
-        want = ref.sparse_gemv_ref(x, w, t[j:j + 1], bias=bias[j], norm_weight=g)
-        assert rel_err(sums[j], want) < 1e-5
     h = ref.sparse_gated_mlp_ref(x, wg, wu, t, bias=bias, norm_weight=g, act=act)
     u = h.abs().amax(0).sort().values
     td = ((u[i // 2 - 1] + u[i // 2]) / 2).reshape(1)  # midway between two values: no input sits on it
-    stream = torch.randn(batch, n, device=DEVICE)
-    want = stream + ref.sparse_gemv_ref(h, wd, td)
-    with override_config(CFGS["small"]):
-        out = sparse_gemv(sums, wd, td, gated=act, accumulate=stream)
-    assert out is stream and rel_err(stream, want) < 1e-5
+    for cfg in ACC_CFGS[impl].values():
+        sums = torch.full((2, batch, i), float("nan"), device=DEVICE)
+        with override_config(cfg):
+            got = sparse_gated_mlp(x, wg, wu, t, bias=bias, norm_weight=g, out=sums, impl=impl)
+        assert got is sums
+        for j, w in enumerate((wg, wu)):
+            want = ref.sparse_gemv_ref(x, w, t[j:j + 1], bias=bias[j], norm_weight=g)
+            assert rel_err(sums[j], want) < 1e-5
+        stream = torch.randn(batch, n, device=DEVICE)
+        want = stream + ref.sparse_gemv_ref(h, wd, td)
+        with override_config(cfg):
+            out = sparse_gemv(sums, wd, td, gated=act, accumulate=stream, impl=impl)
+        assert out is stream and rel_err(stream, want) < 1e-5
 
 
 def test_raw_pair_sums_and_gated_input_refuse_what_they_cannot_take():
@@ -230,8 +244,8 @@ def test_raw_pair_sums_and_gated_input_refuse_what_they_cannot_take():
     t = torch.zeros(2, device=DEVICE)
     with pytest.raises(ValueError, match=r"out must be a contiguous float32 \[2, 1, 16\]"):
         sparse_gated_mlp(x, w, w, t, out=torch.zeros(1, 16, device=DEVICE))
-    with pytest.raises(ValueError, match="the gather kernel cannot .* raw sums"):
-        sparse_gated_mlp(x, w, w, t, impl="gather", out=torch.zeros(2, 1, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="the masked kernel cannot .* raw sums"):
+        sparse_gated_mlp(x, w, w, t, impl="masked", out=torch.zeros(2, 1, 16, device=DEVICE))
     sums = torch.zeros(2, 1, 32, device=DEVICE)
     wd = torch.randn(32, 8, device=DEVICE)
     h = torch.zeros(1, 8, device=DEVICE)
