@@ -44,6 +44,7 @@ from actsparse.kernels.attention import decode_attention
 from actsparse.kernels.cats import cats_up
 from actsparse.kernels.configs import GatherConfig, MaskedConfig, OneshotConfig, override_config, poison_outputs
 from actsparse.kernels.gated_mlp import sparse_gated_mlp
+from actsparse.kernels.pdl import pdl_enabled, use_pdl
 from actsparse.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from actsparse.kernels.silu_mul import silu_mul
 from actsparse.kernels.sparse_gemv import pack_weight, sparse_gemv
@@ -70,9 +71,11 @@ __all__ = [
     "interpreted",
     "override_config",
     "pack_weight",
+    "pdl_enabled",
     "poison_outputs",
     "rmsnorm",
     "silu_mul",
     "sparse_gated_mlp",
     "sparse_gemv",
+    "use_pdl",
 ]

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .configs import new_output
+from .pdl import pdl_args, pdl_prologue
 
 
 @triton.jit
@@ -33,8 +34,8 @@ def _decode_attention_kernel(
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_ob,
     sm_scale, rope_scale, softcap, window,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
-):
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + b)
@@ -105,6 +106,7 @@ def _decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         sm_scale, rope_scale, softcap if softcap > 0 else 1.0, window if window > 0 else k_cache.shape[2],
         HQ=n_heads, HKV=n_kv_heads, D=d, DP=triton.next_power_of_2(d), GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_S=block_s, IEEE=k_cache.dtype == torch.float32, SOFTCAP=softcap > 0, num_warps=4, num_stages=2,
+        **pdl_args(qkv.device),
     )
     return out
 

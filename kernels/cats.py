@@ -19,6 +19,7 @@ import triton.language as tl
 from .configs import (FMA_MAX_BATCH, MAX_ACC, MAX_TILES, ONESHOT_MAX_BATCH, OneshotConfig, atomic_accumulator,
                       batch_bucket, choose_impl, choose_split, new_output, tile_counters)
 from .gemv_common import ACTS, accumulate, activate, row_rstd, split_workspace
+from .pdl import pdl_args, pdl_prologue
 
 
 @triton.jit
@@ -28,8 +29,8 @@ def _gather_up_kernel(
     stride_xb, stride_ab, stride_tn, stride_wn, stride_yb,
     eps,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr = 0,
-):
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr = 0, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -103,10 +104,10 @@ def _oneshot_up_kernel(
     stride_xb, stride_ab, stride_tn, stride_wn, stride_yb,
     eps,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr = 0,
-):
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr = 0, PDL: tl.constexpr = False):
     """One program per [BLOCK_N kept-or-not rows of W_u × BLOCK_K columns] tile: the rows whose |a| is under the
     threshold for the whole batch are never read; fp32 atomic sums, the last program of a strip writes h."""
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,7 +167,7 @@ def _launch_oneshot_up(x, w_up, a, thresh, norm_weight, eps, cfg: OneshotConfig,
         tile_counters(x.device), b, k, n, x.stride(0), a.stride(0), thresh.stride(0), w_up.stride(0), y.stride(0),
         eps, NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), max(1024, 4096 // block_b)),
         USE_DOT=use_dot, IEEE=w_up.dtype == torch.float32, BLOCK_B=block_b, BLOCK_K=cfg.block_k,
-        BLOCK_N=cfg.block_n, ACT=act, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n, ACT=act, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )
     return y
 
@@ -215,7 +216,7 @@ def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: to
         NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), max(1024, 4096 // block_b)),
         USE_DOT=use_dot, IEEE=w_up.dtype == torch.float32, SPLIT=split > 1,
         BLOCK_B=block_b, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, ACT=act,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )
     return y
 

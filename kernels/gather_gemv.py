@@ -34,6 +34,7 @@ import triton.language as tl
 from .configs import GatherConfig, new_output, record_compiled
 from .gemv_common import (accumulate, activate, epilogue, fit_block_n, launch_args, out_dtype, row_rstd,
                           select_chunk, split_workspace)
+from .pdl import pdl_args, pdl_prologue
 
 
 @triton.jit
@@ -72,9 +73,10 @@ def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_p
                     stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps,
                     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
                     NM_M: tl.constexpr, GATED: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr,
-                    SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr):
+                    SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """The compaction pass: one program per (K slice, threshold row) writes the list the walk reads; with ZERO
     each also zeroes its equal share (Z_N elements, below Z_TOTAL) of the fp32 tensor the walk then adds into."""
+    pdl_prologue(PDL)
     pid_k = tl.program_id(0)
     sel = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
@@ -103,8 +105,8 @@ def _gather_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, VAL_B: tl.constexpr, DEPTH: tl.constexpr, ACCUM: tl.constexpr,
-    BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+    BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -268,13 +270,13 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
         xp, gp, tp, mp, idx, val, count, accumulate if zero else idx, b, k, z_n, z_total, *strides[:4], stride_xm,
         eps, NORM=flags["NORM"], NORM_BLOCK=flags["NORM_BLOCK"], HAS_SHIFT=flags["HAS_SHIFT"], NM_N=flags["NM_N"],
         NM_M=flags["NM_M"], GATED=gated, GROUPS=groups, BLOCK_B=val_b, SEG_K=seg_k, ZERO=zero, Z_BLOCK=1024,
-        num_warps=4)
+        num_warps=4, **pdl_args(x.device))
     compiled = _gather_kernel[(tiles_n, groups, mats)](
         *ptrs, ws, cnt, idx, val, count, b, k, n, n0, n1, *strides, eps, **flags,
         GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, VAL_B=val_b, DEPTH=cfg.depth, ACCUM=accum,
         BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )
     record_compiled("gather_kernel" if accumulate is None else "gather_accumulate", compiled, k, n, w2 is not None)
     return y if accumulate is None else accumulate

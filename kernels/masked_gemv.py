@@ -38,6 +38,7 @@ import triton.language as tl
 from .configs import FMA_MAX_BATCH, MAX_ACC, MaskedConfig, choose_split, new_output, record_compiled
 from .gemv_common import (accumulate, epilogue, fit_block_n, launch_args, out_dtype, row_rstd, sel_operands,
                           selected, split_workspace, wshape)
+from .pdl import pdl_args, pdl_prologue
 
 
 @triton.jit
@@ -137,8 +138,8 @@ def _masked_gemv_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, DEPTH: tl.constexpr, RED: tl.constexpr,
     ATOMIC: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -317,7 +318,7 @@ def launch_masked(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
         RED=_reduce_width(split, block_b * block_n * nacc, cfg.num_warps), ATOMIC=atomic,
         ONE_CHUNK=k_split == block_k,
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )
     record_compiled("masked_gemv_kernel", compiled, k, n, w2 is not None)
     return y

@@ -31,14 +31,16 @@ import triton.language as tl
 
 from .configs import MAX_ACC, MAX_TILES, OneshotConfig, atomic_accumulator, new_output, record_compiled, tile_counters
 from .gemv_common import activate, epilogue, fit_block_n, launch_args, out_dtype, row_rstd, select_chunk
+from .pdl import pdl_args, pdl_prologue
 
 
 @triton.jit
 def _rstd_kernel(x_ptr, r_ptr, z_ptr, K, Z_N, Z_TOTAL, stride_xb, eps, NORM_BLOCK: tl.constexpr,
-                 ZERO: tl.constexpr, Z_BLOCK: tl.constexpr):
+                 ZERO: tl.constexpr, Z_BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """r[b] = 1 / RMS of row b of x: RMSNorm's factor, once per launch of the tiles (programs (b, 0)); with ZERO,
     program (b, j) also zeroes elements [(b·J + j)·Z_N, +Z_N) (below Z_TOTAL) of the contiguous fp32 tensor the
     tiles then add into (`out=`: their raw sums), so the zeroing costs no launch of its own."""
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     if tl.program_id(1) == 0:
         r = row_rstd(x_ptr + row * stride_xb + tl.zeros([1, 1], dtype=tl.int32), tl.full([1], 1, tl.int1), K, eps,
@@ -61,8 +63,8 @@ def _oneshot_kernel(
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, ACCUM: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)  # fastest: neighbouring programs read neighbouring columns of the same rows
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)  # which matrix of a gate/up pair
@@ -174,14 +176,14 @@ def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, a
         chunks = max(1, triton.cdiv(total, 4096 * b))
         _rstd_kernel[(b, chunks)](x, rstd, accumulate if zero else rstd, k, triton.cdiv(total, b * chunks), total,
                                   x.stride(0), eps, NORM_BLOCK=min(triton.next_power_of_2(k), 4096), ZERO=zero,
-                                  Z_BLOCK=1024, num_warps=4)
+                                  Z_BLOCK=1024, num_warps=4, **pdl_args(x.device))
     elif zero:
         accumulate.zero_()
     compiled = _oneshot_kernel[(tiles_n, triton.cdiv(k, block_k), mats)](
         *ptrs, atomic_accumulator(x.device), tile_counters(x.device), rstd, b, k, n, n0, n1, stride_xm, *strides, eps,
         **flags, USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, ACCUM=accumulate is not None, GATED=gated,
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )
     record_compiled("oneshot_kernel" if accumulate is None else "oneshot_accumulate", compiled, k, n, w2 is not None)
     return y if accumulate is None else accumulate

@@ -15,11 +15,13 @@ import triton
 import triton.language as tl
 
 from .configs import new_output
+from .pdl import pdl_args, pdl_prologue
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, d_ptr, g_ptr, res_ptr, y_ptr, K, stride_x, stride_d, stride_r, stride_y, eps,
-                    HAS_DELTA: tl.constexpr, SCALE_F32: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_DELTA: tl.constexpr, SCALE_F32: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
@@ -47,7 +49,7 @@ def _launch(x, delta, g, eps, scale_in_f32=False):
     _rmsnorm_kernel[(b,)](x, delta if delta is not None else x, g, res, y, k, x.stride(0),
                           delta.stride(0) if delta is not None else 0, res.stride(0), y.stride(0), eps,
                           HAS_DELTA=delta is not None, SCALE_F32=scale_in_f32, BLOCK=block,
-                          num_warps=8 if block >= 4096 else 4)
+                          num_warps=8 if block >= 4096 else 4, **pdl_args(x.device))
     return res, y
 
 

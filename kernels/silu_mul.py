@@ -9,11 +9,13 @@ import triton.language as tl
 
 from .configs import new_output
 from .gemv_common import activate
+from .pdl import pdl_args, pdl_prologue
 from .sparse_gemv import ACTS
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, y_ptr, I, stride_gu, stride_y, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, y_ptr, I, stride_gu, stride_y, ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -29,7 +31,7 @@ def _silu_mul_op(gu: torch.Tensor, act: int) -> torch.Tensor:
     y = new_output((b, i), gu.device, gu.dtype)
     block = 1024
     _silu_mul_kernel[(b, triton.cdiv(i, block))](gu, y, i, gu.stride(0), y.stride(0), ACT=act, BLOCK=block,
-                                                  num_warps=4)
+                                                  num_warps=4, **pdl_args(gu.device))
     return y
 
 
