@@ -6,7 +6,8 @@
     bf16 and fp16, batch 1 and 4, CUDA graphs, against cuBLAS (7 GEMMs as TEAL measured, and the
     4 fused GEMMs our dense engine runs) and a TEAL-style split-K kernel (fp16, batch 1);
 (b) decode tokens/s of the engine, dense vs sparse (thresholds calibrated on its own activations),
-    Llama-3-8B and Llama-2-7B shapes with random weights, batch 1 and 4.
+    Llama-3-8B and Llama-2-7B shapes with random weights, batch 1 and 4; with --hf-baseline, beside each model's
+    dense tokens/s at batch 1, Hugging Face generate's on the same shapes (static cache, compiled decode step).
 Writes DIR/results.json (rows), DIR/BENCHMARKS_fragment.md and DIR/tuned.json; prints tables.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import gc
 import json
 import math
 import os
@@ -667,9 +669,12 @@ DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5)), ("teal-pdl"
                ("llama2-7b", 1): [("teal", False, (0.25, 0.4, 0.5))]}
 
 
-def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None) -> list[dict]:
+def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, hf_baseline: bool = False,
+                 dense_only: bool = False) -> list[dict]:
     """Decode tokens/s, dense vs sparse, per DECODE_PLAN; the engine picks sparse kernel or cuBLAS per op and
-    batch from the crossovers it measures on this GPU (logged with the rows)."""
+    batch from the crossovers it measures on this GPU (logged with the rows). hf_baseline: per model decoded at
+    batch 1, also Hugging Face `generate`'s tokens/s on the same shapes (`hf_baseline_row`); dense_only: no sparse
+    rows."""
     from actsparse.engine import PRESETS, Engine
     from actsparse.engine.crossover import crossovers, op_times
     from engine_thresholds import calibrate_thresholds, measure_sparsity
@@ -694,19 +699,22 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None) -
             runs = [eng.decode(None, n_steps, sparse=sparse, batch=b, seed=r) for r in range(3)]
             return statistics.median(runs)
 
+        dense_b1 = None
         for b in batches:
             eng.clear_thresholds()
             dense = speed(b, False)
-            cross = crossovers(eng, b) if not SMOKE else {}
+            dense_b1 = dense if b == 1 else dense_b1
+            measure = not SMOKE and not dense_only  # the crossovers only steer the sparse ops
+            cross = crossovers(eng, b) if measure else {}
             picks = ({op: {s: t.choice(s) for s in (0.25, 0.4, 0.5, 0.65, 0.8, 0.9)}
-                      for op, t in op_times(eng, b).items()} if not SMOKE else {})
+                      for op, t in op_times(eng, b).items()} if measure else {})
             log(f"  b{b} dense: {dense:.1f} tok/s ({eng.last_step_ms:.2f} ms/step); crossovers measured by the "
                 f"engine (skipped-row fraction under which an op runs on cuBLAS): {cross}; its kernel per op and "
                 f"skip: {picks}")
             rows.append({**meta, "kind": "decode", "model": name, "method": "dense", "sparsity": 0.0, "batch": b,
                          "dtype": "bf16", "tok_s": round(dense, 1), "tok_s_dense": round(dense, 1), "speedup": 1.0,
                          "layers": cfg.n_layers, "crossovers": cross, "kernel_choice": picks})
-            for method, union, targets in DECODE_PLAN[(name, b)]:
+            for method, union, targets in DECODE_PLAN[(name, b)] if not dense_only else ():
                 for s in targets:
                     if clock.left() < 25:
                         log("  decode: out of time budget")
@@ -727,8 +735,35 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None) -
                                  "speedup": round(tok_s / dense, 3), "measured_sparsity": round(ms["mean"], 4),
                                  "effective_sparsity": round(ms["union"], 4), "layers": cfg.n_layers})
         del eng
+        gc.collect()  # the engine's CUDA graphs and weights go before the HF model comes: two 8B models may not fit
         (torch.cuda.empty_cache() if not SMOKE else None)
+        if hf_baseline and dense_b1 is not None:
+            rows.append(hf_baseline_row(name, cfg, dense_b1, n_steps, clock, meta))
     return rows
+
+
+def hf_baseline_row(name: str, cfg, dense: float, n_steps: int, clock: Clock, meta: dict) -> dict:
+    """The decode row of Hugging Face `generate` on a model's shapes at batch 1 (benchmarks/hf_generate.py: static
+    cache, the decode step compiled with CUDA graphs), beside our dense tokens/s; an error row when it fails."""
+    from hf_generate import baseline_row
+
+    row = {**meta, "kind": "decode", "model": name, "method": "hf-generate", "sparsity": 0.0, "batch": 1,
+           "dtype": "bf16", "tok_s_dense": round(dense, 1), "layers": cfg.n_layers}
+    if clock.left() < 90:
+        log(f"  hf-generate {name}: skipped, out of time budget")
+        return {**row, "tok_s": None, "error": "skipped: out of time budget"}
+    log(f"[hf-generate {name}] {cfg.n_layers} layers")
+    # SMOKE: the tiny preset's Llama in float32 on the CPU, eager (Inductor's CUDA graphs need a GPU)
+    got = baseline_row("tiny" if SMOKE else name, n_layers=cfg.n_layers, steps=n_steps, prompt_len=16,
+                       compile=not SMOKE, device=DEV, dtype=torch.float32 if SMOKE else torch.bfloat16)
+    got.pop("model")
+    if got.get("tok_s"):
+        got["speedup"] = round(got["tok_s"] / dense, 3)
+        log(f"  our dense {dense:.1f} tok/s vs HF generate {got['tok_s']:.1f} tok/s: "
+            f"{dense / got['tok_s']:.2f}x")
+    import transformers
+
+    return {**row, **got, "transformers": transformers.__version__}
 
 
 # ---------------------------------------------------------------------- report
@@ -793,18 +828,36 @@ def markdown(rows: list[dict], meta: dict, extra: dict) -> str:
                    f"{extra['impl']}. Kernel-table crossovers (skipped rows under which an op loses to cuBLAS): "
                    f"{extra.get('kernel_crossovers')}")
     dr = [r for r in rows if r["kind"] == "decode"]
-    if dr:
+    sparse = [r for r in dr if r["method"] not in ("dense", "hf-generate")]
+    if sparse:
         out.append("\n### Decode, random weights, bf16, tokens/s (all rows of the batch)\n")
         out.append("| model | batch | method | target | tok/s | dense tok/s | speedup | rows skipped |")
         out.append("|---|---|---|---|---|---|---|---|")
-        for r in dr:
-            if r["method"] == "dense":
-                continue
+        for r in sparse:
             out.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['sparsity']:.2f} | {r['tok_s']:.1f} | "
                        f"{r['tok_s_dense']:.1f} | {r['speedup']:.2f}× | {r.get('effective_sparsity', '')} |")
         cross = {f"{r['model']} b{r['batch']}": r.get("crossovers") for r in dr if r["method"] == "dense"}
         out.append(f"\nCrossovers the engine measured (skipped-row fraction under which an op runs on cuBLAS): "
                    f"{cross}")
+    hf = [r for r in dr if r["method"] == "hf-generate"]
+    if hf:
+        out.append("\n### Dense engine vs Hugging Face generate, batch 1, random weights, tokens/s\n")
+        out.append("HF: `model.generate`, greedy, static KV cache reused across calls, the decode step compiled "
+                   "(`torch.compile`, reduce-overhead: CUDA graphs); its tokens/s over the decode steps (as ours) and "
+                   "over the whole call (prefill included).\n")
+        out.append("| model | layers | dense engine | HF generate (decode steps) | dense engine / HF | HF whole call | "
+                   "HF attention, compile | transformers |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for r in hf:
+            if r.get("tok_s") is None:
+                err = (r.get("error") or "").split("\n")[0][:200].replace("|", "\\|")
+                out.append(f"| {r['model']} | {r['layers']} | {r['tok_s_dense']:.1f} | error: {err} | | | | "
+                           f"{r.get('transformers', '')} |")
+                continue
+            out.append(f"| {r['model']} | {r['layers']} | {r['tok_s_dense']:.1f} | {r['tok_s']:.1f} | "
+                       f"{r['tok_s_dense'] / r['tok_s']:.2f}× | {r['tok_s_call']:.1f} | {r['attn']}, {r['compile']}"
+                       f"{'' if r['compiled'] or r['compile'] == 'off' else ' (not compiled)'} | "
+                       f"{r['transformers']} |")
     return "\n".join(out) + "\n"
 
 
@@ -845,7 +898,16 @@ def main() -> None:
                     "e.g. llama3-8b:1,llama3-8b:4 (default: all)")
     ap.add_argument("--decode-families", default="", help="also decode these engine presets at batch 1 (teal 0.4 / 0.5), "
                     "e.g. qwen3-8b,qwen2.5-7b,phi3-mini,granite3-8b,gemma2-9b,gemma3-12b")
+    ap.add_argument("--hf-baseline", action="store_true", help="per model decoded at batch 1, also time Hugging Face "
+                    "generate on its shapes (static cache, compiled decode step) beside our dense tok/s")
+    ap.add_argument("--decode-dense-only", action="store_true", help="decode dense only (no sparse plan, no "
+                    "crossover measurement), e.g. with --hf-baseline")
     args = ap.parse_args()
+    from actsparse.engine import PRESETS
+
+    bad = [m for m in filter(None, args.decode_families.split(",")) if m not in PRESETS]
+    if bad:
+        ap.error(f"--decode-families: unknown engine preset(s) {', '.join(bad)}; expected some of {', '.join(PRESETS)}")
     if args.decode_models:
         keep = {(m, int(b)) for m, b in (k.split(":") for k in args.decode_models.split(","))}
         for key in [k for k in DECODE_PLAN if k not in keep]:
@@ -922,7 +984,8 @@ def main() -> None:
                 extra["kernel_crossovers"] = {b: {eop: crossover(rows, kop, b) for eop, kop in ops} for b in (1, 4)}
                 log(f"kernel-table crossovers: {extra['kernel_crossovers']}")
             rows += decode_bench(clock, {k: v for k, v in meta.items() if k != "model"}, args.decode_steps,
-                                 args.decode_layers or None)
+                                 args.decode_layers or None, hf_baseline=args.hf_baseline,
+                                 dense_only=args.decode_dense_only)
     except Exception:
         traceback.print_exc()
         extra["error"] = traceback.format_exc()

@@ -2,6 +2,8 @@
 # One device call, one run: install, GPU tests, kernel table (cuBLAS, our kernels, the TEAL-design baseline
 # side by side) and decode table.
 #   COMMIT=<sha> bash benchmarks/run_on_device.sh [extra bench_kernels.py args, e.g. --tune --tune-batches 1]
+# The args pass through as they are: --hf-baseline (opt-in) adds Hugging Face generate's tok/s beside our dense
+# decode at batch 1, e.g. TESTS=none ... --skip-kernels --decode-dense-only --hf-baseline --decode-families qwen3-8b
 # Everything lands in $OUT (at most 8 files come back): env.txt, tests.log, bench.log, results.json,
 # BENCHMARKS_fragment.md, tuned.json. Here, afterwards: python benchmarks/bench_kernels.py --merge <that dir>.
 # TESTS: pytest selection (default: every kernel and engine test); TEST_TIMEOUT, BENCH_BUDGET in seconds.
