@@ -54,6 +54,9 @@ def calibrate_thresholds(eng, target: float, n_tokens: int = 64, *, batch: int =
         raise ValueError(f"target sparsity must be in [0, 1), got {target}")
     if method not in ("teal", "cats"):
         raise ValueError(f"method must be 'teal' or 'cats', got {method!r}")
+    if method == "cats" and eng.cfg.moe:
+        raise ValueError("the engine's experts select by their inputs' thresholds (teal); CATS's gathered up rows "
+                         "are not built for mixture-of-experts layers")
     key = (n_tokens, batch, seed)
     if _DENSE.get(eng, (None,))[0] != key:
         _DENSE[eng] = (key, record(eng, n_tokens, batch, seed, sparse=False))
@@ -63,7 +66,10 @@ def calibrate_thresholds(eng, target: float, n_tokens: int = 64, *, batch: int =
     for i in range(eng.cfg.n_layers):
         for role in ("gate_act",) if method == "cats" else tuple(OPS):
             a = acts[f"layers.{i}.{OPS.get(role, role)}"].abs()  # [T, B, K]
-            u = a.amax(dim=1)  # [T, K]: what the batch union reads
+            # An MoE layer's expert inputs [T, B·top_k, K] (down: one row per routed expert) are read by each
+            # routed expert for its own token: no batch union there.
+            own = eng.cfg.moe and role in ("gate", "up", "down")
+            u = a if own else a.amax(dim=1)  # [T, K]: what the batch union reads
             t = AbsThresholds(u if union else a, rank="kth")(target)
             name = f"layers.{i}.{role}"
             th[name] = t
@@ -91,6 +97,8 @@ def measure_sparsity(eng, n_tokens: int = 16, *, batch: int = 1, seed: int = 1) 
     acts = record(eng, n_tokens, batch, seed, sparse=True)
     cfg = eng.cfg
     d, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    if cfg.moe:  # the weights a token reads: its top_k experts' (the down inputs are recorded per routed expert)
+        inter = cfg.top_k * cfg.moe_intermediate_size
     params = {"q": d * q, "k": d * kv, "v": d * kv, "o": q * d, "gate": d * inter, "up": d * inter,
               "down": inter * d}
     tok: dict[str, list[float]] = {r: [] for r in params}
@@ -110,7 +118,9 @@ def measure_sparsity(eng, n_tokens: int = 16, *, batch: int = 1, seed: int = 1) 
                 keep = (acts[f"layers.{i}.gate_act"].abs() > r.gate_act if eng._cats(r, batch)
                         else torch.ones_like(keep))
             tok[role].append(1.0 - keep.float().mean().item())
-            rows[role] = 1.0 - keep.any(dim=1).float().mean().item()
+            # An expert's rows are read for its own tokens alone: the batch union is the token level there.
+            own = cfg.moe and role in ("gate", "up", "down")
+            rows[role] = tok[role][-1] if own else 1.0 - keep.any(dim=1).float().mean().item()
         skipped += sum(rows[k] * params[k] for k in params)
     out = {k: sum(v) / len(v) for k, v in tok.items()}
     out["mean"] = sum(out[k] * params[k] for k in params) / sum(params.values())

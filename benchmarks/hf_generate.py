@@ -37,8 +37,9 @@ from actsparse.engine.config import PRESETS, LlamaConfig, unsupported_reason  # 
 # spec, not the family itself (Phi-3 and Granite are the Llama block with other weight layouts or multipliers).
 PRESET_FAMILY = {"llama3-8b": "llama", "llama3-70b": "llama", "llama2-7b": "llama", "tiny": "llama",
                  "qwen2.5-7b": "qwen2", "qwen3-8b": "qwen3", "phi3-mini": "phi3", "granite3-8b": "granite",
-                 "gemma2-9b": "gemma2", "gemma3-12b": "gemma3_text"}
-HF_FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3_text")
+                 "gemma2-9b": "gemma2", "gemma3-12b": "gemma3_text", "qwen3-30b-a3b": "qwen3_moe",
+                 "mixtral-8x7b": "mixtral"}
+HF_FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")
 # Granite 3.0 8B's published multipliers: the engine folds them into its weights, transformers applies them each
 # step (scalar multiplies, so they cost HF what the real model costs it).
 GRANITE3_MULTIPLIERS = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
@@ -53,6 +54,8 @@ def log(*a) -> None:
 def _family_of(cfg: LlamaConfig) -> str:
     """The transformers family an engine config reads as when no preset name says (Phi-3 and Granite shapes read as
     Llama: pass family= for those)."""
+    if cfg.moe:
+        return "mixtral" if cfg.router == "mixtral" else "qwen3_moe"
     if cfg.act == "gelu_tanh":
         return "gemma2" if cfg.attn_softcap or not cfg.qk_norm else "gemma3_text"
     return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
@@ -106,6 +109,15 @@ def hf_config_for(preset: str | LlamaConfig, *, n_layers: int | None = None, fam
                            original_max_position_embeddings=MAX_POSITIONS)
     elif fam == "granite":
         hf = tr.GraniteConfig(**common, rope_parameters=rope, **GRANITE3_MULTIPLIERS)
+    elif fam == "mixtral":  # its intermediate_size is each expert's
+        hf = tr.MixtralConfig(**{**common, "intermediate_size": cfg.moe_intermediate_size}, head_dim=cfg.head_dim,
+                              rope_parameters=rope, sliding_window=cfg.sliding_window or None,
+                              num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k)
+    elif fam == "qwen3_moe":
+        hf = tr.Qwen3MoeConfig(**common, head_dim=cfg.head_dim, rope_parameters=rope, use_sliding_window=False,
+                               num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
+                               moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                               decoder_sparse_step=1, mlp_only_layers=[])
     else:
         scalar = cfg.attn_scale**-2 if cfg.attn_scale else float(cfg.head_dim)
         scalar = round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar

@@ -79,13 +79,26 @@ def _gated_mlp_any(x, wt_gate, wt_up, thresh, *, impl: str = "auto", out: Option
     return out
 
 
+def _experts_any(any_fn: Callable, experts_fn: Callable) -> Callable:
+    """A reference that also takes the kernels' `experts=` (and `expert_weights=`): the routed experts' sums from
+    `experts_fn` (fp32), written into `out=` or added into `accumulate=`, as the one-shot tiles do."""
+    def call(x, *args, experts: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+             accumulate: Optional[torch.Tensor] = None, impl: str = "auto", **kw):
+        if experts is None:
+            extra = {} if accumulate is None else {"accumulate": accumulate}
+            return any_fn(x, *args, out=out, impl=impl, **extra, **kw)
+        y = experts_fn(x, *args, experts, **kw)
+        return out.copy_(y) if out is not None else accumulate.add_(y)
+    return call
+
+
 class _TorchOps:
     """Plain-PyTorch implementations (references), for any device; not graph-capturable on GPU."""
 
     rmsnorm = staticmethod(kref.hf_rmsnorm_ref)
     silu_mul = staticmethod(kref.silu_mul_ref)
-    sparse_gemv = staticmethod(_any_impl(kref.sparse_gemv_ref))
-    sparse_gated_mlp = staticmethod(_gated_mlp_any)
+    sparse_gemv = staticmethod(_experts_any(_any_impl(kref.sparse_gemv_ref), kref.experts_gemv_ref))
+    sparse_gated_mlp = staticmethod(_experts_any(_gated_mlp_any, kref.experts_gated_mlp_ref))
     cats_up = staticmethod(_any_impl(kref.cats_up_ref))
     decode_attention = staticmethod(kref.decode_attention_ref)
 
@@ -183,7 +196,7 @@ class Engine:
         self.rules: Optional[list[_LayerRule]] = None
         self.expected_sparsity: dict[str, float] = {}
         self._graphs: dict[tuple[int, bool], _Graph] = {}
-        self._sums: dict[int, torch.Tensor] = {}
+        self._sums: dict[object, torch.Tensor] = {}  # buffers by batch size (and kind)
         self.last_tokens: Optional[torch.Tensor] = None
         self.last_step_ms: float = float("nan")
 
@@ -285,6 +298,9 @@ class Engine:
 
             wqkv_t = lw.wqkv_t if lw.wqkv_t is not None else lw.wqkv.t()
             qkv_cols = [wqkv_t[:, :q], wqkv_t[:, q:q + kv], wqkv_t[:, q + kv:]]
+            if lw.router is not None:
+                rules.append(self._moe_rule(i, th, sh, per_lr[i], op, qkv_cols, lw))
+                continue
             wg_t = lw.wg_t if lw.wg_t is not None else lw.w13[:inter].t()
             wu_t = lw.wu_t if lw.wu_t is not None else lw.w13[inter:].t()
             gate_act = None
@@ -313,6 +329,20 @@ class Engine:
         self.rules = rules
         self.expected_sparsity = dict(expected)
         self.reset_graphs()
+
+    def _moe_rule(self, i: int, th: dict, sh: dict, lr: dict, op: Callable, qkv_cols: list, lw) -> _LayerRule:
+        """A mixture-of-experts layer's rule: q|k|v and o as any layer's; gate, up and down one threshold (or N:M
+        pattern) per layer, shared by every routed expert (`Engine._moe` says why)."""
+        bad = sorted({r for r in ("gate", "up", "down") if r in sh or r in lr} | {r for r in ("gate_act", "up_out")
+                                                                                  if r in th})
+        if bad:
+            raise ValueError(f"layers.{i}: the engine's experts select by a threshold or an N:M pattern per layer; "
+                             f"{', '.join(bad)} asks for a shift, a low-rank path or CATS/COUNTDOWN's gathered rows, "
+                             f"which the expert kernels do not run")
+        return _LayerRule(qkv=op("qkv", ("q", "k", "v"), self.cfg.hidden_size, qkv_cols, lw.bqkv),
+                          o=op("o", ("o",), self.cfg.q_size, [lw.wo_t if lw.wo_t is not None else lw.wo.t()]),
+                          gu=op("gu", ("gate", "up"), self.cfg.hidden_size, [lw.weg_t[0], lw.weu_t[0]]),
+                          down=op("down", ("down",), self.cfg.moe_intermediate_size, [lw.wed_t[0]]))
 
     def clear_thresholds(self) -> None:
         """Turn sparse decoding off (dense cuBLAS path)."""
@@ -502,6 +532,8 @@ class Engine:
                 y = (y.float() + self._lowrank(a, r.o)).to(y.dtype)
         x = self._residual(x, self._reduce(y), lw.post_attn_norm)
 
+        if lw.router is not None:
+            return self._moe(i, x, lw, r, record)
         if record is not None:
             xn = self._norm(x, lw.mlp_norm)
             record(i, "gu", xn)
@@ -566,6 +598,94 @@ class Engine:
             if r.down.lowrank is not None:
                 y = (y.float() + self._lowrank(h, r.down)).to(y.dtype)
         return self._residual(x, self._reduce(y), lw.post_mlp_norm)
+
+    def _route(self, xn: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids [B, T] (int64) and routing weights [B, T] of the normed hidden state xn [B, D], on the device
+        (no host sync: a captured graph routes each step anew), as transformers' routers compute them: softmax over
+        every expert in float32, top-k, renormalised (Mixtral always, Qwen3-MoE with norm_topk_prob); Mixtral keeps
+        the weights in float32, Qwen3-MoE casts them to the model dtype."""
+        cfg = self.cfg
+        logits = F.linear(xn, router)  # [B, E]
+        probs = torch.softmax(logits.float(), dim=-1)
+        w, idx = torch.topk(probs, cfg.top_k, dim=-1)
+        if cfg.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return idx, (w if cfg.router == "mixtral" else w.to(logits.dtype))
+
+    def _experts_hf(self, xn: torch.Tensor, lw, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum [B, D] in the model dtype, in transformers' order of operations and of additions
+        (each token's experts by increasing id), for the torch backend's dense path to equal its greedy tokens."""
+        idx, order = idx.sort(dim=-1)
+        w = w.gather(-1, order)
+        out = torch.zeros_like(xn)
+        for t in range(idx.shape[1]):  # a slot of every token at once: the torch backend is never captured
+            e = idx[:, t]
+            g = torch.bmm(xn[:, None, :], lw.weg_t[e])[:, 0]  # [B, I]
+            u = torch.bmm(xn[:, None, :], lw.weu_t[e])[:, 0]
+            y = torch.bmm((self._act(g) * u)[:, None, :], lw.wed_t[e])[:, 0]  # [B, D]
+            out = out + (y * w[:, t, None]).to(out.dtype)
+        return out
+
+    def _moe(self, i: int, x: torch.Tensor, lw, r: Optional[_LayerRule],
+             record: Optional[Callable[[int, str, torch.Tensor], None]]) -> torch.Tensor:
+        """A mixture-of-experts MLP on the residual stream x [B, D]; returns the new stream.
+
+        Router (a small dense GEMV and top-k in torch, on the device), then per token its T routed experts through
+        the expert-indexed one-shot tiles: gate|up's raw sums [B, T, 2, I] (`sparse_gated_mlp(experts=, out=)`), and
+        down forming act(gate)·up, scaling it by the routing weight and adding into the fp32 stream (or an fp32
+        buffer the stream then adds). Only the routed experts' weights are read. Thresholds: gate and up share the
+        layer's normed hidden state, so one pair per layer serves every expert; down's is one per layer too (its
+        inputs differ per expert, but a per-expert row would make the plan E times larger for the one fitted
+        statistic calibration gives per layer, and the kernels read one row). The dense path runs the same kernels
+        at threshold 0: a fair baseline reads only the routed experts (a host loop or a gather of the experts'
+        weights would read them twice or sync the host), and cuBLAS has no device-indexed GEMV. The torch backend's
+        dense path instead follows transformers' own order of operations (`_experts_hf`)."""
+        cfg, ops, b = self.cfg, self.ops, x.shape[0]
+        xn = self._norm(x, lw.mlp_norm)  # [B, D] in the model dtype: what the router and the experts read
+        if record is not None:
+            record(i, "gu", xn)
+        idx, w = self._route(xn, lw.router)
+        if r is None and self.kernels == "torch":
+            y = self._experts_hf(xn, lw, idx, w)
+            if record is not None:
+                g = torch.einsum("bd,btdi->bti", xn.float(), lw.weg_t[idx].float())
+                u = torch.einsum("bd,btdi->bti", xn.float(), lw.weu_t[idx].float())
+                record(i, "down", (self._act(g) * u).reshape(-1, g.shape[-1]))  # [B·T, I]: every routed expert
+            return x + y.to(x.dtype)
+        zeros = self._zero_thresholds()
+        tgu, td = (zeros[:2], zeros[:1]) if r is None else (r.gu.thresh, r.down.thresh)
+        nm_gu, nm_d = (None, None) if r is None else (r.gu.nm, r.down.nm)
+        sums = ops.sparse_gated_mlp(xn, lw.weg_t, lw.weu_t, tgu, nm=nm_gu, experts=idx, out=self._expert_sums(b))
+        if record is not None:
+            record(i, "down", (self._act(sums[:, :, 0]) * sums[:, :, 1]).reshape(-1, sums.shape[-1]))
+        wf = w.float()
+        if x.dtype == torch.float32 and r is not None and self.residual_fp32:  # the fp32 stream takes it in place
+            return ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, accumulate=x, experts=idx,
+                                   expert_weights=wf)
+        y = ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, out=self._moe_out(b), experts=idx,
+                            expert_weights=wf)
+        return x + y.to(x.dtype)
+
+    def _zero_thresholds(self) -> torch.Tensor:
+        """float32 zeros [2] on the device: the dense path's thresholds (every nonzero input kept)."""
+        if "zeros" not in self._sums:
+            self._sums["zeros"] = torch.zeros(2, device=self.device)
+        return self._sums["zeros"]
+
+    def _expert_sums(self, b: int) -> torch.Tensor:
+        """The fp32 [b, T, 2, I] buffer the routed experts' gate|up raw sums land in (one per batch size)."""
+        key = ("experts", b)
+        if key not in self._sums:
+            cfg = self.cfg
+            self._sums[key] = torch.empty(b, cfg.top_k, 2, cfg.moe_intermediate_size, device=self.device)
+        return self._sums[key]
+
+    def _moe_out(self, b: int) -> torch.Tensor:
+        """The fp32 [b, D] buffer the routed experts' down projections sum into where the stream is not fp32."""
+        key = ("moe_out", b)
+        if key not in self._sums:
+            self._sums[key] = torch.empty(b, self.cfg.hidden_size, device=self.device)
+        return self._sums[key]
 
     def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, sparse: Optional[bool] = None,
                      record: Optional[Callable[[int, str, torch.Tensor], None]] = None) -> torch.Tensor:
