@@ -365,6 +365,8 @@ class Engine:
     def _choose(self, rule: _OpRule, op: str, b: int) -> str:
         """What runs op at batch b: "dense" (cuBLAS) or the sparse kernel to ask for ("auto" where the levels
         are given rather than measured)."""
+        if self.cfg.moe and op in ("gu", "down"):
+            return "auto"  # the experts always run the expert-indexed tiles (`_moe`): nothing to fall back to
         fb = self.fallback_below
         if fb == "measured":
             return op_times(self, b)[op].choice(rule.expected)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from actsparse.engine import Engine
-from actsparse.engine.config import LlamaConfig, unsupported_reason
+from actsparse.engine.config import QWEN3_30B_A3B, LlamaConfig, unsupported_reason
+from actsparse.engine.sharding import split_reason
 from benchmarks.engine_thresholds import calibrate_thresholds, measure_sparsity
 from tests.engine.test_engine import _engine_logits
 from tests.families.models import make_family
@@ -107,3 +108,4 @@ def test_what_the_moe_engine_does_not_model_is_refused():
         eng.set_thresholds({"layers.1.gate_act": 0.1})
     with pytest.raises(ValueError, match="CATS's gathered up rows are not built for mixture-of-experts layers"):
         calibrate_thresholds(eng, 0.5, method="cats")
+    assert "decode a mixture-of-experts model with Engine on one GPU" in split_reason(QWEN3_30B_A3B, 2)
