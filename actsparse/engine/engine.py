@@ -1,5 +1,6 @@
-"""A small Llama-family decode engine (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2, Gemma 3 text:
-`config.FAMILIES`): static KV cache, one CUDA-graphed decode step, dense or sparse.
+"""A small Llama-family decode engine (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2, Gemma 3 text, and the
+mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE: `config.FAMILIES`): static KV cache, one CUDA-graphed decode
+step, dense or sparse.
 
 The hot path is `Engine._block`: per decoder block, dense runs
     rmsnorm → cuBLAS q|k|v → attention (RoPE + cache write) → cuBLAS o (+res) → rmsnorm →
@@ -140,6 +141,7 @@ class _LayerRule:
     gate_act: Optional[torch.Tensor] = None  # CATS threshold on act(gate), float32 [1] or [I]
     up_expected: float = 0.0  # CATS: fraction of up rows the gate_act mask is expected to skip
     countdown: bool = False   # M-COUNTDOWN: gate_act thresholds up's output and gathers the gate rows instead
+    shared_down: Optional[_OpRule] = None  # Qwen2-MoE: the shared expert's down input
 
 
 @dataclass
@@ -254,6 +256,9 @@ class Engine:
         for i in range(cfg.n_layers):
             if "gate_act" in per_shift[i]:
                 raise ValueError(f"layers.{i}.gate_act takes no shift (CATS thresholds |act(gate)|)")
+            if "shared_down" in per[i] and self.w.layers[i].wsd_t is None:
+                raise ValueError(f"layers.{i}.shared_down is the down input of a shared expert (Qwen2-MoE); this "
+                                 f"layer has none")
 
         d, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
         rules = []
@@ -333,8 +338,8 @@ class Engine:
     def _moe_rule(self, i: int, th: dict, sh: dict, lr: dict, op: Callable, qkv_cols: list, lw) -> _LayerRule:
         """A mixture-of-experts layer's rule: q|k|v and o as any layer's; gate, up and down one threshold (or N:M
         pattern) per layer, shared by every routed expert (`Engine._moe` says why)."""
-        bad = sorted({r for r in ("gate", "up", "down") if r in sh or r in lr} | {r for r in ("gate_act", "up_out")
-                                                                                  if r in th})
+        bad = sorted({r for r in ("gate", "up", "down", "shared_down") if r in sh or r in lr}
+                     | {r for r in ("gate_act", "up_out") if r in th})
         if bad:
             raise ValueError(f"layers.{i}: the engine's experts select by a threshold or an N:M pattern per layer; "
                              f"{', '.join(bad)} asks for a shift, a low-rank path or CATS/COUNTDOWN's gathered rows, "
@@ -342,7 +347,9 @@ class Engine:
         return _LayerRule(qkv=op("qkv", ("q", "k", "v"), self.cfg.hidden_size, qkv_cols, lw.bqkv),
                           o=op("o", ("o",), self.cfg.q_size, [lw.wo_t if lw.wo_t is not None else lw.wo.t()]),
                           gu=op("gu", ("gate", "up"), self.cfg.hidden_size, [lw.weg_t[0], lw.weu_t[0]]),
-                          down=op("down", ("down",), self.cfg.moe_intermediate_size, [lw.wed_t[0]]))
+                          down=op("down", ("down",), self.cfg.moe_intermediate_size, [lw.wed_t[0]]),
+                          shared_down=None if lw.wsd_t is None else
+                          op("shared_down", ("shared_down",), lw.wsd_t.shape[1], [lw.wsd_t[0]]))
 
     def clear_thresholds(self) -> None:
         """Turn sparse decoding off (dense cuBLAS path)."""
@@ -641,7 +648,9 @@ class Engine:
         statistic calibration gives per layer, and the kernels read one row). The dense path runs the same kernels
         at threshold 0: a fair baseline reads only the routed experts (a host loop or a gather of the experts'
         weights would read them twice or sync the host), and cuBLAS has no device-indexed GEMV. The torch backend's
-        dense path instead follows transformers' own order of operations (`_experts_hf`)."""
+        dense path instead follows transformers' own order of operations (`_experts_hf`). Qwen2-MoE's shared expert
+        runs as one more routed expert (a stack of one, id 0, weight sigmoid(xn·w_gate)) under gate|up's thresholds
+        (it reads the same xn) and its own `shared_down`."""
         cfg, ops, b = self.cfg, self.ops, x.shape[0]
         xn = self._norm(x, lw.mlp_norm)  # [B, D] in the model dtype: what the router and the experts read
         if record is not None:
@@ -653,6 +662,11 @@ class Engine:
                 g = torch.einsum("bd,btdi->bti", xn.float(), lw.weg_t[idx].float())
                 u = torch.einsum("bd,btdi->bti", xn.float(), lw.weu_t[idx].float())
                 record(i, "down", (self._act(g) * u).reshape(-1, g.shape[-1]))  # [B·T, I]: every routed expert
+            if lw.wsd_t is not None:  # transformers: experts + sigmoid(gate)·shared, in the model dtype
+                hs = self._act(xn @ lw.wsg_t[0]) * (xn @ lw.wsu_t[0])
+                if record is not None:
+                    record(i, "shared_down", hs)
+                y = y + torch.sigmoid(F.linear(xn, lw.shared_gate)) * (hs @ lw.wsd_t[0])
             return x + y.to(x.dtype)
         zeros = self._zero_thresholds()
         tgu, td = (zeros[:2], zeros[:1]) if r is None else (r.gu.thresh, r.down.thresh)
@@ -661,12 +675,23 @@ class Engine:
         if record is not None:
             record(i, "down", (self._act(sums[:, :, 0]) * sums[:, :, 1]).reshape(-1, sums.shape[-1]))
         wf = w.float()
-        if x.dtype == torch.float32 and r is not None and self.residual_fp32:  # the fp32 stream takes it in place
-            return ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, accumulate=x, experts=idx,
-                                   expert_weights=wf)
-        y = ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, out=self._moe_out(b), experts=idx,
-                            expert_weights=wf)
-        return x + y.to(x.dtype)
+        in_place = x.dtype == torch.float32 and r is not None and self.residual_fp32  # the fp32 stream takes it
+        y = x if in_place else self._moe_out(b)
+        if in_place:
+            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, accumulate=x, experts=idx, expert_weights=wf)
+        else:
+            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, out=y, experts=idx, expert_weights=wf)
+        if lw.wsd_t is not None:  # the shared expert: a routed expert of its own, weighted by sigmoid(gate)
+            ts = zeros[:1] if r is None or r.shared_down is None else r.shared_down.thresh
+            nm_s = None if r is None or r.shared_down is None else r.shared_down.nm
+            one = self._shared_idx(b)
+            sums_s = ops.sparse_gated_mlp(xn, lw.wsg_t, lw.wsu_t, tgu, nm=nm_gu, experts=one, out=self._shared_sums(b))
+            if record is not None:
+                record(i, "shared_down", self._act(sums_s[:, 0, 0]) * sums_s[:, 0, 1])
+            gate = torch.sigmoid(F.linear(xn, lw.shared_gate)).float()  # [B, 1]
+            ops.sparse_gemv(sums_s, lw.wsd_t, ts, nm=nm_s, gated=cfg.act, accumulate=y, experts=one,
+                            expert_weights=gate)
+        return y if in_place else x + y.to(x.dtype)
 
     def _zero_thresholds(self) -> torch.Tensor:
         """float32 zeros [2] on the device: the dense path's thresholds (every nonzero input kept)."""
@@ -680,6 +705,20 @@ class Engine:
         if key not in self._sums:
             cfg = self.cfg
             self._sums[key] = torch.empty(b, cfg.top_k, 2, cfg.moe_intermediate_size, device=self.device)
+        return self._sums[key]
+
+    def _shared_idx(self, b: int) -> torch.Tensor:
+        """int64 zeros [b, 1]: the shared expert is expert 0 of its stack of one, for every token."""
+        key = ("shared_idx", b)
+        if key not in self._sums:
+            self._sums[key] = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        return self._sums[key]
+
+    def _shared_sums(self, b: int) -> torch.Tensor:
+        """The fp32 [b, 1, 2, I_s] buffer of the shared expert's gate|up raw sums."""
+        key = ("shared_sums", b)
+        if key not in self._sums:
+            self._sums[key] = torch.empty(b, 1, 2, self.cfg.shared_expert_intermediate_size, device=self.device)
         return self._sums[key]
 
     def _moe_out(self, b: int) -> torch.Tensor:

@@ -4,7 +4,9 @@
 optional shift, SCAP's x_s = (x − m)·1[|x − m| > t] with W·m folded into a bias; and the fraction of weight
 rows it is expected to skip, which decides cuBLAS vs the kernels). Roles are the engine's sites q k v o gate up
 down, plus `gate_act` (CATS: a threshold on act(gate) that selects the up and down rows) and `up_out`
-(M-COUNTDOWN: a threshold on up's output that selects the gate and down rows). A role left out keeps every input.
+(M-COUNTDOWN: a threshold on up's output that selects the gate and down rows). In a mixture-of-experts layer gate,
+up and down are every routed expert's (one rule for all), and `shared_down` is the down input of Qwen2-MoE's shared
+expert (whose gate and up read the routed experts' input, under their rules). A role left out keeps every input.
 
 `from_plan` translates a fitted `SparsityPlan` (actsparse.eval.speed) and `from_names` the name-keyed dicts of
 the benchmarks and tests; both build the same structure, which is all `Engine.set_plan` reads.
@@ -17,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act", "up_out")
+ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act", "up_out", "shared_down")
 Threshold = Union[float, torch.Tensor]
 _SITE = re.compile(r"^layers\.(\d+)\.(\w+)$")
 

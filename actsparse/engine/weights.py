@@ -53,6 +53,11 @@ class LayerWeights:
     weg_t: Optional[torch.Tensor] = None  # [E, D, I_e] each expert's gate, transposed
     weu_t: Optional[torch.Tensor] = None  # [E, D, I_e] up
     wed_t: Optional[torch.Tensor] = None  # [E, I_e, D] down
+    # Qwen2-MoE's shared expert, a stack of one in the same layout, and its sigmoid gate's weight [1, D]
+    wsg_t: Optional[torch.Tensor] = None  # [1, D, I_s]
+    wsu_t: Optional[torch.Tensor] = None  # [1, D, I_s]
+    wsd_t: Optional[torch.Tensor] = None  # [1, I_s, D]
+    shared_gate: Optional[torch.Tensor] = None  # [1, D]
 
 
 @dataclass
@@ -148,7 +153,7 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
     for blk in inner.layers:
         at, mlp = blk.self_attn, blk.mlp
         if hasattr(mlp, "experts"):
-            layers.append(_moe_layer(blk, cp, layouts))
+            layers.append(_moe_layer(blk, cp, layouts, c.qkv_bias if kind == "qwen2_moe" else False))
             continue
         fused = hasattr(at, "qkv_proj")  # Phi-3: q|k|v and gate|up are one linear each
         qkv_projs = (at.qkv_proj,) if fused else (at.q_proj, at.k_proj, at.v_proj)
@@ -189,18 +194,20 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
                    **rope_weights(inner.rotary_emb, device))
 
 
-def _moe_layer(blk, cp, layouts: str) -> LayerWeights:
-    """One Mixtral / Qwen3-MoE block: attention as any Llama block's, the router, and the experts stacked in the
-    sparse layout (transformers keeps them as 3-D parameters: gate|up [E, 2I, D], down [E, D, I])."""
+def _moe_layer(blk, cp, layouts: str, qkv_bias: bool) -> LayerWeights:
+    """One Mixtral / Qwen2-MoE / Qwen3-MoE block: attention as any Llama block's, the router, and the experts stacked
+    in the sparse layout (transformers keeps them as 3-D parameters: gate|up [E, 2I, D], down [E, D, I]); Qwen2-MoE's
+    shared expert as a stack of one beside them, and its gate."""
     at, moe = blk.self_attn, blk.mlp
     ex = moe.experts
     if not (hasattr(ex, "gate_up_proj") and hasattr(ex, "down_proj")) or getattr(moe.gate, "bias", None) is not None:
         raise ValueError(f"the engine reads a mixture-of-experts layer's experts as fused 3-D gate_up_proj / down_proj "
                          f"parameters and an unbiased router; got {type(ex).__name__} in {type(moe).__name__}")
-    for proj in (at.q_proj, at.k_proj, at.v_proj, at.o_proj):
+    biased = (at.o_proj,) if qkv_bias else (at.q_proj, at.k_proj, at.v_proj, at.o_proj)
+    for proj in biased:
         if getattr(proj, "bias", None) is not None:
-            raise ValueError(f"the engine's mixture-of-experts attention has no biases; got a biased "
-                             f"{type(at).__name__}")
+            raise ValueError(f"the engine's mixture-of-experts attention has no biases but Qwen2-MoE's on q/k/v; got "
+                             f"a biased {type(at).__name__}")
     lw = _layer(cp(blk.input_layernorm.weight), cp(blk.post_attention_layernorm.weight), cp(at.q_proj.weight),
                 cp(at.k_proj.weight), cp(at.v_proj.weight), cp(at.o_proj.weight), None, None, None, layouts)
     lw.router = cp(moe.gate.weight).contiguous()
@@ -209,6 +216,13 @@ def _moe_layer(blk, cp, layouts: str) -> LayerWeights:
     lw.wed_t = cp(ex.down_proj).transpose(1, 2).contiguous()
     if getattr(at, "q_norm", None) is not None:
         lw.q_norm, lw.k_norm = cp(at.q_norm.weight), cp(at.k_norm.weight)
+    if qkv_bias:
+        lw.bqkv = torch.cat([cp(at.q_proj.bias), cp(at.k_proj.bias), cp(at.v_proj.bias)])
+    se = getattr(moe, "shared_expert", None)
+    if se is not None:
+        lw.wsg_t, lw.wsu_t, lw.wsd_t = (cp(m.weight).t().contiguous()[None] for m in (se.gate_proj, se.up_proj,
+                                                                                      se.down_proj))
+        lw.shared_gate = cp(moe.shared_expert_gate.weight).contiguous()
     return lw
 
 
@@ -253,6 +267,11 @@ def random_weights(cfg: LlamaConfig, device, dtype: torch.dtype, seed: int = 0, 
             ie = cfg.moe_intermediate_size
             lw.router = lin(cfg.n_experts, d)
             lw.weg_t, lw.weu_t, lw.wed_t = experts(d, ie), experts(d, ie), experts(ie, d)
+            if cfg.shared_expert_intermediate_size:
+                i_s = cfg.shared_expert_intermediate_size
+                lw.wsg_t, lw.wsu_t, lw.wsd_t = lin(i_s, d).t()[None], lin(i_s, d).t()[None], lin(d, i_s).t()[None]
+                lw.wsg_t, lw.wsu_t, lw.wsd_t = (w.contiguous() for w in (lw.wsg_t, lw.wsu_t, lw.wsd_t))
+                lw.shared_gate = lin(1, d)
         if cfg.qkv_bias:
             lw.bqkv = lin(1, cfg.q_size + 2 * cfg.kv_size)[0]
         if cfg.qk_norm:

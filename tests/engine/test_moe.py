@@ -1,4 +1,5 @@
-"""Mixture-of-experts decode (Mixtral, Qwen3-MoE): the torch backend's greedy tokens equal transformers' generate,
+"""Mixture-of-experts decode (Mixtral, Qwen3-MoE, Qwen2-MoE's shared expert): the torch backend's greedy tokens equal
+transformers' generate,
 the expert-indexed kernels equal the torch backend dense and sparse, and what the engine does not model is refused."""
 
 import pytest
@@ -16,17 +17,20 @@ ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def _moe_model(family: str, layers: int = 2, seed: int = 0):
-    """A tiny random MoE model (4 experts, top-2), norms away from 1 so that a wrong norm weight shows."""
+    """A tiny random MoE model (4 experts, top-2), norms and biases away from their defaults so that a missing one
+    shows."""
     model = make_family(family, layers=layers, seed=seed).eval()
     model.generation_config.eos_token_id = None  # generate runs its full length, as the engine does
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
     return model
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_moe_decodes_as_transformers_step_by_step_and_greedy(family):
     """Router (softmax, top-k, renormalised or not), the routed experts summed in transformers' order, and the
     family's attention: logits equal transformers' at batch 2 (tokens routed apart), greedy tokens equal generate."""
@@ -42,7 +46,7 @@ def test_moe_decodes_as_transformers_step_by_step_and_greedy(family):
         assert torch.equal(eng.last_tokens.cpu(), model.generate(seq[:1, :3], max_new_tokens=10, do_sample=False))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_expert_kernels_equal_the_torch_path_dense_and_sparse(family):
     """The Triton engine runs the routed experts through the expert-indexed one-shot tiles: at threshold 0 they
     equal transformers; with thresholds they equal the torch backend's same plan (and differ from dense), with the
@@ -54,7 +58,8 @@ def test_expert_kernels_equal_the_torch_path_dense_and_sparse(family):
     tri = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=2, max_seq_len=16, fallback_below=0.0)
     assert torch.allclose(_engine_logits(tri, seq, sparse=False), want, atol=1e-4, rtol=1e-3)
     ref = Engine.from_hf(model, kernels="torch", max_batch=2, max_seq_len=16)
-    th = {f"layers.{i}.{r}": 0.4 for i in range(2) for r in ROLES}
+    shared = ("shared_down",) if family == "qwen2_moe" else ()  # its gate and up read gate|up's input
+    th = {f"layers.{i}.{r}": 0.4 for i in range(2) for r in ROLES + shared}
     ref.set_thresholds(th)
     sparse_ref = _engine_logits(ref, seq, sparse=True)
     assert (sparse_ref - want).norm() / want.norm() > 1e-2
@@ -66,27 +71,42 @@ def test_expert_kernels_equal_the_torch_path_dense_and_sparse(family):
         assert (got - sparse_ref).norm() / sparse_ref.norm() < 1e-4
 
 
-def test_calibrated_thresholds_skip_the_target_in_every_expert_site():
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_calibrated_thresholds_skip_the_target_in_every_expert_site(family):
     """calibrate_thresholds records the experts' inputs (gate|up: the normed state; down: every routed expert's
-    act(gate)·up) and the measured skip follows the target."""
-    eng = Engine.from_hf(_moe_model("qwen3_moe"), kernels="torch", max_batch=1, max_seq_len=48)
+    act(gate)·up; Qwen2-MoE's shared expert's down on its own) and the measured skip follows the target."""
+    eng = Engine.from_hf(_moe_model(family), kernels="torch", max_batch=1, max_seq_len=48)
     th = calibrate_thresholds(eng, 0.5, n_tokens=24)
-    assert set(th) == {f"layers.{i}.{r}" for i in range(2) for r in ROLES}
+    shared = ("shared_down",) if family == "qwen2_moe" else ()
+    assert set(th) == {f"layers.{i}.{r}" for i in range(2) for r in ROLES + shared}
     got = measure_sparsity(eng, n_tokens=16)
-    for role in ("gate", "up", "down", "q", "o"):
+    for role in ("gate", "up", "down", "q", "o") + shared:
         assert 0.35 < got[role] < 0.65, (role, got[role])
     assert 0.35 < got["union"] < 0.65
     eng.decode(None, 4, prompt_len=4)  # sparse decode through the step the graph would capture
 
 
 def test_random_moe_weights_keep_the_experts_stacked_in_the_sparse_layout():
+    """The benchmark's random weights: experts stacked [E, K, N] whatever the layouts, a shared expert as a stack
+    of one; the Triton engine's dense and sparse steps on them equal the torch backend's."""
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=0, n_layers=2, n_heads=2, n_kv_heads=1,
                       head_dim=16, qk_norm=True, n_experts=6, top_k=3, moe_intermediate_size=24, norm_topk_prob=True,
-                      router="qwen")
+                      router="qwen", shared_expert_intermediate_size=40)
     eng = Engine.random(cfg, device="cpu", dtype=torch.float32, kernels="torch", layouts="dense", max_seq_len=16)
     lw = eng.w.layers[0]
     assert lw.weg_t.shape == lw.weu_t.shape == (6, 32, 24) and lw.wed_t.shape == (6, 24, 32)
+    assert lw.wsg_t.shape == (1, 32, 40) and lw.wsd_t.shape == (1, 40, 32) and lw.shared_gate.shape == (1, 32)
     assert lw.router.shape == (6, 32) and lw.w13 is None and lw.wg_t is None
+    tri = Engine.random(cfg, device=DEVICE, dtype=torch.float32, kernels="triton", layouts="sparse", max_seq_len=16,
+                        fallback_below=0.0)
+    seq = torch.randint(0, 64, (1, 4))
+    assert torch.allclose(_engine_logits(tri, seq, False), _engine_logits(eng, seq, False), atol=1e-4, rtol=1e-3)
+    eng = Engine.random(cfg, device="cpu", dtype=torch.float32, kernels="torch", max_seq_len=16)  # + attention's
+    # sparse layout, the same draws
+    th = {f"layers.{i}.{r}": 0.3 for i in range(2) for r in ROLES + ("shared_down",)}
+    eng.set_thresholds(th)
+    tri.set_thresholds(th)
+    assert torch.allclose(_engine_logits(tri, seq, True), _engine_logits(eng, seq, True), atol=1e-4, rtol=1e-3)
     eng.decode(None, 3, prompt_len=2)
     assert eng.last_tokens.shape == (1, 5)
 
@@ -98,14 +118,18 @@ def test_what_the_moe_engine_does_not_model_is_refused():
     q3.config.mlp_only_layers, q3.config.decoder_sparse_step = [], 2
     with pytest.raises(ValueError, match="experts in every layer; this qwen3_moe model has dense MLP layers"):
         Engine.from_hf(q3, kernels="torch")
-    with pytest.raises(ValueError, match="qwen2_moe needs a sigmoid-gated shared expert"):
-        Engine.from_hf(make_family("qwen2_moe", layers=1), kernels="torch")
+    q2 = make_family("qwen2_moe", layers=1)
+    q2.config.decoder_sparse_step = 2
+    assert "this qwen2_moe model has dense MLP layers" in unsupported_reason(q2.config)
     eng = Engine.from_hf(_moe_model("mixtral"), kernels="torch", max_seq_len=16)
     with pytest.raises(ValueError, match="layers.0: the engine's experts select by a threshold or an N:M pattern per "
                                          "layer; down asks for a shift"):
         eng.set_thresholds({"layers.0.down": 0.1}, shifts={"layers.0.down": torch.zeros(32)})
     with pytest.raises(ValueError, match="gate_act asks for"):
         eng.set_thresholds({"layers.1.gate_act": 0.1})
+    with pytest.raises(ValueError, match="layers.0.shared_down is the down input of a shared expert .Qwen2-MoE.; "
+                                         "this layer has none"):
+        eng.set_thresholds({"layers.0.shared_down": 0.1})
     with pytest.raises(ValueError, match="CATS's gathered up rows are not built for mixture-of-experts layers"):
         calibrate_thresholds(eng, 0.5, method="cats")
     assert "decode a mixture-of-experts model with Engine on one GPU" in split_reason(QWEN3_30B_A3B, 2)
