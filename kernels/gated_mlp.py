@@ -18,7 +18,7 @@ from .configs import choose_impl
 from .gemv_common import wshape
 from .gather_gemv import launch_gather
 from .oneshot_gemv import launch_oneshot
-from .sparse_gemv import ACTS, _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm, check_experts
+from .sparse_gemv import ACTS, _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm, check_experts, expert_rows
 
 
 @torch.library.custom_op("actsparse::sparse_gated_mlp", mutates_args=())
@@ -87,8 +87,8 @@ def sparse_gated_mlp(
     experts: int32/int64 [B, T] expert ids on the device (a mixture-of-experts layer's top-k per token): wt_gate and
     wt_up are the stacked transposed expert weights [E, K, I] and out, a contiguous float32 [B, T, 2, I], receives
     each routed expert's raw gate and up sums (only the routed experts' kept rows are read), for
-    `sparse_gemv(experts=, gated=act)`. One thresh pair serves every expert (they share the input x); the one-shot
-    tiles run it, one token a program; no shift or bias.
+    `sparse_gemv(experts=, gated=act)`. thresh [2] / [2, K] serves every expert (they share the input x), [E, 2, K]
+    holds a pair of rows per expert; the one-shot tiles run it, one token a program; no shift or bias.
     """
     if experts is not None:
         experts = check_experts(experts, None, (wt_gate, wt_up), ("wt_gate", "wt_up"), impl, out,
@@ -102,9 +102,7 @@ def sparse_gated_mlp(
         k, n = wt_gate.shape[1:]
         if x.shape[0] != b:
             raise ValueError(f"experts has {b} rows (one per token) but x has {x.shape[0]}")
-        if thresh is None:
-            raise ValueError("experts= selects inside the op: thresh must be given (zeros keep every nonzero input)")
-        thresh = _as_rows(thresh, 2, k, "thresh")
+        thresh = expert_rows(thresh, 2, wt_gate.shape[0], k)
         if norm_weight is not None and tuple(norm_weight.shape) != (k,):
             raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
         if out.dtype != torch.float32 or tuple(out.shape) != (b, top, 2, n) or not out.is_contiguous():

@@ -59,7 +59,7 @@ def _oneshot_kernel(
     x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, acc_ptr, cnt_ptr, rstd_ptr,
     B, K, N, N0, N1, stride_xm,
     stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb,
-    eps, e_ptr, ew_ptr, T, stride_we,
+    eps, e_ptr, ew_ptr, T, stride_we, stride_te,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, ACCUM: tl.constexpr, GATED: tl.constexpr,
@@ -75,7 +75,9 @@ def _oneshot_kernel(
         mat = pid_m % (1 + PAIR)
         row = pid_m // (1 + PAIR)
         tok = row // T
-        w_off = tl.load(e_ptr + row).to(tl.int64) * stride_we
+        e_id = tl.load(e_ptr + row).to(tl.int64)
+        w_off = e_id * stride_we
+        t_off = e_id * stride_te  # 0: one threshold row set serves every expert
         x_row = tok
         if GATED > 0:
             x_row = row  # each routed row has its own pair of raw sums
@@ -84,6 +86,7 @@ def _oneshot_kernel(
         row = 0
         tok = 0
         w_off = 0
+        t_off = 0
         x_row = 0
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
@@ -107,7 +110,7 @@ def _oneshot_kernel(
         uv = tl.load(x_rows + stride_xm + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
                      eviction_policy="evict_last").to(tl.float32)
         xv = activate(xv, GATED) * uv
-    xs, rows = select_chunk(xv, t_ptr + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b, stride_tk,
+    xs, rows = select_chunk(xv, t_ptr + t_off + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b, stride_tk,
                             HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
     if HAS_EW:  # the routing weight scales the expert's selected input (the same as its output: W is linear)
         xs = xs * tl.load(ew_ptr + row).to(tl.float32)
@@ -171,10 +174,12 @@ def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, a
     `experts` (int [B, T] on the device): wt (and w2) are stacked experts [E, K, N] and each token runs its T
     experts: a pair writes raw sums `accumulate` [B, T, 2, N], a single matrix adds Σ_t w_t·W_{e_t}·x_s into the
     token's row of `accumulate` [B, N] (w_t: `expert_weights` [B, T], or 1); gated, x is the pair's sums
-    [B, T, 2, K]."""
-    stride_we, rows, top = 0, 0, 1
+    [B, T, 2, K]; thresh [S, K] serves every expert, [E, S, K] is a row set per expert."""
+    stride_we, stride_te, rows, top = 0, 0, 0, 1
     if experts is not None:
         stride_we, rows, top = wt.stride(0), experts.numel(), experts.shape[-1]
+        if thresh.dim() == 3:  # a threshold row set per expert [E, S, K]
+            stride_te, thresh = thresh.stride(0), thresh[0]
         wt, w2 = wt[0], (None if w2 is None else w2[0])
         if gated:
             x = x.reshape(rows, 2, x.shape[-1])
@@ -223,7 +228,7 @@ def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, a
     grid_m = mats * rows if experts is not None else mats
     compiled = _oneshot_kernel[(tiles_n, triton.cdiv(k, block_k), grid_m)](
         *ptrs, atomic_accumulator(x.device), tile_counters(x.device), rstd, 1 if experts is not None else b, k, n,
-        n0, n1, stride_xm, *strides, eps, e_ptr, ew_ptr, top, stride_we,
+        n0, n1, stride_xm, *strides, eps, e_ptr, ew_ptr, top, stride_we, stride_te,
         **flags, USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, ACCUM=accumulate is not None, GATED=gated,
         BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n, EXPERTS=experts is not None,
         HAS_EW=expert_weights is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),

@@ -185,10 +185,11 @@ def check_experts(experts: torch.Tensor, expert_weights: Optional[torch.Tensor],
                              f"{wt.stride()}")
         if wt.device != experts.device:
             raise ValueError(f"experts is on {experts.device} but {name} is on {wt.device}")
-    if expert_weights is not None and (expert_weights.dtype != torch.float32 or not expert_weights.is_contiguous()
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if expert_weights is not None and (expert_weights.dtype not in floats or not expert_weights.is_contiguous()
                                        or expert_weights.numel() != experts.numel()
                                        or expert_weights.shape[-1] != experts.shape[-1]):
-        raise ValueError(f"expert_weights must be a contiguous float32 tensor shaped like experts "
+        raise ValueError(f"expert_weights must be a contiguous float tensor shaped like experts "
                          f"{tuple(experts.shape)} (one routing weight per routed expert), got "
                          f"{expert_weights.dtype} {tuple(expert_weights.shape)}")
     if impl not in ("auto", "oneshot"):
@@ -200,6 +201,19 @@ def check_experts(experts: torch.Tensor, expert_weights: Optional[torch.Tensor],
         raise ValueError(f"experts= takes no {', '.join(clash)} (one rule serves every expert of the layer; a shift "
                          f"would need W_e·m per expert, segments and packing are for dense q|k|v)")
     return experts
+
+
+def expert_rows(thresh: Optional[torch.Tensor], nseg: int, e: int, k: int) -> torch.Tensor:
+    """experts=' thresholds: the op's rows [nseg] / [nseg, k] shared by every expert (returned [nseg, k]), or a row
+    set per expert, float32 [E, nseg, k] (a per-expert scalar expanded along k)."""
+    if thresh is None:
+        raise ValueError("experts= selects inside the op: thresh must be given (zeros keep every nonzero input)")
+    if thresh.dim() != 3:
+        return _as_rows(thresh, nseg, k, "thresh")
+    if tuple(thresh.shape) != (e, nseg, k) or thresh.dtype != torch.float32 or thresh.stride(2) not in (0, 1):
+        raise ValueError(f"per-expert thresholds must be a float32 [{e}, {nseg}, {k}] tensor (one row set per "
+                         f"expert; expand a scalar along the last dim), got {thresh.dtype} {tuple(thresh.shape)}")
+    return thresh
 
 
 def _validate_nm(nm: Optional[tuple[int, int]]) -> tuple[int, int]:
@@ -258,10 +272,11 @@ def sparse_gemv(
     the input is act(gate)·up, formed in the kernel's prologue (needs accumulate= or out=; no norm_weight).
     experts: int32/int64 [B, T] expert ids on the device (a mixture-of-experts layer's top-k per token): wt is the
     stacked transposed expert weights [E, K, N] and token b adds Σ_t w_bt·W_{e_bt}·x_s into row b of accumulate=
-    / out= [B, N], reading only the routed experts' kept rows; expert_weights: float32 [B, T] routing weights w
-    (None: 1), scaling each expert's selected input. With gated=, x is the pair's raw sums per routed expert,
-    float32 [B, T, 2, K] (`sparse_gated_mlp(experts=, out=)`). The one-shot tiles run it, one token a program; one
-    thresh row serves every expert; no shift, bias, segments or residual.
+    / out= [B, N], reading only the routed experts' kept rows; expert_weights: [B, T] routing weights w (float32,
+    bf16 or fp16; None: 1), scaling each expert's selected input in fp32. With gated=, x is the pair's raw sums per
+    routed expert, float32 [B, T, 2, K] (`sparse_gated_mlp(experts=, out=)`). The one-shot tiles run it, one token
+    a program; thresh [1] / [1, K] serves every expert, [E, 1, K] holds one row per expert; no shift, bias,
+    segments or residual.
     """
     if experts is not None:
         return _experts_gemv(x, wt, thresh, experts, expert_weights, accumulate, out, gated, norm_weight, eps, nm,
@@ -336,9 +351,7 @@ def _experts_gemv(x, wt, thresh, experts, expert_weights, accumulate, out, gated
         _check_common(x, wt[0])
         if x.shape[0] != b:
             raise ValueError(f"experts has {b} rows (one per token) but x has {x.shape[0]}")
-    if thresh is None:
-        raise ValueError("experts= selects inside the op: thresh must be given (zeros keep every nonzero input)")
-    thresh = _as_rows(thresh, 1, k, "thresh")
+    thresh = expert_rows(thresh, 1, e, k)
     if norm_weight is not None and tuple(norm_weight.shape) != (k,):
         raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
     if into.dtype != torch.float32 or tuple(into.shape) != (b, n) or not into.is_contiguous():

@@ -50,6 +50,30 @@ def test_routed_pair_sums_and_gated_down_match_the_formula(batch, top, sparsity)
     assert rel_err(h - h0, add) < 1e-5
 
 
+def test_per_expert_thresholds_select_each_routed_expert_by_its_own_rows():
+    """thresh [E, S, K]: each routed expert selects its input with its own rows (a fitted plan's per-expert sites),
+    gate|up and down alike, against the formula written out per token and expert."""
+    e, k, i = 6, 64, 48
+    x, wg, wu, wd, idx, w = _moe(2, 3, e=e, k=k, i=i)
+    tg = torch.rand(e, 2, device=DEVICE)[:, :, None].expand(e, 2, k)  # per-expert scalars, expanded along K
+    sums = torch.full((2, 3, 2, i), float("nan"), device=DEVICE)
+    sparse_gated_mlp(x, wg, wu, tg, experts=idx, out=sums)
+    td = torch.rand(e, 1, i, device=DEVICE) * 0.3  # per-expert, per-channel
+    h = torch.zeros(2, wd.shape[2], device=DEVICE)
+    sparse_gemv(sums, wd, td, gated="silu", accumulate=h, experts=idx, expert_weights=w)
+    for b in range(2):
+        want = torch.zeros(wd.shape[2], device=DEVICE)
+        for j in range(3):
+            ex = int(idx[b, j])
+            g, u = ((x[b] * (x[b].abs() > tg[ex, m])) @ wt[ex] for m, wt in ((0, wg), (1, wu)))
+            assert rel_err(sums[b, j], torch.stack([g, u])) < 1e-5
+            a = torch.nn.functional.silu(g) * u
+            want += w[b, j] * (a * (a.abs() > td[ex, 0])) @ wd[ex]
+        assert rel_err(h[b], want) < 1e-5
+    with pytest.raises(ValueError, match=r"per-expert thresholds must be a float32 \[6, 1, 48\] tensor"):
+        sparse_gemv(sums, wd, td[:2], gated="silu", accumulate=h, experts=idx)
+
+
 def test_a_single_expert_matrix_writes_each_token_its_routed_sum():
     """Not gated, out=: the buffer is zeroed first and receives Σ_t W[e_t]·x_s (routing weights 1)."""
     x, _, _, wd, idx, _ = _moe(2, 3, k=48)
@@ -88,7 +112,7 @@ def test_what_experts_cannot_take_is_refused():
                          bias=torch.zeros(2, wg.shape[2], device=DEVICE))
     with pytest.raises(ValueError, match=r"out must be a contiguous float32 \[1, 2, 2, 48\]"):
         sparse_gated_mlp(x, wg, wu, th2, experts=idx, out=sums[:, :1])
-    with pytest.raises(ValueError, match="expert_weights must be a contiguous float32 tensor shaped like experts"):
+    with pytest.raises(ValueError, match="expert_weights must be a contiguous float tensor shaped like experts"):
         sparse_gemv(sums, wd, th1, gated="silu", accumulate=h, experts=idx, expert_weights=w[:, :1])
     with pytest.raises(ValueError, match=r"x must be a contiguous float32 \[1, 2, 2, 48\]"):
         sparse_gemv(sums[0], wd, th1, gated="silu", accumulate=h, experts=idx)
