@@ -37,7 +37,7 @@ from actsparse.kernels import ref as kref
 
 from .config import LlamaConfig, unsupported_reason
 from .crossover import ACCUMULATE, op_times
-from .plan import EnginePlan, Threshold
+from .plan import EXPERT_ROLE, EnginePlan, Threshold
 from .weights import Weights, random_weights, weights_from_hf
 
 
@@ -141,7 +141,8 @@ class _LayerRule:
     gate_act: Optional[torch.Tensor] = None  # CATS threshold on act(gate), float32 [1] or [I]
     up_expected: float = 0.0  # CATS: fraction of up rows the gate_act mask is expected to skip
     countdown: bool = False   # M-COUNTDOWN: gate_act thresholds up's output and gathers the gate rows instead
-    shared_down: Optional[_OpRule] = None  # Qwen2-MoE: the shared expert's down input
+    shared_gu: Optional[_OpRule] = None  # Qwen2-MoE: the shared expert's gate|up
+    shared_down: Optional[_OpRule] = None  # and its down input
 
 
 @dataclass
@@ -256,9 +257,10 @@ class Engine:
         for i in range(cfg.n_layers):
             if "gate_act" in per_shift[i]:
                 raise ValueError(f"layers.{i}.gate_act takes no shift (CATS thresholds |act(gate)|)")
-            if "shared_down" in per[i] and self.w.layers[i].wsd_t is None:
-                raise ValueError(f"layers.{i}.shared_down is the down input of a shared expert (Qwen2-MoE); this "
-                                 f"layer has none")
+            moe_only = sorted(r for r in per[i] if r.startswith("shared_") or EXPERT_ROLE.match(r))
+            if moe_only and self.w.layers[i].router is None:
+                raise ValueError(f"layers.{i}: {', '.join(moe_only)} are sites of a mixture-of-experts layer; this "
+                                 f"layer's MLP is dense")
 
         d, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
         rules = []
@@ -304,7 +306,7 @@ class Engine:
             wqkv_t = lw.wqkv_t if lw.wqkv_t is not None else lw.wqkv.t()
             qkv_cols = [wqkv_t[:, :q], wqkv_t[:, q:q + kv], wqkv_t[:, q + kv:]]
             if lw.router is not None:
-                rules.append(self._moe_rule(i, th, sh, per_lr[i], op, qkv_cols, lw))
+                rules.append(self._moe_rule(i, th, sh, per_lr[i], per_nm[i], op, qkv_cols, lw))
                 continue
             wg_t = lw.wg_t if lw.wg_t is not None else lw.w13[:inter].t()
             wu_t = lw.wu_t if lw.wu_t is not None else lw.w13[inter:].t()
@@ -335,21 +337,56 @@ class Engine:
         self.expected_sparsity = dict(expected)
         self.reset_graphs()
 
-    def _moe_rule(self, i: int, th: dict, sh: dict, lr: dict, op: Callable, qkv_cols: list, lw) -> _LayerRule:
-        """A mixture-of-experts layer's rule: q|k|v and o as any layer's; gate, up and down one threshold (or N:M
-        pattern) per layer, shared by every routed expert (`Engine._moe` says why)."""
-        bad = sorted({r for r in ("gate", "up", "down", "shared_down") if r in sh or r in lr}
-                     | {r for r in ("gate_act", "up_out") if r in th})
+    def _moe_rule(self, i: int, th: dict, sh: dict, lr: dict, nm: dict, op: Callable, qkv_cols: list,
+                  lw) -> _LayerRule:
+        """A mixture-of-experts layer's rule: q|k|v and o as any layer's; gate, up and down a threshold (or N:M
+        pattern) per layer shared by every routed expert, or, where a plan names `expert{e}.gate/up/down`, a row
+        set per expert ([E, S, K], the others keeping the layer's); the shared expert's gate|up under
+        `shared_gate` / `shared_up`, else gate's and up's."""
+        cfg = self.cfg
+        d, e_n = cfg.hidden_size, cfg.n_experts
+        experts = {r for r in (*th, *sh, *lr, *nm) if EXPERT_ROLE.match(r)}
+        bad = sorted({r for r in ("gate", "up", "down", "shared_gate", "shared_up", "shared_down", *experts)
+                      if r in sh or r in lr} | {r for r in ("gate_act", "up_out") if r in th}
+                     | {r for r in experts if r in nm})
         if bad:
-            raise ValueError(f"layers.{i}: the engine's experts select by a threshold or an N:M pattern per layer; "
-                             f"{', '.join(bad)} asks for a shift, a low-rank path or CATS/COUNTDOWN's gathered rows, "
-                             f"which the expert kernels do not run")
-        return _LayerRule(qkv=op("qkv", ("q", "k", "v"), self.cfg.hidden_size, qkv_cols, lw.bqkv),
-                          o=op("o", ("o",), self.cfg.q_size, [lw.wo_t if lw.wo_t is not None else lw.wo.t()]),
-                          gu=op("gu", ("gate", "up"), self.cfg.hidden_size, [lw.weg_t[0], lw.weu_t[0]]),
-                          down=op("down", ("down",), self.cfg.moe_intermediate_size, [lw.wed_t[0]]),
-                          shared_down=None if lw.wsd_t is None else
-                          op("shared_down", ("shared_down",), lw.wsd_t.shape[1], [lw.wsd_t[0]]))
+            raise ValueError(f"layers.{i}: the engine's experts select by a threshold (or a per-layer N:M pattern); "
+                             f"{', '.join(bad)} asks for a shift, a low-rank path, CATS/COUNTDOWN's gathered rows or "
+                             f"a per-expert N:M pattern, which the expert kernels do not run")
+        far = sorted(r for r in experts if int(EXPERT_ROLE.match(r).group(1)) >= e_n)
+        if far:
+            raise ValueError(f"layers.{i}: {', '.join(far)} names an expert past the layer's {e_n}")
+        if lw.wsd_t is None and any(r.startswith("shared_") for r in th):
+            raise ValueError(f"layers.{i}: shared_gate/shared_up/shared_down are a shared expert's sites "
+                             f"(Qwen2-MoE); this layer has none")
+
+        def rows(roles: tuple[str, ...], k: int, expert: Optional[int] = None) -> torch.Tensor:
+            """[S] or [S, k]: expert's own thresholds where named, else the layer's roles'."""
+            names = roles if expert is None else tuple(f"expert{expert}.{r}" for r in roles)
+            return self._stack([th.get(n, th.get(r, 0.0)) for n, r in zip(names, roles)], k, names, i)
+
+        def experts_op(name: str, roles: tuple[str, ...], k: int, wts: list) -> _OpRule:
+            rule = op(name, roles, k, wts)
+            if any(EXPERT_ROLE.match(r) and r.split(".")[1] in roles for r in experts):
+                per = [rows(roles, k, e) for e in range(e_n)]
+                if all(t.dim() == 1 for t in per):  # scalars: [E, S] read along K with stride 0
+                    rule.thresh = torch.stack(per)[:, :, None].expand(e_n, len(roles), k)
+                else:
+                    rule.thresh = torch.stack([t if t.dim() == 2 else t[:, None].expand(len(roles), k) for t in per])
+            return rule
+
+        shared_gu = shared_down = None
+        if lw.wsd_t is not None:
+            i_s = lw.wsd_t.shape[1]
+            shared_gu = _OpRule(thresh=self._stack([th.get("shared_gate", th.get("gate", 0.0)),
+                                                    th.get("shared_up", th.get("up", 0.0))], d,
+                                                   ("shared_gate", "shared_up"), i), nm=nm.get("gate"))
+            shared_down = op("shared_down", ("shared_down",), i_s, [lw.wsd_t[0]])
+        return _LayerRule(qkv=op("qkv", ("q", "k", "v"), d, qkv_cols, lw.bqkv),
+                          o=op("o", ("o",), cfg.q_size, [lw.wo_t if lw.wo_t is not None else lw.wo.t()]),
+                          gu=experts_op("gu", ("gate", "up"), d, [lw.weg_t[0], lw.weu_t[0]]),
+                          down=experts_op("down", ("down",), cfg.moe_intermediate_size, [lw.wed_t[0]]),
+                          shared_gu=shared_gu, shared_down=shared_down)
 
     def clear_thresholds(self) -> None:
         """Turn sparse decoding off (dense cuBLAS path)."""
@@ -674,7 +711,7 @@ class Engine:
         sums = ops.sparse_gated_mlp(xn, lw.weg_t, lw.weu_t, tgu, nm=nm_gu, experts=idx, out=self._expert_sums(b))
         if record is not None:
             record(i, "down", (self._act(sums[:, :, 0]) * sums[:, :, 1]).reshape(-1, sums.shape[-1]))
-        wf = w.float()
+        wf = w  # the kernels read the routing weights in their dtype (Qwen: the model's) and scale in fp32
         in_place = x.dtype == torch.float32 and r is not None and self.residual_fp32  # the fp32 stream takes it
         y = x if in_place else self._moe_out(b)
         if in_place:
@@ -682,13 +719,14 @@ class Engine:
         else:
             ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, out=y, experts=idx, expert_weights=wf)
         if lw.wsd_t is not None:  # the shared expert: a routed expert of its own, weighted by sigmoid(gate)
-            ts = zeros[:1] if r is None or r.shared_down is None else r.shared_down.thresh
-            nm_s = None if r is None or r.shared_down is None else r.shared_down.nm
+            tsg, ts = (zeros[:2], zeros[:1]) if r is None else (r.shared_gu.thresh, r.shared_down.thresh)
+            nm_sg, nm_s = (None, None) if r is None else (r.shared_gu.nm, r.shared_down.nm)
             one = self._shared_idx(b)
-            sums_s = ops.sparse_gated_mlp(xn, lw.wsg_t, lw.wsu_t, tgu, nm=nm_gu, experts=one, out=self._shared_sums(b))
+            sums_s = ops.sparse_gated_mlp(xn, lw.wsg_t, lw.wsu_t, tsg, nm=nm_sg, experts=one,
+                                          out=self._shared_sums(b))
             if record is not None:
                 record(i, "shared_down", self._act(sums_s[:, 0, 0]) * sums_s[:, 0, 1])
-            gate = torch.sigmoid(F.linear(xn, lw.shared_gate)).float()  # [B, 1]
+            gate = torch.sigmoid(F.linear(xn, lw.shared_gate))  # [B, 1]
             ops.sparse_gemv(sums_s, lw.wsd_t, ts, nm=nm_s, gated=cfg.act, accumulate=y, experts=one,
                             expert_weights=gate)
         return y if in_place else x + y.to(x.dtype)

@@ -5,7 +5,7 @@ the expert-indexed kernels equal the torch backend dense and sparse, and what th
 import pytest
 import torch
 
-from actsparse.engine import Engine
+from actsparse.engine import Engine, EnginePlan, SiteRule
 from actsparse.engine.config import QWEN3_30B_A3B, LlamaConfig, unsupported_reason
 from actsparse.engine.sharding import split_reason
 from benchmarks.engine_thresholds import calibrate_thresholds, measure_sparsity
@@ -17,16 +17,18 @@ ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def _moe_model(family: str, layers: int = 2, seed: int = 0):
-    """A tiny random MoE model (4 experts, top-2), norms and biases away from their defaults so that a missing one
-    shows."""
+    """A tiny random MoE model (4 experts, top-2), norms, biases and routers away from their defaults so that a
+    missing one shows and tokens route apart."""
     model = make_family(family, layers=layers, seed=seed).eval()
     model.generation_config.eos_token_id = None  # generate runs its full length, as the engine does
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.5)
+            elif name.endswith("bias"):  # small: a large v bias is a constant direction that routes every token
+                p.normal_(0.0, 0.1)
+            elif name.endswith("mlp.gate.weight"):  # Qwen's routers start at zero: every token would tie
+                p.normal_(0.0, 0.3)
     return model
 
 
@@ -122,14 +124,50 @@ def test_what_the_moe_engine_does_not_model_is_refused():
     q2.config.decoder_sparse_step = 2
     assert "this qwen2_moe model has dense MLP layers" in unsupported_reason(q2.config)
     eng = Engine.from_hf(_moe_model("mixtral"), kernels="torch", max_seq_len=16)
-    with pytest.raises(ValueError, match="layers.0: the engine's experts select by a threshold or an N:M pattern per "
-                                         "layer; down asks for a shift"):
+    with pytest.raises(ValueError, match=r"layers.0: the engine's experts select by a threshold \(or a per-layer N:M "
+                                         r"pattern\); down asks for a shift"):
         eng.set_thresholds({"layers.0.down": 0.1}, shifts={"layers.0.down": torch.zeros(32)})
     with pytest.raises(ValueError, match="gate_act asks for"):
         eng.set_thresholds({"layers.1.gate_act": 0.1})
-    with pytest.raises(ValueError, match="layers.0.shared_down is the down input of a shared expert .Qwen2-MoE.; "
-                                         "this layer has none"):
+    with pytest.raises(ValueError, match=r"layers.0: shared_gate/shared_up/shared_down are a shared expert's sites "
+                                         r"\(Qwen2-MoE\); this layer has none"):
         eng.set_thresholds({"layers.0.shared_down": 0.1})
+    with pytest.raises(ValueError, match="layers.1: expert4.up names an expert past the layer's 4"):
+        eng.set_thresholds({"layers.1.expert4.up": 0.1})
+    with pytest.raises(ValueError, match="a per-expert N:M pattern"):
+        eng.set_plan(EnginePlan([{"expert0.gate": SiteRule(nm=(2, 4))}, {}]))
+    dense = Engine.from_hf(make_family("llama", layers=1), kernels="torch", max_seq_len=16)
+    with pytest.raises(ValueError, match="layers.0: expert1.down are sites of a mixture-of-experts layer; this "
+                                         "layer's MLP is dense"):
+        dense.set_thresholds({"layers.0.expert1.down": 0.1})
     with pytest.raises(ValueError, match="CATS's gathered up rows are not built for mixture-of-experts layers"):
         calibrate_thresholds(eng, 0.5, method="cats")
     assert "decode a mixture-of-experts model with Engine on one GPU" in split_reason(QWEN3_30B_A3B, 2)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_a_fitted_teal_plan_with_per_expert_sites_decodes_as_the_torch_backend_masks(family):
+    """TEAL fitted on the transformers model has a threshold per expert site (layers.i.expert{e}.gate/up/down,
+    Qwen2-MoE's shared_expert.*): plan_to_engine keeps them per expert, and the engine's sparse logits equal the
+    model's under the same plan in the torch backend; the expert kernels equal the torch engine."""
+    import actsparse as asp
+    from actsparse.eval.speed import plan_to_engine
+    from tests.families.test_methods import _IdTok
+
+    model = _moe_model(family)
+    ids = torch.randint(1, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
+    data = asp.TextData(f"ids-moe-{family}", tuple(" ".join(map(str, r.tolist())) for r in ids))
+    stats = asp.calibrate(model, _IdTok(), data=data, tokens=256, seq_len=64, sample_size=4096, progress=False)
+    plan = asp.fit("teal", stats, sparsity=0.5, model=model)
+    ep = plan_to_engine(plan, n_layers=2)
+    assert "expert3.down" in ep.layers[1] and ("shared_down" in ep.layers[0]) == (family == "qwen2_moe")
+    seq = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
+        want = model(seq, use_cache=False).logits.float()
+    ref = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=16)
+    ref.set_plan(ep)
+    got = _engine_logits(ref, seq, sparse=True)
+    assert (got - want).norm() / want.norm() < 1e-4
+    tri = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=1, max_seq_len=16, fallback_below=0.0)
+    tri.set_plan(ep)
+    assert (_engine_logits(tri, seq, sparse=True) - got).norm() / got.norm() < 1e-4
