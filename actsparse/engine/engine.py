@@ -652,6 +652,13 @@ class Engine:
         the weights in float32, Qwen3-MoE casts them to the model dtype."""
         cfg = self.cfg
         logits = F.linear(xn, router)  # [B, E]
+        if cfg.norm_topk_prob and self.kernels == "triton":
+            # The same weights in three launches instead of six: softmax then renormalising the top k is the
+            # softmax of the top k logits (softmax keeps their order); last-bit rounding may differ from
+            # transformers', which only the torch backend matches exactly.
+            top, idx = torch.topk(logits, cfg.top_k, dim=-1)
+            w = torch.softmax(top, dim=-1, dtype=torch.float32)
+            return idx, (w if cfg.router == "mixtral" else w.to(logits.dtype))
         probs = torch.softmax(logits.float(), dim=-1)
         w, idx = torch.topk(probs, cfg.top_k, dim=-1)
         if cfg.norm_topk_prob:
