@@ -18,7 +18,8 @@ from .configs import choose_impl
 from .gemv_common import wshape
 from .gather_gemv import launch_gather
 from .oneshot_gemv import launch_oneshot
-from .sparse_gemv import ACTS, _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm, check_experts, expert_rows
+from .sparse_gemv import (ACTS, _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm, check_experts,
+                          expert_rows)
 
 
 @torch.library.custom_op("actsparse::sparse_gated_mlp", mutates_args=())

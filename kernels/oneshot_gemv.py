@@ -110,16 +110,16 @@ def _oneshot_kernel(
         uv = tl.load(x_rows + stride_xm + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
                      eviction_policy="evict_last").to(tl.float32)
         xv = activate(xv, GATED) * uv
-    xs, rows = select_chunk(xv, t_ptr + t_off + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b, stride_tk,
-                            HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
+    xs, rows = select_chunk(xv, t_ptr + t_off + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b,
+                            stride_tk, HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
     if HAS_EW:  # the routing weight scales the expert's selected input (the same as its output: W is linear)
         xs = xs * tl.load(ew_ptr + row).to(tl.float32)
     if mat == 0:
         wb = w_ptr
     else:
         wb = w2_ptr
-    w = tl.load(wb + w_off + offs_k[:, None] * stride_wk + offs_n[None, :], mask=(rows[:, None] != 0) & mask_n[None, :],
-                other=0.0, eviction_policy="evict_first")
+    w = tl.load(wb + w_off + offs_k[:, None] * stride_wk + offs_n[None, :],
+                mask=(rows[:, None] != 0) & mask_n[None, :], other=0.0, eviction_policy="evict_first")
     if USE_DOT:
         if IEEE:
             part = tl.dot(xs, w.to(tl.float32), input_precision="ieee")

@@ -82,7 +82,8 @@ class LlamaConfig:
             n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
             n_kv_heads=c.num_key_value_heads or c.num_attention_heads, head_dim=head_dim,
             rms_eps=c.rms_norm_eps, rope_theta=theta, tie_embeddings=bool(c.tie_word_embeddings),
-            qkv_bias=kind == "qwen2" or (kind == "qwen2_moe" and bool(getattr(c, "qkv_bias", True))), qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe"),
+            qkv_bias=kind == "qwen2" or (kind == "qwen2_moe" and bool(getattr(c, "qkv_bias", True))),
+            qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe"),
             rope_factor=float(glob.get("factor", 1.0)) if glob.get("rope_type") == "linear" else 1.0,
         )
         if kind in MOE:

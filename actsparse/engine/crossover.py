@@ -232,7 +232,8 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         # No dense rival of their own: the engine weighs the fastest of each against gate|up's and down's best.
         out["pair"] = OpTimes(float("inf"), LEVELS, timed(kernels, pair))
         out["gated"] = OpTimes(float("inf"), LEVELS, timed(kernels, gated))
-    if not moe and all(lw.wu is not None for lw in layers):  # CATS: which cats_up kernel, at the fraction of up rows skipped
+    # CATS: which cats_up kernel, at the fraction of up rows skipped
+    if not moe and all(lw.wu is not None for lw in layers):
         ups = UP_KERNELS if batch <= configs.ONESHOT_MAX_BATCH else UP_KERNELS[:1]
         out["up"] = OpTimes(float("inf"), LEVELS, timed(ups, up))  # no dense rival: CATS itself is the choice
     return out

@@ -1,12 +1,12 @@
 """Engine weights: loaded from a transformers Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2, Gemma 3
-(text), Mixtral or Qwen3-MoE model or drawn at random, in the layouts each path reads.
+(text), Mixtral, Qwen2-MoE or Qwen3-MoE model or drawn at random, in the layouts each path reads.
 
 Dense (cuBLAS) reads nn.Linear's natural [out, in] layout, fused per op (q|k|v, gate|up). The
 sparse kernels read the transposed [in, out] layout, where a skipped input channel is one
 contiguous row. The CATS path reads W_up in its natural layout (a skipped intermediate
-channel is one contiguous row there). `layouts` picks which copies are kept. A mixture-of-experts layer keeps its experts stacked
-in the sparse layout only (gate and up [E, D, I], down [E, I, D]): a copy per layout would double the largest part
-of the model, and both paths read the routed experts through it.
+channel is one contiguous row there). `layouts` picks which copies are kept. A mixture-of-experts layer keeps
+its experts stacked in the sparse layout only (gate and up [E, D, I], down [E, I, D]): a copy per layout would
+double the largest part of the model, and both paths read the routed experts through it.
 
 Gemma's RMSNorms multiply by 1 + w in float32 before their one cast: the engine stores 1 + w, in float32 (every
 norm reads its weight as float32), so the fold loses nothing in bf16.

@@ -14,7 +14,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _moe(b: int, top: int, e: int = 6, k: int = 64, i: int = 48, d: int = 80, dtype=torch.float32):
     """Random stacked experts, inputs, ids drawn without repeats per token, and routing weights."""
     x = torch.randn(b, k, device=DEVICE) * 2
-    wg, wu = (torch.randn(e, k, i, device=DEVICE) / k**0.5).to(dtype), (torch.randn(e, k, i, device=DEVICE) / k**0.5).to(dtype)
+    wg, wu = ((torch.randn(e, k, i, device=DEVICE) / k**0.5).to(dtype) for _ in range(2))
     wd = (torch.randn(e, i, d, device=DEVICE) / i**0.5).to(dtype)
     idx = torch.stack([torch.randperm(e)[:top] for _ in range(b)]).to(DEVICE)
     w = torch.rand(b, top, device=DEVICE)
