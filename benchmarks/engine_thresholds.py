@@ -110,6 +110,9 @@ def measure_sparsity(eng, n_tokens: int = 16, *, batch: int = 1, seed: int = 1) 
     tok: dict[str, list[float]] = {r: [] for r in params}
     skipped = 0.0
     for i, r in enumerate(eng.rules):
+        if r.gu.thresh.dim() == 3 or r.down.thresh.dim() == 3:
+            raise ValueError(f"layers.{i} holds a threshold row set per expert ([E, S, K], a fitted plan's): "
+                             "measure_sparsity counts one rule per layer and role, as calibrate_thresholds sets")
         rows = {}
         sites = (("q", r.qkv, 0), ("k", r.qkv, 1), ("v", r.qkv, 2), ("o", r.o, 0), ("gate", r.gu, 0),
                  ("up", r.gu, 1), ("down", r.down, 0))
