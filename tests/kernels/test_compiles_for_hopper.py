@@ -3,7 +3,8 @@
 Every other kernel test here runs in Triton's interpreter, which executes code the GPU compiler refuses (a
 function returning tensors of two shapes from two branches ran in the interpreter and failed on the H200).
 `benchmarks/kernel_resources.py --check` compiles the one-shot tiles and both walks for sm_90 over every branch of
-their compile-time switches (pair, atomic sum, one K chunk, depth, tensor cores, routed experts), with the ptxas that ships with Triton.
+their compile-time switches (pair, atomic sum, one K chunk, depth, tensor cores, routed experts), with the ptxas
+that ships with Triton.
 """
 
 import os
