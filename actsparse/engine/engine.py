@@ -648,8 +648,8 @@ class Engine:
     def _route(self, xn: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids [B, T] (int64) and routing weights [B, T] of the normed hidden state xn [B, D], on the device
         (no host sync: a captured graph routes each step anew), as transformers' routers compute them: softmax over
-        every expert in float32, top-k, renormalised (Mixtral always, Qwen3-MoE with norm_topk_prob); Mixtral keeps
-        the weights in float32, Qwen3-MoE casts them to the model dtype."""
+        every expert in float32, top-k, renormalised (Mixtral always, Qwen-MoE with norm_topk_prob); Mixtral keeps
+        the weights in float32, Qwen-MoE casts them to the model dtype."""
         cfg = self.cfg
         logits = F.linear(xn, router)  # [B, E]
         if cfg.norm_topk_prob and self.kernels == "triton":
@@ -687,14 +687,15 @@ class Engine:
         the expert-indexed one-shot tiles: gate|up's raw sums [B, T, 2, I] (`sparse_gated_mlp(experts=, out=)`), and
         down forming act(gate)·up, scaling it by the routing weight and adding into the fp32 stream (or an fp32
         buffer the stream then adds). Only the routed experts' weights are read. Thresholds: gate and up share the
-        layer's normed hidden state, so one pair per layer serves every expert; down's is one per layer too (its
-        inputs differ per expert, but a per-expert row would make the plan E times larger for the one fitted
-        statistic calibration gives per layer, and the kernels read one row). The dense path runs the same kernels
+        layer's normed hidden state, so one pair per layer can serve every expert, and down's is one per layer too
+        (its inputs differ per expert, but the engine's own calibration measures one statistic per layer, over every
+        routed expert's act(gate)·up); a plan that names an expert's own sites (a fitted per-expert plan) gets a row
+        set per expert, which the kernels find by the routed id. The dense path runs the same kernels
         at threshold 0: a fair baseline reads only the routed experts (a host loop or a gather of the experts'
         weights would read them twice or sync the host), and cuBLAS has no device-indexed GEMV. The torch backend's
         dense path instead follows transformers' own order of operations (`_experts_hf`). Qwen2-MoE's shared expert
-        runs as one more routed expert (a stack of one, id 0, weight sigmoid(xn·w_gate)) under gate|up's thresholds
-        (it reads the same xn) and its own `shared_down`."""
+        runs as one more routed expert (a stack of one, id 0, weight sigmoid(xn·w_gate)) under shared_gate/up's
+        thresholds (else gate|up's: it reads the same xn) and its own `shared_down`."""
         cfg, ops, b = self.cfg, self.ops, x.shape[0]
         xn = self._norm(x, lw.mlp_norm)  # [B, D] in the model dtype: what the router and the experts read
         if record is not None:
@@ -718,13 +719,13 @@ class Engine:
         sums = ops.sparse_gated_mlp(xn, lw.weg_t, lw.weu_t, tgu, nm=nm_gu, experts=idx, out=self._expert_sums(b))
         if record is not None:
             record(i, "down", (self._act(sums[:, :, 0]) * sums[:, :, 1]).reshape(-1, sums.shape[-1]))
-        wf = w  # the kernels read the routing weights in their dtype (Qwen: the model's) and scale in fp32
+        # the kernels read the routing weights w in their dtype (Qwen: the model's) and scale in fp32
         in_place = x.dtype == torch.float32 and r is not None and self.residual_fp32  # the fp32 stream takes it
         y = x if in_place else self._moe_out(b)
         if in_place:
-            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, accumulate=x, experts=idx, expert_weights=wf)
+            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, accumulate=x, experts=idx, expert_weights=w)
         else:
-            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, out=y, experts=idx, expert_weights=wf)
+            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, out=y, experts=idx, expert_weights=w)
         if lw.wsd_t is not None:  # the shared expert: a routed expert of its own, weighted by sigmoid(gate)
             tsg, ts = (zeros[:2], zeros[:1]) if r is None else (r.shared_gu.thresh, r.shared_down.thresh)
             nm_sg, nm_s = (None, None) if r is None else (r.shared_gu.nm, r.shared_down.nm)
