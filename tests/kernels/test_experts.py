@@ -92,6 +92,10 @@ def test_bf16_experts_match_the_reference():
     sums = torch.empty(1, 2, 2, wg.shape[2], device=DEVICE)
     sparse_gated_mlp(x, wg, wu, th, experts=idx[0], out=sums)   # a [T] id tensor: one token
     assert rel_err(sums, ref.experts_gated_mlp_ref(x, wg, wu, th, idx)) < 1e-3
+    y = torch.empty(1, wd.shape[2], device=DEVICE)
+    wb = w.to(torch.bfloat16)  # routing weights in the model's dtype, as Qwen's router hands them on
+    sparse_gemv(sums, wd, th[:1], gated="silu", out=y, experts=idx, expert_weights=wb)
+    assert rel_err(y, ref.experts_gemv_ref(sums, wd, th[:1], idx, expert_weights=wb, gated="silu")) < 1e-3
 
 
 def test_what_experts_cannot_take_is_refused():
