@@ -897,7 +897,9 @@ def main() -> None:
     ap.add_argument("--decode-models", default="", help="decode only these model:batch entries of DECODE_PLAN, "
                     "e.g. llama3-8b:1,llama3-8b:4 (default: all)")
     ap.add_argument("--decode-families", default="", help="also decode these engine presets at batch 1 (teal 0.4 / 0.5), "
-                    "e.g. qwen3-8b,qwen2.5-7b,phi3-mini,granite3-8b,gemma2-9b,gemma3-12b")
+                    "e.g. qwen3-8b,qwen2.5-7b,phi3-mini,granite3-8b,gemma2-9b,gemma3-12b, or the mixtures of experts "
+                    "qwen3-30b-a3b,mixtral-8x7b,qwen1.5-moe-a2.7b (with --decode-layers: Mixtral's 32 layers of "
+                    "experts alone are 90 GB in bf16)")
     ap.add_argument("--hf-baseline", action="store_true", help="per model decoded at batch 1, also time Hugging Face "
                     "generate on its shapes (static cache, compiled decode step) beside our dense tok/s")
     ap.add_argument("--decode-dense-only", action="store_true", help="decode dense only (no sparse plan, no "

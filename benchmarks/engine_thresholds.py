@@ -17,7 +17,8 @@ import torch
 from actsparse.calibration.quantile import AbsThresholds
 
 # the fused op that reads each role's input; the engine records inputs, and decides its cuBLAS fallback, per op
-OPS = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gu", "up": "gu", "down": "down"}
+OPS = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gu", "up": "gu", "down": "down",
+       "shared_down": "shared_down"}  # the last: Qwen2-MoE's shared expert, where the model has one
 
 # dense activations per engine, for the last (n_tokens, batch, seed): calibrating at several targets records once
 _DENSE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -54,6 +55,9 @@ def calibrate_thresholds(eng, target: float, n_tokens: int = 64, *, batch: int =
         raise ValueError(f"target sparsity must be in [0, 1), got {target}")
     if method not in ("teal", "cats"):
         raise ValueError(f"method must be 'teal' or 'cats', got {method!r}")
+    if method == "cats" and eng.cfg.moe:
+        raise ValueError("the engine's experts select by their inputs' thresholds (teal); CATS's gathered up rows "
+                         "are not built for mixture-of-experts layers")
     key = (n_tokens, batch, seed)
     if _DENSE.get(eng, (None,))[0] != key:
         _DENSE[eng] = (key, record(eng, n_tokens, batch, seed, sparse=False))
@@ -62,8 +66,13 @@ def calibrate_thresholds(eng, target: float, n_tokens: int = 64, *, batch: int =
     rows_skipped: dict[str, float] = {}
     for i in range(eng.cfg.n_layers):
         for role in ("gate_act",) if method == "cats" else tuple(OPS):
+            if f"layers.{i}.{OPS.get(role, role)}" not in acts:
+                continue
             a = acts[f"layers.{i}.{OPS.get(role, role)}"].abs()  # [T, B, K]
-            u = a.amax(dim=1)  # [T, K]: what the batch union reads
+            # An MoE layer's expert inputs [T, B·top_k, K] (down: one row per routed expert) are read by each
+            # routed expert for its own token: no batch union there.
+            own = eng.cfg.moe and role in ("gate", "up", "down", "shared_down")
+            u = a if own else a.amax(dim=1)  # [T, K]: what the batch union reads
             t = AbsThresholds(u if union else a, rank="kth")(target)
             name = f"layers.{i}.{role}"
             th[name] = t
@@ -91,14 +100,23 @@ def measure_sparsity(eng, n_tokens: int = 16, *, batch: int = 1, seed: int = 1) 
     acts = record(eng, n_tokens, batch, seed, sparse=True)
     cfg = eng.cfg
     d, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    params = {"q": d * q, "k": d * kv, "v": d * kv, "o": q * d, "gate": d * inter, "up": d * inter,
-              "down": inter * d}
+    if cfg.moe:  # the weights a token reads: its top_k experts' (the down inputs are recorded per routed expert)
+        inter = cfg.top_k * cfg.moe_intermediate_size
+    shared = cfg.shared_expert_intermediate_size
+    params = {"q": d * q, "k": d * kv, "v": d * kv, "o": q * d, "gate": d * (inter + shared),
+              "up": d * (inter + shared), "down": inter * d}  # a shared expert's gate and up read gate|up's input
+    if shared:
+        params["shared_down"] = shared * d
     tok: dict[str, list[float]] = {r: [] for r in params}
     skipped = 0.0
     for i, r in enumerate(eng.rules):
+        if r.gu.thresh.dim() == 3 or r.down.thresh.dim() == 3:
+            raise ValueError(f"layers.{i} holds a threshold row set per expert ([E, S, K], a fitted plan's): "
+                             "measure_sparsity counts one rule per layer and role, as calibrate_thresholds sets")
         rows = {}
-        for role, op, j in (("q", r.qkv, 0), ("k", r.qkv, 1), ("v", r.qkv, 2), ("o", r.o, 0),
-                            ("gate", r.gu, 0), ("up", r.gu, 1), ("down", r.down, 0)):
+        sites = (("q", r.qkv, 0), ("k", r.qkv, 1), ("v", r.qkv, 2), ("o", r.o, 0), ("gate", r.gu, 0),
+                 ("up", r.gu, 1), ("down", r.down, 0))
+        for role, op, j in sites + ((("shared_down", r.shared_down, 0),) if r.shared_down is not None else ()):
             x = acts[f"layers.{i}.{OPS[role]}"]  # [T, B, K]
             if op.shift is not None:
                 x = x - op.shift[j]
@@ -110,7 +128,9 @@ def measure_sparsity(eng, n_tokens: int = 16, *, batch: int = 1, seed: int = 1) 
                 keep = (acts[f"layers.{i}.gate_act"].abs() > r.gate_act if eng._cats(r, batch)
                         else torch.ones_like(keep))
             tok[role].append(1.0 - keep.float().mean().item())
-            rows[role] = 1.0 - keep.any(dim=1).float().mean().item()
+            # An expert's rows are read for its own tokens alone: the batch union is the token level there.
+            own = cfg.moe and role in ("gate", "up", "down", "shared_down")
+            rows[role] = tok[role][-1] if own else 1.0 - keep.any(dim=1).float().mean().item()
         skipped += sum(rows[k] * params[k] for k in params)
     out = {k: sum(v) / len(v) for k, v in tok.items()}
     out["mean"] = sum(out[k] * params[k] for k in params) / sum(params.values())

@@ -37,8 +37,10 @@ from actsparse.engine.config import PRESETS, LlamaConfig, unsupported_reason  # 
 # spec, not the family itself (Phi-3 and Granite are the Llama block with other weight layouts or multipliers).
 PRESET_FAMILY = {"llama3-8b": "llama", "llama3-70b": "llama", "llama2-7b": "llama", "tiny": "llama",
                  "qwen2.5-7b": "qwen2", "qwen3-8b": "qwen3", "phi3-mini": "phi3", "granite3-8b": "granite",
-                 "gemma2-9b": "gemma2", "gemma3-12b": "gemma3_text"}
-HF_FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3_text")
+                 "gemma2-9b": "gemma2", "gemma3-12b": "gemma3_text", "qwen3-30b-a3b": "qwen3_moe",
+                 "mixtral-8x7b": "mixtral", "qwen1.5-moe-a2.7b": "qwen2_moe"}
+HF_FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
+               "qwen3_moe")
 # Granite 3.0 8B's published multipliers: the engine folds them into its weights, transformers applies them each
 # step (scalar multiplies, so they cost HF what the real model costs it).
 GRANITE3_MULTIPLIERS = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
@@ -53,6 +55,9 @@ def log(*a) -> None:
 def _family_of(cfg: LlamaConfig) -> str:
     """The transformers family an engine config reads as when no preset name says (Phi-3 and Granite shapes read as
     Llama: pass family= for those)."""
+    if cfg.moe:
+        return ("mixtral" if cfg.router == "mixtral" else "qwen2_moe" if cfg.shared_expert_intermediate_size
+                else "qwen3_moe")
     if cfg.act == "gelu_tanh":
         return "gemma2" if cfg.attn_softcap or not cfg.qk_norm else "gemma3_text"
     return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
@@ -89,7 +94,7 @@ def hf_config_for(preset: str | LlamaConfig, *, n_layers: int | None = None, fam
                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
                   rms_norm_eps=cfg.rms_eps, tie_word_embeddings=cfg.tie_embeddings,
                   max_position_embeddings=MAX_POSITIONS, pad_token_id=0, bos_token_id=0, eos_token_id=None)
-    if fam in ("qwen2", "phi3", "granite") and cfg.head_dim * cfg.n_heads != cfg.hidden_size:
+    if fam in ("qwen2", "phi3", "granite", "qwen2_moe") and cfg.head_dim * cfg.n_heads != cfg.hidden_size:
         # these classes take head_dim = hidden_size / heads, whatever the config says
         raise ValueError(f"a {fam} model's head_dim is hidden_size / heads = {cfg.hidden_size // cfg.n_heads}; "
                          f"{name} has head_dim {cfg.head_dim}: pick a family with its own head_dim (llama, qwen3)")
@@ -106,6 +111,21 @@ def hf_config_for(preset: str | LlamaConfig, *, n_layers: int | None = None, fam
                            original_max_position_embeddings=MAX_POSITIONS)
     elif fam == "granite":
         hf = tr.GraniteConfig(**common, rope_parameters=rope, **GRANITE3_MULTIPLIERS)
+    elif fam == "mixtral":  # its intermediate_size is each expert's
+        hf = tr.MixtralConfig(**{**common, "intermediate_size": cfg.moe_intermediate_size}, head_dim=cfg.head_dim,
+                              rope_parameters=rope, sliding_window=cfg.sliding_window or None,
+                              num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k)
+    elif fam == "qwen2_moe":
+        hf = tr.Qwen2MoeConfig(**common, rope_parameters=rope, use_sliding_window=False, qkv_bias=cfg.qkv_bias,
+                               num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
+                               moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                               shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                               decoder_sparse_step=1, mlp_only_layers=[])
+    elif fam == "qwen3_moe":
+        hf = tr.Qwen3MoeConfig(**common, head_dim=cfg.head_dim, rope_parameters=rope, use_sliding_window=False,
+                               num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
+                               moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                               decoder_sparse_step=1, mlp_only_layers=[])
     else:
         scalar = cfg.attn_scale**-2 if cfg.attn_scale else float(cfg.head_dim)
         scalar = round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar

@@ -31,7 +31,7 @@ from actsparse.kernels import cats, gather_gemv, masked_gemv, oneshot_gemv  # no
 
 PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr", "res_ptr", "y_ptr", "a_ptr")},
         **{n: "*fp32" for n in ("t_ptr", "m_ptr", "ws_ptr", "val_ptr", "acc_ptr", "rstd_ptr")},
-        **{n: "*i32" for n in ("cnt_ptr", "idx_ptr", "count_ptr")}}
+        **{n: "*i32" for n in ("cnt_ptr", "idx_ptr", "count_ptr")}, "e_ptr": "*i64", "ew_ptr": "*fp32"}
 
 
 def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4, use_dot: bool = False):
@@ -54,11 +54,15 @@ def compile_masked(block_n: int, block_k: int, num_warps: int, pair: bool, atomi
     return _compile(masked_gemv._masked_gemv_kernel, consts, num_warps)
 
 
-def compile_oneshot(block_n: int, block_k: int, num_warps: int, pair: bool, use_dot: bool = False):
-    """The compiled one-shot tiles for one configuration (sm_90): o's GEMV, or gate|up's pair with the RMSNorm."""
+def compile_oneshot(block_n: int, block_k: int, num_warps: int, pair: bool, use_dot: bool = False,
+                    experts: bool = False):
+    """The compiled one-shot tiles for one configuration (sm_90): o's GEMV, or gate|up's pair with the RMSNorm;
+    `experts`: a mixture-of-experts layer's routed pair sums, or its gated down adding into the stream."""
     consts = dict(NORM=pair, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=pair, HAS_BIAS=False, HAS_RES=not pair,
                   ACT=int(pair), NM_N=0, NM_M=1, USE_DOT=use_dot, IEEE=False, BLOCK_B=16 if use_dot else 1,
-                  BLOCK_K=block_k, BLOCK_N=block_n)
+                  BLOCK_K=block_k, BLOCK_N=block_n, EXPERTS=False, HAS_EW=False)
+    if experts:
+        consts |= dict(HAS_RES=False, ACT=0, ACCUM=True, GATED=0 if pair else 1, EXPERTS=True, HAS_EW=not pair)
     return _compile(oneshot_gemv._oneshot_kernel, consts, num_warps)
 
 
@@ -79,6 +83,7 @@ def _cases() -> list[tuple[str, str, tuple]]:
               for dot in (False, True)]
     cases += [(f"oneshot pair={p} dot={dot}", "compile_oneshot", (128, 64, 2, p, dot)) for p in (False, True)
               for dot in (False, True)]
+    cases += [(f"oneshot experts pair={p}", "compile_oneshot", (128, 64, 2, p, False, True)) for p in (False, True)]
     cases += [(f"cats_up oneshot dot={dot}", "compile_oneshot_up", (64, 128, 4, dot)) for dot in (False, True)]
     return cases
 

@@ -18,7 +18,8 @@ from .configs import choose_impl
 from .gemv_common import wshape
 from .gather_gemv import launch_gather
 from .oneshot_gemv import launch_oneshot
-from .sparse_gemv import ACTS, _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm
+from .sparse_gemv import (ACTS, _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm, check_experts,
+                          expert_rows)
 
 
 @torch.library.custom_op("actsparse::sparse_gated_mlp", mutates_args=())
@@ -35,7 +36,13 @@ def _sparse_gated_mlp_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Te
 def _sparse_gated_mlp_sums_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: torch.Tensor,
                               shift: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                               norm_weight: Optional[torch.Tensor], eps: float, nm_n: int, nm_m: int,
-                              out: torch.Tensor, impl: str = "oneshot") -> None:
+                              out: torch.Tensor, impl: str = "oneshot",
+                              experts: Optional[torch.Tensor] = None) -> None:
+    if experts is not None:  # one token a program: the batch-1 tiles of one expert's pair
+        _, cfg = choose_impl("pair", x.shape[1], wt_gate.shape[-1], 1, "oneshot", accum=True)
+        launch_oneshot(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, cfg,
+                       accumulate=out, zero_first=True, experts=experts)
+        return
     which, cfg = choose_impl("pair", x.shape[1], wshape(wt_gate)[1], x.shape[0], impl, accum=True)
     launch = launch_gather if which == "gather" else launch_oneshot
     launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, cfg,
@@ -64,6 +71,7 @@ def sparse_gated_mlp(
     out_thresh: Optional[torch.Tensor] = None,
     out_shift: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
+    experts: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Return h [B, I] = act(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u) with per-projection thresholds.
 
@@ -77,7 +85,34 @@ def sparse_gated_mlp(
     instead (no act, no product) and is returned: the one-shot tiles ("auto"; zeroed first inside the norm's
     pre-pass) or the gather walk (written by its programs), with no counter or epilogue, for a down projection
     that forms act(gate)·up itself (`sparse_gemv(gated=act)`).
+    experts: int32/int64 [B, T] expert ids on the device (a mixture-of-experts layer's top-k per token): wt_gate and
+    wt_up are the stacked transposed expert weights [E, K, I] and out, a contiguous float32 [B, T, 2, I], receives
+    each routed expert's raw gate and up sums (only the routed experts' kept rows are read), for
+    `sparse_gemv(experts=, gated=act)`. thresh [2] / [2, K] serves every expert (they share the input x), [E, 2, K]
+    holds a pair of rows per expert; the one-shot tiles run it, one token a program; no shift or bias.
     """
+    if experts is not None:
+        experts = check_experts(experts, None, (wt_gate, wt_up), ("wt_gate", "wt_up"), impl, out,
+                                {"shift": shift is not None, "bias": bias is not None,
+                                 "out_thresh": out_thresh is not None})
+        b, top = experts.shape
+        _check_common(x, wt_gate[0], "wt_gate")
+        if wt_gate.shape != wt_up.shape:
+            raise ValueError(f"wt_gate and wt_up must have the same shape, got {tuple(wt_gate.shape)} and "
+                             f"{tuple(wt_up.shape)}")
+        k, n = wt_gate.shape[1:]
+        if x.shape[0] != b:
+            raise ValueError(f"experts has {b} rows (one per token) but x has {x.shape[0]}")
+        thresh = expert_rows(thresh, 2, wt_gate.shape[0], k)
+        if norm_weight is not None and tuple(norm_weight.shape) != (k,):
+            raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
+        if out.dtype != torch.float32 or tuple(out.shape) != (b, top, 2, n) or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 [{b}, {top}, 2, {n}] tensor (per routed expert: gate "
+                             f"sums, up sums), got {out.dtype} {tuple(out.shape)}")
+        nm_n, nm_m = _validate_nm(nm)
+        torch.ops.actsparse.sparse_gated_mlp_sums(x, wt_gate, wt_up, thresh, None, None, norm_weight, float(eps),
+                                                  nm_n, nm_m, out, "oneshot", experts)
+        return out
     _check_common(x, wt_gate, "wt_gate")
     _check_common(x, wt_up, "wt_up")
     if wt_gate.shape != wt_up.shape or wt_gate.stride() != wt_up.stride():

@@ -59,15 +59,35 @@ def _oneshot_kernel(
     x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, acc_ptr, cnt_ptr, rstd_ptr,
     B, K, N, N0, N1, stride_xm,
     stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb,
-    eps,
+    eps, e_ptr, ew_ptr, T, stride_we, stride_te,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, ACCUM: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EXPERTS: tl.constexpr = False,
+    HAS_EW: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_prologue(PDL)
     pid_n = tl.program_id(0)  # fastest: neighbouring programs read neighbouring columns of the same rows
     pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)  # which matrix of a gate/up pair
+    pid_m = tl.program_id(2)  # which matrix of a gate/up pair; EXPERTS: (routed row, matrix)
+    if EXPERTS:
+        # Routed row r = b·T + t is token b's t-th expert, whose id the device holds: the weights' base moves by
+        # it, so a captured graph serves any routing. One token per program (B is 1 here).
+        mat = pid_m % (1 + PAIR)
+        row = pid_m // (1 + PAIR)
+        tok = row // T
+        e_id = tl.load(e_ptr + row).to(tl.int64)
+        w_off = e_id * stride_we
+        t_off = e_id * stride_te  # 0: one threshold row set serves every expert
+        x_row = tok
+        if GATED > 0:
+            x_row = row  # each routed row has its own pair of raw sums
+    else:
+        mat = pid_m
+        row = 0
+        tok = 0
+        w_off = 0
+        t_off = 0
+        x_row = 0
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     n_start = pid_n * BLOCK_N
@@ -76,28 +96,30 @@ def _oneshot_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     if PAIR:
-        sel = pid_m  # gate / up thresholds
+        sel = mat  # gate / up thresholds
     else:
         sel = (n_start >= N0).to(tl.int32) + (n_start >= N1).to(tl.int32)  # q / k / v segment
-    x_rows = x_ptr + offs_b[:, None] * stride_xb
+    x_rows = x_ptr + (x_row + offs_b[:, None]) * stride_xb
     xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
                  eviction_policy="evict_last").to(tl.float32)
     if NORM:
         gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + offs_b, mask=mask_b, other=0.0)
+        rstd = tl.load(rstd_ptr + tok + offs_b, mask=mask_b, other=0.0)
         xv = xv * rstd[:, None] * gv[None, :]
     if GATED > 0:  # x holds a gate/up pair's raw sums [2, B, K]: the input is act(gate)·up
         uv = tl.load(x_rows + stride_xm + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0,
                      eviction_policy="evict_last").to(tl.float32)
         xv = activate(xv, GATED) * uv
-    xs, rows = select_chunk(xv, t_ptr + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b, stride_tk,
-                            HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
-    if pid_m == 0:
+    xs, rows = select_chunk(xv, t_ptr + t_off + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b,
+                            stride_tk, HAS_SHIFT, NM_N, NM_M, BLOCK_B, BLOCK_K)
+    if HAS_EW:  # the routing weight scales the expert's selected input (the same as its output: W is linear)
+        xs = xs * tl.load(ew_ptr + row).to(tl.float32)
+    if mat == 0:
         wb = w_ptr
     else:
         wb = w2_ptr
-    w = tl.load(wb + offs_k[:, None] * stride_wk + offs_n[None, :], mask=(rows[:, None] != 0) & mask_n[None, :],
-                other=0.0, eviction_policy="evict_first")
+    w = tl.load(wb + w_off + offs_k[:, None] * stride_wk + offs_n[None, :],
+                mask=(rows[:, None] != 0) & mask_n[None, :], other=0.0, eviction_policy="evict_first")
     if USE_DOT:
         if IEEE:
             part = tl.dot(xs, w.to(tl.float32), input_precision="ieee")
@@ -114,8 +136,15 @@ def _oneshot_kernel(
             if pid_k == 0:
                 part += tl.load(bias_ptr + pid_m * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
                 kept = kept | (pid_k == 0)
+        if EXPERTS:
+            if PAIR:
+                y_row = pid_m  # the raw sums [B·T·2, N]: one row per (routed row, matrix)
+            else:
+                y_row = tok  # every expert of a token adds into its row
+        else:
+            y_row = pid_m * B
         if kept:
-            tl.atomic_add(y_ptr + pid_m * B * stride_yb + offs_b[:, None] * stride_yb + offs_n[None, :], part,
+            tl.atomic_add(y_ptr + (y_row + offs_b[:, None]) * stride_yb + offs_n[None, :], part,
                           mask=mask_out, sem="relaxed")
     else:
         tile = offs_b[:, None] * N + offs_n[None, :]
@@ -136,16 +165,29 @@ def _oneshot_kernel(
 
 
 def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,
-                   cfg: OneshotConfig, accumulate=None, zero_first: bool = False, gated: int = 0) -> torch.Tensor:
+                   cfg: OneshotConfig, accumulate=None, zero_first: bool = False, gated: int = 0, experts=None,
+                   expert_weights=None) -> torch.Tensor:
     """Run the one-shot tiles (arguments validated by the public ops); return y [B, N], or with `accumulate`
     (fp32 [B, N]; a gate/up pair: [2, B, N], the raw sums) add W·x_s (+ bias) into it in place and return it;
     `zero_first`: zero it first (inside the norm's pre-pass where there is one), so it receives W·x_s (+ bias).
-    `gated` (an ACTS code): x is a gate/up pair's raw sums [2, B, K] and the input is act(gate)·up."""
-    stride_xm = x.stride(0) if gated else 0
-    x = x[0] if gated else x
+    `gated` (an ACTS code): x is a gate/up pair's raw sums [2, B, K] and the input is act(gate)·up.
+    `experts` (int [B, T] on the device): wt (and w2) are stacked experts [E, K, N] and each token runs its T
+    experts: a pair writes raw sums `accumulate` [B, T, 2, N], a single matrix adds Σ_t w_t·W_{e_t}·x_s into the
+    token's row of `accumulate` [B, N] (w_t: `expert_weights` [B, T], or 1); gated, x is the pair's sums
+    [B, T, 2, K]; thresh [S, K] serves every expert, [E, S, K] is a row set per expert."""
+    stride_we, stride_te, rows, top = 0, 0, 0, 1
+    if experts is not None:
+        stride_we, rows, top = wt.stride(0), experts.numel(), experts.shape[-1]
+        if thresh.dim() == 3:  # a threshold row set per expert [E, S, K]
+            stride_te, thresh = thresh.stride(0), thresh[0]
+        wt, w2 = wt[0], (None if w2 is None else w2[0])
+        if gated:
+            x = x.reshape(rows, 2, x.shape[-1])
+    stride_xm = x.stride(-3 if experts is None else 1) if gated else 0
+    x = (x[0] if experts is None else x[:, 0]) if gated else x
     b, k = x.shape
     n = wt.shape[1]
-    use_dot = b > 1
+    use_dot = b > 1 and experts is None
     block_b = 16 if use_dot else 1
     block_n = fit_block_n(cfg.block_n, bounds) if bounds else cfg.block_n
     block_k = cfg.block_k
@@ -163,6 +205,8 @@ def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, a
                          f"{mats} × {b} × {n}; use the gather or masked kernel")
     if accumulate is None:
         y = new_output((b, n), x.device, out_dtype(wt, residual))
+    elif experts is not None:
+        y = accumulate.view(-1, n)  # a pair: one row per (routed row, matrix); a single matrix: one per token
     else:
         y = accumulate if accumulate.dim() == 2 else accumulate[0]  # a pair's second matrix is B·N further on
     ptrs, (n0, n1), strides, flags = launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
@@ -179,11 +223,15 @@ def launch_oneshot(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, a
                                   Z_BLOCK=1024, num_warps=4, **pdl_args(x.device))
     elif zero:
         accumulate.zero_()
-    compiled = _oneshot_kernel[(tiles_n, triton.cdiv(k, block_k), mats)](
-        *ptrs, atomic_accumulator(x.device), tile_counters(x.device), rstd, b, k, n, n0, n1, stride_xm, *strides, eps,
+    e_ptr = experts if experts is not None else y  # never read without EXPERTS / HAS_EW
+    ew_ptr = expert_weights if expert_weights is not None else y
+    grid_m = mats * rows if experts is not None else mats
+    compiled = _oneshot_kernel[(tiles_n, triton.cdiv(k, block_k), grid_m)](
+        *ptrs, atomic_accumulator(x.device), tile_counters(x.device), rstd, 1 if experts is not None else b, k, n,
+        n0, n1, stride_xm, *strides, eps, e_ptr, ew_ptr, top, stride_we, stride_te,
         **flags, USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, ACCUM=accumulate is not None, GATED=gated,
-        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
+        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n, EXPERTS=experts is not None,
+        HAS_EW=expert_weights is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )
     record_compiled("oneshot_kernel" if accumulate is None else "oneshot_accumulate", compiled, k, n, w2 is not None)
     return y if accumulate is None else accumulate

@@ -202,3 +202,46 @@ def hf_rmsnorm_ref(x: torch.Tensor, g: torch.Tensor, eps: float = 1e-6, scale_in
     if not scale_in_f32:
         y = y.to(x.dtype).to(torch.float32)
     return (g.to(torch.float32) * y).to(x.dtype)
+
+
+def experts_gated_mlp_ref(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: torch.Tensor | float,
+                          experts: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                          nm: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Reference of `sparse_gated_mlp(experts=, out=)`: per token b and routed expert t, the raw sums
+    W_g[e]·x_s,g and W_u[e]·x_s,u, float32 [B, T, 2, I] (e = experts[b, t]; wt_*: stacked [E, K, I]; thresh: the
+    pair's rows, or [E, 2, K] a pair per expert)."""
+    acc = _acc_dtype(wt_gate)
+    xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
+    k = wt_gate.shape[1]
+    t = torch.as_tensor(thresh, dtype=acc, device=x.device)
+    idx = experts.reshape(x.shape[0], -1).long()
+    # [B, T, 2, K]: the rows shared by every expert, or each routed expert's own ([E, 2, K])
+    t = t[idx] if t.dim() == 3 else (t.reshape(-1, 1).expand(2, k) if t.dim() <= 1 else t).expand(*idx.shape, 2, k)
+    sums = []
+    for j, wt in enumerate((wt_gate, wt_up)):
+        xs = sparsify_ref(xf[:, None, :].expand(*idx.shape, k), t[:, :, j], None, nm)  # fp32, as the tiles keep it
+        sums.append(torch.einsum("btk,btkn->btn", xs, wt[idx].to(acc)))
+    return torch.stack(sums, dim=2)
+
+
+def experts_gemv_ref(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor | float, experts: torch.Tensor, *,
+                     expert_weights: Optional[torch.Tensor] = None, gated: str = "none",
+                     norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                     nm: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Reference of `sparse_gemv(experts=)`: Σ_t w_bt·W[e_bt]·x_s per token b, float32 [B, N] (the sum the op adds
+    into or writes); gated: x is the pairs' raw sums [B, T, 2, K] and each expert's input is act(gate)·up."""
+    acc = _acc_dtype(wt)
+    idx = experts.reshape(experts.shape[0] if experts.dim() == 2 else 1, -1).long()
+    b, top = idx.shape
+    k = wt.shape[1]
+    if gated != "none":
+        xf = act_ref(x[:, :, 0].to(acc), gated) * x[:, :, 1].to(acc)  # [B, T, K]
+    else:
+        xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
+        xf = xf[:, None, :].expand(b, top, k)
+    t = torch.as_tensor(thresh, dtype=acc, device=x.device)
+    t = t[idx][:, :, 0] if t.dim() == 3 else t.reshape(-1)  # each routed expert's own row ([E, 1, K]) or a shared one
+    xs = sparsify_ref(xf, t, None, nm)
+    if expert_weights is not None:
+        xs = xs * expert_weights.reshape(b, top, 1).to(acc)
+    return torch.einsum("btk,btkn->bn", xs, wt[idx].to(acc))

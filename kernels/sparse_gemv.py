@@ -94,7 +94,14 @@ def _sparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, thresh: Optional[torch.Te
 def _sparse_gemv_acc_op(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor, shift: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor], eps: float,
                         segments: list[int], nm_n: int, nm_m: int, acc: torch.Tensor, zero_first: bool = False,
-                        gated: int = 0, impl: str = "oneshot") -> None:
+                        gated: int = 0, impl: str = "oneshot", experts: Optional[torch.Tensor] = None,
+                        expert_weights: Optional[torch.Tensor] = None) -> None:
+    if experts is not None:  # one token a program: the batch-1 tiles of one expert's [K, N]
+        _, cfg = choose_impl("gemv", x.shape[-1], wt.shape[-1], 1, "oneshot", accum=True)
+        launch_oneshot(x, wt, None, thresh, shift, bias, None, norm_weight, eps, 0, segments, nm_n, nm_m, cfg,
+                       accumulate=acc, zero_first=zero_first, gated=gated, experts=experts,
+                       expert_weights=expert_weights)
+        return
     which, cfg = choose_impl("qkv" if segments else "gemv", x.shape[-1], wshape(wt)[1], acc.shape[0], impl,
                              accum=True)
     launch = launch_gather if which == "gather" else launch_oneshot
@@ -160,6 +167,55 @@ def _check_accumulate(acc: torch.Tensor, x: torch.Tensor, n: int, act: str, resi
                          f"itself); it cannot take {', '.join(clash)}")
 
 
+def check_experts(experts: torch.Tensor, expert_weights: Optional[torch.Tensor], wts: Sequence[torch.Tensor],
+                  names: Sequence[str], impl: str, into: Optional[torch.Tensor],
+                  refused: dict[str, bool]) -> torch.Tensor:
+    """experts=: an integer [B, T] tensor ([T] for one token) of expert ids on the weights' device, the weights
+    stacked experts [E, K, N] (each row-major), expert_weights float32 like experts, the one-shot tiles adding into
+    or writing a tensor; return experts as [B, T]. The ids stay on the device unchecked (a captured graph reads
+    them): each must be < E."""
+    if experts.dtype not in (torch.int32, torch.int64) or experts.dim() not in (1, 2) or not experts.is_contiguous():
+        raise ValueError(f"experts must be a contiguous int32 or int64 [B, T] tensor of expert ids (top-k per token), "
+                         f"got {experts.dtype} {tuple(experts.shape)}")
+    experts = experts.reshape(1, -1) if experts.dim() == 1 else experts
+    for wt, name in zip(wts, names):
+        if wt.dim() != 3 or not wt.is_contiguous():
+            raise ValueError(f"with experts=, {name} must be the stacked transposed expert weights, a contiguous "
+                             f"[E, in_features, out_features] tensor, got shape {tuple(wt.shape)} and strides "
+                             f"{wt.stride()}")
+        if wt.device != experts.device:
+            raise ValueError(f"experts is on {experts.device} but {name} is on {wt.device}")
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if expert_weights is not None and (expert_weights.dtype not in floats or not expert_weights.is_contiguous()
+                                       or expert_weights.numel() != experts.numel()
+                                       or expert_weights.shape[-1] != experts.shape[-1]):
+        raise ValueError(f"expert_weights must be a contiguous float tensor shaped like experts "
+                         f"{tuple(experts.shape)} (one routing weight per routed expert), got "
+                         f"{expert_weights.dtype} {tuple(expert_weights.shape)}")
+    if impl not in ("auto", "oneshot"):
+        raise ValueError(f"experts= runs on the one-shot tiles only; use impl='oneshot' or 'auto', got {impl!r}")
+    if into is None:
+        raise ValueError("experts= runs the one-shot tiles adding into a tensor: give accumulate= or out=")
+    clash = [what for what, bad in refused.items() if bad]
+    if clash:
+        raise ValueError(f"experts= takes no {', '.join(clash)} (one rule serves every expert of the layer; a shift "
+                         f"would need W_e·m per expert, segments and packing are for dense q|k|v)")
+    return experts
+
+
+def expert_rows(thresh: Optional[torch.Tensor], nseg: int, e: int, k: int) -> torch.Tensor:
+    """experts=' thresholds: the op's rows [nseg] / [nseg, k] shared by every expert (returned [nseg, k]), or a row
+    set per expert, float32 [E, nseg, k] (a per-expert scalar expanded along k)."""
+    if thresh is None:
+        raise ValueError("experts= selects inside the op: thresh must be given (zeros keep every nonzero input)")
+    if thresh.dim() != 3:
+        return _as_rows(thresh, nseg, k, "thresh")
+    if tuple(thresh.shape) != (e, nseg, k) or thresh.dtype != torch.float32 or thresh.stride(2) not in (0, 1):
+        raise ValueError(f"per-expert thresholds must be a float32 [{e}, {nseg}, {k}] tensor (one row set per "
+                         f"expert; expand a scalar along the last dim), got {thresh.dtype} {tuple(thresh.shape)}")
+    return thresh
+
+
 def _validate_nm(nm: Optional[tuple[int, int]]) -> tuple[int, int]:
     if nm is None:
         return 0, 0
@@ -188,6 +244,8 @@ def sparse_gemv(
     accumulate: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     gated: str = "none",
+    experts: Optional[torch.Tensor] = None,
+    expert_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Return y [B, N] = act(W·x_s + bias) + residual, with x_s = (x̂ − m)⊙1[|x̂ − m| > t] and x̂ = rmsnorm(x) or x.
 
@@ -212,7 +270,20 @@ def sparse_gemv(
     q|k|v for the attention kernel), with no output cast, counter or epilogue.
     gated: "silu" or "gelu_tanh": x is a gate/up pair's raw fp32 sums [2, B, K] (`sparse_gated_mlp(out=)`) and
     the input is act(gate)·up, formed in the kernel's prologue (needs accumulate= or out=; no norm_weight).
+    experts: int32/int64 [B, T] expert ids on the device (a mixture-of-experts layer's top-k per token): wt is the
+    stacked transposed expert weights [E, K, N] and token b adds Σ_t w_bt·W_{e_bt}·x_s into row b of accumulate=
+    / out= [B, N], reading only the routed experts' kept rows; expert_weights: [B, T] routing weights w (float32,
+    bf16 or fp16; None: 1), scaling each expert's selected input in fp32. With gated=, x is the pair's raw sums per
+    routed expert, float32 [B, T, 2, K] (`sparse_gated_mlp(experts=, out=)`). The one-shot tiles run it, one token
+    a program; thresh [1] / [1, K] serves every expert, [E, 1, K] holds one row per expert; no shift, bias,
+    segments or residual.
     """
+    if experts is not None:
+        return _experts_gemv(x, wt, thresh, experts, expert_weights, accumulate, out, gated, norm_weight, eps, nm,
+                             impl, shift=shift is not None, bias=bias is not None, segments=len(segments) > 0,
+                             residual=residual is not None, act=act != "none", out_thresh=out_thresh is not None)
+    if expert_weights is not None:
+        raise ValueError("expert_weights= scales routed experts: it needs experts=")
     if gated != "none":
         x = _gated_input(x, gated, norm_weight, accumulate if out is None else out)
     pair_sums = x if gated != "none" else None
@@ -256,3 +327,41 @@ def sparse_gemv(
                 out_sel=out_thresh is not None)
     return torch.ops.actsparse.sparse_gemv(x, wt, thresh, shift, bias, residual, norm_weight, float(eps),
                                            ACTS[act], bounds, nm_n, nm_m, impl, out_thresh, out_shift)
+
+
+def _experts_gemv(x, wt, thresh, experts, expert_weights, accumulate, out, gated, norm_weight, eps, nm, impl,
+                  **refused) -> torch.Tensor:
+    """`sparse_gemv(experts=)`: the routed experts of each token add into (or write) its row."""
+    if out is not None and accumulate is not None:
+        raise ValueError("give out= (written) or accumulate= (added into), not both")
+    into = accumulate if out is None else out
+    experts = check_experts(experts, expert_weights, (wt,), ("wt",), impl, into, refused)
+    b, top = experts.shape
+    e, k, n = wt.shape
+    if gated != "none":
+        if gated not in ACTS:
+            raise ValueError(f"gated must be 'none', 'silu' or 'gelu_tanh', got {gated!r}")
+        if x.dtype != torch.float32 or tuple(x.shape) != (b, top, 2, k) or not x.is_contiguous():
+            raise ValueError(f"gated= with experts= reads the routed pairs' raw sums: x must be a contiguous float32 "
+                             f"[{b}, {top}, 2, {k}] tensor (sparse_gated_mlp(experts=, out=)), got {x.dtype} "
+                             f"{tuple(x.shape)}")
+        if norm_weight is not None:
+            raise ValueError("gated= forms act(gate)·up in the kernel's prologue: it takes no norm_weight")
+    else:
+        _check_common(x, wt[0])
+        if x.shape[0] != b:
+            raise ValueError(f"experts has {b} rows (one per token) but x has {x.shape[0]}")
+    thresh = expert_rows(thresh, 1, e, k)
+    if norm_weight is not None and tuple(norm_weight.shape) != (k,):
+        raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
+    if into.dtype != torch.float32 or tuple(into.shape) != (b, n) or not into.is_contiguous():
+        name = "accumulate" if out is None else "out"
+        raise ValueError(f"{name} must be a contiguous float32 [{b}, {n}] tensor, got {into.dtype} "
+                         f"{tuple(into.shape)}")
+    if into.device != x.device:
+        raise ValueError(f"accumulate/out is on {into.device} but x is on {x.device}")
+    nm_n, nm_m = _validate_nm(nm)
+    ew = None if expert_weights is None else expert_weights.reshape(b, top)
+    torch.ops.actsparse.sparse_gemv_accumulate(x, wt, thresh, None, None, norm_weight, float(eps), [], nm_n, nm_m,
+                                               into, out is not None, ACTS[gated], "oneshot", experts, ew)
+    return into

@@ -1,6 +1,6 @@
 """Shape and family spec of a Llama-family decoder (Llama, Mistral, Qwen2's q/k/v biases, Qwen3's q/k norms, Gemma
-2/3's GeGLU, sandwich norms, scalings, soft-caps and local/global layers), with presets for the models the
-benchmarks use, and what the engine refuses to decode."""
+2/3's GeGLU, sandwich norms, scalings, soft-caps and local/global layers, Mixtral's and Qwen3-MoE's routed experts),
+with presets for the models the benchmarks use, and what the engine refuses to decode."""
 
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ class LlamaConfig:
     local_layers: tuple[bool, ...] = ()  # per layer: local (sliding window) or global; (): all global
     rope_local_theta: float = 0.0  # RoPE base of the local layers (Gemma 3); 0: rope_theta
     rope_factor: float = 1.0  # linear RoPE scaling of the global layers (Gemma 3): positions / factor
+    # Mixture-of-experts MLPs (Mixtral, Qwen3-MoE) in every layer; 0 experts: the dense gated MLP
+    n_experts: int = 0
+    top_k: int = 0  # experts routed per token
+    moe_intermediate_size: int = 0  # each expert's intermediate width
+    norm_topk_prob: bool = False  # the top-k routing weights renormalised to sum 1 (Mixtral: always)
+    router: str = ""  # "mixtral": the routing weights stay float32; "qwen": cast to the model dtype (as HF does)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token runs, gated by a sigmoid
 
     @property
     def q_size(self) -> int:
@@ -44,6 +51,11 @@ class LlamaConfig:
     @property
     def kv_size(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def moe(self) -> bool:
+        """Whether the MLPs are mixtures of experts."""
+        return self.n_experts > 0
 
     def window(self, layer: int) -> int:
         """The sliding window of a layer: 0 for a global one."""
@@ -70,9 +82,17 @@ class LlamaConfig:
             n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
             n_kv_heads=c.num_key_value_heads or c.num_attention_heads, head_dim=head_dim,
             rms_eps=c.rms_norm_eps, rope_theta=theta, tie_embeddings=bool(c.tie_word_embeddings),
-            qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "gemma3_text"),
+            qkv_bias=kind == "qwen2" or (kind == "qwen2_moe" and bool(getattr(c, "qkv_bias", True))),
+            qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe"),
             rope_factor=float(glob.get("factor", 1.0)) if glob.get("rope_type") == "linear" else 1.0,
         )
+        if kind in MOE:
+            mixtral = kind == "mixtral"
+            cfg = replace(cfg, n_experts=c.num_local_experts if mixtral else c.num_experts,
+                          top_k=c.num_experts_per_tok,
+                          moe_intermediate_size=c.intermediate_size if mixtral else c.moe_intermediate_size,
+                          norm_topk_prob=mixtral or bool(c.norm_topk_prob), router="mixtral" if mixtral else "qwen",
+                          shared_expert_intermediate_size=int(getattr(c, "shared_expert_intermediate_size", 0) or 0))
         if kind not in GEMMA:
             window = _sliding_window(c, kind)
             if not window:
@@ -93,16 +113,18 @@ class LlamaConfig:
 
 
 # transformers model_types the engine decodes exactly
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
+            "qwen3_moe")
 GEMMA = ("gemma2", "gemma3_text")
+# Mistral's, Qwen2's and Qwen3's blocks with a mixture of experts for the MLP (Qwen2-MoE: plus a shared expert)
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 STATIC_ROPE = ("default", "llama3", "linear", "yarn")  # frequencies the model's rotary module holds fixed
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # What the engine's block does not model, per transformers model_type: a model of these decodes wrong if its
 # weights are copied into a Llama block, so it is refused with the reason instead.
 _NOT_MODELLED = {
     "gemma": "Gemma 1's block ((1 + w) norms and GeGLU without Gemma 2's post-norms; not wired)",
-    "olmo2": "post-norms and q/k norms", "mixtral": "mixture-of-experts MLPs",
-    "qwen2_moe": "mixture-of-experts MLPs", "qwen3_moe": "mixture-of-experts MLPs and q/k norms",
+    "olmo2": "post-norms and q/k norms",
     "gpt_neox": "parallel attention/MLP, LayerNorms and partial rotary", "gpt2": "LayerNorms, learned positions "
     "and GELU MLPs",
 }
@@ -139,7 +161,10 @@ def unsupported_reason(hf_config, max_seq_len: int | None = None) -> str | None:
     per-head q/k RMSNorms. Llama, Mistral, Qwen2, Qwen3, Phi-3 (fused q|k|v and gate|up) and Granite (its four
     multipliers folded into the weights) checkpoints are that block; Gemma 2 and Gemma 3's text model are it with
     their spec on (`LlamaConfig`: (1 + w) norms folded at load, GeGLU, sandwich norms, embedding and attention
-    scales, soft-caps, local/global layers, Gemma 3's q/k norms and per-layer-type RoPE). Anything it does not
+    scales, soft-caps, local/global layers, Gemma 3's q/k norms and per-layer-type RoPE). Mixtral and Qwen3-MoE are
+    Mistral's and Qwen3's block with a mixture of SwiGLU experts in every layer (router, top-k, softmax weights),
+    Qwen2-MoE Qwen2's with them and a sigmoid-gated shared expert; Qwen-MoE's dense layers (mlp_only_layers,
+    decoder_sparse_step) are not modelled. Anything it does not
     compute (another family, another bias, another activation, another attention pattern) would decode
     wrong tokens silently, so it is refused before any weight is copied."""
     c = hf_config
@@ -164,6 +189,13 @@ def unsupported_reason(hf_config, max_seq_len: int | None = None) -> str | None:
             return f"the decode engine's projections have no biases; this {kind} model sets {flag}"
     if kind in GEMMA:
         return _gemma_reason(c, kind)  # local layers are modelled: no limit on the sequence
+    if kind in ("qwen2_moe", "qwen3_moe"):
+        dense = list(getattr(c, "mlp_only_layers", None) or [])
+        step = getattr(c, "decoder_sparse_step", 1)
+        if dense or step != 1 or not c.num_experts:
+            return (f"the decode engine's mixture-of-experts models have experts in every layer; this {kind} model "
+                    f"has dense MLP layers (mlp_only_layers={dense}, decoder_sparse_step={step}, "
+                    f"num_experts={c.num_experts})")
     act = getattr(c, "hidden_act", "silu")
     if act != "silu":
         return f"the decode engine's MLP is SwiGLU (silu); this {kind} model uses {act!r}"
@@ -176,7 +208,7 @@ def unsupported_reason(hf_config, max_seq_len: int | None = None) -> str | None:
 def _sliding_window(c, kind: str) -> int:
     """The window of a Llama-block model's local layers (0: none): Mistral's on every layer; Qwen's only when
     use_sliding_window turns it on (their configs carry a window either way)."""
-    if kind in ("qwen2", "qwen3") and not getattr(c, "use_sliding_window", False):
+    if kind in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not getattr(c, "use_sliding_window", False):
         return 0
     return int(getattr(c, "sliding_window", None) or 0)
 
@@ -213,6 +245,22 @@ GEMMA3_12B = LlamaConfig(vocab_size=262208, hidden_size=3840, intermediate_size=
                          rope_factor=8.0, rope_local_theta=1e4, qk_norm=True, embed_scale=3840**0.5,
                          sliding_window=1024, local_layers=tuple((i + 1) % 6 != 0 for i in range(48)), **_GEMMA)
 
+# Mixture-of-experts shapes (their published config.json): Qwen3-30B-A3B (128 experts of 768, top-8, q/k norms)
+# and Mixtral 8x7B (8 experts of 14336, top-2).
+QWEN3_30B_A3B = LlamaConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, n_layers=48, n_heads=32,
+                            n_kv_heads=4, head_dim=128, rms_eps=1e-6, rope_theta=1e6, qk_norm=True, n_experts=128,
+                            top_k=8, moe_intermediate_size=768, norm_topk_prob=True, router="qwen")
+MIXTRAL_8X7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, n_layers=32, n_heads=32,
+                           n_kv_heads=8, head_dim=128, rms_eps=1e-5, rope_theta=1e6, n_experts=8, top_k=2,
+                           moe_intermediate_size=14336, norm_topk_prob=True, router="mixtral")
+
+# Qwen1.5-MoE-A2.7B (model_type qwen2_moe): 60 experts of 1408, top-4 (not renormalised), a shared expert of 5632.
+QWEN1_5_MOE_A2_7B = LlamaConfig(vocab_size=151936, hidden_size=2048, intermediate_size=5632, n_layers=24, n_heads=16,
+                                n_kv_heads=16, head_dim=128, rms_eps=1e-6, rope_theta=1e6, qkv_bias=True,
+                                n_experts=60, top_k=4, moe_intermediate_size=1408, norm_topk_prob=False,
+                                router="qwen", shared_expert_intermediate_size=5632)
+
 PRESETS = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "llama2-7b": LLAMA2_7B, "qwen2.5-7b": QWEN2_5_7B,
            "qwen3-8b": QWEN3_8B, "phi3-mini": PHI3_MINI, "granite3-8b": GRANITE3_8B, "gemma2-9b": GEMMA2_9B, "gemma3-12b": GEMMA3_12B,
-           "tiny": TINY}
+           "qwen3-30b-a3b": QWEN3_30B_A3B, "mixtral-8x7b": MIXTRAL_8X7B,
+           "qwen1.5-moe-a2.7b": QWEN1_5_MOE_A2_7B, "tiny": TINY}

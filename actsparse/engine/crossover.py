@@ -200,7 +200,10 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
     if accs and all(lw.post_attn_norm is None and lw.post_mlp_norm is None for lw in layers):
         accumulating |= {"o", "down"}
     out = {}
-    for op in OPS:
+    moe = cfg.moe  # the experts always run the expert-indexed tiles (dense: at threshold 0): nothing to choose
+    if moe:
+        accumulating.discard("down")
+    for op in OPS[:2] if moe else OPS:
         t_dense = graph_ms(lambda: [dense(op, lw) for lw in layers])
         impls = kernels + accs if op in accumulating else kernels
         out[op] = OpTimes(t_dense, LEVELS, timed(impls, lambda lw, s, impl: sparse(op, lw, s, impl)))
@@ -229,7 +232,8 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         # No dense rival of their own: the engine weighs the fastest of each against gate|up's and down's best.
         out["pair"] = OpTimes(float("inf"), LEVELS, timed(kernels, pair))
         out["gated"] = OpTimes(float("inf"), LEVELS, timed(kernels, gated))
-    if all(lw.wu is not None for lw in layers):  # CATS: which cats_up kernel, at the fraction of up rows skipped
+    # CATS: which cats_up kernel, at the fraction of up rows skipped
+    if not moe and all(lw.wu is not None for lw in layers):
         ups = UP_KERNELS if batch <= configs.ONESHOT_MAX_BATCH else UP_KERNELS[:1]
         out["up"] = OpTimes(float("inf"), LEVELS, timed(ups, up))  # no dense rival: CATS itself is the choice
     return out

@@ -1,5 +1,6 @@
-"""A small Llama-family decode engine (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2, Gemma 3 text:
-`config.FAMILIES`): static KV cache, one CUDA-graphed decode step, dense or sparse.
+"""A small Llama-family decode engine (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2, Gemma 3 text, and the
+mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE: `config.FAMILIES`): static KV cache, one CUDA-graphed decode
+step, dense or sparse.
 
 The hot path is `Engine._block`: per decoder block, dense runs
     rmsnorm → cuBLAS q|k|v → attention (RoPE + cache write) → cuBLAS o (+res) → rmsnorm →
@@ -36,7 +37,7 @@ from actsparse.kernels import ref as kref
 
 from .config import LlamaConfig, unsupported_reason
 from .crossover import ACCUMULATE, op_times
-from .plan import EnginePlan, Threshold
+from .plan import EXPERT_ROLE, EnginePlan, Threshold
 from .weights import Weights, random_weights, weights_from_hf
 
 
@@ -79,13 +80,26 @@ def _gated_mlp_any(x, wt_gate, wt_up, thresh, *, impl: str = "auto", out: Option
     return out
 
 
+def _experts_any(any_fn: Callable, experts_fn: Callable) -> Callable:
+    """A reference that also takes the kernels' `experts=` (and `expert_weights=`): the routed experts' sums from
+    `experts_fn` (fp32), written into `out=` or added into `accumulate=`, as the one-shot tiles do."""
+    def call(x, *args, experts: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+             accumulate: Optional[torch.Tensor] = None, impl: str = "auto", **kw):
+        if experts is None:
+            extra = {} if accumulate is None else {"accumulate": accumulate}
+            return any_fn(x, *args, out=out, impl=impl, **extra, **kw)
+        y = experts_fn(x, *args, experts, **kw)
+        return out.copy_(y) if out is not None else accumulate.add_(y)
+    return call
+
+
 class _TorchOps:
     """Plain-PyTorch implementations (references), for any device; not graph-capturable on GPU."""
 
     rmsnorm = staticmethod(kref.hf_rmsnorm_ref)
     silu_mul = staticmethod(kref.silu_mul_ref)
-    sparse_gemv = staticmethod(_any_impl(kref.sparse_gemv_ref))
-    sparse_gated_mlp = staticmethod(_gated_mlp_any)
+    sparse_gemv = staticmethod(_experts_any(_any_impl(kref.sparse_gemv_ref), kref.experts_gemv_ref))
+    sparse_gated_mlp = staticmethod(_experts_any(_gated_mlp_any, kref.experts_gated_mlp_ref))
     cats_up = staticmethod(_any_impl(kref.cats_up_ref))
     decode_attention = staticmethod(kref.decode_attention_ref)
 
@@ -127,6 +141,8 @@ class _LayerRule:
     gate_act: Optional[torch.Tensor] = None  # CATS threshold on act(gate), float32 [1] or [I]
     up_expected: float = 0.0  # CATS: fraction of up rows the gate_act mask is expected to skip
     countdown: bool = False   # M-COUNTDOWN: gate_act thresholds up's output and gathers the gate rows instead
+    shared_gu: Optional[_OpRule] = None  # Qwen2-MoE: the shared expert's gate|up
+    shared_down: Optional[_OpRule] = None  # and its down input
 
 
 @dataclass
@@ -183,7 +199,7 @@ class Engine:
         self.rules: Optional[list[_LayerRule]] = None
         self.expected_sparsity: dict[str, float] = {}
         self._graphs: dict[tuple[int, bool], _Graph] = {}
-        self._sums: dict[int, torch.Tensor] = {}
+        self._sums: dict[object, torch.Tensor] = {}  # buffers by batch size (and kind)
         self.last_tokens: Optional[torch.Tensor] = None
         self.last_step_ms: float = float("nan")
 
@@ -241,6 +257,10 @@ class Engine:
         for i in range(cfg.n_layers):
             if "gate_act" in per_shift[i]:
                 raise ValueError(f"layers.{i}.gate_act takes no shift (CATS thresholds |act(gate)|)")
+            moe_only = sorted(r for r in per[i] if r.startswith("shared_") or EXPERT_ROLE.match(r))
+            if moe_only and self.w.layers[i].router is None:
+                raise ValueError(f"layers.{i}: {', '.join(moe_only)} are sites of a mixture-of-experts layer; this "
+                                 f"layer's MLP is dense")
 
         d, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
         rules = []
@@ -285,6 +305,9 @@ class Engine:
 
             wqkv_t = lw.wqkv_t if lw.wqkv_t is not None else lw.wqkv.t()
             qkv_cols = [wqkv_t[:, :q], wqkv_t[:, q:q + kv], wqkv_t[:, q + kv:]]
+            if lw.router is not None:
+                rules.append(self._moe_rule(i, th, sh, per_lr[i], per_nm[i], op, qkv_cols, lw))
+                continue
             wg_t = lw.wg_t if lw.wg_t is not None else lw.w13[:inter].t()
             wu_t = lw.wu_t if lw.wu_t is not None else lw.w13[inter:].t()
             gate_act = None
@@ -314,6 +337,57 @@ class Engine:
         self.expected_sparsity = dict(expected)
         self.reset_graphs()
 
+    def _moe_rule(self, i: int, th: dict, sh: dict, lr: dict, nm: dict, op: Callable, qkv_cols: list,
+                  lw) -> _LayerRule:
+        """A mixture-of-experts layer's rule: q|k|v and o as any layer's; gate, up and down a threshold (or N:M
+        pattern) per layer shared by every routed expert, or, where a plan names `expert{e}.gate/up/down`, a row
+        set per expert ([E, S, K], the others keeping the layer's); the shared expert's gate|up under
+        `shared_gate` / `shared_up`, else gate's and up's."""
+        cfg = self.cfg
+        d, e_n = cfg.hidden_size, cfg.n_experts
+        experts = {r for r in (*th, *sh, *lr, *nm) if EXPERT_ROLE.match(r)}
+        bad = sorted({r for r in ("gate", "up", "down", "shared_gate", "shared_up", "shared_down", *experts)
+                      if r in sh or r in lr} | {r for r in ("gate_act", "up_out") if r in th}
+                     | {r for r in experts if r in nm})
+        if bad:
+            raise ValueError(f"layers.{i}: the engine's experts select by a threshold (or a per-layer N:M pattern); "
+                             f"{', '.join(bad)} asks for a shift, a low-rank path, CATS/COUNTDOWN's gathered rows or "
+                             f"a per-expert N:M pattern, which the expert kernels do not run")
+        far = sorted(r for r in experts if int(EXPERT_ROLE.match(r).group(1)) >= e_n)
+        if far:
+            raise ValueError(f"layers.{i}: {', '.join(far)} names an expert past the layer's {e_n}")
+        if lw.wsd_t is None and any(r.startswith("shared_") for r in th):
+            raise ValueError(f"layers.{i}: shared_gate/shared_up/shared_down are a shared expert's sites "
+                             f"(Qwen2-MoE); this layer has none")
+
+        def rows(roles: tuple[str, ...], k: int, expert: Optional[int] = None) -> torch.Tensor:
+            """[S] or [S, k]: expert's own thresholds where named, else the layer's roles'."""
+            names = roles if expert is None else tuple(f"expert{expert}.{r}" for r in roles)
+            return self._stack([th.get(n, th.get(r, 0.0)) for n, r in zip(names, roles)], k, names, i)
+
+        def experts_op(name: str, roles: tuple[str, ...], k: int, wts: list) -> _OpRule:
+            rule = op(name, roles, k, wts)
+            if any(EXPERT_ROLE.match(r) and r.split(".")[1] in roles for r in experts):
+                per = [rows(roles, k, e) for e in range(e_n)]
+                if all(t.dim() == 1 for t in per):  # scalars: [E, S] read along K with stride 0
+                    rule.thresh = torch.stack(per)[:, :, None].expand(e_n, len(roles), k)
+                else:
+                    rule.thresh = torch.stack([t if t.dim() == 2 else t[:, None].expand(len(roles), k) for t in per])
+            return rule
+
+        shared_gu = shared_down = None
+        if lw.wsd_t is not None:
+            i_s = lw.wsd_t.shape[1]
+            shared_gu = _OpRule(thresh=self._stack([th.get("shared_gate", th.get("gate", 0.0)),
+                                                    th.get("shared_up", th.get("up", 0.0))], d,
+                                                   ("shared_gate", "shared_up"), i), nm=nm.get("gate"))
+            shared_down = op("shared_down", ("shared_down",), i_s, [lw.wsd_t[0]])
+        return _LayerRule(qkv=op("qkv", ("q", "k", "v"), d, qkv_cols, lw.bqkv),
+                          o=op("o", ("o",), cfg.q_size, [lw.wo_t if lw.wo_t is not None else lw.wo.t()]),
+                          gu=experts_op("gu", ("gate", "up"), d, [lw.weg_t[0], lw.weu_t[0]]),
+                          down=experts_op("down", ("down",), cfg.moe_intermediate_size, [lw.wed_t[0]]),
+                          shared_gu=shared_gu, shared_down=shared_down)
+
     def clear_thresholds(self) -> None:
         """Turn sparse decoding off (dense cuBLAS path)."""
         self.rules = None
@@ -335,6 +409,8 @@ class Engine:
     def _choose(self, rule: _OpRule, op: str, b: int) -> str:
         """What runs op at batch b: "dense" (cuBLAS) or the sparse kernel to ask for ("auto" where the levels
         are given rather than measured)."""
+        if self.cfg.moe and op in ("gu", "down"):
+            return "auto"  # the experts always run the expert-indexed tiles (`_moe`): nothing to fall back to
         fb = self.fallback_below
         if fb == "measured":
             return op_times(self, b)[op].choice(rule.expected)
@@ -502,6 +578,8 @@ class Engine:
                 y = (y.float() + self._lowrank(a, r.o)).to(y.dtype)
         x = self._residual(x, self._reduce(y), lw.post_attn_norm)
 
+        if lw.router is not None:
+            return self._moe(i, x, lw, r, record)
         if record is not None:
             xn = self._norm(x, lw.mlp_norm)
             record(i, "gu", xn)
@@ -566,6 +644,135 @@ class Engine:
             if r.down.lowrank is not None:
                 y = (y.float() + self._lowrank(h, r.down)).to(y.dtype)
         return self._residual(x, self._reduce(y), lw.post_mlp_norm)
+
+    def _route(self, xn: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids [B, T] (int64) and routing weights [B, T] of the normed hidden state xn [B, D], on the device
+        (no host sync: a captured graph routes each step anew), as transformers' routers compute them: softmax over
+        every expert in float32, top-k, renormalised (Mixtral always, Qwen-MoE with norm_topk_prob); Mixtral keeps
+        the weights in float32, Qwen-MoE casts them to the model dtype."""
+        cfg = self.cfg
+        logits = F.linear(xn, router)  # [B, E]
+        if cfg.norm_topk_prob and self.kernels == "triton":
+            # The same weights in three launches instead of six: softmax then renormalising the top k is the
+            # softmax of the top k logits (softmax keeps their order); last-bit rounding may differ from
+            # transformers', which only the torch backend matches exactly.
+            top, idx = torch.topk(logits, cfg.top_k, dim=-1)
+            w = torch.softmax(top, dim=-1, dtype=torch.float32)
+            return idx, (w if cfg.router == "mixtral" else w.to(logits.dtype))
+        probs = torch.softmax(logits.float(), dim=-1)
+        w, idx = torch.topk(probs, cfg.top_k, dim=-1)
+        if cfg.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return idx, (w if cfg.router == "mixtral" else w.to(logits.dtype))
+
+    def _experts_hf(self, xn: torch.Tensor, lw, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum [B, D] in the model dtype, in transformers' order of operations and of additions
+        (each token's experts by increasing id), for the torch backend's dense path to equal its greedy tokens."""
+        idx, order = idx.sort(dim=-1)
+        w = w.gather(-1, order)
+        out = torch.zeros_like(xn)
+        for t in range(idx.shape[1]):  # a slot of every token at once: the torch backend is never captured
+            e = idx[:, t]
+            g = torch.bmm(xn[:, None, :], lw.weg_t[e])[:, 0]  # [B, I]
+            u = torch.bmm(xn[:, None, :], lw.weu_t[e])[:, 0]
+            y = torch.bmm((self._act(g) * u)[:, None, :], lw.wed_t[e])[:, 0]  # [B, D]
+            out = out + (y * w[:, t, None]).to(out.dtype)
+        return out
+
+    def _moe(self, i: int, x: torch.Tensor, lw, r: Optional[_LayerRule],
+             record: Optional[Callable[[int, str, torch.Tensor], None]]) -> torch.Tensor:
+        """A mixture-of-experts MLP on the residual stream x [B, D]; returns the new stream.
+
+        Router (a small dense GEMV and top-k in torch, on the device), then per token its T routed experts through
+        the expert-indexed one-shot tiles: gate|up's raw sums [B, T, 2, I] (`sparse_gated_mlp(experts=, out=)`), and
+        down forming act(gate)·up, scaling it by the routing weight and adding into the fp32 stream (or an fp32
+        buffer the stream then adds). Only the routed experts' weights are read. Thresholds: gate and up share the
+        layer's normed hidden state, so one pair per layer can serve every expert, and down's is one per layer too
+        (its inputs differ per expert, but the engine's own calibration measures one statistic per layer, over every
+        routed expert's act(gate)·up); a plan that names an expert's own sites (a fitted per-expert plan) gets a row
+        set per expert, which the kernels find by the routed id. The dense path runs the same kernels
+        at threshold 0: a fair baseline reads only the routed experts (a host loop or a gather of the experts'
+        weights would read them twice or sync the host), and cuBLAS has no device-indexed GEMV. The torch backend's
+        dense path instead follows transformers' own order of operations (`_experts_hf`). Qwen2-MoE's shared expert
+        runs as one more routed expert (a stack of one, id 0, weight sigmoid(xn·w_gate)) under shared_gate/up's
+        thresholds (else gate|up's: it reads the same xn) and its own `shared_down`."""
+        cfg, ops, b = self.cfg, self.ops, x.shape[0]
+        xn = self._norm(x, lw.mlp_norm)  # [B, D] in the model dtype: what the router and the experts read
+        if record is not None:
+            record(i, "gu", xn)
+        idx, w = self._route(xn, lw.router)
+        if r is None and self.kernels == "torch":
+            y = self._experts_hf(xn, lw, idx, w)
+            if record is not None:
+                g = torch.einsum("bd,btdi->bti", xn.float(), lw.weg_t[idx].float())
+                u = torch.einsum("bd,btdi->bti", xn.float(), lw.weu_t[idx].float())
+                record(i, "down", (self._act(g) * u).reshape(-1, g.shape[-1]))  # [B·T, I]: every routed expert
+            if lw.wsd_t is not None:  # transformers: experts + sigmoid(gate)·shared, in the model dtype
+                hs = self._act(xn @ lw.wsg_t[0]) * (xn @ lw.wsu_t[0])
+                if record is not None:
+                    record(i, "shared_down", hs)
+                y = y + torch.sigmoid(F.linear(xn, lw.shared_gate)) * (hs @ lw.wsd_t[0])
+            return x + y.to(x.dtype)
+        zeros = self._zero_thresholds()
+        tgu, td = (zeros[:2], zeros[:1]) if r is None else (r.gu.thresh, r.down.thresh)
+        nm_gu, nm_d = (None, None) if r is None else (r.gu.nm, r.down.nm)
+        sums = ops.sparse_gated_mlp(xn, lw.weg_t, lw.weu_t, tgu, nm=nm_gu, experts=idx, out=self._expert_sums(b))
+        if record is not None:
+            record(i, "down", (self._act(sums[:, :, 0]) * sums[:, :, 1]).reshape(-1, sums.shape[-1]))
+        # the kernels read the routing weights w in their dtype (Qwen: the model's) and scale in fp32
+        in_place = x.dtype == torch.float32 and r is not None and self.residual_fp32  # the fp32 stream takes it
+        y = x if in_place else self._moe_out(b)
+        if in_place:
+            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, accumulate=x, experts=idx, expert_weights=w)
+        else:
+            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, out=y, experts=idx, expert_weights=w)
+        if lw.wsd_t is not None:  # the shared expert: a routed expert of its own, weighted by sigmoid(gate)
+            tsg, ts = (zeros[:2], zeros[:1]) if r is None else (r.shared_gu.thresh, r.shared_down.thresh)
+            nm_sg, nm_s = (None, None) if r is None else (r.shared_gu.nm, r.shared_down.nm)
+            one = self._shared_idx(b)
+            sums_s = ops.sparse_gated_mlp(xn, lw.wsg_t, lw.wsu_t, tsg, nm=nm_sg, experts=one,
+                                          out=self._shared_sums(b))
+            if record is not None:
+                record(i, "shared_down", self._act(sums_s[:, 0, 0]) * sums_s[:, 0, 1])
+            gate = torch.sigmoid(F.linear(xn, lw.shared_gate))  # [B, 1]
+            ops.sparse_gemv(sums_s, lw.wsd_t, ts, nm=nm_s, gated=cfg.act, accumulate=y, experts=one,
+                            expert_weights=gate)
+        return y if in_place else x + y.to(x.dtype)
+
+    def _zero_thresholds(self) -> torch.Tensor:
+        """float32 zeros [2] on the device: the dense path's thresholds (every nonzero input kept)."""
+        if "zeros" not in self._sums:
+            self._sums["zeros"] = torch.zeros(2, device=self.device)
+        return self._sums["zeros"]
+
+    def _expert_sums(self, b: int) -> torch.Tensor:
+        """The fp32 [b, T, 2, I] buffer the routed experts' gate|up raw sums land in (one per batch size)."""
+        key = ("experts", b)
+        if key not in self._sums:
+            cfg = self.cfg
+            self._sums[key] = torch.empty(b, cfg.top_k, 2, cfg.moe_intermediate_size, device=self.device)
+        return self._sums[key]
+
+    def _shared_idx(self, b: int) -> torch.Tensor:
+        """int64 zeros [b, 1]: the shared expert is expert 0 of its stack of one, for every token."""
+        key = ("shared_idx", b)
+        if key not in self._sums:
+            self._sums[key] = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        return self._sums[key]
+
+    def _shared_sums(self, b: int) -> torch.Tensor:
+        """The fp32 [b, 1, 2, I_s] buffer of the shared expert's gate|up raw sums."""
+        key = ("shared_sums", b)
+        if key not in self._sums:
+            self._sums[key] = torch.empty(b, 1, 2, self.cfg.shared_expert_intermediate_size, device=self.device)
+        return self._sums[key]
+
+    def _moe_out(self, b: int) -> torch.Tensor:
+        """The fp32 [b, D] buffer the routed experts' down projections sum into where the stream is not fp32."""
+        key = ("moe_out", b)
+        if key not in self._sums:
+            self._sums[key] = torch.empty(b, self.cfg.hidden_size, device=self.device)
+        return self._sums[key]
 
     def forward_step(self, tokens: torch.Tensor, pos: torch.Tensor, sparse: Optional[bool] = None,
                      record: Optional[Callable[[int, str, torch.Tensor], None]] = None) -> torch.Tensor:

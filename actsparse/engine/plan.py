@@ -4,7 +4,10 @@
 optional shift, SCAP's x_s = (x − m)·1[|x − m| > t] with W·m folded into a bias; and the fraction of weight
 rows it is expected to skip, which decides cuBLAS vs the kernels). Roles are the engine's sites q k v o gate up
 down, plus `gate_act` (CATS: a threshold on act(gate) that selects the up and down rows) and `up_out`
-(M-COUNTDOWN: a threshold on up's output that selects the gate and down rows). A role left out keeps every input.
+(M-COUNTDOWN: a threshold on up's output that selects the gate and down rows). In a mixture-of-experts layer gate,
+up and down are every routed expert's (one rule for all), and `shared_down` is the down input of Qwen2-MoE's shared
+expert, whose gate and up read the routed experts' input, under `shared_gate` / `shared_up` or else gate's and up's.
+`expert{e}.gate` / `up` / `down` is routed expert e's own rule, over the layer's. A role left out keeps every input.
 
 `from_plan` translates a fitted `SparsityPlan` (actsparse.eval.speed) and `from_names` the name-keyed dicts of
 the benchmarks and tests; both build the same structure, which is all `Engine.set_plan` reads.
@@ -17,9 +20,11 @@ from typing import Optional, Union
 
 import torch
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act", "up_out")
+ROLES = ("q", "k", "v", "o", "gate", "up", "down", "gate_act", "up_out", "shared_gate", "shared_up", "shared_down")
+# one routed expert's own site in a mixture-of-experts layer (a fitted plan's per-expert rules)
+EXPERT_ROLE = re.compile(r"^expert(\d+)\.(gate|up|down)$")
 Threshold = Union[float, torch.Tensor]
-_SITE = re.compile(r"^layers\.(\d+)\.(\w+)$")
+_SITE = re.compile(r"^layers\.(\d+)\.([\w.]+)$")
 
 
 @dataclass
@@ -43,9 +48,9 @@ class EnginePlan:
 
     def site(self, layer: int, role: str) -> SiteRule:
         """The rule of (layer, role), created empty (threshold 0) when absent; raise ValueError on a bad site."""
-        if not 0 <= layer < len(self.layers) or role not in ROLES:
+        if not 0 <= layer < len(self.layers) or (role not in ROLES and not EXPERT_ROLE.match(role)):
             raise ValueError(f"unknown site layers.{layer}.{role}: expected 'layers.{{i}}.{{role}}' with "
-                             f"i < {len(self.layers)} and role in {ROLES}")
+                             f"i < {len(self.layers)} and role in {ROLES} or expert{{e}}.gate/up/down")
         return self.layers[layer].setdefault(role, SiteRule())
 
     @property

@@ -15,6 +15,9 @@ def split_reason(cfg: LlamaConfig, world_size: int) -> Optional[str]:
     w = world_size
     if w < 1:
         return f"world_size must be at least 1, got {w}"
+    if cfg.moe:
+        return ("tensor-parallel decode splits dense MLPs by intermediate channels; splitting a mixture of experts "
+                "(by expert or within each) is not built: decode a mixture-of-experts model with Engine on one GPU")
     if cfg.n_kv_heads % w:
         return (f"tensor-parallel decode splits the key-value heads evenly: world_size {w} does not divide the "
                 f"model's {cfg.n_kv_heads} kv heads; use a divisor of {cfg.n_kv_heads}")

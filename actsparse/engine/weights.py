@@ -1,10 +1,12 @@
-"""Engine weights: loaded from a transformers Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2 or Gemma 3
-(text) model or drawn at random, in the layouts each path reads.
+"""Engine weights: loaded from a transformers Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2, Gemma 3
+(text), Mixtral, Qwen2-MoE or Qwen3-MoE model or drawn at random, in the layouts each path reads.
 
 Dense (cuBLAS) reads nn.Linear's natural [out, in] layout, fused per op (q|k|v, gate|up). The
 sparse kernels read the transposed [in, out] layout, where a skipped input channel is one
 contiguous row. The CATS path reads W_up in its natural layout (a skipped intermediate
-channel is one contiguous row there). `layouts` picks which copies are kept.
+channel is one contiguous row there). `layouts` picks which copies are kept. A mixture-of-experts layer keeps
+its experts stacked in the sparse layout only (gate and up [E, D, I], down [E, I, D]): a copy per layout would
+double the largest part of the model, and both paths read the routed experts through it.
 
 Gemma's RMSNorms multiply by 1 + w in float32 before their one cast: the engine stores 1 + w, in float32 (every
 norm reads its weight as float32), so the fold loses nothing in bf16.
@@ -45,6 +47,17 @@ class LayerWeights:
     k_norm: Optional[torch.Tensor] = None
     post_attn_norm: Optional[torch.Tensor] = None  # [D] norms of the attention and MLP outputs (Gemma 2/3)
     post_mlp_norm: Optional[torch.Tensor] = None
+    # A mixture-of-experts MLP (Mixtral, Qwen3-MoE): the router and the experts stacked in the sparse layout only,
+    # whatever `layouts` asks (the dense path reads the routed experts through the same layout)
+    router: Optional[torch.Tensor] = None  # [E, D]
+    weg_t: Optional[torch.Tensor] = None  # [E, D, I_e] each expert's gate, transposed
+    weu_t: Optional[torch.Tensor] = None  # [E, D, I_e] up
+    wed_t: Optional[torch.Tensor] = None  # [E, I_e, D] down
+    # Qwen2-MoE's shared expert, a stack of one in the same layout, and its sigmoid gate's weight [1, D]
+    wsg_t: Optional[torch.Tensor] = None  # [1, D, I_s]
+    wsu_t: Optional[torch.Tensor] = None  # [1, D, I_s]
+    wsd_t: Optional[torch.Tensor] = None  # [1, I_s, D]
+    shared_gate: Optional[torch.Tensor] = None  # [1, D]
 
 
 @dataclass
@@ -68,8 +81,15 @@ class Weights:
 
 
 def _layer(attn_norm, mlp_norm, q, k, v, o, gate, up, down, layouts: str) -> LayerWeights:
-    """Pack one block from nn.Linear-layout tensors into the requested layouts."""
+    """Pack one block from nn.Linear-layout tensors into the requested layouts (gate, up, down None: an MoE
+    block, whose experts the caller stores)."""
     lw = LayerWeights(attn_norm=attn_norm.contiguous(), mlp_norm=mlp_norm.contiguous())
+    if gate is None:
+        if layouts in ("dense", "both"):
+            lw.wqkv, lw.wo = torch.cat([q, k, v], dim=0).contiguous(), o.contiguous()
+        if layouts in ("sparse", "both"):
+            lw.wqkv_t, lw.wo_t = torch.cat([q, k, v], dim=0).t().contiguous(), o.t().contiguous()
+        return lw
     if layouts in ("dense", "both"):
         lw.wqkv = torch.cat([q, k, v], dim=0).contiguous()
         lw.wo = o.contiguous()
@@ -132,6 +152,9 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
         "q": c.attention_multiplier * math.sqrt(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)}
     for blk in inner.layers:
         at, mlp = blk.self_attn, blk.mlp
+        if hasattr(mlp, "experts"):
+            layers.append(_moe_layer(blk, cp, layouts, c.qkv_bias if kind == "qwen2_moe" else False))
+            continue
         fused = hasattr(at, "qkv_proj")  # Phi-3: q|k|v and gate|up are one linear each
         qkv_projs = (at.qkv_proj,) if fused else (at.q_proj, at.k_proj, at.v_proj)
         mlp_projs = (mlp.gate_up_proj, mlp.down_proj) if fused else (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -171,6 +194,38 @@ def weights_from_hf(model, device, dtype: torch.dtype, layouts: str = "both") ->
                    **rope_weights(inner.rotary_emb, device))
 
 
+def _moe_layer(blk, cp, layouts: str, qkv_bias: bool) -> LayerWeights:
+    """One Mixtral / Qwen2-MoE / Qwen3-MoE block: attention as any Llama block's, the router, and the experts stacked
+    in the sparse layout (transformers keeps them as 3-D parameters: gate|up [E, 2I, D], down [E, D, I]); Qwen2-MoE's
+    shared expert as a stack of one beside them, and its gate."""
+    at, moe = blk.self_attn, blk.mlp
+    ex = moe.experts
+    if not (hasattr(ex, "gate_up_proj") and hasattr(ex, "down_proj")) or getattr(moe.gate, "bias", None) is not None:
+        raise ValueError(f"the engine reads a mixture-of-experts layer's experts as fused 3-D gate_up_proj / down_proj "
+                         f"parameters and an unbiased router; got {type(ex).__name__} in {type(moe).__name__}")
+    biased = (at.o_proj,) if qkv_bias else (at.q_proj, at.k_proj, at.v_proj, at.o_proj)
+    for proj in biased:
+        if getattr(proj, "bias", None) is not None:
+            raise ValueError(f"the engine's mixture-of-experts attention has no biases but Qwen2-MoE's on q/k/v; got "
+                             f"a biased {type(at).__name__}")
+    lw = _layer(cp(blk.input_layernorm.weight), cp(blk.post_attention_layernorm.weight), cp(at.q_proj.weight),
+                cp(at.k_proj.weight), cp(at.v_proj.weight), cp(at.o_proj.weight), None, None, None, layouts)
+    lw.router = cp(moe.gate.weight).contiguous()
+    gate, up = cp(ex.gate_up_proj).chunk(2, dim=1)  # [E, I, D] each
+    lw.weg_t, lw.weu_t = gate.transpose(1, 2).contiguous(), up.transpose(1, 2).contiguous()
+    lw.wed_t = cp(ex.down_proj).transpose(1, 2).contiguous()
+    if getattr(at, "q_norm", None) is not None:
+        lw.q_norm, lw.k_norm = cp(at.q_norm.weight), cp(at.k_norm.weight)
+    if qkv_bias:
+        lw.bqkv = torch.cat([cp(at.q_proj.bias), cp(at.k_proj.bias), cp(at.v_proj.bias)])
+    se = getattr(moe, "shared_expert", None)
+    if se is not None:
+        lw.wsg_t, lw.wsu_t, lw.wsd_t = (cp(m.weight).t().contiguous()[None] for m in (se.gate_proj, se.up_proj,
+                                                                                      se.down_proj))
+        lw.shared_gate = cp(moe.shared_expert_gate.weight).contiguous()
+    return lw
+
+
 def rope_weights(rot, device) -> dict:
     """Weights' RoPE fields (inv_freq, rope_scale and, for Gemma 3's local layers, inv_freq_local and
     rope_scale_local) from a transformers rotary module, on `device` in float32."""
@@ -198,10 +253,25 @@ def random_weights(cfg: LlamaConfig, device, dtype: torch.dtype, seed: int = 0, 
     def ones(n: int = d) -> torch.Tensor:
         return torch.ones(n, device=device, dtype=torch.float32 if cfg.norm_f32 else dtype)
 
+    def experts(n_in: int, n_out: int) -> torch.Tensor:
+        """[E, n_in, n_out]: each expert's transposed weight, drawn in place (no natural-layout copy)."""
+        w = torch.empty(cfg.n_experts, n_in, n_out, device=device, dtype=dtype)
+        return w.normal_(0.0, 1.0 / math.sqrt(n_in), generator=gen)
+
     layers = []
     for _ in range(cfg.n_layers):
+        mlp = (None, None, None) if cfg.moe else (lin(i, d), lin(i, d), lin(d, i))
         lw = _layer(ones(), ones(), lin(cfg.q_size, d), lin(cfg.kv_size, d), lin(cfg.kv_size, d),
-                    lin(d, cfg.q_size), lin(i, d), lin(i, d), lin(d, i), layouts)
+                    lin(d, cfg.q_size), *mlp, layouts)
+        if cfg.moe:
+            ie = cfg.moe_intermediate_size
+            lw.router = lin(cfg.n_experts, d)
+            lw.weg_t, lw.weu_t, lw.wed_t = experts(d, ie), experts(d, ie), experts(ie, d)
+            if cfg.shared_expert_intermediate_size:
+                i_s = cfg.shared_expert_intermediate_size
+                lw.wsg_t, lw.wsu_t, lw.wsd_t = lin(i_s, d).t()[None], lin(i_s, d).t()[None], lin(d, i_s).t()[None]
+                lw.wsg_t, lw.wsu_t, lw.wsd_t = (w.contiguous() for w in (lw.wsg_t, lw.wsu_t, lw.wsd_t))
+                lw.shared_gate = lin(1, d)
         if cfg.qkv_bias:
             lw.bqkv = lin(1, cfg.q_size + 2 * cfg.kv_size)[0]
         if cfg.qk_norm:

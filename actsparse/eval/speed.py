@@ -4,6 +4,8 @@ This is the `triton` backend of DESIGN.md: a plan fitted on a transformers model
 the decode engine's per-site thresholds (actsparse.engine). Rules the kernels implement: `threshold`
 rules on site inputs q k v o gate up down (TEAL; with a per-channel shift and folded bias, SCAP), and
 on `layers.{i}.gate_act` (CATS) and `layers.{i}.up_out` (M-COUNTDOWN); a per-channel threshold [C] runs as is (WINA's t / ||W_{:,i}||);
+a mixture of experts' per-expert sites `expert{e}.gate/up/down` as a row set per expert, its shared expert's as
+`shared_gate/up/down`;
 `nm` rules as the kernels' N:M selection (no mitigation, or a static shift); `rsparse` rules as a
 per-channel threshold τ/|c| plus the low-rank path U·S·Vᵀ on the dropped inputs (two small GEMVs).
 Other rule kinds raise, naming what is supported (Top-K rules, LaRoSA's included: no kernel selects
@@ -42,20 +44,26 @@ def speed_unavailable_reason(model) -> str | None:
     return unsupported_reason(model.config)
 
 
+SHARED_SITES = {f"shared_expert.{r}": f"shared_{r}" for r in ("gate", "up", "down")}  # site role -> engine role
+
+
 def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePlan":
     """Return the engine's typed plan (thresholds, shifts, expected skips per layer and role) for a fitted plan.
 
     n_layers defaults to one past the highest layer the plan names.
     """
-    from ..engine.plan import ROLES, EnginePlan
+    from ..engine.plan import EXPERT_ROLE, ROLES, EnginePlan
 
     where = {}  # point -> (layer, the engine roles it sets): a fused q|k|v input (Phi-3's qkv_proj) sets all three
     for point in [*plan.rules, *(s for r in plan.rules.values() for s in r.skips)]:
         layer, _, role = point.removeprefix("layers.").partition(".")
-        if not layer.isdigit() or (role not in ROLES and role != "qkv"):
+        # a mixture of experts: each routed expert's sites as they are, Qwen2-MoE's shared expert's as shared_*
+        role = SHARED_SITES.get(role, role)
+        if not layer.isdigit() or (role not in ROLES and role != "qkv" and not EXPERT_ROLE.match(role)):
             rule = plan.rules.get(point)
             kind = rule.kind if rule is not None else "threshold"
-            raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ROLES)} and qkv; plan "
+            raise ActsparseError(f"the triton backend runs threshold rules on {', '.join(ROLES)}, qkv and a mixture "
+                                 f"of experts' expert{{e}}.gate/up/down and shared_expert.gate/up/down; plan "
                                  f"{plan.method!r} has a {kind!r} rule at {point}")
         where[point] = (int(layer), ("q", "k", "v") if role == "qkv" else (role,))
     out = EnginePlan.empty(n_layers if n_layers is not None else 1 + max((i for i, _ in where.values()), default=-1))

@@ -18,13 +18,16 @@ from benchmarks.hf_generate import PRESET_FAMILY, hf_config_for, hf_generate_spe
 ROOT = Path(__file__).resolve().parents[2]
 CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
          "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM", "gemma2": "Gemma2ForCausalLM",
-         "gemma3_text": "Gemma3ForCausalLM"}
+         "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+         "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def _n_params(c: LlamaConfig) -> int:
     """The weights a model of these shapes holds, counted from the engine's side of the spec."""
     d = c.hidden_size
-    per = d * (c.q_size + 2 * c.kv_size) + c.q_size * d + 3 * d * c.intermediate_size
+    mlp = c.n_experts * (3 * d * c.moe_intermediate_size + d) if c.moe else 3 * d * c.intermediate_size  # + router
+    mlp += 3 * d * c.shared_expert_intermediate_size + d * bool(c.shared_expert_intermediate_size)  # + its gate
+    per = d * (c.q_size + 2 * c.kv_size) + c.q_size * d + mlp
     per += (c.q_size + 2 * c.kv_size) * c.qkv_bias + 2 * c.head_dim * c.qk_norm + (4 if c.sandwich_norms else 2) * d
     return c.vocab_size * d * (1 if c.tie_embeddings else 2) + c.n_layers * per + d
 
@@ -62,8 +65,8 @@ def test_an_engine_config_without_a_name_reads_as_its_family():
 def test_what_no_transformers_config_holds_is_refused():
     with pytest.raises(ValueError, match=r"unknown engine preset 'llama9-1b'; expected one of llama3-8b, "):
         hf_config_for("llama9-1b")
-    with pytest.raises(ValueError, match="unknown transformers family 'mixtral'"):
-        hf_config_for("tiny", family="mixtral")
+    with pytest.raises(ValueError, match="unknown transformers family 'olmo2'"):
+        hf_config_for("tiny", family="olmo2")
     with pytest.raises(TypeError, match="engine preset name or an actsparse LlamaConfig, got dict"):
         hf_config_for({"hidden_size": 64})
     with pytest.raises(ValueError, match="qwen2 model's head_dim is hidden_size / heads = 128; this engine config "

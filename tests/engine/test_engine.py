@@ -193,7 +193,7 @@ def test_a_scap_plan_with_scalar_modes_runs_in_the_engine_as_in_the_torch_backen
 
 
 @pytest.mark.parametrize("family,why", [("gemma", "gemma needs Gemma 1's block"),
-                                        ("mixtral", "mixtral needs mixture-of-experts MLPs"),
+                                        ("gpt2", "gpt2 needs LayerNorms, learned positions"),
                                         ("neox", "gpt_neox needs parallel attention")])
 def test_a_model_the_engine_would_decode_wrong_is_refused_before_copying(family, why, tmp_path):
     """Another family's weights in a Llama block decode wrong tokens silently: refused with the reason, from a
@@ -201,8 +201,8 @@ def test_a_model_the_engine_would_decode_wrong_is_refused_before_copying(family,
     from tests.families.models import make_family
 
     model = make_family(family, layers=1)
-    with pytest.raises(ValueError, match=f"runs llama, mistral, qwen2, qwen3, phi3, granite, gemma2, gemma3_text "
-                                         f"models exactly; {why}"):
+    with pytest.raises(ValueError, match=f"runs llama, mistral, qwen2, qwen3, phi3, granite, gemma2, gemma3_text, "
+                                         f"mixtral, qwen2_moe, qwen3_moe models exactly; {why}"):
         Engine.from_hf(model, kernels="torch")
     model.config.save_pretrained(tmp_path)  # a config and no weights: refused before any load is tried
     with pytest.raises(ValueError, match=why):
