@@ -30,17 +30,28 @@ from triton.compiler import ASTSource  # noqa: E402
 from actsparse.kernels import cats, gather_gemv, masked_gemv, oneshot_gemv  # noqa: E402
 
 PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr", "res_ptr", "y_ptr", "a_ptr")},
-        **{n: "*fp32" for n in ("t_ptr", "m_ptr", "ws_ptr", "val_ptr", "acc_ptr", "rstd_ptr")},
+        **{n: "*fp32" for n in ("t_ptr", "m_ptr", "ws_ptr", "val_ptr", "acc_ptr", "rstd_ptr", "z_ptr")},
         **{n: "*i32" for n in ("cnt_ptr", "idx_ptr", "count_ptr")}, "e_ptr": "*i64", "ew_ptr": "*fp32"}
 
 
-def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4, use_dot: bool = False):
-    """The compiled walk for one configuration (sm_90): gate|up's pair with the RMSNorm and Gemma's gelu-tanh."""
-    consts = dict(NORM=True, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=True, HAS_BIAS=False, HAS_RES=False, ACT=2,
-                  NM_N=0, NM_M=1, GROUPS=1, GROUPS_P2=1, SPLIT=True, USE_DOT=use_dot, IEEE=False,
-                  VAL_B=4 if use_dot else 1, DEPTH=depth, BLOCK_B=16 if use_dot else 1, SEG_K=4096,
+def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4, use_dot: bool = False,
+                   accum: int = 0):
+    """The compiled walk for one configuration (sm_90): gate|up's pair with the RMSNorm and Gemma's gelu-tanh;
+    `accum` 1-3: adding into a given fp32 tensor (stored, read-add-stored, atomic), a bias on the first slice."""
+    consts = dict(NORM=True, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=True, HAS_BIAS=accum > 0, HAS_RES=False,
+                  ACT=0 if accum else 2, NM_N=0, NM_M=1, GROUPS=1 if accum < 3 else 4, GROUPS_P2=1 if accum < 3 else 4,
+                  SPLIT=not accum, USE_DOT=use_dot, IEEE=False, VAL_B=4 if use_dot else 1, DEPTH=depth,
+                  ACCUM=accum, BLOCK_B=16 if use_dot else 1, SEG_K=4096 if accum < 3 else 1024,
                   BLOCK_K=block_k, BLOCK_N=block_n)
     return _compile(gather_gemv._gather_kernel, consts, num_warps)
+
+
+def compile_compact(gated: int, zero: bool):
+    """The compiled compaction pass (sm_90): RMSNorm and selection, or act(gate)·up from a pair's raw sums
+    (`gated`), zeroing its share of an fp32 tensor (`zero`)."""
+    consts = dict(NORM=not gated, NORM_BLOCK=4096, HAS_SHIFT=False, NM_N=0, NM_M=1, GATED=gated, GROUPS=4,
+                  BLOCK_B=1, SEG_K=1024, ZERO=zero, Z_BLOCK=1024)
+    return _compile(gather_gemv._compact_kernel, consts, 4)
 
 
 def compile_masked(block_n: int, block_k: int, num_warps: int, pair: bool, atomic: bool, one_chunk: bool = True,
@@ -55,7 +66,7 @@ def compile_masked(block_n: int, block_k: int, num_warps: int, pair: bool, atomi
 
 
 def compile_oneshot(block_n: int, block_k: int, num_warps: int, pair: bool, use_dot: bool = False,
-                    experts: bool = False):
+                    experts: bool = False, pdl: bool = False):
     """The compiled one-shot tiles for one configuration (sm_90): o's GEMV, or gate|up's pair with the RMSNorm;
     `experts`: a mixture-of-experts layer's routed pair sums, or its gated down adding into the stream."""
     consts = dict(NORM=pair, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=pair, HAS_BIAS=False, HAS_RES=not pair,
@@ -63,7 +74,7 @@ def compile_oneshot(block_n: int, block_k: int, num_warps: int, pair: bool, use_
                   BLOCK_K=block_k, BLOCK_N=block_n, EXPERTS=False, HAS_EW=False)
     if experts:
         consts |= dict(HAS_RES=False, ACT=0, ACCUM=True, GATED=0 if pair else 1, EXPERTS=True, HAS_EW=not pair)
-    return _compile(oneshot_gemv._oneshot_kernel, consts, num_warps)
+    return _compile(oneshot_gemv._oneshot_kernel, consts | dict(PDL=pdl), num_warps)
 
 
 def compile_oneshot_up(block_n: int, block_k: int, num_warps: int, use_dot: bool = False):
@@ -81,9 +92,12 @@ def _cases() -> list[tuple[str, str, tuple]]:
              for dot in (False, True)]
     cases += [(f"gather depth={d} dot={dot}", "compile_gather", (32, 64, d, 4, dot)) for d in (1, 2)
               for dot in (False, True)]
+    cases += [(f"gather accum={a}", "compile_gather", (32, 64, 2, 4, False, a)) for a in (1, 2, 3)]
+    cases += [(f"compact gated={g} zero={z}", "compile_compact", (g, z)) for g, z in ((0, False), (0, True), (1, True))]
     cases += [(f"oneshot pair={p} dot={dot}", "compile_oneshot", (128, 64, 2, p, dot)) for p in (False, True)
               for dot in (False, True)]
     cases += [(f"oneshot experts pair={p}", "compile_oneshot", (128, 64, 2, p, False, True)) for p in (False, True)]
+    cases += [("oneshot pdl", "compile_oneshot", (128, 64, 2, True, False, False, True))]
     cases += [(f"cats_up oneshot dot={dot}", "compile_oneshot_up", (64, 128, 4, dot)) for dot in (False, True)]
     return cases
 
