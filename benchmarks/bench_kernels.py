@@ -567,14 +567,18 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
                                       impl=pick["pair"])
                     down(st, th, best["down"])
         t["block"] = time_graph(block) * 1e3 / lay.n
-        with use_pdl(True):  # the same block, every launch with programmatic dependent launch (where it runs)
-            pdl = not SMOKE and pdl_enabled(inp.x.device)
-            t["block_pdl"] = time_graph(block) * 1e3 / lay.n if pdl else None
+        # The same block launched with the other programmatic-dependent-launch setting, where it can run.
+        pdl_on = pdl_enabled(inp.x.device)
+        with use_pdl(True):
+            capable = not SMOKE and pdl_enabled(inp.x.device)
+        with use_pdl(not pdl_on):
+            t["block_other"] = time_graph(block) * 1e3 / lay.n if capable else None
         t0 = {k: time_graph(base[k]) * 1e3 / lay.n for k in ("o", "down", "pair", "qkv")}
         each = "  ".join(f"{op}=" + "/".join(f"{times[kern][op]:.1f}" for kern in kernels) for op in raw_ops)
         log(f"  accumulate s={s:.2f} ({'/'.join(kernels)}): {each}; one-shot with output: o={t0['o']:.1f} "
             f"down={t0['down']:.1f} gate|up (act·up epilogue)={t0['pair']:.1f} q|k|v={t0['qkv']:.1f}; "
-            f"block={t['block']:.1f} (with PDL {t['block_pdl']}) with q|k|v {'raw ' + best['qkv'] if raw_qkv else pick['qkv']}, o {best['o']}, "
+            f"block={t['block']:.1f} (PDL {'on' if pdl_on else 'off'}; {t['block_other']} with it "
+            f"{'off' if pdl_on else 'on'}) with q|k|v {'raw ' + best['qkv'] if raw_qkv else pick['qkv']}, o {best['o']}, "
             f"gate|up + down {'raw ' + best['pair'] + ' + gated ' + best['down_gated'] if raw_mlp else pick['pair'] + ' + accumulate ' + best['down']}"
             f"  rel err {errs}")
         rows += [{**meta, "kind": "kernel", "method": f"{kern}-accumulate", "op": k, "sparsity": s, "batch": inp.b,
@@ -588,8 +592,9 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
                               "down": f"gated, accumulate ({best['down_gated']})" if raw_mlp
                               else f"accumulate ({best['down']})"},
                      "max_rel_err": max(errs.values())})
-        if t["block_pdl"] is not None:
-            rows.append({**rows[-1], "method": "actsparse-accumulate-pdl", "us_per_block": round(t["block_pdl"], 2)})
+        if t["block_other"] is not None:
+            rows.append({**rows[-1], "method": f"actsparse-accumulate-{'no' if pdl_on else ''}pdl",
+                         "us_per_block": round(t["block_other"], 2)})
     log(f"  accumulate resources: { {k: v for k, v in configs.COMPILED.items() if 'accumulate' in k} }")
     return rows
 
@@ -660,8 +665,9 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 # ---------------------------------------------------------------------- decode
 # (model, batch) -> (method, union calibration, target sparsities) measured end to end
 # "teal-bf16-stream": the same plan with the residual stream kept in bf16 (no op adds into it in place).
-# "teal-pdl": the same plan with every kernel launched with programmatic dependent launch (`use_pdl`).
-DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5)), ("teal-pdl", False, (0.25, 0.5)),
+# "teal-nopdl" / "teal-pdl": the same plan with programmatic dependent launch off / on (`use_pdl`; the others:
+# the default, on where the GPU has it).
+DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5)), ("teal-nopdl", False, (0.25, 0.5)),
                                   ("teal-bf16-stream", False, (0.25, 0.5)),
                                   ("teal", False, (0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8))],
                ("llama3-8b", 2): [("teal", False, (0.5,)), ("teal-union", True, (0.5,))],
@@ -678,6 +684,8 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
     from actsparse.engine import PRESETS, Engine
     from actsparse.engine.crossover import crossovers, op_times
     from engine_thresholds import calibrate_thresholds, measure_sparsity
+
+    pdl_default = pdl_enabled(torch.device(DEV))  # what the engine launches with unless a variant says otherwise
 
     rows = []
     for name in dict.fromkeys(m for m, _ in DECODE_PLAN):
@@ -723,7 +731,8 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
                                          method="cats" if method == "cats" else "teal")
                     eng.residual_fp32 = method != "teal-bf16-stream"
                     eng.reset_graphs()
-                    with use_pdl(method.endswith("-pdl")):  # captured with (or without) PDL, replayed as captured
+                    pdl = {"-pdl": True, "-nopdl": False}.get(method[method.rfind("-"):], pdl_default)
+                    with use_pdl(pdl):  # captured with (or without) PDL, replayed as captured
                         tok_s = speed(b, True)
                     eng.residual_fp32 = True
                     eng.reset_graphs()

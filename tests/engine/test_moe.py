@@ -94,7 +94,8 @@ def test_random_moe_weights_keep_the_experts_stacked_in_the_sparse_layout():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=0, n_layers=2, n_heads=2, n_kv_heads=1,
                       head_dim=16, qk_norm=True, n_experts=6, top_k=3, moe_intermediate_size=24, norm_topk_prob=True,
                       router="qwen", shared_expert_intermediate_size=40)
-    eng = Engine.random(cfg, device="cpu", dtype=torch.float32, kernels="torch", layouts="dense", max_seq_len=16)
+    # Drawn on the device the Triton engine runs on: a device's generator draws other numbers than the CPU's.
+    eng = Engine.random(cfg, device=DEVICE, dtype=torch.float32, kernels="torch", layouts="dense", max_seq_len=16)
     lw = eng.w.layers[0]
     assert lw.weg_t.shape == lw.weu_t.shape == (6, 32, 24) and lw.wed_t.shape == (6, 24, 32)
     assert lw.wsg_t.shape == (1, 32, 40) and lw.wsd_t.shape == (1, 40, 32) and lw.shared_gate.shape == (1, 32)
@@ -103,7 +104,7 @@ def test_random_moe_weights_keep_the_experts_stacked_in_the_sparse_layout():
                         fallback_below=0.0)
     seq = torch.randint(0, 64, (1, 4))
     assert torch.allclose(_engine_logits(tri, seq, False), _engine_logits(eng, seq, False), atol=1e-4, rtol=1e-3)
-    eng = Engine.random(cfg, device="cpu", dtype=torch.float32, kernels="torch", max_seq_len=16)  # + attention's
+    eng = Engine.random(cfg, device=DEVICE, dtype=torch.float32, kernels="torch", max_seq_len=16)  # + attention's
     # sparse layout, the same draws
     th = {f"layers.{i}.{r}": 0.3 for i in range(2) for r in ROLES + ("shared_down",)}
     eng.set_thresholds(th)

@@ -2,6 +2,8 @@
 sparse ops launched with it gives what the same ops give launched plainly (a kernel reading before its
 predecessor finished would show as stale sums, far outside the tolerance)."""
 
+import os
+
 import pytest
 import torch
 
@@ -31,6 +33,7 @@ def test_off_on_the_cpu_and_the_switch_restores_itself():
             assert not pdl_enabled(cpu)
     from actsparse.kernels import pdl
 
+    assert pdl._enabled or os.environ.get("ACTSPARSE_PDL") == "0"  # on unless turned off
     before = pdl._enabled
     with use_pdl(not before):
         assert pdl._enabled is (not before)
