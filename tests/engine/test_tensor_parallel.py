@@ -66,12 +66,12 @@ def _short(case, device) -> bool:
 
 
 def _case(name: str, plan_kind: str, kernels: str, rank: int, world: int, device="cpu", short: bool = False,
-          dtype=torch.float32):
+          dtype=torch.float32, graphs: bool = True):
     """(engine, prompt) of one case: the whole model's random weights (seeded), sharded to rank; world 0: the
-    single-GPU Engine."""
+    single-GPU Engine; graphs=False: decode steps run eagerly (gloo's collectives cannot be captured)."""
     cfg = CONFIGS[name]
     whole = random_weights(cfg, torch.device("cpu"), dtype, seed=7)
-    kw = dict(kernels=kernels, max_batch=2, max_seq_len=PROMPT + NEW, fallback_below=0.0)
+    kw = dict(kernels=kernels, max_batch=2, max_seq_len=PROMPT + NEW, fallback_below=0.0, use_graphs=graphs)
     eng = (Engine(cfg, shard_weights(whole, cfg, 0, 1, device), **kw) if world == 0 else
            TPEngine.from_weights(cfg, whole, rank, world, device=device, **kw))
     plan = _plan(cfg, plan_kind)
@@ -96,13 +96,13 @@ def _run(eng, prompt, short: bool = False) -> tuple[torch.Tensor, Optional[torch
     return eng.last_tokens.cpu(), torch.stack(logits)
 
 
-def _rank_cases(rank: int, world: int, cases, device=None) -> dict:
+def _rank_cases(rank: int, world: int, cases, device=None, graphs: bool = True) -> dict:
     """On each rank: every case's tokens and logit slice (run by `run_ranks`), and "device": where its engines ran."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = {}
     for case in cases:
         short = _short(case, device)
-        eng, prompt = _case(*case, rank, world, device, short)
+        eng, prompt = _case(*case, rank, world, device, short, graphs=graphs)
         out[case] = _run(eng, prompt, short)
         out["device"] = str(eng.device)
     return out
@@ -238,6 +238,20 @@ def test_two_nccl_ranks_on_two_gpus_decode_the_single_gpu_engines_tokens():
              ("llama", "cats", "triton")]
     got = run_ranks(_rank_cases, 2, cases, backend="nccl")
     assert [r["device"] for r in got] == ["cuda:0", "cuda:1"]
+    for case in cases:
+        _check(case, [r[case] for r in got], atol=1e-3, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_gloo_ranks_on_one_gpu_run_the_compiled_kernels_to_the_single_gpu_engines_tokens():
+    """World size 2 on one GPU: two gloo processes both on cuda:0 (NCCL refuses two ranks on one GPU), the Triton
+    kernels compiled, decode steps eager (gloo's all-reduce cannot be captured into a CUDA graph): the
+    arithmetic of the split checked on the GPU machine whatever its GPU count."""
+    cases = [("llama", "dense", "triton"), ("llama", "teal", "triton"), ("gemma2", "scap", "triton"),
+             ("llama", "cats", "triton")]
+    got = run_ranks(_rank_cases, 2, cases, "cuda:0", False, backend="gloo")
+    assert [r["device"] for r in got] == ["cuda:0", "cuda:0"]
     for case in cases:
         _check(case, [r[case] for r in got], atol=1e-3, device="cuda")
 
