@@ -75,6 +75,7 @@ ONESHOT_GRID = {1: [(128, 64, 2), (64, 64, 2), (128, 32, 2), (256, 32, 2), (64, 
                     (256, 64, 4), (128, 128, 4), (256, 64, 2), (128, 128, 2)],
                 4: [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 32, 4)]}
 DEV = "cuda"
+TUNE_GATHER_ACCUMULATE = False  # --tune-gather-accumulate: sweep GATHER_GRID for the walk adding into a tensor
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
 if SMOKE:
     D, KV, INTER, DEV = 64, 16, 96, "cpu"
@@ -526,6 +527,27 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
             log(f"  accumulate {name} tiles (us at 0.25 + 0.5): " +
                 " ".join(f"{c.block_n}x{c.block_k}x{c.num_warps}w={v * 1e3 / lay.n:.1f}" for c, v in res.items()) +
                 f" -> {best}")
+    if TUNE_GATHER_ACCUMULATE and "gather" in kernels:  # the walk's tiles for adding into a tensor
+        shapes = {"qkv": (D, D + 2 * KV), "o": (D, D), "pair": (D, INTER), "down_gated": (INTER, D)}
+        for name, (k, n) in shapes.items():
+            th25, th50 = inp.thresholds(0.25), inp.thresholds(0.5)
+            res = {}
+            for c in GATHER_GRID[1 if inp.b == 1 else 4]:
+                cfg = GatherConfig(*c)
+                try:
+                    with override_config(cfg):
+                        res[cfg] = sum(time_graph(lambda: [raw_ops[name](st, th, "gather") for st in lay.sets])
+                                       for th in (th25, th50))
+                except Exception as e:
+                    log(f"  gather accumulate {name} {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
+            if res:
+                best = min(res, key=res.get)
+                configs.TUNED_GATHER[("accumulate", k, n, configs.batch_bucket(inp.b))] = best
+                accumulate_tuned[f"gather|accumulate|{k}|{n}|{inp.b}"] = best.__dict__
+                log(f"  gather accumulate {name} tiles (us at 0.25 + 0.5): " + " ".join(
+                    f"{c.block_n}x{c.seg_k}x{c.block_k}x{c.num_warps}w{'d2' if c.depth == 2 else ''}="
+                    f"{v * 1e3 / lay.n:.1f}" for c, v in sorted(res.items(), key=lambda kv: kv[1])[:6]) +
+                    f" -> {best}")
     for s in SPARSITIES:
         if clock.left(0.6) < 0 or not all(s in side[i] for i in side):
             break
@@ -887,6 +909,9 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep masked-walk launch configs first and use the winners")
     ap.add_argument("--tune-gather", action="store_true", help="sweep gather-walk launch configs first, use the winners")
     ap.add_argument("--tune-oneshot", action="store_true", help="sweep the one-shot tiles' configs first, use the winners")
+    ap.add_argument("--tune-gather-accumulate", action="store_true",
+                    help="sweep the gather walk's configs for adding into a tensor (q|k|v and gate|up raw sums, o "
+                         "into the stream, down gated), use the winners")
     ap.add_argument("--load-tuned", type=pathlib.Path, help="an earlier run's tuned.json: use its winners (no sweep)")
     ap.add_argument("--impls", default="masked,gather,oneshot", help="kernels timed side by side (default: %(default)s)")
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
@@ -928,6 +953,8 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.note)
         return
+    global TUNE_GATHER_ACCUMULATE
+    TUNE_GATHER_ACCUMULATE = args.tune_gather_accumulate
     if args.load_tuned:
         for impl, got in json.loads(args.load_tuned.read_text()).items():
             cls, table = CONFIG_CLASSES[impl], getattr(configs, TUNERS[impl][1])

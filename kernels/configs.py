@@ -90,7 +90,8 @@ TUNED_MASKED: dict[tuple[str, int, int, int], MaskedConfig] = {
 
 # Gather, batch 1: H200, 2026-12-05, `--tune-gather` over 21 configs a shape, weights 0:1,0.5:1,0.9:1 (two
 # gathered tiles in flight, depth 2, won every op; 32-column strips except gate|up's 64 at 2 warps);
-# batch 4: the FMA walk with short slices.
+# batch 4: the FMA walk with short slices. Kind "accumulate" (adding into a given tensor): `bench_kernels.py
+# --tune-gather-accumulate`, none measured yet.
 TUNED_GATHER: dict[tuple[str, int, int, int], GatherConfig] = {
     ("qkv", 4096, 6144, 1): GatherConfig(block_n=32, seg_k=2048, block_k=128, depth=2),
     ("gemv", 4096, 4096, 1): GatherConfig(block_n=32, seg_k=1024, block_k=128, depth=2),
@@ -242,7 +243,9 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, packed
     key = (kind, k, n, batch_bucket(b))
     cfg = _override if _CLASSES.get(type(_override)) == impl else None
     if impl == "gather":
-        return "gather", cfg or TUNED_GATHER.get(key) or default_gather(b)
+        # Adding into a given tensor (no counter, no tail) may want other tiles: its own entry where tuned.
+        tuned = (TUNED_GATHER.get(("accumulate", k, n, batch_bucket(b))) if accum else None) or TUNED_GATHER.get(key)
+        return "gather", cfg or tuned or default_gather(b)
     if impl == "oneshot":
         # Adding into a given tensor has its own tuned tiles (no epilogue: larger K tiles, fewer atomics pay).
         tuned = (TUNED_ONESHOT.get(("accumulate", k, n, batch_bucket(b))) if accum else None) or TUNED_ONESHOT.get(key)
