@@ -473,7 +473,7 @@ def prenormed_bench(lay: Layers, inp: Inputs, clock: Clock, meta: dict, dtype_na
     return rows
 
 
-accumulate_tuned: dict[str, dict] = {}  # "accumulate|K|N|batch" -> the tile accumulate_bench's sweep chose
+accumulate_tuned: dict[str, dict] = {}  # "kernel|accumulate|K|N|batch" -> the tile accumulate_bench's sweep chose
 
 
 def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: dict, dtype_name: str) -> list[dict]:
@@ -508,46 +508,40 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
     raw_ops = {"qkv": qkv, "o": o, "down": down, "pair": pair, "down_gated": down_gated}
     kernels = [k for k in ("oneshot", "gather") if not configs.why_not(k, inp.b, False, False, False, True)]
 
+    def sweep_tiles(label: str, cfgs, timed, table: dict, key: tuple, fmt) -> None:
+        """Time timed() under each config; the fastest becomes table[key] (and is logged and recorded)."""
+        res = {}
+        for cfg in cfgs:
+            try:
+                with override_config(cfg):
+                    res[cfg] = timed()
+            except Exception as e:
+                log(f"  {label} {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
+        if res:
+            best = table[key] = min(res, key=res.get)
+            accumulate_tuned["|".join(map(str, (label.split()[0],) + key))] = best.__dict__
+            log(f"  {label} tiles (us at 0.25 + 0.5): " + " ".join(
+                f"{fmt(c)}={v * 1e3 / lay.n:.1f}" for c, v in sorted(res.items(), key=lambda kv: kv[1])[:8]) +
+                f" -> {best}")
+
+    bb = 1 if inp.b == 1 else 4
     # Its own tiles first: without an epilogue, larger K tiles (fewer atomics) may pay.
     for name, w, xin, (k, n) in (("o", "wo_t", inp.a, (D, D)), ("down", "wd_t", inp.h, (INTER, D))):
         ths = [inp.thresholds(s)[name] for s in (0.25, 0.5)]
-        res = {}
-        for c in ONESHOT_GRID[1 if inp.b == 1 else 4]:
-            cfg = OneshotConfig(*c)
-            try:
-                with override_config(cfg):
-                    res[cfg] = sum(time_graph(lambda: [_sparse_gemv(xin, st[w], t, accumulate=acc[name])
-                                                       for st in lay.sets]) for t in ths)
-            except Exception as e:
-                log(f"  accumulate {name} {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
-        if res:
-            best = min(res, key=res.get)
-            configs.TUNED_ONESHOT[("accumulate", k, n, configs.batch_bucket(inp.b))] = best
-            accumulate_tuned[f"accumulate|{k}|{n}|{inp.b}"] = best.__dict__
-            log(f"  accumulate {name} tiles (us at 0.25 + 0.5): " +
-                " ".join(f"{c.block_n}x{c.block_k}x{c.num_warps}w={v * 1e3 / lay.n:.1f}" for c, v in res.items()) +
-                f" -> {best}")
+        sweep_tiles(f"oneshot accumulate {name}", [OneshotConfig(*c) for c in ONESHOT_GRID[bb]],
+                    lambda: sum(time_graph(lambda: [_sparse_gemv(xin, st[w], t, accumulate=acc[name])
+                                                    for st in lay.sets]) for t in ths),
+                    configs.TUNED_ONESHOT, ("accumulate", k, n, configs.batch_bucket(inp.b)),
+                    lambda c: f"{c.block_n}x{c.block_k}x{c.num_warps}w")
     if TUNE_GATHER_ACCUMULATE and "gather" in kernels:  # the walk's tiles for adding into a tensor
         shapes = {"qkv": (D, D + 2 * KV), "o": (D, D), "pair": (D, INTER), "down_gated": (INTER, D)}
+        ths = [inp.thresholds(s) for s in (0.25, 0.5)]
         for name, (k, n) in shapes.items():
-            th25, th50 = inp.thresholds(0.25), inp.thresholds(0.5)
-            res = {}
-            for c in GATHER_GRID[1 if inp.b == 1 else 4]:
-                cfg = GatherConfig(*c)
-                try:
-                    with override_config(cfg):
-                        res[cfg] = sum(time_graph(lambda: [raw_ops[name](st, th, "gather") for st in lay.sets])
-                                       for th in (th25, th50))
-                except Exception as e:
-                    log(f"  gather accumulate {name} {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
-            if res:
-                best = min(res, key=res.get)
-                configs.TUNED_GATHER[("accumulate", k, n, configs.batch_bucket(inp.b))] = best
-                accumulate_tuned[f"gather|accumulate|{k}|{n}|{inp.b}"] = best.__dict__
-                log(f"  gather accumulate {name} tiles (us at 0.25 + 0.5): " + " ".join(
-                    f"{c.block_n}x{c.seg_k}x{c.block_k}x{c.num_warps}w{'d2' if c.depth == 2 else ''}="
-                    f"{v * 1e3 / lay.n:.1f}" for c, v in sorted(res.items(), key=lambda kv: kv[1])[:6]) +
-                    f" -> {best}")
+            sweep_tiles(f"gather accumulate {name}", [GatherConfig(*c) for c in GATHER_GRID[bb]],
+                        lambda: sum(time_graph(lambda: [raw_ops[name](st, th, "gather") for st in lay.sets])
+                                    for th in ths),
+                        configs.TUNED_GATHER, ("accumulate", k, n, configs.batch_bucket(inp.b)),
+                        lambda c: f"{c.block_n}x{c.seg_k}x{c.block_k}x{c.num_warps}w{'d2' if c.depth == 2 else ''}")
     for s in SPARSITIES:
         if clock.left(0.6) < 0 or not all(s in side[i] for i in side):
             break
