@@ -75,7 +75,7 @@ ONESHOT_GRID = {1: [(128, 64, 2), (64, 64, 2), (128, 32, 2), (256, 32, 2), (64, 
                     (256, 64, 4), (128, 128, 4), (256, 64, 2), (128, 128, 2)],
                 4: [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 32, 4)]}
 DEV = "cuda"
-TUNE_GATHER_ACCUMULATE = False  # --tune-gather-accumulate: sweep GATHER_GRID for the walk adding into a tensor
+TUNE_ACCUMULATE = False  # --tune-accumulate: sweep both kernels' tiles for every op adding into a tensor
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
 if SMOKE:
     D, KV, INTER, DEV = 64, 16, 96, "cpu"
@@ -473,6 +473,7 @@ def prenormed_bench(lay: Layers, inp: Inputs, clock: Clock, meta: dict, dtype_na
     return rows
 
 
+TILE_TABLES = {"oneshot": configs.TUNED_ONESHOT, "gather": configs.TUNED_GATHER}
 accumulate_tuned: dict[str, dict] = {}  # "kernel|accumulate|K|N|batch" -> the tile accumulate_bench's sweep chose
 
 
@@ -508,40 +509,43 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
     raw_ops = {"qkv": qkv, "o": o, "down": down, "pair": pair, "down_gated": down_gated}
     kernels = [k for k in ("oneshot", "gather") if not configs.why_not(k, inp.b, False, False, False, True)]
 
-    def sweep_tiles(label: str, cfgs, timed, table: dict, key: tuple, fmt) -> None:
-        """Time timed() under each config; the fastest becomes table[key] (and is logged and recorded)."""
+    def sweep_tiles(kernel: str, op: str, cfgs, timed, key: tuple, fmt) -> None:
+        """Time timed() under each of kernel's tile configs; the fastest becomes its table's key (logged, recorded)."""
         res = {}
         for cfg in cfgs:
+            if clock.left(0.4) < 0:
+                log(f"  {kernel} accumulate {op}: out of its time budget, stopping the sweep")
+                break
             try:
                 with override_config(cfg):
                     res[cfg] = timed()
             except Exception as e:
-                log(f"  {label} {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
+                log(f"  {kernel} accumulate {op} {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
         if res:
-            best = table[key] = min(res, key=res.get)
-            accumulate_tuned["|".join(map(str, (label.split()[0],) + key))] = best.__dict__
-            log(f"  {label} tiles (us at 0.25 + 0.5): " + " ".join(
+            best = TILE_TABLES[kernel][key] = min(res, key=res.get)
+            accumulate_tuned["|".join(map(str, (kernel,) + key))] = best.__dict__
+            log(f"  {kernel} accumulate {op} tiles (us at 0.25 + 0.5): " + " ".join(
                 f"{fmt(c)}={v * 1e3 / lay.n:.1f}" for c, v in sorted(res.items(), key=lambda kv: kv[1])[:8]) +
                 f" -> {best}")
 
     bb = 1 if inp.b == 1 else 4
-    # Its own tiles first: without an epilogue, larger K tiles (fewer atomics) may pay.
-    for name, w, xin, (k, n) in (("o", "wo_t", inp.a, (D, D)), ("down", "wd_t", inp.h, (INTER, D))):
-        ths = [inp.thresholds(s)[name] for s in (0.25, 0.5)]
-        sweep_tiles(f"oneshot accumulate {name}", [OneshotConfig(*c) for c in ONESHOT_GRID[bb]],
-                    lambda: sum(time_graph(lambda: [_sparse_gemv(xin, st[w], t, accumulate=acc[name])
-                                                    for st in lay.sets]) for t in ths),
-                    configs.TUNED_ONESHOT, ("accumulate", k, n, configs.batch_bucket(inp.b)),
-                    lambda c: f"{c.block_n}x{c.block_k}x{c.num_warps}w")
-    if TUNE_GATHER_ACCUMULATE and "gather" in kernels:  # the walk's tiles for adding into a tensor
-        shapes = {"qkv": (D, D + 2 * KV), "o": (D, D), "pair": (D, INTER), "down_gated": (INTER, D)}
-        ths = [inp.thresholds(s) for s in (0.25, 0.5)]
-        for name, (k, n) in shapes.items():
-            sweep_tiles(f"gather accumulate {name}", [GatherConfig(*c) for c in GATHER_GRID[bb]],
-                        lambda: sum(time_graph(lambda: [raw_ops[name](st, th, "gather") for st in lay.sets])
+    grids = {"oneshot": ([OneshotConfig(*c) for c in ONESHOT_GRID[bb]],
+                         lambda c: f"{c.block_n}x{c.block_k}x{c.num_warps}w"),
+             "gather": ([GatherConfig(*c) for c in GATHER_GRID[bb]],
+                        lambda c: f"{c.block_n}x{c.seg_k}x{c.block_k}x{c.num_warps}w{'d2' if c.depth == 2 else ''}")}
+    # Adding into a tensor has no epilogue: other tiles (larger K tiles, fewer atomics; wider strips) may pay.
+    # Always the one-shot tiles of o and down; with --tune-accumulate every raw op on every kernel.
+    # The most bytes first, should the budget end the sweep.
+    shapes = {"pair": (D, INTER), "down_gated": (INTER, D), "qkv": (D, D + 2 * KV), "o": (D, D)}
+    ths = [inp.thresholds(s) for s in (0.25, 0.5)]
+    for name, (k, n) in shapes.items():
+        for kernel in kernels:
+            if not TUNE_ACCUMULATE and (kernel != "oneshot" or name not in ("o", "down_gated")):
+                continue
+            sweep_tiles(kernel, name, grids[kernel][0],
+                        lambda: sum(time_graph(lambda: [raw_ops[name](st, th, kernel) for st in lay.sets])
                                     for th in ths),
-                        configs.TUNED_GATHER, ("accumulate", k, n, configs.batch_bucket(inp.b)),
-                        lambda c: f"{c.block_n}x{c.seg_k}x{c.block_k}x{c.num_warps}w{'d2' if c.depth == 2 else ''}")
+                        ("accumulate", k, n, configs.batch_bucket(inp.b)), grids[kernel][1])
     for s in SPARSITIES:
         if clock.left(0.6) < 0 or not all(s in side[i] for i in side):
             break
@@ -903,9 +907,9 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep masked-walk launch configs first and use the winners")
     ap.add_argument("--tune-gather", action="store_true", help="sweep gather-walk launch configs first, use the winners")
     ap.add_argument("--tune-oneshot", action="store_true", help="sweep the one-shot tiles' configs first, use the winners")
-    ap.add_argument("--tune-gather-accumulate", action="store_true",
-                    help="sweep the gather walk's configs for adding into a tensor (q|k|v and gate|up raw sums, o "
-                         "into the stream, down gated), use the winners")
+    ap.add_argument("--tune-accumulate", action="store_true",
+                    help="sweep the one-shot tiles' and the gather walk's configs for adding into a tensor (q|k|v and "
+                         "gate|up raw sums, o into the stream, down gated), use the winners")
     ap.add_argument("--load-tuned", type=pathlib.Path, help="an earlier run's tuned.json: use its winners (no sweep)")
     ap.add_argument("--impls", default="masked,gather,oneshot", help="kernels timed side by side (default: %(default)s)")
     ap.add_argument("--tune-weights", default="0:1,0.5:1,0.9:1",
@@ -947,12 +951,16 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.note)
         return
-    global TUNE_GATHER_ACCUMULATE
-    TUNE_GATHER_ACCUMULATE = args.tune_gather_accumulate
+    global TUNE_ACCUMULATE
+    TUNE_ACCUMULATE = args.tune_accumulate
     if args.load_tuned:
         for impl, got in json.loads(args.load_tuned.read_text()).items():
-            cls, table = CONFIG_CLASSES[impl], getattr(configs, TUNERS[impl][1])
             for key, cfg in got["best"].items():
+                if impl == "accumulate":  # "kernel|accumulate|K|N|batch": adding into a tensor, per kernel
+                    kernel, key = key.split("|", 1)
+                    cls, table = CONFIG_CLASSES[kernel], TILE_TABLES[kernel]
+                else:
+                    cls, table = CONFIG_CLASSES[impl], getattr(configs, TUNERS[impl][1])
                 kind, k, n, b = key.split("|")
                 table[(kind, int(k), int(n), int(b))] = cls(**cfg)
         log(f"tuned configs from {args.load_tuned}: {configs.TUNED_ONESHOT} {configs.TUNED_GATHER}")
@@ -998,6 +1006,8 @@ def main() -> None:
             extra["impl"] = dict(extra_impl)
             if accumulate_tuned:
                 extra["tuned_accumulate"] = dict(accumulate_tuned)
+                tuned["accumulate"] = {"best": dict(accumulate_tuned)}
+                (out / "tuned.json").write_text(json.dumps(tuned, indent=1))
             save()
             del lay
             (torch.cuda.empty_cache() if not SMOKE else None)

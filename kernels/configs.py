@@ -91,7 +91,7 @@ TUNED_MASKED: dict[tuple[str, int, int, int], MaskedConfig] = {
 # Gather, batch 1: H200, 2026-12-05, `--tune-gather` over 21 configs a shape, weights 0:1,0.5:1,0.9:1 (two
 # gathered tiles in flight, depth 2, won every op; 32-column strips except gate|up's 64 at 2 warps);
 # batch 4: the FMA walk with short slices. Kind "accumulate" (adding into a given tensor): `bench_kernels.py
-# --tune-gather-accumulate`, none measured yet.
+# --tune-accumulate`, none measured yet.
 TUNED_GATHER: dict[tuple[str, int, int, int], GatherConfig] = {
     ("qkv", 4096, 6144, 1): GatherConfig(block_n=32, seg_k=2048, block_k=128, depth=2),
     ("gemv", 4096, 4096, 1): GatherConfig(block_n=32, seg_k=1024, block_k=128, depth=2),
