@@ -9,6 +9,8 @@ soft-capped, c·tanh(s / c) (Gemma 2).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -18,23 +20,42 @@ from .pdl import pdl_args, pdl_prologue
 
 
 @triton.jit
-def _rope(ptr, offs_h, mask_h, d, partner, cos, sin, D: tl.constexpr):
+def _head_norm(x, rstd, g_ptr, lanes, mask, src_ptr, cache_ptr, SCALE_F32: tl.constexpr):
+    """RMSNorm of head rows x [*, DP] (fp32, loaded from q|k|v) by their rstd, scaled by g at `lanes`, rounded as
+    the engine's unfused norm rounds: normalise, cast to q|k|v's dtype (HF; not SCALE_F32: Gemma scales in
+    float32), scale, cast to the model's (= the cache's) dtype."""
+    y = x * rstd[:, None]
+    if not SCALE_F32:
+        y = y.to(src_ptr.dtype.element_ty).to(tl.float32)
+    g = tl.load(g_ptr + lanes, mask=mask, other=0.0).to(tl.float32)
+    return (y * g[None, :]).to(cache_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _rope(ptr, offs_h, mask_h, d, partner, cos, sin, g_ptr, eps, cache_ptr, D: tl.constexpr, NORM: tl.constexpr,
+          SCALE_F32: tl.constexpr):
     """x·cos + rotate_half(x)·sin for rows offs_h of a [*, D] block (HF Llama convention); lanes d ≥ D (the
-    padding up to a power of two) read as 0."""
+    padding up to a power of two) read as 0. NORM: each row RMS-normalised and scaled by g first (Qwen3's and
+    Gemma 3's per-head q and k norms)."""
     m = mask_h[:, None] & (d < D)[None, :]
     x = tl.load(ptr + offs_h[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
     xp = tl.load(ptr + offs_h[:, None] * D + partner[None, :], mask=m, other=0.0).to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        x = _head_norm(x, rstd, g_ptr, d, d < D, ptr, cache_ptr, SCALE_F32)
+        xp = _head_norm(xp, rstd, g_ptr, partner, d < D, ptr, cache_ptr, SCALE_F32)
     sign = tl.where(d < D // 2, -1.0, 1.0)
     return x * cos[None, :] + sign[None, :] * xp * sin[None, :]
 
 
 @triton.jit
 def _decode_attention_kernel(
-    qkv_ptr, kc_ptr, vc_ptr, pos_ptr, inv_freq_ptr, out_ptr,
+    qkv_ptr, kc_ptr, vc_ptr, pos_ptr, inv_freq_ptr, out_ptr, qn_ptr, kn_ptr,
     stride_qkv, stride_cb, stride_ch, stride_cs, stride_ob,
-    sm_scale, rope_scale, softcap, window,
+    sm_scale, rope_scale, softcap, window, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, PDL: tl.constexpr = False):
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+    NORM: tl.constexpr = False, SCALE_F32: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -48,7 +69,8 @@ def _decode_attention_kernel(
 
     row = qkv_ptr + b * stride_qkv
     one = tl.arange(0, 1)
-    k_new = _rope(row + (HQ + h) * D, one, one < 1, d, partner, cos, sin, D)  # [1, D]
+    k_new = _rope(row + (HQ + h) * D, one, one < 1, d, partner, cos, sin, kn_ptr, eps, kc_ptr, D, NORM,
+                  SCALE_F32)  # [1, D]
     v_new = tl.load(row + (HQ + HKV + h) * D + d, mask=mask_d, other=0.0)
     kc = kc_ptr + b * stride_cb + h * stride_ch
     vc = vc_ptr + b * stride_cb + h * stride_ch
@@ -58,7 +80,8 @@ def _decode_attention_kernel(
 
     g = tl.arange(0, BLOCK_G)
     mask_g = g < GROUP
-    q = _rope(row + h * GROUP * D, g, mask_g, d, partner, cos, sin, D) * sm_scale  # [BLOCK_G, D]
+    q = _rope(row + h * GROUP * D, g, mask_g, d, partner, cos, sin, qn_ptr, eps, kc_ptr, D, NORM,
+              SCALE_F32) * sm_scale  # [BLOCK_G, D]
     q = q.to(kc_ptr.dtype.element_ty)
     # Make this program's cache writes visible to all of its threads before reading the cache.
     tl.debug_barrier()
@@ -95,25 +118,28 @@ def _decode_attention_kernel(
 @torch.library.custom_op("actsparse::decode_attention", mutates_args=("k_cache", "v_cache"))
 def _decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                          inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int, sm_scale: float,
-                         rope_scale: float, block_s: int, softcap: float = 0.0, window: int = 0) -> torch.Tensor:
+                         rope_scale: float, block_s: int, softcap: float = 0.0, window: int = 0,
+                         q_norm: Optional[torch.Tensor] = None, k_norm: Optional[torch.Tensor] = None,
+                         norm_eps: float = 1e-6, norm_f32: bool = False) -> torch.Tensor:
     b = qkv.shape[0]
     d = k_cache.shape[-1]
     group = n_heads // n_kv_heads
     out = new_output((b, n_heads * d), qkv.device, k_cache.dtype)  # an fp32 q|k|v still yields cache-dtype rows
+    norm = q_norm is not None
     _decode_attention_kernel[(b, n_kv_heads)](
-        qkv, k_cache, v_cache, pos, inv_freq, out,
+        qkv, k_cache, v_cache, pos, inv_freq, out, q_norm if norm else inv_freq, k_norm if norm else inv_freq,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        sm_scale, rope_scale, softcap if softcap > 0 else 1.0, window if window > 0 else k_cache.shape[2],
+        sm_scale, rope_scale, softcap if softcap > 0 else 1.0, window if window > 0 else k_cache.shape[2], norm_eps,
         HQ=n_heads, HKV=n_kv_heads, D=d, DP=triton.next_power_of_2(d), GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_S=block_s, IEEE=k_cache.dtype == torch.float32, SOFTCAP=softcap > 0, num_warps=4, num_stages=2,
-        **pdl_args(qkv.device),
+        BLOCK_S=block_s, IEEE=k_cache.dtype == torch.float32, SOFTCAP=softcap > 0, NORM=norm, SCALE_F32=norm_f32,
+        num_warps=4, num_stages=2, **pdl_args(qkv.device),
     )
     return out
 
 
 @_decode_attention_op.register_fake
 def _(qkv, k_cache, v_cache, pos, inv_freq, n_heads, n_kv_heads, sm_scale, rope_scale, block_s, softcap=0.0,
-      window=0):
+      window=0, q_norm=None, k_norm=None, norm_eps=1e-6, norm_f32=False):
     return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]), dtype=k_cache.dtype)
 
 
@@ -131,6 +157,10 @@ def decode_attention(
     softcap: float = 0.0,
     window: int = 0,
     block_s: int = 32,
+    q_norm: Optional[torch.Tensor] = None,
+    k_norm: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-6,
+    norm_f32: bool = False,
 ) -> torch.Tensor:
     """Return attn [B, n_heads·D]; writes the roped k and v of the new token into the caches at `pos`.
 
@@ -138,6 +168,9 @@ def decode_attention(
     pos: int32 [B], the new token's position (< S); inv_freq: float32 [D/2] RoPE frequencies. sm_scale: the
     scores' scale (default D^-0.5); softcap > 0: scores ← softcap·tanh(scores / softcap), after the scale;
     window > 0: attend to the last `window` positions only, the new one included (HF's sliding window).
+    q_norm, k_norm ([D] each, both or neither): every head of q and of k RMS-normalised (norm_eps) and scaled
+    by them before RoPE (Qwen3, Gemma 3), rounded as `rmsnorm(..., scale_in_f32=norm_f32)` then a cast to the
+    cache's dtype round: no norm launches of their own.
     """
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"k_cache and v_cache must both be [B, n_kv_heads, S, D] with equal strides, got "
@@ -157,7 +190,12 @@ def decode_attention(
         raise ValueError(f"block_s must be a power of two ≥ 16, got {block_s}")
     if softcap < 0 or window < 0:
         raise ValueError(f"softcap and window must be ≥ 0 (0: off), got {softcap} and {window}")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm go together: pass both or neither")
+    for name, g in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if g is not None and (tuple(g.shape) != (d,) or g.device != qkv.device):
+            raise ValueError(f"{name} must be [{d}] (head_dim) on {qkv.device}, got {tuple(g.shape)} on {g.device}")
     scale = d ** -0.5 if sm_scale is None else sm_scale
     return torch.ops.actsparse.decode_attention(qkv, k_cache, v_cache, pos, inv_freq, n_heads, n_kv_heads,
                                                 float(scale), float(rope_scale), int(block_s), float(softcap),
-                                                int(window))
+                                                int(window), q_norm, k_norm, float(norm_eps), bool(norm_f32))

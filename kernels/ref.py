@@ -154,14 +154,24 @@ def rope_ref(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scale: 
 def decode_attention_ref(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                          inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int, *,
                          sm_scale: float | None = None, rope_scale: float = 1.0, softcap: float = 0.0,
-                         window: int = 0) -> torch.Tensor:
+                         window: int = 0, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                         norm_eps: float = 1e-6, norm_f32: bool = False) -> torch.Tensor:
     """Reference of `decode_attention`: writes roped k/v at pos into the caches, returns attn [B, H·D] in the
     caches' dtype (softcap:
-    scores ← c·tanh(scores / c); window: the last `window` positions only, the new one included)."""
+    scores ← c·tanh(scores / c); window: the last `window` positions only, the new one included; q_norm,
+    k_norm: each head RMS-normalised and scaled before RoPE, rounded to qkv's dtype before the scale unless
+    norm_f32, and to the caches' after it)."""
     b, hkv, s, d = k_cache.shape
     q = qkv[:, : n_heads * d].reshape(b, n_heads, d)
     k = qkv[:, n_heads * d:(n_heads + n_kv_heads) * d].reshape(b, n_kv_heads, d)
     v = qkv[:, (n_heads + n_kv_heads) * d:].reshape(b, n_kv_heads, d)
+    if q_norm is not None:
+        def head_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            x32 = x.to(torch.float32)
+            y = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + norm_eps)
+            y = y if norm_f32 else y.to(qkv.dtype).to(torch.float32)
+            return (y * g.to(torch.float32)).to(k_cache.dtype)
+        q, k = head_norm(q, q_norm), head_norm(k, k_norm)
     q = rope_ref(q, pos, inv_freq, rope_scale)
     k = rope_ref(k, pos, inv_freq, rope_scale)
     scale = d ** -0.5 if sm_scale is None else sm_scale

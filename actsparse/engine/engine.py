@@ -551,7 +551,12 @@ class Engine:
                                   impl=_kernel(impl))
             if r.qkv.lowrank is not None:
                 qkv = (qkv.float() + self._lowrank(self._norm(x, lw.attn_norm), r.qkv)).to(qkv.dtype)
-        if lw.q_norm is not None:  # Qwen3, Gemma 3: each head of q and of k normalised before RoPE
+        # Qwen3, Gemma 3: each head of q and of k normalised before RoPE; the Triton attention kernel does it
+        # as it loads them (no norm launches), the torch backend in transformers' own order.
+        head_norms = {}
+        if lw.q_norm is not None and self.kernels == "triton":
+            head_norms = dict(q_norm=lw.q_norm, k_norm=lw.k_norm, norm_eps=eps, norm_f32=cfg.norm_f32)
+        elif lw.q_norm is not None:
             hd = cfg.head_dim
             qn = self._norm(qkv[:, :q].reshape(-1, hd), lw.q_norm).reshape(b, q)
             kn = self._norm(qkv[:, q:q + kv].reshape(-1, hd), lw.k_norm).reshape(b, kv)
@@ -560,7 +565,7 @@ class Engine:
         inv_freq, rope_scale = self.w.rope(local=window > 0)
         a = ops.decode_attention(qkv, kc, vc, pos, inv_freq, cfg.n_heads, cfg.n_kv_heads,
                                  sm_scale=cfg.attn_scale or None, rope_scale=rope_scale, softcap=cfg.attn_softcap,
-                                 window=window)  # [B, Nq]
+                                 window=window, **head_norms)  # [B, Nq]
         if record is not None:
             record(i, "o", a)
         # Gemma normalises the op's output before the residual add: the op cannot add the residual itself.

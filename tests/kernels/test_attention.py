@@ -66,6 +66,47 @@ def test_sliding_window_and_soft_capping_match_reference(dtype, window):
     assert ((uncapped.double() - want.double()).norm() / want.double().norm()) > 1e-2  # the cap changed something
 
 
+@pytest.mark.parametrize("dtype,qkv_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                             (torch.float16, torch.float32)])  # the last: fp32 raw q|k|v sums
+@pytest.mark.parametrize("norm_f32", [False, True])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_q_and_k_norms_inside_the_kernel_equal_normalising_each_head_first(dtype, qkv_dtype, norm_f32, head_dim):
+    """Qwen3 / Gemma 3: q|k|v's q and k heads RMS-normalised and scaled before RoPE, in the attention launch:
+    the same as normalising each head row with the plain formula first (rounded as the engine's unfused norm:
+    to q|k|v's dtype before the scale unless norm_f32, to the model's after it), then the norm-free kernel."""
+    hq, hkv, d, b = 4, 2, head_dim, 2
+    qkv, kc, vc, pos, inv_freq = _case(b, hq, hkv, d, 30, dtype)
+    qkv = (qkv.float() * 3 + 1).to(qkv_dtype)  # rows far from unit RMS: the norm must matter
+    gq = torch.rand(d, device=DEVICE, dtype=torch.float32 if norm_f32 else dtype) + 0.5
+    gk = torch.rand(d, device=DEVICE, dtype=gq.dtype) + 0.5
+    eps = 1e-5
+
+    def head_norm(x, g):  # x [B, H·D]
+        x32 = x.float().reshape(b, -1, d)
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        y = y if norm_f32 else y.to(qkv_dtype).float()
+        return (y * g.float()).to(dtype).reshape(b, -1)
+
+    normed = torch.cat([head_norm(qkv[:, :hq * d], gq), head_norm(qkv[:, hq * d:(hq + hkv) * d], gk),
+                        qkv[:, (hq + hkv) * d:].to(dtype)], dim=1)
+    kc2, vc2, kc3, vc3 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    with poison_outputs():
+        out = decode_attention(qkv, kc, vc, pos, inv_freq, hq, hkv, block_s=16, q_norm=gq, k_norm=gk,
+                               norm_eps=eps, norm_f32=norm_f32)
+    want = decode_attention(normed, kc2, vc2, pos, inv_freq, hq, hkv, block_s=16)
+    refd = ref.decode_attention_ref(qkv, kc3, vc3, pos, inv_freq, hq, hkv, q_norm=gq, k_norm=gk, norm_eps=eps,
+                                    norm_f32=norm_f32)
+    plain = decode_attention(qkv.to(dtype), kc3.clone(), vc3.clone(), pos, inv_freq, hq, hkv, block_s=16)
+    assert not torch.isnan(out).any()
+    for other in (want, refd):
+        assert ((out.double() - other.double()).norm() / other.double().norm()) < TOL[dtype]
+    assert ((out.double() - plain.double()).norm() / plain.double().norm()) > 1e-2  # the norms changed it
+    for i in range(b):  # the cache holds the normalised, roped k
+        p = int(pos[i])
+        torch.testing.assert_close(kc[i, :, p].float(), kc2[i, :, p].float(), rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(kc[i, :, p].float(), kc3[i, :, p].float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
 def test_position_zero_attends_to_itself_only():
     qkv, kc, vc, _, inv_freq = _case(1, 2, 1, 16, 8, torch.float32)
     pos = torch.zeros(1, dtype=torch.int32, device=DEVICE)
@@ -91,6 +132,11 @@ def test_bad_arguments_are_rejected():
         decode_attention(qkv, kc, vc, pos, inv_freq, 4, 2, block_s=24)
     with pytest.raises(ValueError, match="softcap and window must be ≥ 0"):
         decode_attention(qkv, kc, vc, pos, inv_freq, 4, 2, window=-1)
+    g = torch.ones(16, device=DEVICE)
+    with pytest.raises(ValueError, match="q_norm and k_norm go together"):
+        decode_attention(qkv, kc, vc, pos, inv_freq, 4, 2, q_norm=g)
+    with pytest.raises(ValueError, match=r"k_norm must be \[16\]"):
+        decode_attention(qkv, kc, vc, pos, inv_freq, 4, 2, q_norm=g, k_norm=g[:8])
     qkv, kc, vc, pos, inv_freq = _case(1, 4, 2, 18, 8, torch.float32)
     with pytest.raises(ValueError, match="head_dim must be even and ≥ 16"):
         decode_attention(qkv, kc[..., :15], vc[..., :15], pos, inv_freq[:7], 4, 2)
