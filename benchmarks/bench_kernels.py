@@ -63,7 +63,11 @@ GATHER_GRID = {1: [(32, 4096, 128, 4), (32, 4096, 128, 4, False, 1, 2), (64, 409
                    (128, 4096, 64, 4, False, 1, 2), (128, 2048, 64, 8, False, 1, 2), (64, 4096, 128, 8, False, 1, 2),
                    (32, 4096, 256, 8, False, 1, 2), (16, 4096, 256, 4, False, 1, 2), (16, 2048, 256, 4),
                    (64, 2048, 128, 4), (32, 16384, 128, 4, False, 1, 2), (32, 8192, 128, 4, False, 1, 2),
-                   (32, 4096, 64, 4, False, 1, 2), (64, 4096, 64, 2, False, 1, 2), (16, 4096, 128, 4, False, 1, 2)],
+                   (32, 4096, 64, 4, False, 1, 2), (64, 4096, 64, 2, False, 1, 2), (16, 4096, 128, 4, False, 1, 2),
+                   # short slices, about one gathered step a program at 50% (the one-shot tiles over kept rows
+                   # only: every load a full tile, many programs in flight); adding into a tensor takes atomics
+                   (64, 256, 128, 4), (128, 256, 128, 4), (128, 512, 128, 8, False, 1, 2), (256, 256, 128, 8),
+                   (64, 512, 128, 4, False, 1, 2)],
                # batch 4: the FMA walk, and the tensor-core walk (use_dot, num_stages): a 16-row tl.dot a step
                4: [(64, 512, 32, 4), (32, 512, 32, 4), (32, 1024, 128, 4, True), (64, 1024, 128, 4, True),
                    (32, 2048, 128, 4, True), (32, 4096, 128, 4, True), (64, 2048, 64, 4, True),
