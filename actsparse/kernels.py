@@ -45,7 +45,7 @@ from actsparse.kernels.cats import cats_up
 from actsparse.kernels.configs import GatherConfig, MaskedConfig, OneshotConfig, override_config, poison_outputs
 from actsparse.kernels.gated_mlp import sparse_gated_mlp
 from actsparse.kernels.pdl import pdl_enabled, use_pdl
-from actsparse.kernels.rmsnorm import add_rmsnorm, rmsnorm
+from actsparse.kernels.rmsnorm import add_normed, add_rmsnorm, rmsnorm
 from actsparse.kernels.silu_mul import silu_mul
 from actsparse.kernels.sparse_gemv import pack_weight, sparse_gemv
 
@@ -65,6 +65,7 @@ __all__ = [
     "GatherConfig",
     "MaskedConfig",
     "OneshotConfig",
+    "add_normed",
     "add_rmsnorm",
     "cats_up",
     "decode_attention",

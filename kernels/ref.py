@@ -214,6 +214,16 @@ def hf_rmsnorm_ref(x: torch.Tensor, g: torch.Tensor, eps: float = 1e-6, scale_in
     return (g.to(torch.float32) * y).to(x.dtype)
 
 
+def add_normed_ref(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, eps: float = 1e-6, scale_in_f32: bool = False,
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Reference of `add_normed`: x += rmsnorm(y)·g (rounded as `hf_rmsnorm_ref`, then to out_dtype) in place,
+    y zeroed; returns x."""
+    n = hf_rmsnorm_ref(y, g, eps, scale_in_f32).to(x.dtype if out_dtype is None else out_dtype)
+    x.copy_(x.to(torch.float32) + n.to(torch.float32))
+    y.zero_()
+    return x
+
+
 def experts_gated_mlp_ref(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: torch.Tensor | float,
                           experts: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                           nm: Optional[tuple[int, int]] = None) -> torch.Tensor:

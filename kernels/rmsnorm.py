@@ -41,6 +41,43 @@ def _rmsnorm_kernel(x_ptr, d_ptr, g_ptr, res_ptr, y_ptr, K, stride_x, stride_d, 
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _add_normed_kernel(x_ptr, y_ptr, g_ptr, K, stride_x, stride_y, eps, SCALE_F32: tl.constexpr,
+                       OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """x[row] += cast(rmsnorm(y[row])·g), then y[row] = 0 (its producer adds into it again next step)."""
+    pdl_prologue(PDL)
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    y = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+    n = y * tl.rsqrt(tl.sum(y * y, axis=0) / K + eps)
+    if not SCALE_F32:
+        n = n.to(y_ptr.dtype.element_ty).to(tl.float32)
+    n = (n * tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(OUT_DTYPE).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    tl.store(x_ptr + row * stride_x + offs, (x.to(tl.float32) + n).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * stride_y + offs, tl.zeros([BLOCK], dtype=tl.float32).to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@torch.library.custom_op("actsparse::add_normed", mutates_args=("x", "y"))
+def _add_normed_op(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, eps: float, scale_in_f32: bool,
+                   out_dtype: torch.dtype) -> None:
+    b, k = x.shape
+    block = triton.next_power_of_2(k)
+    _add_normed_kernel[(b,)](x, y, g, k, x.stride(0), y.stride(0), eps, SCALE_F32=scale_in_f32,
+                             OUT_DTYPE=_TL[out_dtype], BLOCK=block, num_warps=8 if block >= 4096 else 4,
+                             **pdl_args(x.device))
+
+
+@_add_normed_op.register_fake
+def _(x, y, g, eps, scale_in_f32, out_dtype):
+    return None
+
+
 def _launch(x, delta, g, eps, scale_in_f32=False):
     b, k = x.shape
     y = new_output(tuple(x.shape), x.device, x.dtype)
@@ -97,3 +134,19 @@ def add_rmsnorm(x: torch.Tensor, delta: Optional[torch.Tensor], g: torch.Tensor,
     if delta.shape != x.shape or delta.stride(1) != 1:
         raise ValueError(f"delta must match x's shape {tuple(x.shape)} and be contiguous, got {tuple(delta.shape)}")
     return torch.ops.actsparse.add_rmsnorm(x, delta, g, float(eps))
+
+
+def add_normed(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, eps: float = 1e-6, scale_in_f32: bool = False,
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x += rmsnorm(y)·g in place and return x, zeroing y: a post-norm between an op and the residual add
+    (Gemma's sandwich norms) in one launch, where the op added its raw sums into the zeroed y. The norm rounds as
+    `rmsnorm(y, g, eps, scale_in_f32)` does, then to out_dtype (default x's: the model's dtype where x is an fp32
+    stream) before the add."""
+    _check(y, g)
+    if x.shape != y.shape or x.stride(1) != 1:
+        raise ValueError(f"x must match y's shape {tuple(y.shape)} and be contiguous in K, got {tuple(x.shape)}")
+    dt = x.dtype if out_dtype is None else out_dtype
+    if dt not in _TL:
+        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {dt}")
+    torch.ops.actsparse.add_normed(x, y, g, float(eps), bool(scale_in_f32), dt)
+    return x

@@ -97,6 +97,7 @@ class _TorchOps:
     """Plain-PyTorch implementations (references), for any device; not graph-capturable on GPU."""
 
     rmsnorm = staticmethod(kref.hf_rmsnorm_ref)
+    add_normed = staticmethod(kref.add_normed_ref)
     silu_mul = staticmethod(kref.silu_mul_ref)
     sparse_gemv = staticmethod(_experts_any(_any_impl(kref.sparse_gemv_ref), kref.experts_gemv_ref))
     sparse_gated_mlp = staticmethod(_experts_any(_gated_mlp_any, kref.experts_gated_mlp_ref))
@@ -111,6 +112,7 @@ class _TritonOps:
         from actsparse import kernels as k
 
         self.rmsnorm = k.rmsnorm
+        self.add_normed = k.add_normed
         self.silu_mul = k.silu_mul
         self.sparse_gemv = k.sparse_gemv
         self.sparse_gated_mlp = k.sparse_gated_mlp
@@ -460,12 +462,12 @@ class Engine:
 
     def _mlp_raw(self, r: Optional["_LayerRule"], x: torch.Tensor, b: int, lw, record) -> Optional[tuple[str, str]]:
         """The kernels (gate|up's, down's) where gate|up writes its two raw fp32 sums (`out=`) and down forms
-        act(gate)·up from them in its prologue while adding into the fp32 stream: where both ops run sparse, no
-        post-norm, CATS or low-rank part sits between, and (measured) the fastest of each beats gate|up's and
+        act(gate)·up from them in its prologue while adding into the fp32 stream (or, where a post-norm sits
+        between, into the zeroed buffer `_post_sums` that `add_normed` then adds): where both ops run sparse, no
+        CATS or low-rank part sits between, and (measured) the fastest of each beats gate|up's and
         down's best; None where they run otherwise."""
         if (r is None or record is not None or not self.residual_fp32 or x.dtype != torch.float32 or b > 16
-                or lw.post_mlp_norm is not None or r.gate_act is not None or r.gu.lowrank is not None
-                or r.down.lowrank is not None):
+                or r.gate_act is not None or r.gu.lowrank is not None or r.down.lowrank is not None):
             return None
         gu, down = self._choose(r.gu, "gu", b), self._choose(r.down, "down", b)
         if "dense" in (gu, down):
@@ -508,8 +510,26 @@ class Engine:
             outs.append(((xf * (xf.abs() <= t)) @ v) @ ust)
         return torch.cat(outs, dim=-1)
 
-    def _residual(self, x: torch.Tensor, y: torch.Tensor, post_norm: Optional[torch.Tensor]) -> torch.Tensor:
-        """The new residual stream: y where the op added x itself, x + norm(y) where a post-norm sits between."""
+    def _post_raw(self, impl: str, x: torch.Tensor, post_norm: Optional[torch.Tensor], rule: "_OpRule") -> bool:
+        """Whether a row-split op (o, down) followed by a post-norm (Gemma) adds its raw fp32 sums into the zeroed
+        buffer `_post_sums`, which one `add_normed` launch then normalises and adds into the fp32 stream: where
+        the op could add into the stream itself but for the norm (no counter, epilogue or rounding of its own)."""
+        return post_norm is not None and self._raw_sums(impl, x, rule)
+
+    def _post_sums(self, b: int) -> torch.Tensor:
+        """The fp32 [b, D] buffer o's and down's raw sums land in ahead of a post-norm: zero between uses (its
+        consumer, `add_normed`, zeroes it as it reads it), so the ops add into it with no zeroing launch."""
+        key = ("post", b)
+        if key not in self._sums:
+            self._sums[key] = torch.zeros(b, self.cfg.hidden_size, device=self.device)
+        return self._sums[key]
+
+    def _residual(self, x: torch.Tensor, y: torch.Tensor, post_norm: Optional[torch.Tensor],
+                  raw: bool = False) -> torch.Tensor:
+        """The new residual stream: y where the op added x itself, x + norm(y) where a post-norm sits between
+        (raw: y is `_post_sums`, added into the fp32 stream x in place and zeroed by one launch)."""
+        if raw:
+            return self.ops.add_normed(x, y, post_norm, self.cfg.rms_eps, self.cfg.norm_f32, out_dtype=self.dtype)
         return y if post_norm is None else x + self._norm(y, post_norm)
 
     # Hooks of the row-split ops (o, down) and the LM head, which the tensor-parallel engine overrides
@@ -571,17 +591,21 @@ class Engine:
         # Gemma normalises the op's output before the residual add: the op cannot add the residual itself.
         res = self._op_residual(x, lw.post_attn_norm)
         impl = "dense" if r is None else self._choose(r.o, "o", b)
+        post_raw = False
         if impl == "dense":
             y = self._linear(a, lw.wo, lw.wo_t, res=res)
         elif self._accumulates(impl, x, res, r.o):
             y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, nm=r.o.nm,
                                 impl=_kernel(impl), accumulate=x)
+        elif post_raw := self._post_raw(impl, x, lw.post_attn_norm, r.o):
+            y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, nm=r.o.nm,
+                                impl=_kernel(impl), accumulate=self._post_sums(b))
         else:
             y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=res, nm=r.o.nm,
                                 impl=_kernel(impl))
             if r.o.lowrank is not None:
                 y = (y.float() + self._lowrank(a, r.o)).to(y.dtype)
-        x = self._residual(x, self._reduce(y), lw.post_attn_norm)
+        x = self._residual(x, self._reduce(y), lw.post_attn_norm, raw=post_raw)
 
         if lw.router is not None:
             return self._moe(i, x, lw, r, record)
@@ -635,20 +659,25 @@ class Engine:
         res = self._op_residual(x, lw.post_mlp_norm)
         # A CATS plan's down rows are the zeros of h that cats_up writes: none when CATS fell back to dense.
         impl = "dense" if r is None or (r.gate_act is not None and not cats) else self._choose(r.down, "down", b)
-        if mlp_raw:
+        post_raw = False
+        if mlp_raw:  # into the stream, or (a post-norm between) into the zeroed buffer the norm then adds
+            post_raw = lw.post_mlp_norm is not None
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,
-                                impl=mlp_raw[1], gated=cfg.act, accumulate=x)
+                                impl=mlp_raw[1], gated=cfg.act, accumulate=self._post_sums(b) if post_raw else x)
         elif impl == "dense":
             y = self._linear(h, lw.wd, lw.wd_t, res=res)
         elif self._accumulates(impl, x, res, r.down):
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,
                                 impl=_kernel(impl), accumulate=x)
+        elif post_raw := self._post_raw(impl, x, lw.post_mlp_norm, r.down):
+            y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,
+                                impl=_kernel(impl), accumulate=self._post_sums(b))
         else:
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=res,
                                 nm=r.down.nm, impl=_kernel(impl))
             if r.down.lowrank is not None:
                 y = (y.float() + self._lowrank(h, r.down)).to(y.dtype)
-        return self._residual(x, self._reduce(y), lw.post_mlp_norm)
+        return self._residual(x, self._reduce(y), lw.post_mlp_norm, raw=post_raw)
 
     def _route(self, xn: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids [B, T] (int64) and routing weights [B, T] of the normed hidden state xn [B, D], on the device

@@ -112,6 +112,41 @@ def test_sparse_kernels_equal_the_torch_backend_on_the_same_plan(family, method)
     assert (_engine_logits(eng, seq, sparse=False) - dense).norm() / dense.norm() < 1e-5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fp32_stream_adds_o_and_down_through_their_post_norms_from_raw_sums(family):
+    """With the fp32 residual stream, o and down add their raw sums into a zeroed buffer that one launch
+    normalises (Gemma's post-norms) and adds into the stream, and gate|up hands its raw pair to the gated down:
+    the logits equal the torch backend's under the same plan, each post-norm is that one launch, and the buffer is
+    zero between steps."""
+    from actsparse.eval.speed import plan_to_engine
+
+    model = _hf_gemma(family, seed=2)
+    eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=1, max_seq_len=16, fallback_below=0.0,
+                         residual_fp32=True)
+    plan = plan_to_engine(_plan(calibrate_thresholds(eng, 0.5, n_tokens=4), "teal"), model.config.num_hidden_layers)
+    eng.set_plan(plan)
+    ref = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=16)
+    ref.set_plan(plan)
+    calls = {"add_normed": 0, "pair": 0}
+    inner_norm, inner_pair = eng.ops.add_normed, eng.ops.sparse_gated_mlp
+
+    def add_normed(x, y, *a, **kw):
+        assert y is eng._post_sums(1) and x.dtype == torch.float32
+        calls["add_normed"] += 1
+        return inner_norm(x, y, *a, **kw)
+
+    def pair(*a, **kw):
+        calls["pair"] += kw.get("out") is not None
+        return inner_pair(*a, **kw)
+    eng.ops.add_normed, eng.ops.sparse_gated_mlp = add_normed, pair
+    seq = torch.randint(0, model.config.vocab_size, (1, 5))
+    got, want = _engine_logits(eng, seq, sparse=True), _engine_logits(ref, seq, sparse=True)
+    assert (got - want).norm() / want.norm() < 1e-4
+    layers = model.config.num_hidden_layers
+    assert calls == {"add_normed": 2 * layers * 5, "pair": layers * 5}
+    assert torch.equal(eng._post_sums(1), torch.zeros_like(eng._post_sums(1)))
+
+
 def _refused(model_or_config) -> str:
     return unsupported_reason(getattr(model_or_config, "config", model_or_config), max_seq_len=4096)
 

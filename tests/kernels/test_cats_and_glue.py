@@ -1,9 +1,9 @@
-"""cats_up (output-sparse up rows), rmsnorm, add_rmsnorm and silu_mul against the torch references."""
+"""cats_up (output-sparse up rows), rmsnorm, add_rmsnorm, add_normed and silu_mul against the torch references."""
 
 import pytest
 import torch
 
-from actsparse.kernels import MaskedConfig, add_rmsnorm, cats_up, override_config, poison_outputs, rmsnorm, silu_mul
+from actsparse.kernels import MaskedConfig, add_normed, add_rmsnorm, cats_up, override_config, poison_outputs, rmsnorm, silu_mul
 from actsparse.kernels import ref
 
 from .checks import gelu_tanh, rel_err
@@ -130,6 +130,31 @@ def test_gemma_glue_geglu_and_norm_scaled_in_float32(dtype):
     want = ref.hf_rmsnorm_ref(x, g, 1e-6, scale_in_f32=True)
     assert rel_err(y, want) < TOL[dtype]
     assert torch.equal(want, ref.rmsnorm_ref(x, g, 1e-6).to(dtype))  # one rounding
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("scale_in_f32", [False, True])
+def test_add_normed_adds_the_post_norm_of_raw_sums_into_the_stream_and_zeroes_them(out_dtype, scale_in_f32):
+    """A post-norm between an op and the residual add (Gemma): the fp32 stream x gains rmsnorm(y)·g rounded to the
+    model's dtype, written out here as the formula, and the raw sums y are zero afterwards."""
+    x = torch.randn(3, 200, device=DEVICE)
+    y = torch.randn(3, 200, device=DEVICE) * 5
+    g = torch.rand(200, device=DEVICE) + 0.5
+    x0, y0 = x.clone(), y.clone()
+    n = y0 * torch.rsqrt(y0.pow(2).mean(-1, keepdim=True) + 1e-6)
+    want = x0 + (n * g).to(out_dtype).float()
+    got = add_normed(x, y, g, 1e-6, scale_in_f32, out_dtype=out_dtype)
+    assert got is x and torch.equal(y, torch.zeros_like(y))
+    assert rel_err(x, want) < TOL[out_dtype]
+    xr, yr = x0.clone(), y0.clone()
+    ref.add_normed_ref(xr, yr, g, 1e-6, scale_in_f32, out_dtype)
+    assert rel_err(x, xr) < TOL[out_dtype] and torch.equal(yr, torch.zeros_like(yr))
+    with pytest.raises(ValueError, match="g must have shape"):
+        add_normed(x, torch.zeros_like(y), g[:10])
+    with pytest.raises(ValueError, match="x must match y's shape"):
+        add_normed(x[:2], torch.zeros_like(y), g)
+    with pytest.raises(ValueError, match="out_dtype must be"):
+        add_normed(x, torch.zeros_like(y), g, out_dtype=torch.int32)
 
 
 @pytest.mark.gpu
