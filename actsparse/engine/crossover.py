@@ -59,8 +59,10 @@ class OpTimes:
 
     def choice(self, s: float) -> str:
         """The fastest at skipped-row fraction s: "dense" (cuBLAS) or a kernel's name."""
-        best = min(self.kernel_ms, key=lambda k: self.at(k, s), default=None)
-        return "dense" if best is None or self.dense_ms <= self.at(best, s) else best
+        if not self.kernel_ms:
+            return "dense"
+        name, ms = self.best(s)
+        return "dense" if self.dense_ms <= ms else name
 
     def crossover(self) -> float:
         """Skipped-row fraction under which even the best kernel is slower than cuBLAS."""
