@@ -46,6 +46,7 @@ from actsparse.kernels.configs import GatherConfig, MaskedConfig, OneshotConfig,
 from actsparse.kernels.gated_mlp import sparse_gated_mlp
 from actsparse.kernels.pdl import pdl_enabled, use_pdl
 from actsparse.kernels.rmsnorm import add_normed, add_rmsnorm, rmsnorm
+from actsparse.kernels.route import moe_route
 from actsparse.kernels.silu_mul import silu_mul
 from actsparse.kernels.sparse_gemv import pack_weight, sparse_gemv
 
@@ -70,6 +71,7 @@ __all__ = [
     "cats_up",
     "decode_attention",
     "interpreted",
+    "moe_route",
     "override_config",
     "pack_weight",
     "pdl_enabled",

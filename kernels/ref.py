@@ -224,6 +224,17 @@ def add_normed_ref(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, eps: float
     return x
 
 
+def moe_route_ref(logits: torch.Tensor, top_k: int, *, renorm: bool,
+                  w_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of `moe_route`, as transformers' routers compute it: softmax over every expert in float32, the
+    top_k largest, renormalised to sum 1 with `renorm`; (ids int64 [B, top_k], weights in w_dtype)."""
+    probs = torch.softmax(logits.to(torch.float32), dim=-1)
+    w, idx = torch.topk(probs, top_k, dim=-1)
+    if renorm:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return idx, w.to(w_dtype)
+
+
 def experts_gated_mlp_ref(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: torch.Tensor | float,
                           experts: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                           nm: Optional[tuple[int, int]] = None) -> torch.Tensor:

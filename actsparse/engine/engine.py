@@ -113,6 +113,7 @@ class _TritonOps:
 
         self.rmsnorm = k.rmsnorm
         self.add_normed = k.add_normed
+        self.moe_route = k.moe_route
         self.silu_mul = k.silu_mul
         self.sparse_gemv = k.sparse_gemv
         self.sparse_gated_mlp = k.sparse_gated_mlp
@@ -686,13 +687,11 @@ class Engine:
         the weights in float32, Qwen-MoE casts them to the model dtype."""
         cfg = self.cfg
         logits = F.linear(xn, router)  # [B, E]
-        if cfg.norm_topk_prob and self.kernels == "triton":
-            # The same weights in three launches instead of six: softmax then renormalising the top k is the
-            # softmax of the top k logits (softmax keeps their order); last-bit rounding may differ from
-            # transformers', which only the torch backend matches exactly.
-            top, idx = torch.topk(logits, cfg.top_k, dim=-1)
-            w = torch.softmax(top, dim=-1, dtype=torch.float32)
-            return idx, (w if cfg.router == "mixtral" else w.to(logits.dtype))
+        if self.kernels == "triton":
+            # The same ids and weights in one launch (`moe_route`) instead of four to six; last-bit rounding may
+            # differ from transformers', which only the torch backend matches exactly.
+            return self.ops.moe_route(logits, cfg.top_k, renorm=cfg.norm_topk_prob,
+                                      w_dtype=torch.float32 if cfg.router == "mixtral" else logits.dtype)
         probs = torch.softmax(logits.float(), dim=-1)
         w, idx = torch.topk(probs, cfg.top_k, dim=-1)
         if cfg.norm_topk_prob:
