@@ -80,6 +80,7 @@ ONESHOT_GRID = {1: [(128, 64, 2), (64, 64, 2), (128, 32, 2), (256, 32, 2), (64, 
                 4: [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 32, 4)]}
 DEV = "cuda"
 TUNE_ACCUMULATE = False  # --tune-accumulate: sweep both kernels' tiles for every op adding into a tensor
+ANATOMY = False  # --anatomy: each op's fixed cost (every row skipped) and its bytes' effective bandwidth
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # CPU smoke test of this script: tiny shapes, no timing
 if SMOKE:
     D, KV, INTER, DEV = 64, 16, 96, "cpu"
@@ -477,6 +478,42 @@ def prenormed_bench(lay: Layers, inp: Inputs, clock: Clock, meta: dict, dtype_na
     return rows
 
 
+def anatomy(lay: Layers, inp: Inputs, raw_ops: dict, kernels: list, qkv32, gu32, meta: dict,
+            dtype_name: str) -> list[dict]:
+    """Where each op's time goes (--anatomy), per kernel, as the engine runs the ops (raw sums, adding into a
+    tensor): with every row skipped (thresholds +inf) an op reads no weight, so its time is its fixed cost
+    (launches, input and threshold loads, selection, compaction, the tail), and T(s) − T(all skipped) is what the
+    weight bytes cost, at an effective bandwidth of bytes / that. "qkv_fed" / "pair_fed": the op fed the
+    normalised x (no norm) adding into its sums without zeroing them: what the norm's pre-pass (and, on the
+    one-shot tiles, the launch it is) costs (method "<kernel>-anatomy")."""
+    rows = []
+    xn = inp.xn.to(lay.dtype)
+    qkv_n, pair_n = D * (D + 2 * KV), 2 * D * INTER
+    nbytes = {"qkv": qkv_n, "qkv_fed": qkv_n, "o": D * D, "pair": pair_n, "pair_fed": pair_n, "down_gated": INTER * D}
+
+    def fed(th, kern):
+        return {"qkv_fed": lambda st: _sparse_gemv(xn, st["wqkv_t"], th["qkv"], segments=(D, D + KV),
+                                                   accumulate=qkv32, impl=kern),
+                "pair_fed": lambda st: _sparse_gated_mlp(xn, st["wg_t"], st["wu_t"], th["pair"], out=gu32,
+                                                         impl=kern)}
+    half = inp.thresholds(0.5)
+    skip_all = {k: torch.full_like(v, float("inf")) if torch.is_tensor(v) else v for k, v in half.items()}
+    for kern in kernels:
+        t = {}
+        for s, th in ((0.5, half), (0.9, inp.thresholds(0.9)), (1.0, skip_all)):
+            ops = {**{op: (lambda st, fn=fn, th=th: fn(st, th, kern)) for op, fn in raw_ops.items() if op != "down"},
+                   **fed(th, kern)}
+            t[s] = {op: time_graph(lambda fn=fn: [fn(st) for st in lay.sets]) * 1e3 / lay.n for op, fn in ops.items()}
+            rows += [{**meta, "kind": "kernel", "method": f"{kern}-anatomy", "op": op, "sparsity": s, "batch": inp.b,
+                      "dtype": dtype_name, "us": round(v, 2)} for op, v in t[s].items()]
+        bw = {op: nbytes[op] * lay.dtype.itemsize * (1 - s) / ((t[s][op] - t[1.0][op]) * 1e-6) / 1e12
+              for s in (0.5, 0.9) for op in t[s] if t[s][op] > t[1.0][op]}
+        log(f"  anatomy {kern}: fixed (all rows skipped) " + " ".join(f"{op}={v:.1f}" for op, v in t[1.0].items())
+            + " us; at 0.5 " + " ".join(f"{op}={v:.1f}" for op, v in t[0.5].items())
+            + "; bytes' share at 0.5 as TB/s " + " ".join(f"{op}={v:.2f}" for op, v in bw.items()))
+    return rows
+
+
 TILE_TABLES = {"oneshot": configs.TUNED_ONESHOT, "gather": configs.TUNED_GATHER}
 accumulate_tuned: dict[str, dict] = {}  # "kernel|accumulate|K|N|batch" -> the tile accumulate_bench's sweep chose
 
@@ -550,6 +587,8 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
                         lambda: sum(time_graph(lambda: [raw_ops[name](st, th, kernel) for st in lay.sets])
                                     for th in ths),
                         ("accumulate", k, n, configs.batch_bucket(inp.b)), grids[kernel][1])
+    if ANATOMY:
+        rows += anatomy(lay, inp, raw_ops, kernels, qkv32, gu32, meta, dtype_name)
     for s in SPARSITIES:
         if clock.left(0.6) < 0 or not all(s in side[i] for i in side):
             break
@@ -911,6 +950,9 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep masked-walk launch configs first and use the winners")
     ap.add_argument("--tune-gather", action="store_true", help="sweep gather-walk launch configs first, use the winners")
     ap.add_argument("--tune-oneshot", action="store_true", help="sweep the one-shot tiles' configs first, use the winners")
+    ap.add_argument("--anatomy", action="store_true",
+                    help="time each op (raw sums, both kernels) with every row skipped too: its fixed cost, and the "
+                         "effective bandwidth of what the weight bytes add")
     ap.add_argument("--tune-accumulate", action="store_true",
                     help="sweep the one-shot tiles' and the gather walk's configs for adding into a tensor (q|k|v and "
                          "gate|up raw sums, o into the stream, down gated), use the winners")
@@ -955,8 +997,8 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.note)
         return
-    global TUNE_ACCUMULATE
-    TUNE_ACCUMULATE = args.tune_accumulate
+    global TUNE_ACCUMULATE, ANATOMY
+    TUNE_ACCUMULATE, ANATOMY = args.tune_accumulate, args.anatomy
     if args.load_tuned:
         for impl, got in json.loads(args.load_tuned.read_text()).items():
             for key, cfg in got["best"].items():
