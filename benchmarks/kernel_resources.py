@@ -4,8 +4,9 @@ device time).
   python benchmarks/kernel_resources.py            # the report
   python benchmarks/kernel_resources.py --check    # compile every switch of every kernel; exit 1 on a failure
 
-Compiles `_oneshot_kernel` (bf16, batch 1 and the tensor-core batch path, o and gate|up), `_gather_kernel` (bf16, batch 1, gate|up pair, one K slice) and `_masked_gemv_kernel` (bf16, batch 1,
-one-shot tiles: one K chunk a program, ordered or atomic sum; o's plain GEMV and gate|up's normed pair) for
+Compiles `_oneshot_kernel` (bf16, batch 1 and the tensor-core batch path, o and gate|up), `_gather_kernel` (bf16, batch 1, gate|up pair, one K slice), `_masked_gemv_kernel` (bf16, batch 1,
+one-shot tiles: one K chunk a program, ordered or atomic sum; o's plain GEMV and gate|up's normed pair), and
+(with --check) the decode attention, the post-norm add and the MoE routing, for
 sm_90 over a few launch configurations and prints registers, stack and shared memory per configuration
 (cuobjdump from Triton's package), so a tuning grid can be checked for compilation and occupancy before a
 device run: the interpreter the tests use does not compile, and accepts code the compiler refuses. The local
@@ -14,6 +15,7 @@ Triton may differ from the GPU machine's.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
 import subprocess
@@ -27,7 +29,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from actsparse.kernels import cats, gather_gemv, masked_gemv, oneshot_gemv  # noqa: E402
+from actsparse.kernels import attention, cats, gather_gemv, masked_gemv, oneshot_gemv, route  # noqa: E402
+
+norms = importlib.import_module("actsparse.kernels.rmsnorm")  # the name rmsnorm there is the op
 
 PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr", "res_ptr", "y_ptr", "a_ptr")},
         **{n: "*fp32" for n in ("t_ptr", "m_ptr", "ws_ptr", "val_ptr", "acc_ptr", "rstd_ptr", "z_ptr")},
@@ -84,6 +88,30 @@ def compile_oneshot_up(block_n: int, block_k: int, num_warps: int, use_dot: bool
     return _compile(cats._oneshot_up_kernel, consts, num_warps)
 
 
+def compile_attention(norm: bool, scale_f32: bool):
+    """The compiled decode attention (sm_90): Llama-3-8B heads, fp32 raw q|k|v sums, bf16 caches; `norm`: Qwen3's
+    and Gemma 3's per-head q and k norms inside (`scale_f32`: Gemma's rounding)."""
+    consts = dict(HQ=32, HKV=8, D=128, DP=128, GROUP=4, BLOCK_G=16, BLOCK_S=32, IEEE=False, SOFTCAP=False,
+                  NORM=norm, SCALE_F32=scale_f32)
+    ptrs = {"qkv_ptr": "*fp32", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "pos_ptr": "*i32", "inv_freq_ptr": "*fp32",
+            "out_ptr": "*bf16", "qn_ptr": "*bf16", "kn_ptr": "*bf16"}
+    return _compile(attention._decode_attention_kernel, consts, 4, ptrs)
+
+
+def compile_add_normed(scale_f32: bool):
+    """The compiled post-norm add (sm_90): the fp32 stream += rmsnorm(raw fp32 sums)·g rounded to bf16."""
+    consts = dict(SCALE_F32=scale_f32, OUT_DTYPE=triton.language.bfloat16, BLOCK=4096)
+    ptrs = {"x_ptr": "*fp32", "y_ptr": "*fp32", "g_ptr": "*fp32" if scale_f32 else "*bf16"}
+    return _compile(norms._add_normed_kernel, consts, 8, ptrs)
+
+
+def compile_route(renorm: bool):
+    """The compiled MoE routing (sm_90): 128 experts' bf16 logits, top-8, bf16 weights."""
+    consts = dict(TOP=8, TOP_P2=8, BLOCK_E=128, RENORM=renorm, W_DTYPE=triton.language.bfloat16)
+    ptrs = {"logit_ptr": "*bf16", "idx_ptr": "*i64", "w_ptr": "*bf16"}
+    return _compile(route._route_kernel, consts, 1, ptrs)
+
+
 def _cases() -> list[tuple[str, str, tuple]]:
     """(name, compile function, its arguments) of every branch of the kernels' compile-time switches."""
     cases = [(f"masked pair={p} atomic={a} one_chunk={o} depth={d} dot={dot}", "compile_masked",
@@ -99,6 +127,10 @@ def _cases() -> list[tuple[str, str, tuple]]:
     cases += [(f"oneshot experts pair={p}", "compile_oneshot", (128, 64, 2, p, False, True)) for p in (False, True)]
     cases += [("oneshot pdl", "compile_oneshot", (128, 64, 2, True, False, False, True))]
     cases += [(f"cats_up oneshot dot={dot}", "compile_oneshot_up", (64, 128, 4, dot)) for dot in (False, True)]
+    cases += [(f"attention norm={n} f32={f}", "compile_attention", (n, f)) for n, f in ((False, False), (True, False),
+                                                                                       (True, True))]
+    cases += [(f"add_normed f32={f}", "compile_add_normed", (f,)) for f in (False, True)]
+    cases += [(f"route renorm={r}", "compile_route", (r,)) for r in (False, True)]
     return cases
 
 
@@ -135,13 +167,17 @@ DIVISIBLE = {"K", "N", "N0", "N1", "K_SPLIT", "stride_xb", "stride_ts", "stride_
              "stride_rb", "stride_yb", "stride_ab", "stride_tn", "stride_wn"}
 
 
-def _compile(fn, consts: dict, num_warps: int):
+FLOATS = {"eps", "sm_scale", "rope_scale", "softcap"}  # the float scalars among the kernels' arguments
+
+
+def _compile(fn, consts: dict, num_warps: int, ptrs: dict | None = None):
     sig, cst, attrs = {}, {}, {}
+    ptrs = {**PTRS, **(ptrs or {})}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name], cst[(i,)] = "constexpr", consts[name]
             continue
-        sig[name] = PTRS.get(name, "fp32" if name == "eps" else "i32")
+        sig[name] = ptrs.get(name, "fp32" if name in FLOATS else "i32")
         if name in ("to_ptr", "mo_ptr"):  # the masked walk's output selection: thresholds and shifts
             sig[name] = "*fp32"
         if sig[name].startswith("*") or name in DIVISIBLE:
