@@ -506,8 +506,8 @@ def anatomy(lay: Layers, inp: Inputs, raw_ops: dict, kernels: list, qkv32, gu32,
             t[s] = {op: time_graph(lambda fn=fn: [fn(st) for st in lay.sets]) * 1e3 / lay.n for op, fn in ops.items()}
             rows += [{**meta, "kind": "kernel", "method": f"{kern}-anatomy", "op": op, "sparsity": s, "batch": inp.b,
                       "dtype": dtype_name, "us": round(v, 2)} for op, v in t[s].items()]
-        bw = {op: nbytes[op] * lay.dtype.itemsize * (1 - s) / ((t[s][op] - t[1.0][op]) * 1e-6) / 1e12
-              for s in (0.5, 0.9) for op in t[s] if t[s][op] > t[1.0][op]}
+        bw = {op: nbytes[op] * lay.dtype.itemsize * 0.5 / ((t[0.5][op] - t[1.0][op]) * 1e-6) / 1e12
+              for op in t[0.5] if t[0.5][op] > t[1.0][op]}
         log(f"  anatomy {kern}: fixed (all rows skipped) " + " ".join(f"{op}={v:.1f}" for op, v in t[1.0].items())
             + " us; at 0.5 " + " ".join(f"{op}={v:.1f}" for op, v in t[0.5].items())
             + "; bytes' share at 0.5 as TB/s " + " ".join(f"{op}={v:.2f}" for op, v in bw.items()))

@@ -90,8 +90,10 @@ TUNED_MASKED: dict[tuple[str, int, int, int], MaskedConfig] = {
 
 # Gather, batch 1: H200, 2026-12-05, `--tune-gather` over 21 configs a shape, weights 0:1,0.5:1,0.9:1 (two
 # gathered tiles in flight, depth 2, won every op; 32-column strips except gate|up's 64 at 2 warps);
-# batch 4: the FMA walk with short slices. Kind "accumulate" (adding into a given tensor): `bench_kernels.py
-# --tune-accumulate`, none measured yet.
+# batch 4: the FMA walk with short slices. Kind "accumulate" (adding into a given tensor, as the engine runs
+# q|k|v's and gate|up's raw sums, o and the gated down): `bench_kernels.py --tune-accumulate`, H100, be7f5b7,
+# 2026-12-07, 26 configs a shape timed at 0.25 + 0.5 (32-column strips, 128-row steps, depth 2 won every op;
+# within 1-2% of the next; o's sweep ran 8 configs before the budget ended it).
 TUNED_GATHER: dict[tuple[str, int, int, int], GatherConfig] = {
     ("qkv", 4096, 6144, 1): GatherConfig(block_n=32, seg_k=2048, block_k=128, depth=2),
     ("gemv", 4096, 4096, 1): GatherConfig(block_n=32, seg_k=1024, block_k=128, depth=2),
@@ -99,6 +101,10 @@ TUNED_GATHER: dict[tuple[str, int, int, int], GatherConfig] = {
     ("gemv", 14336, 4096, 1): GatherConfig(block_n=32, seg_k=4096, block_k=128, depth=2),
     **{(kind, k, n, 4): GatherConfig(block_n=64, seg_k=256, block_k=32)
        for kind, k, n in (("qkv", 4096, 6144), ("gemv", 4096, 4096), ("pair", 4096, 14336), ("gemv", 14336, 4096))},
+    ("accumulate", 4096, 6144, 1): GatherConfig(block_n=32, seg_k=2048, block_k=128, depth=2),
+    ("accumulate", 4096, 4096, 1): GatherConfig(block_n=32, seg_k=1024, block_k=128, depth=2),
+    ("accumulate", 4096, 14336, 1): GatherConfig(block_n=32, seg_k=4096, block_k=128, depth=2),
+    ("accumulate", 14336, 4096, 1): GatherConfig(block_n=32, seg_k=2048, block_k=128, depth=2),
 }
 
 
@@ -106,11 +112,15 @@ TUNED_GATHER: dict[tuple[str, int, int, int], GatherConfig] = {
 # (kind "accumulate": adding into a given tensor, `sparse_gemv(accumulate=)`), bf16, Llama-3-8B shapes, H100 80GB
 # HBM3, 2026-12-07, weights 0:0.5,0.5:1,0.9:0.5 (TEAL's own tile, 128 columns × 64 rows × 2 warps, for q|k|v;
 # 128 × 128 for gate|up; 256 × 32 for o and down, which also won adding into a tensor, within 1% of 128 × 64).
+# "accumulate" of gate|up's raw pair and down (the gated down: act(gate)·up formed per tile, where 256 × 32 took
+# 83 µs at 0.25 + 0.5 against 62.5 for 128 × 64): `--tune-accumulate`, H100, be7f5b7.
 TUNED_ONESHOT: dict[tuple[str, int, int, int], OneshotConfig] = {
     ("qkv", 4096, 6144, 1): OneshotConfig(block_n=128, block_k=64, num_warps=2),
     ("gemv", 4096, 4096, 1): OneshotConfig(block_n=256, block_k=32, num_warps=2),
     ("pair", 4096, 14336, 1): OneshotConfig(block_n=128, block_k=128, num_warps=2),
     ("gemv", 14336, 4096, 1): OneshotConfig(block_n=256, block_k=32, num_warps=2),
+    ("accumulate", 4096, 14336, 1): OneshotConfig(block_n=128, block_k=64, num_warps=2),
+    ("accumulate", 14336, 4096, 1): OneshotConfig(block_n=128, block_k=64, num_warps=2),
 }
 
 # impl="auto" without an override: the kernel measured fastest over the sparsities that keep quality (0.25-0.5)

@@ -146,7 +146,9 @@ def test_the_benchs_hf_baseline_rows_sit_beside_our_dense_rows(tmp_path):
     assert (dense["method"], hf["method"]) == ("dense", "hf-generate") and hf["model"] == dense["model"] == "llama2-7b"
     assert hf["batch"] == 1 and hf["kind"] == "decode" and hf["tok_s"] > 0 and hf["new_tokens"] == 3
     assert hf["tok_s_dense"] == dense["tok_s"]
-    assert hf["speedup"] == pytest.approx(hf["tok_s"] / dense["tok_s"], rel=0.02)  # of the unrounded dense figure
+    # of the unrounded figures: tok/s are rounded to 0.1, which on a slow (loaded) CPU is a few percent
+    rounding = 0.05 / hf["tok_s"] + 0.05 / dense["tok_s"]
+    assert hf["speedup"] == pytest.approx(hf["tok_s"] / dense["tok_s"], rel=rounding + 0.005)
     md = (tmp_path / "BENCHMARKS_fragment.md").read_text()
     assert "### Dense engine vs Hugging Face generate" in md and "### Decode, random weights" not in md
     assert (f"| llama2-7b | 2 | {dense['tok_s']:.1f} | {hf['tok_s']:.1f} | {dense['tok_s'] / hf['tok_s']:.2f}× | "
