@@ -67,7 +67,10 @@ GATHER_GRID = {1: [(32, 4096, 128, 4), (32, 4096, 128, 4, False, 1, 2), (64, 409
                    # short slices, about one gathered step a program at 50% (the one-shot tiles over kept rows
                    # only: every load a full tile, many programs in flight); adding into a tensor takes atomics
                    (64, 256, 128, 4), (128, 256, 128, 4), (128, 512, 128, 8, False, 1, 2), (256, 256, 128, 8),
-                   (64, 512, 128, 4, False, 1, 2)],
+                   (64, 512, 128, 4, False, 1, 2),
+                   # the H100's winners with the first indices loaded beside the count (GatherConfig.eager)
+                   (32, 4096, 128, 4, False, 1, 2, True), (32, 2048, 128, 4, False, 1, 2, True),
+                   (32, 1024, 128, 4, False, 1, 2, True)],
                # batch 4: the FMA walk, and the tensor-core walk (use_dot, num_stages): a 16-row tl.dot a step
                4: [(64, 512, 32, 4), (32, 512, 32, 4), (32, 1024, 128, 4, True), (64, 1024, 128, 4, True),
                    (32, 2048, 128, 4, True), (32, 4096, 128, 4, True), (64, 2048, 64, 4, True),
@@ -573,7 +576,8 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
     grids = {"oneshot": ([OneshotConfig(*c) for c in ONESHOT_GRID[bb]],
                          lambda c: f"{c.block_n}x{c.block_k}x{c.num_warps}w"),
              "gather": ([GatherConfig(*c) for c in GATHER_GRID[bb]],
-                        lambda c: f"{c.block_n}x{c.seg_k}x{c.block_k}x{c.num_warps}w{'d2' if c.depth == 2 else ''}")}
+                        lambda c: f"{c.block_n}x{c.seg_k}x{c.block_k}x{c.num_warps}w{'d2' if c.depth == 2 else ''}"
+                        f"{'e' if c.eager else ''}")}
     # Adding into a tensor has no epilogue: other tiles (larger K tiles, fewer atomics; wider strips) may pay.
     # Always the one-shot tiles of o and down; with --tune-accumulate every raw op on every kernel.
     # The most bytes first, should the budget end the sweep.

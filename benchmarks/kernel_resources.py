@@ -39,14 +39,14 @@ PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr",
 
 
 def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4, use_dot: bool = False,
-                   accum: int = 0):
+                   accum: int = 0, eager: bool = False):
     """The compiled walk for one configuration (sm_90): gate|up's pair with the RMSNorm and Gemma's gelu-tanh;
     `accum` 1-3: adding into a given fp32 tensor (stored, read-add-stored, atomic), a bias on the first slice."""
     consts = dict(NORM=True, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=True, HAS_BIAS=accum > 0, HAS_RES=False,
                   ACT=0 if accum else 2, NM_N=0, NM_M=1, GROUPS=1 if accum < 3 else 4, GROUPS_P2=1 if accum < 3 else 4,
                   SPLIT=not accum, USE_DOT=use_dot, IEEE=False, VAL_B=4 if use_dot else 1, DEPTH=depth,
                   ACCUM=accum, BLOCK_B=16 if use_dot else 1, SEG_K=4096 if accum < 3 else 1024,
-                  BLOCK_K=block_k, BLOCK_N=block_n)
+                  BLOCK_K=block_k, BLOCK_N=block_n, EAGER=eager)
     return _compile(gather_gemv._gather_kernel, consts, num_warps)
 
 
@@ -121,6 +121,7 @@ def _cases() -> list[tuple[str, str, tuple]]:
     cases += [(f"gather depth={d} dot={dot}", "compile_gather", (32, 64, d, 4, dot)) for d in (1, 2)
               for dot in (False, True)]
     cases += [(f"gather accum={a}", "compile_gather", (32, 64, 2, 4, False, a)) for a in (1, 2, 3)]
+    cases += [(f"gather eager depth={d}", "compile_gather", (32, 128, d, 4, False, 3, True)) for d in (1, 2)]
     cases += [(f"compact gated={g} zero={z}", "compile_compact", (g, z)) for g, z in ((0, False), (0, True), (1, True))]
     cases += [(f"oneshot pair={p} dot={dot}", "compile_oneshot", (128, 64, 2, p, dot)) for p in (False, True)
               for dot in (False, True)]

@@ -65,6 +65,9 @@ class GatherConfig:
     use_dot: bool = False  # tensor cores (tl.dot, rows padded to 16) instead of CUDA-core FMA: batches 2-4
     num_stages: int = 1  # Triton's software pipelining of the walk loop
     depth: int = 1  # 2: two gathered weight tiles in flight per program
+    # The first step's indices load beside the slice's count instead of after it (entries past the count are
+    # clamped to a valid row and masked out): one L2 round trip less before the first weight rows are asked for.
+    eager: bool = False
 
 
 Config = Union[MaskedConfig, GatherConfig, OneshotConfig]

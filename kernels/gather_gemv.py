@@ -105,7 +105,8 @@ def _gather_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, VAL_B: tl.constexpr, DEPTH: tl.constexpr, ACCUM: tl.constexpr,
-    BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    EAGER: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -121,6 +122,11 @@ def _gather_kernel(
     idx_base = idx_ptr + slot * SEG_K
     # A slot holds VAL_B value rows (the batch rounded up); BLOCK_B (16 for tl.dot) rows past B stay masked.
     val_base = val_ptr + slot * (VAL_B * SEG_K) + offs_b[:, None] * SEG_K
+    ar = tl.arange(0, BLOCK_K)
+    if EAGER:
+        # The first indices load beside the count, not after it; past the count they are stale (any int32:
+        # the list is not cleared), so clamped to a valid row here and masked out of every use below.
+        idx = tl.minimum(tl.maximum(tl.load(idx_base + ar, cache_modifier=".cg"), 0), K - 1)
     count = tl.load(count_ptr + slot)  # the compaction pass wrote this slice's list
 
     # ---- gather the active rows of the strip, BLOCK_K at a time; the next indices load meanwhile
@@ -130,9 +136,9 @@ def _gather_kernel(
         wb = w2_ptr
     offs_n = n_start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    ar = tl.arange(0, BLOCK_K)
     mk = ar < count
-    idx = tl.load(idx_base + ar, mask=mk, other=0, cache_modifier=".cg")
+    if not EAGER:
+        idx = tl.load(idx_base + ar, mask=mk, other=0, cache_modifier=".cg")
     xc = tl.load(val_base + ar[None, :], mask=mask_b[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
     if USE_DOT:  # batch 2-4: tensor cores on [16 (rows padded), BLOCK_K] x [BLOCK_K, BLOCK_N], 4 regs of acc
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
@@ -275,7 +281,7 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
         *ptrs, ws, cnt, idx, val, count, b, k, n, n0, n1, *strides, eps, **flags,
         GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, VAL_B=val_b, DEPTH=cfg.depth, ACCUM=accum,
-        BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n,
+        BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n, EAGER=cfg.eager,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )
     record_compiled("gather_kernel" if accumulate is None else "gather_accumulate", compiled, k, n, w2 is not None)

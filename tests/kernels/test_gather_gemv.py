@@ -16,7 +16,9 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Several K slices with several steps each (split-K reduction), and one slice holding all of K with two
 # gathered tiles in flight (depth 2) over several steps.
 CFGS = {"split": GatherConfig(block_n=32, seg_k=32, block_k=8),
-        "whole": GatherConfig(block_n=64, seg_k=128, block_k=32, depth=2)}
+        "whole": GatherConfig(block_n=64, seg_k=128, block_k=32, depth=2),
+        # the first indices loaded beside the count: the stale entries past it must not reach the sums
+        "eager": GatherConfig(block_n=32, seg_k=64, block_k=16, depth=2, eager=True)}
 
 
 def run(fn, *args, cfg="split", **kw):
@@ -27,7 +29,7 @@ def run(fn, *args, cfg="split", **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
-@pytest.mark.parametrize("cfg", ["split", "whole"])
+@pytest.mark.parametrize("cfg", ["split", "whole", "eager"])
 def test_gemv_matches_reference(dtype, batch, sparsity, cfg):
     k, n = 100, 70  # ragged in K, N and the last K slice
     x = torch.randn(batch, k, device=DEVICE, dtype=dtype)
@@ -59,6 +61,23 @@ def test_gelu_tanh_epilogue_matches_the_formula(batch):
 def test_nm_selection_and_empty_slices():
     """Every channel skipped: each slice's list is empty."""
     check_nm_and_nothing_kept(run, DEVICE)
+
+
+def test_eager_indices_past_the_count_never_reach_the_sums():
+    """With the first indices loaded before the count is known, what lies past the count (the previous, denser
+    launch's list, or anything) is masked out: a dense launch, then sparser ones and one keeping nothing, each
+    equal the reference; nothing kept adds exactly nothing into the given tensor."""
+    k, n = 96, 64
+    wt = torch.randn(k, n, device=DEVICE) / 10
+    for t in (0.0, 1.0, 2.5, float("inf")):
+        x = torch.randn(1, k, device=DEVICE)
+        y = run(sparse_gemv, x, wt, torch.tensor([t], device=DEVICE), cfg="eager")
+        assert rel_err(y, ref.sparse_gemv_ref(x, wt, t)) < 1e-5 if t < float("inf") else torch.equal(y, 0 * y)
+        acc = torch.randn(1, n, device=DEVICE)
+        want = acc.clone()
+        run(sparse_gemv, x, wt, torch.tensor([t], device=DEVICE), accumulate=acc, cfg="eager")
+        want += ref.sparse_gemv_ref(x, wt, t)
+        assert rel_err(acc, want) < 1e-5
 
 
 def test_repeated_launches_reuse_their_counters():
