@@ -822,6 +822,8 @@ class Engine:
             x = x * self.embed_scale
         if sparse and self.residual_fp32:
             x = x.float()
+            if ("post", x.shape[0]) in self._sums:  # zero between uses; a step cut short may have left sums in it
+                self._post_sums(x.shape[0]).zero_()
         for i in range(self.cfg.n_layers):
             x = self._block(i, x, pos, sparse, record)
         logits = self._linear(self._norm(x, self.w.final_norm), self.w.lm_head, None)

@@ -145,6 +145,8 @@ def test_the_fp32_stream_adds_o_and_down_through_their_post_norms_from_raw_sums(
     layers = model.config.num_hidden_layers
     assert calls == {"add_normed": 2 * layers * 5, "pair": layers * 5}
     assert torch.equal(eng._post_sums(1), torch.zeros_like(eng._post_sums(1)))
+    eng._post_sums(1).fill_(7.0)  # as a step cut short between an op and its post-norm would leave it
+    assert torch.allclose(_engine_logits(eng, seq, sparse=True), got)
 
 
 def _refused(model_or_config) -> str:
