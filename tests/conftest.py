@@ -4,7 +4,20 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+
+# `make test` runs two xdist workers on a 2-core machine, and the tests start Ray clusters and interpreters of their
+# own beside them: torch's default of one OpenMP thread per core in every process oversubscribes the cores, and
+# spinning OpenMP threads made tiny-model tests up to 30x slower (test_greedy: 153 s on two workers, 35 s with one
+# thread each). Each worker gets its share of the cores; the variables reach the subprocesses the tests start.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():  # Triton runs on the CPU only through its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -86,14 +99,19 @@ def tiny(tiny_dir):
 
 # Tests that start Ray clusters, MLflow servers or whole sweeps run one at a time on one xdist worker
 # (`make test` runs two workers, `--dist loadgroup`): two clusters at once would fight over the CPUs
-# they each reserve. The rest spreads over both workers.
-_SERIAL_DIRS = ("orchestration", "report")
-_SERIAL_FILES = ("test_demo_e2e.py",)
+# they each reserve. The rest (pure-Python tests, command-line errors, dry runs) spreads over both workers.
+# A test joins the group when it uses a fixture that starts such a thing (module fixtures then run once, on one
+# worker), or starts one itself.
+_SERIAL_FIXTURES = {"ray_cluster", "swept", "acc_sweep", "mlflow_server"}
+_SERIAL_TESTS = ("test_demo_e2e.py", "orchestration/test_cluster.py",
+                 "orchestration/test_cli_mlflow.py::test_experiment_opens_on_runs_table_and_reruns_are_numbered")
 
 
+# tryfirst: xdist's own hook reads the xdist_group marks to name each test's group, so they must be on by then
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     root = os.path.dirname(__file__)
     for item in items:
-        rel = os.path.relpath(str(item.path), root).split(os.sep)
-        if rel[0] in _SERIAL_DIRS or rel[-1] in _SERIAL_FILES:
+        rel = "/".join(os.path.relpath(str(item.path), root).split(os.sep)) + "::" + item.name
+        if _SERIAL_FIXTURES & set(item.fixturenames) or any(t in rel for t in _SERIAL_TESTS):
             item.add_marker(pytest.mark.xdist_group("cluster"))
