@@ -26,6 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A raylet on a loaded 2-core machine (two test workers, a cluster of several raylets) can take longer to
 # register than Ray's default wait: give it two minutes rather than fail the test that started it.
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+# The `mlflow server` / `mlflow ui` the tests start serve tracking and artifacts only; MLflow 3 would also start
+# six job-queue consumer processes beside each (~250 MB and steady CPU each), slowing every test running meanwhile.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Activation sparsity skips weight reads for "
         "inputs near zero, which makes decoding faster on memory-bound hardware. ")
