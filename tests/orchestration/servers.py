@@ -74,9 +74,11 @@ def ray_cluster(n_workers: int, timeout: float = 180):
     """Yield the GCS address of a real Ray cluster: a head with no CPUs and n_workers raylets of 1 CPU each."""
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    # Ray gives up on a node whose GCS answers too slowly ("timed out during startup"), which a loaded 2-core
-    # machine can cause: such a start is tried once more; any other death is the test's failure.
-    for attempt in (1, 2):
+    # Ray gives up on a node whose raylet has not registered with the GCS within a fixed 30 s ("timed out during
+    # startup"), which a loaded 2-core machine can cause (seen twice in a row there): such a start is tried up to
+    # four times, a few seconds apart; any other death is the test's failure.
+    attempts = 4
+    for attempt in range(1, attempts + 1):
         proc = subprocess.Popen([sys.executable, "-m", "tests.orchestration.servers", "ray-cluster", str(n_workers)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=REPO, env=env, start_new_session=True)
@@ -89,8 +91,9 @@ def ray_cluster(n_workers: int, timeout: float = 180):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        if attempt == 2 or "timed out during startup" not in err:
+        if attempt == attempts or "timed out during startup" not in err:
             raise RuntimeError(f"ray cluster helper died: {err}")
+        time.sleep(5 * attempt)
     try:
         yield json.loads(line)["address"]
     finally:
