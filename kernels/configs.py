@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Iterator, Union
 
 import torch
+import triton.language as tl
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,9 @@ def choose_impl(kind: str, k: int, n: int, b: int, impl: str = "auto", *, packed
         return "oneshot", cfg or tuned or OneshotConfig()
     return "masked", cfg or TUNED_MASKED.get(key) or default_masked(kind, b)
 
+
+# torch dtype -> Triton dtype, for kernels that round to a dtype given as a constexpr
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 MAX_TILES = 1 << 16
 MAX_ACC = 1 << 20   # fp32 accumulators for the atomic split-K reduction: nacc × batch × N of one launch

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import new_output
+from .configs import TL_DTYPES, new_output
 from .pdl import pdl_args, pdl_prologue
 
 
@@ -60,7 +60,6 @@ def _add_normed_kernel(x_ptr, y_ptr, g_ptr, K, stride_x, stride_y, eps, SCALE_F3
              mask=mask)
 
 
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @torch.library.custom_op("actsparse::add_normed", mutates_args=("x", "y"))
@@ -69,7 +68,7 @@ def _add_normed_op(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, eps: float
     b, k = x.shape
     block = triton.next_power_of_2(k)
     _add_normed_kernel[(b,)](x, y, g, k, x.stride(0), y.stride(0), eps, SCALE_F32=scale_in_f32,
-                             OUT_DTYPE=_TL[out_dtype], BLOCK=block, num_warps=8 if block >= 4096 else 4,
+                             OUT_DTYPE=TL_DTYPES[out_dtype], BLOCK=block, num_warps=8 if block >= 4096 else 4,
                              **pdl_args(x.device))
 
 
@@ -146,7 +145,7 @@ def add_normed(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, eps: float = 1
     if x.shape != y.shape or x.stride(1) != 1:
         raise ValueError(f"x must match y's shape {tuple(y.shape)} and be contiguous in K, got {tuple(x.shape)}")
     dt = x.dtype if out_dtype is None else out_dtype
-    if dt not in _TL:
+    if dt not in TL_DTYPES:
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {dt}")
     torch.ops.actsparse.add_normed(x, y, g, float(eps), bool(scale_in_f32), dt)
     return x

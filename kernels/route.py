@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import TL_DTYPES
 from .pdl import pdl_args, pdl_prologue
 
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def moe_route(logits: torch.Tensor, top_k: int, *, renorm: bool, w_dtype: torch.
     b, e = logits.shape
     if not 1 <= top_k <= e:
         raise ValueError(f"top_k must be in [1, E={e}], got {top_k}")
-    if w_dtype not in _TL:
+    if w_dtype not in TL_DTYPES:
         raise ValueError(f"w_dtype must be float32, float16 or bfloat16, got {w_dtype}")
     return torch.ops.actsparse.moe_route(logits, int(top_k), bool(renorm), w_dtype)
 
@@ -70,7 +70,7 @@ def _moe_route_op(logits: torch.Tensor, top_k: int, renorm: bool,
     idx = torch.empty(b, top_k, device=logits.device, dtype=torch.int64)
     w = torch.empty(b, top_k, device=logits.device, dtype=w_dtype)
     _route_kernel[(b,)](logits, idx, w, e, logits.stride(0), TOP=top_k, TOP_P2=triton.next_power_of_2(top_k),
-                        BLOCK_E=triton.next_power_of_2(e), RENORM=renorm, W_DTYPE=_TL[w_dtype], num_warps=1,
+                        BLOCK_E=triton.next_power_of_2(e), RENORM=renorm, W_DTYPE=TL_DTYPES[w_dtype], num_warps=1,
                         **pdl_args(logits.device))
     return idx, w
 
