@@ -69,10 +69,13 @@ def test_eager_indices_past_the_count_never_reach_the_sums():
     equal the reference; nothing kept adds exactly nothing into the given tensor."""
     k, n = 96, 64
     wt = torch.randn(k, n, device=DEVICE) / 10
-    for t in (0.0, 1.0, 2.5, float("inf")):
+    for keep in (k, 40, 3, 0):
         x = torch.randn(1, k, device=DEVICE)
+        # a level keeping exactly `keep` channels (|x| > t), so the sparse launches are never empty by chance
+        t = float("inf") if keep == 0 else (0.0 if keep == k else float(x.abs().flatten().sort().values[k - keep - 1]))
+        assert int((x.abs() > t).sum()) == keep
         y = run(sparse_gemv, x, wt, torch.tensor([t], device=DEVICE), cfg="eager")
-        assert rel_err(y, ref.sparse_gemv_ref(x, wt, t)) < 1e-5 if t < float("inf") else torch.equal(y, 0 * y)
+        assert rel_err(y, ref.sparse_gemv_ref(x, wt, t)) < 1e-5 if keep else torch.equal(y, 0 * y)
         acc = torch.randn(1, n, device=DEVICE)
         want = acc.clone()
         run(sparse_gemv, x, wt, torch.tensor([t], device=DEVICE), accumulate=acc, cfg="eager")
