@@ -68,9 +68,11 @@ GATHER_GRID = {1: [(32, 4096, 128, 4), (32, 4096, 128, 4, False, 1, 2), (64, 409
                    # only: every load a full tile, many programs in flight); adding into a tensor takes atomics
                    (64, 256, 128, 4), (128, 256, 128, 4), (128, 512, 128, 8, False, 1, 2), (256, 256, 128, 8),
                    (64, 512, 128, 4, False, 1, 2),
-                   # the H100's winners with the first indices loaded beside the count (GatherConfig.eager)
+                   # the H100's winners with the first indices loaded beside the count (GatherConfig.eager),
+                   # and with no compaction launch (GatherConfig.fused: the walk's first programs write the lists)
                    (32, 4096, 128, 4, False, 1, 2, True), (32, 2048, 128, 4, False, 1, 2, True),
-                   (32, 1024, 128, 4, False, 1, 2, True)],
+                   (32, 1024, 128, 4, False, 1, 2, True), (32, 4096, 128, 4, False, 1, 2, False, True),
+                   (32, 2048, 128, 4, False, 1, 2, False, True), (32, 1024, 128, 4, False, 1, 2, False, True)],
                # batch 4: the FMA walk, and the tensor-core walk (use_dot, num_stages): a 16-row tl.dot a step
                4: [(64, 512, 32, 4), (32, 512, 32, 4), (32, 1024, 128, 4, True), (64, 1024, 128, 4, True),
                    (32, 2048, 128, 4, True), (32, 4096, 128, 4, True), (64, 2048, 64, 4, True),
@@ -501,11 +503,31 @@ def anatomy(lay: Layers, inp: Inputs, raw_ops: dict, kernels: list, qkv32, gu32,
                                                          impl=kern)}
     half = inp.thresholds(0.5)
     skip_all = {k: torch.full_like(v, float("inf")) if torch.is_tensor(v) else v for k, v in half.items()}
-    for kern in kernels:
+    shapes = {"qkv": (D, D + 2 * KV), "qkv_fed": (D, D + 2 * KV), "o": (D, D), "pair": (D, INTER),
+              "pair_fed": (D, INTER), "down_gated": (INTER, D)}
+
+    def one_launch(op: str) -> GatherConfig:
+        """The gather walk's tiles of `op` (as tuned for adding into a tensor), without the compaction launch."""
+        k, n = shapes[op]
+        cfg = configs.TUNED_GATHER.get(("accumulate", k, n, configs.batch_bucket(inp.b))) or configs.default_gather(inp.b)
+        return dataclasses.replace(cfg, fused=True)
+
+    def on(kern: str, op: str, fn):
+        """fn on the kernel `kern` names; "gather-fused": the gather walk with its lists written in its own launch."""
+        if kern != "gather-fused":
+            return lambda st: fn(st, kern)
+
+        def run(st):
+            with override_config(one_launch(op)):
+                fn(st, "gather")
+        return run
+    # The gather walk's one-launch variant beside it: the compaction launch's share of the fixed cost.
+    for kern in kernels + (["gather-fused"] if "gather" in kernels else []):
         t = {}
         for s, th in ((0.5, half), (0.9, inp.thresholds(0.9)), (1.0, skip_all)):
-            ops = {**{op: (lambda st, fn=fn, th=th: fn(st, th, kern)) for op, fn in raw_ops.items() if op != "down"},
-                   **fed(th, kern)}
+            ops = {**{op: on(kern, op, lambda st, k, fn=fn, th=th: fn(st, th, k))
+                      for op, fn in raw_ops.items() if op != "down"},
+                   **{op: on(kern, op, lambda st, k, th=th, op=op: fed(th, k)[op](st)) for op in ("qkv_fed", "pair_fed")}}
             t[s] = {op: time_graph(lambda fn=fn: [fn(st) for st in lay.sets]) * 1e3 / lay.n for op, fn in ops.items()}
             rows += [{**meta, "kind": "kernel", "method": f"{kern}-anatomy", "op": op, "sparsity": s, "batch": inp.b,
                       "dtype": dtype_name, "us": round(v, 2)} for op, v in t[s].items()]
@@ -577,7 +599,7 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
                          lambda c: f"{c.block_n}x{c.block_k}x{c.num_warps}w"),
              "gather": ([GatherConfig(*c) for c in GATHER_GRID[bb]],
                         lambda c: f"{c.block_n}x{c.seg_k}x{c.block_k}x{c.num_warps}w{'d2' if c.depth == 2 else ''}"
-                        f"{'e' if c.eager else ''}")}
+                        f"{'e' if c.eager else ''}{'f' if c.fused else ''}")}
     # Adding into a tensor has no epilogue: other tiles (larger K tiles, fewer atomics; wider strips) may pay.
     # Always the one-shot tiles of o and down; with --tune-accumulate every raw op on every kernel.
     # The most bytes first, should the budget end the sweep.

@@ -69,6 +69,9 @@ class GatherConfig:
     # The first step's indices load beside the slice's count instead of after it (entries past the count are
     # clamped to a valid row and masked out): one L2 round trip less before the first weight rows are asked for.
     eager: bool = False
+    # One launch per op: no compaction pass; the walk's first programs to claim a list write it while the others
+    # wait for all lists (gather_gemv._claim_and_compact). Saves a launch boundary; costs every program a claim.
+    fused: bool = False
 
 
 Config = Union[MaskedConfig, GatherConfig, OneshotConfig]
@@ -292,6 +295,14 @@ def tile_counters(device: torch.device) -> torch.Tensor:
     """Return the device's arrival counters (int32, one per output tile); the last program of a tile resets
     its counter."""
     return _self_zeroing("tile counters", MAX_TILES, torch.int32, device)
+
+
+def claim_counters(device: torch.device, programs: int, slots: int) -> torch.Tensor:
+    """Return the claim and ready counters (int64 [2], zeroed once) of fused gather launches with this many
+    programs and lists: they only grow, by exactly programs + slots and slots per launch, so launches of one
+    shape share them and none resets them (see gather_gemv._claim_and_compact). One stream at a time per device,
+    as for the tile counters."""
+    return _self_zeroing(f"claim counters {programs}x{slots}", 2, torch.int64, device)
 
 
 def atomic_accumulator(device: torch.device) -> torch.Tensor:

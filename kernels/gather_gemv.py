@@ -1,4 +1,5 @@
-"""The gather walk: work proportional to the ACTIVE rows (batch 1 to 4), two launches per op.
+"""The gather walk: work proportional to the ACTIVE rows (batch 1 to 4), two launches per op (one with
+`GatherConfig(fused=True)`: the walk's first programs write the lists, see 5.).
 
 1. The compaction pass (`_compact_kernel`, one program per K slice and threshold row: q/k/v segments or
    gate/up) loads its slice of x, normalises it (RMSNorm factor from one wide load of the whole row,
@@ -23,6 +24,12 @@ Batches 2-4 (`GatherConfig(use_dot=True)`): the FMA accumulators grow with the b
 fp32); the tensor-core walk pads the batch to 16 rows and runs each gathered step as one tl.dot
 [16, BLOCK_K] × [BLOCK_K, BLOCK_N] into a [16, BLOCK_N] accumulator (x_s rounded to the weights' dtype first,
 as the reference does).
+
+5. `fused=True`: no compaction launch. Each program of the walk claims a list to write (a device-wide int64
+   counter) until none is left, then waits until every list is marked ready, then walks as above. The claim and
+   ready counters only grow, by a fixed amount per launch, so no launch or replay resets them, and a program
+   only ever waits on lists being written by running programs (no deadlock whatever the scheduling order). It
+   trades the boundary between two launches for one contended atomic per program and the wait.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import GatherConfig, new_output, record_compiled
+from .configs import GatherConfig, claim_counters, new_output, record_compiled
 from .gemv_common import (accumulate, activate, epilogue, fit_block_n, launch_args, out_dtype, row_rstd,
                           select_chunk, split_workspace)
 from .pdl import pdl_args, pdl_prologue
@@ -41,31 +48,57 @@ from .pdl import pdl_args, pdl_prologue
 def _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_base, val_base, sel, pid_k, offs_b, mask_b, K,
                    stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps,
                    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
-                   NM_M: tl.constexpr, GATED: tl.constexpr, BLOCK_B: tl.constexpr, SEG_K: tl.constexpr):
+                   NM_M: tl.constexpr, GATED: tl.constexpr, BLOCK_B: tl.constexpr, SEG_K: tl.constexpr,
+                   CHUNK: tl.constexpr):
     """Select the SEG_K slice pid_k of x with threshold row `sel` and compact its kept channels (the batch union):
-    indices to idx_base[0:count], values [BLOCK_B, count] to val_base; return count. GATED (an ACTS code): x is a
+    indices to idx_base[0:count], values [BLOCK_B, count] to val_base; return count. CHUNK channels at a time
+    (a divisor of SEG_K: the walk's launch keeps its registers for the walk). GATED (an ACTS code): x is a
     gate/up pair's raw sums [2, B, K] (the up sums stride_xm further on) and the input is act(gate)·up."""
     x_rows = x_ptr + offs_b[:, None] * stride_xb
     rstd = tl.zeros([BLOCK_B], dtype=tl.float32)
     if NORM:
         rstd = row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK, BLOCK_B)
-    offs_k = pid_k * SEG_K + tl.arange(0, SEG_K)
-    mask_k = offs_k < K
-    xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-    if NORM:
-        gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xv = xv * rstd[:, None] * gv[None, :]
-    if GATED > 0:
-        uv = tl.load(x_rows + stride_xm + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-        xv = activate(xv, GATED) * uv
-    xs, rows = select_chunk(xv, t_ptr + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b, stride_tk,
-                             HAS_SHIFT, NM_N, NM_M, BLOCK_B, SEG_K)
-    keep = rows.to(tl.int32)
-    pos = tl.cumsum(keep, axis=0) - 1
-    kept = keep != 0
-    tl.store(idx_base + pos, offs_k, mask=kept)
-    tl.store(val_base + pos[None, :], xs, mask=kept[None, :] & mask_b[:, None])
-    return tl.sum(keep, axis=0)
+    count = 0
+    for c0 in tl.static_range(0, SEG_K, CHUNK):
+        offs_k = pid_k * SEG_K + c0 + tl.arange(0, CHUNK)
+        mask_k = offs_k < K
+        xv = tl.load(x_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        if NORM:
+            gv = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            xv = xv * rstd[:, None] * gv[None, :]
+        if GATED > 0:
+            uv = tl.load(x_rows + stride_xm + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+            xv = activate(xv, GATED) * uv
+        xs, rows = select_chunk(xv, t_ptr + sel * stride_ts, m_ptr + sel * stride_ms, offs_k, mask_k, mask_b,
+                                stride_tk, HAS_SHIFT, NM_N, NM_M, BLOCK_B, CHUNK)
+        keep = rows.to(tl.int32)
+        pos = count + tl.cumsum(keep, axis=0) - 1
+        kept = keep != 0
+        tl.store(idx_base + pos, offs_k, mask=kept)
+        tl.store(val_base + pos[None, :], xs, mask=kept[None, :] & mask_b[:, None])
+        count += tl.sum(keep, axis=0)
+    return count
+
+
+@triton.jit
+def _compact_slot(slot, x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_ptr, offs_b, mask_b, K, Z_N,
+                  Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps,
+                  NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
+                  NM_M: tl.constexpr, GATED: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr,
+                  SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Write list `slot` (threshold row slot // GROUPS, K slice slot % GROUPS) and its count; with ZERO also zero
+    the slot's equal share (Z_N elements, below Z_TOTAL) of the fp32 tensor the walk then adds into."""
+    count = _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr + slot * SEG_K,
+                           val_ptr + slot * (BLOCK_B * SEG_K) + offs_b[:, None] * SEG_K, slot // GROUPS,
+                           slot % GROUPS, offs_b, mask_b, K, stride_xb, stride_ts, stride_tk, stride_ms, stride_xm,
+                           eps, NORM, NORM_BLOCK, HAS_SHIFT, NM_N, NM_M, GATED, BLOCK_B, SEG_K, CHUNK)
+    tl.store(count_ptr + slot, count)
+    if ZERO:
+        start = slot.to(tl.int64) * Z_N
+        for z0 in range(0, Z_N, Z_BLOCK):
+            offs = z0 + tl.arange(0, Z_BLOCK)
+            tl.store(z_ptr + start + offs, tl.zeros([Z_BLOCK], dtype=tl.float32),
+                     mask=(offs < Z_N) & (start + offs < Z_TOTAL))
 
 
 @triton.jit
@@ -74,25 +107,50 @@ def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_p
                     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
                     NM_M: tl.constexpr, GATED: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr,
                     SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    """The compaction pass: one program per (K slice, threshold row) writes the list the walk reads; with ZERO
-    each also zeroes its equal share (Z_N elements, below Z_TOTAL) of the fp32 tensor the walk then adds into."""
+    """The compaction pass: one program per (K slice, threshold row) writes the list the walk reads."""
     pdl_prologue(PDL)
-    pid_k = tl.program_id(0)
-    sel = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
-    slot = sel * GROUPS + pid_k
-    count = _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr + slot * SEG_K,
-                           val_ptr + slot * (BLOCK_B * SEG_K) + offs_b[:, None] * SEG_K, sel, pid_k, offs_b, mask_b,
-                           K, stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps, NORM, NORM_BLOCK, HAS_SHIFT,
-                           NM_N, NM_M, GATED, BLOCK_B, SEG_K)
-    tl.store(count_ptr + slot, count)
-    if ZERO:
-        start = slot.to(tl.int64) * Z_N
-        for z0 in range(0, Z_N, Z_BLOCK):
-            offs = z0 + tl.arange(0, Z_BLOCK)
-            tl.store(z_ptr + start + offs, tl.zeros([Z_BLOCK], dtype=tl.float32),
-                     mask=(offs < Z_N) & (start + offs < Z_TOTAL))
+    _compact_slot(tl.program_id(1) * GROUPS + tl.program_id(0), x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr,
+                  count_ptr, z_ptr, offs_b, offs_b < B, K, Z_N, Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms,
+                  stride_xm, eps, NORM, NORM_BLOCK, HAS_SHIFT, NM_N, NM_M, GATED, GROUPS, BLOCK_B, SEG_K, ZERO,
+                  Z_BLOCK, SEG_K)
+
+
+@triton.jit
+def _claim_and_compact(claim_ptr, ready_ptr, x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_ptr,
+                       offs_b, mask_b, K, Z_N, Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps,
+                       NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
+                       NM_M: tl.constexpr, GATED: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr,
+                       SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr, SLOTS: tl.constexpr,
+                       PROGRAMS: tl.constexpr, CHUNK: tl.constexpr):
+    """The compaction inside the walk's own launch (`GatherConfig(fused=True)`): each program claims lists to
+    write until none is left, then waits until all are written.
+
+    The claim counter (int64) only grows: a launch takes exactly PROGRAMS + SLOTS claims (every program ends on
+    one claim past the lists, the lists take one each), so launch e's claims lie in [e, e + 1)·(PROGRAMS + SLOTS)
+    and the ready counter reaches (e + 1)·SLOTS when its lists are written; no program resets anything. A
+    program only waits on lists already claimed, and a claimed list is being written by a running program, so
+    the wait cannot deadlock whatever order the programs are scheduled in (the interpreter runs them one after
+    another: the first claims every list)."""
+    per_launch = PROGRAMS + SLOTS
+    c = tl.atomic_add(claim_ptr, 1, sem="relaxed")
+    base = (c // per_launch) * per_launch
+    while c - base < SLOTS:
+        _compact_slot((c - base).to(tl.int32), x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_ptr,
+                      offs_b, mask_b, K, Z_N, Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps,
+                      NORM, NORM_BLOCK, HAS_SHIFT, NM_N, NM_M, GATED, GROUPS, BLOCK_B, SEG_K, ZERO, Z_BLOCK, CHUNK)
+        tl.debug_barrier()  # every thread's stores of the list are issued before the release below
+        tl.atomic_add(ready_ptr, 1, sem="release")
+        c = tl.atomic_add(claim_ptr, 1, sem="relaxed")
+    target = (base // per_launch + 1) * SLOTS
+    seen = False
+    while not seen:
+        ready = tl.load(ready_ptr, volatile=True)  # plain polling: no atomic traffic while the lists are written
+        while ready < target:
+            ready = tl.load(ready_ptr, volatile=True)
+        # One acquire once they are: the lists' stores are visible to every load after it. Its value is used
+        # (always true here) so that the compiler keeps it.
+        seen = tl.atomic_add(ready_ptr, 0, sem="acquire") >= target
 
 
 @triton.jit
@@ -106,13 +164,22 @@ def _gather_kernel(
     GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, VAL_B: tl.constexpr, DEPTH: tl.constexpr, ACCUM: tl.constexpr,
     BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    EAGER: tl.constexpr = False, PDL: tl.constexpr = False):
+    EAGER: tl.constexpr = False, PDL: tl.constexpr = False,
+    claim_ptr=None, ready_ptr=None, z_ptr=None, Z_N=0, Z_TOTAL=0, stride_xm=0, FUSED: tl.constexpr = False,
+    GATED: tl.constexpr = 0, SLOTS: tl.constexpr = 1, PROGRAMS: tl.constexpr = 1, ZERO: tl.constexpr = False,
+    CHUNK: tl.constexpr = 1):
     pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
+    if FUSED:  # no compaction launch: the first programs to claim the lists write them (see _claim_and_compact)
+        offs_vb = tl.arange(0, VAL_B)
+        _claim_and_compact(claim_ptr, ready_ptr, x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_ptr,
+                           offs_vb, offs_vb < B, K, Z_N, Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms,
+                           stride_xm, eps, NORM, NORM_BLOCK, HAS_SHIFT, NM_N, NM_M, GATED, GROUPS, VAL_B,
+                           SEG_K, ZERO, 1024, SLOTS, PROGRAMS, CHUNK)
     n_start = pid_n * BLOCK_N
     if PAIR:
         sel = pid_m  # gate / up thresholds
@@ -272,16 +339,24 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
     ptrs, (n0, n1), strides, flags = launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
                                                  nm_n, nm_m, y, block_b)
     xp, gp, tp, mp = ptrs[:4]
-    _compact_kernel[(groups, nsel)](
-        xp, gp, tp, mp, idx, val, count, accumulate if zero else idx, b, k, z_n, z_total, *strides[:4], stride_xm,
-        eps, NORM=flags["NORM"], NORM_BLOCK=flags["NORM_BLOCK"], HAS_SHIFT=flags["HAS_SHIFT"], NM_N=flags["NM_N"],
-        NM_M=flags["NM_M"], GATED=gated, GROUPS=groups, BLOCK_B=val_b, SEG_K=seg_k, ZERO=zero, Z_BLOCK=1024,
-        num_warps=4, **pdl_args(x.device))
+    programs = tiles_n * groups * mats
+    if cfg.fused:  # one launch: the walk's first programs write the lists (its pointers and flags cover the rest)
+        claims = claim_counters(x.device, programs, nsel * groups)
+        fused = dict(claim_ptr=claims, ready_ptr=claims[1:], z_ptr=accumulate if zero else idx, Z_N=z_n,
+                     Z_TOTAL=z_total, stride_xm=stride_xm, FUSED=True, GATED=gated, SLOTS=nsel * groups,
+                     PROGRAMS=programs, ZERO=zero, CHUNK=min(seg_k, 512))
+    else:
+        fused = {}
+        _compact_kernel[(groups, nsel)](
+            xp, gp, tp, mp, idx, val, count, accumulate if zero else idx, b, k, z_n, z_total, *strides[:4],
+            stride_xm, eps, NORM=flags["NORM"], NORM_BLOCK=flags["NORM_BLOCK"], HAS_SHIFT=flags["HAS_SHIFT"],
+            NM_N=flags["NM_N"], NM_M=flags["NM_M"], GATED=gated, GROUPS=groups, BLOCK_B=val_b, SEG_K=seg_k,
+            ZERO=zero, Z_BLOCK=1024, num_warps=4, **pdl_args(x.device))
     compiled = _gather_kernel[(tiles_n, groups, mats)](
         *ptrs, ws, cnt, idx, val, count, b, k, n, n0, n1, *strides, eps, **flags,
         GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, VAL_B=val_b, DEPTH=cfg.depth, ACCUM=accum,
-        BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n, EAGER=cfg.eager,
+        BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n, EAGER=cfg.eager, **fused,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )
     record_compiled("gather_kernel" if accumulate is None else "gather_accumulate", compiled, k, n, w2 is not None)

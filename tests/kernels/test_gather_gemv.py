@@ -1,11 +1,13 @@
 """The gather walk (a compaction pass, then a walk over the active weight rows) against the torch references,
 fresh random inputs, outputs poisoned. The masked walk has its own file (test_sparse_gemv.py)."""
 
+import contextlib
+
 import pytest
 import torch
 
-from actsparse.kernels import (GatherConfig, MaskedConfig, override_config, poison_outputs, ref, sparse_gated_mlp,
-                               sparse_gemv)
+from actsparse.kernels import (GatherConfig, MaskedConfig, configs, override_config, poison_outputs, ref,
+                               sparse_gated_mlp, sparse_gemv)
 from actsparse.kernels.configs import choose_impl
 
 from .checks import (check_fused_qkv, check_gated_mlp, check_gelu_tanh, check_nm_and_nothing_kept, quantile_thresh,
@@ -18,7 +20,9 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 CFGS = {"split": GatherConfig(block_n=32, seg_k=32, block_k=8),
         "whole": GatherConfig(block_n=64, seg_k=128, block_k=32, depth=2),
         # the first indices loaded beside the count: the stale entries past it must not reach the sums
-        "eager": GatherConfig(block_n=32, seg_k=64, block_k=16, depth=2, eager=True)}
+        "eager": GatherConfig(block_n=32, seg_k=64, block_k=16, depth=2, eager=True),
+        # no compaction launch: the walk's first programs write the lists, the others wait for them
+        "fused": GatherConfig(block_n=32, seg_k=32, block_k=8, fused=True)}
 
 
 def run(fn, *args, cfg="split", **kw):
@@ -29,7 +33,7 @@ def run(fn, *args, cfg="split", **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
-@pytest.mark.parametrize("cfg", ["split", "whole", "eager"])
+@pytest.mark.parametrize("cfg", ["split", "whole", "eager", "fused"])
 def test_gemv_matches_reference(dtype, batch, sparsity, cfg):
     k, n = 100, 70  # ragged in K, N and the last K slice
     x = torch.randn(batch, k, device=DEVICE, dtype=dtype)
@@ -93,6 +97,21 @@ def test_repeated_launches_reuse_their_counters():
         assert rel_err(y, ref.sparse_gemv_ref(x, wt, 0.5)) < 1e-5
 
 
+def test_fused_launches_take_exactly_their_claims_and_stay_correct():
+    """One launch per op: a launch takes programs + lists claims and marks its lists ready once each; the counters
+    only grow, so back-to-back launches (fresh inputs, sparser each time, nothing kept last) stay correct."""
+    k, n = 96, 64  # the "fused" tiles: 2 column strips × 3 K slices = 6 programs, 3 lists (one threshold row)
+    wt = torch.randn(k, n, device=DEVICE) / 10
+    claims = configs.claim_counters(torch.device(DEVICE), 6, 3)
+    before = claims.clone()
+    for i, t in enumerate((0.0, 0.5, 1.5, float("inf"))):
+        x = torch.randn(1, k, device=DEVICE)
+        y = run(sparse_gemv, x, wt, torch.tensor([t], device=DEVICE), cfg="fused")
+        want = ref.sparse_gemv_ref(x, wt, t)
+        assert rel_err(y, want) < 1e-5 if want.abs().sum() > 0 else torch.equal(y, 0 * y)
+        assert (claims - before).tolist() == [(i + 1) * (6 + 3), (i + 1) * 3]
+
+
 def test_auto_runs_gather_where_it_can_and_masked_elsewhere():
     x = torch.randn(6, 32, device=DEVICE)
     wt = torch.randn(32, 16, device=DEVICE)
@@ -129,8 +148,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_gpu_qkv_and_gated_mlp_llama_shapes_under_graph_replay(batch):
+def test_gpu_qkv_and_gated_mlp_llama_shapes_under_graph_replay(batch, fused):
     d, nq, nkv, inter = 4096, 4096, 1024, 14336
     dt = torch.bfloat16
     x = torch.randn(batch, d, device="cuda", dtype=dt)
@@ -141,15 +161,20 @@ def test_gpu_qkv_and_gated_mlp_llama_shapes_under_graph_replay(batch):
     t = torch.tensor([0.7, 0.5, 0.9], device="cuda")
     kw = dict(norm_weight=g, segments=(nq, nq + nkv))
 
+    # fused: the lists written inside the walk's launch (its programs wait for them), tiles as tuned
+    tiles = (GatherConfig(block_n=32, seg_k=2048, block_k=128, depth=2, fused=True) if batch == 1
+             else GatherConfig(block_n=64, seg_k=256, block_k=32, fused=True))
+
     def step():
-        return (sparse_gemv(x, wqkv, t, impl="gather", **kw),
-                sparse_gated_mlp(x, wg, wu, t[:2], norm_weight=g))
+        with override_config(tiles) if fused else contextlib.nullcontext():
+            return (sparse_gemv(x, wqkv, t, impl="gather", **kw),
+                    sparse_gated_mlp(x, wg, wu, t[:2], norm_weight=g, impl="gather"))
 
     step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         qkv, h = step()
-    for _ in range(3):  # fresh inputs each replay: counters and lists must be reset / rebuilt
+    for _ in range(20 if fused else 3):  # fresh inputs each replay: counters and lists must be reset / rebuilt
         x.copy_(torch.randn_like(x))
         qkv.fill_(float("nan"))
         h.fill_(float("nan"))

@@ -17,9 +17,13 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 CFGS = {"small": OneshotConfig(block_n=16, block_k=16), "wide": OneshotConfig(block_n=64, block_k=32, num_warps=4)}
 # Adding into a given tensor (accumulate=, out=, gated=) runs on the one-shot tiles or the gather walk; the walk's
 # "sliced" config splits K (partials meet by atomics), its "whole" one gives each program all of K (it owns its
-# output elements: a plain store, or read-add-store).
+# output elements: a plain store, or read-add-store); "fused" variants write the lists inside the walk's launch
+# (the zeroing of a sliced tensor included).
 ACC_CFGS = {"oneshot": CFGS, "gather": {"sliced": GatherConfig(block_n=16, seg_k=32, block_k=16),
-                                        "whole": GatherConfig(block_n=32, seg_k=128, block_k=32, depth=2)}}
+                                        "whole": GatherConfig(block_n=32, seg_k=128, block_k=32, depth=2),
+                                        "sliced-fused": GatherConfig(block_n=16, seg_k=32, block_k=16, fused=True),
+                                        "whole-fused": GatherConfig(block_n=32, seg_k=128, block_k=32, depth=2,
+                                                                    fused=True)}}
 
 
 def run(fn, *args, cfg="small", **kw):
