@@ -49,6 +49,7 @@ from actsparse.kernels.rmsnorm import add_normed, add_rmsnorm, rmsnorm
 from actsparse.kernels.route import moe_route
 from actsparse.kernels.silu_mul import silu_mul
 from actsparse.kernels.sparse_gemv import pack_weight, sparse_gemv
+from actsparse.kernels.topk import topk_thresholds
 
 
 def interpreted() -> bool:
@@ -80,5 +81,6 @@ __all__ = [
     "silu_mul",
     "sparse_gated_mlp",
     "sparse_gemv",
+    "topk_thresholds",
     "use_pdl",
 ]

@@ -29,7 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from actsparse.kernels import attention, cats, gather_gemv, masked_gemv, oneshot_gemv, route  # noqa: E402
+from actsparse.kernels import attention, cats, gather_gemv, masked_gemv, oneshot_gemv, route, topk  # noqa: E402
 
 norms = importlib.import_module("actsparse.kernels.rmsnorm")  # the name rmsnorm there is the op
 
@@ -118,6 +118,13 @@ def compile_route(renorm: bool):
     return _compile(route._route_kernel, consts, 1, ptrs)
 
 
+def compile_topk(norm: bool, gated: int, weighted: bool):
+    """The compiled per-token Top-K levels (sm_90): a Llama-3-8B MLP's 14,336 channels, 8 warps."""
+    consts = dict(NORM=norm, GATED=gated, HAS_W=weighted, BLOCK=16384, PDL=False)
+    ptrs = {"x_ptr": "*fp32", "g_ptr": "*bf16", "w_ptr": "*fp32", "n_ptr": "*i32", "out_ptr": "*fp32"}
+    return _compile(topk._topk_kernel, consts, 8, ptrs)
+
+
 def _cases() -> list[tuple[str, str, tuple]]:
     """(name, compile function, its arguments) of every branch of the kernels' compile-time switches."""
     cases = [(f"masked pair={p} atomic={a} one_chunk={o} depth={d} dot={dot}", "compile_masked",
@@ -142,6 +149,8 @@ def _cases() -> list[tuple[str, str, tuple]]:
                                                                                        (True, True))]
     cases += [(f"add_normed f32={f}", "compile_add_normed", (f,)) for f in (False, True)]
     cases += [(f"route renorm={r}", "compile_route", (r,)) for r in (False, True)]
+    cases += [(f"topk norm={n} gated={g} weighted={w}", "compile_topk", (n, g, w))
+              for n, g, w in ((False, 0, False), (True, 0, False), (False, 1, False), (False, 0, True))]
     return cases
 
 

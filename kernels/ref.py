@@ -276,3 +276,27 @@ def experts_gemv_ref(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor | f
     if expert_weights is not None:
         xs = xs * expert_weights.reshape(b, top, 1).to(acc)
     return torch.einsum("btk,btkn->bn", xs, wt[idx].to(acc))
+
+
+def topk_thresholds_ref(x: torch.Tensor, n_zero: torch.Tensor, out: torch.Tensor, *,
+                        norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                        score_w: Optional[torch.Tensor] = None, gated: Optional[str] = None) -> torch.Tensor:
+    """Reference of `topk_thresholds`: per selection row s, the n_zero[s]-th smallest score (torch.kthvalue; 0
+    where n_zero ≤ 0) of |input| or |input|·score_w[s], written into out [S], or divided by score_w (∞ where it
+    is 0) into out [S, K]."""
+    if gated:
+        v = act_ref(x[0].float(), gated) * x[1].float()
+    elif norm_weight is not None:
+        v = rmsnorm_ref(x, norm_weight, eps).float()
+    else:
+        v = x.float()
+    v = v.reshape(-1)
+    for s, nz in enumerate(n_zero.tolist()):
+        score = v.abs() if score_w is None else v.abs() * score_w[s].float()
+        t = score.kthvalue(nz).values if nz > 0 else score.new_zeros(())
+        if score_w is None:
+            out[s] = t
+        else:
+            w = score_w[s].float()
+            out[s] = torch.where(w > 0, t / w, torch.full_like(w, float("inf")))
+    return out
