@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import math
+
 import torch
 
 
@@ -281,22 +283,29 @@ def experts_gemv_ref(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor | f
 def topk_thresholds_ref(x: torch.Tensor, n_zero: torch.Tensor, out: torch.Tensor, *,
                         norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                         score_w: Optional[torch.Tensor] = None, gated: Optional[str] = None) -> torch.Tensor:
-    """Reference of `topk_thresholds`: per selection row s, the n_zero[s]-th smallest score (torch.kthvalue; 0
-    where n_zero ≤ 0) of |input| or |input|·score_w[s], written into out [S], or divided by score_w (∞ where it
-    is 0) into out [S, K]."""
+    """Reference of `topk_thresholds`: per selection row s, the n_zero[s]-th smallest score (0 where n_zero ≤ 0) of
+    |input| or |input|·score_w[s], written into out [S], or per channel into out [S, K]: the largest float whose
+    float32 product with score_w is at most that level (∞ where score_w is 0)."""
     if gated:
         v = act_ref(x[0].float(), gated) * x[1].float()
     elif norm_weight is not None:
         v = rmsnorm_ref(x, norm_weight, eps).float()
     else:
         v = x.float()
-    v = v.reshape(-1)
-    for s, nz in enumerate(n_zero.tolist()):
-        score = v.abs() if score_w is None else v.abs() * score_w[s].float()
-        t = score.kthvalue(nz).values if nz > 0 else score.new_zeros(())
-        if score_w is None:
-            out[s] = t
-        else:
-            w = score_w[s].float()
-            out[s] = torch.where(w > 0, t / w, torch.full_like(w, float("inf")))
+    v = v.reshape(1, -1)
+    score = v.abs() if score_w is None else v.abs() * score_w.float()          # [1 or S, K]
+    # the n_zero-th smallest score per row, on the device (no host sync: a captured graph recomputes it)
+    nz = n_zero.long().reshape(-1, 1)
+    kth = score.expand(nz.shape[0], -1).sort(dim=-1).values.gather(-1, (nz - 1).clamp(min=0))
+    t = torch.where(nz > 0, kth, torch.zeros_like(kth))                       # [S, 1]
+    if score_w is None:
+        out.copy_(t.reshape(-1))
+    else:
+        w = score_w.float()
+        ws = torch.where(w > 0, w, torch.ones_like(w))
+        q = t / ws   # then the largest float whose product with w is at most t: |x| > q ⇔ fl(|x|·w) > t
+        q = torch.where(q * ws > t, torch.nextafter(q, torch.full_like(q, -math.inf)), q)
+        up = torch.nextafter(q, torch.full_like(q, math.inf))
+        q = torch.where(up * ws <= t, up, q)
+        out.copy_(torch.where(w > 0, q, torch.full_like(w, math.inf)))
     return out

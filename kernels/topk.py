@@ -5,8 +5,8 @@ A Top-K rule (`topk_token`: keep each token's C − n_zero largest |x|, or |x_i|
 is a threshold rule whose threshold changes every token: T = the n_zero-th smallest score, and |x| > T keeps
 exactly the others (ties at the cut dropped, as the torch rule does). The sparse kernels select |x| > t, so this
 op computes T per selection row and stores it into the op's threshold tensor: a scalar per row, or with weights
-t_i = T / w_i per channel (∞ where w_i = 0: such a channel is never kept), which selects |x_i|·w_i > T up to
-the rounding of one division at the cut.
+t_i per channel, the largest float with fl(t_i·w_i) ≤ T (∞ where w_i = 0: such a channel is never kept), so
+|x_i| > t_i is exactly fl(|x_i|·w_i) > T, the torch rule's float32 test.
 
 One program per selection row holds the token's scores in registers (C ≤ 16,384: a Llama-3-70B MLP is 28,672,
 refused here) and finds T by bisection on their bit patterns (non-negative floats order as their int32 bits):
@@ -61,8 +61,17 @@ def _topk_kernel(x_ptr, g_ptr, w_ptr, n_ptr, out_ptr, K, stride_xm, stride_ws, s
         lo = tl.where(fits, lo, mid + 1)
     t = lo.to(tl.float32, bitcast=True)
     if HAS_W:
+        # |x_i| > t_i exactly where fl(|x_i|·w_i) > T: the rounded quotient, moved by one step of its bits
+        # where the product on either side of it says so (a division is off by at most half a step)
         live = w > 0
-        tl.store(out_ptr + s * stride_os + offs, tl.where(live, t / tl.where(live, w, 1.0), float("inf")), mask=mask)
+        ws = tl.where(live, w, 1.0)
+        q = t / ws
+        qb = q.to(tl.int32, bitcast=True)
+        qb = tl.where(q * ws > t, qb - 1, qb)
+        nb = qb + 1
+        qb = tl.where(nb.to(tl.float32, bitcast=True) * ws <= t, nb, qb)
+        tl.store(out_ptr + s * stride_os + offs, tl.where(live, qb.to(tl.float32, bitcast=True), float("inf")),
+                 mask=mask)
     else:
         tl.store(out_ptr + s, t)
 

@@ -16,7 +16,9 @@ q|k|v likewise writes its raw fp32 sums (zeroed by its norm pre-pass) for the at
 GeGLU). Gemma's sandwich norms normalise the o and down outputs before the residual add, so those two ops
 run without the residual and a norm + add follows each; its attention scales, soft-caps and slides its window
 inside the attention kernel.
-CATS layers replace the gate/up launch by gate (act fused) + up rows gathered by |act(gate)| > t.
+CATS layers replace the gate/up launch by gate (act fused) + up rows gathered by |act(gate)| > t. A per-token
+Top-K rule (`SiteRule.topk`, WINA's selection=topk) adds one launch before its op, `topk_thresholds`, which
+writes this token's level into the op's thresholds (batch 1).
 
 Plans are data: `set_plan(EnginePlan)` (plan.py: per layer and role q k v o gate up down, plus `gate_act`
 for CATS, a threshold, an optional SCAP shift and the expected skip), or `set_thresholds` with the same as
@@ -103,6 +105,7 @@ class _TorchOps:
     sparse_gated_mlp = staticmethod(_experts_any(_gated_mlp_any, kref.experts_gated_mlp_ref))
     cats_up = staticmethod(_any_impl(kref.cats_up_ref))
     decode_attention = staticmethod(kref.decode_attention_ref)
+    topk_thresholds = staticmethod(kref.topk_thresholds_ref)
 
 
 class _TritonOps:
@@ -119,6 +122,7 @@ class _TritonOps:
         self.sparse_gated_mlp = k.sparse_gated_mlp
         self.cats_up = k.cats_up
         self.decode_attention = k.decode_attention
+        self.topk_thresholds = k.topk_thresholds
 
 
 @dataclass
@@ -133,6 +137,10 @@ class _OpRule:
     # R-Sparse, per site of the op: (threshold [K] or [], V [K, r], (U·S)ᵀ [r, N_site]) or None; widths: N per site
     lowrank: Optional[list] = None
     widths: tuple[int, ...] = ()
+    # per-token Top-K: entries each token zeroes per site (int32 [S]) and WINA's score weights [S, K]; `thresh` is
+    # then the buffer the step writes each token's levels into before the op
+    topk: Optional[torch.Tensor] = None
+    topk_w: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -256,6 +264,7 @@ class Engine:
         per_shift = [{r: s.shift for r, s in L.items() if s.shift is not None} for L in plan.layers]
         per_nm = [{r: s.nm for r, s in L.items() if s.nm is not None} for L in plan.layers]
         per_lr = [{r: s.lowrank for r, s in L.items() if s.lowrank is not None} for L in plan.layers]
+        per_topk = [{r: s for r, s in L.items() if s.topk is not None} for L in plan.layers]
         expected = plan.expected_sparsity
         for i in range(cfg.n_layers):
             if "gate_act" in per_shift[i]:
@@ -303,17 +312,27 @@ class Engine:
                     lowrank = [None if r not in per_lr[i] else
                                (t[j], per_lr[i][r][0].to(self.device), per_lr[i][r][1].t().contiguous().to(self.device))
                                for j, r in enumerate(roles)]
+                topk = topk_w = None
+                if any(r in per_topk[i] for r in roles):
+                    t, topk, topk_w = self._topk_rule(i, name, roles, k, per_topk[i], s, lowrank, nms)
                 return _OpRule(thresh=t, shift=s, bias=bias, expected=exp(roles), nm=nms.pop(), lowrank=lowrank,
-                               widths=tuple(w.shape[1] for w in wts))
+                               widths=tuple(w.shape[1] for w in wts), topk=topk, topk_w=topk_w)
 
             wqkv_t = lw.wqkv_t if lw.wqkv_t is not None else lw.wqkv.t()
             qkv_cols = [wqkv_t[:, :q], wqkv_t[:, q:q + kv], wqkv_t[:, q + kv:]]
             if lw.router is not None:
+                moe_topk = sorted(r for r in per_topk[i] if r not in ("q", "k", "v", "o"))
+                if moe_topk:
+                    raise ValueError(f"layers.{i}: the experts select by a threshold (or N:M); per-token Top-K runs on "
+                                     f"q, k, v and o of a mixture-of-experts layer, not on {', '.join(moe_topk)}")
                 rules.append(self._moe_rule(i, th, sh, per_lr[i], per_nm[i], op, qkv_cols, lw))
                 continue
             wg_t = lw.wg_t if lw.wg_t is not None else lw.w13[:inter].t()
             wu_t = lw.wu_t if lw.wu_t is not None else lw.w13[inter:].t()
             gate_act = None
+            if any(m in th for m in ("gate_act", "up_out")) and any(r in per_topk[i] for r in ("gate", "up", "down")):
+                raise ValueError(f"layers.{i}: CATS / COUNTDOWN choose the MLP's channels by a threshold; a per-token "
+                                 "Top-K on gate, up or down cannot join them")
             if "gate_act" in th and "up_out" in th:
                 raise ValueError(f"layers.{i}: CATS (gate_act) and COUNTDOWN (up_out) each choose the intermediate "
                                  "channels; give one of them")
@@ -408,6 +427,40 @@ class Engine:
         if not per_channel and all(t.numel() == 1 for t in ts):
             return torch.stack([t.reshape(()) for t in ts])
         return torch.stack([t.reshape(-1).expand(k) for t in ts]).contiguous()
+
+    def _topk_rule(self, i: int, name: str, roles: tuple[str, ...], k: int, tk: dict, shift, lowrank,
+                   nms: set) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(the levels' buffer, entries zeroed per site int32 [S], score weights [S, K] or None) of an op whose
+        sites select each token's Top-K; ValueError where the op cannot."""
+        missing = [r for r in roles if r not in tk]
+        if missing:
+            raise ValueError(f"layers.{i}: {', '.join(roles)} run as one launch on one input, so a per-token Top-K "
+                             f"needs a Top-K rule on each of them; {', '.join(missing)} has none")
+        if shift is not None or lowrank is not None or nms != {None}:
+            raise ValueError(f"layers.{i}.{name}: a per-token Top-K takes no shift, N:M pattern or low-rank path")
+        for r in roles:
+            if not 0 <= tk[r].topk <= k:
+                raise ValueError(f"layers.{i}.{r}: topk zeroes between 0 and {k} entries a token, got {tk[r].topk}")
+        topk = torch.tensor([tk[r].topk for r in roles], dtype=torch.int32, device=self.device)
+        if all(tk[r].topk_w is None for r in roles):
+            return torch.zeros(len(roles), device=self.device), topk, None
+        # WINA weighs some sites' scores (k, gate) and not others' (q, v, up): a weight of one is |x| itself
+        w = []
+        for r in roles:
+            wr = torch.ones(k) if tk[r].topk_w is None else torch.as_tensor(tk[r].topk_w, dtype=torch.float32)
+            if tuple(wr.shape) != (k,):
+                raise ValueError(f"layers.{i}.{r}: topk_w must be [{k}], got shape {tuple(wr.shape)}")
+            w.append(wr.float())
+        return torch.zeros(len(roles), k, device=self.device), topk, torch.stack(w).to(self.device).contiguous()
+
+    def _levels(self, rule: "_OpRule", x: torch.Tensor, **kw) -> None:
+        """Write this token's Top-K levels into the op's thresholds (nothing for a threshold rule)."""
+        if rule.topk is None:
+            return
+        if x.shape[-2] != 1:
+            raise ValueError(f"a per-token Top-K plan decodes at batch 1 (each token has its own level and the "
+                             f"kernels share one threshold per site across a batch); got batch {x.shape[-2]}")
+        self.ops.topk_thresholds(x, rule.topk, rule.thresh, score_w=rule.topk_w, **kw)
 
     def _choose(self, rule: _OpRule, op: str, b: int) -> str:
         """What runs op at batch b: "dense" (cuBLAS) or the sparse kernel to ask for ("auto" where the levels
@@ -560,6 +613,8 @@ class Engine:
         if record is not None:
             record(i, "qkv", self._norm(x, lw.attn_norm))
         impl = "dense" if r is None else self._choose(r.qkv, "qkv", b)
+        if impl != "dense":
+            self._levels(r.qkv, x, norm_weight=lw.attn_norm, eps=eps)
         if impl == "dense":
             qkv = self._linear(self._norm(x, lw.attn_norm), lw.wqkv, lw.wqkv_t, res=lw.bqkv)  # [B, Nq + 2Nkv]
         elif self._raw_sums(impl, x, r.qkv):  # fp32 sums, no epilogue: the attention kernel reads and casts them
@@ -593,6 +648,8 @@ class Engine:
         res = self._op_residual(x, lw.post_attn_norm)
         impl = "dense" if r is None else self._choose(r.o, "o", b)
         post_raw = False
+        if impl != "dense":
+            self._levels(r.o, a)
         if impl == "dense":
             y = self._linear(a, lw.wo, lw.wo_t, res=res)
         elif self._accumulates(impl, x, res, r.o):
@@ -617,6 +674,7 @@ class Engine:
         cats = self._cats(r, b)
         mlp_raw = self._mlp_raw(r, x, b, lw, record)
         if mlp_raw:  # the raw sums; down forms act(gate)·up itself below
+            self._levels(r.gu, x, norm_weight=lw.mlp_norm, eps=eps)
             h = ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,
                                      norm_weight=lw.mlp_norm, eps=eps, nm=r.gu.nm, impl=mlp_raw[0],
                                      out=self._pair_sums(b))
@@ -653,6 +711,7 @@ class Engine:
                   + lr[:, j * inter:(j + 1) * inter] for j, wt in enumerate((lw.wg_t, lw.wu_t))]
             h = (self._act(gu[0]) * gu[1]).to(x.dtype)
         else:
+            self._levels(r.gu, x, norm_weight=lw.mlp_norm, eps=eps)
             h = ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,
                                      norm_weight=lw.mlp_norm, eps=eps, act=cfg.act, nm=r.gu.nm, impl=impl)  # [B, I]
         if record is not None:
@@ -661,8 +720,11 @@ class Engine:
         # A CATS plan's down rows are the zeros of h that cats_up writes: none when CATS fell back to dense.
         impl = "dense" if r is None or (r.gate_act is not None and not cats) else self._choose(r.down, "down", b)
         post_raw = False
+        if impl != "dense" and not mlp_raw:
+            self._levels(r.down, h)
         if mlp_raw:  # into the stream, or (a post-norm between) into the zeroed buffer the norm then adds
             post_raw = lw.post_mlp_norm is not None
+            self._levels(r.down, self._pair_sums(b), gated=cfg.act)
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,
                                 impl=mlp_raw[1], gated=cfg.act, accumulate=self._post_sums(b) if post_raw else x)
         elif impl == "dense":

@@ -35,6 +35,10 @@ class SiteRule:
     expected: Optional[float] = None    # fraction of weight rows skipped; None: trust the threshold to pay off
     nm: Optional[tuple[int, int]] = None  # keep the N largest |x − shift| of every M channels instead (thresh unused)
     lowrank: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # R-Sparse: (V [K, r], U·S [N, r]) on what it drops
+    # Per-token Top-K instead of the threshold: zero each token's `topk` smallest |x| (or |x_i|·topk_w_i, WINA's
+    # score with topk_w [K]); the level is found on the device every step (kernels/topk.py). Batch 1.
+    topk: Optional[int] = None
+    topk_w: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -34,6 +34,8 @@ GPU per rank.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Optional
 
@@ -126,7 +128,10 @@ def shard_plan(plan: EnginePlan, cfg: LlamaConfig, rank: int, world_size: int) -
             if sr.nm is not None and r in ROW_SPLIT and width[ROW_SPLIT[r]][1] % sr.nm[1]:
                 raise ValueError(f"layers.{i}.{r}: N:M groups of {sr.nm[1]} channels straddle the ranks' "
                                  f"{width[ROW_SPLIT[r]][1]}-channel shards")
-    return EnginePlan([{r: SiteRule(part(r, sr.thresh, i), part(r, sr.shift, i), sr.expected, sr.nm, sr.lowrank)
+            if sr.topk is not None and r in ROW_SPLIT and world_size > 1:
+                raise ValueError(f"layers.{i}.{r}: a per-token Top-K on an input split over the ranks would rank "
+                                 "each rank's channels alone, not the token's; measure this plan at world size 1")
+    return EnginePlan([{r: dataclasses.replace(sr, thresh=part(r, sr.thresh, i), shift=part(r, sr.shift, i))
                         for r, sr in L.items()} for i, L in enumerate(plan.layers)])
 
 

@@ -68,13 +68,14 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
         where[point] = (int(layer), ("q", "k", "v") if role == "qkv" else (role,))
     out = EnginePlan.empty(n_layers if n_layers is not None else 1 + max((i for i, _ in where.values()), default=-1))
     for point, rule in plan.rules.items():
-        if rule.kind in ("rotated_topk", "topk_token", "rotated_threshold"):
-            raise ActsparseError(f"the triton kernels have no per-token Top-K selection and no rotated inputs "
-                                 f"(plan {plan.method!r}, {rule.kind!r} rule at {point}); a rotation (LaRoSA, "
-                                 "WINA's transform) would also need folding into the engine's weights, so decode "
-                                 "speed is not measured for this plan")
-        nm = lowrank = None
-        if rule.kind == "nm":
+        if rule.kind in ("rotated_topk", "rotated_threshold"):
+            raise ActsparseError(f"the engine has no rotated inputs (plan {plan.method!r}, {rule.kind!r} rule at "
+                                 f"{point}): a rotation (LaRoSA, WINA's transform) needs folding into the engine's "
+                                 "weights and a rotated residual stream, so decode speed is not measured for this plan")
+        nm = lowrank = topk = None
+        if rule.kind == "topk_token":   # each token's level found on the device before the op (batch 1)
+            t, m, topk = torch.zeros(()), None, int(rule.attrs["n_zero"])
+        elif rule.kind == "nm":
             nm, m = _nm_pattern(plan.method, point, rule)
             t = torch.zeros(())
         elif rule.kind == "rsparse":
@@ -86,7 +87,8 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
             if "V" in rule.tensors:
                 lowrank = (rule.tensors["V"].float(), rule.tensors["US"].float())
         elif rule.kind != "threshold":
-            raise ActsparseError(f"the triton backend runs threshold, N:M and R-Sparse rules on {', '.join(ROLES)}; "
+            raise ActsparseError(f"the triton backend runs threshold, per-token Top-K, N:M and R-Sparse rules on "
+                                 f"{', '.join(ROLES)}; "
                                  f"plan {plan.method!r} has a {rule.kind!r} rule at {point}")
         else:
             t = rule.tensors["thresh"].float()
@@ -100,6 +102,10 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
             if m is not None:
                 site.shift = float(m) if m.dim() == 0 else m  # the engine spreads a scalar (SCAP's mode) over K
             site.nm = nm
+            if topk is not None:
+                site.topk = topk
+                w = rule.tensors.get("w")
+                site.topk_w = None if w is None else w.float()
             if lowrank is not None:
                 if len(roles) > 1:
                     raise ActsparseError(f"{point}: a low-rank path on a fused q|k|v input needs each of q, k, v's "
@@ -140,6 +146,11 @@ def _nm_pattern(method: str, point: str, rule) -> tuple[tuple[int, int], "torch.
 def decode_speed(model, plan: SparsityPlan, n_tokens: int = 128, batch: int = 1, prompt_len: int = 16,
                  repeats: int = 3) -> dict[str, float]:
     """Return decode/tok_s, decode/tok_s_dense, decode/speedup and kernel/us_per_layer for `plan` on `model`."""
+    n_layers = len(find_blocks(model))
+    eplan = plan_to_engine(plan, n_layers)   # what the plan asks of the engine, refused before anything loads
+    if batch > 1 and any(sr.topk is not None for L in eplan.layers for sr in L.values()):
+        raise ActsparseError(f"plan {plan.method!r} keeps each token's Top-K: its decode speed is measured at batch "
+                             f"1 (the kernels share one threshold per site across a batch), not {batch}")
     why = speed_unavailable_reason(model)
     if why:
         raise ActsparseError(why)
@@ -147,7 +158,6 @@ def decode_speed(model, plan: SparsityPlan, n_tokens: int = 128, batch: int = 1,
 
     eng = Engine.from_hf(model, device="cuda", dtype=torch.bfloat16, max_batch=max(batch, 1),
                          max_seq_len=prompt_len + n_tokens + 1)
-    n_layers = len(find_blocks(model))
 
     def best(sparse: bool) -> tuple[float, float]:
         runs = [(eng.decode(None, n_tokens, sparse=sparse, batch=batch, prompt_len=prompt_len, seed=r),
@@ -155,7 +165,6 @@ def decode_speed(model, plan: SparsityPlan, n_tokens: int = 128, batch: int = 1,
         return max(runs)
 
     dense_tok_s, _ = best(False)
-    eplan = plan_to_engine(plan, n_layers)
     if not plan.rules:  # the dense plan: sparse path = dense path
         return {"decode/tok_s": dense_tok_s, "decode/tok_s_dense": dense_tok_s, "decode/speedup": 1.0}
     eng.set_plan(eplan)

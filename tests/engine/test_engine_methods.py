@@ -148,3 +148,79 @@ def test_an_m_countdown_plan_runs_in_the_engine_as_in_the_torch_backend():
     both.site(0, "gate_act").thresh = 0.1
     with pytest.raises(ValueError, match="give one of them"):
         eng.set_plan(both)
+
+
+def _topk_plan(model, frac: float, weighted=("k", "gate")) -> SparsityPlan:
+    """Per-token Top-K on every site (WINA's selection=topk): n_zero = frac·C; the `weighted` sites score
+    |x_i|·‖W_{:,i}‖₂ (WINA's column norms), the others |x|."""
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    rules = {}
+    for i in range(TINY.n_layers):
+        mods = dict(model.model.layers[i].named_modules())
+        for role in SITES:
+            point, w = f"layers.{i}.{role}", mods[names[role]].weight.detach().float()
+            tensors = {"w": w.norm(dim=0)} if role in weighted else {}
+            n_zero = int(round(frac * w.shape[1]))
+            rules[point] = Rule(point, "topk_token", tensors, attrs={"n_zero": n_zero}, skips=[point],
+                                expected_sparsity=n_zero / w.shape[1])
+    return SparsityPlan("wina", {}, frac, rules, {p: 1 for p in rules})
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_a_per_token_topk_plan_runs_in_the_engine_as_in_the_torch_backend(kernels):
+    """WINA's selection=topk (and LaRoSA's o and down rules): each token's level is found on the device before
+    the op; the engine's logits equal transformers' under the same plan, step by step, at batch 1."""
+    seed = int(torch.randint(0, 10_000, (1,)))
+    g = torch.Generator().manual_seed(seed)
+    model = _hf_tiny(seed=seed)
+    plan = _topk_plan(model, 0.5)
+    ep = plan_to_engine(plan, TINY.n_layers)
+    assert ep.layers[0]["k"].topk_w is not None and ep.layers[0]["q"].topk_w is None
+    assert all(s.topk == int(round(0.5 * (TINY.intermediate_size if r == "down" else s_in)))
+               for L in ep.layers for r, s in L.items()
+               for s_in in [TINY.hidden_size if r != "o" else TINY.n_heads * TINY.head_dim])
+    eng = Engine.from_hf(model, device=DEVICE if kernels == "triton" else "cpu", kernels=kernels, max_batch=2,
+                         max_seq_len=16, fallback_below=0.0)
+    eng.set_plan(ep)
+    seq = torch.randint(0, TINY.vocab_size, (1, 5), generator=g)
+    got = _engine_logits(eng, seq, True)
+    with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
+        want = model(seq, use_cache=False).logits.float()
+    with torch.no_grad():
+        dense = model(seq, use_cache=False).logits.float()
+    assert (got - want).norm() / want.norm() < 1e-4
+    assert (dense - want).norm() / want.norm() > 1e-3
+    with pytest.raises(ValueError, match="a per-token Top-K plan decodes at batch 1"):
+        _engine_logits(eng, torch.zeros(2, 1, dtype=torch.long), True)
+
+
+def test_topk_rules_the_engine_cannot_run_are_refused_with_the_reason():
+    from actsparse.engine.plan import EnginePlan, SiteRule
+    from actsparse.engine.tensor_parallel import shard_plan
+    from actsparse.eval.speed import decode_speed
+
+    model = _hf_tiny(seed=5)
+    eng = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=8)
+
+    def plan(**roles):
+        p = EnginePlan.empty(TINY.n_layers)
+        p.layers[0].update(roles)
+        return p
+    d = TINY.hidden_size
+    with pytest.raises(ValueError, match="needs a Top-K rule on each of them; k, v has none"):
+        eng.set_plan(plan(q=SiteRule(topk=3)))
+    with pytest.raises(ValueError, match="a per-token Top-K takes no shift"):
+        eng.set_plan(plan(o=SiteRule(topk=3, shift=0.1)))
+    with pytest.raises(ValueError, match=f"topk zeroes between 0 and {d} entries a token, got {d + 1}"):
+        eng.set_plan(plan(gate=SiteRule(topk=d + 1), up=SiteRule(topk=1)))
+    with pytest.raises(ValueError, match=rf"topk_w must be \[{d}\]"):
+        eng.set_plan(plan(gate=SiteRule(topk=1, topk_w=torch.ones(3)), up=SiteRule(topk=1)))
+    with pytest.raises(ValueError, match="CATS / COUNTDOWN choose the MLP's channels by a threshold"):
+        eng.set_plan(plan(gate_act=SiteRule(thresh=0.1), down=SiteRule(topk=4)))
+    with pytest.raises(ValueError, match="would rank each rank's channels alone"):
+        shard_plan(plan(o=SiteRule(topk=3)), TINY, 0, 2)
+    kept = shard_plan(plan(q=SiteRule(topk=3), k=SiteRule(topk=3), v=SiteRule(topk=3)), TINY, 1, 2)
+    assert kept.layers[0]["q"].topk == 3
+    with pytest.raises(ActsparseError, match="its decode speed is measured at batch 1"):
+        decode_speed(model, _topk_plan(model, 0.5), batch=2)

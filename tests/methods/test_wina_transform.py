@@ -193,12 +193,24 @@ def test_wina_scores_moe_expert_up_by_x_like_a_gated_mlp(family):
             torch.testing.assert_close(score[n].w.double(), w)
 
 
-@pytest.mark.parametrize("params", [{"transform": True, "calib_tokens": 128}, {"selection": "topk"}])
-def test_wina_rotated_or_topk_plans_are_refused_by_the_triton_backend_with_the_reason(gqa, params):
+def test_wina_rotated_plans_are_refused_by_the_triton_backend_with_the_reason(gqa):
     model, stats = gqa
-    plan = asp.fit("wina", stats, 0.5, model=model, **params)
-    with pytest.raises(asp.ActsparseError, match="no per-token Top-K selection and no rotated inputs"):
+    plan = asp.fit("wina", stats, 0.5, model=model, transform=True, calib_tokens=128)
+    with pytest.raises(asp.ActsparseError, match="the engine has no rotated inputs"):
         plan_to_engine(plan)
+
+
+def test_wina_topk_plans_map_to_the_engines_per_token_topk(gqa):
+    """selection=topk: each site keeps its token's Top-K of |x_i|·w_i (k and gate weighted by column norms, the
+    others by |x|); the engine finds the level every step (tests/engine/test_engine_methods.py runs it)."""
+    model, stats = gqa
+    plan = asp.fit("wina", stats, 0.5, model=model, selection="topk")
+    ep = plan_to_engine(plan)
+    for point, rule in plan.rules.items():
+        layer, role = int(point.split(".")[1]), point.split(".")[2]
+        site = ep.layers[layer][role]
+        assert site.topk == rule.attrs["n_zero"]
+        assert (site.topk_w is None) == ("w" not in rule.tensors)
 
 
 def test_wina_transform_sequential_fits_rotated_thresholds_on_sparsified_inputs(gqa):
