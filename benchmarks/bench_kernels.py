@@ -756,9 +756,12 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 # "teal-bf16-stream": the same plan with the residual stream kept in bf16 (no op adds into it in place).
 # "teal-nopdl" / "teal-pdl": the same plan with programmatic dependent launch off / on (`use_pdl`; the others:
 # the default, on where the GPU has it).
+# "topk": each token's Top-K per site (WINA's selection=topk, unweighted: TEAL's rule as a per-token count), the
+# level found on the device before every op (`topk_thresholds`); its sparsity is exact by construction.
 DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5)), ("teal-nopdl", False, (0.25, 0.5)),
                                   ("teal-bf16-stream", False, (0.25, 0.5)),
-                                  ("teal", False, (0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8))],
+                                  ("teal", False, (0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8)),
+                                  ("topk", False, (0.4, 0.5))],
                ("llama3-8b", 2): [("teal", False, (0.5,)), ("teal-union", True, (0.5,))],
                ("llama3-8b", 4): [("teal", False, (0.5,)), ("teal-union", True, (0.5, 0.8))],
                ("llama2-7b", 1): [("teal", False, (0.25, 0.4, 0.5))]}
@@ -816,8 +819,11 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
                     if clock.left() < 25:
                         log("  decode: out of time budget")
                         break
-                    calibrate_thresholds(eng, s, n_tokens=16, batch=b, union=union,
-                                         method="cats" if method == "cats" else "teal")
+                    if method == "topk":
+                        eng.set_plan(topk_plan(cfg, s))
+                    else:
+                        calibrate_thresholds(eng, s, n_tokens=16, batch=b, union=union,
+                                             method="cats" if method == "cats" else "teal")
                     eng.residual_fp32 = method != "teal-bf16-stream"
                     eng.reset_graphs()
                     pdl = {"-pdl": True, "-nopdl": False}.get(method[method.rfind("-"):], pdl_default)
@@ -825,19 +831,38 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
                         tok_s = speed(b, True)
                     eng.residual_fp32 = True
                     eng.reset_graphs()
-                    ms = measure_sparsity(eng, n_tokens=8, batch=b)
-                    log(f"  b{b} {method} s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  "
-                        f"measured token sparsity {ms['mean']:.3f}, rows skipped {ms['union']:.3f}")
+                    # a Top-K plan's levels change every token: its sparsity is its count, not measured
+                    ms = (measure_sparsity(eng, n_tokens=8, batch=b) if method != "topk"
+                          else {"mean": None, "union": None})
+                    log(f"  b{b} {method} s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  " + (
+                        f"measured token sparsity {ms['mean']:.3f}, rows skipped {ms['union']:.3f}"
+                        if ms["mean"] is not None else "each token's Top-K: sparsity exact by construction"))
                     rows.append({**meta, "kind": "decode", "model": name, "method": method, "sparsity": s, "batch": b,
                                  "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
-                                 "speedup": round(tok_s / dense, 3), "measured_sparsity": round(ms["mean"], 4),
-                                 "effective_sparsity": round(ms["union"], 4), "layers": cfg.n_layers})
+                                 "speedup": round(tok_s / dense, 3),
+                                 **({"measured_sparsity": round(ms["mean"], 4),
+                                     "effective_sparsity": round(ms["union"], 4)} if ms["mean"] is not None else {}),
+                                 "layers": cfg.n_layers})
         del eng
         gc.collect()  # the engine's CUDA graphs and weights go before the HF model comes: two 8B models may not fit
         (torch.cuda.empty_cache() if not SMOKE else None)
         if hf_baseline and dense_b1 is not None:
             rows.append(hf_baseline_row(name, cfg, dense_b1, n_steps, clock, meta))
     return rows
+
+
+def topk_plan(cfg, s: float):
+    """Every site of every layer zeroes each token's round(s·K) smallest |x| (K its input width)."""
+    from actsparse.engine.plan import EnginePlan, SiteRule
+
+    plan = EnginePlan.empty(cfg.n_layers)
+    widths = {"q": cfg.hidden_size, "k": cfg.hidden_size, "v": cfg.hidden_size, "o": cfg.q_size,
+              "gate": cfg.hidden_size, "up": cfg.hidden_size, "down": cfg.intermediate_size}
+    for layer in plan.layers:
+        for role, k in widths.items():
+            n = round(s * k)
+            layer[role] = SiteRule(topk=n, expected=n / k)
+    return plan
 
 
 def hf_baseline_row(name: str, cfg, dense: float, n_steps: int, clock: Clock, meta: dict) -> dict:

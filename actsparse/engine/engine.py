@@ -40,6 +40,7 @@ from actsparse.kernels import ref as kref
 from .config import LlamaConfig, unsupported_reason
 from .crossover import ACCUMULATE, op_times
 from .plan import EXPERT_ROLE, EnginePlan, Threshold
+from .rotation import adapt, check_rotations, rotate_weights
 from .weights import Weights, random_weights, weights_from_hf
 
 
@@ -200,6 +201,8 @@ class Engine:
         if residual_fp32 is None:
             residual_fp32 = self.device.type == "cuda" and kernels == "triton"
         self.residual_fp32 = bool(residual_fp32) and self.ACCUMULATES
+        self._plain: Optional[Weights] = None  # the model's weights while a rotated plan reads a folded copy
+        self._adapters: Optional[list] = None  # per layer (M before the attention read, M before the MLP read)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         # In the embedding's dtype, as Gemma's scaled embedding multiplies (sqrt(3072) is 55.5 in bf16).
@@ -274,6 +277,7 @@ class Engine:
                 raise ValueError(f"layers.{i}: {', '.join(moe_only)} are sites of a mixture-of-experts layer; this "
                                  f"layer's MLP is dense")
 
+        self._rotate(plan.rotations)
         d, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
         rules = []
         for i in range(cfg.n_layers):
@@ -414,7 +418,23 @@ class Engine:
         """Turn sparse decoding off (dense cuBLAS path)."""
         self.rules = None
         self.expected_sparsity = {}
+        self._rotate({})
         self.reset_graphs()
+
+    def _rotate(self, rotations: dict) -> None:
+        """Read the model's own weights (no rotations), or a copy folded for a rotated residual stream with its
+        adapters (engine/rotation.py; the copy is the size of the blocks' weights, kept beside the model's until
+        the plan goes)."""
+        if self._plain is not None:
+            self.w, self._plain, self._adapters = self._plain, None, None
+        if not rotations:
+            return
+        if not self.ACCUMULATES:
+            raise ValueError("the tensor-parallel engine does not fold a rotated residual stream; measure this plan "
+                             "with the single-GPU Engine")
+        check_rotations(self.w, rotations, self.cfg.n_layers)
+        self._plain = self.w
+        self.w, self._adapters = rotate_weights(self.w, rotations, self.cfg.n_layers)
 
     def _stack(self, vals: list[Threshold], k: int, roles: tuple[str, ...], layer: int,
                per_channel: bool = False) -> torch.Tensor:
@@ -606,6 +626,8 @@ class Engine:
         cfg, lw, ops = self.cfg, self.w.layers[i], self.ops
         r = self.rules[i] if sparse else None
         b = x.shape[0]
+        m_attn, m_mlp = self._adapters[i] if self._adapters is not None else (None, None)
+        x = adapt(x, m_attn)  # a rotated stream into this layer's attention basis
         eps, q, kv, inter = cfg.rms_eps, cfg.q_size, cfg.kv_size, cfg.intermediate_size
         kc, vc = self.k_cache[i, :b], self.v_cache[i, :b]
         wg = None if lw.w13 is None else lw.w13[:inter]
@@ -664,6 +686,7 @@ class Engine:
             if r.o.lowrank is not None:
                 y = (y.float() + self._lowrank(a, r.o)).to(y.dtype)
         x = self._residual(x, self._reduce(y), lw.post_attn_norm, raw=post_raw)
+        x = adapt(x, m_mlp)  # and into its MLP basis
 
         if lw.router is not None:
             return self._moe(i, x, lw, r, record)

@@ -43,8 +43,11 @@ class SiteRule:
 
 @dataclass
 class EnginePlan:
-    """One {role: SiteRule} per layer."""
+    """One {role: SiteRule} per layer, and the rotated residual stream's bases where a plan rotates (LaRoSA, WINA's
+    transform): {(layer, "attn" | "mlp"): (Q [D, D], g [D] the norm weight it folds)}; the rules of q, k, v (attn)
+    and gate, up (mlp) then select on the rotated input (engine/rotation.py)."""
     layers: list[dict[str, SiteRule]] = field(default_factory=list)
+    rotations: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, n_layers: int) -> "EnginePlan":

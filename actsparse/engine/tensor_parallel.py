@@ -132,7 +132,7 @@ def shard_plan(plan: EnginePlan, cfg: LlamaConfig, rank: int, world_size: int) -
                 raise ValueError(f"layers.{i}.{r}: a per-token Top-K on an input split over the ranks would rank "
                                  "each rank's channels alone, not the token's; measure this plan at world size 1")
     return EnginePlan([{r: dataclasses.replace(sr, thresh=part(r, sr.thresh, i), shift=part(r, sr.shift, i))
-                        for r, sr in L.items()} for i, L in enumerate(plan.layers)])
+                        for r, sr in L.items()} for i, L in enumerate(plan.layers)], rotations=plan.rotations)
 
 
 class TPEngine(Engine):

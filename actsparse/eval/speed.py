@@ -21,6 +21,7 @@ import torch
 from ..errors import ActsparseError
 from ..models.sites import find_blocks
 from ..sparsifiers.plan import SparsityPlan
+from ..sparsifiers.rotation import ROTATED, group_of
 
 if TYPE_CHECKING:
     from ..engine.plan import EnginePlan
@@ -68,12 +69,23 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
         where[point] = (int(layer), ("q", "k", "v") if role == "qkv" else (role,))
     out = EnginePlan.empty(n_layers if n_layers is not None else 1 + max((i for i, _ in where.values()), default=-1))
     for point, rule in plan.rules.items():
-        if rule.kind in ("rotated_topk", "rotated_threshold"):
-            raise ActsparseError(f"the engine has no rotated inputs (plan {plan.method!r}, {rule.kind!r} rule at "
-                                 f"{point}): a rotation (LaRoSA, WINA's transform) needs folding into the engine's "
-                                 "weights and a rotated residual stream, so decode speed is not measured for this plan")
         nm = lowrank = topk = None
-        if rule.kind == "topk_token":   # each token's level found on the device before the op (batch 1)
+        if rule.kind in ("rotated_topk", "rotated_threshold"):
+            # the stream is kept rotated (engine/rotation.py): the rule selects on the input the op reads
+            layer, roles = where[point]
+            if not set(roles) <= set(ROTATED):
+                raise ActsparseError(f"plan {plan.method!r}: a {rule.kind!r} rule at {point}; the engine rotates the "
+                                     f"inputs of {', '.join(ROTATED)} only")
+            key, q = (layer, group_of(roles[0])), rule.tensors["Q"].float()
+            seen = out.rotations.setdefault(key, (q, rule.tensors["g"].float()))
+            if seen[0] is not q and not torch.equal(seen[0], q):
+                raise ActsparseError(f"plan {plan.method!r}: {point} rotates by another basis than the other "
+                                     f"readers of layer {layer}'s {key[1]} input; the engine keeps one per input")
+            if rule.kind == "rotated_topk":
+                t, m, topk = torch.zeros(()), None, int(rule.attrs["n_zero"])
+            else:
+                t, m = rule.tensors["thresh"].float(), None
+        elif rule.kind == "topk_token":   # each token's level found on the device before the op (batch 1)
             t, m, topk = torch.zeros(()), None, int(rule.attrs["n_zero"])
         elif rule.kind == "nm":
             nm, m = _nm_pattern(plan.method, point, rule)

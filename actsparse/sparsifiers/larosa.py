@@ -19,8 +19,9 @@ The plan holds Q_l once per layer (shared by that layer's q/k/v/gate/up rules, s
 the torch backend: two [C x C] products per read point and token, acceptable for quality runs.
 Supported families: Llama, Mistral, Qwen2 and Qwen3 (pre-RMSNorm blocks with input_layernorm and
 post_attention_layernorm, whose weight multiplies the normalised input); others are refused (Gemma's
-norm scales by 1 + weight; MoE blocks have no single MLP input to Top-K). The triton backend has no Top-K path, so `eval=speed`
-skips LaRoSA plans with that reason.
+norm scales by 1 + weight; MoE blocks have no single MLP input to Top-K). The decode engine (`eval=speed`) does
+fold the rotation, as the paper deploys it: engine/rotation.py keeps its residual stream rotated, and each token's
+Top-K is found on the device before every op (batch 1; fold_norm=False is refused there).
 
 Deliberate differences from the paper:
 - rotation applied at the read points instead of folded into weights (same arithmetic; a fused-weight

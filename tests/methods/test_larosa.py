@@ -153,11 +153,49 @@ with sparsify(m, plan), torch.no_grad():
     assert meta["rules"]["layers.0.k"]["kind"] == "rotated_topk"
 
 
-def test_larosa_is_refused_by_the_triton_backend_with_the_reason(rotated):
+@pytest.mark.parametrize("bases", ["layer", "block_input"])
+def test_larosa_runs_in_the_engine_on_a_rotated_stream_as_in_the_torch_backend(rotated, bases):
+    """The engine folds each layer's rotation into its weights (a rotated residual stream, adapters where the basis
+    changes: between layers, and between the attention and MLP reads with bases='block_input') and finds each
+    token's Top-K on the device: its logits equal transformers' under the same plan, on the Triton kernels
+    (interpreter here) and the torch backend; its dense logits on the folded weights equal the model's, and
+    clearing the plan restores the model's weights."""
+    from actsparse.engine import Engine
+    from tests.engine.test_engine import _engine_logits
+
     model, stats = rotated
-    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=128)
-    with pytest.raises(asp.ActsparseError, match="the engine has no rotated inputs.*'rotated_topk'"):
-        plan_to_engine(plan)
+    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=256, bases=bases)
+    ep = plan_to_engine(plan, len(find_blocks(model)))
+    assert len(ep.rotations) == 2 * len(find_blocks(model))
+    assert all(s.topk is not None for L in ep.layers for s in L.values())
+    seq = torch.randint(1, 260, (1, 6))
+    with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
+        want = model(seq, use_cache=False).logits.float()
+    with torch.no_grad():
+        dense = model(seq, use_cache=False).logits.float()
+    assert (dense - want).norm() / want.norm() > 1e-2   # the plan does something
+    for kernels in ("triton", "torch"):
+        eng = Engine.from_hf(model, kernels=kernels, max_batch=1, max_seq_len=16, fallback_below=0.0)
+        plain = eng.w
+        eng.set_plan(ep)
+        got = _engine_logits(eng, seq, True)
+        assert (got - want).norm() / want.norm() < 1e-4, kernels
+        folded_dense = _engine_logits(eng, seq, False)
+        assert (folded_dense - dense).norm() / dense.norm() < 1e-5
+        eng.clear_thresholds()
+        assert eng.w is plain
+
+
+def test_a_rotation_of_the_norms_output_is_refused_by_the_engine(rotated):
+    """fold_norm=False rotates x̂ = g ⊙ n, which does not commute with the norm: not a rotated stream."""
+    from actsparse.engine import Engine
+
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=128, fold_norm=False)
+    eng = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=8)
+    with pytest.raises(ValueError, match="rotates the norm's output .*fit with fold_norm=True"):
+        eng.set_plan(plan_to_engine(plan, len(find_blocks(model))))
+    assert eng.rules is None and eng._plain is None
 
 
 def test_larosa_refuses_other_families_naming_the_supported_ones(gelu):

@@ -193,11 +193,25 @@ def test_wina_scores_moe_expert_up_by_x_like_a_gated_mlp(family):
             torch.testing.assert_close(score[n].w.double(), w)
 
 
-def test_wina_rotated_plans_are_refused_by_the_triton_backend_with_the_reason(gqa):
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+def test_wina_transform_runs_in_the_engine_on_a_rotated_stream(gqa, selection):
+    """transform=True: the SVD bases folded into the engine's weights (one per attention and MLP input, adapters
+    between them), thresholds or each token's Top-K on the rotated input: the engine's logits (Triton kernels,
+    interpreter here) equal transformers' under the same plan."""
+    from actsparse.engine import Engine
+    from actsparse.models.sites import find_blocks
+    from tests.engine.test_engine import _engine_logits
+
     model, stats = gqa
-    plan = asp.fit("wina", stats, 0.5, model=model, transform=True, calib_tokens=128)
-    with pytest.raises(asp.ActsparseError, match="the engine has no rotated inputs"):
-        plan_to_engine(plan)
+    plan = asp.fit("wina", stats, 0.5, model=model, transform=True, calib_tokens=128, selection=selection)
+    ep = plan_to_engine(plan, len(find_blocks(model)))
+    assert ep.rotations
+    seq = torch.randint(1, 200, (1, 5))
+    with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
+        want = model(seq, use_cache=False).logits.float()
+    eng = Engine.from_hf(model, kernels="triton", max_batch=1, max_seq_len=16, fallback_below=0.0)
+    eng.set_plan(ep)
+    assert (_engine_logits(eng, seq, True) - want).norm() / want.norm() < 1e-4
 
 
 def test_wina_topk_plans_map_to_the_engines_per_token_topk(gqa):
