@@ -758,10 +758,12 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 # the default, on where the GPU has it).
 # "topk": each token's Top-K per site (WINA's selection=topk, unweighted: TEAL's rule as a per-token count), the
 # level found on the device before every op (`topk_thresholds`); its sparsity is exact by construction.
+# "larosa": the same on a rotated residual stream (a random orthogonal basis per layer, folded into the weights;
+# an adapter Q_lᵀQ_{l+1} between layers): what LaRoSA's deployment costs beyond the Top-K.
 DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5)), ("teal-nopdl", False, (0.25, 0.5)),
                                   ("teal-bf16-stream", False, (0.25, 0.5)),
                                   ("teal", False, (0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8)),
-                                  ("topk", False, (0.4, 0.5))],
+                                  ("topk", False, (0.4, 0.5)), ("larosa", False, (0.4, 0.5))],
                ("llama3-8b", 2): [("teal", False, (0.5,)), ("teal-union", True, (0.5,))],
                ("llama3-8b", 4): [("teal", False, (0.5,)), ("teal-union", True, (0.5, 0.8))],
                ("llama2-7b", 1): [("teal", False, (0.25, 0.4, 0.5))]}
@@ -819,8 +821,9 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
                     if clock.left() < 25:
                         log("  decode: out of time budget")
                         break
-                    if method == "topk":
-                        eng.set_plan(topk_plan(cfg, s))
+                    if method in ("topk", "larosa"):
+                        eng.clear_thresholds()  # the model's own weights back: the bases fold its norm weights
+                        eng.set_plan(topk_plan(cfg, s, eng if method == "larosa" else None))
                     else:
                         calibrate_thresholds(eng, s, n_tokens=16, batch=b, union=union,
                                              method="cats" if method == "cats" else "teal")
@@ -832,7 +835,7 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
                     eng.residual_fp32 = True
                     eng.reset_graphs()
                     # a Top-K plan's levels change every token: its sparsity is its count, not measured
-                    ms = (measure_sparsity(eng, n_tokens=8, batch=b) if method != "topk"
+                    ms = (measure_sparsity(eng, n_tokens=8, batch=b) if method not in ("topk", "larosa")
                           else {"mean": None, "union": None})
                     log(f"  b{b} {method} s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  " + (
                         f"measured token sparsity {ms['mean']:.3f}, rows skipped {ms['union']:.3f}"
@@ -851,11 +854,19 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
     return rows
 
 
-def topk_plan(cfg, s: float):
-    """Every site of every layer zeroes each token's round(s·K) smallest |x| (K its input width)."""
+def topk_plan(cfg, s: float, rotate_for=None):
+    """Every site of every layer zeroes each token's round(s·K) smallest |x| (K its input width); with
+    `rotate_for` (an engine) on a rotated stream: one random orthogonal basis per layer (LaRoSA's bases='layer')
+    with that engine's norm weights."""
     from actsparse.engine.plan import EnginePlan, SiteRule
 
     plan = EnginePlan.empty(cfg.n_layers)
+    if rotate_for is not None:
+        gen = torch.Generator(device=DEV).manual_seed(0)
+        for i, lw in enumerate(rotate_for.w.layers):
+            q = torch.linalg.qr(torch.randn(cfg.hidden_size, cfg.hidden_size, device=DEV, generator=gen))[0]
+            plan.rotations[(i, "attn")] = (q, lw.attn_norm.float())
+            plan.rotations[(i, "mlp")] = (q, lw.mlp_norm.float())
     widths = {"q": cfg.hidden_size, "k": cfg.hidden_size, "v": cfg.hidden_size, "o": cfg.q_size,
               "gate": cfg.hidden_size, "up": cfg.hidden_size, "down": cfg.intermediate_size}
     for layer in plan.layers:

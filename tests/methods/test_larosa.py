@@ -175,7 +175,8 @@ def test_larosa_runs_in_the_engine_on_a_rotated_stream_as_in_the_torch_backend(r
         dense = model(seq, use_cache=False).logits.float()
     assert (dense - want).norm() / want.norm() > 1e-2   # the plan does something
     for kernels in ("triton", "torch"):
-        eng = Engine.from_hf(model, kernels=kernels, max_batch=1, max_seq_len=16, fallback_below=0.0)
+        dev = "cuda" if kernels == "triton" and torch.cuda.is_available() else "cpu"
+        eng = Engine.from_hf(model, device=dev, kernels=kernels, max_batch=1, max_seq_len=16, fallback_below=0.0)
         plain = eng.w
         eng.set_plan(ep)
         got = _engine_logits(eng, seq, True)

@@ -209,7 +209,8 @@ def test_wina_transform_runs_in_the_engine_on_a_rotated_stream(gqa, selection):
     seq = torch.randint(1, 200, (1, 5))
     with torch.no_grad(), asp.sparsify(model, plan, backend="torch"):
         want = model(seq, use_cache=False).logits.float()
-    eng = Engine.from_hf(model, kernels="triton", max_batch=1, max_seq_len=16, fallback_below=0.0)
+    eng = Engine.from_hf(model, device="cuda" if torch.cuda.is_available() else "cpu", kernels="triton", max_batch=1,
+                         max_seq_len=16, fallback_below=0.0)
     eng.set_plan(ep)
     assert (_engine_logits(eng, seq, True) - want).norm() / want.norm() < 1e-4
 
