@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from .config import LlamaConfig, unsupported_reason
 from .engine import Engine
-from .plan import EnginePlan, SiteRule
+from .plan import EnginePlan
 from .sharding import shard_config, split_reason, vocab_range
 from .weights import LayerWeights, Weights, _layer, check_layouts, random_weights, weights_from_hf
 
