@@ -539,6 +539,67 @@ def anatomy(lay: Layers, inp: Inputs, raw_ops: dict, kernels: list, qkv32, gu32,
     return rows
 
 
+def moe_anatomy(clock: Clock, meta: dict, preset: str = "qwen3-30b-a3b", n_sets: int = 4) -> list[dict]:
+    """Where a mixture-of-experts layer's decode time goes (--moe-anatomy), batch 1, as the engine runs it: the
+    norm + router GEMV + routing ("route"), the routed experts' gate|up raw sums (expert-indexed one-shot tiles,
+    "pair") and the gated down adding into the fp32 stream ("down"), each at threshold 0 (the dense engine's path),
+    at the 0.5 / 0.9 |x| quantiles, and with every row skipped (+inf: the fixed cost); the bytes' effective
+    bandwidth = the routed experts' bytes read at 0 (or 0.5) / (T − T_skipped). `n_sets` layers' weights rotate so
+    no op reads from L2 (method "moe-anatomy")."""
+    from actsparse.engine import PRESETS
+    from actsparse.kernels import moe_route, rmsnorm
+
+    cfg = PRESETS[preset]
+    if SMOKE:  # the same layer, small
+        cfg = dataclasses.replace(cfg, hidden_size=64, n_experts=8, top_k=2, moe_intermediate_size=32)
+    d, e, ie, top = cfg.hidden_size, cfg.n_experts, cfg.moe_intermediate_size, cfg.top_k
+    dt = torch.bfloat16 if not SMOKE else torch.float32
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    sets = [{"router": (torch.randn(e, d, device=DEV, generator=gen) / d**0.5).to(dt),
+             "g": (torch.rand(d, device=DEV, generator=gen) + 0.5).to(dt),
+             "weg": (torch.randn(e, d, ie, device=DEV, generator=gen) / d**0.5).to(dt),
+             "weu": (torch.randn(e, d, ie, device=DEV, generator=gen) / d**0.5).to(dt),
+             "wed": (torch.randn(e, ie, d, device=DEV, generator=gen) / ie**0.5).to(dt)} for _ in range(n_sets)]
+    x = torch.randn(1, d, device=DEV, generator=gen).to(dt)
+    stream = torch.zeros(1, d, device=DEV)
+    sums = torch.zeros(1, top, 2, ie, device=DEV)
+    st0 = sets[0]
+    xn = rmsnorm(x, st0["g"], 1e-6)
+    idx, w = moe_route(xn.float() @ st0["router"].float().t(), top, renorm=True, w_dtype=dt)
+    _sparse_gated_mlp(xn, st0["weg"], st0["weu"], torch.zeros(2, device=DEV), experts=idx, out=sums)
+    a = (F.silu(sums[0, :, 0]) * sums[0, :, 1]).abs().flatten().float()
+    levels = {0.0: (0.0, 0.0), 0.5: None, 0.9: None, 1.0: (float("inf"), float("inf"))}
+    for q in (0.5, 0.9):
+        levels[q] = (float(torch.quantile(xn.abs().float().flatten(), q)), float(torch.quantile(a, q)))
+    routed = top * 3 * d * ie * torch.finfo(dt).bits // 8   # the routed experts' bytes at threshold 0
+
+    def route(st):
+        xn_ = rmsnorm(x, st["g"], 1e-6)
+        moe_route(F.linear(xn_, st["router"]), top, renorm=True, w_dtype=dt)
+
+    def ops(tg, td):
+        tgu, tdn = torch.full((2,), tg, device=DEV), torch.full((1,), td, device=DEV)
+        return {"route": route,
+                "pair": lambda st: _sparse_gated_mlp(xn, st["weg"], st["weu"], tgu, experts=idx, out=sums),
+                "down": lambda st: _sparse_gemv(sums, st["wed"], tdn, gated="silu", accumulate=stream, experts=idx,
+                                                expert_weights=w)}
+    rows, t = [], {}
+    for s, (tg, td) in levels.items():
+        if clock.left(0.9) < 0:
+            log("  moe anatomy: out of its time budget")
+            break
+        t[s] = {op: time_graph(lambda fn=fn: [fn(st) for st in sets]) * 1e3 / n_sets for op, fn in ops(tg, td).items()}
+        rows += [{**meta, "kind": "kernel", "method": "moe-anatomy", "model": preset, "op": op, "sparsity": s,
+                  "batch": 1, "dtype": "bf16", "us": round(v, 2)} for op, v in t[s].items()]
+        log(f"  moe anatomy {preset} s={s}: " + " ".join(f"{op}={v:.1f}" for op, v in t[s].items()) + " us")
+    if 0.0 in t and 1.0 in t:
+        bw = {f"{op}@{s}": routed * (2 if op == "pair" else 1) / 3 * (1 - s) / ((t[s][op] - t[1.0][op]) * 1e-6) / 1e12
+              for op in ("pair", "down") for s in (0.0, 0.5) if s in t and t[s][op] > t[1.0][op]}
+        log(f"  moe anatomy {preset}: routed bytes {routed / 2**20:.1f} MiB a layer; bytes' share as TB/s "
+            + " ".join(f"{k}={v:.2f}" for k, v in bw.items()))
+    return rows
+
+
 TILE_TABLES = {"oneshot": configs.TUNED_ONESHOT, "gather": configs.TUNED_GATHER}
 accumulate_tuned: dict[str, dict] = {}  # "kernel|accumulate|K|N|batch" -> the tile accumulate_bench's sweep chose
 
@@ -1015,6 +1076,9 @@ def main() -> None:
     ap.add_argument("--anatomy", action="store_true",
                     help="time each op (raw sums, both kernels) with every row skipped too: its fixed cost, and the "
                          "effective bandwidth of what the weight bytes add")
+    ap.add_argument("--moe-anatomy", action="store_true",
+                    help="time a mixture-of-experts layer's pieces (route, routed gate|up, gated down) at Qwen3-30B-A3B "
+                         "shapes at thresholds 0 / 0.5 / 0.9 / all skipped: their fixed cost and bytes' bandwidth")
     ap.add_argument("--tune-accumulate", action="store_true",
                     help="sweep the one-shot tiles' and the gather walk's configs for adding into a tensor (q|k|v and "
                          "gate|up raw sums, o into the stream, down gated), use the winners")
@@ -1111,6 +1175,8 @@ def main() -> None:
             if tuned:
                 (out / "tuned.json").write_text(json.dumps(tuned, indent=1))
             rows += kernel_bench(lay, "bf16", tuple(int(b) for b in args.kernel_batches.split(",")), clock, meta)
+            if args.moe_anatomy:
+                rows += moe_anatomy(clock, meta)
             extra["impl"] = dict(extra_impl)
             if accumulate_tuned:
                 extra["tuned_accumulate"] = dict(accumulate_tuned)
