@@ -277,7 +277,23 @@ class Engine:
                 raise ValueError(f"layers.{i}: {', '.join(moe_only)} are sites of a mixture-of-experts layer; this "
                                  f"layer's MLP is dense")
 
-        self._rotate(plan.rotations)
+        # A refused plan leaves the engine as it was: the previous plan's rules and the weights they read.
+        before = (self.w, self._plain, self._adapters)
+        try:
+            self._rotate(plan.rotations)
+            rules = self._layer_rules(per, per_shift, per_nm, per_lr, per_topk, expected)
+        except Exception:
+            self.w, self._plain, self._adapters = before
+            raise
+        self.rules = rules
+        self.expected_sparsity = dict(expected)
+        self.reset_graphs()
+
+    def _layer_rules(self, per: list, per_shift: list, per_nm: list, per_lr: list, per_topk: list,
+                     expected: dict) -> list["_LayerRule"]:
+        """Each layer's rule from the plan's per-layer dicts (role -> threshold, shift, N:M, low-rank, Top-K), on
+        the weights the engine reads now (folded ones for a rotated plan); ValueError where the engine cannot."""
+        cfg = self.cfg
         d, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
         rules = []
         for i in range(cfg.n_layers):
@@ -359,9 +375,7 @@ class Engine:
                 up_expected=exp((gathered,)) if gate_act is not None else 0.0,
                 countdown=mask == "up_out",
             ))
-        self.rules = rules
-        self.expected_sparsity = dict(expected)
-        self.reset_graphs()
+        return rules
 
     def _moe_rule(self, i: int, th: dict, sh: dict, lr: dict, nm: dict, op: Callable, qkv_cols: list,
                   lw) -> _LayerRule:

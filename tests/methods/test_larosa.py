@@ -188,15 +188,24 @@ def test_larosa_runs_in_the_engine_on_a_rotated_stream_as_in_the_torch_backend(r
 
 
 def test_a_rotation_of_the_norms_output_is_refused_by_the_engine(rotated):
-    """fold_norm=False rotates x̂ = g ⊙ n, which does not commute with the norm: not a rotated stream."""
+    """fold_norm=False rotates x̂ = g ⊙ n, which does not commute with the norm: not a rotated stream. A refused
+    plan leaves the engine as it was: dense, or decoding the previous (rotated) plan on its folded weights."""
     from actsparse.engine import Engine
+    from tests.engine.test_engine import _engine_logits
 
     model, stats = rotated
-    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=128, fold_norm=False)
+    n = len(find_blocks(model))
+    bad = plan_to_engine(asp.fit("larosa", stats, 0.5, model=model, calib_tokens=128, fold_norm=False), n)
     eng = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=8)
     with pytest.raises(ValueError, match="rotates the norm's output .*fit with fold_norm=True"):
-        eng.set_plan(plan_to_engine(plan, len(find_blocks(model))))
+        eng.set_plan(bad)
     assert eng.rules is None and eng._plain is None
+    eng.set_plan(plan_to_engine(asp.fit("larosa", stats, 0.5, model=model, calib_tokens=128), n))
+    seq = torch.randint(1, 260, (1, 3))
+    want = _engine_logits(eng, seq, True)
+    with pytest.raises(ValueError, match="rotates the norm's output"):
+        eng.set_plan(bad)
+    assert torch.equal(_engine_logits(eng, seq, True), want)
 
 
 def test_larosa_refuses_other_families_naming_the_supported_ones(gelu):
