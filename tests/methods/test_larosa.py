@@ -230,3 +230,20 @@ def test_larosa_needs_the_model(llama):
     _, stats = llama
     with pytest.raises(asp.ActsparseError, match="pass model="):
         asp.fit("larosa", stats, 0.5)
+
+
+def test_a_plan_fitted_in_float32_folds_into_a_bfloat16_engine(rotated):
+    """The rules' norm weights are the float32 model's; a bf16 engine holds them rounded: still the model's, so the
+    rotation folds (its copy holds one layout per matrix) and the folded dense logits stay the bf16 model's."""
+    from actsparse.engine import Engine
+    from tests.engine.test_engine import _engine_logits
+
+    model, stats = rotated
+    ep = plan_to_engine(asp.fit("larosa", stats, 0.5, model=model, calib_tokens=128), len(find_blocks(model)))
+    eng = Engine.from_hf(model, kernels="torch", dtype=torch.bfloat16, max_batch=1, max_seq_len=8)
+    seq = torch.randint(1, 260, (1, 3))
+    dense = _engine_logits(eng, seq, False)
+    eng.set_plan(ep)
+    lw = eng.w.layers[0]
+    assert lw.wqkv is None and lw.wqkv_t is not None and lw.wqkv_t.dtype == torch.bfloat16
+    assert (_engine_logits(eng, seq, False) - dense).norm() / dense.norm() < 5e-2
