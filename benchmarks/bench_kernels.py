@@ -821,10 +821,12 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 # level found on the device before every op (`topk_thresholds`); its sparsity is exact by construction.
 # "larosa": the same on a rotated residual stream (a random orthogonal basis per layer, folded into the weights;
 # an adapter Q_lᵀQ_{l+1} between layers): what LaRoSA's deployment costs beyond the Top-K.
+# wina, scap, nm, rsparse, countdown: each method's rule kind at its recipe's sizes (benchmarks/method_plans.py).
 DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5)), ("teal-nopdl", False, (0.25, 0.5)),
                                   ("teal-bf16-stream", False, (0.25, 0.5)),
                                   ("teal", False, (0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8)),
-                                  ("topk", False, (0.4, 0.5)), ("larosa", False, (0.4, 0.5))],
+                                  ("topk", False, (0.4, 0.5)), ("larosa", False, (0.4, 0.5)),
+                                  *((m, False, (0.5,)) for m in ("wina", "scap", "nm", "rsparse", "countdown"))],
                ("llama3-8b", 2): [("teal", False, (0.5,)), ("teal-union", True, (0.5,))],
                ("llama3-8b", 4): [("teal", False, (0.5,)), ("teal-union", True, (0.5, 0.8))],
                ("llama2-7b", 1): [("teal", False, (0.25, 0.4, 0.5))]}
@@ -839,6 +841,7 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
     from actsparse.engine import PRESETS, Engine
     from actsparse.engine.crossover import crossovers, op_times
     from engine_thresholds import calibrate_thresholds, measure_sparsity
+    from method_plans import METHODS as PLAN_METHODS, method_plan
 
     pdl_default = pdl_enabled(torch.device(DEV))  # what the engine launches with unless a variant says otherwise
 
@@ -885,6 +888,8 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
                     if method in ("topk", "larosa"):
                         eng.clear_thresholds()  # the model's own weights back: the bases fold its norm weights
                         eng.set_plan(topk_plan(cfg, s, eng if method == "larosa" else None))
+                    elif method in PLAN_METHODS:
+                        method_plan(eng, method, s)
                     else:
                         calibrate_thresholds(eng, s, n_tokens=16, batch=b, union=union,
                                              method="cats" if method == "cats" else "teal")
@@ -896,11 +901,13 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
                     eng.residual_fp32 = True
                     eng.reset_graphs()
                     # a Top-K plan's levels change every token: its sparsity is its count, not measured
-                    ms = (measure_sparsity(eng, n_tokens=8, batch=b) if method not in ("topk", "larosa")
+                    # thresholds on x itself are re-measured; a Top-K's sparsity is its count, the other kinds'
+                    # (a shift, N:M, a low-rank path, up's output) are their plans' targets
+                    ms = (measure_sparsity(eng, n_tokens=8, batch=b) if method.startswith(("teal", "cats"))
                           else {"mean": None, "union": None})
                     log(f"  b{b} {method} s={s}: {tok_s:.1f} tok/s  speedup {tok_s / dense:.2f}x  " + (
                         f"measured token sparsity {ms['mean']:.3f}, rows skipped {ms['union']:.3f}"
-                        if ms["mean"] is not None else "each token's Top-K: sparsity exact by construction"))
+                        if ms["mean"] is not None else "sparsity: the plan's target"))
                     rows.append({**meta, "kind": "decode", "model": name, "method": method, "sparsity": s, "batch": b,
                                  "dtype": "bf16", "tok_s": round(tok_s, 1), "tok_s_dense": round(dense, 1),
                                  "speedup": round(tok_s / dense, 3),
