@@ -818,7 +818,8 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 # "teal-nopdl" / "teal-pdl": the same plan with programmatic dependent launch off / on (`use_pdl`; the others:
 # the default, on where the GPU has it).
 # "topk": each token's Top-K per site (WINA's selection=topk, unweighted: TEAL's rule as a per-token count), the
-# level found on the device before every op (`topk_thresholds`); its sparsity is exact by construction.
+# level found on the device before every op (`topk_thresholds`); its sparsity is its count (the level and the op
+# normalise the input separately, so a channel at the cut may flip).
 # "larosa": the same on a rotated residual stream (a random orthogonal basis per layer, folded into the weights;
 # an adapter Q_lᵀQ_{l+1} between layers): what LaRoSA's deployment costs beyond the Top-K.
 # wina, scap, nm, rsparse, countdown: each method's rule kind at its recipe's sizes (benchmarks/method_plans.py).

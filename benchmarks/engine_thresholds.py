@@ -58,6 +58,7 @@ def calibrate_thresholds(eng, target: float, n_tokens: int = 64, *, batch: int =
     if method == "cats" and eng.cfg.moe:
         raise ValueError("the engine's experts select by their inputs' thresholds (teal); CATS's gathered up rows "
                          "are not built for mixture-of-experts layers")
+    eng.clear_thresholds()  # the model's own weights: a rotated plan's copy would record rotated inputs
     key = (n_tokens, batch, seed)
     if _DENSE.get(eng, (None,))[0] != key:
         _DENSE[eng] = (key, record(eng, n_tokens, batch, seed, sparse=False))

@@ -282,6 +282,8 @@ def _self_zeroing(what: str, size: int, dtype: torch.dtype, device: torch.device
     """A per-device buffer zeroed once at creation: the kernels leave it zero after every launch (the last
     program of a tile resets its part), so no launch ever zeroes it again. Fixed size: a CUDA graph keeps the
     address it captured, so it must exist before capture."""
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" name one buffer
+        device = torch.device("cuda", torch.cuda.current_device())
     buf = _zeroed.get((what, device))
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -6,7 +6,8 @@ is a threshold rule whose threshold changes every token: T = the n_zero-th small
 exactly the others (ties at the cut dropped, as the torch rule does). The sparse kernels select |x| > t, so this
 op computes T per selection row and stores it into the op's threshold tensor: a scalar per row, or with weights
 t_i per channel, the largest float with fl(t_i·w_i) ≤ T (∞ where w_i = 0: such a channel is never kept), so
-|x_i| > t_i is exactly fl(|x_i|·w_i) > T, the torch rule's float32 test.
+|x_i| > t_i is exactly fl(|x_i|·w_i) > T, the torch rule's float32 test. On a normalised input the op computes
+RMSNorm's factor itself (other blocks, other order): the last bit of it can move a channel at the cut.
 
 One program per selection row holds the token's scores in registers (C ≤ 16,384: a Llama-3-70B MLP is 28,672,
 refused here) and finds T by bisection on their bit patterns (non-negative floats order as their int32 bits):
@@ -65,7 +66,7 @@ def _topk_kernel(x_ptr, g_ptr, w_ptr, n_ptr, out_ptr, K, stride_xm, stride_ws, s
         # where the product on either side of it says so (a division is off by at most half a step)
         live = w > 0
         ws = tl.where(live, w, 1.0)
-        q = t / ws
+        q = tl.div_rn(t, ws)  # correctly rounded (a plain / compiles to an approximate division): one step fixes it
         qb = q.to(tl.int32, bitcast=True)
         qb = tl.where(q * ws > t, qb - 1, qb)
         nb = qb + 1

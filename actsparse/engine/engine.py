@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from actsparse.kernels import ref as kref
+from actsparse.kernels.topk import MAX_K as TOPK_MAX_K
 
 from .config import LlamaConfig, unsupported_reason
 from .crossover import ACCUMULATE, op_times
@@ -472,6 +473,9 @@ class Engine:
                              f"needs a Top-K rule on each of them; {', '.join(missing)} has none")
         if shift is not None or lowrank is not None or nms != {None}:
             raise ValueError(f"layers.{i}.{name}: a per-token Top-K takes no shift, N:M pattern or low-rank path")
+        if k > TOPK_MAX_K:
+            raise ValueError(f"layers.{i}.{name}: a per-token Top-K holds a token's scores in one program's registers, "
+                             f"at most {TOPK_MAX_K} channels; this input has {k}")
         for r in roles:
             if not 0 <= tk[r].topk <= k:
                 raise ValueError(f"layers.{i}.{r}: topk zeroes between 0 and {k} entries a token, got {tk[r].topk}")
@@ -481,7 +485,7 @@ class Engine:
         # WINA weighs some sites' scores (k, gate) and not others' (q, v, up): a weight of one is |x| itself
         w = []
         for r in roles:
-            wr = torch.ones(k) if tk[r].topk_w is None else torch.as_tensor(tk[r].topk_w, dtype=torch.float32)
+            wr = torch.ones(k) if tk[r].topk_w is None else torch.as_tensor(tk[r].topk_w, dtype=torch.float32).cpu()
             if tuple(wr.shape) != (k,):
                 raise ValueError(f"layers.{i}.{r}: topk_w must be [{k}], got shape {tuple(wr.shape)}")
             w.append(wr.float())

@@ -8,14 +8,16 @@ kept rotated, as the papers deploy it. In row vectors, with x the model's stream
   its norm weight g folds into the readers: W' = W diag(g) Q (q/k/v, gate/up; the norm's weight becomes 1);
 - what a block writes into the stream arrives rotated: W_o' = Qᵀ W_o, W_down' = Qᵀ W_down;
 - where the basis changes (layer to layer, and between the attention and MLP reads when each has its own),
-  an adapter M = Q_aᵀ Q_b moves the stream (s_b = s_a M, one dense [D, D] product in the model's dtype); the
-  embedding starts in the first basis (E' = E Q), and the head reads the last (W_lm' = W_lm diag(g_f) Q).
+  an adapter M = Q_aᵀ Q_b moves the stream (s_b = s_a M, one dense [D, D] product in the model's dtype: an fp32
+  stream is rounded to it there, as a bf16 model's own residual is at every add); the embedding starts in the
+  first basis (E' = E Q), and the head reads the last (W_lm' = W_lm diag(g_f) Q).
 
 Every step is exact algebra (Q orthogonal), so the dense logits do not change beyond rounding. A layer without
 a rotation reads in the identity basis. The rules' own g must be the model's norm weight (LaRoSA's fold_norm,
 its default): a rotation of the norm's output (fold_norm=False) does not commute with the norm and would need a
 [D, D] product at every read, which is refused. Gemma's post-norms and mixture-of-experts layers are refused:
-LaRoSA and WINA's transform fit neither.
+LaRoSA and WINA's transform fit neither. Memory: the folded copy (one layout per matrix) sits beside the model's
+weights while the plan is set; replacing one rotated plan by another briefly holds both copies.
 """
 
 from __future__ import annotations

@@ -126,6 +126,13 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
         for skipped in rule.skips or [point]:
             for role in where[skipped][1]:
                 out.site(where[skipped][0], role).expected = rule.expected_sparsity
+    # a rotated input is every reader's: a plain rule there would select on the rotated input as if it were x
+    for point, rule in plan.rules.items():
+        layer, roles = where[point]
+        plain = rule.kind not in ("rotated_topk", "rotated_threshold")
+        if plain and any(r in ROTATED and (layer, group_of(r)) in out.rotations for r in roles):
+            raise ActsparseError(f"plan {plan.method!r}: {point} has a {rule.kind!r} rule on an input the plan rotates "
+                                 f"(layer {layer}'s {group_of(roles[0])} input); the engine rotates every reader of it")
     return out
 
 

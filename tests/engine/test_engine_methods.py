@@ -1,5 +1,7 @@
 """Methods beyond thresholds in the decode engine: the engine's sparse logits equal the transformers model under
 the same plan (torch backend), and a rule the kernels cannot run is refused with the reason."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -214,3 +216,9 @@ def test_topk_rules_the_engine_cannot_run_are_refused_with_the_reason():
     assert kept.layers[0]["q"].topk == 3
     with pytest.raises(ActsparseError, match="its decode speed is measured at batch 1"):
         decode_speed(model, _topk_plan(model, 0.5), batch=2)
+    wide = Engine.random(dataclasses.replace(TINY, intermediate_size=16400, n_layers=1), device="cpu",
+                         dtype=torch.float32, kernels="torch", max_batch=1, max_seq_len=4)
+    one = EnginePlan.empty(1)
+    one.layers[0]["down"] = SiteRule(topk=3)
+    with pytest.raises(ValueError, match="at most 16384 channels; this input has 16400"):
+        wide.set_plan(one)

@@ -102,7 +102,7 @@ def test_fused_launches_take_exactly_their_claims_and_stay_correct():
     only grow, so back-to-back launches (fresh inputs, sparser each time, nothing kept last) stay correct."""
     k, n = 96, 64  # the "fused" tiles: 2 column strips × 3 K slices = 6 programs, 3 lists (one threshold row)
     wt = torch.randn(k, n, device=DEVICE) / 10
-    claims = configs.claim_counters(torch.device(DEVICE), 6, 3)
+    claims = configs.claim_counters(torch.empty(0, device=DEVICE).device, 6, 3)  # the launch's own device
     before = claims.clone()
     for i, t in enumerate((0.0, 0.5, 1.5, float("inf"))):
         x = torch.randn(1, k, device=DEVICE)

@@ -13,6 +13,7 @@ import actsparse as asp
 from actsparse.eval.speed import plan_to_engine
 from actsparse.models.sites import find_blocks
 from actsparse.sparsifiers._calib import calib_windows
+from actsparse.sparsifiers.plan import Rule
 from tests.methods.conftest import random_norms, tiny_llama, tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -230,6 +231,17 @@ def test_larosa_needs_the_model(llama):
     _, stats = llama
     with pytest.raises(asp.ActsparseError, match="pass model="):
         asp.fit("larosa", stats, 0.5)
+
+
+def test_a_plain_rule_on_a_rotated_input_is_refused(rotated):
+    """Every reader of a rotated input reads it rotated: a threshold on q beside LaRoSA's k and v would select on
+    the rotated input as if it were x."""
+    model, stats = rotated
+    plan = asp.fit("larosa", stats, 0.5, model=model, calib_tokens=128)
+    plan.rules["layers.0.q"] = Rule("layers.0.q", "threshold", {"thresh": torch.tensor(0.1)}, skips=["layers.0.q"],
+                                    expected_sparsity=0.5)
+    with pytest.raises(asp.ActsparseError, match="'threshold' rule on an input the plan rotates .*layer 0's attn"):
+        plan_to_engine(plan, len(find_blocks(model)))
 
 
 def test_a_plan_fitted_in_float32_folds_into_a_bfloat16_engine(rotated):
