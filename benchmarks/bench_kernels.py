@@ -822,7 +822,8 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 # normalise the input separately, so a channel at the cut may flip).
 # "larosa": the same on a rotated residual stream (a random orthogonal basis per layer, folded into the weights;
 # an adapter Q_lᵀQ_{l+1} between layers): what LaRoSA's deployment costs beyond the Top-K.
-# wina, scap, nm, rsparse, countdown: each method's rule kind at its recipe's sizes (benchmarks/method_plans.py).
+# topk, larosa, wina, scap, nm, rsparse, countdown: each method's rule kind at its recipe's sizes
+# (benchmarks/method_plans.py).
 DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5)), ("teal-nopdl", False, (0.25, 0.5)),
                                   ("teal-bf16-stream", False, (0.25, 0.5)),
                                   ("teal", False, (0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8)),
@@ -886,10 +887,7 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
                     if clock.left() < 25:
                         log("  decode: out of time budget")
                         break
-                    if method in ("topk", "larosa"):
-                        eng.clear_thresholds()  # the model's own weights back: the bases fold its norm weights
-                        eng.set_plan(topk_plan(cfg, s, eng if method == "larosa" else None))
-                    elif method in PLAN_METHODS:
+                    if method in PLAN_METHODS:
                         method_plan(eng, method, s)
                     else:
                         calibrate_thresholds(eng, s, n_tokens=16, batch=b, union=union,
@@ -921,28 +919,6 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
         if hf_baseline and dense_b1 is not None:
             rows.append(hf_baseline_row(name, cfg, dense_b1, n_steps, clock, meta))
     return rows
-
-
-def topk_plan(cfg, s: float, rotate_for=None):
-    """Every site of every layer zeroes each token's round(s·K) smallest |x| (K its input width); with
-    `rotate_for` (an engine) on a rotated stream: one random orthogonal basis per layer (LaRoSA's bases='layer')
-    with that engine's norm weights."""
-    from actsparse.engine.plan import EnginePlan, SiteRule
-
-    plan = EnginePlan.empty(cfg.n_layers)
-    if rotate_for is not None:
-        gen = torch.Generator(device=DEV).manual_seed(0)
-        for i, lw in enumerate(rotate_for.w.layers):
-            q = torch.linalg.qr(torch.randn(cfg.hidden_size, cfg.hidden_size, device=DEV, generator=gen))[0]
-            plan.rotations[(i, "attn")] = (q, lw.attn_norm.float())
-            plan.rotations[(i, "mlp")] = (q, lw.mlp_norm.float())
-    widths = {"q": cfg.hidden_size, "k": cfg.hidden_size, "v": cfg.hidden_size, "o": cfg.q_size,
-              "gate": cfg.hidden_size, "up": cfg.hidden_size, "down": cfg.intermediate_size}
-    for layer in plan.layers:
-        for role, k in widths.items():
-            n = round(s * k)
-            layer[role] = SiteRule(topk=n, expected=n / k)
-    return plan
 
 
 def hf_baseline_row(name: str, cfg, dense: float, n_steps: int, clock: Clock, meta: dict) -> dict:

@@ -12,7 +12,10 @@ and the sizes its published recipe gives at that target:
 - rsparse (alpha 0.8, its default): the sparse part keeps (1 − s)·alpha of the channels by |x_i|·c_i, the rest
   of the budget goes to a rank r = ⌊(in·out·(1 − s) − keep·out) / (in + out)⌋ path per site, as the method
   sizes it; the factors are random of that rank (their values do not change what is read);
-- countdown (mode m): the target quantile of |up·x| selects the gate rows and down columns.
+- countdown (mode m): the target quantile of |up·x| selects the gate rows and down columns;
+- topk: every site zeroes each token's round(s·K) smallest |x| (WINA's selection=topk, unweighted);
+- larosa: the same on a rotated residual stream, one random orthogonal basis per layer (bases='layer') with the
+  engine's norm weights: what LaRoSA's deployment costs beyond the Top-K (folded weights, adapters).
 
   import sys; sys.path.insert(0, "benchmarks")
   from method_plans import method_plan
@@ -28,7 +31,7 @@ from actsparse.engine.plan import EnginePlan, SiteRule
 from engine_thresholds import OPS, record
 
 SITES = ("q", "k", "v", "o", "gate", "up", "down")
-METHODS = ("wina", "scap", "nm", "rsparse", "countdown")
+METHODS = ("topk", "larosa", "wina", "scap", "nm", "rsparse", "countdown")
 
 
 def _weights(eng, i: int) -> dict[str, torch.Tensor]:
@@ -52,6 +55,24 @@ def _quantile(a: torch.Tensor, q: float) -> float:
     return float(torch.quantile(a, q))
 
 
+def _topk_plan(eng, s: float, rotate: bool) -> EnginePlan:
+    cfg = eng.cfg
+    plan = EnginePlan.empty(cfg.n_layers)
+    if rotate:
+        gen = torch.Generator(device=eng.device).manual_seed(0)
+        for i, lw in enumerate(eng.w.layers):
+            q = torch.linalg.qr(torch.randn(cfg.hidden_size, cfg.hidden_size, device=eng.device, generator=gen))[0]
+            plan.rotations[(i, "attn")] = (q, lw.attn_norm.float())
+            plan.rotations[(i, "mlp")] = (q, lw.mlp_norm.float())
+    widths = {"q": cfg.hidden_size, "k": cfg.hidden_size, "v": cfg.hidden_size, "o": cfg.q_size,
+              "gate": cfg.hidden_size, "up": cfg.hidden_size, "down": cfg.intermediate_size}
+    for layer in plan.layers:
+        for role, k in widths.items():
+            n = round(s * k)
+            layer[role] = SiteRule(topk=n, expected=n / k)
+    return plan
+
+
 @torch.no_grad()
 def method_plan(eng, method: str, s: float, n_tokens: int = 16) -> EnginePlan:
     """The engine plan of `method`'s rule kind at target sparsity s (see the module docstring)."""
@@ -59,7 +80,11 @@ def method_plan(eng, method: str, s: float, n_tokens: int = 16) -> EnginePlan:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if eng.cfg.moe:
         raise ValueError("these plans are for dense models")
-    eng.clear_thresholds()
+    eng.clear_thresholds()   # the model's own weights: a rotated plan's copy would be read (and folded) otherwise
+    if method in ("topk", "larosa"):
+        plan = _topk_plan(eng, s, rotate=method == "larosa")
+        eng.set_plan(plan)
+        return plan
     acts = record(eng, n_tokens, 1, seed=0, sparse=False)   # [T, 1, K] per op input
     plan = EnginePlan.empty(eng.cfg.n_layers)
     gen = torch.Generator(device=eng.device).manual_seed(0)

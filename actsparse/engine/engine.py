@@ -444,9 +444,6 @@ class Engine:
             self.w, self._plain, self._adapters = self._plain, None, None
         if not rotations:
             return
-        if not self.ACCUMULATES:
-            raise ValueError("the tensor-parallel engine does not fold a rotated residual stream; measure this plan "
-                             "with the single-GPU Engine")
         check_rotations(self.w, rotations, self.cfg.n_layers)
         self._plain = self.w
         self.w, self._adapters = rotate_weights(self.w, rotations, self.cfg.n_layers)

@@ -235,7 +235,11 @@ class TPEngine(Engine):
     # ------------------------------------------------------------------ plans
     def set_plan(self, plan: EnginePlan) -> None:
         """Turn sparse decoding on from the whole model's plan (the same as `Engine.set_plan`), sliced to this
-        rank (`shard_plan`)."""
+        rank (`shard_plan`). A rotated plan (LaRoSA, WINA's transform) is refused: its folded copy and adapters
+        are not split over ranks."""
+        if plan.rotations:
+            raise ValueError("the tensor-parallel engine does not fold a rotated residual stream; measure this plan "
+                             "with the single-GPU Engine")
         super().set_plan(shard_plan(plan, self.full_cfg, self.rank, self.world_size))
 
     # ------------------------------------------------------------------ the split

@@ -78,7 +78,7 @@ def plan_to_engine(plan: SparsityPlan, n_layers: int | None = None) -> "EnginePl
                                      f"inputs of {', '.join(ROTATED)} only")
             key, q = (layer, group_of(roles[0])), rule.tensors["Q"].float()
             seen = out.rotations.setdefault(key, (q, rule.tensors["g"].float()))
-            if seen[0] is not q and not torch.equal(seen[0], q):
+            if not torch.equal(seen[0], q):
                 raise ActsparseError(f"plan {plan.method!r}: {point} rotates by another basis than the other "
                                      f"readers of layer {layer}'s {key[1]} input; the engine keeps one per input")
             if rule.kind == "rotated_topk":

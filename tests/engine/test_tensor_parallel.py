@@ -216,6 +216,14 @@ def test_from_hf_shards_a_transformers_model_and_decodes_its_tokens():
         TPEngine.from_hf(model, 0, 3, kernels="torch")
 
 
+def test_a_rotated_plan_is_refused_with_the_reason():
+    eng, _ = _case("llama", "teal", "torch", 0, 1)
+    plan = EnginePlan.empty(TINY.n_layers)
+    plan.rotations[(0, "attn")] = (torch.eye(TINY.hidden_size), torch.ones(TINY.hidden_size))
+    with pytest.raises(ValueError, match="does not fold a rotated residual stream"):
+        eng.set_plan(plan)
+
+
 def test_comm_share_at_world_size_1_is_zero():
     eng, _ = _case("llama", "teal", "torch", 0, 1)
     got = eng.comm_share(4, prompt_len=2)
