@@ -600,6 +600,108 @@ def moe_anatomy(clock: Clock, meta: dict, preset: str = "qwen3-30b-a3b", n_sets:
     return rows
 
 
+cats_tuned: dict[str, dict] = {}  # "walk" / "oneshot" -> the cats_up tiles --cats-anatomy chose
+# cats_up's tiles swept by --cats-anatomy: the masked walk (block_n W_u rows, block_k columns a step, warps, split
+# of K: 0 = enough programs to fill the GPU) and the one-shot tiles (block_n rows × block_k columns, warps).
+CATS_WALK_GRID = [(n, k, w, sp) for n in (16, 32, 64) for k in (64, 128, 256) for w in (4,) for sp in (0, 1, 4)]
+CATS_ONESHOT_GRID = [(64, 128, 4), (128, 64, 2), (32, 128, 2), (64, 64, 2), (16, 256, 2), (32, 256, 4),
+                     (64, 256, 4), (128, 128, 4), (32, 64, 2), (16, 128, 2)]
+if SMOKE:
+    CATS_WALK_GRID, CATS_ONESHOT_GRID = [(16, 32, 4, 0), (32, 16, 4, 1)], [(16, 32, 2), (32, 16, 4)]
+
+
+def cats_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
+    """Where a CATS MLP's decode time goes (--cats-anatomy), Llama-3-8B shapes, batch 1, bf16, as the engine runs
+    it: the gate (RMSNorm, cuBLAS, activation: "gate"; or the one-shot tiles at threshold 0 with the activation
+    fused: "gate-oneshot"), the up rows `cats_up` keeps (|act(gate)| over its 0.5 / 0.8 quantile; every walk and
+    one-shot tile of CATS_WALK_GRID / CATS_ONESHOT_GRID, the fastest over both levels installed for the rest of the
+    run), cuBLAS's dense up beside it (the bytes' rate), and down over h's zeros adding into the fp32 stream (the
+    gather walk and the one-shot tiles). Method "cats-anatomy"; `n_sets` weight sets rotate so nothing is in L2."""
+    from actsparse.kernels import cats_up, rmsnorm
+    from actsparse.kernels import cats as cats_mod
+
+    dt = torch.bfloat16 if not SMOKE else torch.float32
+    gen = torch.Generator(device=DEV).manual_seed(0)
+
+    def w(o, i):
+        return (torch.randn(o, i, device=DEV, generator=gen) / math.sqrt(i)).to(dt)
+    sets = []
+    for _ in range(n_sets):
+        wg, wu, wd = w(INTER, D), w(INTER, D), w(D, INTER)
+        sets.append({"wg": wg, "wg_t": wg.t().contiguous(), "wu": wu, "wd_t": wd.t().contiguous()})
+    g = (torch.rand(D, device=DEV, generator=gen) + 0.5).to(dt)
+    x = torch.randn(1, D, device=DEV, generator=gen)  # the fp32 residual stream
+    stream = torch.zeros(1, D, device=DEV)
+    xn = rmsnorm(x, g, 1e-5).to(dt)
+    ag = F.silu(xn @ sets[0]["wg"].t())  # [1, I] CATS's gate activations
+    zero = torch.zeros(1, device=DEV)
+    levels = {s: torch.tensor([float(torch.quantile(ag.abs().float().flatten(), s))], device=DEV) for s in (0.5, 0.8)}
+    hs = {s: cats_up(x, sets[0]["wu"], ag, t, norm_weight=g, eps=1e-5, impl="walk") for s, t in levels.items()}
+    rows, t = [], {}
+
+    def timed(name: str, fn, s=None) -> float:
+        us = time_graph(lambda: [fn(st) for st in sets]) * 1e3 / n_sets
+        rows.append({**meta, "kind": "kernel", "method": "cats-anatomy", "model": "llama3-8b-shapes", "op": name,
+                     "sparsity": s, "batch": 1, "dtype": "bf16", "us": round(us, 2)})
+        return us
+
+    t["gate"] = timed("gate", lambda st: F.silu(rmsnorm(x, g, 1e-5).to(dt) @ st["wg"].t()))
+    t["gate-oneshot"] = timed("gate-oneshot", lambda st: _sparse_gemv(x, st["wg_t"], zero, norm_weight=g, eps=1e-5,
+                                                                      act="silu", impl="oneshot"))
+    t["up-dense"] = timed("up-dense", lambda st: xn @ st["wu"].t())
+    log(f"  cats anatomy: gate (norm, cuBLAS, silu) {t['gate']:.1f} us, gate on the one-shot tiles at threshold 0 "
+        f"{t['gate-oneshot']:.1f}, cuBLAS up {t['up-dense']:.1f}")
+    best = {}
+    key = (D, INTER, 1)
+    for impl, grid in (("walk", CATS_WALK_GRID), ("oneshot", CATS_ONESHOT_GRID)):
+        got = {}
+        for c in grid:
+            if clock.left(0.5) < 0:
+                log(f"  cats anatomy {impl}: out of its time budget")
+                break
+            cfg = (MaskedConfig(block_n=c[0], block_k=c[1], num_warps=c[2], split_k=c[3]) if impl == "walk" else
+                   OneshotConfig(block_n=c[0], block_k=c[1], num_warps=c[2]))
+            name = "x".join(map(str, c))
+
+            def up(st, th, cfg=cfg, impl=impl):
+                if impl == "walk":
+                    with override_config(cfg):
+                        cats_up(x, st["wu"], ag, th, norm_weight=g, eps=1e-5, impl="walk")
+                else:
+                    cats_up(x, st["wu"], ag, th, norm_weight=g, eps=1e-5, impl="oneshot")
+            old = cats_mod.TUNED_ONESHOT_UP.get(key)
+            cats_mod.TUNED_ONESHOT_UP[key] = cfg if impl == "oneshot" else old
+            try:
+                got[name] = (sum(timed(f"up-{impl}-{name}", lambda st, th=th: up(st, th), s) for s, th in levels.items()),
+                             cfg)
+            except Exception as e:  # a tile the compiler refuses (resources): its row says so, the sweep goes on
+                log(f"  cats up {impl} {name}: failed ({str(e).splitlines()[0][:100]})")
+            finally:
+                if old is None:
+                    cats_mod.TUNED_ONESHOT_UP.pop(key, None)
+                else:
+                    cats_mod.TUNED_ONESHOT_UP[key] = old
+        if got:
+            ranked = sorted(got.items(), key=lambda kv: kv[1][0])
+            best[impl] = ranked[0][1][1]
+            log(f"  cats up {impl} (us at 0.5 + 0.8): " + " ".join(f"{n}={v[0]:.1f}" for n, v in ranked[:8])
+                + f" -> {best[impl]}")
+    if "walk" in best:
+        configs.TUNED_MASKED[("cats_up",) + key] = best["walk"]
+    if "oneshot" in best:
+        cats_mod.TUNED_ONESHOT_UP[key] = best["oneshot"]
+    cats_tuned.update({k: v.__dict__ for k, v in best.items()})
+    for s, th in levels.items():
+        ups = {impl: timed(f"up-{impl}", lambda st, th=th, impl=impl: cats_up(x, st["wu"], ag, th, norm_weight=g,
+                                                                              eps=1e-5, impl=impl), s)
+               for impl in ("walk", "oneshot")}
+        downs = {k: timed(f"down-{k}", lambda st, k=k: _sparse_gemv(hs[s], st["wd_t"], zero, accumulate=stream,
+                                                                    impl=k), s) for k in ("gather", "oneshot")}
+        log(f"  cats anatomy s={s}: up " + " ".join(f"{k}={v:.1f}" for k, v in ups.items()) + " us (tuned), down "
+            + " ".join(f"{k}={v:.1f}" for k, v in downs.items()) + f"; rows kept {float((hs[s] != 0).float().mean()):.3f}")
+    return rows
+
+
 TILE_TABLES = {"oneshot": configs.TUNED_ONESHOT, "gather": configs.TUNED_GATHER}
 accumulate_tuned: dict[str, dict] = {}  # "kernel|accumulate|K|N|batch" -> the tile accumulate_bench's sweep chose
 
@@ -1063,6 +1165,8 @@ def main() -> None:
     ap.add_argument("--moe-anatomy", action="store_true",
                     help="time a mixture-of-experts layer's pieces (route, routed gate|up, gated down) at Qwen3-30B-A3B "
                          "shapes at thresholds 0 / 0.5 / 0.9 / all skipped: their fixed cost and bytes' bandwidth")
+    ap.add_argument("--cats-anatomy", action="store_true",
+                    help="time a CATS MLP's ops one by one, sweeping cats_up's tiles (the winners run the rest)")
     ap.add_argument("--tune-accumulate", action="store_true",
                     help="sweep the one-shot tiles' and the gather walk's configs for adding into a tensor (q|k|v and "
                          "gate|up raw sums, o into the stream, down gated), use the winners")
@@ -1084,6 +1188,7 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=48)
     ap.add_argument("--decode-models", default="", help="decode only these model:batch entries of DECODE_PLAN, "
                     "e.g. llama3-8b:1,llama3-8b:4 (default: all)")
+    ap.add_argument("--decode-methods", default="", help="decode only these methods of DECODE_PLAN, e.g. teal,cats")
     ap.add_argument("--decode-families", default="", help="also decode these engine presets at batch 1 (teal 0.4 / 0.5), "
                     "e.g. qwen3-8b,qwen2.5-7b,phi3-mini,granite3-8b,gemma2-9b,gemma3-12b, or the mixtures of experts "
                     "qwen3-30b-a3b,mixtral-8x7b,qwen1.5-moe-a2.7b (with --decode-layers: Mixtral's 32 layers of "
@@ -1104,6 +1209,10 @@ def main() -> None:
             del DECODE_PLAN[key]
     for fam in filter(None, args.decode_families.split(",")):
         DECODE_PLAN[(fam, 1)] = [("teal", False, (0.4, 0.5))]
+    if args.decode_methods:
+        methods = set(args.decode_methods.split(","))
+        for key in DECODE_PLAN:
+            DECODE_PLAN[key] = [m for m in DECODE_PLAN[key] if m[0] in methods]
     if args.merge:
         merge(args.merge, args.note)
         return
@@ -1141,6 +1250,11 @@ def main() -> None:
     try:
         extra["ceilings"] = ceilings()
         log(f"ceilings: {extra['ceilings']}")
+        if args.cats_anatomy:  # first: its cats_up winners serve every CATS row after it
+            rows += cats_anatomy(clock, meta)
+            extra["tuned_cats_up"] = dict(cats_tuned)
+            (out / "tuned_cats_up.json").write_text(json.dumps(cats_tuned, indent=1))
+            save()
         if not args.skip_kernels:
             lay = Layers(4, torch.bfloat16)
             tuned: dict = {}

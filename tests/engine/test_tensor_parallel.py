@@ -122,7 +122,11 @@ def _check(case, got: list, atol: float = 1e-4, device="cpu") -> None:
     want_tok, want_logits = _run(*_case(*ref, 0, 0, device, short), short)  # weights drawn on the CPU
     if ref == case:
         one_tok, one_logits = _run(*_case(*case, 0, 1, device, short), short)
-        assert torch.equal(one_tok, want_tok) and torch.equal(one_logits, want_logits)
+        assert torch.equal(one_tok, want_tok)
+        if device == "cpu":
+            assert torch.equal(one_logits, want_logits)
+        elif one_logits is not None:  # the GPU's split-K tiles add with atomics: their order varies run to run
+            assert torch.allclose(one_logits, want_logits, atol=atol, rtol=1e-4)
     for tok, _ in got:
         assert torch.equal(tok, want_tok), (case, tok, want_tok)
     if want_logits is None:
