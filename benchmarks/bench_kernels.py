@@ -606,8 +606,15 @@ cats_tuned: dict[str, dict] = {}  # "walk" / "oneshot" -> the cats_up tiles --ca
 CATS_WALK_GRID = [(n, k, w, sp) for n in (16, 32, 64) for k in (64, 128, 256) for w in (4,) for sp in (0, 1, 4)]
 CATS_ONESHOT_GRID = [(64, 128, 4), (128, 64, 2), (32, 128, 2), (64, 64, 2), (16, 256, 2), (32, 256, 4),
                      (64, 256, 4), (128, 128, 4), (32, 64, 2), (16, 128, 2)]
+# The kept-rows walk: (block_n channels a program, rows a step, block_k columns a step, warps, stages).
+CATS_ROWS_GRID = [(32, 16, 256, 4, 2), (32, 16, 256, 4, 1), (32, 16, 256, 4, 3), (32, 16, 512, 4, 2),
+                  (32, 16, 512, 8, 2), (32, 8, 512, 4, 2), (32, 8, 256, 4, 2), (64, 16, 256, 4, 2),
+                  (64, 32, 256, 8, 2), (64, 16, 512, 8, 2), (64, 32, 128, 4, 2), (16, 8, 512, 4, 2),
+                  (16, 8, 256, 4, 2), (16, 16, 256, 4, 2), (32, 32, 128, 4, 2), (32, 16, 128, 4, 3),
+                  (64, 8, 512, 4, 2), (128, 16, 256, 4, 2), (128, 32, 256, 8, 2), (32, 32, 256, 8, 2)]
 if SMOKE:
     CATS_WALK_GRID, CATS_ONESHOT_GRID = [(16, 32, 4, 0), (32, 16, 4, 1)], [(16, 32, 2), (32, 16, 4)]
+    CATS_ROWS_GRID = [(32, 8, 32, 4, 1), (16, 4, 64, 4, 2)]
 
 
 def cats_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
@@ -653,34 +660,33 @@ def cats_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
         f"{t['gate-oneshot']:.1f}, cuBLAS up {t['up-dense']:.1f}")
     best = {}
     key = (D, INTER, 1)
-    for impl, grid in (("walk", CATS_WALK_GRID), ("oneshot", CATS_ONESHOT_GRID)):
+    tables = {"oneshot": (cats_mod.TUNED_ONESHOT_UP, key), "rows": (cats_mod.TUNED_ROWS_UP, key[:2])}
+    for impl, grid in (("walk", CATS_WALK_GRID), ("oneshot", CATS_ONESHOT_GRID), ("rows", CATS_ROWS_GRID)):
         got = {}
         for c in grid:
             if clock.left(0.5) < 0:
                 log(f"  cats anatomy {impl}: out of its time budget")
                 break
             cfg = (MaskedConfig(block_n=c[0], block_k=c[1], num_warps=c[2], split_k=c[3]) if impl == "walk" else
-                   OneshotConfig(block_n=c[0], block_k=c[1], num_warps=c[2]))
+                   OneshotConfig(block_n=c[0], block_k=c[1], num_warps=c[2]) if impl == "oneshot" else
+                   cats_mod.RowsConfig(block_n=c[0], rows=c[1], block_k=c[2], num_warps=c[3], num_stages=c[4]))
             name = "x".join(map(str, c))
 
             def up(st, th, cfg=cfg, impl=impl):
-                if impl == "walk":
-                    with override_config(cfg):
-                        cats_up(x, st["wu"], ag, th, norm_weight=g, eps=1e-5, impl="walk")
-                else:
-                    cats_up(x, st["wu"], ag, th, norm_weight=g, eps=1e-5, impl="oneshot")
-            old = cats_mod.TUNED_ONESHOT_UP.get(key)
-            cats_mod.TUNED_ONESHOT_UP[key] = cfg if impl == "oneshot" else old
+                with override_config(cfg if impl == "walk" else None):
+                    cats_up(x, st["wu"], ag, th, norm_weight=g, eps=1e-5, impl=impl)
+            table, tkey = tables.get(impl, ({}, None))
+            old = table.get(tkey)
+            if impl in tables:
+                table[tkey] = cfg
             try:
                 got[name] = (sum(timed(f"up-{impl}-{name}", lambda st, th=th: up(st, th), s) for s, th in levels.items()),
                              cfg)
             except Exception as e:  # a tile the compiler refuses (resources): its row says so, the sweep goes on
                 log(f"  cats up {impl} {name}: failed ({str(e).splitlines()[0][:100]})")
             finally:
-                if old is None:
-                    cats_mod.TUNED_ONESHOT_UP.pop(key, None)
-                else:
-                    cats_mod.TUNED_ONESHOT_UP[key] = old
+                if impl in tables:
+                    table.pop(tkey) if old is None else table.__setitem__(tkey, old)
         if got:
             ranked = sorted(got.items(), key=lambda kv: kv[1][0])
             best[impl] = ranked[0][1][1]
@@ -690,11 +696,13 @@ def cats_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
         configs.TUNED_MASKED[("cats_up",) + key] = best["walk"]
     if "oneshot" in best:
         cats_mod.TUNED_ONESHOT_UP[key] = best["oneshot"]
+    if "rows" in best:
+        cats_mod.TUNED_ROWS_UP[key[:2]] = best["rows"]
     cats_tuned.update({k: v.__dict__ for k, v in best.items()})
     for s, th in levels.items():
         ups = {impl: timed(f"up-{impl}", lambda st, th=th, impl=impl: cats_up(x, st["wu"], ag, th, norm_weight=g,
                                                                               eps=1e-5, impl=impl), s)
-               for impl in ("walk", "oneshot")}
+               for impl in ("walk", "oneshot", "rows")}
         downs = {k: timed(f"down-{k}", lambda st, k=k: _sparse_gemv(hs[s], st["wd_t"], zero, accumulate=stream,
                                                                     impl=k), s) for k in ("gather", "oneshot")}
         log(f"  cats anatomy s={s}: up " + " ".join(f"{k}={v:.1f}" for k, v in ups.items()) + " us (tuned), down "

@@ -94,6 +94,12 @@ def compile_oneshot_up(block_n: int, block_k: int, num_warps: int, use_dot: bool
     return _compile(cats._oneshot_up_kernel, consts, num_warps)
 
 
+def compile_rows_up(block_n: int, rows: int, block_k: int, num_warps: int, act: int = 0):
+    """The compiled kept-rows walk of CATS's up rows (sm_90, batch 1), with the RMSNorm (`act`: COUNTDOWN's)."""
+    consts = dict(NORM=True, NORM_BLOCK=4096, BLOCK_N=block_n, ROWS=rows, BLOCK_K=block_k, ACT=act, PDL=False)
+    return _compile(cats._rows_up_kernel, consts, num_warps)
+
+
 def compile_attention(norm: bool, scale_f32: bool):
     """The compiled decode attention (sm_90): Llama-3-8B heads, fp32 raw q|k|v sums, bf16 caches; `norm`: Qwen3's
     and Gemma 3's per-head q and k norms inside (`scale_f32`: Gemma's rounding)."""
@@ -145,6 +151,7 @@ def _cases() -> list[tuple[str, str, tuple]]:
     cases += [(f"oneshot experts pair={p}", "compile_oneshot", (128, 64, 2, p, False, True)) for p in (False, True)]
     cases += [("oneshot pdl", "compile_oneshot", (128, 64, 2, True, False, False, True))]
     cases += [(f"cats_up oneshot dot={dot}", "compile_oneshot_up", (64, 128, 4, dot)) for dot in (False, True)]
+    cases += [(f"cats_up rows act={a}", "compile_rows_up", (32, 16, 256, 4, a)) for a in (0, 1)]
     cases += [(f"attention norm={n} f32={f}", "compile_attention", (n, f)) for n, f in ((False, False), (True, False),
                                                                                        (True, True))]
     cases += [(f"add_normed f32={f}", "compile_add_normed", (f,)) for f in (False, True)]

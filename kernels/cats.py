@@ -10,6 +10,7 @@ the mask itself never goes to memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -152,6 +153,77 @@ def _oneshot_up_kernel(
         tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :], h.to(y_ptr.dtype.element_ty), mask=valid)
 
 
+@triton.jit
+def _rows_up_kernel(
+    x_ptr, g_ptr, a_ptr, t_ptr, w_ptr, y_ptr,
+    K, N, stride_tn, stride_wn,
+    eps,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr = 0, PDL: tl.constexpr = False):
+    """Batch 1. One program per BLOCK_N consecutive channels: it ranks its kept channels (an exclusive prefix sum
+    of the mask) and walks them ROWS at a time, each step a full [ROWS × BLOCK_K] tile of whole W_u rows (no
+    masked lanes, no split of K, no atomics); the channels it drops get their zeros first."""
+    pdl_prologue(PDL)
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    a = tl.load(a_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + offs_n * stride_tn, mask=mask_n, other=0.0)
+    keep = (tl.abs(a) > t) & mask_n
+    k32 = keep.to(tl.int32)
+    rank = tl.cumsum(k32, axis=0) - k32  # a kept channel's place among the program's kept channels
+    n_kept = tl.sum(k32, axis=0)
+    tl.store(y_ptr + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32).to(y_ptr.dtype.element_ty), mask=mask_n & ~keep)
+    rstd = 1.0
+    if NORM:
+        rstd = tl.sum(row_rstd(x_ptr + tl.zeros([1], dtype=tl.int32)[:, None], tl.full([1], 1, tl.int1), K, eps,
+                               NORM_BLOCK, 1), axis=0)
+    slot = tl.arange(0, ROWS)
+    ar_k = tl.arange(0, BLOCK_K)
+    for j0 in range(0, n_kept, ROWS):
+        sel = (rank[None, :] == (j0 + slot)[:, None]) & keep[None, :]  # [ROWS, BLOCK_N]: step j0's channels
+        ids = tl.sum(tl.where(sel, offs_n[None, :], 0), axis=1)
+        live = (j0 + slot) < n_kept
+        acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + ar_k
+            mask_k = offs_k < K
+            w = tl.load(w_ptr + ids[:, None] * stride_wn + offs_k[None, :], mask=live[:, None] & mask_k[None, :],
+                        other=0.0, eviction_policy="evict_first")
+            xv = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            if NORM:
+                xv = xv * rstd * tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * xv[None, :]
+        up = tl.sum(acc, axis=1)
+        if ACT > 0:   # COUNTDOWN: the gathered gate rows take the activation
+            up = activate(up, ACT)
+        av = tl.sum(tl.where(sel, a[None, :], 0.0), axis=1)
+        tl.store(y_ptr + ids, (av * up).to(y_ptr.dtype.element_ty), mask=live)
+
+
+@dataclass(frozen=True)
+class RowsConfig:
+    """One launch configuration of cats_up's kept-rows walk (batch 1)."""
+
+    block_n: int = 32  # channels (W_u rows) a program owns
+    rows: int = 16  # kept rows a step reads
+    block_k: int = 256  # columns a step covers
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _launch_rows_up(x, w_up, a, thresh, norm_weight, eps, cfg: RowsConfig, act: int = 0) -> torch.Tensor:
+    k = x.shape[1]
+    n = w_up.shape[0]
+    y = new_output((1, n), x.device, a.dtype)
+    _rows_up_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, norm_weight if norm_weight is not None else x, a, thresh, w_up, y, k, n, thresh.stride(0), w_up.stride(0),
+        eps, NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), 4096), BLOCK_N=cfg.block_n,
+        ROWS=cfg.rows, BLOCK_K=cfg.block_k, ACT=act, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(x.device))
+    return y
+
+
 def _launch_oneshot_up(x, w_up, a, thresh, norm_weight, eps, cfg: OneshotConfig, act: int = 0) -> torch.Tensor:
     b, k = x.shape
     n = w_up.shape[0]
@@ -172,11 +244,13 @@ def _launch_oneshot_up(x, w_up, a, thresh, norm_weight, eps, cfg: OneshotConfig,
     return y
 
 
-UP_IMPLS = ("auto", "walk", "oneshot")
-# impl="auto" for cats_up: (K, N, batch bucket) -> "walk" or "oneshot", measured; the walk where there is none.
+UP_IMPLS = ("auto", "walk", "oneshot", "rows")
+# impl="auto" for cats_up: (K, N, batch bucket) -> "walk", "oneshot" or "rows", measured; the walk where there is none.
 PREFERRED_UP: dict[tuple[int, int, int], str] = {}
 # One-shot tiles of cats_up: (K, N, batch bucket) -> config; W_u rows of BLOCK_K contiguous weights.
 TUNED_ONESHOT_UP: dict[tuple[int, int, int], OneshotConfig] = {}
+# The kept-rows walk's tiles: (K, N) -> config (batch 1 only).
+TUNED_ROWS_UP: dict[tuple[int, int], RowsConfig] = {}
 
 
 def _up_impl(k: int, n: int, b: int, impl: str) -> str:
@@ -185,9 +259,11 @@ def _up_impl(k: int, n: int, b: int, impl: str) -> str:
         raise ValueError(f"impl must be one of {UP_IMPLS}, got {impl!r}")
     if impl == "oneshot" and b > ONESHOT_MAX_BATCH:
         raise ValueError(f"cats_up's one-shot tiles run batches of at most {ONESHOT_MAX_BATCH} rows, got {b}")
+    if impl == "rows" and b != 1:
+        raise ValueError(f"cats_up's kept-rows walk runs batch 1 only, got {b}; use impl='walk' or 'oneshot'")
     if impl == "auto":
         impl = PREFERRED_UP.get((k, n, batch_bucket(b)), "walk")
-        impl = "walk" if b > ONESHOT_MAX_BATCH else impl
+        impl = "walk" if b > ONESHOT_MAX_BATCH or (impl == "rows" and b != 1) else impl
     return impl
 
 
@@ -196,9 +272,12 @@ def _cats_up_op(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: to
                 norm_weight: Optional[torch.Tensor], eps: float, impl: str = "auto", act: int = 0) -> torch.Tensor:
     b, k = x.shape
     n = w_up.shape[0]
-    if _up_impl(k, n, b, impl) == "oneshot":
+    chosen = _up_impl(k, n, b, impl)
+    if chosen == "oneshot":
         cfg = TUNED_ONESHOT_UP.get((k, n, batch_bucket(b))) or OneshotConfig(block_n=64, block_k=128, num_warps=4)
         return _launch_oneshot_up(x, w_up, a, thresh, norm_weight, eps, cfg, act)
+    if chosen == "rows":
+        return _launch_rows_up(x, w_up, a, thresh, norm_weight, eps, TUNED_ROWS_UP.get((k, n)) or RowsConfig(), act)
     _, cfg = choose_impl("cats_up", k, n, b, "masked")  # the masked walk's configuration (or its override)
     use_dot = cfg.use_dot or b > FMA_MAX_BATCH
     block_b = 16 if use_dot else triton.next_power_of_2(b)
@@ -242,8 +321,9 @@ def cats_up(
     x: [B, K] (the residual stream when norm_weight is given); a: [B, I], CATS' gate activations silu(W_g·x̂)
     (act "none", W_u the up projection) or COUNTDOWN's up outputs (act "silu" / "gelu_tanh", w_up then holds
     the gate projection); thresh: float32 scalar tensor, [1] or [I]. impl: "walk" (a split-K walk over the kept rows, any
-    batch), "oneshot" (one program per [rows × columns] tile of W_u, fp32 atomic sums; batch ≤ 16) or "auto"
-    (the one measured faster for this shape, `PREFERRED_UP`, else the walk).
+    batch), "oneshot" (one program per [rows × columns] tile of W_u, fp32 atomic sums; batch ≤ 16), "rows" (each
+    program ranks its kept channels and reads only whole kept rows, a full tile a step; batch 1) or "auto" (the one
+    measured fastest for this shape, `PREFERRED_UP`, else the walk).
     """
     if x.dim() != 2 or w_up.dim() != 2 or w_up.shape[1] != x.shape[1]:
         raise ValueError(f"x must be [B, K] and w_up [I, K] (natural nn.Linear layout), got "

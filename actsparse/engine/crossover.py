@@ -29,7 +29,7 @@ OPS = ("qkv", "o", "gu", "down")
 KERNELS = ("oneshot", "gather")  # the sparse kernels the engine chooses among (the masked walk never wins at b ≤ 4)
 # An op adding into a given fp32 tensor (the stream, or raw sums for the next op), by the kernel that runs it.
 ACCUMULATE = {"accumulate": "oneshot", "gather-accumulate": "gather"}
-UP_KERNELS = ("walk", "oneshot")  # CATS's up rows gathered by the gate's mask (`cats_up`); no dense rival
+UP_KERNELS = ("walk", "oneshot", "rows")  # CATS's up rows gathered by the gate's mask (`cats_up`); no dense rival
 
 _cache: dict[tuple, dict[str, "OpTimes"]] = {}
 
@@ -236,7 +236,8 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         out["gated"] = OpTimes(float("inf"), LEVELS, timed(kernels, gated))
     # CATS: which cats_up kernel, at the fraction of up rows skipped
     if not moe and all(lw.wu is not None for lw in layers):
-        ups = UP_KERNELS if batch <= configs.ONESHOT_MAX_BATCH else UP_KERNELS[:1]
+        ups = [k for k in UP_KERNELS if k == "walk" or (k == "oneshot" and batch <= configs.ONESHOT_MAX_BATCH)
+               or (k == "rows" and batch == 1)]
         out["up"] = OpTimes(float("inf"), LEVELS, timed(ups, up))  # no dense rival: CATS itself is the choice
     return out
 

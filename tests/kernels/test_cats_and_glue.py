@@ -55,8 +55,34 @@ def test_cats_up_oneshot_tiles_match_reference(batch):
     assert rel_err(y, ref.cats_up_ref(x, w_up, a, 0.3)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cats_up_kept_rows_walk_matches_reference(dtype):
+    """The kept-rows walk (batch 1): each program ranks its kept channels and reads whole rows a step; ragged N
+    and K (a last program with fewer channels, a last step with a partial group of rows and of columns),
+    per-channel thresholds, every level from all rows kept to none, and h's zeros exactly where the mask is off."""
+    from actsparse.kernels import cats as kc
+
+    k, n = 100, 75
+    g = (torch.rand(k, device=DEVICE) + 0.5).to(dtype)
+    for cfg in (kc.RowsConfig(block_n=32, rows=8, block_k=32), kc.RowsConfig(block_n=16, rows=16, block_k=64,
+                                                                              num_stages=1)):
+        for sparsity in (0.0, 0.3, 0.7, 1.0):
+            x = torch.randn(1, k, device=DEVICE, dtype=dtype)
+            w_up = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+            a = torch.nn.functional.silu(torch.randn(1, n, device=DEVICE)).to(dtype)
+            t = torch.quantile(a.abs().float().flatten(), sparsity) * (0.5 + torch.rand(n, device=DEVICE))
+            with poison_outputs():
+                h = kc._launch_rows_up(x, w_up, a, t, g, 1e-6, cfg)
+            want = ref.cats_up_ref(x, w_up, a, t, norm_weight=g, eps=1e-6)
+            assert torch.equal(h == 0, want == 0), (cfg, sparsity)
+            if (want != 0).any():
+                assert rel_err(h, want) < TOL[dtype], (cfg, sparsity)
+    y = cats_up(x, w_up, a, torch.tensor(0.2, device=DEVICE), impl="rows")  # the public op, default tile
+    assert rel_err(y, ref.cats_up_ref(x, w_up, a, 0.2)) < TOL[dtype]
+
+
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("impl, batch", [("walk", 1), ("walk", 3), ("oneshot", 1), ("oneshot", 3)])
+@pytest.mark.parametrize("impl, batch", [("walk", 1), ("walk", 3), ("oneshot", 1), ("oneshot", 3), ("rows", 1)])
 def test_countdown_gathers_gate_rows_by_the_up_mask_and_activates_them(act, impl, batch):
     """M-COUNTDOWN: a = W_u·x̂ (the up outputs) selects the rows of the gate projection, whose products take the
     activation: h = where(|a| > t, a ⊙ act(W_g·x̂), 0), against the formula written out."""
@@ -90,6 +116,9 @@ def test_cats_up_rejects_bad_arguments():
         cats_up(x, w, a, torch.tensor(0.0, device=DEVICE, dtype=torch.float16))
     with pytest.raises(ValueError, match="impl must be one of"):
         cats_up(x, w, a, torch.tensor(0.0, device=DEVICE), impl="gather")
+    with pytest.raises(ValueError, match="kept-rows walk runs batch 1 only, got 2; use impl='walk' or 'oneshot'"):
+        cats_up(x.expand(2, -1).contiguous(), w, a.expand(2, -1).contiguous(), torch.tensor(0.0, device=DEVICE),
+                impl="rows")
     with pytest.raises(ValueError, match="one-shot tiles run batches of at most 16 rows, got 17"):
         cats_up(x.expand(17, -1).contiguous(), w, a.expand(17, -1).contiguous(), torch.tensor(0.0, device=DEVICE),
                 impl="oneshot")
@@ -160,13 +189,14 @@ def test_add_normed_adds_the_post_norm_of_raw_sums_into_the_stream_and_zeroes_th
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("batch", [1, 4])
-def test_gpu_cats_up_llama_shapes(dtype, batch):
+@pytest.mark.parametrize("batch, impl", [(1, "walk"), (4, "walk"), (1, "oneshot"), (1, "rows")])
+def test_gpu_cats_up_llama_shapes(dtype, batch, impl):
     k, n = 4096, 2048
     x = torch.randn(batch, k, device="cuda", dtype=dtype)
     w_up = (torch.randn(n, k, device="cuda") / 64).to(dtype)
     a = torch.nn.functional.silu(torch.randn(batch, n, device="cuda")).to(dtype)
     t = float(torch.quantile(a.abs().float().flatten(), 0.5))
     with poison_outputs():
-        h = cats_up(x, w_up, a, torch.tensor(t, device="cuda"))
-    assert rel_err(h, ref.cats_up_ref(x, w_up, a, t)) < TOL[dtype]
+        h = cats_up(x, w_up, a, torch.tensor(t, device="cuda"), impl=impl)
+    want = ref.cats_up_ref(x, w_up, a, t)
+    assert rel_err(h, want) < TOL[dtype] and torch.equal(h == 0, want == 0)
