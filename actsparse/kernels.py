@@ -44,6 +44,7 @@ from actsparse.kernels.attention import decode_attention
 from actsparse.kernels.cats import cats_up
 from actsparse.kernels.configs import GatherConfig, MaskedConfig, OneshotConfig, override_config, poison_outputs
 from actsparse.kernels.gated_mlp import sparse_gated_mlp
+from actsparse.kernels.lowrank import lowrank_add, pack_lowrank
 from actsparse.kernels.pdl import pdl_enabled, use_pdl
 from actsparse.kernels.rmsnorm import add_normed, add_rmsnorm, rmsnorm
 from actsparse.kernels.route import moe_route
@@ -72,8 +73,10 @@ __all__ = [
     "cats_up",
     "decode_attention",
     "interpreted",
+    "lowrank_add",
     "moe_route",
     "override_config",
+    "pack_lowrank",
     "pack_weight",
     "pdl_enabled",
     "poison_outputs",

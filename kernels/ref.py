@@ -143,6 +143,32 @@ def cats_up_ref(x: torch.Tensor, w_up: torch.Tensor, a: torch.Tensor, thresh: to
     return torch.where(af.abs() > t, af * up, torch.zeros_like(up)).to(a.dtype)
 
 
+def lowrank_add_ref(x: torch.Tensor, thresh: torch.Tensor, v: torch.Tensor, ust: torch.Tensor, ranks: torch.Tensor,
+                    out: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                    gated: str = "none", segments: Sequence[int] = ()) -> torch.Tensor:
+    """Reference of `lowrank_add`: per site s, out[:, rows_s] += ((x̂ ⊙ 1[0 < |x̂| ≤ t_s]) · V_s) · UST_sᵀ in
+    float32 (x̂: x, RMSNorm(x)·g, or act(gate)·up of a pair's raw sums), added into out in place."""
+    if gated != "none":
+        xf = act_ref(x[0].float(), gated) * x[1].float()
+    else:
+        xf = rmsnorm_ref(x, norm_weight, eps).float() if norm_weight is not None else x.float()
+    s, r = ranks.numel(), ust.shape[1]
+    n = ust.shape[0]
+    bounds = [0, *segments, n]
+    t = thresh.float().reshape(s, -1)
+    ys = []
+    for i in range(s):
+        ri = int(ranks[i])
+        keep = (xf.abs() <= t[i]) & (xf != 0)
+        z = (xf * keep) @ v[:, i * r:i * r + ri].float()
+        ys.append(z @ ust[bounds[i]:bounds[i + 1], :ri].float().t())
+    y = torch.cat(ys, dim=-1)
+    if out.dim() == 3:  # a pair's [2, B, N/2]
+        y = torch.stack([y[:, :n // 2], y[:, n // 2:]])
+    out.copy_((out.float() + y).to(out.dtype))
+    return out
+
+
 def rope_ref(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Return x·cos + rotate_half(x)·sin for x [B, H, D] at positions pos [B] (HF Llama convention), float32."""
     ang = pos.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # [B, D/2]
