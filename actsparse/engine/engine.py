@@ -27,6 +27,7 @@ dicts keyed `layers.{i}.{role}`.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from actsparse.kernels import ref as kref
+from actsparse.kernels.lowrank import pack_lowrank as kpack_lowrank
 from actsparse.kernels.topk import MAX_K as TOPK_MAX_K
 
 from .config import LlamaConfig, unsupported_reason
@@ -108,6 +110,7 @@ class _TorchOps:
     cats_up = staticmethod(_any_impl(kref.cats_up_ref))
     decode_attention = staticmethod(kref.decode_attention_ref)
     topk_thresholds = staticmethod(kref.topk_thresholds_ref)
+    lowrank_add = staticmethod(kref.lowrank_add_ref)
 
 
 class _TritonOps:
@@ -125,6 +128,7 @@ class _TritonOps:
         self.cats_up = k.cats_up
         self.decode_attention = k.decode_attention
         self.topk_thresholds = k.topk_thresholds
+        self.lowrank_add = k.lowrank_add
 
 
 @dataclass
@@ -139,6 +143,7 @@ class _OpRule:
     # R-Sparse, per site of the op: (threshold [K] or [], V [K, r], (U·S)ᵀ [r, N_site]) or None; widths: N per site
     lowrank: Optional[list] = None
     widths: tuple[int, ...] = ()
+    lr_pack: Optional[tuple] = None  # the same factors as `lowrank_add` reads them (`pack_lowrank`)
     # per-token Top-K: entries each token zeroes per site (int32 [S]) and WINA's score weights [S, K]; `thresh` is
     # then the buffer the step writes each token's levels into before the op
     topk: Optional[torch.Tensor] = None
@@ -336,8 +341,11 @@ class Engine:
                 topk = topk_w = None
                 if any(r in per_topk[i] for r in roles):
                     t, topk, topk_w = self._topk_rule(i, name, roles, k, per_topk[i], s, lowrank, nms)
+                widths = tuple(w.shape[1] for w in wts)
+                lr_pack = None if lowrank is None else kpack_lowrank(
+                    [None if r not in per_lr[i] else per_lr[i][r] for r in roles], widths, self.dtype, self.device)
                 return _OpRule(thresh=t, shift=s, bias=bias, expected=exp(roles), nm=nms.pop(), lowrank=lowrank,
-                               widths=tuple(w.shape[1] for w in wts), topk=topk, topk_w=topk_w)
+                               widths=widths, lr_pack=lr_pack, topk=topk, topk_w=topk_w)
 
             wqkv_t = lw.wqkv_t if lw.wqkv_t is not None else lw.wqkv.t()
             qkv_cols = [wqkv_t[:, :q], wqkv_t[:, q:q + kv], wqkv_t[:, q + kv:]]
@@ -540,7 +548,7 @@ class Engine:
         """Whether an op hands on raw fp32 sums (q|k|v: `out=` for the attention kernel): in an fp32-stream step
         where measured fastest (a name of ACCUMULATE) or, with given fallback levels ("auto"), wherever the
         one-shot tiles can (no low-rank part, batch ≤ 16)."""
-        return (x.dtype == torch.float32 and self.residual_fp32 and rule.lowrank is None
+        return (x.dtype == torch.float32 and self.residual_fp32
                 and (impl in ACCUMULATE or (impl == "auto" and x.shape[0] <= 16)))
 
     def _qkv_sums(self, b: int) -> torch.Tensor:
@@ -556,7 +564,7 @@ class Engine:
         CATS or low-rank part sits between, and (measured) the fastest of each beats gate|up's and
         down's best; None where they run otherwise."""
         if (r is None or record is not None or not self.residual_fp32 or x.dtype != torch.float32 or b > 16
-                or r.gate_act is not None or r.gu.lowrank is not None or r.down.lowrank is not None):
+                or r.gate_act is not None):
             return None
         gu, down = self._choose(r.gu, "gu", b), self._choose(r.down, "down", b)
         if "dense" in (gu, down):
@@ -584,6 +592,12 @@ class Engine:
     def _act(self, g: torch.Tensor) -> torch.Tensor:
         """The gate's activation (silu, or Gemma's gelu-tanh) in g's dtype."""
         return F.silu(g) if self.cfg.act == "silu" else F.gelu(g, approximate="tanh")
+
+    def _add_lowrank(self, rule: _OpRule, xin: torch.Tensor, out: torch.Tensor, **kw) -> None:
+        """R-Sparse: add the op's low-rank path into its raw sums or the stream (`lowrank_add`, two launches)."""
+        if rule.lr_pack is not None:
+            bounds = tuple(itertools.accumulate(rule.widths))[:-1]
+            self.ops.lowrank_add(xin, rule.thresh, *rule.lr_pack, out, segments=bounds, **kw)
 
     @staticmethod
     def _lowrank(xin: torch.Tensor, rule: _OpRule) -> torch.Tensor:
@@ -658,6 +672,7 @@ class Engine:
             qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
                                   norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), nm=r.qkv.nm,
                                   impl=_kernel(impl), out=self._qkv_sums(b))
+            self._add_lowrank(r.qkv, x, self._qkv_sums(b), norm_weight=lw.attn_norm, eps=eps)
         else:
             qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
                                   norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), nm=r.qkv.nm,
@@ -692,9 +707,11 @@ class Engine:
         elif self._accumulates(impl, x, res, r.o):
             y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, nm=r.o.nm,
                                 impl=_kernel(impl), accumulate=x)
+            self._add_lowrank(r.o, a, x)
         elif post_raw := self._post_raw(impl, x, lw.post_attn_norm, r.o):
             y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, nm=r.o.nm,
                                 impl=_kernel(impl), accumulate=self._post_sums(b))
+            self._add_lowrank(r.o, a, self._post_sums(b))
         else:
             y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=res, nm=r.o.nm,
                                 impl=_kernel(impl))
@@ -716,6 +733,7 @@ class Engine:
             h = ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,
                                      norm_weight=lw.mlp_norm, eps=eps, nm=r.gu.nm, impl=mlp_raw[0],
                                      out=self._pair_sums(b))
+            self._add_lowrank(r.gu, x, self._pair_sums(b), norm_weight=lw.mlp_norm, eps=eps)
         elif cats and r.countdown:   # a = up's output, the gate rows it keeps gathered and activated
             g = r.gu
             if self._dense(g, "gu", b):
@@ -765,14 +783,17 @@ class Engine:
             self._levels(r.down, self._pair_sums(b), gated=cfg.act)
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,
                                 impl=mlp_raw[1], gated=cfg.act, accumulate=self._post_sums(b) if post_raw else x)
+            self._add_lowrank(r.down, self._pair_sums(b), self._post_sums(b) if post_raw else x, gated=cfg.act)
         elif impl == "dense":
             y = self._linear(h, lw.wd, lw.wd_t, res=res)
         elif self._accumulates(impl, x, res, r.down):
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,
                                 impl=_kernel(impl), accumulate=x)
+            self._add_lowrank(r.down, h, x)
         elif post_raw := self._post_raw(impl, x, lw.post_mlp_norm, r.down):
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, nm=r.down.nm,
                                 impl=_kernel(impl), accumulate=self._post_sums(b))
+            self._add_lowrank(r.down, h, self._post_sums(b))
         else:
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=res,
                                 nm=r.down.nm, impl=_kernel(impl))

@@ -116,12 +116,27 @@ def _rsparse_plan(model, g, roles=SITES) -> SparsityPlan:
     return SparsityPlan("rsparse", {}, 0.5, rules, {p: 1 for p in rules})
 
 
-def test_an_rsparse_plan_runs_in_the_engine_as_in_the_torch_backend():
+@pytest.mark.parametrize("stream", ["model dtype", "fp32 raw sums"])
+def test_an_rsparse_plan_runs_in_the_engine_as_in_the_torch_backend(stream, monkeypatch):
+    """The engine's output stream in the model's dtype (the low-rank path as torch ops beside each op) or in fp32
+    (what a GPU runs: each op's raw sums or the stream, the low-rank path added into them by `lowrank_add`)."""
+    from actsparse import kernels as k
+
     seed = int(torch.randint(0, 10_000, (1,)))
     g = torch.Generator().manual_seed(seed)
     model = _hf_tiny(seed=seed)
     plan = _rsparse_plan(model, g)
-    _, ep, seq, want = _matches_torch_backend(model, plan, g)
+    calls, lowrank_add = [], k.lowrank_add
+    monkeypatch.setattr(k, "lowrank_add", lambda *a, **kw: calls.append(kw.get("gated")) or lowrank_add(*a, **kw))
+    _, ep, seq, want = _matches_torch_backend(model, plan, g, residual_fp32=stream == "fp32 raw sums")
+    # fp32: every op with factors on a site adds its path in one call (down's from the pair's act(gate)·up)
+    ops_with = sum(any(f"layers.{i}.{r}" in plan.rules and "V" in plan.rules[f"layers.{i}.{r}"].tensors
+                       for r in roles) for i in range(TINY.n_layers)
+                   for roles in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",)))
+    if stream == "fp32 raw sums":
+        assert calls and len(calls) % ops_with == 0 and "silu" in calls  # every step, down's from the pair
+    else:
+        assert not calls
     assert sum(s.lowrank is not None for L in ep.layers for s in L.values()) == sum(
         "V" in r.tensors for r in plan.rules.values())
     # the low-rank path carries real signal: without it the engine leaves the torch backend's logits
