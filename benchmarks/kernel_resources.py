@@ -29,7 +29,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from actsparse.kernels import attention, cats, gather_gemv, masked_gemv, oneshot_gemv, route, topk  # noqa: E402
+from actsparse.kernels import (attention, cats, gather_gemv, lowrank, masked_gemv, oneshot_gemv, route,  # noqa: E402
+                               topk)
 
 norms = importlib.import_module("actsparse.kernels.rmsnorm")  # the name rmsnorm there is the op
 
@@ -100,6 +101,17 @@ def compile_rows_up(block_n: int, rows: int, block_k: int, num_warps: int, act: 
     return _compile(cats._rows_up_kernel, consts, num_warps)
 
 
+def compile_lowrank(phase: str, norm: bool = False, gated: int = 0):
+    """The compiled low-rank path of R-Sparse (sm_90): its first launch (the dropped channels through V, from the
+    stream's RMSNorm or a pair's act(gate)·up) or its second (U·S adding into fp32 sums)."""
+    ptrs = {"v_ptr": "*bf16", "u_ptr": "*bf16", "rk_ptr": "*i32", "z_ptr": "*fp32", "out_ptr": "*fp32",
+            "x_ptr": "*fp32" if gated else "*bf16"}
+    if phase == "in":
+        consts = dict(NORM=norm, NORM_BLOCK=1024, GATED=gated, BLOCK_K=64, BLOCK_C=128, PDL=False)
+        return _compile(lowrank._lr_in_kernel, consts, 4, ptrs)
+    return _compile(lowrank._lr_out_kernel, dict(BLOCK_N=16, BLOCK_R=512, Z_BLOCK=1024, PDL=False), 4, ptrs)
+
+
 def compile_attention(norm: bool, scale_f32: bool):
     """The compiled decode attention (sm_90): Llama-3-8B heads, fp32 raw q|k|v sums, bf16 caches; `norm`: Qwen3's
     and Gemma 3's per-head q and k norms inside (`scale_f32`: Gemma's rounding)."""
@@ -152,6 +164,8 @@ def _cases() -> list[tuple[str, str, tuple]]:
     cases += [("oneshot pdl", "compile_oneshot", (128, 64, 2, True, False, False, True))]
     cases += [(f"cats_up oneshot dot={dot}", "compile_oneshot_up", (64, 128, 4, dot)) for dot in (False, True)]
     cases += [(f"cats_up rows act={a}", "compile_rows_up", (32, 16, 256, 4, a)) for a in (0, 1)]
+    cases += [(f"lowrank {ph} norm={n} gated={g}", "compile_lowrank", (ph, n, g))
+              for ph, n, g in (("in", True, 0), ("in", False, 1), ("out", False, 0))]
     cases += [(f"attention norm={n} f32={f}", "compile_attention", (n, f)) for n, f in ((False, False), (True, False),
                                                                                        (True, True))]
     cases += [(f"add_normed f32={f}", "compile_add_normed", (f,)) for f in (False, True)]
