@@ -103,13 +103,14 @@ def compile_rows_up(block_n: int, rows: int, block_k: int, num_warps: int, act: 
 
 def compile_lowrank(phase: str, norm: bool = False, gated: int = 0):
     """The compiled low-rank path of R-Sparse (sm_90): its first launch (the dropped channels through V, from the
-    stream's RMSNorm or a pair's act(gate)·up) or its second (U·S adding into fp32 sums)."""
+    stream's RMSNorm or a pair's act(gate)·up) or its second (U·S adding into fp32 sums; `norm`: a pair's)."""
     ptrs = {"v_ptr": "*bf16", "u_ptr": "*bf16", "rk_ptr": "*i32", "z_ptr": "*fp32", "out_ptr": "*fp32",
             "x_ptr": "*fp32" if gated else "*bf16"}
     if phase == "in":
-        consts = dict(NORM=norm, NORM_BLOCK=1024, GATED=gated, BLOCK_K=64, BLOCK_C=128, PDL=False)
+        consts = dict(NORM=norm, NORM_BLOCK=4096, GATED=gated, BLOCK_K=64, BLOCK_C=128, PDL=False)
         return _compile(lowrank._lr_in_kernel, consts, 4, ptrs)
-    return _compile(lowrank._lr_out_kernel, dict(BLOCK_N=16, BLOCK_R=512, Z_BLOCK=1024, PDL=False), 4, ptrs)
+    return _compile(lowrank._lr_out_kernel, dict(PAIR=norm, BLOCK_N=16, BLOCK_R=512, Z_BLOCK=1024, PDL=False), 4,
+                    ptrs)
 
 
 def compile_attention(norm: bool, scale_f32: bool):
@@ -166,7 +167,7 @@ def _cases() -> list[tuple[str, str, tuple]]:
     cases += [(f"cats_up oneshot dot={dot}", "compile_oneshot_up", (64, 128, 4, dot)) for dot in (False, True)]
     cases += [(f"cats_up rows act={a}", "compile_rows_up", (32, 16, 256, 4, a)) for a in (0, 1)]
     cases += [(f"lowrank {ph} norm={n} gated={g}", "compile_lowrank", (ph, n, g))
-              for ph, n, g in (("in", True, 0), ("in", False, 1), ("out", False, 0))]
+              for ph, n, g in (("in", True, 0), ("in", False, 1), ("out", False, 0), ("out", True, 0))]
     cases += [(f"attention norm={n} f32={f}", "compile_attention", (n, f)) for n, f in ((False, False), (True, False),
                                                                                        (True, True))]
     cases += [(f"add_normed f32={f}", "compile_add_normed", (f,)) for f in (False, True)]

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .configs import atomic_accumulator, tile_counters
-from .gemv_common import ACTS, activate
+from .gemv_common import ACTS, activate, row_rstd
 from .pdl import pdl_args, pdl_prologue
 
 MAX_Z = 1 << 20  # fp32 sums of one launch (batch × sites × rank): the accumulators' size
@@ -50,13 +50,9 @@ def _lr_in_kernel(x_ptr, g_ptr, t_ptr, v_ptr, rk_ptr, z_ptr, K, C, R, stride_xb,
     xv = tl.load(row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     if GATED > 0:  # act(gate)·up from the pair's raw sums
         xv = activate(xv, GATED) * tl.load(row + stride_xh + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    if NORM:
-        ss = tl.zeros([NORM_BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, NORM_BLOCK):
-            o = k0 + tl.arange(0, NORM_BLOCK)
-            v = tl.load(row + o, mask=o < K, other=0.0).to(tl.float32)
-            ss += v * v
-        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    if NORM:  # RMSNorm's factor as the sparse kernels form it (the same blocks): the two paths split x̂ exactly
+        rstd = tl.sum(row_rstd(row + tl.zeros([1], dtype=tl.int32)[:, None], tl.full([1], 1, tl.int1), K, eps,
+                               NORM_BLOCK, 1), axis=0)
         xv = xv * rstd * tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + site[None, :] * stride_ts + offs_k[:, None] * stride_tk,
                 mask=mask_k[:, None] & live[None, :], other=-1.0)
@@ -71,7 +67,8 @@ def _lr_in_kernel(x_ptr, g_ptr, t_ptr, v_ptr, rk_ptr, z_ptr, K, C, R, stride_xb,
 
 @triton.jit
 def _lr_out_kernel(z_ptr, u_ptr, rk_ptr, out_ptr, cnt_ptr, B, N, C, R, S1, S2, HALF, stride_ob, stride_oh, stride_un,
-                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, Z_BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                   PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, Z_BLOCK: tl.constexpr,
+                   PDL: tl.constexpr = False):
     pdl_prologue(PDL)
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -84,8 +81,10 @@ def _lr_out_kernel(z_ptr, u_ptr, rk_ptr, out_ptr, cnt_ptr, B, N, C, R, S1, S2, H
     z = tl.load(z_ptr + b * C + site[:, None] * R + j[None, :], mask=mj, other=0.0, cache_modifier=".cg")
     u = tl.load(u_ptr + offs_n[:, None] * stride_un + j[None, :], mask=mj, other=0.0, eviction_policy="evict_first")
     y = tl.sum(u.to(tl.float32) * z, axis=1)
-    hi = (offs_n >= HALF).to(tl.int32) * (HALF > 0).to(tl.int32)  # a gate|up pair's second half: its own block
-    dst = out_ptr + hi * stride_oh + b * stride_ob + offs_n - hi * HALF
+    dst = out_ptr + b * stride_ob + offs_n
+    if PAIR:  # a gate|up pair's second half: its own block of the sums
+        hi = (offs_n >= HALF).to(tl.int32)
+        dst += hi * (stride_oh - HALF)
     o = tl.load(dst, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(dst, (o + y).to(out_ptr.dtype.element_ty), mask=mask_n)
     # Every program has read its z: the last to arrive zeroes the sums for the next launch.
@@ -165,6 +164,8 @@ def lowrank_add(x: torch.Tensor, thresh: torch.Tensor, v: torch.Tensor, ust: tor
         raise ValueError(f"batch × sites × rank must be at most {MAX_Z}, got {b * s * ust.shape[1]}")
     if x.stride(-1) != 1 or v.stride(1) != 1 or ust.stride(1) != 1 or out.stride(-1) != 1:
         raise ValueError("x, v, ust and out must be contiguous along their last dimension")
+    if ust.shape[1] == 0:
+        return out  # every site's rank is 0: nothing to add
     bounds = list(segments) + [n] * (2 - len(segments))
     torch.ops.actsparse.lowrank_add(x, thresh, v, ust, ranks, out, norm_weight, float(eps), ACTS[gated],
                                     int(bounds[0]), int(bounds[1]))
@@ -183,15 +184,15 @@ def _lowrank_add_op(x: torch.Tensor, thresh: torch.Tensor, v: torch.Tensor, ust:
     block_c = min(128, triton.next_power_of_2(c))
     _lr_in_kernel[(triton.cdiv(k, 64), triton.cdiv(c, block_c), b)](
         x, norm_weight if norm_weight is not None else x, thresh, v, ranks, z, k, c, r,
-        x.stride(-2), x.stride(0) if gated else 0, thresh.stride(0), 1 if per_k else 0, v.stride(0), eps,
-        NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), 1024), GATED=gated,
+        x.stride(-2), x.stride(0) if gated else 0, thresh.stride(0), thresh.stride(1) if per_k else 0, v.stride(0), eps,
+        NORM=norm_weight is not None, NORM_BLOCK=min(triton.next_power_of_2(k), 4096), GATED=gated,
         BLOCK_K=64, BLOCK_C=block_c, num_warps=4, **pdl_args(x.device))
     pair_out = out.dim() == 3
     block_r = triton.next_power_of_2(r)
     block_n = max(1, min(64, 8192 // block_r))
     _lr_out_kernel[(triton.cdiv(n, block_n), b)](
         z, ust, ranks, out, tile_counters(x.device), b, n, c, r, s1, s2, n // 2 if pair_out else 0,
-        out.stride(-2), out.stride(0) if pair_out else 0, ust.stride(0),
+        out.stride(-2), out.stride(0) if pair_out else 0, ust.stride(0), PAIR=pair_out,
         BLOCK_N=block_n, BLOCK_R=block_r, Z_BLOCK=1024, num_warps=4, **pdl_args(x.device))
 
 

@@ -67,7 +67,7 @@ def _any_impl(ref_fn: Callable) -> Callable:
 def _kernel(impl: str) -> str:
     """The kernel that runs a choice: "accumulate" / "gather-accumulate" is the one-shot tiles / the gather walk
     adding into the stream (or writing raw sums), which an op that cannot (a residual behind a post-norm, a
-    low-rank part) runs with an output of its own."""
+    model-dtype stream) runs with an output of its own."""
     return ACCUMULATE.get(impl, impl)
 
 
@@ -547,7 +547,7 @@ class Engine:
     def _raw_sums(self, impl: str, x: torch.Tensor, rule: "_OpRule") -> bool:
         """Whether an op hands on raw fp32 sums (q|k|v: `out=` for the attention kernel): in an fp32-stream step
         where measured fastest (a name of ACCUMULATE) or, with given fallback levels ("auto"), wherever the
-        one-shot tiles can (no low-rank part, batch ≤ 16)."""
+        one-shot tiles can (batch ≤ 16); R-Sparse's low-rank path is then added into the sums (`lowrank_add`)."""
         return (x.dtype == torch.float32 and self.residual_fp32
                 and (impl in ACCUMULATE or (impl == "auto" and x.shape[0] <= 16)))
 
@@ -561,8 +561,8 @@ class Engine:
         """The kernels (gate|up's, down's) where gate|up writes its two raw fp32 sums (`out=`) and down forms
         act(gate)·up from them in its prologue while adding into the fp32 stream (or, where a post-norm sits
         between, into the zeroed buffer `_post_sums` that `add_normed` then adds): where both ops run sparse, no
-        CATS or low-rank part sits between, and (measured) the fastest of each beats gate|up's and
-        down's best; None where they run otherwise."""
+        CATS sits between, and (measured) the fastest of each beats gate|up's and down's best; None where they run
+        otherwise. R-Sparse's low-rank paths add into the pair's sums and, from its act(gate)·up, into down's."""
         if (r is None or record is not None or not self.residual_fp32 or x.dtype != torch.float32 or b > 16
                 or r.gate_act is not None):
             return None
@@ -586,7 +586,7 @@ class Engine:
 
     def _accumulates(self, impl: str, x: torch.Tensor, res: Optional[torch.Tensor], rule: "_OpRule") -> bool:
         """Whether a row-split op (o, down) adds into the fp32 stream x in place: measured fastest ("accumulate"),
-        or with given fallback levels ("auto") wherever it can (it adds the residual itself, no low-rank part)."""
+        or with given fallback levels ("auto") wherever it can (it adds the residual itself)."""
         return res is x and self._raw_sums(impl, x, rule)
 
     def _act(self, g: torch.Tensor) -> torch.Tensor:

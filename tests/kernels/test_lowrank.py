@@ -87,6 +87,22 @@ def test_a_pairs_output_layout_and_a_model_dtype_output():
     assert rel_err(got.float(), (y16.float() + add).half().float()) < 1e-3
 
 
+def test_threshold_views_and_rank_zero():
+    """Per-channel thresholds given as a broadcast view (stride 0 along K) read as their values; factors of rank
+    0 on every site add nothing (no launch)."""
+    k, n = 48, 20
+    factors = _factors(k, (n,), (6,), torch.float32)
+    v, ust, rk = pack_lowrank(factors, (n,), torch.float32, torch.device(DEVICE))
+    x = torch.randn(2, k, device=DEVICE)
+    view = torch.tensor([0.7], device=DEVICE).reshape(1, 1).expand(1, k)
+    base = torch.randn(2, n, device=DEVICE)
+    got = lowrank_add(x, view, v, ust, rk, base.clone())
+    assert rel_err(got - base, _want(x, view.contiguous(), factors, (n,))) < 1e-5
+    zero = [(torch.zeros(k, 0, device=DEVICE), torch.zeros(n, 0, device=DEVICE))]
+    v0, u0, r0 = pack_lowrank(zero, (n,), torch.float32, torch.device(DEVICE))
+    assert torch.equal(lowrank_add(x, view, v0, u0, r0, base.clone()), base)
+
+
 def test_bad_arguments_are_refused_with_the_reason():
     k = 32
     v, ust, rk = pack_lowrank(_factors(k, (16, 8), (4, 2), torch.float32), (16, 8), torch.float32,
