@@ -82,8 +82,8 @@ def test_cats_up_kept_rows_walk_matches_reference(dtype):
                 h = kc._launch_rows_up(x, w_up, a, t, g, 1e-6, cfg)
             want = ref.cats_up_ref(x, w_up, a, t, norm_weight=g, eps=1e-6)
             assert _zeros_where_off(h, a, t), (cfg, sparsity)
-            if (want != 0).any():
-                assert rel_err(h, want) < TOL[dtype], (cfg, sparsity)
+            if (want != 0).any():  # the reference rounds x̂ to fp16, the kernel keeps it fp32: few kept rows
+                assert rel_err(h, want) < (1e-5 if dtype == torch.float32 else 1e-2), (cfg, sparsity)
     y = cats_up(x, w_up, a, torch.tensor(0.2, device=DEVICE), impl="rows")  # the public op, default tile
     assert rel_err(y, ref.cats_up_ref(x, w_up, a, 0.2)) < TOL[dtype]
 
