@@ -713,9 +713,8 @@ def cats_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
 def topk_anatomy(meta: dict, n_sets: int = 4) -> list[dict]:
     """What a per-token Top-K level costs before each op (--topk-anatomy), Llama-3-8B shapes, batch 1: the
     `topk_thresholds` launch of q|k|v (3 rows, the stream's RMSNorm), o (1 row), gate|up (2 rows, RMSNorm) and
-    down (1 row of act(gate)·up from the pair's raw sums), each way of finding the level (topk.SELECT) (method
-    "topk-anatomy", op "<op>-<select>")."""
-    from actsparse.kernels import topk as topk_mod, topk_thresholds
+    down (1 row of act(gate)·up from the pair's raw sums) (method "topk-anatomy")."""
+    from actsparse.kernels import topk_thresholds
 
     gen = torch.Generator(device=DEV).manual_seed(0)
     g = (torch.rand(D, device=DEV, generator=gen) + 0.5).to(torch.bfloat16 if not SMOKE else torch.float32)
@@ -723,22 +722,14 @@ def topk_anatomy(meta: dict, n_sets: int = 4) -> list[dict]:
              "o": (torch.randn(1, D, device=DEV, generator=gen).to(g.dtype), 1, {}),
              "pair": (torch.randn(1, D, device=DEV, generator=gen), 2, {"norm_weight": g, "eps": 1e-5}),
              "down": (torch.randn(2, 1, INTER, device=DEV, generator=gen), 1, {"gated": "silu"})}
-    rows, old = [], topk_mod.SELECT
-    try:
-        for select in ("bisect", "radix"):
-            topk_mod.SELECT = select
-            t = {}
-            for op, (x, s, kw) in cases.items():
-                n_zero = torch.full((s,), x.shape[-1] // 2, device=DEV, dtype=torch.int32)
-                outs = [torch.empty(s, device=DEV) for _ in range(n_sets)]
-                t[op] = time_graph(lambda: [topk_thresholds(x, n_zero, o, **kw) for o in outs]) * 1e3 / n_sets
-                rows.append({**meta, "kind": "kernel", "method": "topk-anatomy", "model": "llama3-8b-shapes",
-                             "op": f"{op}-{select}", "sparsity": 0.5, "batch": 1, "dtype": "bf16",
-                             "us": round(t[op], 2)})
-            log(f"  topk anatomy {select}: " + " ".join(f"{op}={v:.1f}" for op, v in t.items())
-                + f" us (a layer: {sum(t.values()):.1f})")
-    finally:
-        topk_mod.SELECT = old
+    rows, t = [], {}
+    for op, (x, s, kw) in cases.items():
+        n_zero = torch.full((s,), x.shape[-1] // 2, device=DEV, dtype=torch.int32)
+        outs = [torch.empty(s, device=DEV) for _ in range(n_sets)]
+        t[op] = time_graph(lambda: [topk_thresholds(x, n_zero, o, **kw) for o in outs]) * 1e3 / n_sets
+        rows.append({**meta, "kind": "kernel", "method": "topk-anatomy", "model": "llama3-8b-shapes", "op": op,
+                     "sparsity": 0.5, "batch": 1, "dtype": "bf16", "us": round(t[op], 2)})
+    log("  topk anatomy: " + " ".join(f"{op}={v:.1f}" for op, v in t.items()) + f" us (a layer: {sum(t.values()):.1f})")
     return rows
 
 
@@ -964,14 +955,12 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 # normalise the input separately, so a channel at the cut may flip).
 # "larosa": the same on a rotated residual stream (a random orthogonal basis per layer, folded into the weights;
 # an adapter Q_lᵀQ_{l+1} between layers): what LaRoSA's deployment costs beyond the Top-K.
-# "topk-radix" / "larosa-radix": the same with each level found a byte at a time (topk.SELECT = "radix").
 # topk, larosa, wina, scap, nm, rsparse, countdown: each method's rule kind at its recipe's sizes
 # (benchmarks/method_plans.py).
 DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5)), ("teal-nopdl", False, (0.25, 0.5)),
                                   ("teal-bf16-stream", False, (0.25, 0.5)),
                                   ("teal", False, (0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8)),
                                   ("topk", False, (0.4, 0.5)), ("larosa", False, (0.4, 0.5)),
-                                  ("topk-radix", False, (0.5,)), ("larosa-radix", False, (0.5,)),
                                   *((m, False, (0.5,)) for m in ("wina", "scap", "nm", "rsparse", "countdown"))],
                ("llama3-8b", 2): [("teal", False, (0.5,)), ("teal-union", True, (0.5,))],
                ("llama3-8b", 4): [("teal", False, (0.5,)), ("teal-union", True, (0.5, 0.8))],
@@ -987,7 +976,6 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
     from actsparse.engine import PRESETS, Engine
     from actsparse.engine.crossover import crossovers, op_times
     from engine_thresholds import calibrate_thresholds, measure_sparsity
-    from actsparse.kernels import topk as topk_mod
     from method_plans import METHODS as PLAN_METHODS, method_plan
 
     pdl_default = pdl_enabled(torch.device(DEV))  # what the engine launches with unless a variant says otherwise
@@ -1032,18 +1020,16 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
                     if clock.left() < 25:
                         log("  decode: out of time budget")
                         break
-                    if method.removesuffix("-radix") in PLAN_METHODS:
-                        method_plan(eng, method.removesuffix("-radix"), s)
+                    if method in PLAN_METHODS:
+                        method_plan(eng, method, s)
                     else:
                         calibrate_thresholds(eng, s, n_tokens=16, batch=b, union=union,
                                              method="cats" if method == "cats" else "teal")
                     eng.residual_fp32 = method != "teal-bf16-stream"
                     eng.reset_graphs()
                     pdl = {"-pdl": True, "-nopdl": False}.get(method[method.rfind("-"):], pdl_default)
-                    topk_mod.SELECT = "radix" if method.endswith("-radix") else "bisect"
                     with use_pdl(pdl):  # captured with (or without) PDL, replayed as captured
                         tok_s = speed(b, True)
-                    topk_mod.SELECT = "bisect"
                     eng.residual_fp32 = True
                     eng.reset_graphs()
                     # a Top-K plan's levels change every token: its sparsity is its count, not measured
@@ -1211,7 +1197,7 @@ def main() -> None:
                     help="time a mixture-of-experts layer's pieces (route, routed gate|up, gated down) at Qwen3-30B-A3B "
                          "shapes at thresholds 0 / 0.5 / 0.9 / all skipped: their fixed cost and bytes' bandwidth")
     ap.add_argument("--topk-anatomy", action="store_true",
-                    help="time the per-token Top-K level launch of each op, both ways of finding it")
+                    help="time the per-token Top-K level launch before each op")
     ap.add_argument("--cats-anatomy", action="store_true",
                     help="time a CATS MLP's ops one by one, sweeping cats_up's tiles (the winners run the rest)")
     ap.add_argument("--tune-accumulate", action="store_true",

@@ -93,6 +93,8 @@ TUNED_MASKED: dict[tuple[str, int, int, int], MaskedConfig] = {
     ("gemv", 4096, 4096, 4): MaskedConfig(block_n=32, block_k=32, split_k=4),
     ("pair", 4096, 14336, 4): MaskedConfig(block_n=64, block_k=128, num_stages=3, use_dot=True, split_k=2),
     ("gemv", 14336, 4096, 4): MaskedConfig(block_n=64, block_k=128, num_stages=3, use_dot=True, split_k=16),
+    # cats_up's split-K walk over W_u's kept rows (CATS), H100, 8d07a2c, `--cats-anatomy`
+    ("cats_up", 4096, 14336, 1): MaskedConfig(block_n=16, block_k=256, split_k=1),
 }
 
 # Gather, batch 1: H200, 2026-12-05, `--tune-gather` over 21 configs a shape, weights 0:1,0.5:1,0.9:1 (two

@@ -29,15 +29,12 @@ from .gemv_common import ACTS, activate
 from .pdl import pdl_args, pdl_prologue
 
 MAX_K = 16384  # a token's scores in one program's registers
-# How a program finds the level: "bisect" (31 halvings of the bits' range, one count each) or "radix" (four
-# 256-bin histograms, a byte of the level each).
-SELECT = "bisect"
 
 
 @triton.jit
 def _topk_kernel(x_ptr, g_ptr, w_ptr, n_ptr, out_ptr, K, stride_xm, stride_ws, stride_os, eps,
                  NORM: tl.constexpr, GATED: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr,
-                 RADIX: tl.constexpr = False, PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False):
     pdl_prologue(PDL)
     s = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -55,35 +52,14 @@ def _topk_kernel(x_ptr, g_ptr, w_ptr, n_ptr, out_ptr, K, stride_xm, stride_ws, s
     bits = tl.where(mask, score.to(tl.int32, bitcast=True), -1)  # padding is never above a level
     keep_n = K - tl.load(n_ptr + s)
     # The smallest level T with at most keep_n scores above it is the n_zero-th smallest score's bits.
-    if RADIX:
-        # The (keep_n + 1)-th largest score's bits, a byte at a time from the top: a 256-bin histogram of the
-        # scores that share the bytes found so far, the digit where the running count above first exceeds
-        # keep_n. Four passes instead of 31 halvings.
-        prefix = keep_n * 0
-        above = keep_n * 0
-        dig = tl.arange(0, 256)
-        for lvl in tl.static_range(4):
-            if lvl == 0:
-                in_range = mask
-            else:
-                in_range = mask & ((bits >> (32 - 8 * lvl)) == (prefix >> (32 - 8 * lvl)))
-            digit = tl.where(in_range, (bits >> (24 - 8 * lvl)) & 0xFF, 0)
-            # lanes out of range count in bin 0: taken back out (no masked histogram needed)
-            hist = tl.histogram(digit, 256) - tl.where(dig == 0, tl.sum((~in_range).to(tl.int32), axis=0), 0)
-            gt = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0)  # in range, digit above d
-            d = tl.sum((above + gt + hist > keep_n).to(tl.int32), axis=0) - 1
-            above += tl.sum(tl.where(dig == d, gt, 0), axis=0)
-            prefix = prefix | (d << (24 - 8 * lvl))
-        lo = tl.where(keep_n >= K, 0, tl.where(keep_n < 0, 0x7F800000, prefix))
-    else:
-        lo = 0
-        hi = 0x7F800000  # +inf
-        for _ in tl.static_range(31):
-            mid = lo + (hi - lo) // 2
-            above = tl.sum((bits > mid).to(tl.int32), axis=0)
-            fits = above <= keep_n
-            hi = tl.where(fits, mid, hi)
-            lo = tl.where(fits, lo, mid + 1)
+    lo = 0
+    hi = 0x7F800000  # +inf
+    for _ in tl.static_range(31):
+        mid = lo + (hi - lo) // 2
+        above = tl.sum((bits > mid).to(tl.int32), axis=0)
+        fits = above <= keep_n
+        hi = tl.where(fits, mid, hi)
+        lo = tl.where(fits, lo, mid + 1)
     t = lo.to(tl.float32, bitcast=True)
     if HAS_W:
         # |x_i| > t_i exactly where fl(|x_i|·w_i) > T: the rounded quotient, moved by one step of its bits
@@ -160,5 +136,4 @@ def _topk_op(x: torch.Tensor, n_zero: torch.Tensor, out: torch.Tensor, norm_weig
         x, norm_weight if norm_weight is not None else x, score_w if score_w is not None else out, n_zero, out, k,
         x.stride(0) if gated != "none" else 0, score_w.stride(0) if score_w is not None else 0,
         out.stride(0), eps, NORM=norm_weight is not None, GATED=ACTS[gated], HAS_W=score_w is not None,
-        BLOCK=triton.next_power_of_2(k), RADIX=SELECT == "radix", num_warps=8 if k > 4096 else 4,
-        **pdl_args(x.device))
+        BLOCK=triton.next_power_of_2(k), num_warps=8 if k > 4096 else 4, **pdl_args(x.device))

@@ -9,15 +9,6 @@ from actsparse.kernels import ref, topk_thresholds
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, params=["bisect", "radix"])
-def select(request, monkeypatch):
-    """Every test on both ways of finding the level: 31 halvings, or a byte at a time by histograms."""
-    from actsparse.kernels import topk
-
-    monkeypatch.setattr(topk, "SELECT", request.param)
-    return request.param
-
-
 def _inputs(k: int, mode: str, dtype=torch.float32):
     if mode == "gated":
         return torch.randn(2, 1, k, device=DEVICE, dtype=dtype), {"gated": "silu"}
