@@ -713,9 +713,8 @@ def cats_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
 def topk_anatomy(meta: dict, n_sets: int = 4) -> list[dict]:
     """What a per-token Top-K level costs before each op (--topk-anatomy), Llama-3-8B shapes, batch 1: the
     `topk_thresholds` launch of q|k|v (3 rows, the stream's RMSNorm), o (1 row), gate|up (2 rows, RMSNorm) and
-    down (1 row of act(gate)·up from the pair's raw sums), for each search (topk.WAYS: one count a step or three)
-    and warp count of long rows (topk.WARPS_LARGE); the fastest a layer is installed for the rest of the run
-    (method "topk-anatomy", op "<op>-w<ways>x<warps>")."""
+    down (1 row of act(gate)·up from the pair's raw sums), for each warp count of long rows (topk.WARPS_LARGE);
+    the fastest a layer is installed for the rest of the run (method "topk-anatomy", op "<op>-<warps>w")."""
     from actsparse.kernels import topk as topk_mod, topk_thresholds
 
     gen = torch.Generator(device=DEV).manual_seed(0)
@@ -725,21 +724,21 @@ def topk_anatomy(meta: dict, n_sets: int = 4) -> list[dict]:
              "pair": (torch.randn(1, D, device=DEV, generator=gen), 2, {"norm_weight": g, "eps": 1e-5}),
              "down": (torch.randn(2, 1, INTER, device=DEV, generator=gen), 1, {"gated": "silu"})}
     rows, per_layer = [], {}
-    for ways, warps in ((2, 8), (4, 8), (2, 16), (4, 16)):
-        topk_mod.WAYS, topk_mod.WARPS_LARGE = ways, warps
+    for warps in (8, 16):
+        topk_mod.WARPS_LARGE = warps
         t = {}
         for op, (x, s, kw) in cases.items():
             n_zero = torch.full((s,), x.shape[-1] // 2, device=DEV, dtype=torch.int32)
             outs = [torch.empty(s, device=DEV) for _ in range(n_sets)]
             t[op] = time_graph(lambda: [topk_thresholds(x, n_zero, o, **kw) for o in outs]) * 1e3 / n_sets
             rows.append({**meta, "kind": "kernel", "method": "topk-anatomy", "model": "llama3-8b-shapes",
-                         "op": f"{op}-w{ways}x{warps}", "sparsity": 0.5, "batch": 1, "dtype": "bf16",
+                         "op": f"{op}-{warps}w", "sparsity": 0.5, "batch": 1, "dtype": "bf16",
                          "us": round(t[op], 2)})
-        per_layer[ways, warps] = sum(t.values())
-        log(f"  topk anatomy ways={ways} long-row warps={warps}: " + " ".join(f"{op}={v:.1f}" for op, v in t.items())
-            + f" us (a layer: {per_layer[ways, warps]:.1f})")
-    topk_mod.WAYS, topk_mod.WARPS_LARGE = min(per_layer, key=per_layer.get)
-    log(f"  topk: ways={topk_mod.WAYS}, long-row warps={topk_mod.WARPS_LARGE} for the rest of the run")
+        per_layer[warps] = sum(t.values())
+        log(f"  topk anatomy, long rows on {warps} warps: " + " ".join(f"{op}={v:.1f}" for op, v in t.items())
+            + f" us (a layer: {per_layer[warps]:.1f})")
+    topk_mod.WARPS_LARGE = min(per_layer, key=per_layer.get)
+    log(f"  topk: long rows on {topk_mod.WARPS_LARGE} warps for the rest of the run")
     return rows
 
 

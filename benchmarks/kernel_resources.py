@@ -137,12 +137,11 @@ def compile_route(renorm: bool):
     return _compile(route._route_kernel, consts, 1, ptrs)
 
 
-def compile_topk(norm: bool, gated: int, weighted: bool, ways: int = 2):
-    """The compiled per-token Top-K levels (sm_90): a Llama-3-8B MLP's 14,336 channels, 8 warps (`ways` 4: three
-    counts a search step)."""
-    consts = dict(NORM=norm, GATED=gated, HAS_W=weighted, BLOCK=16384, WAYS=ways, PDL=False)
+def compile_topk(norm: bool, gated: int, weighted: bool):
+    """The compiled per-token Top-K levels (sm_90): a Llama-3-8B MLP's 14,336 channels, 16 warps."""
+    consts = dict(NORM=norm, GATED=gated, HAS_W=weighted, BLOCK=16384, PDL=False)
     ptrs = {"x_ptr": "*fp32", "g_ptr": "*bf16", "w_ptr": "*fp32", "n_ptr": "*i32", "out_ptr": "*fp32"}
-    return _compile(topk._topk_kernel, consts, 8, ptrs)
+    return _compile(topk._topk_kernel, consts, topk.WARPS_LARGE, ptrs)
 
 
 def _cases() -> list[tuple[str, str, tuple]]:
@@ -172,7 +171,6 @@ def _cases() -> list[tuple[str, str, tuple]]:
                                                                                        (True, True))]
     cases += [(f"add_normed f32={f}", "compile_add_normed", (f,)) for f in (False, True)]
     cases += [(f"route renorm={r}", "compile_route", (r,)) for r in (False, True)]
-    cases += [("topk quarters", "compile_topk", (False, 1, False, 4))]
     cases += [(f"topk norm={n} gated={g} weighted={w}", "compile_topk", (n, g, w))
               for n, g, w in ((False, 0, False), (True, 0, False), (False, 1, False), (False, 0, True))]
     return cases

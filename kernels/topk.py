@@ -29,16 +29,16 @@ from .gemv_common import ACTS, activate
 from .pdl import pdl_args, pdl_prologue
 
 MAX_K = 16384  # a token's scores in one program's registers
-# How the level is searched: WAYS = 2 (one count a step, 31 steps) or 4 (three counts a step, 16 steps); warps of
-# the one program per row, by the row's length.
-WAYS = 2
-WARPS_LARGE = 8  # rows longer than 4096 scores (an MLP's down); shorter rows take 4
+# Warps of the one program of a row longer than 4,096 scores (an MLP's down); shorter rows take 4. H100, 3e6068a
+# (`--topk-anatomy`): down's 14,336 scores 20.4 µs on 16 warps, 22.3 on 8; three counts a halving step (16 steps,
+# not 31) took 38.1 / 28.1 µs (8 / 16 warps) and q|k|v 10.9 against 9.1: not kept.
+WARPS_LARGE = 16
 
 
 @triton.jit
 def _topk_kernel(x_ptr, g_ptr, w_ptr, n_ptr, out_ptr, K, stride_xm, stride_ws, stride_os, eps,
                  NORM: tl.constexpr, GATED: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr,
-                 WAYS: tl.constexpr = 2, PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False):
     pdl_prologue(PDL)
     s = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -58,29 +58,12 @@ def _topk_kernel(x_ptr, g_ptr, w_ptr, n_ptr, out_ptr, K, stride_xm, stride_ws, s
     # The smallest level T with at most keep_n scores above it is the n_zero-th smallest score's bits.
     lo = 0
     hi = 0x7F800000  # +inf
-    if WAYS == 2:
-        for _ in tl.static_range(31):
-            mid = lo + (hi - lo) // 2
-            above = tl.sum((bits > mid).to(tl.int32), axis=0)
-            fits = above <= keep_n
-            hi = tl.where(fits, mid, hi)
-            lo = tl.where(fits, lo, mid + 1)
-    else:
-        # Three counts a step (independent reductions, their latencies overlap): [lo, hi] shrinks to a quarter,
-        # 16 steps instead of 31. q1 ≤ q2 ≤ q3 in [lo, hi); the smallest that fits is the new hi, the largest
-        # that does not, plus one, the new lo.
-        for _ in tl.static_range(16):
-            step = (hi - lo) // 4
-            q1 = lo + step
-            q2 = lo + 2 * step
-            q3 = lo + 3 * step + (hi - lo) % 4 // 2
-            f1 = tl.sum((bits > q1).to(tl.int32), axis=0) <= keep_n
-            f2 = tl.sum((bits > q2).to(tl.int32), axis=0) <= keep_n
-            f3 = tl.sum((bits > q3).to(tl.int32), axis=0) <= keep_n
-            new_hi = tl.where(f1, q1, tl.where(f2, q2, tl.where(f3, q3, hi)))
-            new_lo = tl.where(f1, lo, tl.where(f2, q1 + 1, tl.where(f3, q2 + 1, q3 + 1)))
-            lo = new_lo
-            hi = new_hi
+    for _ in tl.static_range(31):
+        mid = lo + (hi - lo) // 2
+        above = tl.sum((bits > mid).to(tl.int32), axis=0)
+        fits = above <= keep_n
+        hi = tl.where(fits, mid, hi)
+        lo = tl.where(fits, lo, mid + 1)
     t = lo.to(tl.float32, bitcast=True)
     if HAS_W:
         # |x_i| > t_i exactly where fl(|x_i|·w_i) > T: the rounded quotient, moved by one step of its bits
@@ -157,4 +140,4 @@ def _topk_op(x: torch.Tensor, n_zero: torch.Tensor, out: torch.Tensor, norm_weig
         x, norm_weight if norm_weight is not None else x, score_w if score_w is not None else out, n_zero, out, k,
         x.stride(0) if gated != "none" else 0, score_w.stride(0) if score_w is not None else 0,
         out.stride(0), eps, NORM=norm_weight is not None, GATED=ACTS[gated], HAS_W=score_w is not None,
-        BLOCK=triton.next_power_of_2(k), WAYS=WAYS, num_warps=WARPS_LARGE if k > 4096 else 4, **pdl_args(x.device))
+        BLOCK=triton.next_power_of_2(k), num_warps=WARPS_LARGE if k > 4096 else 4, **pdl_args(x.device))

@@ -9,14 +9,12 @@ from actsparse.kernels import ref, topk_thresholds
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, params=[(2, 8), (4, 16)], ids=["halvings", "quarters"])
-def search(request, monkeypatch):
-    """Every test on both searches: one count a step over 31 steps, or three a step over 16 (and 16 warps on
-    long rows)."""
+@pytest.fixture(autouse=True, params=[16, 8], ids=["16-warps", "8-warps"])
+def warps(request, monkeypatch):
+    """Every test with long rows on 16 warps (the default) and on 8."""
     from actsparse.kernels import topk
 
-    monkeypatch.setattr(topk, "WAYS", request.param[0])
-    monkeypatch.setattr(topk, "WARPS_LARGE", request.param[1])
+    monkeypatch.setattr(topk, "WARPS_LARGE", request.param)
 
 
 def _inputs(k: int, mode: str, dtype=torch.float32):
