@@ -742,6 +742,62 @@ def topk_anatomy(meta: dict, n_sets: int = 4) -> list[dict]:
     return rows
 
 
+def rsparse_anatomy(meta: dict, s: float = 0.5, alpha: float = 0.8, n_sets: int = 4) -> list[dict]:
+    """Where an R-Sparse block's time goes (--rsparse-anatomy), Llama-3-8B shapes, batch 1, bf16, as the engine runs
+    it on the fp32 stream: each op's sparse kernel alone (q|k|v and gate|up writing raw sums, o and the gated down
+    adding into the stream; thresholds keeping (1 − s)·alpha of the channels), its low-rank path alone
+    (`lowrank_add`, R-Sparse's ranks for that budget: r = in·out·(1 − s)(1 − alpha) / (in + out)), and both
+    (method "rsparse-anatomy", op "<op>-sparse" / "-lowrank" / "-both")."""
+    from actsparse.kernels import lowrank_add, pack_lowrank
+
+    dt = torch.bfloat16 if not SMOKE else torch.float32
+    gen = torch.Generator(device=DEV).manual_seed(0)
+
+    def w(i, o):
+        return (torch.randn(i, o, device=DEV, generator=gen) / math.sqrt(i)).to(dt)
+
+    def rank(i, o):
+        return max(1, int(i * o * (1 - s) * (1 - alpha) / (i + o)))
+    shapes = {"qkv": (D, (D, KV, KV)), "o": (D, (D,)), "gu": (D, (INTER, INTER)), "down": (INTER, (D,))}
+    sets = []
+    for _ in range(n_sets):
+        st = {"wqkv_t": w(D, D + 2 * KV), "wo_t": w(D, D), "wg_t": w(D, INTER), "wu_t": w(D, INTER), "wd_t": w(INTER, D)}
+        for op, (k, widths) in shapes.items():
+            st[op] = pack_lowrank([(w(k, rank(k, n)), w(n, rank(k, n))) for n in widths], widths, dt, torch.device(DEV))
+        sets.append(st)
+    g = (torch.rand(D, device=DEV, generator=gen) + 0.5).to(dt)
+    x = torch.randn(1, D, device=DEV, generator=gen)  # the fp32 stream
+    a = torch.randn(1, D, device=DEV, generator=gen).to(dt)  # attention's output
+    qkv32 = torch.zeros(1, D + 2 * KV, device=DEV)
+    pair = torch.randn(2, 1, INTER, device=DEV, generator=gen)
+    h = F.silu(pair[0]) * pair[1]
+    q = 1 - (1 - s) * alpha  # the dropped fraction
+    tx = float(torch.quantile(ref.rmsnorm_ref(x, g, 1e-5).abs().flatten(), q))
+    t = {"qkv": torch.full((3,), tx, device=DEV), "o": torch.full((1,), float(torch.quantile(a.float().abs(), q)),
+                                                                 device=DEV),
+         "gu": torch.full((2,), tx, device=DEV), "down": torch.full((1,), float(torch.quantile(h.abs(), q)), device=DEV)}
+    stream = x.clone()
+    sparse = {"qkv": lambda st: _sparse_gemv(x, st["wqkv_t"], t["qkv"], norm_weight=g, eps=1e-5, segments=(D, D + KV),
+                                             out=qkv32),
+              "o": lambda st: _sparse_gemv(a, st["wo_t"], t["o"], accumulate=stream),
+              "gu": lambda st: _sparse_gated_mlp(x, st["wg_t"], st["wu_t"], t["gu"], norm_weight=g, eps=1e-5, out=pair),
+              "down": lambda st: _sparse_gemv(pair, st["wd_t"], t["down"], gated="silu", accumulate=stream)}
+    low = {"qkv": lambda st: lowrank_add(x, t["qkv"], *st["qkv"], qkv32, norm_weight=g, eps=1e-5, segments=(D, D + KV)),
+           "o": lambda st: lowrank_add(a, t["o"], *st["o"], stream),
+           "gu": lambda st: lowrank_add(x, t["gu"], *st["gu"], pair, norm_weight=g, eps=1e-5, segments=(INTER,)),
+           "down": lambda st: lowrank_add(pair, t["down"], *st["down"], stream, gated="silu")}
+    rows, got = [], {}
+    for op in shapes:
+        for part, fns in (("sparse", (sparse[op],)), ("lowrank", (low[op],)), ("both", (sparse[op], low[op]))):
+            us = time_graph(lambda fns=fns: [f(st) for st in sets for f in fns]) * 1e3 / n_sets
+            got[f"{op}-{part}"] = us
+            rows.append({**meta, "kind": "kernel", "method": "rsparse-anatomy", "model": "llama3-8b-shapes",
+                         "op": f"{op}-{part}", "sparsity": s, "batch": 1, "dtype": "bf16", "us": round(us, 2)})
+        log(f"  rsparse anatomy {op}: sparse {got[op + '-sparse']:.1f} us, low-rank {got[op + '-lowrank']:.1f}, "
+            f"both {got[op + '-both']:.1f} (ranks {[rank(shapes[op][0], n) for n in shapes[op][1]]})")
+    return rows
+
+
 TILE_TABLES = {"oneshot": configs.TUNED_ONESHOT, "gather": configs.TUNED_GATHER}
 accumulate_tuned: dict[str, dict] = {}  # "kernel|accumulate|K|N|batch" -> the tile accumulate_bench's sweep chose
 
@@ -1207,6 +1263,8 @@ def main() -> None:
                          "shapes at thresholds 0 / 0.5 / 0.9 / all skipped: their fixed cost and bytes' bandwidth")
     ap.add_argument("--topk-anatomy", action="store_true",
                     help="time the per-token Top-K level launch before each op")
+    ap.add_argument("--rsparse-anatomy", action="store_true",
+                    help="time each op's sparse kernel and R-Sparse's low-rank path (lowrank_add) apart and together")
     ap.add_argument("--cats-anatomy", action="store_true",
                     help="time a CATS MLP's ops one by one, sweeping cats_up's tiles (the winners run the rest)")
     ap.add_argument("--tune-accumulate", action="store_true",
@@ -1294,6 +1352,8 @@ def main() -> None:
         log(f"ceilings: {extra['ceilings']}")
         if args.topk_anatomy:
             rows += topk_anatomy(meta)
+        if args.rsparse_anatomy:
+            rows += rsparse_anatomy(meta)
         if args.cats_anatomy:  # first: its cats_up winners serve every CATS row after it
             rows += cats_anatomy(clock, meta)
             extra["tuned_cats_up"] = dict(cats_tuned)
