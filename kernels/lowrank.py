@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import atomic_accumulator, tile_counters
+from .configs import atomic_accumulator, num_sms, tile_counters
 from .gemv_common import ACTS, activate, row_rstd
 from .pdl import pdl_args, pdl_prologue
 
@@ -70,23 +70,25 @@ def _lr_out_kernel(z_ptr, u_ptr, rk_ptr, out_ptr, cnt_ptr, B, N, C, R, S1, S2, H
                    PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, Z_BLOCK: tl.constexpr,
                    PDL: tl.constexpr = False):
     pdl_prologue(PDL)
-    pid = tl.program_id(0)
     b = tl.program_id(1)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    site = (offs_n >= S1).to(tl.int32) + (offs_n >= S2).to(tl.int32)
-    rank = tl.load(rk_ptr + site, mask=mask_n, other=0)
     j = tl.arange(0, BLOCK_R)
-    mj = (j[None, :] < rank[:, None]) & mask_n[:, None]
-    z = tl.load(z_ptr + b * C + site[:, None] * R + j[None, :], mask=mj, other=0.0, cache_modifier=".cg")
-    u = tl.load(u_ptr + offs_n[:, None] * stride_un + j[None, :], mask=mj, other=0.0, eviction_policy="evict_first")
-    y = tl.sum(u.to(tl.float32) * z, axis=1)
-    dst = out_ptr + b * stride_ob + offs_n
-    if PAIR:  # a gate|up pair's second half: its own block of the sums
-        hi = (offs_n >= HALF).to(tl.int32)
-        dst += hi * (stride_oh - HALF)
-    o = tl.load(dst, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(dst, (o + y).to(out_ptr.dtype.element_ty), mask=mask_n)
+    # A few programs per SM, each over every num_programs-th block of rows: the arrival count below stays short
+    for blk in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        site = (offs_n >= S1).to(tl.int32) + (offs_n >= S2).to(tl.int32)
+        rank = tl.load(rk_ptr + site, mask=mask_n, other=0)
+        mj = (j[None, :] < rank[:, None]) & mask_n[:, None]
+        z = tl.load(z_ptr + b * C + site[:, None] * R + j[None, :], mask=mj, other=0.0, cache_modifier=".cg")
+        u = tl.load(u_ptr + offs_n[:, None] * stride_un + j[None, :], mask=mj, other=0.0,
+                    eviction_policy="evict_first")
+        y = tl.sum(u.to(tl.float32) * z, axis=1)
+        dst = out_ptr + b * stride_ob + offs_n
+        if PAIR:  # a gate|up pair's second half: its own block of the sums
+            hi = (offs_n >= HALF).to(tl.int32)
+            dst += hi * (stride_oh - HALF)
+        o = tl.load(dst, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(dst, (o + y).to(out_ptr.dtype.element_ty), mask=mask_n)
     # Every program has read its z: the last to arrive zeroes the sums for the next launch.
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
@@ -190,7 +192,8 @@ def _lowrank_add_op(x: torch.Tensor, thresh: torch.Tensor, v: torch.Tensor, ust:
     pair_out = out.dim() == 3
     block_r = triton.next_power_of_2(r)
     block_n = max(1, min(64, 8192 // block_r))
-    _lr_out_kernel[(triton.cdiv(n, block_n), b)](
+    programs = min(triton.cdiv(n, block_n), max(1, 2 * num_sms(x.device) // b))
+    _lr_out_kernel[(programs, b)](
         z, ust, ranks, out, tile_counters(x.device), b, n, c, r, s1, s2, n // 2 if pair_out else 0,
         out.stride(-2), out.stride(0) if pair_out else 0, ust.stride(0), PAIR=pair_out,
         BLOCK_N=block_n, BLOCK_R=block_r, Z_BLOCK=1024, num_warps=4, **pdl_args(x.device))

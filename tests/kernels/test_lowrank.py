@@ -87,6 +87,23 @@ def test_a_pairs_output_layout_and_a_model_dtype_output():
     assert rel_err(got.float(), (y16.float() + add).half().float()) < 1e-3
 
 
+def test_few_programs_each_walk_several_row_blocks(monkeypatch):
+    """The second launch has a few programs per SM, each over every num_programs-th block of output rows (one
+    SM here: two programs over many blocks), all of them counted before the sums are zeroed."""
+    from actsparse.kernels import lowrank as lr
+
+    monkeypatch.setattr(lr, "num_sms", lambda device: 1)
+    k, widths, ranks = 40, (200, 64, 64), (5, 3, 2)   # 328 rows: 6 blocks of 64 over 2 programs
+    factors = _factors(k, widths, ranks, torch.float32)
+    v, ust, rk = pack_lowrank(factors, widths, torch.float32, torch.device(DEVICE))
+    for _ in range(2):
+        x = torch.randn(1, k, device=DEVICE)
+        t = torch.tensor([0.5, 1.0, 2.0], device=DEVICE)
+        base = torch.randn(1, sum(widths), device=DEVICE)
+        got = lowrank_add(x, t, v, ust, rk, base.clone(), segments=(200, 264))
+        assert rel_err(got - base, _want(x, t, factors, widths)) < 1e-5
+
+
 def test_threshold_views_and_rank_zero():
     """Per-channel thresholds given as a broadcast view (stride 0 along K) read as their values; factors of rank
     0 on every site add nothing (no launch)."""
