@@ -541,7 +541,8 @@ def anatomy(lay: Layers, inp: Inputs, raw_ops: dict, kernels: list, qkv32, gu32,
 
 def moe_anatomy(clock: Clock, meta: dict, preset: str = "qwen3-30b-a3b", n_sets: int = 4) -> list[dict]:
     """Where a mixture-of-experts layer's decode time goes (--moe-anatomy), batch 1, as the engine runs it: the
-    norm + router GEMV + routing ("route"), the routed experts' gate|up raw sums (expert-indexed one-shot tiles,
+    norm + router GEMV + routing as one launch after the norm ("route"; "route-cublas": the GEMV on cuBLAS
+    between), the routed experts' gate|up raw sums (expert-indexed one-shot tiles,
     "pair") and the gated down adding into the fp32 stream ("down"), each at threshold 0 (the dense engine's path),
     at the 0.5 / 0.9 |x| quantiles, and with every row skipped (+inf: the fixed cost); the bytes' effective
     bandwidth = the routed experts' bytes read at 0 (or 0.5) / (T − T_skipped). `n_sets` layers' weights rotate so
@@ -573,13 +574,15 @@ def moe_anatomy(clock: Clock, meta: dict, preset: str = "qwen3-30b-a3b", n_sets:
         levels[q] = (float(torch.quantile(xn.abs().float().flatten(), q)), float(torch.quantile(a, q)))
     routed = top * 3 * d * ie * torch.finfo(dt).bits // 8   # the routed experts' bytes at threshold 0
 
-    def route(st):
-        xn_ = rmsnorm(x, st["g"], 1e-6)
-        moe_route(F.linear(xn_, st["router"]), top, renorm=True, w_dtype=dt)
+    def route(st):  # as the engine runs it: the router GEMV inside the routing launch
+        moe_route(rmsnorm(x, st["g"], 1e-6), top, renorm=True, w_dtype=dt, router=st["router"])
+
+    def route_cublas(st):  # the router GEMV on cuBLAS, then the routing launch
+        moe_route(F.linear(rmsnorm(x, st["g"], 1e-6), st["router"]), top, renorm=True, w_dtype=dt)
 
     def ops(tg, td):
         tgu, tdn = torch.full((2,), tg, device=DEV), torch.full((1,), td, device=DEV)
-        return {"route": route,
+        return {"route": route, "route-cublas": route_cublas,
                 "pair": lambda st: _sparse_gated_mlp(xn, st["weg"], st["weu"], tgu, experts=idx, out=sums),
                 "down": lambda st: _sparse_gemv(sums, st["wed"], tdn, gated="silu", accumulate=stream, experts=idx,
                                                 expert_weights=w)}

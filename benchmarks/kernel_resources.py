@@ -137,6 +137,14 @@ def compile_route(renorm: bool):
     return _compile(route._route_kernel, consts, 1, ptrs)
 
 
+def compile_route_gemv(renorm: bool):
+    """The compiled router GEMV + routing in one launch (sm_90): 128 experts × 2048, 4 a program, top-8."""
+    consts = dict(TOP=8, TOP_P2=8, ROWS=4, BLOCK_D=1024, BLOCK_E=128, RENORM=renorm,
+                  W_DTYPE=triton.language.bfloat16, L_DTYPE=triton.language.bfloat16)
+    ptrs = {"x_ptr": "*bf16", "r_ptr": "*bf16", "lg_ptr": "*fp32", "idx_ptr": "*i64", "w_ptr": "*bf16"}
+    return _compile(route._route_gemv_kernel, consts, 4, ptrs)
+
+
 def compile_topk(norm: bool, gated: int, weighted: bool):
     """The compiled per-token Top-K levels (sm_90): a Llama-3-8B MLP's 14,336 channels, 16 warps."""
     consts = dict(NORM=norm, GATED=gated, HAS_W=weighted, BLOCK=16384, PDL=False)
@@ -171,6 +179,7 @@ def _cases() -> list[tuple[str, str, tuple]]:
                                                                                        (True, True))]
     cases += [(f"add_normed f32={f}", "compile_add_normed", (f,)) for f in (False, True)]
     cases += [(f"route renorm={r}", "compile_route", (r,)) for r in (False, True)]
+    cases += [(f"route gemv renorm={r}", "compile_route_gemv", (r,)) for r in (False, True)]
     cases += [(f"topk norm={n} gated={g} weighted={w}", "compile_topk", (n, g, w))
               for n, g, w in ((False, 0, False), (True, 0, False), (False, 1, False), (False, 0, True))]
     return cases

@@ -811,12 +811,12 @@ class Engine:
         every expert in float32, top-k, renormalised (Mixtral always, Qwen-MoE with norm_topk_prob); Mixtral keeps
         the weights in float32, Qwen-MoE casts them to the model dtype."""
         cfg = self.cfg
-        logits = F.linear(xn, router)  # [B, E]
         if self.kernels == "triton":
-            # The same ids and weights in one launch (`moe_route`) instead of four to six; last-bit rounding may
-            # differ from transformers', which only the torch backend matches exactly.
-            return self.ops.moe_route(logits, cfg.top_k, renorm=cfg.norm_topk_prob,
-                                      w_dtype=torch.float32 if cfg.router == "mixtral" else logits.dtype)
+            # The router GEMV, top-k and weights in one launch (`moe_route(router=)`) instead of cuBLAS and four to
+            # six more; last-bit rounding may differ from transformers', which only the torch backend matches.
+            return self.ops.moe_route(xn, cfg.top_k, renorm=cfg.norm_topk_prob, router=router,
+                                      w_dtype=torch.float32 if cfg.router == "mixtral" else xn.dtype)
+        logits = F.linear(xn, router)  # [B, E]
         probs = torch.softmax(logits.float(), dim=-1)
         w, idx = torch.topk(probs, cfg.top_k, dim=-1)
         if cfg.norm_topk_prob:
