@@ -234,8 +234,18 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         # No dense rival of their own: the engine weighs the fastest of each against gate|up's and down's best.
         out["pair"] = OpTimes(float("inf"), LEVELS, timed(kernels, pair))
         out["gated"] = OpTimes(float("inf"), LEVELS, timed(kernels, gated))
-    # CATS: which cats_up kernel, at the fraction of up rows skipped
+    # CATS: its gate alone (RMSNorm, cuBLAS and the activation, or a kernel with both fused) and which cats_up
+    # kernel, at the fraction of up rows skipped
     if not moe and all(lw.wu is not None for lw in layers):
+        def gate_dense(lw) -> None:
+            wg = None if lw.w13 is None else lw.w13[:inter]
+            engine._act(engine._linear(engine._norm(x, lw.mlp_norm), wg, lw.wg_t))
+
+        def gate(lw, s: float, impl: str) -> Callable[[], None]:
+            th = torch.full((1,), union_threshold(engine._norm(x, lw.mlp_norm), s), device=engine.device)
+            return lambda: ops.sparse_gemv(x, lw.wg_t, th, norm_weight=lw.mlp_norm, eps=eps, act=cfg.act, impl=impl)
+
+        out["gate"] = OpTimes(graph_ms(lambda: [gate_dense(lw) for lw in layers]), LEVELS, timed(kernels, gate))
         ups = [k for k in UP_KERNELS if k == "walk" or (k == "oneshot" and batch <= configs.ONESHOT_MAX_BATCH)
                or (k == "rows" and batch == 1)]
         out["up"] = OpTimes(float("inf"), LEVELS, timed(ups, up))  # no dense rival: CATS itself is the choice

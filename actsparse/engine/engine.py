@@ -750,12 +750,15 @@ class Engine:
             h = ops.cats_up(x, lw.wg, a_up, r.gate_act, norm_weight=lw.mlp_norm, eps=eps, impl=up_impl, act=cfg.act)
         elif cats:
             g = r.gu
-            if self._dense(g, "gu", b):
+            # the gate alone: measured as such where the engine measures (its norm and activation launches
+            # around cuBLAS weigh more than in gate|up's pair), else by gate|up's levels
+            gate = self._choose(g, "gate" if self.fallback_below == "measured" else "gu", b)
+            if gate == "dense":
                 ag = self._act(self._linear(self._norm(x, lw.mlp_norm), wg, lw.wg_t))
             else:
                 ag = ops.sparse_gemv(x, lw.wg_t, g.thresh[:1], shift=None if g.shift is None else g.shift[:1],
                                      bias=None if g.bias is None else g.bias[0], norm_weight=lw.mlp_norm, eps=eps,
-                                     act=cfg.act, nm=g.nm)  # [B, I] = act(gate)
+                                     act=cfg.act, nm=g.nm, impl=_kernel(gate))  # [B, I] = act(gate)
             up_impl = op_times(self, b)["up"].choice(r.up_expected) if self.fallback_below == "measured" else "auto"
             h = ops.cats_up(x, lw.wu, ag, r.gate_act, norm_weight=lw.mlp_norm, eps=eps, impl=up_impl)
         elif r is None or (impl := self._choose(r.gu, "gu", b)) == "dense":

@@ -45,6 +45,23 @@ def test_engine_without_a_gpu_never_falls_back():
     assert eng.fallback_below == 0.0
 
 
+def test_every_measured_launch_runs_and_the_choice_covers_each_op(monkeypatch):
+    """The measurement's every launch (cuBLAS and each kernel per op: q|k|v, o, gate|up, down, the raw pair and
+    gated down, CATS's gate alone and its up rows) runs on the CPU's interpreted kernels; only the clock is a
+    stand-in here (CUDA graphs need a GPU; the GPU test below times them), counting each timed call."""
+    from actsparse.engine import crossover
+
+    timed = []
+    monkeypatch.setattr(crossover, "graph_ms", lambda fn, reps=5, warmup=1: (fn(), timed.append(1), 1.0)[-1])
+    eng = Engine.random(TINY, device="cpu", dtype=torch.float32, kernels="triton", max_batch=1, max_seq_len=16,
+                        fallback_below=0.0, residual_fp32=True)
+    out = crossover.measure(eng, 1)
+    assert set(out) == {"qkv", "o", "gu", "down", "pair", "gated", "gate", "up"}
+    assert all(len(ts) == len(LEVELS) for t in out.values() for ts in t.kernel_ms.values())
+    assert set(out["up"].kernel_ms) == {"walk", "oneshot", "rows"}  # batch 1: the kept-rows walk too
+    assert out["gate"].choice(0.5) in {"dense", "oneshot", "gather"} and len(timed) > 100
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
