@@ -140,10 +140,10 @@ class _OpRule:
     bias: Optional[torch.Tensor] = None  # W·shift: [N] or [2, N] (gate/up)
     expected: float = 1.0  # fraction of weight rows it is expected to skip (decides the cuBLAS fallback)
     nm: Optional[tuple[int, int]] = None  # N:M selection instead of the thresholds (one pattern per op)
-    # R-Sparse, per site of the op: (threshold [K] or [], V [K, r], (U·S)ᵀ [r, N_site]) or None; widths: N per site
-    lowrank: Optional[list] = None
+    # R-Sparse: the sites' factors as `lowrank_add` reads them (`pack_lowrank`: V [K, S·R], U·S [N, R], ranks [S]),
+    # thresholds `thresh`; widths: N per site
+    lowrank: Optional[tuple] = None
     widths: tuple[int, ...] = ()
-    lr_pack: Optional[tuple] = None  # the same factors as `lowrank_add` reads them (`pack_lowrank`)
     # per-token Top-K: entries each token zeroes per site (int32 [S]) and WINA's score weights [S, K]; `thresh` is
     # then the buffer the step writes each token's levels into before the op
     topk: Optional[torch.Tensor] = None
@@ -335,17 +335,13 @@ class Engine:
                 if any(r in per_lr[i] for r in roles):
                     if s is not None:
                         raise ValueError(f"layers.{i}: a low-rank path with a shift is not a rule any method fits")
-                    lowrank = [None if r not in per_lr[i] else
-                               (t[j], per_lr[i][r][0].to(self.device), per_lr[i][r][1].t().contiguous().to(self.device))
-                               for j, r in enumerate(roles)]
+                    lowrank = kpack_lowrank([per_lr[i].get(r) for r in roles], tuple(w.shape[1] for w in wts),
+                                            self.dtype, self.device)
                 topk = topk_w = None
                 if any(r in per_topk[i] for r in roles):
                     t, topk, topk_w = self._topk_rule(i, name, roles, k, per_topk[i], s, lowrank, nms)
-                widths = tuple(w.shape[1] for w in wts)
-                lr_pack = None if lowrank is None else kpack_lowrank(
-                    [None if r not in per_lr[i] else per_lr[i][r] for r in roles], widths, self.dtype, self.device)
                 return _OpRule(thresh=t, shift=s, bias=bias, expected=exp(roles), nm=nms.pop(), lowrank=lowrank,
-                               widths=widths, lr_pack=lr_pack, topk=topk, topk_w=topk_w)
+                               widths=tuple(w.shape[1] for w in wts), topk=topk, topk_w=topk_w)
 
             wqkv_t = lw.wqkv_t if lw.wqkv_t is not None else lw.wqkv.t()
             qkv_cols = [wqkv_t[:, :q], wqkv_t[:, q:q + kv], wqkv_t[:, q + kv:]]
@@ -598,24 +594,11 @@ class Engine:
         return F.silu(g) if self.cfg.act == "silu" else F.gelu(g, approximate="tanh")
 
     def _add_lowrank(self, rule: _OpRule, xin: torch.Tensor, out: torch.Tensor, **kw) -> None:
-        """R-Sparse: add the op's low-rank path into its raw sums or the stream (`lowrank_add`, two launches)."""
-        if rule.lr_pack is not None:
+        """R-Sparse: add the op's low-rank path, (x̂ ⊙ 1[|x̂| ≤ t])·V·(U·S)ᵀ per site, into its output in place —
+        raw sums, the stream or an output in the model's dtype (`lowrank_add`, two launches)."""
+        if rule.lowrank is not None:
             bounds = tuple(itertools.accumulate(rule.widths))[:-1]
-            self.ops.lowrank_add(xin, rule.thresh, *rule.lr_pack, out, segments=bounds, **kw)
-
-    @staticmethod
-    def _lowrank(xin: torch.Tensor, rule: _OpRule) -> torch.Tensor:
-        """R-Sparse's second path, [B, N] in float32: per site, (x ⊙ 1[|x| ≤ t])·V·(U·S)ᵀ, the inputs its threshold
-        dropped through the rank-r factors (zeros for a site without them)."""
-        xf = xin.float()
-        outs = []
-        for lr, n in zip(rule.lowrank, rule.widths):
-            if lr is None:
-                outs.append(xf.new_zeros(xf.shape[0], n))
-                continue
-            t, v, ust = lr
-            outs.append(((xf * (xf.abs() <= t)) @ v) @ ust)
-        return torch.cat(outs, dim=-1)
+            self.ops.lowrank_add(xin, rule.thresh, *rule.lowrank, out, segments=bounds, **kw)
 
     def _post_raw(self, impl: str, x: torch.Tensor, post_norm: Optional[torch.Tensor], rule: "_OpRule") -> bool:
         """Whether a row-split op (o, down) followed by a post-norm (Gemma) adds its raw fp32 sums into the zeroed
@@ -681,8 +664,7 @@ class Engine:
             qkv = ops.sparse_gemv(x, lw.wqkv_t, r.qkv.thresh, shift=r.qkv.shift, bias=r.qkv.bias,
                                   norm_weight=lw.attn_norm, eps=eps, segments=(q, q + kv), nm=r.qkv.nm,
                                   impl=_kernel(impl))
-            if r.qkv.lowrank is not None:
-                qkv = (qkv.float() + self._lowrank(self._norm(x, lw.attn_norm), r.qkv)).to(qkv.dtype)
+            self._add_lowrank(r.qkv, x, qkv, norm_weight=lw.attn_norm, eps=eps)
         # Qwen3, Gemma 3: each head of q and of k normalised before RoPE; the Triton attention kernel does it
         # as it loads them (no norm launches), the torch backend in transformers' own order.
         head_norms = {}
@@ -719,8 +701,7 @@ class Engine:
         else:
             y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, residual=res, nm=r.o.nm,
                                 impl=_kernel(impl))
-            if r.o.lowrank is not None:
-                y = (y.float() + self._lowrank(a, r.o)).to(y.dtype)
+            self._add_lowrank(r.o, a, y)
         x = self._residual(x, self._reduce(y), lw.post_attn_norm, raw=post_raw)
         x = adapt(x, m_mlp)  # and into its MLP basis
 
@@ -768,10 +749,11 @@ class Engine:
             else:
                 h = self._act(xn @ lw.wg_t) * (xn @ lw.wu_t)
         elif r.gu.lowrank is not None:   # R-Sparse: the low-rank part joins gate and up before the activation
-            g, lr = r.gu, self._lowrank(self._norm(x, lw.mlp_norm), r.gu)
-            gu = [ops.sparse_gemv(x, wt, g.thresh[j:j + 1], bias=None if g.bias is None else g.bias[j],
-                                  norm_weight=lw.mlp_norm, eps=eps, nm=g.nm, impl=impl).float()
-                  + lr[:, j * inter:(j + 1) * inter] for j, wt in enumerate((lw.wg_t, lw.wu_t))]
+            g = r.gu
+            gu = torch.stack([ops.sparse_gemv(x, wt, g.thresh[j:j + 1], bias=None if g.bias is None else g.bias[j],
+                                              norm_weight=lw.mlp_norm, eps=eps, nm=g.nm, impl=impl).float()
+                              for j, wt in enumerate((lw.wg_t, lw.wu_t))])  # [2, B, I]
+            self._add_lowrank(g, x, gu, norm_weight=lw.mlp_norm, eps=eps)
             h = (self._act(gu[0]) * gu[1]).to(x.dtype)
         else:
             self._levels(r.gu, x, norm_weight=lw.mlp_norm, eps=eps)
@@ -804,8 +786,7 @@ class Engine:
         else:
             y = ops.sparse_gemv(h, lw.wd_t, r.down.thresh, shift=r.down.shift, bias=r.down.bias, residual=res,
                                 nm=r.down.nm, impl=_kernel(impl))
-            if r.down.lowrank is not None:
-                y = (y.float() + self._lowrank(h, r.down)).to(y.dtype)
+            self._add_lowrank(r.down, h, y)
         return self._residual(x, self._reduce(y), lw.post_mlp_norm, raw=post_raw)
 
     def _route(self, xn: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

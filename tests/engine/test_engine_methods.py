@@ -118,8 +118,9 @@ def _rsparse_plan(model, g, roles=SITES) -> SparsityPlan:
 
 @pytest.mark.parametrize("stream", ["model dtype", "fp32 raw sums"])
 def test_an_rsparse_plan_runs_in_the_engine_as_in_the_torch_backend(stream, monkeypatch):
-    """The engine's output stream in the model's dtype (the low-rank path as torch ops beside each op) or in fp32
-    (what a GPU runs: each op's raw sums or the stream, the low-rank path added into them by `lowrank_add`)."""
+    """The engine's output stream in the model's dtype (each op's output, gate and up apart) or in fp32 (what a
+    GPU runs: each op's raw sums or the stream, down's path from the pair's act(gate)·up): either way the low-rank
+    path is added into them by `lowrank_add`."""
     from actsparse import kernels as k
 
     seed = int(torch.randint(0, 10_000, (1,)))
@@ -133,10 +134,8 @@ def test_an_rsparse_plan_runs_in_the_engine_as_in_the_torch_backend(stream, monk
     ops_with = sum(any(f"layers.{i}.{r}" in plan.rules and "V" in plan.rules[f"layers.{i}.{r}"].tensors
                        for r in roles) for i in range(TINY.n_layers)
                    for roles in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",)))
-    if stream == "fp32 raw sums":
-        assert calls and len(calls) % ops_with == 0 and "silu" in calls  # every step, down's from the pair
-    else:
-        assert not calls
+    assert calls and len(calls) % ops_with == 0  # every op with factors, every step
+    assert ("silu" in calls) == (stream == "fp32 raw sums")  # down's from the pair's sums on the fp32 stream
     assert sum(s.lowrank is not None for L in ep.layers for s in L.values()) == sum(
         "V" in r.tensors for r in plan.rules.values())
     # the low-rank path carries real signal: without it the engine leaves the torch backend's logits
