@@ -691,8 +691,10 @@ def cats_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
             except Exception as e:  # a tile the compiler refuses (resources): its row says so, the sweep goes on
                 log(f"  cats up {impl} {name}: failed ({str(e).splitlines()[0][:100]})")
             finally:
-                if impl in tables:
-                    table.pop(tkey) if old is None else table.__setitem__(tkey, old)
+                if impl in tables and old is None:
+                    table.pop(tkey)
+                elif impl in tables:
+                    table[tkey] = old
         if got:
             ranked = sorted(got.items(), key=lambda kv: kv[1][0])
             best[impl] = ranked[0][1][1]

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .configs import (FMA_MAX_BATCH, MAX_ACC, MAX_TILES, ONESHOT_MAX_BATCH, OneshotConfig, atomic_accumulator,
                       batch_bucket, choose_impl, choose_split, new_output, tile_counters)
-from .gemv_common import ACTS, accumulate, activate, row_rstd, split_workspace
+from .gemv_common import ACTS, accumulate, activate, row_rstd, split_workspace, token_rstd
 from .pdl import pdl_args, pdl_prologue
 
 
@@ -176,8 +176,7 @@ def _rows_up_kernel(
     tl.store(y_ptr + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32).to(y_ptr.dtype.element_ty), mask=mask_n & ~keep)
     rstd = 1.0
     if NORM:
-        rstd = tl.sum(row_rstd(x_ptr + tl.zeros([1], dtype=tl.int32)[:, None], tl.full([1], 1, tl.int1), K, eps,
-                               NORM_BLOCK, 1), axis=0)
+        rstd = token_rstd(x_ptr, K, eps, NORM_BLOCK)
     slot = tl.arange(0, ROWS)
     ar_k = tl.arange(0, BLOCK_K)
     for j0 in range(0, n_kept, ROWS):

@@ -26,6 +26,13 @@ def row_rstd(x_rows, mask_b, K, eps, NORM_BLOCK: tl.constexpr, BLOCK_B: tl.const
 
 
 @triton.jit
+def token_rstd(x_ptr, K, eps, NORM_BLOCK: tl.constexpr):
+    """`row_rstd` of a single token's row x [K] (batch 1), as a scalar."""
+    return tl.sum(row_rstd(x_ptr + tl.zeros([1], dtype=tl.int32)[:, None], tl.full([1], 1, tl.int1), K, eps,
+                           NORM_BLOCK, 1), axis=0)
+
+
+@triton.jit
 def _nm_keep(a, NM_N: tl.constexpr, NM_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """Top-NM_N of |score| inside each group of NM_M consecutive channels (ties: lower index wins)."""
     a3 = tl.reshape(a, (BLOCK_B, BLOCK_K // NM_M, NM_M))

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .configs import atomic_accumulator, num_sms, tile_counters
-from .gemv_common import ACTS, activate, row_rstd
+from .gemv_common import ACTS, activate, token_rstd
 from .pdl import pdl_args, pdl_prologue
 
 MAX_Z = 1 << 20  # fp32 sums of one launch (batch × sites × rank): the accumulators' size
@@ -51,8 +51,7 @@ def _lr_in_kernel(x_ptr, g_ptr, t_ptr, v_ptr, rk_ptr, z_ptr, K, C, R, stride_xb,
     if GATED > 0:  # act(gate)·up from the pair's raw sums
         xv = activate(xv, GATED) * tl.load(row + stride_xh + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     if NORM:  # RMSNorm's factor as the sparse kernels form it (the same blocks): the two paths split x̂ exactly
-        rstd = tl.sum(row_rstd(row + tl.zeros([1], dtype=tl.int32)[:, None], tl.full([1], 1, tl.int1), K, eps,
-                               NORM_BLOCK, 1), axis=0)
+        rstd = token_rstd(row, K, eps, NORM_BLOCK)
         xv = xv * rstd * tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + site[None, :] * stride_ts + offs_k[:, None] * stride_tk,
                 mask=mask_k[:, None] & live[None, :], other=-1.0)

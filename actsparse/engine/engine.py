@@ -571,8 +571,8 @@ class Engine:
         if "pair" not in t:
             return None
         (pk, pt), (dk, dt) = t["pair"].best(r.gu.expected), t["gated"].best(r.down.expected)
-        # R-Sparse: here its low-rank paths add into the sums in two launches an op; the other way runs gate and
-        # up apart with the paths as torch ops beside them (H100, decode at 0.5: 0.78x that way, 0.83x this way)
+        # R-Sparse: here gate|up is one launch and its low-rank path adds into the pair's sums; the other way runs
+        # gate and up apart (H100, rsparse 0.5 decode: 0.78x before this rule, 0.83x with it)
         lowrank = r.gu.lowrank is not None or r.down.lowrank is not None
         return (pk, dk) if lowrank or pt + dt < t["gu"].at(gu, r.gu.expected) + t["down"].at(down, r.down.expected) \
             else None
