@@ -43,6 +43,7 @@ if not _torch.cuda.is_available():
 from actsparse.kernels.attention import decode_attention
 from actsparse.kernels.cats import cats_up
 from actsparse.kernels.configs import GatherConfig, MaskedConfig, OneshotConfig, override_config, poison_outputs
+from actsparse.kernels.fused_mlp import MlpConfig, sparse_mlp
 from actsparse.kernels.gated_mlp import sparse_gated_mlp
 from actsparse.kernels.lowrank import lowrank_add, pack_lowrank
 from actsparse.kernels.pdl import pdl_enabled, use_pdl
@@ -67,6 +68,7 @@ def interpreted() -> bool:
 __all__ = [
     "GatherConfig",
     "MaskedConfig",
+    "MlpConfig",
     "OneshotConfig",
     "add_normed",
     "add_rmsnorm",
@@ -83,6 +85,7 @@ __all__ = [
     "rmsnorm",
     "silu_mul",
     "sparse_gated_mlp",
+    "sparse_mlp",
     "sparse_gemv",
     "topk_thresholds",
     "use_pdl",

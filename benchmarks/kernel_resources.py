@@ -4,7 +4,7 @@ device time).
   python benchmarks/kernel_resources.py            # the report
   python benchmarks/kernel_resources.py --check    # compile every switch of every kernel; exit 1 on a failure
 
-Compiles `_oneshot_kernel` (bf16, batch 1 and the tensor-core batch path, o and gate|up), `_gather_kernel` (bf16, batch 1, gate|up pair, one K slice), `_masked_gemv_kernel` (bf16, batch 1,
+Compiles `_mlp_kernel` (the fused MLP), `_oneshot_kernel` (bf16, batch 1 and the tensor-core batch path, o and gate|up), `_gather_kernel` (bf16, batch 1, gate|up pair, one K slice), `_masked_gemv_kernel` (bf16, batch 1,
 one-shot tiles: one K chunk a program, ordered or atomic sum; o's plain GEMV and gate|up's normed pair), and
 (with --check) the decode attention, the post-norm add and the MoE routing, for
 sm_90 over a few launch configurations and prints registers, stack and shared memory per configuration
@@ -29,8 +29,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from actsparse.kernels import (attention, cats, gather_gemv, lowrank, masked_gemv, oneshot_gemv, route,  # noqa: E402
-                               topk)
+from actsparse.kernels import (attention, cats, fused_mlp, gather_gemv, lowrank, masked_gemv, oneshot_gemv,  # noqa: E402
+                               route, topk)
 
 norms = importlib.import_module("actsparse.kernels.rmsnorm")  # the name rmsnorm there is the op
 
@@ -113,6 +113,17 @@ def compile_lowrank(phase: str, norm: bool = False, gated: int = 0):
                     ptrs)
 
 
+def compile_mlp(depth: int, eager: bool, extras: bool, nm: bool, batch: int = 1):
+    """The compiled fused MLP's second launch (sm_90): gate and up walked over Llama-3-8B's 4096 × 14336 and the
+    kept rows of W_d^T read; `extras`: gate/up biases, down's shift and bias; `nm`: 2:4 selection of h."""
+    consts = dict(HAS_BIAS=extras, HAS_DSHIFT=extras, HAS_DBIAS=extras, NM_N=2 if nm else 0, NM_M=4 if nm else 1,
+                  ACT=1, EAGER=eager, DEPTH=depth, IEEE=False, BLOCK_B=batch, SEG_K=4096, BLOCK_K=64, BLOCK_I=64,
+                  BLOCK_D=128, PDL=False)
+    ptrs = {n: "*bf16" for n in ("wg_ptr", "wu_ptr", "wd_ptr", "bias_ptr", "bd_ptr")}
+    return _compile(fused_mlp._mlp_kernel, consts, 2, {**ptrs, "td_ptr": "*fp32", "md_ptr": "*fp32",
+                                                        "y_ptr": "*fp32"})
+
+
 def compile_attention(norm: bool, scale_f32: bool):
     """The compiled decode attention (sm_90): Llama-3-8B heads, fp32 raw q|k|v sums, bf16 caches; `norm`: Qwen3's
     and Gemma 3's per-head q and k norms inside (`scale_f32`: Gemma's rounding)."""
@@ -175,6 +186,8 @@ def _cases() -> list[tuple[str, str, tuple]]:
     cases += [(f"cats_up rows act={a}", "compile_rows_up", (32, 16, 256, 4, a)) for a in (0, 1)]
     cases += [(f"lowrank {ph} norm={n} gated={g}", "compile_lowrank", (ph, n, g))
               for ph, n, g in (("in", True, 0), ("in", False, 1), ("out", False, 0), ("out", True, 0))]
+    cases += [(f"mlp depth={d} eager={e} extras={x} nm={n} batch={b}", "compile_mlp", (d, e, x, n, b))
+              for d, e, x, n, b in ((2, False, False, False, 1), (1, True, True, False, 1), (2, False, False, True, 2))]
     cases += [(f"attention norm={n} f32={f}", "compile_attention", (n, f)) for n, f in ((False, False), (True, False),
                                                                                        (True, True))]
     cases += [(f"add_normed f32={f}", "compile_add_normed", (f,)) for f in (False, True)]
@@ -215,7 +228,7 @@ def check() -> int:
 # Integer arguments a Llama-shaped launch passes as multiples of 16; a real launch tells the compiler so (Triton
 # specialises such arguments), and without it the weight loads compile to 2-byte loads instead of 16-byte ones.
 DIVISIBLE = {"K", "N", "N0", "N1", "K_SPLIT", "stride_xb", "stride_ts", "stride_ms", "stride_wk", "stride_bs",
-             "stride_rb", "stride_yb", "stride_ab", "stride_tn", "stride_wn"}
+             "stride_rb", "stride_yb", "stride_ab", "stride_tn", "stride_wn", "stride_wd", "I", "D"}
 
 
 FLOATS = {"eps", "sm_scale", "rope_scale", "softcap"}  # the float scalars among the kernels' arguments

@@ -154,55 +154,18 @@ def _claim_and_compact(claim_ptr, ready_ptr, x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr
 
 
 @triton.jit
-def _gather_kernel(
-    x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, val_ptr, count_ptr,
-    B, K, N, N0, N1,
-    stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb,
-    eps,
-    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
-    GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr,
-    USE_DOT: tl.constexpr, IEEE: tl.constexpr, VAL_B: tl.constexpr, DEPTH: tl.constexpr, ACCUM: tl.constexpr,
-    BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    EAGER: tl.constexpr = False, PDL: tl.constexpr = False,
-    claim_ptr=None, ready_ptr=None, z_ptr=None, Z_N=0, Z_TOTAL=0, stride_xm=0, FUSED: tl.constexpr = False,
-    GATED: tl.constexpr = 0, SLOTS: tl.constexpr = 1, PROGRAMS: tl.constexpr = 1, ZERO: tl.constexpr = False,
-    CHUNK: tl.constexpr = 1):
-    pdl_prologue(PDL)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_b = tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
-    if FUSED:  # no compaction launch: the first programs to claim the lists write them (see _claim_and_compact)
-        offs_vb = tl.arange(0, VAL_B)
-        _claim_and_compact(claim_ptr, ready_ptr, x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_ptr,
-                           offs_vb, offs_vb < B, K, Z_N, Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms,
-                           stride_xm, eps, NORM, NORM_BLOCK, HAS_SHIFT, NM_N, NM_M, GATED, GROUPS, VAL_B,
-                           SEG_K, ZERO, 1024, SLOTS, PROGRAMS, CHUNK)
-    n_start = pid_n * BLOCK_N
-    if PAIR:
-        sel = pid_m  # gate / up thresholds
-    else:
-        sel = (n_start >= N0).to(tl.int32) + (n_start >= N1).to(tl.int32)  # q / k / v segment
-    slot = sel * GROUPS + pid_k
-    idx_base = idx_ptr + slot * SEG_K
-    # A slot holds VAL_B value rows (the batch rounded up); BLOCK_B (16 for tl.dot) rows past B stay masked.
-    val_base = val_ptr + slot * (VAL_B * SEG_K) + offs_b[:, None] * SEG_K
+def walk_rows(idx_base, val_base, count_ptr, wb, offs_n, mask_n, mask_b, stride_wk, K, EAGER: tl.constexpr,
+              DEPTH: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Walk one compacted list (its indices at idx_base, its values at val_base + batch row · SEG_K, its count at
+    count_ptr) over the columns offs_n of W^T at wb, BLOCK_K kept rows a step; return (the columns' W·x_s
+    [BLOCK_B, BLOCK_N] in fp32, the count)."""
     ar = tl.arange(0, BLOCK_K)
     if EAGER:
         # The first indices load beside the count, not after it; past the count they are stale (any int32:
         # the list is not cleared), so clamped to a valid row here and masked out of every use below.
         idx = tl.minimum(tl.maximum(tl.load(idx_base + ar, cache_modifier=".cg"), 0), K - 1)
-    count = tl.load(count_ptr + slot)  # the compaction pass wrote this slice's list
-
-    # ---- gather the active rows of the strip, BLOCK_K at a time; the next indices load meanwhile
-    if pid_m == 0:
-        wb = w_ptr
-    else:
-        wb = w2_ptr
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    count = tl.load(count_ptr)  # the compaction pass wrote this slice's list
     mk = ar < count
     if not EAGER:
         idx = tl.load(idx_base + ar, mask=mk, other=0, cache_modifier=".cg")
@@ -248,6 +211,53 @@ def _gather_kernel(
         out = acc
     else:
         out = tl.sum(acc, axis=1)  # [BLOCK_B, BLOCK_N]
+    return out, count
+
+
+@triton.jit
+def _gather_kernel(
+    x_ptr, g_ptr, t_ptr, m_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, val_ptr, count_ptr,
+    B, K, N, N0, N1,
+    stride_xb, stride_ts, stride_tk, stride_ms, stride_wk, stride_bs, stride_rb, stride_yb,
+    eps,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, PAIR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
+    GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, SPLIT: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, VAL_B: tl.constexpr, DEPTH: tl.constexpr, ACCUM: tl.constexpr,
+    BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    EAGER: tl.constexpr = False, PDL: tl.constexpr = False,
+    claim_ptr=None, ready_ptr=None, z_ptr=None, Z_N=0, Z_TOTAL=0, stride_xm=0, FUSED: tl.constexpr = False,
+    GATED: tl.constexpr = 0, SLOTS: tl.constexpr = 1, PROGRAMS: tl.constexpr = 1, ZERO: tl.constexpr = False,
+    CHUNK: tl.constexpr = 1):
+    pdl_prologue(PDL)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    if FUSED:  # no compaction launch: the first programs to claim the lists write them (see _claim_and_compact)
+        offs_vb = tl.arange(0, VAL_B)
+        _claim_and_compact(claim_ptr, ready_ptr, x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_ptr,
+                           offs_vb, offs_vb < B, K, Z_N, Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms,
+                           stride_xm, eps, NORM, NORM_BLOCK, HAS_SHIFT, NM_N, NM_M, GATED, GROUPS, VAL_B,
+                           SEG_K, ZERO, 1024, SLOTS, PROGRAMS, CHUNK)
+    n_start = pid_n * BLOCK_N
+    if PAIR:
+        sel = pid_m  # gate / up thresholds
+    else:
+        sel = (n_start >= N0).to(tl.int32) + (n_start >= N1).to(tl.int32)  # q / k / v segment
+    slot = sel * GROUPS + pid_k
+    idx_base = idx_ptr + slot * SEG_K
+    # A slot holds VAL_B value rows (the batch rounded up); BLOCK_B (16 for tl.dot) rows past B stay masked.
+    val_base = val_ptr + slot * (VAL_B * SEG_K) + offs_b[:, None] * SEG_K
+    if pid_m == 0:
+        wb = w_ptr
+    else:
+        wb = w2_ptr
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    out, count = walk_rows(idx_base, val_base, count_ptr + slot, wb, offs_n, mask_n, mask_b, stride_wk, K, EAGER,
+                           DEPTH, USE_DOT, IEEE, BLOCK_B, BLOCK_K, BLOCK_N)
     mask_out = mask_b[:, None] & mask_n[None, :]
 
     if ACCUM > 0:

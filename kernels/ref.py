@@ -335,3 +335,28 @@ def topk_thresholds_ref(x: torch.Tensor, n_zero: torch.Tensor, out: torch.Tensor
         q = torch.where(up * ws <= t, up, q)
         out.copy_(torch.where(w > 0, q, torch.full_like(w, math.inf)))
     return out
+
+
+def sparse_mlp_ref(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, wt_down: torch.Tensor,
+                   thresh: torch.Tensor | float, down_thresh: torch.Tensor | float, *,
+                   shift: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                   down_shift: Optional[torch.Tensor] = None, down_bias: Optional[torch.Tensor] = None,
+                   norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, act: str = "silu",
+                   nm: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Reference of `sparse_mlp`: W_d·s_d(h) + b_d with h = act(W_g·x_s,g + b_g)⊙(W_u·x_s,u + b_u) kept in float32
+    (as the kernel forms it), returned in float32 [B, D] (what it adds into its fp32 tensor)."""
+    acc = _acc_dtype(wt_gate)
+    xf = rmsnorm_ref(x, norm_weight, eps) if norm_weight is not None else x.to(acc)
+    k, inter = wt_gate.shape
+    t = torch.as_tensor(thresh, dtype=acc, device=x.device)
+    t = t.reshape(-1, 1).expand(2, k) if t.dim() <= 1 else t
+    gu = []
+    for j, wt in enumerate((wt_gate, wt_up)):
+        xs = sparsify_ref(xf, t[j], None if shift is None else shift[j].to(acc), nm)
+        y = xs.to(wt.dtype).to(acc) @ wt.to(acc)
+        gu.append(y + bias[j].to(acc) if bias is not None else y)
+    h = act_ref(gu[0], act) * gu[1]
+    hs = sparsify_ref(h, torch.as_tensor(down_thresh, dtype=acc, device=x.device).reshape(-1),
+                      None if down_shift is None else down_shift.to(acc), nm)
+    y = hs.to(wt_down.dtype).to(acc) @ wt_down.to(acc)
+    return (y + down_bias.to(acc) if down_bias is not None else y).float()

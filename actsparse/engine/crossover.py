@@ -11,7 +11,7 @@ crosses 1. With the engine's fp32 residual stream, o and down also time adding i
 ("accumulate": the one-shot tiles, "gather-accumulate": the gather walk), q|k|v its raw fp32 sums for the
 attention kernel likewise, "pair" gate|up writing its two raw sums and "gated" down forming act(gate)·up from
 them while adding into the stream (each on both kernels; the engine compares the fastest pair + gated with
-gate|up's and down's best), and everything reads and adds the fp32 stream as the engine does. Cached per
+gate|up's and down's best), "mlp" the whole MLP in two launches (`sparse_mlp`, batch ≤ 4), and everything reads and adds the fp32 stream as the engine does. Cached per
 (device name, shapes, dtype, stream dtype, batch) for the process.
 """
 
@@ -234,6 +234,13 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         # No dense rival of their own: the engine weighs the fastest of each against gate|up's and down's best.
         out["pair"] = OpTimes(float("inf"), LEVELS, timed(kernels, pair))
         out["gated"] = OpTimes(float("inf"), LEVELS, timed(kernels, gated))
+        if batch <= configs.GATHER_MAX_BATCH:  # the whole MLP in two launches, both selections at the level
+            def mlp(lw, s: float, impl: str) -> Callable[[], None]:
+                th, _, td = pair_sums(lw, s)
+                return lambda: ops.sparse_mlp(x, lw.wg_t, lw.wu_t, lw.wd_t, th, td, norm_weight=lw.mlp_norm,
+                                              eps=eps, act=cfg.act, accumulate=acc)
+
+            out["mlp"] = OpTimes(float("inf"), LEVELS, timed(["fused"], mlp))
     # CATS: its gate alone (RMSNorm, cuBLAS and the activation, or a kernel with both fused) and which cats_up
     # kernel, at the fraction of up rows skipped
     if not moe and all(lw.wu is not None for lw in layers):

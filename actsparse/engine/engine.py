@@ -99,6 +99,13 @@ def _experts_any(any_fn: Callable, experts_fn: Callable) -> Callable:
     return call
 
 
+def _mlp_any(x, wt_gate, wt_up, wt_down, thresh, down_thresh, *, accumulate: Optional[torch.Tensor] = None,
+             out: Optional[torch.Tensor] = None, **kw):
+    """`sparse_mlp`'s reference: the MLP's output added into `accumulate=` (or written into `out=`), in fp32."""
+    y = kref.sparse_mlp_ref(x, wt_gate, wt_up, wt_down, thresh, down_thresh, **kw)
+    return out.copy_(y) if out is not None else accumulate.add_(y)
+
+
 class _TorchOps:
     """Plain-PyTorch implementations (references), for any device; not graph-capturable on GPU."""
 
@@ -107,6 +114,7 @@ class _TorchOps:
     silu_mul = staticmethod(kref.silu_mul_ref)
     sparse_gemv = staticmethod(_experts_any(_any_impl(kref.sparse_gemv_ref), kref.experts_gemv_ref))
     sparse_gated_mlp = staticmethod(_experts_any(_gated_mlp_any, kref.experts_gated_mlp_ref))
+    sparse_mlp = staticmethod(_mlp_any)
     cats_up = staticmethod(_any_impl(kref.cats_up_ref))
     decode_attention = staticmethod(kref.decode_attention_ref)
     topk_thresholds = staticmethod(kref.topk_thresholds_ref)
@@ -125,10 +133,14 @@ class _TritonOps:
         self.silu_mul = k.silu_mul
         self.sparse_gemv = k.sparse_gemv
         self.sparse_gated_mlp = k.sparse_gated_mlp
+        self.sparse_mlp = k.sparse_mlp
         self.cats_up = k.cats_up
         self.decode_attention = k.decode_attention
         self.topk_thresholds = k.topk_thresholds
         self.lowrank_add = k.lowrank_add
+
+
+FUSED_MLP = ("fused", "fused")  # `Engine._mlp_raw`'s answer where `sparse_mlp` runs the layer's MLP
 
 
 @dataclass
@@ -557,7 +569,8 @@ class Engine:
         """The kernels (gate|up's, down's) where gate|up writes its two raw fp32 sums (`out=`) and down forms
         act(gate)·up from them in its prologue while adding into the fp32 stream (or, where a post-norm sits
         between, into the zeroed buffer `_post_sums` that `add_normed` then adds): where both ops run sparse, no
-        CATS sits between, and (measured) the fastest of each beats gate|up's and down's best; None where they run
+        CATS sits between, and (measured) the fastest of each beats gate|up's and down's best; ("fused", "fused")
+        where the whole MLP in two launches (`sparse_mlp`) measured faster still; None where they run
         otherwise. R-Sparse's low-rank paths add into the pair's sums and, from its act(gate)·up, into down's."""
         if (r is None or record is not None or not self.residual_fp32 or x.dtype != torch.float32 or b > 16
                 or r.gate_act is not None):
@@ -573,9 +586,21 @@ class Engine:
         (pk, pt), (dk, dt) = t["pair"].best(r.gu.expected), t["gated"].best(r.down.expected)
         # R-Sparse: here gate|up is one launch and its low-rank path adds into the pair's sums; the other way runs
         # gate and up apart (H100, rsparse 0.5 decode: 0.78x before this rule, 0.83x with it)
-        lowrank = r.gu.lowrank is not None or r.down.lowrank is not None
-        return (pk, dk) if lowrank or pt + dt < t["gu"].at(gu, r.gu.expected) + t["down"].at(down, r.down.expected) \
-            else None
+        if r.gu.lowrank is not None or r.down.lowrank is not None:
+            return pk, dk
+        apart = t["gu"].at(gu, r.gu.expected) + t["down"].at(down, r.down.expected)
+        if "mlp" in t and self._fusable(r):
+            # measured with both selections at one level: read at the bytes' mean (gate|up holds 2/3 of them)
+            ft = t["mlp"].at("fused", (2 * r.gu.expected + r.down.expected) / 3)
+            if ft < min(pt + dt, apart):
+                return FUSED_MLP
+        return (pk, dk) if pt + dt < apart else None
+
+    @staticmethod
+    def _fusable(r: "_LayerRule") -> bool:
+        """Whether `sparse_mlp` runs a layer's MLP rule: one N:M pattern for both selections (it has one), and
+        down's threshold not a per-token Top-K level (found from act(gate)·up, which never leaves the kernel)."""
+        return r.gu.nm == r.down.nm and r.down.topk is None
 
     def _pair_sums(self, b: int) -> torch.Tensor:
         """The fp32 [2, b, I] buffer gate|up's raw sums land in (one per batch size)."""
@@ -713,6 +738,15 @@ class Engine:
             record(i, "gate_act", self._act(self._linear(xn, wg, lw.wg_t).float()))
         cats = self._cats(r, b)
         mlp_raw = self._mlp_raw(r, x, b, lw, record)
+        if mlp_raw == FUSED_MLP:  # the whole MLP in two launches, added into the stream (or the post-norm's sums)
+            self._levels(r.gu, x, norm_weight=lw.mlp_norm, eps=eps)
+            post_raw = lw.post_mlp_norm is not None
+            d = r.down
+            y = ops.sparse_mlp(x, lw.wg_t, lw.wu_t, lw.wd_t, r.gu.thresh, d.thresh, shift=r.gu.shift,
+                               bias=r.gu.bias, down_shift=None if d.shift is None else d.shift.reshape(-1),
+                               down_bias=d.bias, norm_weight=lw.mlp_norm, eps=eps, act=cfg.act, nm=r.gu.nm,
+                               accumulate=self._post_sums(b) if post_raw else x)
+            return self._residual(x, self._reduce(y), lw.post_mlp_norm, raw=post_raw)
         if mlp_raw:  # the raw sums; down forms act(gate)·up itself below
             self._levels(r.gu, x, norm_weight=lw.mlp_norm, eps=eps)
             h = ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,

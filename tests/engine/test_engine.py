@@ -351,6 +351,40 @@ def test_an_fp32_residual_stream_adds_o_and_down_into_itself(kernels):
     assert not off.residual_fp32 and (_engine_logits(off, seq, True) - want).norm() / want.norm() < 3e-3
 
 
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_the_fused_mlp_runs_where_it_is_chosen(monkeypatch, kernels):
+    """Where the measurement picks the whole MLP in two launches (`sparse_mlp`), every layer's MLP runs on it,
+    adding into the fp32 stream, and the logits match those of the same engine on the raw pair + gated down
+    (itself checked against the torch reference above: the same selections, so no threshold flip between them);
+    with shifts (SCAP) too."""
+    from actsparse.engine.engine import FUSED_MLP
+
+    model = _hf_tiny(seed=10)
+    roles = ("q", "k", "v", "o", "gate", "up", "down")
+    th = {f"layers.{i}.{r}": 0.3 for i in range(TINY.n_layers) for r in roles}
+    shifts = {f"layers.{i}.{r}": torch.randn(n) * 0.05 for i in range(TINY.n_layers)
+              for r, n in (("gate", TINY.hidden_size), ("up", TINY.hidden_size), ("down", TINY.intermediate_size))}
+    inner_raw = Engine._mlp_raw
+    for sh in (None, shifts):
+        seq = torch.randint(0, TINY.vocab_size, (2, 4))
+        logits, calls = [], []
+        for fused in (False, True):
+            monkeypatch.setattr(Engine, "_mlp_raw", lambda self, *a, f=fused: inner_raw(self, *a) and (
+                FUSED_MLP if f else ("oneshot", "oneshot")))
+            eng = Engine.from_hf(model, device=DEVICE, dtype=torch.float16, kernels=kernels, max_batch=2,
+                                 max_seq_len=16, fallback_below=0.0, residual_fp32=True)
+            eng.set_thresholds(th, shifts=sh)
+            inner = eng.ops.sparse_mlp
+
+            def spy(*args, _inner=inner, **kw):
+                calls.append(kw["accumulate"].dtype)
+                return _inner(*args, **kw)
+            eng.ops.sparse_mlp = spy
+            logits.append(_engine_logits(eng, seq, True))
+        assert (logits[1] - logits[0]).norm() / logits[0].norm() < 1e-3
+        assert calls == [torch.float32] * (TINY.n_layers * 4)  # every layer, every step, into the fp32 stream
+
+
 def test_the_fp32_stream_paths_run_on_the_gather_walk_where_it_is_chosen(monkeypatch):
     """Where the engine's measurement picks the gather walk for adding into the stream ("gather-accumulate") and
     for gate|up's raw sums and down's gated input, those launches run on it (impl="gather") and the logits
