@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 from actsparse.engine.crossover import crossing, graph_ms, union_threshold  # noqa: E402
 from actsparse.kernels import (GatherConfig, MaskedConfig, OneshotConfig, configs, override_config,  # noqa: E402
-                               pdl_enabled, ref, sparse_gated_mlp, sparse_gemv, use_pdl)
+                               pdl_enabled, ref, sparse_gated_mlp, sparse_gemv, sparse_mlp, use_pdl)
 
 # teal_style imports Triton: after actsparse.kernels, which turns on Triton's interpreter without CUDA.
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -718,6 +718,111 @@ def cats_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
     return rows
 
 
+# sparse_mlp's tiles swept by --mlp-anatomy: MlpConfig (block_i channels of h a program, block_k kept input rows a
+# walk step, block_d output columns a down step, num_warps, num_stages, depth, eager)
+MLP_GRID = [(64, 64, 128, 2, 1, 2, False), (32, 64, 128, 2, 1, 2, False), (32, 128, 128, 4, 1, 2, False),
+            (64, 64, 256, 4, 1, 2, False), (64, 128, 128, 4, 1, 2, False), (128, 32, 128, 4, 1, 2, False),
+            (32, 64, 256, 2, 1, 2, False), (64, 64, 128, 2, 2, 2, False), (64, 64, 128, 2, 1, 1, False),
+            (64, 64, 128, 2, 1, 2, True), (16, 128, 256, 2, 1, 2, False), (32, 32, 128, 2, 1, 2, False),
+            (128, 64, 128, 8, 1, 2, False), (64, 32, 512, 4, 1, 2, False)]
+if SMOKE:
+    MLP_GRID = [(32, 16, 32, 2, 1, 2, False), (16, 32, 16, 2, 1, 1, True)]
+mlp_tuned: dict[str, dict] = {}  # "K|I|D|batch" -> the sparse_mlp tiles --mlp-anatomy chose
+
+
+def mlp_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
+    """The whole gated MLP in two launches (`sparse_mlp`, --mlp-anatomy) against the engine's raw path (gate|up's
+    raw sums + the gated down adding into the fp32 stream, each on its fastest kernel), Llama-3-8B shapes, batch
+    1, bf16: its tiles swept at 0.25 + 0.5 (the fastest installed for the rest of the run), then both at each
+    sparsity and with every row skipped (thresholds +inf: the fixed cost). Method "mlp-anatomy", ops "fused" /
+    "raw"; `n_sets` weight sets rotate so nothing is in L2."""
+    from actsparse.kernels import MlpConfig, sparse_mlp
+    from actsparse.kernels import fused_mlp as fm
+
+    dt = torch.bfloat16 if not SMOKE else torch.float32
+    gen = torch.Generator(device=DEV).manual_seed(1)
+
+    def w(i, o):
+        return (torch.randn(i, o, device=DEV, generator=gen) / math.sqrt(i)).to(dt)
+    sets = [{"wg_t": w(D, INTER), "wu_t": w(D, INTER), "wd_t": w(INTER, D)} for _ in range(n_sets)]
+    g = (torch.rand(D, device=DEV, generator=gen) + 0.5).to(dt)
+    x = torch.randn(1, D, device=DEV, generator=gen)  # the fp32 residual stream
+    stream = torch.zeros(1, D, device=DEV)
+    gu32 = torch.zeros(2, 1, INTER, device=DEV)
+    xn = ref.rmsnorm_ref(x, g, 1e-5)
+    h0 = F.silu(xn.to(dt).float() @ sets[0]["wg_t"].float()) * (xn.to(dt).float() @ sets[0]["wu_t"].float())
+
+    def levels(s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if s >= 1.0:  # every row skipped: no weight read at all
+            return torch.full((2,), float("inf"), device=DEV), torch.full((1,), float("inf"), device=DEV)
+        return (torch.full((2,), union_threshold(xn, s), device=DEV),
+                torch.full((1,), union_threshold(h0, s), device=DEV))
+
+    def fused(st, th):
+        sparse_mlp(x, st["wg_t"], st["wu_t"], st["wd_t"], th[0], th[1], norm_weight=g, eps=1e-5, accumulate=stream)
+
+    def pair(st, th, k):
+        _sparse_gated_mlp(x, st["wg_t"], st["wu_t"], th[0], norm_weight=g, eps=1e-5, out=gu32, impl=k)
+
+    def down(st, th, k):
+        _sparse_gemv(gu32, st["wd_t"], th[1], gated="silu", accumulate=stream, impl=k)
+
+    def us(fn) -> float:
+        return time_graph(lambda: [fn(st) for st in sets]) * 1e3 / n_sets
+
+    rows = []
+    key = (D, INTER, D, 1)
+    ths = [levels(s) for s in (0.25, 0.5)]
+    got = {}
+    old = fm.TUNED_MLP.get(key)
+    for c in MLP_GRID:
+        if clock.left(0.5) < 0:
+            log("  mlp anatomy: out of its time budget, stopping the sweep")
+            break
+        cfg = MlpConfig(*c)
+        fm.TUNED_MLP[key] = cfg
+        try:
+            got[cfg] = sum(us(lambda st, th=th: fused(st, th)) for th in ths)
+        except Exception as e:  # a tile the compiler refuses (resources): logged, the sweep goes on
+            log(f"  mlp {c}: failed ({str(e).splitlines()[0][:100]})")
+    if got:
+        ranked = sorted(got.items(), key=lambda kv: kv[1])
+        fm.TUNED_MLP[key] = ranked[0][0]
+        mlp_tuned["|".join(map(str, key))] = ranked[0][0].__dict__
+        log("  mlp tiles (us at 0.25 + 0.5): " + " ".join(
+            f"{c.block_i}x{c.block_k}x{c.block_d}x{c.num_warps}w{c.num_stages}s{'d2' if c.depth == 2 else ''}"
+            f"{'e' if c.eager else ''}={v:.1f}" for c, v in ranked[:8]) + f" -> {ranked[0][0]}")
+    elif old is None:
+        fm.TUNED_MLP.pop(key, None)
+    else:
+        fm.TUNED_MLP[key] = old
+    kernels = ("oneshot", "gather")
+    for s in (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9, 1.0):
+        if clock.left(0.6) < 0:
+            log("  mlp anatomy: out of its time budget")
+            break
+        th = levels(s)
+        tp = {k: us(lambda st, k=k: pair(st, th, k)) for k in kernels}
+        td = {k: us(lambda st, k=k: down(st, th, k)) for k in kernels}
+        kp, kd = min(tp, key=tp.get), min(td, key=td.get)
+        t = {"fused": us(lambda st: fused(st, th)),
+             "raw": us(lambda st: (pair(st, th, kp), down(st, th, kd)))}
+        err = None
+        if s < 1.0:
+            stream.zero_()
+            fused(sets[0], th)
+            want = ref.sparse_mlp_ref(x, sets[0]["wg_t"], sets[0]["wu_t"], sets[0]["wd_t"], th[0], th[1],
+                                      norm_weight=g, eps=1e-5)
+            err = rel(stream, want)
+        rows += [{**meta, "kind": "kernel", "method": "mlp-anatomy", "model": "llama3-8b-shapes", "op": op,
+                  "sparsity": s, "batch": 1, "dtype": "bf16", "us": round(v, 2), "max_rel_err": err,
+                  "impl": f"{kp} + gated {kd}" if op == "raw" else None} for op, v in t.items()]
+        log(f"  mlp anatomy s={s}: fused {t['fused']:.1f} us, raw pair {kp} + gated down {kd} {t['raw']:.1f} "
+            f"(pair {'/'.join(f'{v:.1f}' for v in tp.values())}, down {'/'.join(f'{v:.1f}' for v in td.values())} "
+            f"oneshot/gather); fused rel err {err}")
+    return rows
+
+
 def topk_anatomy(meta: dict, n_sets: int = 4) -> list[dict]:
     """What a per-token Top-K level costs before each op (--topk-anatomy), Llama-3-8B shapes, batch 1: the
     `topk_thresholds` launch of q|k|v (3 rows, the stream's RMSNorm), o (1 row), gate|up (2 rows, RMSNorm) and
@@ -839,6 +944,10 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
     def down_gated(st, th, impl="oneshot"):  # down forming act(gate)·up from those sums, adding into the stream
         _sparse_gemv(gu32, st["wd_t"], th["down"], gated="silu", accumulate=h32, impl=impl)
 
+    def mlp(st, th):  # the whole MLP in two launches, adding into the stream
+        sparse_mlp(inp.x, st["wg_t"], st["wu_t"], st["wd_t"], th["pair"], th["down"], norm_weight=inp.g, eps=1e-5,
+                   accumulate=h32)
+
     raw_ops = {"qkv": qkv, "o": o, "down": down, "pair": pair, "down_gated": down_gated}
     kernels = [k for k in ("oneshot", "gather") if not configs.why_not(k, inp.b, False, False, False, True)]
 
@@ -906,6 +1015,9 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
         t = {op: times[best[op]][op] for op in raw_ops}
         raw_qkv = t["qkv"] < side[pick["qkv"]][s]["qkv"]  # the block takes whichever q|k|v is faster here
         raw_mlp = t["pair"] + t["down_gated"] < side[pick["pair"]][s]["pair"] + t["down"]
+        # the whole MLP in two launches (sparse_mlp), where faster than either way above
+        t["mlp"] = time_graph(lambda: [mlp(st, th) for st in lay.sets]) * 1e3 / lay.n if inp.b <= 4 else math.inf
+        fused_mlp = t["mlp"] < min(t["pair"] + t["down_gated"], side[pick["pair"]][s]["pair"] + t["down"])
 
         def block():
             for st in lay.sets:
@@ -915,7 +1027,9 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
                     _sparse_gemv(inp.x, st["wqkv_t"], th["qkv"], norm_weight=inp.g, eps=1e-5,
                                  segments=(D, D + KV), impl=pick["qkv"])
                 o(st, th, best["o"])
-                if raw_mlp:
+                if fused_mlp:
+                    mlp(st, th)
+                elif raw_mlp:
                     pair(st, th, best["pair"])
                     down_gated(st, th, best["down_gated"])
                 else:
@@ -933,20 +1047,24 @@ def accumulate_bench(lay: Layers, inp: Inputs, side: dict, clock: Clock, meta: d
         each = "  ".join(f"{op}=" + "/".join(f"{times[kern][op]:.1f}" for kern in kernels) for op in raw_ops)
         log(f"  accumulate s={s:.2f} ({'/'.join(kernels)}): {each}; one-shot with output: o={t0['o']:.1f} "
             f"down={t0['down']:.1f} gate|up (act·up epilogue)={t0['pair']:.1f} q|k|v={t0['qkv']:.1f}; "
-            f"block={t['block']:.1f} (PDL {'on' if pdl_on else 'off'}; {t['block_other']} with it "
+            f"fused mlp={t['mlp']:.1f}; block={t['block']:.1f} (PDL {'on' if pdl_on else 'off'}; {t['block_other']} with it "
             f"{'off' if pdl_on else 'on'}) with q|k|v {'raw ' + best['qkv'] if raw_qkv else pick['qkv']}, o {best['o']}, "
             f"gate|up + down {'raw ' + best['pair'] + ' + gated ' + best['down_gated'] if raw_mlp else pick['pair'] + ' + accumulate ' + best['down']}"
             f"  rel err {errs}")
         rows += [{**meta, "kind": "kernel", "method": f"{kern}-accumulate", "op": k, "sparsity": s, "batch": inp.b,
                   "dtype": dtype_name, "us": round(times[kern][k], 2), "max_rel_err": errs.get(k)}
                  for kern in kernels for k in raw_ops]
+        if t["mlp"] < math.inf:
+            rows.append({**meta, "kind": "kernel", "method": "fused-accumulate", "op": "mlp", "sparsity": s,
+                         "batch": inp.b, "dtype": dtype_name, "us": round(t["mlp"], 2)})
         rows.append({**meta, "kind": "kernel", "method": "actsparse-accumulate", "op": "block", "sparsity": s,
                      "batch": inp.b, "dtype": dtype_name, "us_per_block": round(t["block"], 2),
                      "impl": {"qkv": f"raw sums ({best['qkv']})" if raw_qkv else pick["qkv"],
                               "o": f"accumulate ({best['o']})",
-                              "pair": f"raw sums ({best['pair']})" if raw_mlp else pick["pair"],
-                              "down": f"gated, accumulate ({best['down_gated']})" if raw_mlp
-                              else f"accumulate ({best['down']})"},
+                              "pair": "fused mlp" if fused_mlp else f"raw sums ({best['pair']})" if raw_mlp
+                              else pick["pair"],
+                              "down": "fused mlp" if fused_mlp else f"gated, accumulate ({best['down_gated']})"
+                              if raw_mlp else f"accumulate ({best['down']})"},
                      "max_rel_err": max(errs.values())})
         if t["block_other"] is not None:
             rows.append({**rows[-1], "method": f"actsparse-accumulate-{'no' if pdl_on else ''}pdl",
@@ -1273,6 +1391,9 @@ def main() -> None:
                     help="time the per-token Top-K level launch before each op")
     ap.add_argument("--rsparse-anatomy", action="store_true",
                     help="time each op's sparse kernel and R-Sparse's low-rank path (lowrank_add) apart and together")
+    ap.add_argument("--mlp-anatomy", action="store_true",
+                    help="sweep sparse_mlp's tiles (the whole MLP in two launches) and time it against the raw "
+                         "pair + gated down at each sparsity; the winner serves the rest of the run")
     ap.add_argument("--cats-anatomy", action="store_true",
                     help="time a CATS MLP's ops one by one, sweeping cats_up's tiles (the winners run the rest)")
     ap.add_argument("--tune-accumulate", action="store_true",
@@ -1366,6 +1487,11 @@ def main() -> None:
             rows += cats_anatomy(clock, meta)
             extra["tuned_cats_up"] = dict(cats_tuned)
             (out / "tuned_cats_up.json").write_text(json.dumps(cats_tuned, indent=1))
+            save()
+        if args.mlp_anatomy:  # before the kernel table: its sparse_mlp winner serves the block and the decode
+            rows += mlp_anatomy(clock, meta)
+            extra["tuned_mlp"] = dict(mlp_tuned)
+            (out / "tuned_mlp.json").write_text(json.dumps(mlp_tuned, indent=1))
             save()
         if not args.skip_kernels:
             lay = Layers(4, torch.bfloat16)
