@@ -719,14 +719,17 @@ def cats_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
 
 
 # sparse_mlp's tiles swept by --mlp-anatomy: MlpConfig (block_i channels of h a program, block_k kept input rows a
-# walk step, block_d output columns a down step, num_warps, num_stages, depth, eager)
-MLP_GRID = [(64, 64, 128, 2, 1, 2, False), (32, 64, 128, 2, 1, 2, False), (32, 128, 128, 4, 1, 2, False),
-            (64, 64, 256, 4, 1, 2, False), (64, 128, 128, 4, 1, 2, False), (128, 32, 128, 4, 1, 2, False),
-            (32, 64, 256, 2, 1, 2, False), (64, 64, 128, 2, 2, 2, False), (64, 64, 128, 2, 1, 1, False),
-            (64, 64, 128, 2, 1, 2, True), (16, 128, 256, 2, 1, 2, False), (32, 32, 128, 2, 1, 2, False),
-            (128, 64, 128, 8, 1, 2, False), (64, 32, 512, 4, 1, 2, False)]
+# walk step, block_d output columns a down step, num_warps, num_stages, depth, eager, joint, down_depth); the
+# first: the H100's winner with gate and up walked apart and no W_d prefetch (e4965c4: 87.5 us at 0.5)
+MLP_GRID = [(64, 128, 128, 4, 1, 2, False, False, 1), (64, 128, 128, 4, 1, 2, False, False, 2),
+            (64, 64, 128, 4, 1, 2, False, True, 2), (64, 128, 128, 4, 1, 2, False, True, 2),
+            (64, 64, 256, 4, 1, 2, False, True, 2), (32, 64, 128, 2, 1, 2, False, True, 2),
+            (32, 128, 256, 4, 1, 2, False, True, 2), (64, 64, 128, 8, 1, 2, False, True, 2),
+            (128, 32, 128, 8, 1, 2, False, True, 2), (64, 32, 256, 4, 1, 2, False, True, 2),
+            (32, 64, 512, 4, 1, 2, False, True, 2), (64, 64, 64, 4, 1, 2, False, True, 2),
+            (16, 128, 256, 2, 1, 2, False, True, 2), (64, 128, 128, 8, 1, 2, False, True, 2)]
 if SMOKE:
-    MLP_GRID = [(32, 16, 32, 2, 1, 2, False), (16, 32, 16, 2, 1, 1, True)]
+    MLP_GRID = [(32, 16, 32, 2, 1, 2, False, True, 2), (16, 32, 16, 2, 1, 1, True, False, 1)]
 mlp_tuned: dict[str, dict] = {}  # "K|I|D|batch" -> the sparse_mlp tiles --mlp-anatomy chose
 
 
@@ -791,7 +794,7 @@ def mlp_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
         mlp_tuned["|".join(map(str, key))] = ranked[0][0].__dict__
         log("  mlp tiles (us at 0.25 + 0.5): " + " ".join(
             f"{c.block_i}x{c.block_k}x{c.block_d}x{c.num_warps}w{c.num_stages}s{'d2' if c.depth == 2 else ''}"
-            f"{'e' if c.eager else ''}={v:.1f}" for c, v in ranked[:8]) + f" -> {ranked[0][0]}")
+            f"{'e' if c.eager else ''}{'j' if c.joint else ''}dd{c.down_depth}={v:.1f}" for c, v in ranked[:8]) + f" -> {ranked[0][0]}")
     elif old is None:
         fm.TUNED_MLP.pop(key, None)
     else:
@@ -811,8 +814,8 @@ def mlp_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
         if s < 1.0:
             stream.zero_()
             fused(sets[0], th)
-            want = ref.sparse_mlp_ref(x, sets[0]["wg_t"], sets[0]["wu_t"], sets[0]["wd_t"], th[0], th[1],
-                                      norm_weight=g, eps=1e-5)
+            want = ref.sparse_mlp_ref(x, sets[0]["wg_t"].float(), sets[0]["wu_t"].float(),
+                                      sets[0]["wd_t"].float(), th[0], th[1], norm_weight=g, eps=1e-5)
             err = rel(stream, want)
         rows += [{**meta, "kind": "kernel", "method": "mlp-anatomy", "model": "llama3-8b-shapes", "op": op,
                   "sparsity": s, "batch": 1, "dtype": "bf16", "us": round(v, 2), "max_rel_err": err,

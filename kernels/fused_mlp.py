@@ -10,9 +10,10 @@ output by fp32 atomics. So:
    up's selections (threshold, shift or N:M) as two lists of kept channels with their values; with `out=` it
    also zeroes the output.
 2. `_mlp_kernel`, one program per BLOCK_I channels of h: walks gate's list over its BLOCK_I columns of W_g^T and
-   up's over W_u^T (`gather_gemv.walk_rows`: only the kept rows are read), forms h = act(g + b_g)·(u + b_u) in
+   up's over W_u^T in one loop (`_walk_pair`; or one after the other, `gather_gemv.walk_rows`: only the kept rows
+   are read), forms h = act(g + b_g)·(u + b_u) in
    fp32, selects it with down's rule (threshold, shift or N:M, `select_chunk`) and reads only the kept rows of
-   its [BLOCK_I, D] block of W_d^T, BLOCK_D columns a step, adding each step's [B, BLOCK_D] partial into y
+   its [BLOCK_I, D] block of W_d^T, BLOCK_D columns a step (the next step's tile requested first), adding each step's [B, BLOCK_D] partial into y
    (fp32 atomics; a program whose channels are all dropped reads and adds nothing). Program 0 adds b_d.
 
 No intermediate leaves the program: gate|up's raw sums and h never round-trip through memory, and the down
@@ -43,10 +44,12 @@ class MlpConfig:
     block_i: int = 64  # channels of h a program owns: columns of W_g^T / W_u^T, rows of W_d^T
     block_k: int = 64  # kept input rows a step of the gate and up walks
     block_d: int = 128  # output columns a step of the down part
-    num_warps: int = 2
+    num_warps: int = 4
     num_stages: int = 1
-    depth: int = 2  # two gathered weight tiles in flight in the gate and up walks
-    eager: bool = False  # the walks' first indices load beside the count (see GatherConfig.eager)
+    depth: int = 2  # two gathered weight tiles in flight in the gate and up walks (apart: joint=False)
+    eager: bool = False  # the walks' first indices load beside the count (see GatherConfig.eager; joint=False)
+    joint: bool = True  # gate's and up's lists walked in one loop: both matrices' tiles in flight at once
+    down_depth: int = 2  # the next W_d tile requested before the current one is summed
 
 
 # (K, I, D, batch bucket 1 or 4) -> config: winners of `bench_kernels.py --mlp-anatomy` on the GPU.
@@ -63,12 +66,59 @@ def mlp_config(k: int, i: int, d: int, b: int) -> MlpConfig:
 
 
 @triton.jit
+def _walk_pair(idx_ptr, val_rows, count_ptr, wg_ptr, wu_ptr, offs_i, mask_i, mask_b, stride_wk, SEG_K: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Gate's list over W_g^T's columns offs_i and up's over W_u^T's in one loop, BLOCK_K kept rows of each a step
+    (the shorter list's steps past its count masked: no bytes): two tiles of each in flight, their indices two
+    steps ahead; return (g, u) [BLOCK_B, BLOCK_I] in fp32."""
+    ar = tl.arange(0, BLOCK_K)
+    cg = tl.load(count_ptr)
+    cu = tl.load(count_ptr + 1)
+    iu_base = idx_ptr + SEG_K
+    vu_rows = val_rows + BLOCK_B * SEG_K
+    mb = mask_b[:, None]
+    mg, mu = ar < cg, ar < cu
+    ig = tl.load(idx_ptr + ar, mask=mg, other=0, cache_modifier=".cg")
+    iu = tl.load(iu_base + ar, mask=mu, other=0, cache_modifier=".cg")
+    xg = tl.load(val_rows + ar[None, :], mask=mb & mg[None, :], other=0.0, cache_modifier=".cg")
+    xu = tl.load(vu_rows + ar[None, :], mask=mb & mu[None, :], other=0.0, cache_modifier=".cg")
+    wg = tl.load(wg_ptr + ig[:, None] * stride_wk + offs_i[None, :], mask=mg[:, None] & mask_i[None, :], other=0.0,
+                 eviction_policy="evict_first")
+    wu = tl.load(wu_ptr + iu[:, None] * stride_wk + offs_i[None, :], mask=mu[:, None] & mask_i[None, :], other=0.0,
+                 eviction_policy="evict_first")
+    nxt = BLOCK_K + ar
+    ig_1 = tl.load(idx_ptr + nxt, mask=nxt < cg, other=0, cache_modifier=".cg")
+    iu_1 = tl.load(iu_base + nxt, mask=nxt < cu, other=0, cache_modifier=".cg")
+    xg_1 = tl.load(val_rows + nxt[None, :], mask=mb & (nxt < cg)[None, :], other=0.0, cache_modifier=".cg")
+    xu_1 = tl.load(vu_rows + nxt[None, :], mask=mb & (nxt < cu)[None, :], other=0.0, cache_modifier=".cg")
+    acc_g = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_I], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_I], dtype=tl.float32)
+    for i in range(0, tl.maximum(cg, cu), BLOCK_K):
+        nxt = i + BLOCK_K + ar
+        wg_1 = tl.load(wg_ptr + ig_1[:, None] * stride_wk + offs_i[None, :], mask=(nxt < cg)[:, None] & mask_i[None, :],
+                       other=0.0, eviction_policy="evict_first")
+        wu_1 = tl.load(wu_ptr + iu_1[:, None] * stride_wk + offs_i[None, :], mask=(nxt < cu)[:, None] & mask_i[None, :],
+                       other=0.0, eviction_policy="evict_first")
+        nxt2 = nxt + BLOCK_K
+        ig_2 = tl.load(idx_ptr + nxt2, mask=nxt2 < cg, other=0, cache_modifier=".cg")
+        iu_2 = tl.load(iu_base + nxt2, mask=nxt2 < cu, other=0, cache_modifier=".cg")
+        xg_2 = tl.load(val_rows + nxt2[None, :], mask=mb & (nxt2 < cg)[None, :], other=0.0, cache_modifier=".cg")
+        xu_2 = tl.load(vu_rows + nxt2[None, :], mask=mb & (nxt2 < cu)[None, :], other=0.0, cache_modifier=".cg")
+        acc_g += xg[:, :, None] * wg.to(tl.float32)[None, :, :]
+        acc_u += xu[:, :, None] * wu.to(tl.float32)[None, :, :]
+        wg, wu, xg, xu = wg_1, wu_1, xg_1, xu_1
+        ig_1, iu_1, xg_1, xu_1 = ig_2, iu_2, xg_2, xu_2
+    return tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1)
+
+
+@triton.jit
 def _mlp_kernel(idx_ptr, val_ptr, count_ptr, wg_ptr, wu_ptr, wd_ptr, bias_ptr, td_ptr, md_ptr, bd_ptr, y_ptr,
                 B, K, I, D, stride_wk, stride_wd, stride_tdk, stride_yb,
                 HAS_BIAS: tl.constexpr, HAS_DSHIFT: tl.constexpr, HAS_DBIAS: tl.constexpr, NM_N: tl.constexpr,
                 NM_M: tl.constexpr, ACT: tl.constexpr, EAGER: tl.constexpr, DEPTH: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+                BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, JOINT: tl.constexpr = True,
+                DOWN_DEPTH: tl.constexpr = 2, PDL: tl.constexpr = False):
     pdl_prologue(PDL)
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BLOCK_B)
@@ -77,10 +127,14 @@ def _mlp_kernel(idx_ptr, val_ptr, count_ptr, wg_ptr, wu_ptr, wd_ptr, bias_ptr, t
     mask_i = offs_i < I
     # The compaction pass wrote two lists: gate's selection (slot 0), up's (slot 1), BLOCK_B value rows each.
     val_rows = val_ptr + offs_b[:, None] * SEG_K
-    g, _ = walk_rows(idx_ptr, val_rows, count_ptr, wg_ptr, offs_i, mask_i, mask_b, stride_wk, K, EAGER, DEPTH,
-                     False, IEEE, BLOCK_B, BLOCK_K, BLOCK_I)
-    u, _ = walk_rows(idx_ptr + SEG_K, val_rows + BLOCK_B * SEG_K, count_ptr + 1, wu_ptr, offs_i, mask_i, mask_b,
-                     stride_wk, K, EAGER, DEPTH, False, IEEE, BLOCK_B, BLOCK_K, BLOCK_I)
+    if JOINT:
+        g, u = _walk_pair(idx_ptr, val_rows, count_ptr, wg_ptr, wu_ptr, offs_i, mask_i, mask_b, stride_wk, SEG_K,
+                          BLOCK_B, BLOCK_K, BLOCK_I)
+    else:
+        g, _ = walk_rows(idx_ptr, val_rows, count_ptr, wg_ptr, offs_i, mask_i, mask_b, stride_wk, K, EAGER, DEPTH,
+                         False, IEEE, BLOCK_B, BLOCK_K, BLOCK_I)
+        u, _ = walk_rows(idx_ptr + SEG_K, val_rows + BLOCK_B * SEG_K, count_ptr + 1, wu_ptr, offs_i, mask_i, mask_b,
+                         stride_wk, K, EAGER, DEPTH, False, IEEE, BLOCK_B, BLOCK_K, BLOCK_I)
     if HAS_BIAS:
         g += tl.load(bias_ptr + offs_i, mask=mask_i, other=0.0).to(tl.float32)[None, :]
         u += tl.load(bias_ptr + I + offs_i, mask=mask_i, other=0.0).to(tl.float32)[None, :]
@@ -99,14 +153,27 @@ def _mlp_kernel(idx_ptr, val_ptr, count_ptr, wg_ptr, wu_ptr, wd_ptr, bias_ptr, t
                               mask=mask_b[:, None] & mask_d[None, :], sem="relaxed")
     if tl.sum(rows.to(tl.int32), axis=0) > 0:
         w_rows = wd_ptr + offs_i[:, None] * stride_wd
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            w = tl.load(w_rows + offs_d[None, :], mask=keep[:, None] & mask_d[None, :], other=0.0,
+        ar_d = tl.arange(0, BLOCK_D)
+        y_rows = y_ptr + offs_b[:, None] * stride_yb
+        if DOWN_DEPTH == 2:  # the next tile on its way while this one is summed and added
+            w = tl.load(w_rows + ar_d[None, :], mask=keep[:, None] & (ar_d < D)[None, :], other=0.0,
                         eviction_policy="evict_first")
-            part = tl.sum(hs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)  # [BLOCK_B, BLOCK_D]
-            tl.atomic_add(y_ptr + offs_b[:, None] * stride_yb + offs_d[None, :], part,
-                          mask=mask_b[:, None] & mask_d[None, :], sem="relaxed")
+            for d0 in range(0, D, BLOCK_D):
+                offs_n = d0 + BLOCK_D + ar_d
+                w_1 = tl.load(w_rows + offs_n[None, :], mask=keep[:, None] & (offs_n < D)[None, :], other=0.0,
+                              eviction_policy="evict_first")
+                part = tl.sum(hs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)  # [BLOCK_B, BLOCK_D]
+                tl.atomic_add(y_rows + (d0 + ar_d)[None, :], part, mask=mask_b[:, None] & (d0 + ar_d < D)[None, :],
+                              sem="relaxed")
+                w = w_1
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + ar_d
+                mask_d = offs_d < D
+                w = tl.load(w_rows + offs_d[None, :], mask=keep[:, None] & mask_d[None, :], other=0.0,
+                            eviction_policy="evict_first")
+                part = tl.sum(hs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+                tl.atomic_add(y_rows + offs_d[None, :], part, mask=mask_b[:, None] & mask_d[None, :], sem="relaxed")
 
 
 def launch_mlp(x, wg, wu, wd, thresh, shift, bias, down_thresh, down_shift, down_bias, norm_weight, eps, act: int,
@@ -136,8 +203,8 @@ def launch_mlp(x, wg, wu, wd, thresh, shift, bias, down_thresh, down_shift, down
         b, k, inter, d, wg.stride(0), wd.stride(0), down_thresh.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, HAS_DSHIFT=down_shift is not None, HAS_DBIAS=down_bias is not None, NM_N=nm_n,
         NM_M=max(nm_m, 1), ACT=act, EAGER=cfg.eager, DEPTH=cfg.depth, IEEE=wg.dtype == torch.float32,
-        BLOCK_B=val_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_I=cfg.block_i, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device))
+        BLOCK_B=val_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_I=cfg.block_i, BLOCK_D=cfg.block_d, JOINT=cfg.joint,
+        DOWN_DEPTH=cfg.down_depth, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device))
     record_compiled("mlp_kernel", compiled, k, inter, True)
     return y
 

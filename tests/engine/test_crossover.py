@@ -47,13 +47,14 @@ def test_engine_without_a_gpu_never_falls_back():
 
 def test_every_measured_launch_runs_and_the_choice_covers_each_op(monkeypatch):
     """The measurement's every launch (cuBLAS and each kernel per op: q|k|v, o, gate|up, down, the raw pair and
-    gated down, the fused MLP, CATS's gate alone and its up rows) runs on the CPU's interpreted kernels; only the clock is a
-    stand-in here (CUDA graphs need a GPU; the GPU test below times them), counting each timed call."""
+    gated down, the fused MLP, CATS's gate alone and its up rows) runs (on the CPU: the interpreted kernels); only the
+    clock is a stand-in here (CUDA graphs need a GPU; the GPU test below times them), counting each timed call."""
     from actsparse.engine import crossover
 
     timed = []
     monkeypatch.setattr(crossover, "graph_ms", lambda fn, reps=5, warmup=1: (fn(), timed.append(1), 1.0)[-1])
-    eng = Engine.random(TINY, device="cpu", dtype=torch.float32, kernels="triton", max_batch=1, max_seq_len=16,
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels compile for the GPU where there is one
+    eng = Engine.random(TINY, device=dev, dtype=torch.float32, kernels="triton", max_batch=1, max_seq_len=16,
                         fallback_below=0.0, residual_fp32=True)
     out = crossover.measure(eng, 1)
     assert set(out) == {"qkv", "o", "gu", "down", "pair", "gated", "mlp", "gate", "up"}
@@ -85,6 +86,8 @@ def test_gpu_measured_crossovers_are_levels_and_cached(batch):
     # gate|up's raw sums and down forming act(gate)·up from them, each on both kernels
     assert set(times["pair"].kernel_ms) == set(times["gated"].kernel_ms) == {"oneshot", "gather"}
     assert times["pair"].best(0.5)[0] in ("oneshot", "gather") and times["gated"].best(0.5)[1] > 0
-    assert set(times["up"].kernel_ms) == {"walk", "oneshot"} and times["up"].choice(0.5) in ("walk", "oneshot")
+    ups = {"walk", "oneshot", "rows"} if batch == 1 else {"walk", "oneshot"}  # the kept-rows walk: batch 1
+    assert set(times["up"].kernel_ms) == ups and times["up"].choice(0.5) in ups
+    assert set(times["mlp"].kernel_ms) == {"fused"} and times["mlp"].at("fused", 0.5) > 0
     calibrate_thresholds(eng, 0.5, n_tokens=4, batch=batch)
     assert eng.decode(None, 4, batch=batch) > 0
