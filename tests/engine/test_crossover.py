@@ -40,6 +40,46 @@ def test_union_threshold_skips_that_fraction_of_the_batch_union(s):
     assert union_threshold(v, 0.0) == 0.0
 
 
+def test_the_mlp_runs_the_fastest_of_its_three_ways(monkeypatch):
+    """`_mlp_raw` from measured times (stand-ins here): the whole MLP in two launches where it beats both the raw
+    pair + gated down and gate|up + down apart (read at the bytes' mean skip), else the faster of those two; never
+    fused for a rule it cannot run (a low-rank path, a Top-K level on down, two N:M patterns)."""
+    from actsparse.engine import engine as eng_mod
+
+    eng = Engine.random(TINY, device="cpu", dtype=torch.float32, kernels="torch", max_batch=1, max_seq_len=16,
+                        fallback_below=0.0)
+    eng.residual_fp32, eng.fallback_below = True, "measured"
+    eng.set_thresholds({f"layers.{i}.{r}": 0.3 for i in range(TINY.n_layers)
+                        for r in ("q", "k", "v", "o", "gate", "up", "down")},
+                       expected_sparsity={f"layers.0.{r}": s for r, s in (("gate", 0.5), ("up", 0.5), ("down", 0.2))})
+    r = eng.rules[0]
+    levels = (0.0, 1.0)
+
+    def times(mlp_ms):  # gate|up + down apart: 10 + 5 at any skip; pair + gated: 8 + 4; fused: linear in the skip
+        flat = {"oneshot": (10.0, 10.0)}
+        return {"gu": OpTimes(99.0, levels, flat), "down": OpTimes(99.0, levels, {"oneshot": (5.0, 5.0)}),
+                "qkv": OpTimes(99.0, levels, flat), "o": OpTimes(99.0, levels, flat),
+                "pair": OpTimes(float("inf"), levels, {"gather": (8.0, 8.0)}),
+                "gated": OpTimes(float("inf"), levels, {"gather": (4.0, 4.0)}),
+                "mlp": OpTimes(float("inf"), levels, {"fused": mlp_ms})}
+    x = torch.zeros(1, TINY.hidden_size)
+
+    def pick(mlp_ms, rule=r):
+        monkeypatch.setattr(eng_mod, "op_times", lambda e, b: times(mlp_ms))
+        return eng._mlp_raw(rule, x, 1, None, None)
+    # at the bytes' mean skip (2·0.5 + 0.2) / 3 = 0.4: 20 - 10·0.4 = 16 > 12, 14 - 10·0.4 = 10 < 12
+    assert r.gu.expected == 0.5 and r.down.expected == 0.2
+    assert pick((20.0, 10.0)) == ("gather", "gather")
+    assert pick((14.0, 4.0)) == eng_mod.FUSED_MLP
+    topk_down = eng_mod._LayerRule(r.qkv, r.o, r.gu, eng_mod._OpRule(thresh=r.down.thresh, expected=0.2,
+                                                                      topk=torch.zeros(1, dtype=torch.int32)))
+    two_nm = eng_mod._LayerRule(r.qkv, r.o, eng_mod._OpRule(thresh=r.gu.thresh, expected=0.5, nm=(2, 4)), r.down)
+    lowrank = eng_mod._LayerRule(r.qkv, r.o, eng_mod._OpRule(thresh=r.gu.thresh, expected=0.5, lowrank=(1, 2, 3)),
+                                 r.down)
+    assert pick((14.0, 4.0), topk_down) == pick((14.0, 4.0), two_nm) == pick((14.0, 4.0), lowrank) == (
+        "gather", "gather")
+
+
 def test_engine_without_a_gpu_never_falls_back():
     eng = Engine.random(TINY, device="cpu", dtype=torch.float32, kernels="torch")
     assert eng.fallback_below == 0.0
