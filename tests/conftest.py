@@ -100,21 +100,46 @@ def tiny(tiny_dir):
     return asp.load_model(str(tiny_dir))
 
 
-# Tests that start Ray clusters, MLflow servers or whole sweeps run one at a time on one xdist worker
-# (`make test` runs two workers, `--dist loadgroup`): two clusters at once would fight over the CPUs
-# they each reserve. The rest (pure-Python tests, command-line errors, dry runs) spreads over both workers.
-# A test joins the group when it uses a fixture that starts such a thing (module fixtures then run once, on one
-# worker), or starts one itself.
+# Tests that start Ray clusters, MLflow servers or whole sweeps, or share a module fixture that runs a sweep, run on
+# one xdist worker per test module (`make test` runs two workers, `--dist loadgroup`): a module fixture then runs
+# once instead of once on each worker (a tiny sweep through the console script is 30-90 s), and the modules still
+# spread over both workers. One group for all of them would put ~20 minutes of sweeps on one worker, longer than
+# the rest of the suite together. The rest (pure-Python tests, command-line errors, dry runs) spreads freely.
+# A test joins its module's group when it uses a fixture that starts such a thing, or starts one itself.
 _SERIAL_FIXTURES = {"ray_cluster", "swept", "acc_sweep", "mlflow_server"}
 _SERIAL_TESTS = ("test_demo_e2e.py", "orchestration/test_cluster.py",
                  "orchestration/test_cli_mlflow.py::test_experiment_opens_on_runs_table_and_reruns_are_numbered")
+# Other fixtures that take many seconds and are shared by several tests: their tests share a worker too, so the
+# fixture is built once. fixture -> group (None: the test's module).
+_SHARED_FIXTURES = {"built_report": "report-built_report", "two_ranks": None}
+
+
+def _group(item, rel: str) -> str | None:
+    """The xdist group of a test (None: scheduled on its own)."""
+    names = set(item.fixturenames)
+    module = rel.removesuffix(".py").replace("/", "-")
+    for fixture, group in _SHARED_FIXTURES.items():
+        if fixture in names:
+            return group or f"shared-{module}"
+    if _SERIAL_FIXTURES & names or any(t in f"{rel}::{item.name}" for t in _SERIAL_TESTS):
+        return f"serial-{module}"
+    return None
 
 
 # tryfirst: xdist's own hook reads the xdist_group marks to name each test's group, so they must be on by then
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     root = os.path.dirname(__file__)
+    loadgroup = getattr(config.option, "loadgroup", False)  # set on xdist's workers under --dist loadgroup
     for item in items:
-        rel = "/".join(os.path.relpath(str(item.path), root).split(os.sep)) + "::" + item.name
-        if _SERIAL_FIXTURES & set(item.fixturenames) or any(t in rel for t in _SERIAL_TESTS):
-            item.add_marker(pytest.mark.xdist_group("cluster"))
+        group = _group(item, "/".join(os.path.relpath(str(item.path), root).split(os.sep)))
+        if group is None:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
+        # xdist names the group by suffixing the node id with "@group", which it does by setting item._nodeid;
+        # from pytest 9 the node id is read from item._id, so that assignment is lost and every test would be
+        # scheduled on its own. Suffix it here where that is the case.
+        if loadgroup and hasattr(item, "_id") and "@" not in item.nodeid:
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(f"{item.nodeid}@{group}")

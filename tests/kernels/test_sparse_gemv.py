@@ -44,8 +44,8 @@ def test_sparse_gemv_matches_reference(dtype, batch, shape, sparsity, path):
     assert rel_err(y, ref.sparse_gemv_ref(x, wt, t)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("batch", [1, 2])
+# Every path runs each case (the interpreter takes seconds a path): each dtype and each batch size once.
+@pytest.mark.parametrize("dtype, batch", [(torch.float32, 1), (torch.float16, 2)])
 def test_fused_qkv_norm_shift_bias_residual_match_reference(dtype, batch):
     k, nq, nkv = 96, 64, 32
     n = nq + 2 * nkv
@@ -106,9 +106,9 @@ def test_nm_selection_matches_reference(nm, batch):
     assert kept == pytest.approx(nm[0] / nm[1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("sparsity", [0.0, 0.6])
+# Every path runs each case: the four cases hold every pair of dtype, batch size and sparsity (dense, sparse).
+@pytest.mark.parametrize("dtype, batch, sparsity", [(torch.float32, 1, 0.6), (torch.float32, 3, 0.0),
+                                                    (torch.float16, 1, 0.0), (torch.float16, 3, 0.6)])
 def test_gated_mlp_matches_reference(dtype, batch, sparsity):
     k, n = 64, 80
     x = torch.randn(batch, k, device=DEVICE, dtype=dtype) * 2

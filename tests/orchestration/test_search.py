@@ -10,7 +10,7 @@ import pytest
 from actsparse.errors import ActsparseError
 from actsparse.sweep.search import parse_search
 
-from .conftest import mlflow_runs, run_cli, summary, sweep_in_process
+from .conftest import mlflow_runs, summary, sweep_in_process
 
 
 @pytest.mark.parametrize("text, metric, kind, value", [
@@ -85,17 +85,18 @@ def test_a_probe_over_its_budget_is_marked_with_a_cross_naming_the_limit(tiny_di
     assert plain.startswith("✓ ") and "limit" not in plain      # an ordinary sweep cell: finished is all it says
 
 
-def test_cli_refuses_before_loading_anything(workspace):
+def test_cli_refuses_before_loading_anything(workspace, monkeypatch):
     ws, base = workspace
+    monkeypatch.chdir(ws)   # in-process (the console script's error path is tested in test_cli_errors)
     for args, msg in (
         (["--search", "ppl=>1.02x"], "accepted forms"),
         (["--search", "acc_avg>=dense-1", "method=teal"], "measures only ppl; choose eval=lm_eval"),
         (["--search", "ppl<=1.02x", "method=nm"], "does not take a target sparsity"),
         (["--search", "loss<=1.02x", "method=teal"], "budget on 'loss', but cell"),   # no measure records it
     ):
-        proc = run_cli(["sweep", *args, "+sweep=smoke", *base], cwd=ws)
-        assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert msg in proc.stderr and proc.stderr.startswith("actsparse: error:")
+        rc, out, err = sweep_in_process([*args, "+sweep=smoke", *base])
+        assert rc == 2, out + err
+        assert msg in err and err.startswith("actsparse: error:")
         assert not (ws / "mlflow.db").exists() and not (ws / "store").exists()
 
 

@@ -3,9 +3,22 @@ nothing where a requested sparsity means different things per method, refuses to
 extrapolations meet, and writes non-default options beside the sweep's report, never over it."""
 from __future__ import annotations
 
+import contextlib
+import io
 import random
+import subprocess
 
 from .conftest import POINTS, run_cli, write_sweep
+
+
+def _report_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`actsparse report ARGS` in this process (the console script itself ran once already)."""
+    from actsparse.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["report", *args])
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def test_report_leads_with_effective_sparsity_and_variants_go_beside(tmp_path):
@@ -30,7 +43,7 @@ def test_report_leads_with_effective_sparsity_and_variants_go_beside(tmp_path):
     assert md.index("**Pareto front, ppl vs effective sparsity") < md.index("**ppl ↓ by method and requested")
 
     ratio = random.choice(["2x", "3x", "1.5x"])       # looser than any measured point of every method
-    loose = run_cli(["report", "--tracking-uri", uri, "--out", str(out), "--budget", ratio], cwd=tmp_path)
+    loose = _report_in_process(["--tracking-uri", uri, "--out", str(out), "--budget", ratio])
     assert loose.returncode == 0, loose.stderr
     variant = out / "synthetic-0001" / "variants" / f"budget-{ratio}"
     assert own.read_text() == md                                     # the sweep's own report is untouched
