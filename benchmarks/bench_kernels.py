@@ -722,12 +722,14 @@ def cats_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
 # walk step, block_d output columns a down step, num_warps, num_stages, depth, eager, joint, down_depth); the
 # first: the H100's winner with gate and up walked apart and no W_d prefetch (e4965c4: 87.5 us at 0.5)
 MLP_GRID = [(64, 128, 128, 4, 1, 2, False, False, 1), (64, 128, 128, 4, 1, 2, False, False, 2),
-            (64, 64, 128, 4, 1, 2, False, True, 2), (64, 128, 128, 4, 1, 2, False, True, 2),
-            (64, 64, 256, 4, 1, 2, False, True, 2), (32, 64, 128, 2, 1, 2, False, True, 2),
-            (32, 128, 256, 4, 1, 2, False, True, 2), (64, 64, 128, 8, 1, 2, False, True, 2),
-            (128, 32, 128, 8, 1, 2, False, True, 2), (64, 32, 256, 4, 1, 2, False, True, 2),
-            (32, 64, 512, 4, 1, 2, False, True, 2), (64, 64, 64, 4, 1, 2, False, True, 2),
-            (16, 128, 256, 2, 1, 2, False, True, 2), (64, 128, 128, 8, 1, 2, False, True, 2)]
+            (32, 64, 128, 2, 1, 2, False, False, 2),
+            # the joint walk holds both matrices' accumulators and tiles: tiles that compile without spilling (sm_90)
+            (64, 32, 128, 4, 1, 2, False, True, 2), (64, 32, 256, 4, 1, 2, False, True, 2),
+            (64, 64, 128, 8, 1, 2, False, True, 2), (64, 64, 256, 8, 1, 2, False, True, 2),
+            (32, 32, 128, 2, 1, 2, False, True, 2), (32, 64, 256, 4, 1, 2, False, True, 2),
+            (128, 32, 128, 8, 1, 2, False, True, 2), (64, 32, 128, 4, 1, 2, False, True, 1),
+            # W_d's tiles left to Triton's software pipelining (cp.async stages) instead of the explicit prefetch
+            (64, 64, 128, 8, 3, 2, False, True, 1), (64, 32, 128, 4, 2, 2, False, True, 1)]
 if SMOKE:
     MLP_GRID = [(32, 16, 32, 2, 1, 2, False, True, 2), (16, 32, 16, 2, 1, 1, True, False, 1)]
 mlp_tuned: dict[str, dict] = {}  # "K|I|D|batch" -> the sparse_mlp tiles --mlp-anatomy chose

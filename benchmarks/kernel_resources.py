@@ -118,10 +118,10 @@ def compile_mlp(depth: int, eager: bool, extras: bool, nm: bool, batch: int = 1,
     """The compiled fused MLP's second launch (sm_90): gate and up walked over Llama-3-8B's 4096 × 14336 and the
     kept rows of W_d^T read; `extras`: gate/up biases, down's shift and bias; `nm`: 2:4 selection of h."""
     consts = dict(HAS_BIAS=extras, HAS_DSHIFT=extras, HAS_DBIAS=extras, NM_N=2 if nm else 0, NM_M=4 if nm else 1,
-                  ACT=1, EAGER=eager, DEPTH=depth, IEEE=False, BLOCK_B=batch, SEG_K=4096, BLOCK_K=64, BLOCK_I=64,
+                  ACT=1, EAGER=eager, DEPTH=depth, IEEE=False, BLOCK_B=batch, SEG_K=4096, BLOCK_K=32, BLOCK_I=64,
                   BLOCK_D=128, JOINT=joint, DOWN_DEPTH=down_depth, PDL=False)
     ptrs = {n: "*bf16" for n in ("wg_ptr", "wu_ptr", "wd_ptr", "bias_ptr", "bd_ptr")}
-    return _compile(fused_mlp._mlp_kernel, consts, 2, {**ptrs, "td_ptr": "*fp32", "md_ptr": "*fp32",
+    return _compile(fused_mlp._mlp_kernel, consts, 4, {**ptrs, "td_ptr": "*fp32", "md_ptr": "*fp32",
                                                         "y_ptr": "*fp32"})
 
 
