@@ -719,7 +719,8 @@ def cats_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
 
 
 # sparse_mlp's tiles swept by --mlp-anatomy: MlpConfig (block_i channels of h a program, block_k kept input rows a
-# walk step, block_d output columns a down step, num_warps, num_stages, depth, eager, joint, down_depth); the
+# walk step, block_d output columns a down step, num_warps, num_stages, depth, eager, joint, down_depth[,
+# reduce_each]); the
 # first: the H100's winner with gate and up walked apart and no W_d prefetch (e4965c4: 87.5 us at 0.5)
 MLP_GRID = [(64, 128, 128, 4, 1, 2, False, False, 1), (64, 128, 128, 4, 1, 2, False, False, 2),
             (32, 64, 128, 2, 1, 2, False, False, 2),
@@ -729,7 +730,10 @@ MLP_GRID = [(64, 128, 128, 4, 1, 2, False, False, 1), (64, 128, 128, 4, 1, 2, Fa
             (32, 32, 128, 2, 1, 2, False, True, 2), (32, 64, 256, 4, 1, 2, False, True, 2),
             (128, 32, 128, 8, 1, 2, False, True, 2), (64, 32, 128, 4, 1, 2, False, True, 1),
             # W_d's tiles left to Triton's software pipelining (cp.async stages) instead of the explicit prefetch
-            (64, 64, 128, 8, 3, 2, False, True, 1), (64, 32, 128, 4, 2, 2, False, True, 1)]
+            (64, 64, 128, 8, 3, 2, False, True, 1), (64, 32, 128, 4, 2, 2, False, True, 1),
+            # each step's products summed at once (MlpConfig.reduce_each): taller tiles in flight, no spill
+            (64, 128, 128, 4, 1, 2, False, True, 2, True), (32, 128, 128, 4, 1, 2, False, True, 2, True),
+            (32, 256, 128, 8, 1, 2, False, True, 2, True)]
 if SMOKE:
     MLP_GRID = [(32, 16, 32, 2, 1, 2, False, True, 2), (16, 32, 16, 2, 1, 1, True, False, 1)]
 mlp_tuned: dict[str, dict] = {}  # "K|I|D|batch" -> the sparse_mlp tiles --mlp-anatomy chose
@@ -796,7 +800,8 @@ def mlp_anatomy(clock: Clock, meta: dict, n_sets: int = 4) -> list[dict]:
         mlp_tuned["|".join(map(str, key))] = ranked[0][0].__dict__
         log("  mlp tiles (us at 0.25 + 0.5): " + " ".join(
             f"{c.block_i}x{c.block_k}x{c.block_d}x{c.num_warps}w{c.num_stages}s{'d2' if c.depth == 2 else ''}"
-            f"{'e' if c.eager else ''}{'j' if c.joint else ''}dd{c.down_depth}={v:.1f}" for c, v in ranked[:8]) + f" -> {ranked[0][0]}")
+            f"{'e' if c.eager else ''}{'j' if c.joint else ''}{'r' if c.reduce_each else ''}dd{c.down_depth}={v:.1f}"
+            for c, v in ranked[:8]) + f" -> {ranked[0][0]}")
     elif old is None:
         fm.TUNED_MLP.pop(key, None)
     else:

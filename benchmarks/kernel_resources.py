@@ -114,12 +114,12 @@ def compile_lowrank(phase: str, norm: bool = False, gated: int = 0):
 
 
 def compile_mlp(depth: int, eager: bool, extras: bool, nm: bool, batch: int = 1, joint: bool = True,
-                down_depth: int = 2):
+                down_depth: int = 2, reduce_each: bool = False):
     """The compiled fused MLP's second launch (sm_90): gate and up walked over Llama-3-8B's 4096 × 14336 and the
     kept rows of W_d^T read; `extras`: gate/up biases, down's shift and bias; `nm`: 2:4 selection of h."""
     consts = dict(HAS_BIAS=extras, HAS_DSHIFT=extras, HAS_DBIAS=extras, NM_N=2 if nm else 0, NM_M=4 if nm else 1,
                   ACT=1, EAGER=eager, DEPTH=depth, IEEE=False, BLOCK_B=batch, SEG_K=4096, BLOCK_K=32, BLOCK_I=64,
-                  BLOCK_D=128, JOINT=joint, DOWN_DEPTH=down_depth, PDL=False)
+                  BLOCK_D=128, JOINT=joint, DOWN_DEPTH=down_depth, REDUCE_EACH=reduce_each, PDL=False)
     ptrs = {n: "*bf16" for n in ("wg_ptr", "wu_ptr", "wd_ptr", "bias_ptr", "bd_ptr")}
     return _compile(fused_mlp._mlp_kernel, consts, 4, {**ptrs, "td_ptr": "*fp32", "md_ptr": "*fp32",
                                                         "y_ptr": "*fp32"})
@@ -187,10 +187,13 @@ def _cases() -> list[tuple[str, str, tuple]]:
     cases += [(f"cats_up rows act={a}", "compile_rows_up", (32, 16, 256, 4, a)) for a in (0, 1)]
     cases += [(f"lowrank {ph} norm={n} gated={g}", "compile_lowrank", (ph, n, g))
               for ph, n, g in (("in", True, 0), ("in", False, 1), ("out", False, 0), ("out", True, 0))]
-    cases += [(f"mlp depth={d} eager={e} extras={x} nm={n} batch={b} joint={j} down_depth={dd}", "compile_mlp",
-               (d, e, x, n, b, j, dd))
-              for d, e, x, n, b, j, dd in ((2, False, False, False, 1, True, 2), (1, True, True, False, 1, False, 1),
-                                          (2, False, False, True, 2, True, 2), (2, False, False, False, 1, False, 2))]
+    cases += [(f"mlp depth={d} eager={e} extras={x} nm={n} batch={b} joint={j} down_depth={dd} reduce={r}",
+               "compile_mlp", (d, e, x, n, b, j, dd, r))
+              for d, e, x, n, b, j, dd, r in ((2, False, False, False, 1, True, 2, False),
+                                              (1, True, True, False, 1, False, 1, False),
+                                              (2, False, False, True, 2, True, 2, False),
+                                              (2, False, False, False, 1, False, 2, False),
+                                              (2, False, False, False, 1, True, 2, True))]
     cases += [(f"attention norm={n} f32={f}", "compile_attention", (n, f)) for n, f in ((False, False), (True, False),
                                                                                        (True, True))]
     cases += [(f"add_normed f32={f}", "compile_add_normed", (f,)) for f in (False, True)]

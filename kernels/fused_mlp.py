@@ -50,6 +50,9 @@ class MlpConfig:
     eager: bool = False  # the walks' first indices load beside the count (see GatherConfig.eager; joint=False)
     joint: bool = True  # gate's and up's lists walked in one loop: both matrices' tiles in flight at once
     down_depth: int = 2  # the next W_d tile requested before the current one is summed
+    # the joint walk sums each step's products over its rows at once ([block_i] sums, not [block_k, block_i]):
+    # a reduction a step, for registers that hold taller tiles in flight instead
+    reduce_each: bool = False
 
 
 # (K, I, D, batch bucket 1 or 4) -> config: winners of `bench_kernels.py --mlp-anatomy` on the GPU.
@@ -70,10 +73,11 @@ def mlp_config(k: int, i: int, d: int, b: int) -> MlpConfig:
 
 @triton.jit
 def _walk_pair(idx_ptr, val_rows, count_ptr, wg_ptr, wu_ptr, offs_i, mask_i, mask_b, stride_wk, SEG_K: tl.constexpr,
-               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr):
+               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr, REDUCE_EACH: tl.constexpr):
     """Gate's list over W_g^T's columns offs_i and up's over W_u^T's in one loop, BLOCK_K kept rows of each a step
     (the shorter list's steps past its count masked: no bytes): two tiles of each in flight, their indices two
-    steps ahead; return (g, u) [BLOCK_B, BLOCK_I] in fp32."""
+    steps ahead (REDUCE_EACH: each step's products summed over its rows at once); return (g, u) [BLOCK_B, BLOCK_I]
+    in fp32."""
     ar = tl.arange(0, BLOCK_K)
     cg = tl.load(count_ptr)
     cu = tl.load(count_ptr + 1)
@@ -94,8 +98,12 @@ def _walk_pair(idx_ptr, val_rows, count_ptr, wg_ptr, wu_ptr, offs_i, mask_i, mas
     iu_1 = tl.load(iu_base + nxt, mask=nxt < cu, other=0, cache_modifier=".cg")
     xg_1 = tl.load(val_rows + nxt[None, :], mask=mb & (nxt < cg)[None, :], other=0.0, cache_modifier=".cg")
     xu_1 = tl.load(vu_rows + nxt[None, :], mask=mb & (nxt < cu)[None, :], other=0.0, cache_modifier=".cg")
-    acc_g = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_I], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_I], dtype=tl.float32)
+    if REDUCE_EACH:
+        acc_g = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
+    else:
+        acc_g = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_I], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_I], dtype=tl.float32)
     for i in range(0, tl.maximum(cg, cu), BLOCK_K):
         nxt = i + BLOCK_K + ar
         wg_1 = tl.load(wg_ptr + ig_1[:, None] * stride_wk + offs_i[None, :], mask=(nxt < cg)[:, None] & mask_i[None, :],
@@ -107,11 +115,19 @@ def _walk_pair(idx_ptr, val_rows, count_ptr, wg_ptr, wu_ptr, offs_i, mask_i, mas
         iu_2 = tl.load(iu_base + nxt2, mask=nxt2 < cu, other=0, cache_modifier=".cg")
         xg_2 = tl.load(val_rows + nxt2[None, :], mask=mb & (nxt2 < cg)[None, :], other=0.0, cache_modifier=".cg")
         xu_2 = tl.load(vu_rows + nxt2[None, :], mask=mb & (nxt2 < cu)[None, :], other=0.0, cache_modifier=".cg")
-        acc_g += xg[:, :, None] * wg.to(tl.float32)[None, :, :]
-        acc_u += xu[:, :, None] * wu.to(tl.float32)[None, :, :]
+        if REDUCE_EACH:
+            acc_g += tl.sum(xg[:, :, None] * wg.to(tl.float32)[None, :, :], axis=1)
+            acc_u += tl.sum(xu[:, :, None] * wu.to(tl.float32)[None, :, :], axis=1)
+        else:
+            acc_g += xg[:, :, None] * wg.to(tl.float32)[None, :, :]
+            acc_u += xu[:, :, None] * wu.to(tl.float32)[None, :, :]
         wg, wu, xg, xu = wg_1, wu_1, xg_1, xu_1
         ig_1, iu_1, xg_1, xu_1 = ig_2, iu_2, xg_2, xu_2
-    return tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1)
+    if REDUCE_EACH:
+        g, u = acc_g, acc_u
+    else:
+        g, u = tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1)
+    return g, u
 
 
 @triton.jit
@@ -121,7 +137,7 @@ def _mlp_kernel(idx_ptr, val_ptr, count_ptr, wg_ptr, wu_ptr, wd_ptr, bias_ptr, t
                 NM_M: tl.constexpr, ACT: tl.constexpr, EAGER: tl.constexpr, DEPTH: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_B: tl.constexpr, SEG_K: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, JOINT: tl.constexpr = True,
-                DOWN_DEPTH: tl.constexpr = 2, PDL: tl.constexpr = False):
+                DOWN_DEPTH: tl.constexpr = 2, REDUCE_EACH: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_prologue(PDL)
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BLOCK_B)
@@ -132,7 +148,7 @@ def _mlp_kernel(idx_ptr, val_ptr, count_ptr, wg_ptr, wu_ptr, wd_ptr, bias_ptr, t
     val_rows = val_ptr + offs_b[:, None] * SEG_K
     if JOINT:
         g, u = _walk_pair(idx_ptr, val_rows, count_ptr, wg_ptr, wu_ptr, offs_i, mask_i, mask_b, stride_wk, SEG_K,
-                          BLOCK_B, BLOCK_K, BLOCK_I)
+                          BLOCK_B, BLOCK_K, BLOCK_I, REDUCE_EACH)
     else:
         g, _ = walk_rows(idx_ptr, val_rows, count_ptr, wg_ptr, offs_i, mask_i, mask_b, stride_wk, K, EAGER, DEPTH,
                          False, IEEE, BLOCK_B, BLOCK_K, BLOCK_I)
@@ -207,7 +223,8 @@ def launch_mlp(x, wg, wu, wd, thresh, shift, bias, down_thresh, down_shift, down
         HAS_BIAS=bias is not None, HAS_DSHIFT=down_shift is not None, HAS_DBIAS=down_bias is not None, NM_N=nm_n,
         NM_M=max(nm_m, 1), ACT=act, EAGER=cfg.eager, DEPTH=cfg.depth, IEEE=wg.dtype == torch.float32,
         BLOCK_B=val_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_I=cfg.block_i, BLOCK_D=cfg.block_d, JOINT=cfg.joint,
-        DOWN_DEPTH=cfg.down_depth, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device))
+        DOWN_DEPTH=cfg.down_depth, REDUCE_EACH=cfg.reduce_each, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(x.device))
     record_compiled("mlp_kernel", compiled, k, inter, True)
     return y
 

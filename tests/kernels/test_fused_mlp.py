@@ -89,11 +89,12 @@ def test_nothing_kept_adds_only_the_down_bias():
 
 
 @pytest.mark.parametrize("cfg", [MlpConfig(block_i=32, block_k=16, block_d=16),
+                                 MlpConfig(block_i=32, block_k=16, block_d=16, reduce_each=True),
                                  MlpConfig(block_i=32, block_k=16, block_d=16, depth=1, eager=True, joint=False,
                                            down_depth=1)])
 def test_tiles_from_the_table(monkeypatch, cfg):
-    """A tuned entry is what runs (gate and up walked together or one after the other, W_d's next tile requested
-    early or not): channels of h not a multiple of the program's block, gate and up keeping different rows."""
+    """A tuned entry is what runs (gate and up walked together, their products summed each step or once, or one
+    after the other; W_d's next tile requested early or not): channels of h not a multiple of the program's block, gate and up keeping different rows."""
     k, i, d = 40, 72, 24
     wg, wu, wd = _weights(k, i, d)
     monkeypatch.setitem(fused_mlp.TUNED_MLP, (k, i, d, 1), cfg)
