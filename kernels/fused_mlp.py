@@ -72,6 +72,21 @@ def mlp_config(k: int, i: int, d: int, b: int) -> MlpConfig:
 
 
 @triton.jit
+def _list_step(idx_base, val_rows, pos, count, mb):
+    """The indices and values [BLOCK_B, len(pos)] at positions pos of a compacted list (masked past its count)."""
+    keep = pos < count
+    idx = tl.load(idx_base + pos, mask=keep, other=0, cache_modifier=".cg")
+    return idx, tl.load(val_rows + pos[None, :], mask=mb & keep[None, :], other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _rows_tile(w_ptr, idx, pos, count, offs_i, mask_i, stride_wk):
+    """The weight rows idx (those at list positions pos < count) over the columns offs_i."""
+    return tl.load(w_ptr + idx[:, None] * stride_wk + offs_i[None, :], mask=(pos < count)[:, None] & mask_i[None, :],
+                   other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
 def _walk_pair(idx_ptr, val_rows, count_ptr, wg_ptr, wu_ptr, offs_i, mask_i, mask_b, stride_wk, SEG_K: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr, REDUCE_EACH: tl.constexpr):
     """Gate's list over W_g^T's columns offs_i and up's over W_u^T's in one loop, BLOCK_K kept rows of each a step
@@ -84,20 +99,12 @@ def _walk_pair(idx_ptr, val_rows, count_ptr, wg_ptr, wu_ptr, offs_i, mask_i, mas
     iu_base = idx_ptr + SEG_K
     vu_rows = val_rows + BLOCK_B * SEG_K
     mb = mask_b[:, None]
-    mg, mu = ar < cg, ar < cu
-    ig = tl.load(idx_ptr + ar, mask=mg, other=0, cache_modifier=".cg")
-    iu = tl.load(iu_base + ar, mask=mu, other=0, cache_modifier=".cg")
-    xg = tl.load(val_rows + ar[None, :], mask=mb & mg[None, :], other=0.0, cache_modifier=".cg")
-    xu = tl.load(vu_rows + ar[None, :], mask=mb & mu[None, :], other=0.0, cache_modifier=".cg")
-    wg = tl.load(wg_ptr + ig[:, None] * stride_wk + offs_i[None, :], mask=mg[:, None] & mask_i[None, :], other=0.0,
-                 eviction_policy="evict_first")
-    wu = tl.load(wu_ptr + iu[:, None] * stride_wk + offs_i[None, :], mask=mu[:, None] & mask_i[None, :], other=0.0,
-                 eviction_policy="evict_first")
-    nxt = BLOCK_K + ar
-    ig_1 = tl.load(idx_ptr + nxt, mask=nxt < cg, other=0, cache_modifier=".cg")
-    iu_1 = tl.load(iu_base + nxt, mask=nxt < cu, other=0, cache_modifier=".cg")
-    xg_1 = tl.load(val_rows + nxt[None, :], mask=mb & (nxt < cg)[None, :], other=0.0, cache_modifier=".cg")
-    xu_1 = tl.load(vu_rows + nxt[None, :], mask=mb & (nxt < cu)[None, :], other=0.0, cache_modifier=".cg")
+    ig, xg = _list_step(idx_ptr, val_rows, ar, cg, mb)
+    iu, xu = _list_step(iu_base, vu_rows, ar, cu, mb)
+    wg = _rows_tile(wg_ptr, ig, ar, cg, offs_i, mask_i, stride_wk)
+    wu = _rows_tile(wu_ptr, iu, ar, cu, offs_i, mask_i, stride_wk)
+    ig_1, xg_1 = _list_step(idx_ptr, val_rows, BLOCK_K + ar, cg, mb)
+    iu_1, xu_1 = _list_step(iu_base, vu_rows, BLOCK_K + ar, cu, mb)
     if REDUCE_EACH:
         acc_g = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
@@ -106,15 +113,10 @@ def _walk_pair(idx_ptr, val_rows, count_ptr, wg_ptr, wu_ptr, offs_i, mask_i, mas
         acc_u = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_I], dtype=tl.float32)
     for i in range(0, tl.maximum(cg, cu), BLOCK_K):
         nxt = i + BLOCK_K + ar
-        wg_1 = tl.load(wg_ptr + ig_1[:, None] * stride_wk + offs_i[None, :], mask=(nxt < cg)[:, None] & mask_i[None, :],
-                       other=0.0, eviction_policy="evict_first")
-        wu_1 = tl.load(wu_ptr + iu_1[:, None] * stride_wk + offs_i[None, :], mask=(nxt < cu)[:, None] & mask_i[None, :],
-                       other=0.0, eviction_policy="evict_first")
-        nxt2 = nxt + BLOCK_K
-        ig_2 = tl.load(idx_ptr + nxt2, mask=nxt2 < cg, other=0, cache_modifier=".cg")
-        iu_2 = tl.load(iu_base + nxt2, mask=nxt2 < cu, other=0, cache_modifier=".cg")
-        xg_2 = tl.load(val_rows + nxt2[None, :], mask=mb & (nxt2 < cg)[None, :], other=0.0, cache_modifier=".cg")
-        xu_2 = tl.load(vu_rows + nxt2[None, :], mask=mb & (nxt2 < cu)[None, :], other=0.0, cache_modifier=".cg")
+        wg_1 = _rows_tile(wg_ptr, ig_1, nxt, cg, offs_i, mask_i, stride_wk)
+        wu_1 = _rows_tile(wu_ptr, iu_1, nxt, cu, offs_i, mask_i, stride_wk)
+        ig_2, xg_2 = _list_step(idx_ptr, val_rows, nxt + BLOCK_K, cg, mb)
+        iu_2, xu_2 = _list_step(iu_base, vu_rows, nxt + BLOCK_K, cu, mb)
         if REDUCE_EACH:
             acc_g += tl.sum(xg[:, :, None] * wg.to(tl.float32)[None, :, :], axis=1)
             acc_u += tl.sum(xu[:, :, None] * wu.to(tl.float32)[None, :, :], axis=1)
