@@ -35,6 +35,7 @@ from .configs import GATHER_MAX_BATCH, record_compiled
 from .gather_gemv import _compact_kernel, walk_rows
 from .gemv_common import ACTS, activate, launch_args, select_chunk
 from .pdl import pdl_args, pdl_prologue
+from .sparse_gemv import _as_rows, _check_common, _validate_nm
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,18 @@ def _list_step(idx_base, val_rows, pos, count, mb):
 
 
 @triton.jit
-def _rows_tile(w_ptr, idx, pos, count, offs_i, mask_i, stride_wk):
-    """The weight rows idx (those at list positions pos < count) over the columns offs_i."""
-    return tl.load(w_ptr + idx[:, None] * stride_wk + offs_i[None, :], mask=(pos < count)[:, None] & mask_i[None, :],
+def _rows_tile(w_ptr, rows, mask_r, cols, mask_c, stride_w):
+    """The tile [rows, cols] of a row-major W, read where mask_r and mask_c: a walk step's kept rows over a
+    program's columns, or the kept rows of W_d^T of a program's channels over a column block."""
+    return tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=mask_r[:, None] & mask_c[None, :],
                    other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _down_add(hs, w, y_rows, offs_d, mask_b, D):
+    """Add the program's partial W_d·h_s over the output columns offs_d (w: its rows' tile there) into y."""
+    part = tl.sum(hs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)  # [BLOCK_B, BLOCK_D]
+    tl.atomic_add(y_rows + offs_d[None, :], part, mask=mask_b[:, None] & (offs_d < D)[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -101,8 +110,8 @@ def _walk_pair(idx_ptr, val_rows, count_ptr, wg_ptr, wu_ptr, offs_i, mask_i, mas
     mb = mask_b[:, None]
     ig, xg = _list_step(idx_ptr, val_rows, ar, cg, mb)
     iu, xu = _list_step(iu_base, vu_rows, ar, cu, mb)
-    wg = _rows_tile(wg_ptr, ig, ar, cg, offs_i, mask_i, stride_wk)
-    wu = _rows_tile(wu_ptr, iu, ar, cu, offs_i, mask_i, stride_wk)
+    wg = _rows_tile(wg_ptr, ig, ar < cg, offs_i, mask_i, stride_wk)
+    wu = _rows_tile(wu_ptr, iu, ar < cu, offs_i, mask_i, stride_wk)
     ig_1, xg_1 = _list_step(idx_ptr, val_rows, BLOCK_K + ar, cg, mb)
     iu_1, xu_1 = _list_step(iu_base, vu_rows, BLOCK_K + ar, cu, mb)
     if REDUCE_EACH:
@@ -113,8 +122,8 @@ def _walk_pair(idx_ptr, val_rows, count_ptr, wg_ptr, wu_ptr, offs_i, mask_i, mas
         acc_u = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_I], dtype=tl.float32)
     for i in range(0, tl.maximum(cg, cu), BLOCK_K):
         nxt = i + BLOCK_K + ar
-        wg_1 = _rows_tile(wg_ptr, ig_1, nxt, cg, offs_i, mask_i, stride_wk)
-        wu_1 = _rows_tile(wu_ptr, iu_1, nxt, cu, offs_i, mask_i, stride_wk)
+        wg_1 = _rows_tile(wg_ptr, ig_1, nxt < cg, offs_i, mask_i, stride_wk)
+        wu_1 = _rows_tile(wu_ptr, iu_1, nxt < cu, offs_i, mask_i, stride_wk)
         ig_2, xg_2 = _list_step(idx_ptr, val_rows, nxt + BLOCK_K, cg, mb)
         iu_2, xu_2 = _list_step(iu_base, vu_rows, nxt + BLOCK_K, cu, mb)
         if REDUCE_EACH:
@@ -173,28 +182,20 @@ def _mlp_kernel(idx_ptr, val_ptr, count_ptr, wg_ptr, wu_ptr, wd_ptr, bias_ptr, t
                               tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32) + bd[None, :],
                               mask=mask_b[:, None] & mask_d[None, :], sem="relaxed")
     if tl.sum(rows.to(tl.int32), axis=0) > 0:
-        w_rows = wd_ptr + offs_i[:, None] * stride_wd
         ar_d = tl.arange(0, BLOCK_D)
         y_rows = y_ptr + offs_b[:, None] * stride_yb
         if DOWN_DEPTH == 2:  # the next tile on its way while this one is summed and added
-            w = tl.load(w_rows + ar_d[None, :], mask=keep[:, None] & (ar_d < D)[None, :], other=0.0,
-                        eviction_policy="evict_first")
+            w = _rows_tile(wd_ptr, offs_i, keep, ar_d, ar_d < D, stride_wd)
             for d0 in range(0, D, BLOCK_D):
-                offs_n = d0 + BLOCK_D + ar_d
-                w_1 = tl.load(w_rows + offs_n[None, :], mask=keep[:, None] & (offs_n < D)[None, :], other=0.0,
-                              eviction_policy="evict_first")
-                part = tl.sum(hs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)  # [BLOCK_B, BLOCK_D]
-                tl.atomic_add(y_rows + (d0 + ar_d)[None, :], part, mask=mask_b[:, None] & (d0 + ar_d < D)[None, :],
-                              sem="relaxed")
+                nxt = d0 + BLOCK_D + ar_d
+                w_1 = _rows_tile(wd_ptr, offs_i, keep, nxt, nxt < D, stride_wd)
+                _down_add(hs, w, y_rows, d0 + ar_d, mask_b, D)
                 w = w_1
         else:
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + ar_d
-                mask_d = offs_d < D
-                w = tl.load(w_rows + offs_d[None, :], mask=keep[:, None] & mask_d[None, :], other=0.0,
-                            eviction_policy="evict_first")
-                part = tl.sum(hs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-                tl.atomic_add(y_rows + offs_d[None, :], part, mask=mask_b[:, None] & mask_d[None, :], sem="relaxed")
+                _down_add(hs, _rows_tile(wd_ptr, offs_i, keep, offs_d, offs_d < D, stride_wd), y_rows, offs_d, mask_b,
+                          D)
 
 
 def launch_mlp(x, wg, wu, wd, thresh, shift, bias, down_thresh, down_shift, down_bias, norm_weight, eps, act: int,
@@ -275,8 +276,6 @@ def sparse_mlp(
     so the sum's order (its last bits) varies between runs. Runs on the gather walk's compaction pass and
     `_mlp_kernel` (module docstring); `TUNED_MLP` holds tiles per shape.
     """
-    from .sparse_gemv import _as_rows, _check_common, _validate_nm
-
     if (accumulate is None) == (out is None):
         raise ValueError("sparse_mlp adds its output into accumulate= or writes it into out=: give exactly one")
     y = accumulate if out is None else out
@@ -322,9 +321,9 @@ def sparse_mlp(
     if act not in ACTS or act == "none":
         raise ValueError(f"act must be 'silu' or 'gelu_tanh' (the gate's activation), got {act!r}")
     nm_n, nm_m = _validate_nm(nm)
-    if nm_n and mlp_config(k, inter, d, b).block_i % nm_m:
-        raise ValueError(f"nm's group size {nm_m} must divide the kernel's {mlp_config(k, inter, d, b).block_i} "
-                         f"channels a program")
+    block_i = mlp_config(k, inter, d, b).block_i
+    if nm_n and block_i % nm_m:
+        raise ValueError(f"nm's group size {nm_m} must divide the kernel's {block_i} channels a program")
     torch.ops.actsparse.sparse_mlp(x, wt_gate, wt_up, wt_down, thresh, shift, bias, down_thresh, down_shift,
                                    down_bias, norm_weight, float(eps), ACTS[act], nm_n, nm_m, y, out is not None)
     return y
