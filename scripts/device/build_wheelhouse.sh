@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Build, here, the wheelhouse a GPU device machine needs to run sweeps (it has torch, transformers, numpy,
 # pandas, matplotlib, ... but no hydra, omegaconf, ray or mlflow, and no network), for CPython 3.12 on
-# manylinux x86_64, and split it into parts that each fit one device call's 64 MiB carry limit next to
-# the working tree (which always travels). Then scripts/device/ray_sweep.sh installs it there.
+# manylinux x86_64, packed to travel with one device call next to the working tree (which always travels; the
+# limit is 64 MiB a call). Then scripts/device/ray_sweep.sh installs it there.
 #
-#   bash scripts/device/build_wheelhouse.sh          # -> build/wheelhouse/{wheels/, part1/, part2/, ..., PLAN.txt}
+#   bash scripts/device/build_wheelhouse.sh          # -> build/wheelhouse/{wheels/, site/, PLAN.txt}
+#
+# One call: the wheels installed here into a site tree for the device's Python (pip --target, no deps) and
+# packed with xz (-9: ray's binaries compress far better than a wheel's deflate does; about 30 MiB in all):
+# build/wheelhouse/site/{site.tar.xz, SHA256}, unpacked there into /tmp/site. Where that still does not fit
+# beside the tree, the wheels are split into parts instead, one per call of the SAME warm machine
+# (build/wheelhouse/part1/, part2/, ...; PLAN.txt says which).
 #
 # What goes in: ray (slimmed, 76 -> ~38 MB: no Java jar, no dashboard web client, no RLlib/Data/Serve/Tune/
 # Train/LLM libraries; sweeps start Ray core without a dashboard), mlflow-skinny + sqlalchemy + alembic (the SQLite
@@ -46,6 +52,12 @@ threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiff
 torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig
 werkzeug wheel wrapt xarray xxhash yarl zipp"
 
+# Dependencies of mlflow-skinny that a sweep never imports (its Databricks and Google auth, its server, git
+# tags): checked by running a sweep with eval=speed where only the device's packages and this house are
+# importable. Left out, the packed site fits one call beside the working tree.
+NOT_NEEDED="databricks-sdk google-auth pyasn1 pyasn1-modules rsa fastapi starlette uvicorn gitpython gitdb smmap
+python-dotenv"
+
 ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 WANT=("ray==$(ver ray)" "mlflow-skinny==$(ver mlflow-skinny)" "hydra-core==$(ver hydra-core)"
       "omegaconf==$(ver omegaconf)" "sqlalchemy==$(ver sqlalchemy)" "alembic==$(ver alembic)")
@@ -59,19 +71,20 @@ mkdir -p "$OUT/wheels" "$OUT/dl"
     | grep -v "^WARNING: Location" || true
 
 # keep what the device lacks
-"$PY" - "$OUT" "$DEVICE_HAS" <<'EOF'
+"$PY" - "$OUT" "$DEVICE_HAS" "$NOT_NEEDED" <<'EOF'
 import re, shutil, sys
 from pathlib import Path
 out, have = Path(sys.argv[1]), {re.sub(r"[-_.]+", "-", n).lower() for n in sys.argv[2].split()}
+unused = {re.sub(r"[-_.]+", "-", n).lower() for n in sys.argv[3].split()}
 kept, skipped = [], []
 for whl in sorted((out / "dl").glob("*.whl")):
     name = re.sub(r"[-_.]+", "-", whl.name.split("-")[0]).lower()
-    if name in have:
+    if name in have or name in unused:
         skipped.append(whl.name)
     else:
         shutil.move(str(whl), out / "wheels" / whl.name)
         kept.append(whl.name)
-print(f"kept {len(kept)} wheels the device lacks; {len(skipped)} are in the device image already:")
+print(f"kept {len(kept)} wheels the device lacks; {len(skipped)} are in the device image already or never imported:")
 print("  " + " ".join(s.split("-")[0] for s in skipped))
 EOF
 rm -rf "$OUT/dl"
@@ -104,6 +117,24 @@ TREE=$(git ls-files -z -co --exclude-standard | xargs -0 stat -c %s 2>/dev/null 
 BUDGET=$(( LIMIT_MIB * 1048576 - TREE - MARGIN_MIB * 1048576 ))
 echo "working tree: $(( TREE / 1048576 )) MiB -> $(( BUDGET / 1048576 )) MiB of wheels per call"
 (( BUDGET > 8 * 1048576 )) || { echo "the working tree leaves under 8 MiB per call: ignore or move large files" >&2; exit 2; }
+
+# one call: a site tree for the device's Python, xz-packed
+SITE_TREE="$OUT/site_tree"
+rm -rf "$SITE_TREE" && mkdir -p "$OUT/site"
+"$PY" -m pip install -q --no-deps --no-compile --no-index --target "$SITE_TREE" "${PLAT[@]}" "$OUT"/wheels/*.whl \
+    > "$OUT/site_install.log" 2>&1 || { cat "$OUT/site_install.log" >&2; exit 2; }
+echo "site tree: $(du -sm "$SITE_TREE" | cut -f1) MiB unpacked; packing with xz -9 (a few minutes on 2 cores)"
+tar cf - -C "$SITE_TREE" . | xz -9 -T0 > "$OUT/site/site.tar.xz"
+(cd "$OUT/site" && sha256sum site.tar.xz > SHA256)
+rm -rf "$SITE_TREE"
+PACKED=$(stat -c %s "$OUT/site/site.tar.xz")
+if (( PACKED <= BUDGET )); then
+    printf '1 call (working tree %d MiB + site.tar.xz %.1f MiB of a %d MiB limit):\n  carry ["%s/site"], command: bash scripts/device/ray_sweep.sh run (or speed)\n' \
+        $(( TREE / 1048576 )) "$(awk "BEGIN {print $PACKED / 1048576}")" "$LIMIT_MIB" "$OUT" | tee "$OUT/PLAN.txt"
+    exit 0
+fi
+echo "site.tar.xz ($(( PACKED / 1048576 )) MiB) does not fit beside the tree: parts for several calls instead"
+rm -rf "$OUT/site"
 
 "$PY" - "$OUT" "$BUDGET" <<'EOF'
 import hashlib, sys
