@@ -33,7 +33,8 @@
 # Locally (no GPU), a check of the whole path with a wheelhouse built for this Python:
 #   PYVER=3.11 OUT=/tmp/wh bash scripts/device/build_wheelhouse.sh && WHEELHOUSE=/tmp/wh STASH=/tmp/wh_stash \
 #   SITE=/tmp/wh_site NO_EDITABLE=1 CPU_SMOKE=1 PYTHON=.venv/bin/python bash scripts/device/ray_sweep.sh run
-# (or `speed`: CPU_SMOKE builds one-layer folders on the CPU, where the cells record why speed was skipped).
+# (or `speed`: CPU_SMOKE builds one-layer folders on the CPU, where the cells record why speed was skipped). Held to
+# the device's packages: PYTHONPATH=$PWD/scripts/device/mimic DEVICE_MIMIC_CARRY=<the house's wheel names> first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:-run}
