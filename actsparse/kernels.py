@@ -50,7 +50,8 @@ from actsparse.kernels.pdl import pdl_enabled, use_pdl
 from actsparse.kernels.rmsnorm import add_normed, add_rmsnorm, rmsnorm
 from actsparse.kernels.route import moe_route
 from actsparse.kernels.silu_mul import silu_mul
-from actsparse.kernels.sparse_gemv import pack_weight, sparse_gemv
+from actsparse.kernels.gather_gemv import ActiveLists, active_lists
+from actsparse.kernels.sparse_gemv import compact_lists, gather_lists, pack_weight, sparse_gemv
 from actsparse.kernels.topk import topk_thresholds
 
 
@@ -66,14 +67,18 @@ def interpreted() -> bool:
 
 
 __all__ = [
+    "ActiveLists",
     "GatherConfig",
     "MaskedConfig",
     "MlpConfig",
     "OneshotConfig",
+    "active_lists",
     "add_normed",
     "add_rmsnorm",
     "cats_up",
+    "compact_lists",
     "decode_attention",
+    "gather_lists",
     "interpreted",
     "lowrank_add",
     "moe_route",

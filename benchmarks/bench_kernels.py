@@ -1149,6 +1149,8 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 # ---------------------------------------------------------------------- decode
 # (model, batch) -> (method, union calibration, target sparsities) measured end to end
 # "teal-bf16-stream": the same plan with the residual stream kept in bf16 (no op adds into it in place).
+# "teal-lists" / "teal-nolists": the same plan with o reading the attention kernel's active-row lists wherever it
+# can / never (`Engine(producer_lists=)`; the others: where the engine measured it fastest).
 # "teal-nopdl" / "teal-pdl": the same plan with programmatic dependent launch off / on (`use_pdl`; the others:
 # the default, on where the GPU has it).
 # "topk": each token's Top-K per site (WINA's selection=topk, unweighted: TEAL's rule as a per-token count), the
@@ -1159,6 +1161,7 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 # topk, larosa, wina, scap, nm, rsparse, countdown: each method's rule kind at its recipe's sizes
 # (benchmarks/method_plans.py).
 DECODE_PLAN = {("llama3-8b", 1): [("teal", False, (0.25, 0.4, 0.5)), ("teal-nopdl", False, (0.25, 0.5)),
+                                  ("teal-lists", False, (0.5,)), ("teal-nolists", False, (0.5,)),
                                   ("teal-bf16-stream", False, (0.25, 0.5)),
                                   ("teal", False, (0.65, 0.8, 0.9)), ("cats", False, (0.5, 0.8)),
                                   ("topk", False, (0.4, 0.5)), ("larosa", False, (0.4, 0.5)),
@@ -1227,11 +1230,12 @@ def decode_bench(clock: Clock, meta: dict, n_steps: int, n_layers: int | None, h
                         calibrate_thresholds(eng, s, n_tokens=16, batch=b, union=union,
                                              method="cats" if method == "cats" else "teal")
                     eng.residual_fp32 = method != "teal-bf16-stream"
+                    eng.producer_lists = {"teal-lists": True, "teal-nolists": False}.get(method)
                     eng.reset_graphs()
                     pdl = {"-pdl": True, "-nopdl": False}.get(method[method.rfind("-"):], pdl_default)
                     with use_pdl(pdl):  # captured with (or without) PDL, replayed as captured
                         tok_s = speed(b, True)
-                    eng.residual_fp32 = True
+                    eng.residual_fp32, eng.producer_lists = True, None
                     eng.reset_graphs()
                     # a Top-K plan's levels change every token: its sparsity is its count, not measured
                     # thresholds on x itself are re-measured; a Top-K's sparsity is its count, the other kinds'

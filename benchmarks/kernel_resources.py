@@ -125,13 +125,16 @@ def compile_mlp(depth: int, eager: bool, extras: bool, nm: bool, batch: int = 1,
                                                         "y_ptr": "*fp32"})
 
 
-def compile_attention(norm: bool, scale_f32: bool):
+def compile_attention(norm: bool, scale_f32: bool, lists: int = 0):
     """The compiled decode attention (sm_90): Llama-3-8B heads, fp32 raw q|k|v sums, bf16 caches; `norm`: Qwen3's
-    and Gemma 3's per-head q and k norms inside (`scale_f32`: Gemma's rounding)."""
+    and Gemma 3's per-head q and k norms inside (`scale_f32`: Gemma's rounding); `lists`: it also writes o's
+    active-row lists (1: thresholds and shifts, 2: N:M 2:4)."""
     consts = dict(HQ=32, HKV=8, D=128, DP=128, GROUP=4, BLOCK_G=16, BLOCK_S=32, IEEE=False, SOFTCAP=False,
-                  NORM=norm, SCALE_F32=scale_f32)
+                  NORM=norm, SCALE_F32=scale_f32, LIST=lists > 0, HAS_SHIFT=lists == 1, NM_N=2 if lists == 2 else 0,
+                  NM_M=4 if lists == 2 else 1)
     ptrs = {"qkv_ptr": "*fp32", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "pos_ptr": "*i32", "inv_freq_ptr": "*fp32",
-            "out_ptr": "*bf16", "qn_ptr": "*bf16", "kn_ptr": "*bf16"}
+            "out_ptr": "*bf16", "qn_ptr": "*bf16", "kn_ptr": "*bf16", "t_ptr": "*fp32", "m_ptr": "*fp32",
+            "idx_ptr": "*i32", "val_ptr": "*fp32", "cnt_ptr": "*i32"}
     return _compile(attention._decode_attention_kernel, consts, 4, ptrs)
 
 
@@ -196,6 +199,7 @@ def _cases() -> list[tuple[str, str, tuple]]:
                                               (2, False, False, False, 1, True, 2, True))]
     cases += [(f"attention norm={n} f32={f}", "compile_attention", (n, f)) for n, f in ((False, False), (True, False),
                                                                                        (True, True))]
+    cases += [(f"attention writing o's lists rule={r}", "compile_attention", (False, False, r)) for r in (1, 2)]
     cases += [(f"add_normed f32={f}", "compile_add_normed", (f,)) for f in (False, True)]
     cases += [(f"route renorm={r}", "compile_route", (r,)) for r in (False, True)]
     cases += [(f"route gemv renorm={r}", "compile_route_gemv", (r,)) for r in (False, True)]

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 
 from .configs import new_output
+from .gather_gemv import ActiveLists, check_lists
+from .gemv_common import select_chunk
 from .pdl import pdl_args, pdl_prologue
 
 
@@ -55,7 +57,9 @@ def _decode_attention_kernel(
     sm_scale, rope_scale, softcap, window, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
-    NORM: tl.constexpr = False, SCALE_F32: tl.constexpr = False, PDL: tl.constexpr = False):
+    NORM: tl.constexpr = False, SCALE_F32: tl.constexpr = False, PDL: tl.constexpr = False,
+    LIST: tl.constexpr = False, t_ptr=None, m_ptr=None, idx_ptr=None, val_ptr=None, cnt_ptr=None, stride_tk=0,
+    HAS_SHIFT: tl.constexpr = False, NM_N: tl.constexpr = 0, NM_M: tl.constexpr = 1):
     pdl_prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -113,33 +117,59 @@ def _decode_attention_kernel(
     out = acc / l_i[:, None]
     o_ptr = out_ptr + b * stride_ob + (h * GROUP + g[:, None]) * D + d[None, :]
     tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+    if LIST:
+        # o's selection of this kv head's GROUP·D output channels (as o reads them: rounded to the output's
+        # dtype), written as list h of o's gather walk: no compaction launch before o (batch 1, D = DP)
+        j = tl.arange(0, BLOCK_G * DP)
+        valid = j < GROUP * D
+        offs_k = h * GROUP * D + j
+        xo = tl.reshape(out.to(out_ptr.dtype.element_ty).to(tl.float32), [1, BLOCK_G * DP])
+        xs, rows = select_chunk(xo, t_ptr, m_ptr, offs_k, valid, one < 1, stride_tk, HAS_SHIFT, NM_N, NM_M, 1,
+                                BLOCK_G * DP)
+        keep = rows.to(tl.int32)
+        slot = tl.cumsum(keep, axis=0) - 1
+        kept = keep != 0
+        tl.store(idx_ptr + h * GROUP * D + slot, offs_k, mask=kept)
+        tl.store(val_ptr + h * GROUP * D + slot[None, :], xs, mask=kept[None, :])
+        tl.store(cnt_ptr + h, tl.sum(keep, axis=0))
 
 
-@torch.library.custom_op("actsparse::decode_attention", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("actsparse::decode_attention",
+                         mutates_args=("k_cache", "v_cache", "list_idx", "list_val", "list_count"))
 def _decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                          inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int, sm_scale: float,
                          rope_scale: float, block_s: int, softcap: float = 0.0, window: int = 0,
                          q_norm: Optional[torch.Tensor] = None, k_norm: Optional[torch.Tensor] = None,
-                         norm_eps: float = 1e-6, norm_f32: bool = False) -> torch.Tensor:
+                         norm_eps: float = 1e-6, norm_f32: bool = False,
+                         list_thresh: Optional[torch.Tensor] = None, list_shift: Optional[torch.Tensor] = None,
+                         list_idx: Optional[torch.Tensor] = None, list_val: Optional[torch.Tensor] = None,
+                         list_count: Optional[torch.Tensor] = None, list_nm_n: int = 0,
+                         list_nm_m: int = 1) -> torch.Tensor:
     b = qkv.shape[0]
     d = k_cache.shape[-1]
     group = n_heads // n_kv_heads
     out = new_output((b, n_heads * d), qkv.device, k_cache.dtype)  # an fp32 q|k|v still yields cache-dtype rows
     norm = q_norm is not None
+    lists = {}
+    if list_idx is not None:
+        lists = dict(LIST=True, t_ptr=list_thresh, m_ptr=list_shift if list_shift is not None else list_thresh,
+                     idx_ptr=list_idx, val_ptr=list_val, cnt_ptr=list_count, stride_tk=list_thresh.stride(1),
+                     HAS_SHIFT=list_shift is not None, NM_N=list_nm_n, NM_M=max(list_nm_m, 1))
     _decode_attention_kernel[(b, n_kv_heads)](
         qkv, k_cache, v_cache, pos, inv_freq, out, q_norm if norm else inv_freq, k_norm if norm else inv_freq,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         sm_scale, rope_scale, softcap if softcap > 0 else 1.0, window if window > 0 else k_cache.shape[2], norm_eps,
         HQ=n_heads, HKV=n_kv_heads, D=d, DP=triton.next_power_of_2(d), GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_S=block_s, IEEE=k_cache.dtype == torch.float32, SOFTCAP=softcap > 0, NORM=norm, SCALE_F32=norm_f32,
-        num_warps=4, num_stages=2, **pdl_args(qkv.device),
+        num_warps=4, num_stages=2, **lists, **pdl_args(qkv.device),
     )
     return out
 
 
 @_decode_attention_op.register_fake
 def _(qkv, k_cache, v_cache, pos, inv_freq, n_heads, n_kv_heads, sm_scale, rope_scale, block_s, softcap=0.0,
-      window=0, q_norm=None, k_norm=None, norm_eps=1e-6, norm_f32=False):
+      window=0, q_norm=None, k_norm=None, norm_eps=1e-6, norm_f32=False, list_thresh=None, list_shift=None,
+      list_idx=None, list_val=None, list_count=None, list_nm_n=0, list_nm_m=1):
     return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]), dtype=k_cache.dtype)
 
 
@@ -161,6 +191,10 @@ def decode_attention(
     k_norm: Optional[torch.Tensor] = None,
     norm_eps: float = 1e-6,
     norm_f32: bool = False,
+    lists: Optional[ActiveLists] = None,
+    list_thresh: Optional[torch.Tensor] = None,
+    list_shift: Optional[torch.Tensor] = None,
+    list_nm: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Return attn [B, n_heads·D]; writes the roped k and v of the new token into the caches at `pos`.
 
@@ -171,6 +205,10 @@ def decode_attention(
     q_norm, k_norm ([D] each, both or neither): every head of q and of k RMS-normalised (norm_eps) and scaled
     by them before RoPE (Qwen3, Gemma 3), rounded as `rmsnorm(..., scale_in_f32=norm_f32)` then a cast to the
     cache's dtype round: no norm launches of their own.
+    lists (batch 1; `active_lists(n_heads·D, seg=n_heads / n_kv_heads·D)`, head_dim a power of two): also select
+    the output as the next op (o) selects its input, with list_thresh (float32 [1] or [1, n_heads·D]), list_shift
+    ([1, n_heads·D]) or list_nm=(N, M), and write its kept channels as o's active-row lists, one per kv head, for
+    `gather_lists`: o then runs without a compaction launch of its own.
     """
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"k_cache and v_cache must both be [B, n_kv_heads, S, D] with equal strides, got "
@@ -196,6 +234,39 @@ def decode_attention(
         if g is not None and (tuple(g.shape) != (d,) or g.device != qkv.device):
             raise ValueError(f"{name} must be [{d}] (head_dim) on {qkv.device}, got {tuple(g.shape)} on {g.device}")
     scale = d ** -0.5 if sm_scale is None else sm_scale
+    sel = {}
+    if lists is not None:
+        sel = _list_args(lists, list_thresh, list_shift, list_nm, b, n_heads, n_kv_heads, d, qkv.device)
+    elif list_thresh is not None or list_shift is not None or list_nm is not None:
+        raise ValueError("list_thresh, list_shift and list_nm select the lists' channels: they need lists=")
     return torch.ops.actsparse.decode_attention(qkv, k_cache, v_cache, pos, inv_freq, n_heads, n_kv_heads,
                                                 float(scale), float(rope_scale), int(block_s), float(softcap),
-                                                int(window), q_norm, k_norm, float(norm_eps), bool(norm_f32))
+                                                int(window), q_norm, k_norm, float(norm_eps), bool(norm_f32), **sel)
+
+
+def _list_args(lists, thresh, shift, nm, b: int, n_heads: int, n_kv_heads: int, d: int, device) -> dict:
+    """The custom op's list arguments of a valid `decode_attention(lists=)` call; ValueError naming what is not."""
+    from .sparse_gemv import _as_rows, _validate_nm
+
+    k, seg = n_heads * d, n_heads // n_kv_heads * d
+    if b != 1:
+        raise ValueError(f"lists= writes o's active rows at batch 1 (a batch's lists are the union of its rows, "
+                         f"which no one program of the attention sees); got batch {b}")
+    if d & (d - 1):
+        raise ValueError(f"lists= needs a power-of-two head_dim (the lists are contiguous per kv head), got {d}")
+    check_lists(lists, k, device)
+    if lists.seg != seg:
+        raise ValueError(f"lists= holds one list per kv head: make them with seg = {seg} (heads per kv head × "
+                         f"head_dim), got {lists.seg}")
+    nm_n, nm_m = _validate_nm(nm)
+    if nm_n == 0 and thresh is None:
+        raise ValueError("lists= selects the output: give list_thresh (or list_nm)")
+    if nm_n > 0 and (thresh is not None or shift is not None):
+        raise ValueError("list_nm selects by N:M: it takes no list_thresh or list_shift")
+    if nm_n > 0 and seg % nm_m:
+        raise ValueError(f"list_nm=(N, M) needs M dividing a kv head's {seg} channels, got M={nm_m}")
+    thresh = _as_rows(thresh if thresh is not None else torch.zeros(1, device=device), 1, k, "list_thresh")
+    if shift is not None:
+        shift = _as_rows(shift.float(), 1, k, "list_shift").contiguous()
+    return dict(list_thresh=thresh, list_shift=shift, list_idx=lists.idx, list_val=lists.val,
+                list_count=lists.count, list_nm_n=nm_n, list_nm_m=nm_m)

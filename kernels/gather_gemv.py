@@ -34,11 +34,14 @@ as the reference does).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from .configs import GatherConfig, claim_counters, new_output, record_compiled
+from .configs import GatherConfig, choose_impl, claim_counters, new_output, record_compiled
 from .gemv_common import (accumulate, activate, epilogue, fit_block_n, launch_args, out_dtype, row_rstd,
                           select_chunk, split_workspace)
 from .pdl import pdl_args, pdl_prologue
@@ -371,3 +374,78 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
     )
     record_compiled("gather_kernel" if accumulate is None else "gather_accumulate", compiled, k, n, w2 is not None)
     return y if accumulate is None else accumulate
+
+
+# ---------------------------------------------------------------------------------------------- producer lists
+@dataclass(frozen=True)
+class ActiveLists:
+    """The compacted active-row lists of one op's input at batch 1, in the layout the walk reads: list `slot` (the
+    input channels [slot·seg, (slot + 1)·seg)) holds its kept channels' indices at idx[slot·seg:][:count[slot]] and
+    their selected values at val[slot·seg:][:count[slot]], in any order.
+
+    Written by the op that produces the input (`decode_attention(lists=)`: o's input, one list per kv head) or by
+    the compaction pass (`compact_lists`), and read by `gather_lists`, so the walk's own compaction launch goes."""
+
+    idx: torch.Tensor  # int32 [K]
+    val: torch.Tensor  # float32 [K]
+    count: torch.Tensor  # int32 [K / seg]
+    seg: int
+
+    @property
+    def k(self) -> int:
+        return self.idx.numel()
+
+
+def active_lists(k: int, seg: int, device) -> ActiveLists:
+    """Allocate the lists of a K-channel input in slots of `seg` channels (a divisor of K, ≥ 16)."""
+    if seg < 16 or k % seg:
+        raise ValueError(f"seg must be ≥ 16 and divide K={k}, got {seg}")
+    return ActiveLists(torch.empty(k, dtype=torch.int32, device=device),
+                       torch.empty(k, dtype=torch.float32, device=device),
+                       torch.empty(k // seg, dtype=torch.int32, device=device), seg)
+
+
+def check_lists(lists: ActiveLists, k: int, device) -> None:
+    """Raise ValueError unless `lists` is an ActiveLists of a K-channel input on `device`."""
+    if not isinstance(lists, ActiveLists):
+        raise ValueError(f"lists must be an ActiveLists (kernels.active_lists), got {type(lists).__name__}")
+    if lists.k != k or lists.count.numel() != k // lists.seg or lists.idx.device != device:
+        raise ValueError(f"lists are for {lists.k} channels on {lists.idx.device}; this op's input has {k} on "
+                         f"{device}")
+
+
+@torch.library.custom_op("actsparse::compact_lists", mutates_args=("idx", "val", "count"))
+def _compact_lists_op(x: torch.Tensor, thresh: torch.Tensor, shift: Optional[torch.Tensor], idx: torch.Tensor,
+                      val: torch.Tensor, count: torch.Tensor, seg: int, nm_n: int, nm_m: int) -> None:
+    k = x.shape[1]
+    _compact_kernel[(k // seg, 1)](
+        x, x, thresh, shift if shift is not None else thresh, idx, val, count, idx, 1, k, 0, 0, x.stride(0),
+        thresh.stride(0), thresh.stride(1), shift.stride(0) if shift is not None else 0, 0, 1e-6, NORM=False,
+        NORM_BLOCK=16, HAS_SHIFT=shift is not None, NM_N=nm_n, NM_M=max(nm_m, 1), GATED=0, GROUPS=k // seg,
+        BLOCK_B=1, SEG_K=seg, ZERO=False, Z_BLOCK=16, num_warps=4, **pdl_args(x.device))
+
+
+def launch_compact_lists(x, thresh, shift, lists: ActiveLists, nm_n: int, nm_m: int) -> ActiveLists:
+    """Write the lists of x [1, K] selected by thresh [1, K] (shift [1, K], N:M) with the compaction pass."""
+    torch.ops.actsparse.compact_lists(x, thresh, shift, lists.idx, lists.val, lists.count, lists.seg, nm_n, nm_m)
+    return lists
+
+
+@torch.library.custom_op("actsparse::gather_lists", mutates_args=("acc",))
+def _gather_lists_op(idx: torch.Tensor, val: torch.Tensor, count: torch.Tensor, wt: torch.Tensor,
+                     bias: Optional[torch.Tensor], acc: torch.Tensor, seg: int) -> None:
+    k, n = wt.shape
+    _, cfg = choose_impl("gemv", k, n, 1, "gather", accum=True)
+    groups = k // seg
+    block_n = cfg.block_n
+    block_k = min(cfg.block_k, 1 << (seg.bit_length() - 1))  # a power of two within a list
+    zero = torch.zeros(1, 1, device=wt.device)  # the selection's operands: unused (the lists are selected)
+    compiled = _gather_kernel[(triton.cdiv(n, block_n), groups, 1)](
+        acc, acc, zero, zero, wt, wt, bias if bias is not None else acc, acc, acc, acc, acc, idx, val, count,
+        1, k, n, n, n, acc.stride(0), 0, 0, 0, wt.stride(0), 0, 0, acc.stride(0), 1e-6,
+        NORM=False, NORM_BLOCK=16, HAS_SHIFT=False, PAIR=False, HAS_BIAS=bias is not None, HAS_RES=False, ACT=0,
+        NM_N=0, NM_M=1, GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=False, USE_DOT=False,
+        IEEE=wt.dtype == torch.float32, VAL_B=1, DEPTH=cfg.depth, ACCUM=3 if groups > 1 else 2, BLOCK_B=1,
+        SEG_K=seg, BLOCK_K=block_k, BLOCK_N=block_n, EAGER=cfg.eager, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl_args(wt.device))
+    record_compiled("gather_lists", compiled, k, n, False)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from .configs import choose_impl
-from .gather_gemv import launch_gather
+from .gather_gemv import ActiveLists, check_lists, launch_compact_lists, launch_gather
 from .gemv_common import ACTS, out_dtype, wshape
 from .masked_gemv import launch_masked
 from .oneshot_gemv import launch_oneshot
@@ -365,3 +365,44 @@ def _experts_gemv(x, wt, thresh, experts, expert_weights, accumulate, out, gated
     torch.ops.actsparse.sparse_gemv_accumulate(x, wt, thresh, None, None, norm_weight, float(eps), [], nm_n, nm_m,
                                                into, out is not None, ACTS[gated], "oneshot", experts, ew)
     return into
+
+
+def compact_lists(x: torch.Tensor, thresh: Optional[torch.Tensor], lists: ActiveLists, *,
+                  shift: Optional[torch.Tensor] = None, nm: Optional[tuple[int, int]] = None) -> ActiveLists:
+    """Write into `lists` the active rows of x [1, K] selected as `sparse_gemv` selects (thresh float32 [1] or
+    [1, K], shift [1, K], or nm=(N, M) with thresh None) and return them: the gather walk's compaction pass alone,
+    for a `gather_lists` whose input no producer listed."""
+    if x.dim() != 2 or x.shape[0] != 1 or x.stride(1) != 1:
+        raise ValueError(f"x must be a contiguous [1, K] row (the lists are batch 1's), got {tuple(x.shape)}")
+    k = x.shape[1]
+    check_lists(lists, k, x.device)
+    nm_n, nm_m = _validate_nm(nm)
+    if (thresh is None) == (nm_n == 0):
+        raise ValueError("give thresh (a threshold rule) or nm=(N, M), one of them")
+    if nm_n and lists.seg % nm_m:
+        raise ValueError(f"nm=(N, M) needs M dividing the lists' seg {lists.seg}, got M={nm_m}")
+    if lists.seg & (lists.seg - 1):
+        raise ValueError(f"the compaction pass writes lists of a power-of-two seg, got {lists.seg}")
+    thresh = _as_rows(thresh if thresh is not None else torch.zeros(1, device=x.device), 1, k, "thresh")
+    if shift is not None:
+        shift = _as_rows(shift.float(), 1, k, "shift").contiguous()
+    return launch_compact_lists(x, thresh, shift, lists, nm_n, nm_m)
+
+
+def gather_lists(lists: ActiveLists, wt: torch.Tensor, *, accumulate: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """accumulate [1, N] += W·x_s (+ bias) in place and return it, x_s being the selected input whose active rows
+    `lists` hold (written by the op that produced the input, `decode_attention(lists=)`, or `compact_lists`):
+    the gather walk over W^T [K, N] (row-major) without its compaction launch."""
+    if wt.dim() != 2 or wt.stride(1) != 1:
+        raise ValueError(f"wt must be the transposed weight [K, N], row-major, got shape {tuple(wt.shape)}")
+    k, n = wt.shape
+    check_lists(lists, k, wt.device)
+    if (accumulate.dtype != torch.float32 or tuple(accumulate.shape) != (1, n) or not accumulate.is_contiguous()
+            or accumulate.device != wt.device):
+        raise ValueError(f"accumulate must be a contiguous float32 [1, {n}] tensor on {wt.device}, got "
+                         f"{accumulate.dtype} {tuple(accumulate.shape)} on {accumulate.device}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+    torch.ops.actsparse.gather_lists(lists.idx, lists.val, lists.count, wt, bias, accumulate, lists.seg)
+    return accumulate

@@ -11,7 +11,8 @@ crosses 1. With the engine's fp32 residual stream, o and down also time adding i
 ("accumulate": the one-shot tiles, "gather-accumulate": the gather walk), q|k|v its raw fp32 sums for the
 attention kernel likewise, "pair" gate|up writing its two raw sums and "gated" down forming act(gate)·up from
 them while adding into the stream (each on both kernels; the engine compares the fastest pair + gated with
-gate|up's and down's best), "mlp" the whole MLP in two launches (`sparse_mlp`, batch ≤ 4), and everything reads and adds the fp32 stream as the engine does. Cached per
+gate|up's and down's best), "mlp" the whole MLP in two launches (`sparse_mlp`, batch ≤ 4), o at batch 1 over the lists the attention kernel
+writes ("gather-listed": no compaction launch), and everything reads and adds the fp32 stream as the engine does. Cached per
 (device name, shapes, dtype, stream dtype, batch) for the process.
 """
 
@@ -29,6 +30,11 @@ OPS = ("qkv", "o", "gu", "down")
 KERNELS = ("oneshot", "gather")  # the sparse kernels the engine chooses among (the masked walk never wins at b ≤ 4)
 # An op adding into a given fp32 tensor (the stream, or raw sums for the next op), by the kernel that runs it.
 ACCUMULATE = {"accumulate": "oneshot", "gather-accumulate": "gather"}
+# o at batch 1 adding into the stream by the gather walk over the lists the attention kernel wrote while producing
+# its input (`decode_attention(lists=)`, `gather_lists`): the walk without its compaction launch. Timed as that
+# walk alone; the attention's selection epilogue (a few hundred ns on its own programs) is not in the figure.
+LISTED = "gather-listed"
+RUNS_ON = {**ACCUMULATE, LISTED: "gather"}  # a choice's kernel, where the op runs it as a plain add into a tensor
 UP_KERNELS = ("walk", "oneshot", "rows")  # CATS's up rows gathered by the gate's mask (`cats_up`); no dense rival
 
 _cache: dict[tuple, dict[str, "OpTimes"]] = {}
@@ -175,6 +181,11 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
                                                 impl=impl)
         inp, wt = (a, lw.wo_t) if op == "o" else (h, lw.wd_t)
         th = torch.full((1,), union_threshold(inp, s), device=dev)
+        if impl == LISTED:
+            from actsparse.kernels import active_lists, compact_lists
+
+            lists = compact_lists(inp, th, active_lists(q, q // cfg.n_kv_heads, dev))
+            return lambda: ops.gather_lists(lists, wt, accumulate=acc)
         if impl in ACCUMULATE:
             return lambda: ops.sparse_gemv(inp, wt, th, impl=ACCUMULATE[impl], accumulate=acc)
         return lambda: ops.sparse_gemv(inp, wt, th, residual=x, impl=impl)
@@ -208,6 +219,8 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
     for op in OPS[:2] if moe else OPS:
         t_dense = graph_ms(lambda: [dense(op, lw) for lw in layers])
         impls = kernels + accs if op in accumulating else kernels
+        if op == "o" and listable(engine, batch) and "gather-accumulate" in impls:
+            impls = impls + [LISTED]
         out[op] = OpTimes(t_dense, LEVELS, timed(impls, lambda lw, s, impl: sparse(op, lw, s, impl)))
     if "down" in accumulating:  # gate|up's raw sums, and down forming act(gate)·up from them into the stream
         sums = {}  # per layer and level: the pair's raw sums and down's threshold on act(gate)·up
@@ -257,6 +270,14 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
                or (k == "rows" and batch == 1)]
         out["up"] = OpTimes(float("inf"), LEVELS, timed(ups, up))  # no dense rival: CATS itself is the choice
     return out
+
+
+def listable(engine, batch: int) -> bool:
+    """Whether o can read lists the attention kernel writes: batch 1, the Triton kernels, a power-of-two head_dim
+    (each kv head's channels one contiguous list). Measured so whatever the engine's `producer_lists`, which it
+    applies when it runs (off: a "gather-listed" choice runs the gather walk with its compaction pass)."""
+    hd = engine.cfg.head_dim
+    return batch == 1 and engine.kernels == "triton" and hd & (hd - 1) == 0
 
 
 def op_times(engine, batch: int) -> dict[str, OpTimes]:

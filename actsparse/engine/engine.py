@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from actsparse.kernels import ref as kref
+from actsparse.kernels.gather_gemv import ActiveLists
 from actsparse.kernels.lowrank import pack_lowrank as kpack_lowrank
 from actsparse.kernels.topk import MAX_K as TOPK_MAX_K
 
 from .config import LlamaConfig, unsupported_reason
-from .crossover import ACCUMULATE, op_times
+from .crossover import LISTED, RUNS_ON, listable, op_times
 from .plan import EXPERT_ROLE, EnginePlan, Threshold
 from .rotation import adapt, check_rotations, rotate_weights
 from .weights import Weights, random_weights, weights_from_hf
@@ -68,7 +69,7 @@ def _kernel(impl: str) -> str:
     """The kernel that runs a choice: "accumulate" / "gather-accumulate" is the one-shot tiles / the gather walk
     adding into the stream (or writing raw sums), which an op that cannot (a residual behind a post-norm, a
     model-dtype stream) runs with an output of its own."""
-    return ACCUMULATE.get(impl, impl)
+    return RUNS_ON.get(impl, impl)
 
 
 def _gated_mlp_any(x, wt_gate, wt_up, thresh, *, impl: str = "auto", out: Optional[torch.Tensor] = None,
@@ -136,6 +137,7 @@ class _TritonOps:
         self.sparse_mlp = k.sparse_mlp
         self.cats_up = k.cats_up
         self.decode_attention = k.decode_attention
+        self.gather_lists = k.gather_lists
         self.topk_thresholds = k.topk_thresholds
         self.lowrank_add = k.lowrank_add
 
@@ -194,6 +196,11 @@ class Engine:
     Triton kernels on a GPU, cuBLAS and each sparse kernel are timed on that GPU at this model's shapes,
     once per batch (`crossover.op_times`), and every op runs whichever is fastest at its expected skip;
     otherwise 0.
+
+    producer_lists: o at batch 1 (o adding into the fp32 stream, a power-of-two head_dim, no Top-K or low-rank rule
+    on o) reads the active-row lists the attention kernel writes as it produces o's input, so o's gather walk needs
+    no compaction launch: None, where that is measured fastest (`crossover`: "gather-listed"); True, wherever it can
+    run; False, never.
     """
 
     # Whether o and down may add into the stream in place (a tensor-parallel rank's partial sums may not).
@@ -201,7 +208,8 @@ class Engine:
 
     def __init__(self, cfg: LlamaConfig, weights: Weights, *, max_batch: int = 4, max_seq_len: int = 512,
                  kernels: str = "auto", fallback_below: Union[None, float, dict] = None,
-                 use_graphs: bool = True, residual_fp32: Optional[bool] = None) -> None:
+                 use_graphs: bool = True, residual_fp32: Optional[bool] = None,
+                 producer_lists: Optional[bool] = None) -> None:
         if kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kernels!r}")
         self.cfg = cfg
@@ -219,6 +227,9 @@ class Engine:
         if residual_fp32 is None:
             residual_fp32 = self.device.type == "cuda" and kernels == "triton"
         self.residual_fp32 = bool(residual_fp32) and self.ACCUMULATES
+        # o at batch 1 reading the lists the attention kernel writes (no compaction launch): None where measured
+        # fastest ("gather-listed"), True wherever it can run, False never
+        self.producer_lists = producer_lists
         self._plain: Optional[Weights] = None  # the model's weights while a rotated plan reads a folded copy
         self._adapters: Optional[list] = None  # per layer (M before the attention read, M before the MLP read)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -554,10 +565,10 @@ class Engine:
 
     def _raw_sums(self, impl: str, x: torch.Tensor, rule: "_OpRule") -> bool:
         """Whether an op hands on raw fp32 sums (q|k|v: `out=` for the attention kernel): in an fp32-stream step
-        where measured fastest (a name of ACCUMULATE) or, with given fallback levels ("auto"), wherever the
+        where measured fastest (a name of RUNS_ON) or, with given fallback levels ("auto"), wherever the
         one-shot tiles can (batch ≤ 16); R-Sparse's low-rank path is then added into the sums (`lowrank_add`)."""
         return (x.dtype == torch.float32 and self.residual_fp32
-                and (impl in ACCUMULATE or (impl == "auto" and x.shape[0] <= 16)))
+                and (impl in RUNS_ON or (impl == "auto" and x.shape[0] <= 16)))
 
     def _qkv_sums(self, b: int) -> torch.Tensor:
         """The fp32 [b, Nq + 2Nkv] buffer q|k|v's raw sums land in (one per batch size; each op zeroes it first)."""
@@ -613,6 +624,23 @@ class Engine:
         """Whether a row-split op (o, down) adds into the fp32 stream x in place: measured fastest ("accumulate"),
         or with given fallback levels ("auto") wherever it can (it adds the residual itself)."""
         return res is x and self._raw_sums(impl, x, rule)
+
+    def _listed(self, impl: str, x: torch.Tensor, res: Optional[torch.Tensor], rule: "_OpRule") -> bool:
+        """Whether o runs over the lists the attention kernel writes (`producer_lists`)."""
+        if self.producer_lists is False or rule.topk is not None or rule.lowrank is not None:
+            return False
+        if self._adapters is not None or not listable(self, x.shape[0]) or not self._accumulates(impl, x, res, rule):
+            return False
+        return impl == LISTED or self.producer_lists is True
+
+    def _o_lists(self) -> ActiveLists:
+        """o's active-row lists (batch 1), one per kv head, which the attention kernel writes."""
+        if "o_lists" not in self._sums:
+            from actsparse.kernels.gather_gemv import active_lists
+
+            q, hkv = self.cfg.q_size, self.cfg.n_kv_heads
+            self._sums["o_lists"] = active_lists(q, q // hkv, self.device)
+        return self._sums["o_lists"]
 
     def _act(self, g: torch.Tensor) -> torch.Tensor:
         """The gate's activation (silu, or Gemma's gelu-tanh) in g's dtype."""
@@ -702,19 +730,25 @@ class Engine:
             qkv = torch.cat([qn, kn, qkv[:, q + kv:]], dim=1)
         window = cfg.window(i)
         inv_freq, rope_scale = self.w.rope(local=window > 0)
+        # Gemma normalises the op's output before the residual add: the op cannot add the residual itself.
+        res = self._op_residual(x, lw.post_attn_norm)
+        impl = "dense" if r is None else self._choose(r.o, "o", b)
+        lists = self._o_lists() if impl != "dense" and self._listed(impl, x, res, r.o) else None
+        if lists is not None:  # the attention kernel selects its output as o does and writes o's lists
+            head_norms.update(lists=lists, list_thresh=None if r.o.nm else r.o.thresh, list_shift=r.o.shift,
+                              list_nm=r.o.nm)
         a = ops.decode_attention(qkv, kc, vc, pos, inv_freq, cfg.n_heads, cfg.n_kv_heads,
                                  sm_scale=cfg.attn_scale or None, rope_scale=rope_scale, softcap=cfg.attn_softcap,
                                  window=window, **head_norms)  # [B, Nq]
         if record is not None:
             record(i, "o", a)
-        # Gemma normalises the op's output before the residual add: the op cannot add the residual itself.
-        res = self._op_residual(x, lw.post_attn_norm)
-        impl = "dense" if r is None else self._choose(r.o, "o", b)
         post_raw = False
         if impl != "dense":
             self._levels(r.o, a)
         if impl == "dense":
             y = self._linear(a, lw.wo, lw.wo_t, res=res)
+        elif lists is not None:
+            y = ops.gather_lists(lists, lw.wo_t, accumulate=x, bias=r.o.bias)
         elif self._accumulates(impl, x, res, r.o):
             y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, nm=r.o.nm,
                                 impl=_kernel(impl), accumulate=x)

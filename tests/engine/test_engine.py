@@ -412,3 +412,38 @@ def test_the_fp32_stream_paths_run_on_the_gather_walk_where_it_is_chosen(monkeyp
     assert (got - want).norm() / want.norm() < 3e-3
     assert impls and set(impls) == {("gather", True)}  # q|k|v, o, gate|up, down: all four, every layer and step
     assert len(impls) == 4 * TINY.n_layers * 4
+
+
+@pytest.mark.parametrize("how", ["on", "measured", "off"])
+def test_o_reads_the_lists_the_attention_kernel_writes(monkeypatch, how):
+    """producer_lists: at batch 1, the attention kernel selects its output as o does and writes o's active-row
+    lists; o's gather walk reads them (`gather_lists`, no compaction launch). On (True), or where the measurement
+    picks it ("gather-listed"), every layer's o runs so, and the logits match the same engine's compaction path
+    (the same selections: o's shifts too); off, a "gather-listed" choice runs the gather walk with its own
+    compaction pass."""
+    from actsparse.engine.crossover import LISTED
+
+    model = _hf_tiny(seed=11)
+    roles = ("q", "k", "v", "o", "gate", "up", "down")
+    th = {f"layers.{i}.{r}": 0.3 for i in range(TINY.n_layers) for r in roles}
+    shifts = {f"layers.{i}.o": torch.randn(TINY.n_heads * TINY.head_dim) * 0.05 for i in range(TINY.n_layers)}
+    seq = torch.randint(0, TINY.vocab_size, (1, 5))
+    if how == "measured":
+        inner_choose = Engine._choose
+        monkeypatch.setattr(Engine, "_choose", lambda self, rule, op, b: LISTED if op == "o" else
+                            inner_choose(self, rule, op, b))
+    logits, calls = [], []
+    for lists in ({"on": True, "measured": None, "off": False}[how], False):
+        eng = Engine.from_hf(model, device=DEVICE, dtype=torch.float16, kernels="triton", max_batch=1,
+                             max_seq_len=16, fallback_below=0.0, residual_fp32=True, producer_lists=lists)
+        eng.set_thresholds(th, shifts=shifts)
+        inner = eng.ops.gather_lists
+
+        def spy(*args, _inner=inner, **kw):
+            calls.append(lists)
+            return _inner(*args, **kw)
+        eng.ops.gather_lists = spy
+        logits.append(_engine_logits(eng, seq, True))
+    assert (logits[1] - logits[0]).norm() / logits[0].norm() < 1e-3
+    n = TINY.n_layers * seq.shape[1]
+    assert calls == ([] if how == "off" else [{"on": True, "measured": None}[how]] * n)
