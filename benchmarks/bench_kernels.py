@@ -543,7 +543,8 @@ def moe_anatomy(clock: Clock, meta: dict, preset: str = "qwen3-30b-a3b", n_sets:
     """Where a mixture-of-experts layer's decode time goes (--moe-anatomy), batch 1, as the engine runs it: the
     norm + router GEMV + routing as one launch after the norm ("route"; "route-cublas": the GEMV on cuBLAS
     between), the routed experts' gate|up raw sums (expert-indexed one-shot tiles,
-    "pair") and the gated down adding into the fp32 stream ("down"), each at threshold 0 (the dense engine's path),
+    "pair"; the gather walk over the normed state's two lists, "pair-gather") and the gated down adding into the fp32
+    stream ("down", "down-gather": each routed expert's own list), each at threshold 0 (the dense engine's path),
     at the 0.5 / 0.9 |x| quantiles, and with every row skipped (+inf: the fixed cost); the bytes' effective
     bandwidth = the routed experts' bytes read at 0 (or 0.5) / (T − T_skipped). `n_sets` layers' weights rotate so
     no op reads from L2 (method "moe-anatomy")."""
@@ -585,7 +586,11 @@ def moe_anatomy(clock: Clock, meta: dict, preset: str = "qwen3-30b-a3b", n_sets:
         return {"route": route, "route-cublas": route_cublas,
                 "pair": lambda st: _sparse_gated_mlp(xn, st["weg"], st["weu"], tgu, experts=idx, out=sums),
                 "down": lambda st: _sparse_gemv(sums, st["wed"], tdn, gated="silu", accumulate=stream, experts=idx,
-                                                expert_weights=w)}
+                                                expert_weights=w),
+                "pair-gather": lambda st: _sparse_gated_mlp(xn, st["weg"], st["weu"], tgu, experts=idx, out=sums,
+                                                            impl="gather"),
+                "down-gather": lambda st: _sparse_gemv(sums, st["wed"], tdn, gated="silu", accumulate=stream,
+                                                       experts=idx, expert_weights=w, impl="gather")}
     rows, t = [], {}
     for s, (tg, td) in levels.items():
         if clock.left(0.9) < 0:
@@ -596,8 +601,10 @@ def moe_anatomy(clock: Clock, meta: dict, preset: str = "qwen3-30b-a3b", n_sets:
                   "batch": 1, "dtype": "bf16", "us": round(v, 2)} for op, v in t[s].items()]
         log(f"  moe anatomy {preset} s={s}: " + " ".join(f"{op}={v:.1f}" for op, v in t[s].items()) + " us")
     if 0.0 in t and 1.0 in t:
-        bw = {f"{op}@{s}": routed * (2 if op == "pair" else 1) / 3 * (1 - s) / ((t[s][op] - t[1.0][op]) * 1e-6) / 1e12
-              for op in ("pair", "down") for s in (0.0, 0.5) if s in t and t[s][op] > t[1.0][op]}
+        bw = {f"{op}@{s}": routed * (2 if op.startswith("pair") else 1) / 3 * (1 - s)
+              / ((t[s][op] - t[1.0][op]) * 1e-6) / 1e12
+              for op in ("pair", "down", "pair-gather", "down-gather") for s in (0.0, 0.5)
+              if s in t and t[s][op] > t[1.0][op]}
         log(f"  moe anatomy {preset}: routed bytes {routed / 2**20:.1f} MiB a layer; bytes' share as TB/s "
             + " ".join(f"{k}={v:.2f}" for k, v in bw.items()))
     return rows

@@ -41,27 +41,32 @@ PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr",
 
 
 def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4, use_dot: bool = False,
-                   accum: int = 0, eager: bool = False, fused: bool = False, gated: int = 0):
+                   accum: int = 0, eager: bool = False, fused: bool = False, gated: int = 0, experts: int = 0):
     """The compiled walk for one configuration (sm_90): gate|up's pair with the RMSNorm and Gemma's gelu-tanh;
     `accum` 1-3: adding into a given fp32 tensor (stored, read-add-stored, atomic), a bias on the first slice;
-    `fused`: the lists written inside the launch (zeroing the tensor with accum 3; `gated`: from raw pair sums)."""
+    `fused`: the lists written inside the launch (zeroing the tensor with accum 3; `gated`: from raw pair sums);
+    `experts` 1: a mixture of experts' routed gate|up pair, 2: its down scaled by the routing weights (atomic)."""
     consts = dict(NORM=True, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=True, HAS_BIAS=accum > 0, HAS_RES=False,
                   ACT=0 if accum else 2, NM_N=0, NM_M=1, GROUPS=1 if accum < 3 else 4, GROUPS_P2=1 if accum < 3 else 4,
                   SPLIT=not accum, USE_DOT=use_dot, IEEE=False, VAL_B=4 if use_dot else 1, DEPTH=depth,
                   ACCUM=accum, BLOCK_B=16 if use_dot else 1, SEG_K=4096 if accum < 3 else 1024,
                   BLOCK_K=block_k, BLOCK_N=block_n, EAGER=eager, FUSED=False, GATED=0, SLOTS=1, PROGRAMS=1,
-                  ZERO=False, CHUNK=1)
+                  ZERO=False, CHUNK=1, EXPERTS=False, HAS_EW=False)
     if fused:
         consts |= dict(FUSED=True, GATED=gated, NORM=not gated, SLOTS=2 * consts["GROUPS"], PROGRAMS=448 * consts["GROUPS"],
                        ZERO=accum == 3, CHUNK=512)
-    return _compile(gather_gemv._gather_kernel, consts, num_warps)
+    ptrs = {}
+    if experts:
+        consts |= dict(EXPERTS=True, PAIR=experts == 1, HAS_EW=experts == 2, HAS_BIAS=False, NORM=False)
+        ptrs = {"e_ptr": "*i64", "ew_ptr": "*bf16"}
+    return _compile(gather_gemv._gather_kernel, consts, num_warps, ptrs)
 
 
-def compile_compact(gated: int, zero: bool):
+def compile_compact(gated: int, zero: bool, xsel: bool = False):
     """The compiled compaction pass (sm_90): RMSNorm and selection, or act(gate)·up from a pair's raw sums
-    (`gated`), zeroing its share of an fp32 tensor (`zero`)."""
+    (`gated`), zeroing its share of an fp32 tensor (`zero`); `xsel`: each list its own routed row's input."""
     consts = dict(NORM=not gated, NORM_BLOCK=4096, HAS_SHIFT=False, NM_N=0, NM_M=1, GATED=gated, GROUPS=4,
-                  BLOCK_B=1, SEG_K=1024, ZERO=zero, Z_BLOCK=1024, PDL=False)
+                  BLOCK_B=1, SEG_K=1024, ZERO=zero, Z_BLOCK=1024, PDL=False, XSEL=xsel)
     return _compile(gather_gemv._compact_kernel, consts, 4)
 
 
@@ -182,6 +187,8 @@ def _cases() -> list[tuple[str, str, tuple]]:
               for a, d, dot, g in ((0, 2, False, 0), (1, 2, False, 0), (3, 1, False, 0), (3, 2, False, 1), (0, 1, True, 0),
                                    (3, 2, True, 0))]
     cases += [(f"compact gated={g} zero={z}", "compile_compact", (g, z)) for g, z in ((0, False), (0, True), (1, True))]
+    cases += [("compact gated=1 routed rows", "compile_compact", (1, False, True))]
+    cases += [(f"gather experts={e}", "compile_gather", (32, 128, 2, 4, False, 3, False, False, 0, e)) for e in (1, 2)]
     cases += [(f"oneshot pair={p} dot={dot}", "compile_oneshot", (128, 64, 2, p, dot)) for p in (False, True)
               for dot in (False, True)]
     cases += [(f"oneshot experts pair={p}", "compile_oneshot", (128, 64, 2, p, False, True)) for p in (False, True)]

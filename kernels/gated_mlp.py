@@ -38,10 +38,12 @@ def _sparse_gated_mlp_sums_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: tor
                               norm_weight: Optional[torch.Tensor], eps: float, nm_n: int, nm_m: int,
                               out: torch.Tensor, impl: str = "oneshot",
                               experts: Optional[torch.Tensor] = None) -> None:
-    if experts is not None:  # one token a program: the batch-1 tiles of one expert's pair
-        _, cfg = choose_impl("pair", x.shape[1], wt_gate.shape[-1], 1, "oneshot", accum=True)
-        launch_oneshot(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, cfg,
-                       accumulate=out, zero_first=True, experts=experts)
+    if experts is not None:  # one token a program (the one-shot tiles), or batch 1's two lists (the gather walk)
+        which, cfg = choose_impl("pair", x.shape[1], wt_gate.shape[-1], 1, "gather" if impl == "gather" else "oneshot",
+                                 accum=True)
+        launch = launch_gather if which == "gather" else launch_oneshot
+        launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, cfg,
+               accumulate=out, zero_first=True, experts=experts)
         return
     which, cfg = choose_impl("pair", x.shape[1], wshape(wt_gate)[1], x.shape[0], impl, accum=True)
     launch = launch_gather if which == "gather" else launch_oneshot
@@ -89,7 +91,9 @@ def sparse_gated_mlp(
     wt_up are the stacked transposed expert weights [E, K, I] and out, a contiguous float32 [B, T, 2, I], receives
     each routed expert's raw gate and up sums (only the routed experts' kept rows are read), for
     `sparse_gemv(experts=, gated=act)`. thresh [2] / [2, K] serves every expert (they share the input x), [E, 2, K]
-    holds a pair of rows per expert; the one-shot tiles run it, one token a program; no shift or bias.
+    holds a pair of rows per expert; the one-shot tiles run it, one token a program ("auto", "oneshot"), or at batch
+    1 the gather walk ("gather": x compacted once into the two lists every routed expert walks; one rule for all
+    experts); no shift or bias.
     """
     if experts is not None:
         experts = check_experts(experts, None, (wt_gate, wt_up), ("wt_gate", "wt_up"), impl, out,
@@ -103,7 +107,7 @@ def sparse_gated_mlp(
         k, n = wt_gate.shape[1:]
         if x.shape[0] != b:
             raise ValueError(f"experts has {b} rows (one per token) but x has {x.shape[0]}")
-        thresh = expert_rows(thresh, 2, wt_gate.shape[0], k)
+        thresh = expert_rows(thresh, 2, wt_gate.shape[0], k, impl)
         if norm_weight is not None and tuple(norm_weight.shape) != (k,):
             raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
         if out.dtype != torch.float32 or tuple(out.shape) != (b, top, 2, n) or not out.is_contiguous():
@@ -111,7 +115,8 @@ def sparse_gated_mlp(
                              f"sums, up sums), got {out.dtype} {tuple(out.shape)}")
         nm_n, nm_m = _validate_nm(nm)
         torch.ops.actsparse.sparse_gated_mlp_sums(x, wt_gate, wt_up, thresh, None, None, norm_weight, float(eps),
-                                                  nm_n, nm_m, out, "oneshot", experts)
+                                                  nm_n, nm_m, out, "gather" if impl == "gather" else "oneshot",
+                                                  experts)
         return out
     _check_common(x, wt_gate, "wt_gate")
     _check_common(x, wt_up, "wt_up")

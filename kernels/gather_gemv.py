@@ -88,11 +88,19 @@ def _compact_slot(slot, x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr,
                   Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps,
                   NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
                   NM_M: tl.constexpr, GATED: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr,
-                  SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                  SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                  stride_xsel, XSEL: tl.constexpr):
     """Write list `slot` (threshold row slot // GROUPS, K slice slot % GROUPS) and its count; with ZERO also zero
-    the slot's equal share (Z_N elements, below Z_TOTAL) of the fp32 tensor the walk then adds into."""
-    count = _compact_slice(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr + slot * SEG_K,
-                           val_ptr + slot * (BLOCK_B * SEG_K) + offs_b[:, None] * SEG_K, slot // GROUPS,
+    the slot's equal share (Z_N elements, below Z_TOTAL) of the fp32 tensor the walk then adds into. XSEL: list
+    row slot // GROUPS selects x's row of that index (stride_xsel further on each) by threshold row 0 (a mixture
+    of experts' down: each routed expert's own act(gate)·up, one rule for all)."""
+    row = slot // GROUPS
+    x_base = x_ptr
+    if XSEL:
+        x_base = x_ptr + row * stride_xsel
+        row = 0
+    count = _compact_slice(x_base, g_ptr, t_ptr, m_ptr, idx_ptr + slot * SEG_K,
+                           val_ptr + slot * (BLOCK_B * SEG_K) + offs_b[:, None] * SEG_K, row,
                            slot % GROUPS, offs_b, mask_b, K, stride_xb, stride_ts, stride_tk, stride_ms, stride_xm,
                            eps, NORM, NORM_BLOCK, HAS_SHIFT, NM_N, NM_M, GATED, BLOCK_B, SEG_K, CHUNK)
     tl.store(count_ptr + slot, count)
@@ -109,14 +117,15 @@ def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_p
                     stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps,
                     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
                     NM_M: tl.constexpr, GATED: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr,
-                    SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                    SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                    stride_xsel=0, XSEL: tl.constexpr = False):
     """The compaction pass: one program per (K slice, threshold row) writes the list the walk reads."""
     pdl_prologue(PDL)
     offs_b = tl.arange(0, BLOCK_B)
     _compact_slot(tl.program_id(1) * GROUPS + tl.program_id(0), x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr,
                   count_ptr, z_ptr, offs_b, offs_b < B, K, Z_N, Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms,
                   stride_xm, eps, NORM, NORM_BLOCK, HAS_SHIFT, NM_N, NM_M, GATED, GROUPS, BLOCK_B, SEG_K, ZERO,
-                  Z_BLOCK, SEG_K)
+                  Z_BLOCK, SEG_K, stride_xsel, XSEL)
 
 
 @triton.jit
@@ -141,7 +150,8 @@ def _claim_and_compact(claim_ptr, ready_ptr, x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr
     while c - base < SLOTS:
         _compact_slot((c - base).to(tl.int32), x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_ptr,
                       offs_b, mask_b, K, Z_N, Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms, stride_xm, eps,
-                      NORM, NORM_BLOCK, HAS_SHIFT, NM_N, NM_M, GATED, GROUPS, BLOCK_B, SEG_K, ZERO, Z_BLOCK, CHUNK)
+                      NORM, NORM_BLOCK, HAS_SHIFT, NM_N, NM_M, GATED, GROUPS, BLOCK_B, SEG_K, ZERO, Z_BLOCK, CHUNK,
+                      0, False)
         tl.debug_barrier()  # every thread's stores of the list are issued before the release below
         tl.atomic_add(ready_ptr, 1, sem="release")
         c = tl.atomic_add(claim_ptr, 1, sem="relaxed")
@@ -231,11 +241,25 @@ def _gather_kernel(
     EAGER: tl.constexpr = False, PDL: tl.constexpr = False,
     claim_ptr=None, ready_ptr=None, z_ptr=None, Z_N=0, Z_TOTAL=0, stride_xm=0, FUSED: tl.constexpr = False,
     GATED: tl.constexpr = 0, SLOTS: tl.constexpr = 1, PROGRAMS: tl.constexpr = 1, ZERO: tl.constexpr = False,
-    CHUNK: tl.constexpr = 1):
+    CHUNK: tl.constexpr = 1, e_ptr=None, ew_ptr=None, stride_we=0, EXPERTS: tl.constexpr = False,
+    HAS_EW: tl.constexpr = False):
     pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
+    # EXPERTS (batch 1): pid_m is a routed row's matrix (a pair: 2·row + gate/up) or the routed row (down); the
+    # weights' base moves by the row's expert id, which the device holds, so a captured graph serves any routing
+    mat = pid_m
+    row = 0
+    w_off = 0
+    if EXPERTS:
+        if PAIR:
+            mat = pid_m % 2
+            row = pid_m // 2
+        else:
+            mat = 0
+            row = pid_m
+        w_off = tl.load(e_ptr + row).to(tl.int64) * stride_we
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     if FUSED:  # no compaction launch: the first programs to claim the lists write them (see _claim_and_compact)
@@ -246,22 +270,29 @@ def _gather_kernel(
                            SEG_K, ZERO, 1024, SLOTS, PROGRAMS, CHUNK)
     n_start = pid_n * BLOCK_N
     if PAIR:
-        sel = pid_m  # gate / up thresholds
+        sel = mat  # gate / up thresholds (every routed expert reads the same two lists)
+    elif EXPERTS:
+        sel = row  # down: each routed row's own list
     else:
         sel = (n_start >= N0).to(tl.int32) + (n_start >= N1).to(tl.int32)  # q / k / v segment
     slot = sel * GROUPS + pid_k
     idx_base = idx_ptr + slot * SEG_K
     # A slot holds VAL_B value rows (the batch rounded up); BLOCK_B (16 for tl.dot) rows past B stay masked.
     val_base = val_ptr + slot * (VAL_B * SEG_K) + offs_b[:, None] * SEG_K
-    if pid_m == 0:
-        wb = w_ptr
+    if mat == 0:
+        wb = w_ptr + w_off
     else:
-        wb = w2_ptr
+        wb = w2_ptr + w_off
     offs_n = n_start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     out, count = walk_rows(idx_base, val_base, count_ptr + slot, wb, offs_n, mask_n, mask_b, stride_wk, K, EAGER,
                            DEPTH, USE_DOT, IEEE, BLOCK_B, BLOCK_K, BLOCK_N)
+    if HAS_EW:  # the routing weight scales the expert's sums (W is linear: as if it scaled the input)
+        out = out * tl.load(ew_ptr + row).to(tl.float32)
     mask_out = mask_b[:, None] & mask_n[None, :]
+    y_m = pid_m  # a pair's (routed row's) matrix: its own row of y
+    if EXPERTS and not PAIR:
+        y_m = 0  # every routed expert of the token adds into its row
 
     if ACCUM > 0:
         # y is the caller's fp32 [B, N] (a pair's: [2, B, N]); no workspace, counter or epilogue. ACCUM 1: one
@@ -271,7 +302,7 @@ def _gather_kernel(
         if HAS_BIAS:
             if pid_k == 0:
                 out += tl.load(bias_ptr + pid_m * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        y_tile = y_ptr + pid_m * B * stride_yb + offs_b[:, None] * stride_yb + offs_n[None, :]
+        y_tile = y_ptr + y_m * B * stride_yb + offs_b[:, None] * stride_yb + offs_n[None, :]
         if ACCUM == 1:
             tl.store(y_tile, out, mask=mask_out)
         elif ACCUM == 2:
@@ -308,11 +339,24 @@ def _gather_kernel(
 
 
 def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,
-                  cfg: GatherConfig, accumulate=None, zero_first: bool = False, gated: int = 0) -> torch.Tensor:
+                  cfg: GatherConfig, accumulate=None, zero_first: bool = False, gated: int = 0, experts=None,
+                  expert_weights=None) -> torch.Tensor:
     """Run the compaction pass and the gather walk (arguments validated by the public ops); return y [B, N], or
     with `accumulate` (fp32 [B, N]; a gate/up pair: [2, B, N]) add W·x_s (+ bias) into it in place and return it;
     `zero_first`: it receives W·x_s (+ bias) instead. `gated` (an ACTS code): x is a gate/up pair's raw sums
-    [2, B, K] and the input is act(gate)·up (see `launch_oneshot`)."""
+    [2, B, K] and the input is act(gate)·up (see `launch_oneshot`).
+    `experts` (int [1, T] on the device; batch 1): wt (and w2) are stacked experts [E, K, N]. A pair: x [1, K] is
+    compacted once (two lists every routed expert walks) and `accumulate` [1, T, 2, N] receives each routed
+    expert's raw sums; a single matrix with `gated`: x is the pair's sums [1, T, 2, K], each routed row's
+    act(gate)·up its own list, and Σ_t w_t·W_{e_t}·x_s is added into `accumulate` [1, N] (w_t: expert_weights)."""
+    stride_we, rows, stride_xsel = 0, 1, 0
+    if experts is not None:
+        stride_we, rows = wt.stride(0), experts.numel()
+        wt, w2 = wt[0], (None if w2 is None else w2[0])
+        if gated:  # each routed row's own pair of raw sums: the lists' x rows lie stride_xsel apart
+            x = x.reshape(rows, 2, x.shape[-1])
+            stride_xsel = x.stride(0)
+            x = x.transpose(0, 1)[:, :1]  # [2, 1, K]: routed row 0's gate and up sums
     stride_xm = x.stride(0) if gated else 0
     x = x[0] if gated else x
     b, k = x.shape
@@ -331,7 +375,7 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
     groups = triton.cdiv(k, seg_k)
     mats = 2 if w2 is not None else 1
     tiles_n = triton.cdiv(n, block_n)
-    nsel = 2 if w2 is not None else len(bounds) + 1
+    nsel = 2 if w2 is not None else (rows if experts is not None else len(bounds) + 1)
     if accumulate is None:
         split, accum = mats * groups > 1, 0
         y = new_output((b, n), x.device, out_dtype(wt, residual))
@@ -341,6 +385,10 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
         # several: their partials meet by atomics in a tensor the compaction pass zeroed where it is written.
         split, accum = False, (1 if zero_first else 2) if groups == 1 else 3
         y = accumulate if accumulate.dim() == 2 else accumulate[0]  # a pair's second matrix is B·N further on
+        if experts is not None:
+            # a pair: one row per (routed row, matrix); down: the routed rows all add into the token's row
+            y = accumulate.view(-1, n)
+            accum = accum if mats == 2 else 3
         ws, cnt = y, y
     zero = accum == 3 and zero_first
     z_total = accumulate.numel() if zero else 0
@@ -352,8 +400,15 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
     ptrs, (n0, n1), strides, flags = launch_args(x, wt, w2, thresh, shift, bias, residual, norm_weight, act, bounds,
                                                  nm_n, nm_m, y, block_b)
     xp, gp, tp, mp = ptrs[:4]
-    programs = tiles_n * groups * mats
-    if cfg.fused:  # one launch: the walk's first programs write the lists (its pointers and flags cover the rest)
+    grid_m = mats * rows
+    programs = tiles_n * groups * grid_m
+    # a single matrix's routed rows: each its own list (gated: its own input; else the token's, once per row)
+    xsel = dict(stride_xsel=stride_xsel, XSEL=True) if experts is not None and w2 is None else {}
+    routed = {}
+    if experts is not None:
+        routed = dict(e_ptr=experts, ew_ptr=expert_weights if expert_weights is not None else experts,
+                      stride_we=stride_we, EXPERTS=True, HAS_EW=expert_weights is not None)
+    if cfg.fused and experts is None:  # one launch: the walk's first programs write the lists (its pointers and flags cover the rest)
         claims = claim_counters(x.device, programs, nsel * groups)
         fused = dict(claim_ptr=claims, ready_ptr=claims[1:], z_ptr=accumulate if zero else idx, Z_N=z_n,
                      Z_TOTAL=z_total, stride_xm=stride_xm, FUSED=True, GATED=gated, SLOTS=nsel * groups,
@@ -364,15 +419,16 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
             xp, gp, tp, mp, idx, val, count, accumulate if zero else idx, b, k, z_n, z_total, *strides[:4],
             stride_xm, eps, NORM=flags["NORM"], NORM_BLOCK=flags["NORM_BLOCK"], HAS_SHIFT=flags["HAS_SHIFT"],
             NM_N=flags["NM_N"], NM_M=flags["NM_M"], GATED=gated, GROUPS=groups, BLOCK_B=val_b, SEG_K=seg_k,
-            ZERO=zero, Z_BLOCK=1024, num_warps=4, **pdl_args(x.device))
-    compiled = _gather_kernel[(tiles_n, groups, mats)](
+            ZERO=zero, Z_BLOCK=1024, num_warps=4, **xsel, **pdl_args(x.device))
+    compiled = _gather_kernel[(tiles_n, groups, grid_m)](
         *ptrs, ws, cnt, idx, val, count, b, k, n, n0, n1, *strides, eps, **flags,
         GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, VAL_B=val_b, DEPTH=cfg.depth, ACCUM=accum,
-        BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n, EAGER=cfg.eager, **fused,
+        BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n, EAGER=cfg.eager, **fused, **routed,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )
-    record_compiled("gather_kernel" if accumulate is None else "gather_accumulate", compiled, k, n, w2 is not None)
+    kind = "gather_kernel" if accumulate is None else "gather_experts" if experts is not None else "gather_accumulate"
+    record_compiled(kind, compiled, k, n, w2 is not None)
     return y if accumulate is None else accumulate
 
 

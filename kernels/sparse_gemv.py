@@ -96,11 +96,12 @@ def _sparse_gemv_acc_op(x: torch.Tensor, wt: torch.Tensor, thresh: torch.Tensor,
                         segments: list[int], nm_n: int, nm_m: int, acc: torch.Tensor, zero_first: bool = False,
                         gated: int = 0, impl: str = "oneshot", experts: Optional[torch.Tensor] = None,
                         expert_weights: Optional[torch.Tensor] = None) -> None:
-    if experts is not None:  # one token a program: the batch-1 tiles of one expert's [K, N]
-        _, cfg = choose_impl("gemv", x.shape[-1], wt.shape[-1], 1, "oneshot", accum=True)
-        launch_oneshot(x, wt, None, thresh, shift, bias, None, norm_weight, eps, 0, segments, nm_n, nm_m, cfg,
-                       accumulate=acc, zero_first=zero_first, gated=gated, experts=experts,
-                       expert_weights=expert_weights)
+    if experts is not None:  # one token a program (the one-shot tiles), or batch 1's lists (the gather walk)
+        which, cfg = choose_impl("gemv", x.shape[-1], wt.shape[-1], 1, "gather" if impl == "gather" else "oneshot",
+                                 accum=True)
+        launch = launch_gather if which == "gather" else launch_oneshot
+        launch(x, wt, None, thresh, shift, bias, None, norm_weight, eps, 0, segments, nm_n, nm_m, cfg,
+               accumulate=acc, zero_first=zero_first, gated=gated, experts=experts, expert_weights=expert_weights)
         return
     which, cfg = choose_impl("qkv" if segments else "gemv", x.shape[-1], wshape(wt)[1], acc.shape[0], impl,
                              accum=True)
@@ -192,10 +193,14 @@ def check_experts(experts: torch.Tensor, expert_weights: Optional[torch.Tensor],
         raise ValueError(f"expert_weights must be a contiguous float tensor shaped like experts "
                          f"{tuple(experts.shape)} (one routing weight per routed expert), got "
                          f"{expert_weights.dtype} {tuple(expert_weights.shape)}")
-    if impl not in ("auto", "oneshot"):
-        raise ValueError(f"experts= runs on the one-shot tiles only; use impl='oneshot' or 'auto', got {impl!r}")
+    if impl not in ("auto", "oneshot", "gather"):
+        raise ValueError(f"experts= runs on the one-shot tiles or the gather walk; use impl='oneshot', 'gather' or "
+                         f"'auto', got {impl!r}")
+    if impl == "gather" and experts.shape[0] != 1:
+        raise ValueError(f"experts= on the gather walk runs batch 1 (its lists are one token's); got batch "
+                         f"{experts.shape[0]}: use impl='oneshot'")
     if into is None:
-        raise ValueError("experts= runs the one-shot tiles adding into a tensor: give accumulate= or out=")
+        raise ValueError("experts= runs adding into a tensor: give accumulate= or out=")
     clash = [what for what, bad in refused.items() if bad]
     if clash:
         raise ValueError(f"experts= takes no {', '.join(clash)} (one rule serves every expert of the layer; a shift "
@@ -203,13 +208,16 @@ def check_experts(experts: torch.Tensor, expert_weights: Optional[torch.Tensor],
     return experts
 
 
-def expert_rows(thresh: Optional[torch.Tensor], nseg: int, e: int, k: int) -> torch.Tensor:
+def expert_rows(thresh: Optional[torch.Tensor], nseg: int, e: int, k: int, impl: str = "oneshot") -> torch.Tensor:
     """experts=' thresholds: the op's rows [nseg] / [nseg, k] shared by every expert (returned [nseg, k]), or a row
-    set per expert, float32 [E, nseg, k] (a per-expert scalar expanded along k)."""
+    set per expert, float32 [E, nseg, k] (a per-expert scalar expanded along k; the one-shot tiles only)."""
     if thresh is None:
         raise ValueError("experts= selects inside the op: thresh must be given (zeros keep every nonzero input)")
     if thresh.dim() != 3:
         return _as_rows(thresh, nseg, k, "thresh")
+    if impl == "gather":
+        raise ValueError("experts= on the gather walk takes one rule for every expert (thresh [S] or [S, K]): its "
+                         "lists are compacted once for all; per-expert thresholds run on impl='oneshot'")
     if tuple(thresh.shape) != (e, nseg, k) or thresh.dtype != torch.float32 or thresh.stride(2) not in (0, 1):
         raise ValueError(f"per-expert thresholds must be a float32 [{e}, {nseg}, {k}] tensor (one row set per "
                          f"expert; expand a scalar along the last dim), got {thresh.dtype} {tuple(thresh.shape)}")
@@ -275,8 +283,9 @@ def sparse_gemv(
     / out= [B, N], reading only the routed experts' kept rows; expert_weights: [B, T] routing weights w (float32,
     bf16 or fp16; None: 1), scaling each expert's selected input in fp32. With gated=, x is the pair's raw sums per
     routed expert, float32 [B, T, 2, K] (`sparse_gated_mlp(experts=, out=)`). The one-shot tiles run it, one token
-    a program; thresh [1] / [1, K] serves every expert, [E, 1, K] holds one row per expert; no shift, bias,
-    segments or residual.
+    a program ("auto", "oneshot"), or at batch 1 the gather walk ("gather": each routed row's input its own list);
+    thresh [1] / [1, K] serves every expert, [E, 1, K] holds one row per expert (the one-shot tiles only); no
+    shift, bias, segments or residual.
     """
     if experts is not None:
         return _experts_gemv(x, wt, thresh, experts, expert_weights, accumulate, out, gated, norm_weight, eps, nm,
@@ -351,7 +360,7 @@ def _experts_gemv(x, wt, thresh, experts, expert_weights, accumulate, out, gated
         _check_common(x, wt[0])
         if x.shape[0] != b:
             raise ValueError(f"experts has {b} rows (one per token) but x has {x.shape[0]}")
-    thresh = expert_rows(thresh, 1, e, k)
+    thresh = expert_rows(thresh, 1, e, k, impl)
     if norm_weight is not None and tuple(norm_weight.shape) != (k,):
         raise ValueError(f"norm_weight must have shape [{k}], got {tuple(norm_weight.shape)}")
     if into.dtype != torch.float32 or tuple(into.shape) != (b, n) or not into.is_contiguous():
@@ -363,7 +372,8 @@ def _experts_gemv(x, wt, thresh, experts, expert_weights, accumulate, out, gated
     nm_n, nm_m = _validate_nm(nm)
     ew = None if expert_weights is None else expert_weights.reshape(b, top)
     torch.ops.actsparse.sparse_gemv_accumulate(x, wt, thresh, None, None, norm_weight, float(eps), [], nm_n, nm_m,
-                                               into, out is not None, ACTS[gated], "oneshot", experts, ew)
+                                               into, out is not None, ACTS[gated],
+                                               "gather" if impl == "gather" else "oneshot", experts, ew)
     return into
 
 

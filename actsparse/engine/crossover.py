@@ -12,7 +12,9 @@ crosses 1. With the engine's fp32 residual stream, o and down also time adding i
 attention kernel likewise, "pair" gate|up writing its two raw sums and "gated" down forming act(gate)·up from
 them while adding into the stream (each on both kernels; the engine compares the fastest pair + gated with
 gate|up's and down's best), "mlp" the whole MLP in two launches (`sparse_mlp`, batch ≤ 4), o at batch 1 over the lists the attention kernel
-writes ("gather-listed": no compaction launch), and everything reads and adds the fp32 stream as the engine does. Cached per
+writes ("gather-listed": no compaction launch), a mixture of experts' routed gate|up and down at batch 1 on the
+one-shot tiles or the gather walk ("experts_gu", "experts_down"), and everything reads and adds the fp32 stream as
+the engine does. Cached per
 (device name, shapes, dtype, stream dtype, batch) for the process.
 """
 
@@ -213,7 +215,7 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
     if accs and all(lw.post_attn_norm is None and lw.post_mlp_norm is None for lw in layers):
         accumulating |= {"o", "down"}
     out = {}
-    moe = cfg.moe  # the experts always run the expert-indexed tiles (dense: at threshold 0): nothing to choose
+    moe = cfg.moe  # the experts run the expert-indexed kernels (dense: at threshold 0): timed below, not vs cuBLAS
     if moe:
         accumulating.discard("down")
     for op in OPS[:2] if moe else OPS:
@@ -254,6 +256,38 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
                                               eps=eps, act=cfg.act, accumulate=acc)
 
             out["mlp"] = OpTimes(float("inf"), LEVELS, timed(["fused"], mlp))
+    if moe and batch == 1 and "gather" in kernels and engine.kernels == "triton":
+        # the routed experts at batch 1: the one-shot tiles (a tile a program) or the gather walk (gate|up: the
+        # normed state's two lists, walked by every routed expert; down: each routed expert's own list); no dense
+        # rival (the dense engine runs the faster of the two at threshold 0)
+        top = cfg.top_k
+        ids = torch.randperm(cfg.n_experts, generator=gen)[:top].reshape(1, top).to(engine.device)
+        wts = torch.rand(1, top, generator=gen).to(engine.device)
+        into = torch.zeros(1, cfg.hidden_size, device=engine.device)  # down adds into an fp32 row (the stream)
+        esums = {}
+
+        def routed(lw, s: float):
+            if (id(lw), s) not in esums:
+                xn = engine._norm(x, lw.mlp_norm)
+                th = torch.full((2,), union_threshold(xn, s), device=engine.device)
+                buf = torch.empty(1, top, 2, cfg.moe_intermediate_size, device=engine.device)
+                ops.sparse_gated_mlp(xn, lw.weg_t, lw.weu_t, th, experts=ids, out=buf, impl="oneshot")
+                h = (engine._act(buf[:, :, 0]) * buf[:, :, 1]).reshape(1, -1)  # every routed expert's input
+                td = torch.full((1,), union_threshold(h, s), device=engine.device)
+                esums[id(lw), s] = xn, th, buf, td
+            return esums[id(lw), s]
+
+        def experts_gu(lw, s: float, impl: str) -> Callable[[], None]:
+            xn, th, buf, _ = routed(lw, s)
+            return lambda: ops.sparse_gated_mlp(xn, lw.weg_t, lw.weu_t, th, experts=ids, out=buf, impl=impl)
+
+        def experts_down(lw, s: float, impl: str) -> Callable[[], None]:
+            _, _, buf, td = routed(lw, s)
+            return lambda: ops.sparse_gemv(buf, lw.wed_t, td, gated=cfg.act, accumulate=into, experts=ids,
+                                           expert_weights=wts, impl=impl)
+
+        out["experts_gu"] = OpTimes(float("inf"), LEVELS, timed(["oneshot", "gather"], experts_gu))
+        out["experts_down"] = OpTimes(float("inf"), LEVELS, timed(["oneshot", "gather"], experts_down))
     # CATS: its gate alone (RMSNorm, cuBLAS and the activation, or a kernel with both fused) and which cats_up
     # kernel, at the fraction of up rows skipped
     if not moe and all(lw.wu is not None for lw in layers):

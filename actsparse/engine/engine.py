@@ -894,7 +894,8 @@ class Engine:
         """A mixture-of-experts MLP on the residual stream x [B, D]; returns the new stream.
 
         Router (a small dense GEMV and top-k in torch, on the device), then per token its T routed experts through
-        the expert-indexed one-shot tiles: gate|up's raw sums [B, T, 2, I] (`sparse_gated_mlp(experts=, out=)`), and
+        the expert-indexed kernels (the one-shot tiles; at batch 1 the gather walk where measured faster,
+        `_experts_kernel`): gate|up's raw sums [B, T, 2, I] (`sparse_gated_mlp(experts=, out=)`), and
         down forming act(gate)·up, scaling it by the routing weight and adding into the fp32 stream (or an fp32
         buffer the stream then adds). Only the routed experts' weights are read. Thresholds: gate and up share the
         layer's normed hidden state, so one pair per layer can serve every expert, and down's is one per layer too
@@ -926,16 +927,21 @@ class Engine:
         zeros = self._zero_thresholds()
         tgu, td = (zeros[:2], zeros[:1]) if r is None else (r.gu.thresh, r.down.thresh)
         nm_gu, nm_d = (None, None) if r is None else (r.gu.nm, r.down.nm)
-        sums = ops.sparse_gated_mlp(xn, lw.weg_t, lw.weu_t, tgu, nm=nm_gu, experts=idx, out=self._expert_sums(b))
+        k_gu, k_d = (self._experts_kernel(op, rule, b) for op, rule in
+                     (("experts_gu", None if r is None else r.gu), ("experts_down", None if r is None else r.down)))
+        sums = ops.sparse_gated_mlp(xn, lw.weg_t, lw.weu_t, tgu, nm=nm_gu, experts=idx, out=self._expert_sums(b),
+                                    impl=k_gu)
         if record is not None:
             record(i, "down", (self._act(sums[:, :, 0]) * sums[:, :, 1]).reshape(-1, sums.shape[-1]))
         # the kernels read the routing weights w in their dtype (Qwen: the model's) and scale in fp32
         in_place = x.dtype == torch.float32 and r is not None and self.residual_fp32  # the fp32 stream takes it
         y = x if in_place else self._moe_out(b)
         if in_place:
-            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, accumulate=x, experts=idx, expert_weights=w)
+            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, accumulate=x, experts=idx, expert_weights=w,
+                            impl=k_d)
         else:
-            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, out=y, experts=idx, expert_weights=w)
+            ops.sparse_gemv(sums, lw.wed_t, td, nm=nm_d, gated=cfg.act, out=y, experts=idx, expert_weights=w,
+                            impl=k_d)
         if lw.wsd_t is not None:  # the shared expert: a routed expert of its own, weighted by sigmoid(gate)
             tsg, ts = (zeros[:2], zeros[:1]) if r is None else (r.shared_gu.thresh, r.shared_down.thresh)
             nm_sg, nm_s = (None, None) if r is None else (r.shared_gu.nm, r.shared_down.nm)
@@ -948,6 +954,15 @@ class Engine:
             ops.sparse_gemv(sums_s, lw.wsd_t, ts, nm=nm_s, gated=cfg.act, accumulate=y, experts=one,
                             expert_weights=gate)
         return y if in_place else x + y.to(x.dtype)
+
+    def _experts_kernel(self, op: str, rule: Optional["_OpRule"], b: int) -> str:
+        """Which kernel runs a layer's routed experts ("experts_gu" or "experts_down"): where the engine measures,
+        the faster at the op's expected skip (the dense path: at 0) of the one-shot tiles and, at batch 1 with one
+        rule for every expert, the gather walk; else "auto" (the one-shot tiles)."""
+        if self.fallback_below != "measured" or (rule is not None and rule.thresh.dim() == 3):
+            return "auto"
+        t = op_times(self, b).get(op)
+        return "auto" if t is None else t.choice(0.0 if rule is None else rule.expected)
 
     def _zero_thresholds(self) -> torch.Tensor:
         """float32 zeros [2] on the device: the dense path's thresholds (every nonzero input kept)."""

@@ -172,3 +172,38 @@ def test_a_fitted_teal_plan_with_per_expert_sites_decodes_as_the_torch_backend_m
     tri = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=1, max_seq_len=16, fallback_below=0.0)
     tri.set_plan(ep)
     assert (_engine_logits(tri, seq, sparse=True) - got).norm() / got.norm() < 1e-4
+
+
+def test_routed_experts_on_the_gather_walk_equal_the_torch_path(monkeypatch):
+    """Where the measurement picks the gather walk for the routed experts (batch 1), gate|up and down run on it
+    (dense: at threshold 0; sparse: the layer's rule), and the logits equal the torch backend's; the measurement
+    itself times both kernels for both ops (clock stubbed: CUDA graphs need a GPU)."""
+    from actsparse.engine import crossover
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=0, n_layers=2, n_heads=2, n_kv_heads=1,
+                      head_dim=16, n_experts=6, top_k=3, moe_intermediate_size=32, norm_topk_prob=True,
+                      router="qwen")
+    ref_eng = Engine.random(cfg, device=DEVICE, dtype=torch.float32, kernels="torch", max_seq_len=16)
+    tri = Engine.random(cfg, device=DEVICE, dtype=torch.float32, kernels="triton", layouts="sparse", max_seq_len=16,
+                        fallback_below=0.0, residual_fp32=True)
+    monkeypatch.setattr(Engine, "_experts_kernel", lambda self, op, rule, b: "gather")
+    impls = []
+    for name in ("sparse_gemv", "sparse_gated_mlp"):
+        inner = getattr(tri.ops, name)
+
+        def spy(*args, _inner=inner, **kw):
+            if kw.get("experts") is not None:
+                impls.append(kw.get("impl"))
+            return _inner(*args, **kw)
+        setattr(tri.ops, name, spy)
+    seq = torch.randint(0, 64, (1, 4))
+    assert torch.allclose(_engine_logits(tri, seq, False), _engine_logits(ref_eng, seq, False), atol=1e-4, rtol=1e-3)
+    th = {f"layers.{i}.{r}": 0.3 for i in range(2) for r in ROLES}
+    ref_eng.set_thresholds(th)
+    tri.set_thresholds(th)
+    assert torch.allclose(_engine_logits(tri, seq, True), _engine_logits(ref_eng, seq, True), atol=1e-4, rtol=1e-3)
+    assert impls and set(impls) == {"gather"} and len(impls) == 2 * 2 * 4 * 2  # 2 ops, 2 layers, 4 steps, 2 runs
+    monkeypatch.setattr(crossover, "graph_ms", lambda fn, reps=5, warmup=1: (fn(), 1.0)[-1])
+    out = crossover.measure(tri, 1)
+    assert set(out["experts_gu"].kernel_ms) == set(out["experts_down"].kernel_ms) == {"oneshot", "gather"}
+    assert out["experts_gu"].choice(0.5) in {"oneshot", "gather"}  # never "dense": there is no dense rival

@@ -1,5 +1,6 @@
-"""The expert-indexed one-shot tiles (`experts=`): a mixture-of-experts layer's routed gate|up sums and its gated
-down projection, reading each expert's weights from a device tensor of ids, against the plain torch formula."""
+"""The expert-indexed kernels (`experts=`: the one-shot tiles, and at batch 1 the gather walk): a mixture-of-experts
+layer's routed gate|up sums and its gated down projection, reading each expert's weights from a device tensor of
+ids, against the plain torch formula."""
 
 import pytest
 import torch
@@ -21,17 +22,20 @@ def _moe(b: int, top: int, e: int = 6, k: int = 64, i: int = 48, d: int = 80, dt
     return x, wg, wu, wd, idx, w
 
 
-@pytest.mark.parametrize("batch,top", [(1, 2), (1, 4), (2, 3)])
+@pytest.mark.parametrize("batch,top,impl", [(1, 2, "oneshot"), (1, 4, "oneshot"), (2, 3, "oneshot"),
+                                            (1, 2, "gather"), (1, 4, "gather")])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
-def test_routed_pair_sums_and_gated_down_match_the_formula(batch, top, sparsity):
+def test_routed_pair_sums_and_gated_down_match_the_formula(batch, top, impl, sparsity):
     """gate|up of each routed expert as raw sums (norm fused, gate and up selecting different rows), then down
-    forming act(gate)·up, selecting it, scaling by the routing weight and adding into the fp32 stream."""
-    x, wg, wu, wd, idx, w = _moe(batch, top)
+    forming act(gate)·up, selecting it, scaling by the routing weight and adding into the fp32 stream: on the
+    one-shot tiles, and at batch 1 on the gather walk (x's two lists shared by every routed expert; down: each
+    routed expert's act(gate)·up its own list)."""
+    x, wg, wu, wd, idx, w = _moe(batch, top, k=128 if impl == "gather" else 64)
     g = torch.rand(x.shape[1], device=DEVICE) + 0.5
     t = quantile_thresh(ref.rmsnorm_ref(x, g), sparsity)
     th = torch.tensor([t, t * 1.3], device=DEVICE)
     sums = torch.full((batch, top, 2, wg.shape[2]), float("nan"), device=DEVICE)
-    sparse_gated_mlp(x, wg, wu, th, norm_weight=g, eps=1e-6, experts=idx, out=sums)
+    sparse_gated_mlp(x, wg, wu, th, norm_weight=g, eps=1e-6, experts=idx, out=sums, impl=impl)
     want = ref.experts_gated_mlp_ref(x, wg, wu, th, idx, norm_weight=g, eps=1e-6)
     # the plain formula, written out: expert e's gate rows of the selected normed input
     xn = ref.rmsnorm_ref(x, g)
@@ -42,7 +46,7 @@ def test_routed_pair_sums_and_gated_down_match_the_formula(batch, top, sparsity)
     h0 = h.clone()
     act = torch.nn.functional.silu(sums[:, :, 0]) * sums[:, :, 1]
     td = torch.tensor([quantile_thresh(act, sparsity)], device=DEVICE)
-    sparse_gemv(sums, wd, td, gated="silu", accumulate=h, experts=idx, expert_weights=w)
+    sparse_gemv(sums, wd, td, gated="silu", accumulate=h, experts=idx, expert_weights=w, impl=impl)
     add = ref.experts_gemv_ref(sums, wd, td, idx, expert_weights=w, gated="silu")
     formula = torch.stack([sum(w[b_, j] * (act[b_, j] * (act[b_, j].abs() > td)) @ wd[idx[b_, j]] for j in range(top))
                            for b_ in range(batch)])
@@ -74,27 +78,29 @@ def test_per_expert_thresholds_select_each_routed_expert_by_its_own_rows():
         sparse_gemv(sums, wd, td[:2], gated="silu", accumulate=h, experts=idx)
 
 
-def test_a_single_expert_matrix_writes_each_token_its_routed_sum():
+@pytest.mark.parametrize("batch,impl", [(2, "oneshot"), (1, "gather")])
+def test_a_single_expert_matrix_writes_each_token_its_routed_sum(batch, impl):
     """Not gated, out=: the buffer is zeroed first and receives Σ_t W[e_t]·x_s (routing weights 1)."""
-    x, _, _, wd, idx, _ = _moe(2, 3, k=48)
+    x, _, _, wd, idx, _ = _moe(batch, 3, k=48)
     th = torch.tensor([0.4], device=DEVICE)
-    y = torch.full((2, wd.shape[2]), float("nan"), device=DEVICE)
-    sparse_gemv(x, wd, th, out=y, experts=idx)
+    y = torch.full((batch, wd.shape[2]), float("nan"), device=DEVICE)
+    sparse_gemv(x, wd, th, out=y, experts=idx, impl=impl)
     xs = x * (x.abs() > 0.4)
-    want = torch.stack([sum(xs[b] @ wd[idx[b, j]] for j in range(3)) for b in range(2)])
+    want = torch.stack([sum(xs[b] @ wd[idx[b, j]] for j in range(3)) for b in range(batch)])
     assert rel_err(y, want) < 1e-5
 
 
-def test_bf16_experts_match_the_reference():
+@pytest.mark.parametrize("impl", ["oneshot", "gather"])
+def test_bf16_experts_match_the_reference(impl):
     x, wg, wu, wd, idx, w = _moe(1, 2, dtype=torch.bfloat16)
     x = x.to(torch.bfloat16)
     th = torch.tensor([0.5, 0.5], device=DEVICE)
     sums = torch.empty(1, 2, 2, wg.shape[2], device=DEVICE)
-    sparse_gated_mlp(x, wg, wu, th, experts=idx[0], out=sums)   # a [T] id tensor: one token
+    sparse_gated_mlp(x, wg, wu, th, experts=idx[0], out=sums, impl=impl)   # a [T] id tensor: one token
     assert rel_err(sums, ref.experts_gated_mlp_ref(x, wg, wu, th, idx)) < 1e-3
     y = torch.empty(1, wd.shape[2], device=DEVICE)
     wb = w.to(torch.bfloat16)  # routing weights in the model's dtype, as Qwen's router hands them on
-    sparse_gemv(sums, wd, th[:1], gated="silu", out=y, experts=idx, expert_weights=wb)
+    sparse_gemv(sums, wd, th[:1], gated="silu", out=y, experts=idx, expert_weights=wb, impl=impl)
     assert rel_err(y, ref.experts_gemv_ref(sums, wd, th[:1], idx, expert_weights=wb, gated="silu")) < 1e-3
 
 
@@ -109,8 +115,15 @@ def test_what_experts_cannot_take_is_refused():
         sparse_gated_mlp(x, wg[0], wu[0], th2, experts=idx, out=sums)
     with pytest.raises(ValueError, match="give accumulate= or out="):
         sparse_gated_mlp(x, wg, wu, th2, experts=idx)
-    with pytest.raises(ValueError, match="one-shot tiles only"):
-        sparse_gated_mlp(x, wg, wu, th2, experts=idx, out=sums, impl="gather")
+    with pytest.raises(ValueError, match="runs on the one-shot tiles or the gather walk"):
+        sparse_gated_mlp(x, wg, wu, th2, experts=idx, out=sums, impl="masked")
+    x2, _, _, _, idx2, _ = _moe(2, 2)
+    with pytest.raises(ValueError, match="on the gather walk runs batch 1"):
+        sparse_gated_mlp(x2, wg, wu, th2, experts=idx2, out=torch.empty(2, 2, 2, wg.shape[2], device=DEVICE),
+                         impl="gather")
+    with pytest.raises(ValueError, match="one rule for every expert"):
+        sparse_gated_mlp(x, wg, wu, torch.zeros(wg.shape[0], 2, x.shape[1], device=DEVICE), experts=idx, out=sums,
+                         impl="gather")
     with pytest.raises(ValueError, match="experts= takes no shift, bias"):
         sparse_gated_mlp(x, wg, wu, th2, experts=idx, out=sums, shift=torch.zeros(2, x.shape[1], device=DEVICE),
                          bias=torch.zeros(2, wg.shape[2], device=DEVICE))
