@@ -41,33 +41,42 @@ PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr",
 
 
 def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4, use_dot: bool = False,
-                   accum: int = 0, eager: bool = False, fused: bool = False, gated: int = 0, experts: int = 0):
+                   accum: int = 0, eager: bool = False, fused: bool = False, gated: int = 0, experts: int = 0,
+                   lists: bool = False):
     """The compiled walk for one configuration (sm_90): gate|up's pair with the RMSNorm and Gemma's gelu-tanh;
     `accum` 1-3: adding into a given fp32 tensor (stored, read-add-stored, atomic), a bias on the first slice;
     `fused`: the lists written inside the launch (zeroing the tensor with accum 3; `gated`: from raw pair sums);
-    `experts` 1: a mixture of experts' routed gate|up pair, 2: its down scaled by the routing weights (atomic)."""
+    `experts` 1: a mixture of experts' routed gate|up pair, 2: its down scaled by the routing weights (atomic);
+    `lists`: the pair's last programs also writing down's lists (per-channel thresholds and a shift)."""
     consts = dict(NORM=True, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=True, HAS_BIAS=accum > 0, HAS_RES=False,
                   ACT=0 if accum else 2, NM_N=0, NM_M=1, GROUPS=1 if accum < 3 else 4, GROUPS_P2=1 if accum < 3 else 4,
                   SPLIT=not accum, USE_DOT=use_dot, IEEE=False, VAL_B=4 if use_dot else 1, DEPTH=depth,
                   ACCUM=accum, BLOCK_B=16 if use_dot else 1, SEG_K=4096 if accum < 3 else 1024,
                   BLOCK_K=block_k, BLOCK_N=block_n, EAGER=eager, FUSED=False, GATED=0, SLOTS=1, PROGRAMS=1,
-                  ZERO=False, CHUNK=1, EXPERTS=False, HAS_EW=False)
+                  ZERO=False, CHUNK=1, EXPERTS=False, HAS_EW=False, LISTS=False, D_ACT=1, D_SHIFT=False, D_NM_N=0,
+                  D_NM_M=1, SEG_D=1)
     if fused:
         consts |= dict(FUSED=True, GATED=gated, NORM=not gated, SLOTS=2 * consts["GROUPS"], PROGRAMS=448 * consts["GROUPS"],
                        ZERO=accum == 3, CHUNK=512)
     ptrs = {}
+    if lists:
+        consts |= dict(LISTS=True, D_SHIFT=True, SEG_D=1024, HAS_BIAS=False)
+        ptrs = {"arr_ptr": "*i32", "dt_ptr": "*fp32", "dm_ptr": "*fp32", "didx_ptr": "*i32", "dval_ptr": "*fp32",
+                "dcnt_ptr": "*i32", "y_ptr": "*fp32"}
     if experts:
         consts |= dict(EXPERTS=True, PAIR=experts == 1, HAS_EW=experts == 2, HAS_BIAS=False, NORM=False)
         ptrs = {"e_ptr": "*i64", "ew_ptr": "*bf16"}
     return _compile(gather_gemv._gather_kernel, consts, num_warps, ptrs)
 
 
-def compile_compact(gated: int, zero: bool, xsel: bool = False):
+def compile_compact(gated: int, zero: bool, xsel: bool = False, zc: bool = False):
     """The compiled compaction pass (sm_90): RMSNorm and selection, or act(gate)·up from a pair's raw sums
-    (`gated`), zeroing its share of an fp32 tensor (`zero`); `xsel`: each list its own routed row's input."""
+    (`gated`), zeroing its share of an fp32 tensor (`zero`); `xsel`: each list its own routed row's input; `zc`:
+    zeroing the next op's list counts too."""
     consts = dict(NORM=not gated, NORM_BLOCK=4096, HAS_SHIFT=False, NM_N=0, NM_M=1, GATED=gated, GROUPS=4,
-                  BLOCK_B=1, SEG_K=1024, ZERO=zero, Z_BLOCK=1024, PDL=False, XSEL=xsel)
-    return _compile(gather_gemv._compact_kernel, consts, 4)
+                  BLOCK_B=1, SEG_K=1024, ZERO=zero, Z_BLOCK=1024, PDL=False, XSEL=xsel, ZC_N=14 if zc else 0,
+                  ZC_P2=16 if zc else 1)
+    return _compile(gather_gemv._compact_kernel, consts, 4, {"zc_ptr": "*i32"} if zc else None)
 
 
 def compile_masked(block_n: int, block_k: int, num_warps: int, pair: bool, atomic: bool, one_chunk: bool = True,
@@ -188,6 +197,9 @@ def _cases() -> list[tuple[str, str, tuple]]:
                                    (3, 2, True, 0))]
     cases += [(f"compact gated={g} zero={z}", "compile_compact", (g, z)) for g, z in ((0, False), (0, True), (1, True))]
     cases += [("compact gated=1 routed rows", "compile_compact", (1, False, True))]
+    cases += [("compact zeroing the next op's list counts", "compile_compact", (0, True, False, True))]
+    cases += [("gather pair writing down's lists", "compile_gather", (32, 128, 2, 4, False, 3, False, False, 0, 0,
+                                                                       True))]
     cases += [(f"gather experts={e}", "compile_gather", (32, 128, 2, 4, False, 3, False, False, 0, e)) for e in (1, 2)]
     cases += [(f"oneshot pair={p} dot={dot}", "compile_oneshot", (128, 64, 2, p, dot)) for p in (False, True)
               for dot in (False, True)]

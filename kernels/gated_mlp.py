@@ -16,7 +16,7 @@ import torch
 
 from .configs import choose_impl
 from .gemv_common import wshape
-from .gather_gemv import launch_gather
+from .gather_gemv import ActiveLists, check_lists, launch_gather
 from .oneshot_gemv import launch_oneshot
 from .sparse_gemv import (ACTS, _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm, check_experts,
                           expert_rows)
@@ -32,12 +32,17 @@ def _sparse_gated_mlp_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Te
                    out_thresh, out_shift)
 
 
-@torch.library.custom_op("actsparse::sparse_gated_mlp_sums", mutates_args=("out",))
+@torch.library.custom_op("actsparse::sparse_gated_mlp_sums",
+                         mutates_args=("out", "down_idx", "down_val", "down_count"))
 def _sparse_gated_mlp_sums_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, thresh: torch.Tensor,
                               shift: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                               norm_weight: Optional[torch.Tensor], eps: float, nm_n: int, nm_m: int,
                               out: torch.Tensor, impl: str = "oneshot",
-                              experts: Optional[torch.Tensor] = None) -> None:
+                              experts: Optional[torch.Tensor] = None, down_idx: Optional[torch.Tensor] = None,
+                              down_val: Optional[torch.Tensor] = None, down_count: Optional[torch.Tensor] = None,
+                              down_seg: int = 0, down_thresh: Optional[torch.Tensor] = None,
+                              down_shift: Optional[torch.Tensor] = None, down_nm_n: int = 0, down_nm_m: int = 1,
+                              down_act: int = 1) -> None:
     if experts is not None:  # one token a program (the one-shot tiles), or batch 1's two lists (the gather walk)
         which, cfg = choose_impl("pair", x.shape[1], wt_gate.shape[-1], 1, "gather" if impl == "gather" else "oneshot",
                                  accum=True)
@@ -46,6 +51,12 @@ def _sparse_gated_mlp_sums_op(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: tor
                accumulate=out, zero_first=True, experts=experts)
         return
     which, cfg = choose_impl("pair", x.shape[1], wshape(wt_gate)[1], x.shape[0], impl, accum=True)
+    if down_idx is not None:  # the gather walk also writes down's lists
+        down = dict(lists=ActiveLists(down_idx, down_val, down_count, down_seg), thresh=down_thresh,
+                    shift=down_shift, nm_n=down_nm_n, nm_m=down_nm_m, act=down_act)
+        launch_gather(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, cfg,
+                      accumulate=out, zero_first=True, down=down)
+        return
     launch = launch_gather if which == "gather" else launch_oneshot
     launch(x, wt_gate, wt_up, thresh, shift, bias, None, norm_weight, eps, 0, [], nm_n, nm_m, cfg,
            accumulate=out, zero_first=True)
@@ -74,6 +85,10 @@ def sparse_gated_mlp(
     out_shift: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     experts: Optional[torch.Tensor] = None,
+    down_lists: Optional[ActiveLists] = None,
+    down_thresh: Optional[torch.Tensor] = None,
+    down_shift: Optional[torch.Tensor] = None,
+    down_nm: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Return h [B, I] = act(W_g·x_s,g + b_g) ⊙ (W_u·x_s,u + b_u) with per-projection thresholds.
 
@@ -94,6 +109,11 @@ def sparse_gated_mlp(
     holds a pair of rows per expert; the one-shot tiles run it, one token a program ("auto", "oneshot"), or at batch
     1 the gather walk ("gather": x compacted once into the two lists every routed expert walks; one rule for all
     experts); no shift or bias.
+    down_lists (with out=, batch 1, impl="gather"; `active_lists(I, seg)`, seg a multiple of the walk's column
+    strip): the walk's last program of each strip also forms h = act(gate)·up for its columns, selects it with the
+    down projection's rule (down_thresh float32 [1] or [1, I], down_shift [1, I], or down_nm=(N, M)) and appends
+    the kept channels to `down_lists`, so down runs as `gather_lists(down_lists, wt_down, accumulate=)` without a
+    compaction launch of its own.
     """
     if experts is not None:
         experts = check_experts(experts, None, (wt_gate, wt_up), ("wt_gate", "wt_up"), impl, out,
@@ -146,11 +166,41 @@ def sparse_gated_mlp(
         if thresh is None or out_thresh is not None:
             raise ValueError("out= takes the raw sums: it needs thresh and cannot select the output (out_thresh)")
         choose_impl("pair", k, n, b, impl, packed=wt_gate.dim() == 3, accum=True)
+        lists = {}
+        if down_lists is not None:
+            lists = _down_list_args(down_lists, down_thresh, down_shift, down_nm, act, b, k, n, impl, x.device)
+        elif down_thresh is not None or down_shift is not None or down_nm is not None:
+            raise ValueError("down_thresh, down_shift and down_nm select down's lists: they need down_lists=")
         torch.ops.actsparse.sparse_gated_mlp_sums(x, wt_gate, wt_up, thresh, shift, bias, norm_weight, float(eps),
-                                                  nm_n, nm_m, out, impl)
+                                                  nm_n, nm_m, out, impl, **lists)
         return out
+    if down_lists is not None:
+        raise ValueError("down_lists= is written beside the raw sums: it needs out=")
     # Rejects a bad impl / batch here.
     choose_impl("pair", k, n, x.shape[0], impl, packed=wt_gate.dim() == 3, presel=thresh is None,
                 out_sel=out_thresh is not None)
     return torch.ops.actsparse.sparse_gated_mlp(x, wt_gate, wt_up, thresh, shift, bias, norm_weight,
                                                 float(eps), ACTS[act], nm_n, nm_m, impl, out_thresh, out_shift)
+
+
+def _down_list_args(lists, thresh, shift, nm, act: str, b: int, k: int, n: int, impl: str, device) -> dict:
+    """The custom op's arguments of a valid `sparse_gated_mlp(down_lists=)`; ValueError naming what is not."""
+    if b != 1:
+        raise ValueError(f"down_lists= writes one token's lists: batch 1, got {b}")
+    if impl != "gather":
+        raise ValueError(f"down_lists= is written by the gather walk's last programs: impl='gather', got {impl!r}")
+    check_lists(lists, n, device)
+    _, cfg = choose_impl("pair", k, n, 1, "gather", accum=True)
+    if lists.seg % cfg.block_n:
+        raise ValueError(f"down_lists' seg ({lists.seg}) must be a multiple of the walk's column strip "
+                         f"({cfg.block_n}): a strip appends to one list")
+    nm_n, nm_m = _validate_nm(nm)
+    if (thresh is None) == (nm_n == 0):
+        raise ValueError("down's rule: give down_thresh (a threshold) or down_nm=(N, M), one of them")
+    if nm_n and cfg.block_n % nm_m:
+        raise ValueError(f"down_nm=(N, M) needs M dividing the walk's column strip ({cfg.block_n}), got M={nm_m}")
+    thresh = _as_rows(thresh if thresh is not None else torch.zeros(1, device=device), 1, n, "down_thresh")
+    if shift is not None:
+        shift = _as_rows(shift.float(), 1, n, "down_shift").contiguous()
+    return dict(down_idx=lists.idx, down_val=lists.val, down_count=lists.count, down_seg=lists.seg,
+                down_thresh=thresh, down_shift=shift, down_nm_n=nm_n, down_nm_m=nm_m, down_act=ACTS[act])

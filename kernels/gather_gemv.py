@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import GatherConfig, choose_impl, claim_counters, new_output, record_compiled
+from .configs import GatherConfig, choose_impl, claim_counters, new_output, record_compiled, tile_counters
 from .gemv_common import (accumulate, activate, epilogue, fit_block_n, launch_args, out_dtype, row_rstd,
                           select_chunk, split_workspace)
 from .pdl import pdl_args, pdl_prologue
@@ -118,9 +118,16 @@ def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_p
                     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr, NM_N: tl.constexpr,
                     NM_M: tl.constexpr, GATED: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr,
                     SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                    stride_xsel=0, XSEL: tl.constexpr = False):
-    """The compaction pass: one program per (K slice, threshold row) writes the list the walk reads."""
+                    stride_xsel=0, XSEL: tl.constexpr = False, zc_ptr=None, ZC_N: tl.constexpr = 0,
+                    ZC_P2: tl.constexpr = 1):
+    """The compaction pass: one program per (K slice, threshold row) writes the list the walk reads. ZC_N > 0:
+    program (0, 0) also zeroes the ZC_N list counts at zc_ptr that the walk's last programs then append to (the
+    next op's lists, `launch_gather(down_lists=)`)."""
     pdl_prologue(PDL)
+    if ZC_N > 0:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            zc = tl.arange(0, ZC_P2)
+            tl.store(zc_ptr + zc, tl.zeros(zc.shape, dtype=tl.int32), mask=zc < ZC_N)
     offs_b = tl.arange(0, BLOCK_B)
     _compact_slot(tl.program_id(1) * GROUPS + tl.program_id(0), x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr,
                   count_ptr, z_ptr, offs_b, offs_b < B, K, Z_N, Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms,
@@ -242,7 +249,9 @@ def _gather_kernel(
     claim_ptr=None, ready_ptr=None, z_ptr=None, Z_N=0, Z_TOTAL=0, stride_xm=0, FUSED: tl.constexpr = False,
     GATED: tl.constexpr = 0, SLOTS: tl.constexpr = 1, PROGRAMS: tl.constexpr = 1, ZERO: tl.constexpr = False,
     CHUNK: tl.constexpr = 1, e_ptr=None, ew_ptr=None, stride_we=0, EXPERTS: tl.constexpr = False,
-    HAS_EW: tl.constexpr = False):
+    HAS_EW: tl.constexpr = False, arr_ptr=None, dt_ptr=None, dm_ptr=None, didx_ptr=None, dval_ptr=None,
+    dcnt_ptr=None, stride_dtk=0, LISTS: tl.constexpr = False, D_ACT: tl.constexpr = 1,
+    D_SHIFT: tl.constexpr = False, D_NM_N: tl.constexpr = 0, D_NM_M: tl.constexpr = 1, SEG_D: tl.constexpr = 1):
     pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -313,6 +322,26 @@ def _gather_kernel(
                 adds = adds | (pid_k == 0)
             if adds:
                 tl.atomic_add(y_tile, out, mask=mask_out, sem="relaxed")
+        if LISTS:
+            # A gate/up pair's raw sums at batch 1 (y [2, N]): the last of a strip's 2·GROUPS programs to arrive
+            # forms its columns' h = act(gate)·up, selects it with the next op's (down's) rule and appends the
+            # kept channels to down's list of the slice holding the strip (counts zeroed by the compaction pass):
+            # down's walk then runs without a compaction launch of its own.
+            tl.debug_barrier()  # every thread's sums are issued before the program signals
+            arrived = tl.atomic_add(arr_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == 2 * GROUPS - 1:
+                tl.store(arr_ptr + pid_n, 0)  # ready for the next launch / graph replay
+                g = tl.load(y_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg").to(tl.float32)
+                u = tl.load(y_ptr + stride_yb + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg").to(tl.float32)
+                h = (activate(g, D_ACT) * u)[None, :]
+                hs, rows = select_chunk(h, dt_ptr, dm_ptr, offs_n, mask_n, mask_b, stride_dtk, D_SHIFT, D_NM_N,
+                                        D_NM_M, 1, BLOCK_N)
+                keep = rows.to(tl.int32)
+                dslot = n_start // SEG_D
+                base = tl.atomic_add(dcnt_ptr + dslot, tl.sum(keep, axis=0), sem="relaxed")
+                at = dslot * SEG_D + base + tl.cumsum(keep, axis=0) - 1
+                tl.store(didx_ptr + at, offs_n, mask=keep != 0)
+                tl.store(dval_ptr + at[None, :], hs, mask=(keep != 0)[None, :])
     elif SPLIT:
         ws_tile = offs_b[:, None] * N + offs_n[None, :]
         tl.store(ws_ptr + (pid_m * GROUPS + pid_k) * B * N + ws_tile, out, mask=mask_out)
@@ -340,7 +369,7 @@ def _gather_kernel(
 
 def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, act, bounds, nm_n, nm_m,
                   cfg: GatherConfig, accumulate=None, zero_first: bool = False, gated: int = 0, experts=None,
-                  expert_weights=None) -> torch.Tensor:
+                  expert_weights=None, down: Optional[dict] = None) -> torch.Tensor:
     """Run the compaction pass and the gather walk (arguments validated by the public ops); return y [B, N], or
     with `accumulate` (fp32 [B, N]; a gate/up pair: [2, B, N]) add W·x_s (+ bias) into it in place and return it;
     `zero_first`: it receives W·x_s (+ bias) instead. `gated` (an ACTS code): x is a gate/up pair's raw sums
@@ -348,7 +377,10 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
     `experts` (int [1, T] on the device; batch 1): wt (and w2) are stacked experts [E, K, N]. A pair: x [1, K] is
     compacted once (two lists every routed expert walks) and `accumulate` [1, T, 2, N] receives each routed
     expert's raw sums; a single matrix with `gated`: x is the pair's sums [1, T, 2, K], each routed row's
-    act(gate)·up its own list, and Σ_t w_t·W_{e_t}·x_s is added into `accumulate` [1, N] (w_t: expert_weights)."""
+    act(gate)·up its own list, and Σ_t w_t·W_{e_t}·x_s is added into `accumulate` [1, N] (w_t: expert_weights).
+    `down` (a pair's raw sums at batch 1): dict(lists=ActiveLists of the N channels of h, thresh [1, N], shift
+    [1, N] or None, nm_n, nm_m, act): the last program of each column strip also writes h's kept channels as
+    down's lists (see `_gather_kernel`'s LISTS)."""
     stride_we, rows, stride_xsel = 0, 1, 0
     if experts is not None:
         stride_we, rows = wt.stride(0), experts.numel()
@@ -402,13 +434,25 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
     xp, gp, tp, mp = ptrs[:4]
     grid_m = mats * rows
     programs = tiles_n * groups * grid_m
+    lists_out, zc = {}, {}
+    if down is not None:
+        dl = down["lists"]
+        if dl.seg % block_n:
+            raise ValueError(f"down's lists take whole strips of the pair: seg {dl.seg} is no multiple of "
+                             f"block_n {block_n}")
+        lists_out = dict(arr_ptr=tile_counters(x.device), dt_ptr=down["thresh"],
+                         dm_ptr=down["shift"] if down["shift"] is not None else down["thresh"], didx_ptr=dl.idx,
+                         dval_ptr=dl.val, dcnt_ptr=dl.count, stride_dtk=down["thresh"].stride(1), LISTS=True,
+                         D_ACT=down["act"], D_SHIFT=down["shift"] is not None, D_NM_N=down["nm_n"],
+                         D_NM_M=max(down["nm_m"], 1), SEG_D=dl.seg)
+        zc = dict(zc_ptr=dl.count, ZC_N=dl.count.numel(), ZC_P2=triton.next_power_of_2(dl.count.numel()))
     # a single matrix's routed rows: each its own list (gated: its own input; else the token's, once per row)
     xsel = dict(stride_xsel=stride_xsel, XSEL=True) if experts is not None and w2 is None else {}
     routed = {}
     if experts is not None:
         routed = dict(e_ptr=experts, ew_ptr=expert_weights if expert_weights is not None else experts,
                       stride_we=stride_we, EXPERTS=True, HAS_EW=expert_weights is not None)
-    if cfg.fused and experts is None:  # one launch: the walk's first programs write the lists (its pointers and flags cover the rest)
+    if cfg.fused and experts is None and down is None:  # one launch: the walk's first programs write the lists (its pointers and flags cover the rest)
         claims = claim_counters(x.device, programs, nsel * groups)
         fused = dict(claim_ptr=claims, ready_ptr=claims[1:], z_ptr=accumulate if zero else idx, Z_N=z_n,
                      Z_TOTAL=z_total, stride_xm=stride_xm, FUSED=True, GATED=gated, SLOTS=nsel * groups,
@@ -419,12 +463,13 @@ def launch_gather(x, wt, w2, thresh, shift, bias, residual, norm_weight, eps, ac
             xp, gp, tp, mp, idx, val, count, accumulate if zero else idx, b, k, z_n, z_total, *strides[:4],
             stride_xm, eps, NORM=flags["NORM"], NORM_BLOCK=flags["NORM_BLOCK"], HAS_SHIFT=flags["HAS_SHIFT"],
             NM_N=flags["NM_N"], NM_M=flags["NM_M"], GATED=gated, GROUPS=groups, BLOCK_B=val_b, SEG_K=seg_k,
-            ZERO=zero, Z_BLOCK=1024, num_warps=4, **xsel, **pdl_args(x.device))
+            ZERO=zero, Z_BLOCK=1024, num_warps=4, **xsel, **zc, **pdl_args(x.device))
     compiled = _gather_kernel[(tiles_n, groups, grid_m)](
         *ptrs, ws, cnt, idx, val, count, b, k, n, n0, n1, *strides, eps, **flags,
         GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=split,
         USE_DOT=use_dot, IEEE=wt.dtype == torch.float32, VAL_B=val_b, DEPTH=cfg.depth, ACCUM=accum,
         BLOCK_B=block_b, SEG_K=seg_k, BLOCK_K=block_k, BLOCK_N=block_n, EAGER=cfg.eager, **fused, **routed,
+        **lists_out,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )
     kind = "gather_kernel" if accumulate is None else "gather_experts" if experts is not None else "gather_accumulate"

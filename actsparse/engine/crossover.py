@@ -13,8 +13,9 @@ attention kernel likewise, "pair" gate|up writing its two raw sums and "gated" d
 them while adding into the stream (each on both kernels; the engine compares the fastest pair + gated with
 gate|up's and down's best), "mlp" the whole MLP in two launches (`sparse_mlp`, batch ≤ 4), o at batch 1 over the lists the attention kernel
 writes ("gather-listed": no compaction launch), a mixture of experts' routed gate|up and down at batch 1 on the
-one-shot tiles or the gather walk ("experts_gu", "experts_down"), and everything reads and adds the fp32 stream as
-the engine does. Cached per
+one-shot tiles or the gather walk ("experts_gu", "experts_down"), at batch 1 the raw pair also writing down's lists
+and down walking them ("pair-listing", "gated-listed"), and everything reads and adds the fp32 stream as the engine
+does. Cached per
 (device name, shapes, dtype, stream dtype, batch) for the process.
 """
 
@@ -249,6 +250,26 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         # No dense rival of their own: the engine weighs the fastest of each against gate|up's and down's best.
         out["pair"] = OpTimes(float("inf"), LEVELS, timed(kernels, pair))
         out["gated"] = OpTimes(float("inf"), LEVELS, timed(kernels, gated))
+        seg = down_seg(engine, batch)
+        if seg:  # batch 1: the pair's last programs write down's lists, and down walks them (no compaction launch)
+            from actsparse.kernels import active_lists
+
+            dl = {}  # per layer and level: the lists the pair writes and down reads
+
+            def listing(lw, s: float, impl: str) -> Callable[[], None]:
+                th, buf, td = pair_sums(lw, s)
+                lists = dl.setdefault((id(lw), s), active_lists(inter, seg, engine.device))
+                return lambda: ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=lw.mlp_norm, eps=eps,
+                                                    act=cfg.act, impl="gather", out=buf, down_lists=lists,
+                                                    down_thresh=td)
+
+            def listed(lw, s: float, impl: str) -> Callable[[], None]:
+                listing(lw, s, impl)()  # the lists, written once
+                lists = dl[id(lw), s]
+                return lambda: ops.gather_lists(lists, lw.wd_t, accumulate=acc)
+
+            out["pair-listing"] = OpTimes(float("inf"), LEVELS, timed(["gather"], listing))
+            out["gated-listed"] = OpTimes(float("inf"), LEVELS, timed(["gather"], listed))
         if batch <= configs.GATHER_MAX_BATCH:  # the whole MLP in two launches, both selections at the level
             def mlp(lw, s: float, impl: str) -> Callable[[], None]:
                 th, _, td = pair_sums(lw, s)
@@ -312,6 +333,21 @@ def listable(engine, batch: int) -> bool:
     applies when it runs (off: a "gather-listed" choice runs the gather walk with its compaction pass)."""
     hd = engine.cfg.head_dim
     return batch == 1 and engine.kernels == "triton" and hd & (hd - 1) == 0
+
+
+def down_seg(engine, batch: int) -> int:
+    """The channels per list of down's input that gate|up's raw pair writes at batch 1 (`sparse_gated_mlp(
+    down_lists=)`): a multiple of the pair walk's column strip dividing I, at most down's own K slice; 0 where
+    that cannot run (another batch, not the Triton kernels, no such size)."""
+    if batch != 1 or engine.kernels != "triton" or engine.cfg.moe:
+        return 0
+    from actsparse.kernels import configs
+
+    cfg, inter = engine.cfg, engine.cfg.intermediate_size
+    strip = configs.choose_impl("pair", cfg.hidden_size, inter, 1, "gather", accum=True)[1].block_n
+    most = configs.choose_impl("gemv", inter, cfg.hidden_size, 1, "gather", accum=True)[1].seg_k
+    fits = [m for m in range(strip, min(most, inter) + 1, strip) if inter % m == 0 and m >= 16]
+    return max(fits) if fits else 0
 
 
 def op_times(engine, batch: int) -> dict[str, OpTimes]:

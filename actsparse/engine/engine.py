@@ -42,7 +42,7 @@ from actsparse.kernels.lowrank import pack_lowrank as kpack_lowrank
 from actsparse.kernels.topk import MAX_K as TOPK_MAX_K
 
 from .config import LlamaConfig, unsupported_reason
-from .crossover import LISTED, RUNS_ON, listable, op_times
+from .crossover import LISTED, RUNS_ON, down_seg, listable, op_times
 from .plan import EXPERT_ROLE, EnginePlan, Threshold
 from .rotation import adapt, check_rotations, rotate_weights
 from .weights import Weights, random_weights, weights_from_hf
@@ -143,6 +143,8 @@ class _TritonOps:
 
 
 FUSED_MLP = ("fused", "fused")  # `Engine._mlp_raw`'s answer where `sparse_mlp` runs the layer's MLP
+# its answer where gate|up's raw pair (the gather walk) also writes down's lists and down walks them (batch 1)
+LISTED_MLP = ("gather-listing", "gather-listed")
 
 
 @dataclass
@@ -197,10 +199,11 @@ class Engine:
     once per batch (`crossover.op_times`), and every op runs whichever is fastest at its expected skip;
     otherwise 0.
 
-    producer_lists: o at batch 1 (o adding into the fp32 stream, a power-of-two head_dim, no Top-K or low-rank rule
-    on o) reads the active-row lists the attention kernel writes as it produces o's input, so o's gather walk needs
-    no compaction launch: None, where that is measured fastest (`crossover`: "gather-listed"); True, wherever it can
-    run; False, never.
+    producer_lists: at batch 1 the op producing o's and down's inputs writes their active-row lists, so their gather
+    walks need no compaction launch: the attention kernel o's (o adding into the fp32 stream, a power-of-two
+    head_dim, no Top-K or low-rank rule on o), gate|up's raw pair down's (no Top-K level or low-rank path).
+    None: where measured fastest (`crossover`: o's "gather-listed", the MLP's "pair-listing" + "gated-listed");
+    True: wherever it can run; False: never.
     """
 
     # Whether o and down may add into the stream in place (a tensor-parallel rank's partial sums may not).
@@ -590,7 +593,7 @@ class Engine:
         if "dense" in (gu, down):
             return None
         if self.fallback_below != "measured":
-            return "oneshot", "oneshot"
+            return LISTED_MLP if self.producer_lists is True and self._down_listable(r, b) else ("oneshot", "oneshot")
         t = op_times(self, b)
         if "pair" not in t:
             return None
@@ -600,12 +603,37 @@ class Engine:
         if r.gu.lowrank is not None or r.down.lowrank is not None:
             return pk, dk
         apart = t["gu"].at(gu, r.gu.expected) + t["down"].at(down, r.down.expected)
-        if "mlp" in t and self._fusable(r):
+        best = min(pt + dt, apart)
+        if self._down_listable(r, b) and "pair-listing" in t:
+            lt = t["pair-listing"].at("gather", r.gu.expected) + t["gated-listed"].at("gather", r.down.expected)
+            if self.producer_lists is True or lt < best:
+                best, listed = lt, True
+            else:
+                listed = False
+        else:
+            listed = False
+        if "mlp" in t and self._fusable(r) and self.producer_lists is not True:
             # measured with both selections at one level: read at the bytes' mean (gate|up holds 2/3 of them)
             ft = t["mlp"].at("fused", (2 * r.gu.expected + r.down.expected) / 3)
-            if ft < min(pt + dt, apart):
+            if ft < best:
                 return FUSED_MLP
+        if listed:
+            return LISTED_MLP
         return (pk, dk) if pt + dt < apart else None
+
+    def _down_listable(self, r: "_LayerRule", b: int) -> bool:
+        """Whether gate|up's raw pair can write down's lists here (`producer_lists` not off, batch 1, a size
+        `crossover.down_seg` finds, no Top-K level or low-rank path on down)."""
+        return (self.producer_lists is not False and down_seg(self, b) > 0 and r.down.topk is None
+                and r.down.lowrank is None and r.gu.lowrank is None)
+
+    def _down_lists(self) -> ActiveLists:
+        """down's active-row lists (batch 1), which gate|up's raw pair writes."""
+        if "down_lists" not in self._sums:
+            from actsparse.kernels.gather_gemv import active_lists
+
+            self._sums["down_lists"] = active_lists(self.cfg.intermediate_size, down_seg(self, 1), self.device)
+        return self._sums["down_lists"]
 
     @staticmethod
     def _fusable(r: "_LayerRule") -> bool:
@@ -780,6 +808,16 @@ class Engine:
                                bias=r.gu.bias, down_shift=None if d.shift is None else d.shift.reshape(-1),
                                down_bias=d.bias, norm_weight=lw.mlp_norm, eps=eps, act=cfg.act, nm=r.gu.nm,
                                accumulate=self._post_sums(b) if post_raw else x)
+            return self._residual(x, self._reduce(y), lw.post_mlp_norm, raw=post_raw)
+        if mlp_raw == LISTED_MLP:  # the raw pair also writes down's lists; down walks them (batch 1)
+            self._levels(r.gu, x, norm_weight=lw.mlp_norm, eps=eps)
+            post_raw = lw.post_mlp_norm is not None
+            d, lists = r.down, self._down_lists()
+            ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, r.gu.thresh, shift=r.gu.shift, bias=r.gu.bias,
+                                 norm_weight=lw.mlp_norm, eps=eps, act=cfg.act, nm=r.gu.nm, impl="gather",
+                                 out=self._pair_sums(b), down_lists=lists, down_thresh=None if d.nm else d.thresh,
+                                 down_shift=d.shift, down_nm=d.nm)
+            y = ops.gather_lists(lists, lw.wd_t, accumulate=self._post_sums(b) if post_raw else x, bias=d.bias)
             return self._residual(x, self._reduce(y), lw.post_mlp_norm, raw=post_raw)
         if mlp_raw:  # the raw sums; down forms act(gate)·up itself below
             self._levels(r.gu, x, norm_weight=lw.mlp_norm, eps=eps)

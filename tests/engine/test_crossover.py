@@ -86,8 +86,9 @@ def test_engine_without_a_gpu_never_falls_back():
 
 
 def test_every_measured_launch_runs_and_the_choice_covers_each_op(monkeypatch):
-    """The measurement's every launch (cuBLAS and each kernel per op: q|k|v, o, gate|up, down, the raw pair and
-    gated down, the fused MLP, CATS's gate alone and its up rows) runs (on the CPU: the interpreted kernels); only the
+    """The measurement's every launch (cuBLAS and each kernel per op: q|k|v, o (with its producer's lists too), gate|up,
+    down, the raw pair and gated down (and at batch 1 the pair writing down's lists, down walking them), the fused
+    MLP, CATS's gate alone and its up rows) runs (on the CPU: the interpreted kernels); only the
     clock is a stand-in here (CUDA graphs need a GPU; the GPU test below times them), counting each timed call."""
     from actsparse.engine import crossover
 
@@ -97,8 +98,10 @@ def test_every_measured_launch_runs_and_the_choice_covers_each_op(monkeypatch):
     eng = Engine.random(TINY, device=dev, dtype=torch.float32, kernels="triton", max_batch=1, max_seq_len=16,
                         fallback_below=0.0, residual_fp32=True)
     out = crossover.measure(eng, 1)
-    assert set(out) == {"qkv", "o", "gu", "down", "pair", "gated", "mlp", "gate", "up"}
+    assert set(out) == {"qkv", "o", "gu", "down", "pair", "gated", "mlp", "gate", "up", "pair-listing", "gated-listed"}
     assert set(out["mlp"].kernel_ms) == {"fused"}  # the whole MLP in two launches (sparse_mlp)
+    assert "gather-listed" in out["o"].kernel_ms  # batch 1: o over the lists the attention kernel writes
+    assert set(out["pair-listing"].kernel_ms) == set(out["gated-listed"].kernel_ms) == {"gather"}
     assert all(len(ts) == len(LEVELS) for t in out.values() for ts in t.kernel_ms.values())
     assert set(out["up"].kernel_ms) == {"walk", "oneshot", "rows"}  # batch 1: the kept-rows walk too
     assert out["gate"].choice(0.5) in {"dense", "oneshot", "gather"} and len(timed) > 100

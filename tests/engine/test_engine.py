@@ -415,18 +415,19 @@ def test_the_fp32_stream_paths_run_on_the_gather_walk_where_it_is_chosen(monkeyp
 
 
 @pytest.mark.parametrize("how", ["on", "measured", "off"])
-def test_o_reads_the_lists_the_attention_kernel_writes(monkeypatch, how):
+def test_o_and_down_read_the_lists_their_producers_write(monkeypatch, how):
     """producer_lists: at batch 1, the attention kernel selects its output as o does and writes o's active-row
-    lists; o's gather walk reads them (`gather_lists`, no compaction launch). On (True), or where the measurement
-    picks it ("gather-listed"), every layer's o runs so, and the logits match the same engine's compaction path
-    (the same selections: o's shifts too); off, a "gather-listed" choice runs the gather walk with its own
-    compaction pass."""
+    lists, and gate|up's raw pair writes down's; their gather walks read them (`gather_lists`, no compaction
+    launch). On (True) both run so in every layer; where the measurement picks o's ("gather-listed") o does; the
+    logits match the same engine's compaction path (the same selections: o's and down's shifts too); off, a
+    "gather-listed" choice runs the gather walk with its own compaction pass."""
     from actsparse.engine.crossover import LISTED
 
     model = _hf_tiny(seed=11)
     roles = ("q", "k", "v", "o", "gate", "up", "down")
     th = {f"layers.{i}.{r}": 0.3 for i in range(TINY.n_layers) for r in roles}
-    shifts = {f"layers.{i}.o": torch.randn(TINY.n_heads * TINY.head_dim) * 0.05 for i in range(TINY.n_layers)}
+    shifts = {f"layers.{i}.{r}": torch.randn(n) * 0.05 for i in range(TINY.n_layers)
+              for r, n in (("o", TINY.n_heads * TINY.head_dim), ("down", TINY.intermediate_size))}
     seq = torch.randint(0, TINY.vocab_size, (1, 5))
     if how == "measured":
         inner_choose = Engine._choose
@@ -446,4 +447,4 @@ def test_o_reads_the_lists_the_attention_kernel_writes(monkeypatch, how):
         logits.append(_engine_logits(eng, seq, True))
     assert (logits[1] - logits[0]).norm() / logits[0].norm() < 1e-3
     n = TINY.n_layers * seq.shape[1]
-    assert calls == ([] if how == "off" else [{"on": True, "measured": None}[how]] * n)
+    assert calls == {"on": [True] * 2 * n, "measured": [None] * n, "off": []}[how]

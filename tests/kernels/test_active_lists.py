@@ -169,3 +169,70 @@ def test_gpu_llama_shapes_attention_lists_then_walk(dtype):
     got, want = gather_lists(lists, wt, accumulate=x0.clone()), x0.clone()
     sparse_gemv(a, wt, th, impl="gather", accumulate=want)
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("rule", ["scalar", "per-channel", "shift", "nm"])
+@pytest.mark.parametrize("seg_k", [32, 1024])  # several K slices meeting by atomics, or one slice a program
+def test_the_raw_pair_writes_downs_lists(rule, seg_k):
+    """sparse_gated_mlp(out=, down_lists=): beside gate|up's raw sums, the last program of each column strip
+    writes h = act(gate)·up's kept channels (down's rule) as down's lists: exactly the channels a plain torch
+    selection of act(gate)·up keeps, and the walk over them adds what sparse_gemv(gated=) adds."""
+    from actsparse.kernels import GatherConfig, override_config, sparse_gated_mlp
+
+    k, i, d = 64, 96, 48
+    x = torch.randn(1, k, device=DEVICE)
+    wg, wu = ((torch.randn(k, i, device=DEVICE) / k ** 0.5) for _ in range(2))
+    wd = torch.randn(i, d, device=DEVICE) / i ** 0.5
+    g = torch.rand(k, device=DEVICE) + 0.5
+    th = torch.tensor([0.3, 0.4], device=DEVICE)
+    sums = torch.full((2, 1, i), float("nan"), device=DEVICE)
+    with override_config(GatherConfig(block_n=16, seg_k=seg_k, block_k=16)):
+        sparse_gated_mlp(x, wg, wu, th, norm_weight=g, eps=1e-6, impl="gather", out=sums)
+    h = torch.nn.functional.silu(sums[0]) * sums[1]
+    u = h.abs().flatten().sort().values
+    level = float((u[i // 2 - 1] + u[i // 2]) / 2)  # between two values: no channel sits on it
+    sel = {"scalar": dict(down_thresh=torch.tensor([level], device=DEVICE)),
+           "per-channel": dict(down_thresh=torch.rand(1, i, device=DEVICE) * 2 * level),
+           "shift": dict(down_thresh=torch.tensor([level], device=DEVICE),
+                         down_shift=torch.randn(1, i, device=DEVICE) * level),
+           "nm": dict(down_nm=(2, 4))}[rule]
+    lists = active_lists(i, 32, DEVICE)
+    lists.count.fill_(7)  # stale counts from a previous step: the compaction pass zeroes them
+    sums2 = torch.full((2, 1, i), float("nan"), device=DEVICE)
+    with override_config(GatherConfig(block_n=16, seg_k=seg_k, block_k=16)), poison_outputs():
+        sparse_gated_mlp(x, wg, wu, th, norm_weight=g, eps=1e-6, impl="gather", out=sums2, down_lists=lists, **sel)
+    assert torch.allclose(sums2, sums, rtol=1e-5, atol=1e-6)
+    want = _selected(h, sel.get("down_thresh"), sel.get("down_shift"), sel.get("down_nm"))
+    got, chans = _as_dense(lists, i)
+    assert chans == set(torch.nonzero(want[0]).flatten().tolist())
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    acc = torch.randn(1, d, device=DEVICE)
+    start = acc.clone()
+    gather_lists(lists, wd, accumulate=acc)
+    assert torch.allclose(acc.double(), start.double() + want.double() @ wd.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_down_lists_refusals():
+    from actsparse.kernels import sparse_gated_mlp
+
+    k, i = 64, 96
+    x = torch.randn(1, k, device=DEVICE)
+    wg = wu = torch.randn(k, i, device=DEVICE)
+    th = torch.tensor([0.3, 0.4], device=DEVICE)
+    sums = torch.empty(2, 1, i, device=DEVICE)
+    td = torch.tensor([0.1], device=DEVICE)
+    good = active_lists(i, 32, DEVICE)
+    with pytest.raises(ValueError, match="impl='gather'"):
+        sparse_gated_mlp(x, wg, wu, th, out=sums, down_lists=good, down_thresh=td)
+    with pytest.raises(ValueError, match="it needs out="):
+        sparse_gated_mlp(x, wg, wu, th, impl="gather", down_lists=good, down_thresh=td)
+    with pytest.raises(ValueError, match="they need down_lists="):
+        sparse_gated_mlp(x, wg, wu, th, impl="gather", out=sums, down_thresh=td)
+    with pytest.raises(ValueError, match="one of them"):
+        sparse_gated_mlp(x, wg, wu, th, impl="gather", out=sums, down_lists=good)
+    with pytest.raises(ValueError, match="lists are for 64 channels .* has 96"):
+        sparse_gated_mlp(x, wg, wu, th, impl="gather", out=sums, down_lists=active_lists(64, 32, DEVICE),
+                         down_thresh=td)
+    with pytest.raises(ValueError, match="batch 1"):
+        sparse_gated_mlp(torch.randn(2, k, device=DEVICE), wg, wu, th, impl="gather",
+                         out=torch.empty(2, 2, i, device=DEVICE), down_lists=good, down_thresh=td)
