@@ -69,13 +69,25 @@ def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4, u
     return _compile(gather_gemv._gather_kernel, consts, num_warps, ptrs)
 
 
-def compile_compact(gated: int, zero: bool, xsel: bool = False, zc: bool = False):
+def compile_gather_lists(groups: int):
+    """The compiled walk as `gather_lists` launches it (sm_90): one matrix over lists a producer wrote (no norm or
+    selection), a bias on the first slice, adding into fp32 by atomics (several slices) or read-add-store (one);
+    Llama-3-8B's o: 8 lists of 512 channels (one per kv head)."""
+    consts = dict(NORM=False, NORM_BLOCK=16, HAS_SHIFT=False, PAIR=False, HAS_BIAS=True, HAS_RES=False, ACT=0,
+                  NM_N=0, NM_M=1, GROUPS=groups, GROUPS_P2=groups, SPLIT=False, USE_DOT=False, IEEE=False, VAL_B=1,
+                  DEPTH=2, ACCUM=3 if groups > 1 else 2, BLOCK_B=1, SEG_K=4096 // groups, BLOCK_K=128, BLOCK_N=32,
+                  EAGER=False, FUSED=False, GATED=0, SLOTS=1, PROGRAMS=1, ZERO=False, CHUNK=1, EXPERTS=False,
+                  HAS_EW=False, LISTS=False, D_ACT=1, D_SHIFT=False, D_NM_N=0, D_NM_M=1, SEG_D=1)
+    return _compile(gather_gemv._gather_kernel, consts, 4, {"y_ptr": "*fp32", "x_ptr": "*fp32"})
+
+
+def compile_compact(gated: int, zero: bool, xsel: bool = False, zc: bool = False, seg: int = 1024):
     """The compiled compaction pass (sm_90): RMSNorm and selection, or act(gate)·up from a pair's raw sums
     (`gated`), zeroing its share of an fp32 tensor (`zero`); `xsel`: each list its own routed row's input; `zc`:
-    zeroing the next op's list counts too."""
+    zeroing the next op's list counts too; `seg`: channels a list (not a power of two: selected CHUNK at a time)."""
     consts = dict(NORM=not gated, NORM_BLOCK=4096, HAS_SHIFT=False, NM_N=0, NM_M=1, GATED=gated, GROUPS=4,
-                  BLOCK_B=1, SEG_K=1024, ZERO=zero, Z_BLOCK=1024, PDL=False, XSEL=xsel, ZC_N=14 if zc else 0,
-                  ZC_P2=16 if zc else 1)
+                  BLOCK_B=1, SEG_K=seg, ZERO=zero, Z_BLOCK=1024, PDL=False, XSEL=xsel, ZC_N=14 if zc else 0,
+                  ZC_P2=16 if zc else 1, CHUNK=0 if seg & (seg - 1) == 0 else seg & -seg)
     return _compile(gather_gemv._compact_kernel, consts, 4, {"zc_ptr": "*i32"} if zc else None)
 
 
@@ -198,6 +210,8 @@ def _cases() -> list[tuple[str, str, tuple]]:
     cases += [(f"compact gated={g} zero={z}", "compile_compact", (g, z)) for g, z in ((0, False), (0, True), (1, True))]
     cases += [("compact gated=1 routed rows", "compile_compact", (1, False, True))]
     cases += [("compact zeroing the next op's list counts", "compile_compact", (0, True, False, True))]
+    cases += [("compact lists of 384 channels (a group of 3 heads)", "compile_compact", (0, False, False, False, 384))]
+    cases += [(f"gather_lists slices={g}", "compile_gather_lists", (g,)) for g in (8, 1)]
     cases += [("gather pair writing down's lists", "compile_gather", (32, 128, 2, 4, False, 3, False, False, 0, 0,
                                                                        True))]
     cases += [(f"gather experts={e}", "compile_gather", (32, 128, 2, 4, False, 3, False, False, 0, e)) for e in (1, 2)]

@@ -261,11 +261,13 @@ def _list_args(lists, thresh, shift, nm, b: int, n_heads: int, n_kv_heads: int, 
     nm_n, nm_m = _validate_nm(nm)
     if nm_n == 0 and thresh is None:
         raise ValueError("lists= selects the output: give list_thresh (or list_nm)")
-    if nm_n > 0 and (thresh is not None or shift is not None):
-        raise ValueError("list_nm selects by N:M: it takes no list_thresh or list_shift")
+    if nm_n > 0 and thresh is not None:
+        raise ValueError("list_nm selects by N:M (of |x − list_shift| where a shift is given): it takes no "
+                         "list_thresh")
     if nm_n > 0 and seg % nm_m:
         raise ValueError(f"list_nm=(N, M) needs M dividing a kv head's {seg} channels, got M={nm_m}")
-    thresh = _as_rows(thresh if thresh is not None else torch.zeros(1, device=device), 1, k, "list_thresh")
+    # N:M reads no threshold: any fp32 element stands in (no allocation, no fill launch in a captured step)
+    thresh = _as_rows(thresh if thresh is not None else lists.val[:1], 1, k, "list_thresh")
     if shift is not None:
         shift = _as_rows(shift.float(), 1, k, "list_shift").contiguous()
     return dict(list_thresh=thresh, list_shift=shift, list_idx=lists.idx, list_val=lists.val,

@@ -199,7 +199,7 @@ def _down_list_args(lists, thresh, shift, nm, act: str, b: int, k: int, n: int, 
         raise ValueError("down's rule: give down_thresh (a threshold) or down_nm=(N, M), one of them")
     if nm_n and cfg.block_n % nm_m:
         raise ValueError(f"down_nm=(N, M) needs M dividing the walk's column strip ({cfg.block_n}), got M={nm_m}")
-    thresh = _as_rows(thresh if thresh is not None else torch.zeros(1, device=device), 1, n, "down_thresh")
+    thresh = _as_rows(thresh if thresh is not None else lists.val[:1], 1, n, "down_thresh")  # N:M reads none
     if shift is not None:
         shift = _as_rows(shift.float(), 1, n, "down_shift").contiguous()
     return dict(down_idx=lists.idx, down_val=lists.val, down_count=lists.count, down_seg=lists.seg,

@@ -119,10 +119,11 @@ def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_p
                     NM_M: tl.constexpr, GATED: tl.constexpr, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr,
                     SEG_K: tl.constexpr, ZERO: tl.constexpr, Z_BLOCK: tl.constexpr, PDL: tl.constexpr = False,
                     stride_xsel=0, XSEL: tl.constexpr = False, zc_ptr=None, ZC_N: tl.constexpr = 0,
-                    ZC_P2: tl.constexpr = 1):
+                    ZC_P2: tl.constexpr = 1, CHUNK: tl.constexpr = 0):
     """The compaction pass: one program per (K slice, threshold row) writes the list the walk reads. ZC_N > 0:
     program (0, 0) also zeroes the ZC_N list counts at zc_ptr that the walk's last programs then append to (the
-    next op's lists, `launch_gather(down_lists=)`)."""
+    next op's lists, `launch_gather(down_lists=)`). CHUNK: channels selected at a time (0: the whole slice; a
+    power of two dividing SEG_K where SEG_K is none, e.g. lists of a kv head group's GROUP·D channels)."""
     pdl_prologue(PDL)
     if ZC_N > 0:
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
@@ -132,7 +133,7 @@ def _compact_kernel(x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr, count_ptr, z_p
     _compact_slot(tl.program_id(1) * GROUPS + tl.program_id(0), x_ptr, g_ptr, t_ptr, m_ptr, idx_ptr, val_ptr,
                   count_ptr, z_ptr, offs_b, offs_b < B, K, Z_N, Z_TOTAL, stride_xb, stride_ts, stride_tk, stride_ms,
                   stride_xm, eps, NORM, NORM_BLOCK, HAS_SHIFT, NM_N, NM_M, GATED, GROUPS, BLOCK_B, SEG_K, ZERO,
-                  Z_BLOCK, SEG_K, stride_xsel, XSEL)
+                  Z_BLOCK, SEG_K if CHUNK == 0 else CHUNK, stride_xsel, XSEL)
 
 
 @triton.jit
@@ -510,9 +511,16 @@ def check_lists(lists: ActiveLists, k: int, device) -> None:
     """Raise ValueError unless `lists` is an ActiveLists of a K-channel input on `device`."""
     if not isinstance(lists, ActiveLists):
         raise ValueError(f"lists must be an ActiveLists (kernels.active_lists), got {type(lists).__name__}")
-    if lists.k != k or lists.count.numel() != k // lists.seg or lists.idx.device != device:
+    if lists.k != k or lists.idx.device != device:
         raise ValueError(f"lists are for {lists.k} channels on {lists.idx.device}; this op's input has {k} on "
                          f"{device}")
+    parts = ((lists.idx, torch.int32, k), (lists.val, torch.float32, k), (lists.count, torch.int32, k // lists.seg))
+    if (lists.seg < 16 or k % lists.seg
+            or any(t.dtype != dt or t.numel() != n or t.device != device or not t.is_contiguous()
+                   for t, dt, n in parts)):
+        raise ValueError(f"lists must be active_lists({k}, seg, {device}): int32 indices and float32 values [K], "
+                         f"int32 counts [K / seg], seg ≥ 16 dividing K; got seg {lists.seg}, "
+                         + ", ".join(f"{t.dtype} {tuple(t.shape)} on {t.device}" for t, _, _ in parts))
 
 
 @torch.library.custom_op("actsparse::compact_lists", mutates_args=("idx", "val", "count"))
@@ -523,7 +531,8 @@ def _compact_lists_op(x: torch.Tensor, thresh: torch.Tensor, shift: Optional[tor
         x, x, thresh, shift if shift is not None else thresh, idx, val, count, idx, 1, k, 0, 0, x.stride(0),
         thresh.stride(0), thresh.stride(1), shift.stride(0) if shift is not None else 0, 0, 1e-6, NORM=False,
         NORM_BLOCK=16, HAS_SHIFT=shift is not None, NM_N=nm_n, NM_M=max(nm_m, 1), GATED=0, GROUPS=k // seg,
-        BLOCK_B=1, SEG_K=seg, ZERO=False, Z_BLOCK=16, num_warps=4, **pdl_args(x.device))
+        BLOCK_B=1, SEG_K=seg, ZERO=False, Z_BLOCK=16, CHUNK=min(seg & -seg, 1024), num_warps=4,
+        **pdl_args(x.device))
 
 
 def launch_compact_lists(x, thresh, shift, lists: ActiveLists, nm_n: int, nm_m: int) -> ActiveLists:
@@ -540,9 +549,9 @@ def _gather_lists_op(idx: torch.Tensor, val: torch.Tensor, count: torch.Tensor, 
     groups = k // seg
     block_n = cfg.block_n
     block_k = min(cfg.block_k, 1 << (seg.bit_length() - 1))  # a power of two within a list
-    zero = torch.zeros(1, 1, device=wt.device)  # the selection's operands: unused (the lists are selected)
+    # x, the norm weight and the selection's operands are never read (the lists are selected): acc stands in
     compiled = _gather_kernel[(triton.cdiv(n, block_n), groups, 1)](
-        acc, acc, zero, zero, wt, wt, bias if bias is not None else acc, acc, acc, acc, acc, idx, val, count,
+        acc, acc, acc, acc, wt, wt, bias if bias is not None else acc, acc, acc, acc, acc, idx, val, count,
         1, k, n, n, n, acc.stride(0), 0, 0, 0, wt.stride(0), 0, 0, acc.stride(0), 1e-6,
         NORM=False, NORM_BLOCK=16, HAS_SHIFT=False, PAIR=False, HAS_BIAS=bias is not None, HAS_RES=False, ACT=0,
         NM_N=0, NM_M=1, GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), SPLIT=False, USE_DOT=False,

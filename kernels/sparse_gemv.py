@@ -391,9 +391,9 @@ def compact_lists(x: torch.Tensor, thresh: Optional[torch.Tensor], lists: Active
         raise ValueError("give thresh (a threshold rule) or nm=(N, M), one of them")
     if nm_n and lists.seg % nm_m:
         raise ValueError(f"nm=(N, M) needs M dividing the lists' seg {lists.seg}, got M={nm_m}")
-    if lists.seg & (lists.seg - 1):
-        raise ValueError(f"the compaction pass writes lists of a power-of-two seg, got {lists.seg}")
-    thresh = _as_rows(thresh if thresh is not None else torch.zeros(1, device=x.device), 1, k, "thresh")
+    if nm_n and (lists.seg & -lists.seg) % nm_m:
+        raise ValueError(f"nm=(N, M) needs M dividing the largest power of two in seg {lists.seg}, got M={nm_m}")
+    thresh = _as_rows(thresh if thresh is not None else lists.val[:1], 1, k, "thresh")  # N:M reads none
     if shift is not None:
         shift = _as_rows(shift.float(), 1, k, "shift").contiguous()
     return launch_compact_lists(x, thresh, shift, lists, nm_n, nm_m)
@@ -412,7 +412,7 @@ def gather_lists(lists: ActiveLists, wt: torch.Tensor, *, accumulate: torch.Tens
             or accumulate.device != wt.device):
         raise ValueError(f"accumulate must be a contiguous float32 [1, {n}] tensor on {wt.device}, got "
                          f"{accumulate.dtype} {tuple(accumulate.shape)} on {accumulate.device}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.device != wt.device):
+        raise ValueError(f"bias must have shape [{n}] on {wt.device}, got {tuple(bias.shape)} on {bias.device}")
     torch.ops.actsparse.gather_lists(lists.idx, lists.val, lists.count, wt, bias, accumulate, lists.seg)
     return accumulate

@@ -66,12 +66,13 @@ class OpTimes:
         name = min(self.kernel_ms, key=lambda k: self.at(k, s))
         return name, self.at(name, s)
 
-    def choice(self, s: float) -> str:
-        """The fastest at skipped-row fraction s: "dense" (cuBLAS) or a kernel's name."""
-        if not self.kernel_ms:
+    def choice(self, s: float, exclude: tuple[str, ...] = ()) -> str:
+        """The fastest at skipped-row fraction s: "dense" (cuBLAS) or a kernel's name (none of `exclude`)."""
+        names = [k for k in self.kernel_ms if k not in exclude]
+        if not names:
             return "dense"
-        name, ms = self.best(s)
-        return "dense" if self.dense_ms <= ms else name
+        name = min(names, key=lambda k: self.at(k, s))
+        return "dense" if self.dense_ms <= self.at(name, s) else name
 
     def crossover(self) -> float:
         """Skipped-row fraction under which even the best kernel is slower than cuBLAS."""

@@ -761,6 +761,9 @@ class Engine:
         # Gemma normalises the op's output before the residual add: the op cannot add the residual itself.
         res = self._op_residual(x, lw.post_attn_norm)
         impl = "dense" if r is None else self._choose(r.o, "o", b)
+        if impl == LISTED and not self._listed(impl, x, res, r.o):  # measured fastest, but it cannot run here
+            impl = (op_times(self, b)["o"].choice(r.o.expected, exclude=(LISTED,))
+                    if self.fallback_below == "measured" else "gather-accumulate")
         lists = self._o_lists() if impl != "dense" and self._listed(impl, x, res, r.o) else None
         if lists is not None:  # the attention kernel selects its output as o does and writes o's lists
             head_norms.update(lists=lists, list_thresh=None if r.o.nm else r.o.thresh, list_shift=r.o.shift,
@@ -994,10 +997,10 @@ class Engine:
         return y if in_place else x + y.to(x.dtype)
 
     def _experts_kernel(self, op: str, rule: Optional["_OpRule"], b: int) -> str:
-        """Which kernel runs a layer's routed experts ("experts_gu" or "experts_down"): where the engine measures,
-        the faster at the op's expected skip (the dense path: at 0) of the one-shot tiles and, at batch 1 with one
-        rule for every expert, the gather walk; else "auto" (the one-shot tiles)."""
-        if self.fallback_below != "measured" or (rule is not None and rule.thresh.dim() == 3):
+        """Which kernel runs a layer's routed experts ("experts_gu" or "experts_down"): where the engine measures, at
+        batch 1 with one rule for every expert, the faster at the op's expected skip (the dense path: at 0) of the
+        one-shot tiles and the gather walk; else "auto" (the one-shot tiles)."""
+        if self.fallback_below != "measured" or b != 1 or (rule is not None and rule.thresh.dim() == 3):
             return "auto"
         t = op_times(self, b).get(op)
         return "auto" if t is None else t.choice(0.0 if rule is None else rule.expected)

@@ -1,5 +1,7 @@
 """The decode engine reproduces transformers' Llama, and its sparse path is the dense one at threshold 0."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaConfig as HFLlamaConfig
@@ -448,3 +450,38 @@ def test_o_and_down_read_the_lists_their_producers_write(monkeypatch, how):
     assert (logits[1] - logits[0]).norm() / logits[0].norm() < 1e-3
     n = TINY.n_layers * seq.shape[1]
     assert calls == {"on": [True] * 2 * n, "measured": [None] * n, "off": []}[how]
+    ref = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=16)  # and both equal the torch path
+    ref.set_thresholds(th, shifts=shifts)
+    want = _engine_logits(ref, seq, True)
+    assert (logits[0] - want).norm() / want.norm() < 3e-3
+
+
+def test_lists_with_n_m_and_shift_rules_and_any_gqa_group(monkeypatch):
+    """o's and down's lists under N:M rules of |x − shift| (the selection subtracts the shift before it ranks),
+    on a model whose kv head group is no power of two (6 heads over 2: lists of 3·16 = 48 channels), equal the
+    torch path; and the measurement times o's lists there (clock stubbed: CUDA graphs need a GPU)."""
+    from actsparse.engine import crossover
+    from actsparse.engine.plan import EnginePlan, SiteRule
+
+    cfg = dataclasses.replace(TINY, n_heads=6, n_kv_heads=2, hidden_size=96, intermediate_size=128)
+    tri = Engine.random(cfg, device=DEVICE, dtype=torch.float32, kernels="triton", max_batch=1, max_seq_len=16,
+                        fallback_below=0.0, residual_fp32=True, producer_lists=True)
+    ref = Engine.random(cfg, device=DEVICE, dtype=torch.float32, kernels="torch", max_batch=1, max_seq_len=16)
+    calls = []
+    inner = tri.ops.gather_lists
+    tri.ops.gather_lists = lambda *a, **kw: (calls.append(1), inner(*a, **kw))[1]
+    q = cfg.n_heads * cfg.head_dim
+    names = {f"layers.{i}.{r}": 0.0 for i in range(cfg.n_layers) for r in ("q", "k", "v", "gate", "up")}
+    shifts = {f"layers.{i}.{r}": torch.randn(n) * 0.05 for i in range(cfg.n_layers)
+              for r, n in (("o", q), ("down", cfg.intermediate_size))}
+    for eng in (tri, ref):
+        plan = EnginePlan.from_names(cfg.n_layers, names)
+        for i in range(cfg.n_layers):
+            for r in ("o", "down"):
+                plan.layers[i][r] = SiteRule(nm=(2, 4), shift=shifts[f"layers.{i}.{r}"])
+        eng.set_plan(plan)
+    seq = torch.randint(0, cfg.vocab_size, (1, 4))
+    got, want = _engine_logits(tri, seq, True), _engine_logits(ref, seq, True)
+    assert (got - want).norm() / want.norm() < 1e-3 and len(calls) == 2 * cfg.n_layers * 4
+    monkeypatch.setattr(crossover, "graph_ms", lambda fn, reps=5, warmup=1: (fn(), 1.0)[-1])
+    assert "gather-listed" in crossover.measure(tri, 1)["o"].kernel_ms

@@ -90,6 +90,28 @@ def test_a_single_expert_matrix_writes_each_token_its_routed_sum(batch, impl):
     assert rel_err(y, want) < 1e-5
 
 
+@pytest.mark.parametrize("rule", ["threshold", "nm"])
+def test_gather_walk_with_several_k_slices(rule):
+    """The gather walk's routed experts where K is split into slices (Qwen3-30B-A3B's gate|up: 2048 over 1024-channel
+    slices): the pair's partials meet by atomics in the sums its compaction pass zeroed, down's slices add into the
+    stream; N:M rules too."""
+    from actsparse.kernels import GatherConfig, override_config
+
+    x, wg, wu, wd, idx, w = _moe(1, 3, k=128, i=96)
+    nm = (2, 4) if rule == "nm" else None
+    th = torch.tensor([0.4, 0.6], device=DEVICE)
+    td = torch.tensor([0.2], device=DEVICE)
+    sums = torch.full((1, 3, 2, 96), float("nan"), device=DEVICE)
+    h = torch.randn(1, wd.shape[2], device=DEVICE)
+    h0 = h.clone()
+    with override_config(GatherConfig(block_n=16, seg_k=32, block_k=16)):
+        sparse_gated_mlp(x, wg, wu, th, experts=idx, out=sums, impl="gather", nm=nm)
+        sparse_gemv(sums, wd, td, gated="silu", accumulate=h, experts=idx, expert_weights=w, impl="gather", nm=nm)
+    assert rel_err(sums, ref.experts_gated_mlp_ref(x, wg, wu, th, idx, nm=nm)) < 1e-5
+    want = ref.experts_gemv_ref(sums, wd, td, idx, expert_weights=w, gated="silu", nm=nm)
+    assert rel_err(h - h0, want) < 1e-5
+
+
 @pytest.mark.parametrize("impl", ["oneshot", "gather"])
 def test_bf16_experts_match_the_reference(impl):
     x, wg, wu, wd, idx, w = _moe(1, 2, dtype=torch.bfloat16)
