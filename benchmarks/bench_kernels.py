@@ -1156,8 +1156,9 @@ def crossover(rows: list[dict], op: str, batch: int) -> float:
 # ---------------------------------------------------------------------- decode
 # (model, batch) -> (method, union calibration, target sparsities) measured end to end
 # "teal-bf16-stream": the same plan with the residual stream kept in bf16 (no op adds into it in place).
-# "teal-lists" / "teal-nolists": the same plan with o reading the attention kernel's active-row lists wherever it
-# can / never (`Engine(producer_lists=)`; the others: where the engine measured it fastest).
+# "teal-lists" / "teal-nolists": the same plan with o and down reading the active-row lists their producers write
+# (the attention kernel, gate|up's raw pair) wherever they can / never (`Engine(producer_lists=)`; the others:
+# where the engine measured them fastest).
 # "teal-nopdl" / "teal-pdl": the same plan with programmatic dependent launch off / on (`use_pdl`; the others:
 # the default, on where the GPU has it).
 # "topk": each token's Top-K per site (WINA's selection=topk, unweighted: TEAL's rule as a per-token count), the

@@ -42,12 +42,12 @@ PTRS = {**{n: "*bf16" for n in ("x_ptr", "g_ptr", "w_ptr", "w2_ptr", "bias_ptr",
 
 def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4, use_dot: bool = False,
                    accum: int = 0, eager: bool = False, fused: bool = False, gated: int = 0, experts: int = 0,
-                   lists: bool = False):
+                   lists: int = 0):
     """The compiled walk for one configuration (sm_90): gate|up's pair with the RMSNorm and Gemma's gelu-tanh;
     `accum` 1-3: adding into a given fp32 tensor (stored, read-add-stored, atomic), a bias on the first slice;
     `fused`: the lists written inside the launch (zeroing the tensor with accum 3; `gated`: from raw pair sums);
     `experts` 1: a mixture of experts' routed gate|up pair, 2: its down scaled by the routing weights (atomic);
-    `lists`: the pair's last programs also writing down's lists (per-channel thresholds and a shift)."""
+    `lists`: the pair's last programs also writing down's lists (1: per-channel thresholds and a shift, 2: N:M 2:4)."""
     consts = dict(NORM=True, NORM_BLOCK=4096, HAS_SHIFT=False, PAIR=True, HAS_BIAS=accum > 0, HAS_RES=False,
                   ACT=0 if accum else 2, NM_N=0, NM_M=1, GROUPS=1 if accum < 3 else 4, GROUPS_P2=1 if accum < 3 else 4,
                   SPLIT=not accum, USE_DOT=use_dot, IEEE=False, VAL_B=4 if use_dot else 1, DEPTH=depth,
@@ -60,7 +60,8 @@ def compile_gather(block_n: int, block_k: int, depth: int, num_warps: int = 4, u
                        ZERO=accum == 3, CHUNK=512)
     ptrs = {}
     if lists:
-        consts |= dict(LISTS=True, D_SHIFT=True, SEG_D=1024, HAS_BIAS=False)
+        consts |= dict(LISTS=True, D_SHIFT=lists == 1, D_NM_N=2 if lists == 2 else 0, D_NM_M=4 if lists == 2 else 1,
+                       SEG_D=1024, HAS_BIAS=False)
         ptrs = {"arr_ptr": "*i32", "dt_ptr": "*fp32", "dm_ptr": "*fp32", "didx_ptr": "*i32", "dval_ptr": "*fp32",
                 "dcnt_ptr": "*i32", "y_ptr": "*fp32"}
     if experts:
@@ -212,8 +213,8 @@ def _cases() -> list[tuple[str, str, tuple]]:
     cases += [("compact zeroing the next op's list counts", "compile_compact", (0, True, False, True))]
     cases += [("compact lists of 384 channels (a group of 3 heads)", "compile_compact", (0, False, False, False, 384))]
     cases += [(f"gather_lists slices={g}", "compile_gather_lists", (g,)) for g in (8, 1)]
-    cases += [("gather pair writing down's lists", "compile_gather", (32, 128, 2, 4, False, 3, False, False, 0, 0,
-                                                                       True))]
+    cases += [(f"gather pair writing down's lists accum={a} rule={r}", "compile_gather",
+               (32, 128, 2, 4, False, a, False, False, 0, 0, r)) for a, r in ((3, 1), (1, 1), (3, 2))]
     cases += [(f"gather experts={e}", "compile_gather", (32, 128, 2, 4, False, 3, False, False, 0, e)) for e in (1, 2)]
     cases += [(f"oneshot pair={p} dot={dot}", "compile_oneshot", (128, 64, 2, p, dot)) for p in (False, True)
               for dot in (False, True)]

@@ -118,7 +118,9 @@ def sparse_gated_mlp(
     if experts is not None:
         experts = check_experts(experts, None, (wt_gate, wt_up), ("wt_gate", "wt_up"), impl, out,
                                 {"shift": shift is not None, "bias": bias is not None,
-                                 "out_thresh": out_thresh is not None})
+                                 "out_thresh": out_thresh is not None,
+                                 "down_lists": any(v is not None for v in (down_lists, down_thresh, down_shift,
+                                                                           down_nm))})
         b, top = experts.shape
         _check_common(x, wt_gate[0], "wt_gate")
         if wt_gate.shape != wt_up.shape:

@@ -251,7 +251,7 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
         # No dense rival of their own: the engine weighs the fastest of each against gate|up's and down's best.
         out["pair"] = OpTimes(float("inf"), LEVELS, timed(kernels, pair))
         out["gated"] = OpTimes(float("inf"), LEVELS, timed(kernels, gated))
-        seg = down_seg(engine, batch)
+        seg = down_layout(engine, batch)[0]
         if seg:  # batch 1: the pair's last programs write down's lists, and down walks them (no compaction launch)
             from actsparse.kernels import active_lists
 
@@ -259,7 +259,9 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
 
             def listing(lw, s: float, impl: str) -> Callable[[], None]:
                 th, buf, td = pair_sums(lw, s)
-                lists = dl.setdefault((id(lw), s), active_lists(inter, seg, engine.device))
+                if (id(lw), s) not in dl:
+                    dl[id(lw), s] = active_lists(inter, seg, engine.device)
+                lists = dl[id(lw), s]
                 return lambda: ops.sparse_gated_mlp(x, lw.wg_t, lw.wu_t, th, norm_weight=lw.mlp_norm, eps=eps,
                                                     act=cfg.act, impl="gather", out=buf, down_lists=lists,
                                                     down_thresh=td)
@@ -336,19 +338,19 @@ def listable(engine, batch: int) -> bool:
     return batch == 1 and engine.kernels == "triton" and hd & (hd - 1) == 0
 
 
-def down_seg(engine, batch: int) -> int:
-    """The channels per list of down's input that gate|up's raw pair writes at batch 1 (`sparse_gated_mlp(
-    down_lists=)`): a multiple of the pair walk's column strip dividing I, at most down's own K slice; 0 where
-    that cannot run (another batch, not the Triton kernels, no such size)."""
+def down_layout(engine, batch: int) -> tuple[int, int]:
+    """(channels per list, the pair walk's column strip) of down's input lists that gate|up's raw pair writes at
+    batch 1 (`sparse_gated_mlp(down_lists=)`): a multiple of the strip dividing I, at most down's own K slice;
+    (0, strip) where that cannot run (another batch, not the Triton kernels, an MoE layer, no such size)."""
     if batch != 1 or engine.kernels != "triton" or engine.cfg.moe:
-        return 0
+        return 0, 0
     from actsparse.kernels import configs
 
     cfg, inter = engine.cfg, engine.cfg.intermediate_size
     strip = configs.choose_impl("pair", cfg.hidden_size, inter, 1, "gather", accum=True)[1].block_n
     most = configs.choose_impl("gemv", inter, cfg.hidden_size, 1, "gather", accum=True)[1].seg_k
     fits = [m for m in range(strip, min(most, inter) + 1, strip) if inter % m == 0 and m >= 16]
-    return max(fits) if fits else 0
+    return (max(fits) if fits else 0), strip
 
 
 def op_times(engine, batch: int) -> dict[str, OpTimes]:

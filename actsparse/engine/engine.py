@@ -42,7 +42,7 @@ from actsparse.kernels.lowrank import pack_lowrank as kpack_lowrank
 from actsparse.kernels.topk import MAX_K as TOPK_MAX_K
 
 from .config import LlamaConfig, unsupported_reason
-from .crossover import LISTED, RUNS_ON, down_seg, listable, op_times
+from .crossover import LISTED, RUNS_ON, down_layout, listable, op_times
 from .plan import EXPERT_ROLE, EnginePlan, Threshold
 from .rotation import adapt, check_rotations, rotate_weights
 from .weights import Weights, random_weights, weights_from_hf
@@ -202,8 +202,10 @@ class Engine:
     producer_lists: at batch 1 the op producing o's and down's inputs writes their active-row lists, so their gather
     walks need no compaction launch: the attention kernel o's (o adding into the fp32 stream, a power-of-two
     head_dim, no Top-K or low-rank rule on o), gate|up's raw pair down's (no Top-K level or low-rank path).
-    None: where measured fastest (`crossover`: o's "gather-listed", the MLP's "pair-listing" + "gated-listed");
-    True: wherever it can run; False: never.
+    None: where measured fastest (`crossover`: o's "gather-listed", the MLP's "pair-listing" + "gated-listed"; the
+    MLP's are timed where the raw pair is, so not behind Gemma's post-norms); True: wherever it can run (with
+    measured kernels: where those are timed); False: never. Down's list order follows the order the pair's strips
+    finish in, so its fp32 sum order (and last bits) vary from step to step, as the atomics' already do.
     """
 
     # Whether o and down may add into the stream in place (a tensor-parallel rank's partial sums may not).
@@ -584,8 +586,10 @@ class Engine:
         act(gate)·up from them in its prologue while adding into the fp32 stream (or, where a post-norm sits
         between, into the zeroed buffer `_post_sums` that `add_normed` then adds): where both ops run sparse, no
         CATS sits between, and (measured) the fastest of each beats gate|up's and down's best; ("fused", "fused")
-        where the whole MLP in two launches (`sparse_mlp`) measured faster still; None where they run
-        otherwise. R-Sparse's low-rank paths add into the pair's sums and, from its act(gate)·up, into down's."""
+        where the whole MLP in two launches (`sparse_mlp`) measured faster still; `LISTED_MLP` where the pair also
+        writing down's lists and down walking them (batch 1, `producer_lists`) is fastest, or forced; None where
+        they run otherwise. R-Sparse's low-rank paths add into the pair's sums and, from its act(gate)·up, into
+        down's."""
         if (r is None or record is not None or not self.residual_fp32 or x.dtype != torch.float32 or b > 16
                 or r.gate_act is not None):
             return None
@@ -612,7 +616,7 @@ class Engine:
                 listed = False
         else:
             listed = False
-        if "mlp" in t and self._fusable(r) and self.producer_lists is not True:
+        if "mlp" in t and self._fusable(r) and not (listed and self.producer_lists is True):
             # measured with both selections at one level: read at the bytes' mean (gate|up holds 2/3 of them)
             ft = t["mlp"].at("fused", (2 * r.gu.expected + r.down.expected) / 3)
             if ft < best:
@@ -622,18 +626,22 @@ class Engine:
         return (pk, dk) if pt + dt < apart else None
 
     def _down_listable(self, r: "_LayerRule", b: int) -> bool:
-        """Whether gate|up's raw pair can write down's lists here (`producer_lists` not off, batch 1, a size
-        `crossover.down_seg` finds, no Top-K level or low-rank path on down)."""
-        return (self.producer_lists is not False and down_seg(self, b) > 0 and r.down.topk is None
-                and r.down.lowrank is None and r.gu.lowrank is None)
+        """Whether gate|up's raw pair can write down's lists here (`producer_lists` not off, batch 1, a layout
+        `crossover.down_layout` finds, down's N:M groups inside the pair's column strip, no Top-K level or
+        low-rank path on down)."""
+        seg, strip = down_layout(self, b)
+        return (self.producer_lists is not False and seg > 0 and r.down.topk is None and r.down.lowrank is None
+                and r.gu.lowrank is None and (r.down.nm is None or strip % r.down.nm[1] == 0))
 
     def _down_lists(self) -> ActiveLists:
-        """down's active-row lists (batch 1), which gate|up's raw pair writes."""
-        if "down_lists" not in self._sums:
+        """down's active-row lists (batch 1), which gate|up's raw pair writes (one buffer per list size: an
+        `override_config` may change the pair's strip)."""
+        seg = down_layout(self, 1)[0]
+        if ("down_lists", seg) not in self._sums:
             from actsparse.kernels.gather_gemv import active_lists
 
-            self._sums["down_lists"] = active_lists(self.cfg.intermediate_size, down_seg(self, 1), self.device)
-        return self._sums["down_lists"]
+            self._sums["down_lists", seg] = active_lists(self.cfg.intermediate_size, seg, self.device)
+        return self._sums["down_lists", seg]
 
     @staticmethod
     def _fusable(r: "_LayerRule") -> bool:

@@ -80,6 +80,41 @@ def test_the_mlp_runs_the_fastest_of_its_three_ways(monkeypatch):
         "gather", "gather")
 
 
+@pytest.mark.parametrize("lists", [None, True, False])
+def test_the_mlp_takes_downs_lists_where_they_are_fastest_or_forced(monkeypatch, lists):
+    """`_mlp_raw` on the Triton kernels with measured times (stand-ins): at batch 1 the raw pair writing down's lists
+    + down walking them ("pair-listing" + "gated-listed") where they beat the other ways (producer_lists None), and
+    wherever they can run with True (the fused MLP still where they cannot: batch 2); never with False."""
+    from actsparse.engine import engine as eng_mod
+
+    eng = Engine.random(TINY, device="cpu", dtype=torch.float32, kernels="triton", max_batch=2, max_seq_len=16,
+                        fallback_below=0.0, producer_lists=lists)
+    eng.residual_fp32, eng.fallback_below = True, "measured"
+    eng.set_thresholds({f"layers.{i}.{r}": 0.3 for i in range(TINY.n_layers)
+                        for r in ("q", "k", "v", "o", "gate", "up", "down")})
+    r, levels = eng.rules[0], (0.0, 1.0)
+
+    def times(listed_ms, fused_ms):  # apart 15, pair + gated 12
+        flat = {"oneshot": (10.0, 10.0)}
+        return {"gu": OpTimes(99.0, levels, flat), "down": OpTimes(99.0, levels, {"oneshot": (5.0, 5.0)}),
+                "qkv": OpTimes(99.0, levels, flat), "o": OpTimes(99.0, levels, flat),
+                "pair": OpTimes(float("inf"), levels, {"gather": (8.0, 8.0)}),
+                "gated": OpTimes(float("inf"), levels, {"gather": (4.0, 4.0)}),
+                "mlp": OpTimes(float("inf"), levels, {"fused": (fused_ms, fused_ms)}),
+                "pair-listing": OpTimes(float("inf"), levels, {"gather": (listed_ms - 3, listed_ms - 3)}),
+                "gated-listed": OpTimes(float("inf"), levels, {"gather": (3.0, 3.0)})}
+
+    def pick(listed_ms, fused_ms, b=1):
+        monkeypatch.setattr(eng_mod, "op_times", lambda e, bb: times(listed_ms, fused_ms))
+        return eng._mlp_raw(r, torch.zeros(b, TINY.hidden_size), b, None, None)
+    fastest = {None: eng_mod.LISTED_MLP, True: eng_mod.LISTED_MLP, False: eng_mod.FUSED_MLP}[lists]
+    assert pick(10.0, 11.0) == fastest  # lists 10 < fused 11 < pair + gated 12
+    assert pick(13.0, 11.0) == {None: eng_mod.FUSED_MLP, True: eng_mod.LISTED_MLP, False: eng_mod.FUSED_MLP}[lists]
+    assert pick(10.0, 11.0, b=2) == eng_mod.FUSED_MLP  # batch 2: no lists; True does not turn the fused MLP off
+    assert pick(13.0, 20.0) == {None: ("gather", "gather"), True: eng_mod.LISTED_MLP,
+                                False: ("gather", "gather")}[lists]
+
+
 def test_engine_without_a_gpu_never_falls_back():
     eng = Engine.random(TINY, device="cpu", dtype=torch.float32, kernels="torch")
     assert eng.fallback_below == 0.0

@@ -236,3 +236,43 @@ def test_down_lists_refusals():
     with pytest.raises(ValueError, match="batch 1"):
         sparse_gated_mlp(torch.randn(2, k, device=DEVICE), wg, wu, th, impl="gather",
                          out=torch.empty(2, 2, i, device=DEVICE), down_lists=good, down_thresh=td)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("inter,seg", [(14336, 2048), (11008, 256)])  # Llama-3-8B, Llama-2-7B MLPs
+def test_gpu_pair_writes_downs_lists_under_graph_replays(inter, seg):
+    """Captured once, replayed on fresh inputs: the pair's strips arrive in any order on the GPU, their counters
+    reset themselves and the compaction pass zeroes down's counts each replay; down's walk over the lists adds
+    what the compaction path adds."""
+    from actsparse.kernels import sparse_gated_mlp
+
+    d, dev = 4096, "cuda"
+    x = torch.randn(1, d, device=dev)
+    wg, wu = ((torch.randn(d, inter, device=dev) / d ** 0.5).to(torch.bfloat16) for _ in range(2))
+    wd = (torch.randn(inter, d, device=dev) / inter ** 0.5).to(torch.bfloat16)
+    g = torch.ones(d, device=dev, dtype=torch.bfloat16)
+    th = torch.tensor([0.67, 0.67], device=dev)  # about half of a unit normal's |x̂|
+    sums, ref_sums = (torch.empty(2, 1, inter, device=dev) for _ in range(2))
+    sparse_gated_mlp(x, wg, wu, th, norm_weight=g, impl="gather", out=ref_sums)
+    td = torch.tensor([float((torch.nn.functional.silu(ref_sums[0]) * ref_sums[1]).abs().median())], device=dev)
+    lists, acc = active_lists(inter, seg, dev), torch.zeros(1, d, device=dev)
+
+    def step():
+        acc.zero_()
+        sparse_gated_mlp(x, wg, wu, th, norm_weight=g, impl="gather", out=sums, down_lists=lists, down_thresh=td)
+        gather_lists(lists, wd, accumulate=acc)
+    for _ in range(2):
+        step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(5):
+        x.copy_(torch.randn(1, d, device=dev))
+        graph.replay()
+        want = torch.zeros(1, d, device=dev)
+        sparse_gated_mlp(x, wg, wu, th, norm_weight=g, impl="gather", out=ref_sums)
+        sparse_gemv(ref_sums, wd, td, gated="silu", impl="gather", accumulate=want)
+        torch.cuda.synchronize()
+        assert int(lists.count.sum()) > 0
+        assert ((acc - want).norm() / want.norm()) < 1e-3
