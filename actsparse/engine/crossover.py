@@ -211,11 +211,10 @@ def measure(engine, batch: int) -> dict[str, OpTimes]:
             out[impl] = tuple(ts)
         return out
 
-    # Adding into the stream needs the op to add the residual itself: not behind a post-norm (Gemma).
+    # Adding into an fp32 tensor: the stream, or behind a post-norm (Gemma) the zeroed buffer one `add_normed`
+    # launch then normalises into the stream (in place of the norm and add the op's own output would need).
     accs = [a for a, kern in ACCUMULATE.items() if kern in kernels] if engine.residual_fp32 else []
-    accumulating = {"qkv"} if accs else set()
-    if accs and all(lw.post_attn_norm is None and lw.post_mlp_norm is None for lw in layers):
-        accumulating |= {"o", "down"}
+    accumulating = {"qkv", "o", "down"} if accs else set()
     out = {}
     moe = cfg.moe  # the experts run the expert-indexed kernels (dense: at threshold 0): timed below, not vs cuBLAS
     if moe:

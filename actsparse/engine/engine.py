@@ -200,11 +200,11 @@ class Engine:
     otherwise 0.
 
     producer_lists: at batch 1 the op producing o's and down's inputs writes their active-row lists, so their gather
-    walks need no compaction launch: the attention kernel o's (o adding into the fp32 stream, a power-of-two
-    head_dim, no Top-K or low-rank rule on o), gate|up's raw pair down's (no Top-K level or low-rank path).
-    None: where measured fastest (`crossover`: o's "gather-listed", the MLP's "pair-listing" + "gated-listed"; the
-    MLP's are timed where the raw pair is, so not behind Gemma's post-norms); True: wherever it can run (with
-    measured kernels: where those are timed); False: never. Down's list order follows the order the pair's strips
+    walks need no compaction launch: the attention kernel o's (an fp32 stream, a power-of-two head_dim, no Top-K or
+    low-rank rule on o, no rotated stream), gate|up's raw pair down's (no Top-K level or low-rank path).
+    None: where measured fastest (`crossover`: o's "gather-listed", the MLP's "pair-listing" + "gated-listed");
+    True: wherever it can run; False: never. Behind Gemma's post-norms o and down add into the buffer `add_normed`
+    reads instead of the stream. Down's list order follows the order the pair's strips
     finish in, so its fp32 sum order (and last bits) vary from step to step, as the atomics' already do.
     """
 
@@ -661,11 +661,12 @@ class Engine:
         or with given fallback levels ("auto") wherever it can (it adds the residual itself)."""
         return res is x and self._raw_sums(impl, x, rule)
 
-    def _listed(self, impl: str, x: torch.Tensor, res: Optional[torch.Tensor], rule: "_OpRule") -> bool:
+    def _listed(self, impl: str, x: torch.Tensor, rule: "_OpRule") -> bool:
         """Whether o runs over the lists the attention kernel writes (`producer_lists`)."""
         if self.producer_lists is False or rule.topk is not None or rule.lowrank is not None:
             return False
-        if self._adapters is not None or not listable(self, x.shape[0]) or not self._accumulates(impl, x, res, rule):
+        # adding into the stream, or behind a post-norm into the buffer add_normed reads (`_post_raw`)
+        if self._adapters is not None or not listable(self, x.shape[0]) or not self._raw_sums(impl, x, rule):
             return False
         return impl == LISTED or self.producer_lists is True
 
@@ -769,10 +770,10 @@ class Engine:
         # Gemma normalises the op's output before the residual add: the op cannot add the residual itself.
         res = self._op_residual(x, lw.post_attn_norm)
         impl = "dense" if r is None else self._choose(r.o, "o", b)
-        if impl == LISTED and not self._listed(impl, x, res, r.o):  # measured fastest, but it cannot run here
+        if impl == LISTED and not self._listed(impl, x, r.o):  # measured fastest, but it cannot run here
             impl = (op_times(self, b)["o"].choice(r.o.expected, exclude=(LISTED,))
                     if self.fallback_below == "measured" else "gather-accumulate")
-        lists = self._o_lists() if impl != "dense" and self._listed(impl, x, res, r.o) else None
+        lists = self._o_lists() if impl != "dense" and self._listed(impl, x, r.o) else None
         if lists is not None:  # the attention kernel selects its output as o does and writes o's lists
             head_norms.update(lists=lists, list_thresh=None if r.o.nm else r.o.thresh, list_shift=r.o.shift,
                               list_nm=r.o.nm)
@@ -786,8 +787,9 @@ class Engine:
             self._levels(r.o, a)
         if impl == "dense":
             y = self._linear(a, lw.wo, lw.wo_t, res=res)
-        elif lists is not None:
-            y = ops.gather_lists(lists, lw.wo_t, accumulate=x, bias=r.o.bias)
+        elif lists is not None:  # into the stream, or (a post-norm between) into the buffer add_normed reads
+            post_raw = lw.post_attn_norm is not None
+            y = ops.gather_lists(lists, lw.wo_t, accumulate=self._post_sums(b) if post_raw else x, bias=r.o.bias)
         elif self._accumulates(impl, x, res, r.o):
             y = ops.sparse_gemv(a, lw.wo_t, r.o.thresh, shift=r.o.shift, bias=r.o.bias, nm=r.o.nm,
                                 impl=_kernel(impl), accumulate=x)

@@ -112,23 +112,31 @@ def test_sparse_kernels_equal_the_torch_backend_on_the_same_plan(family, method)
     assert (_engine_logits(eng, seq, sparse=False) - dense).norm() / dense.norm() < 1e-5
 
 
+@pytest.mark.parametrize("lists", [None, True])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_fp32_stream_adds_o_and_down_through_their_post_norms_from_raw_sums(family):
+def test_the_fp32_stream_adds_o_and_down_through_their_post_norms_from_raw_sums(family, lists):
     """With the fp32 residual stream, o and down add their raw sums into a zeroed buffer that one launch
     normalises (Gemma's post-norms) and adds into the stream, and gate|up hands its raw pair to the gated down:
     the logits equal the torch backend's under the same plan, each post-norm is that one launch, and the buffer is
-    zero between steps."""
+    zero between steps. With producer lists, o and down walk the lists the attention kernel and the pair write,
+    into the same buffer."""
     from actsparse.eval.speed import plan_to_engine
 
     model = _hf_gemma(family, seed=2)
     eng = Engine.from_hf(model, device=DEVICE, kernels="triton", max_batch=1, max_seq_len=16, fallback_below=0.0,
-                         residual_fp32=True)
+                         residual_fp32=True, producer_lists=lists)
     plan = plan_to_engine(_plan(calibrate_thresholds(eng, 0.5, n_tokens=4), "teal"), model.config.num_hidden_layers)
     eng.set_plan(plan)
     ref = Engine.from_hf(model, kernels="torch", max_batch=1, max_seq_len=16)
     ref.set_plan(plan)
-    calls = {"add_normed": 0, "pair": 0}
-    inner_norm, inner_pair = eng.ops.add_normed, eng.ops.sparse_gated_mlp
+    calls = {"add_normed": 0, "pair": 0, "lists": 0}
+    inner_norm, inner_pair, inner_lists = eng.ops.add_normed, eng.ops.sparse_gated_mlp, eng.ops.gather_lists
+
+    def walk_lists(lists_, wt, *, accumulate, bias=None):
+        assert accumulate is eng._post_sums(1)
+        calls["lists"] += 1
+        return inner_lists(lists_, wt, accumulate=accumulate, bias=bias)
+    eng.ops.gather_lists = walk_lists
 
     def add_normed(x, y, *a, **kw):
         assert y is eng._post_sums(1) and x.dtype == torch.float32
@@ -143,7 +151,7 @@ def test_the_fp32_stream_adds_o_and_down_through_their_post_norms_from_raw_sums(
     got, want = _engine_logits(eng, seq, sparse=True), _engine_logits(ref, seq, sparse=True)
     assert (got - want).norm() / want.norm() < 1e-4
     layers = model.config.num_hidden_layers
-    assert calls == {"add_normed": 2 * layers * 5, "pair": layers * 5}
+    assert calls == {"add_normed": 2 * layers * 5, "pair": layers * 5, "lists": 2 * layers * 5 if lists else 0}
     assert torch.equal(eng._post_sums(1), torch.zeros_like(eng._post_sums(1)))
     eng._post_sums(1).fill_(7.0)  # as a step cut short between an op and its post-norm would leave it
     assert torch.allclose(_engine_logits(eng, seq, sparse=True), got)
