@@ -129,6 +129,7 @@ def test_every_measured_launch_runs_and_the_choice_covers_each_op(monkeypatch):
 
     timed = []
     monkeypatch.setattr(crossover, "graph_ms", lambda fn, reps=5, warmup=1: (fn(), timed.append(1), 1.0)[-1])
+    monkeypatch.setattr(crossover, "LEVELS", LEVELS[::2])  # every launch, at half the levels (the interpreter)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels compile for the GPU where there is one
     eng = Engine.random(TINY, device=dev, dtype=torch.float32, kernels="triton", max_batch=1, max_seq_len=16,
                         fallback_below=0.0, residual_fp32=True)
@@ -137,9 +138,9 @@ def test_every_measured_launch_runs_and_the_choice_covers_each_op(monkeypatch):
     assert set(out["mlp"].kernel_ms) == {"fused"}  # the whole MLP in two launches (sparse_mlp)
     assert "gather-listed" in out["o"].kernel_ms  # batch 1: o over the lists the attention kernel writes
     assert set(out["pair-listing"].kernel_ms) == set(out["gated-listed"].kernel_ms) == {"gather"}
-    assert all(len(ts) == len(LEVELS) for t in out.values() for ts in t.kernel_ms.values())
+    assert all(len(ts) == len(LEVELS[::2]) for t in out.values() for ts in t.kernel_ms.values())
     assert set(out["up"].kernel_ms) == {"walk", "oneshot", "rows"}  # batch 1: the kept-rows walk too
-    assert out["gate"].choice(0.5) in {"dense", "oneshot", "gather"} and len(timed) > 100
+    assert out["gate"].choice(0.5) in {"dense", "oneshot", "gather"} and len(timed) > 50
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

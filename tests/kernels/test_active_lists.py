@@ -62,7 +62,8 @@ def _as_dense(lists, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("heads,d", [((4, 2), 16), ((8, 1), 32), ((4, 4), 16)])  # GQA, MQA, MHA
+@pytest.mark.parametrize("heads,d", [((4, 2), 16), ((8, 1), 32), ((4, 4), 16), ((6, 2), 16)])  # GQA, MQA, MHA,
+# a group of 3 heads: lists of 48 channels, which the compaction pass selects 16 at a time
 @pytest.mark.parametrize("rule", ["scalar", "per-channel", "shift", "nm"])
 def test_attention_writes_the_lists_of_its_selected_output(dtype, heads, d, rule):
     hq, hkv = heads
