@@ -246,7 +246,7 @@ def decode_attention(
 
 def _list_args(lists, thresh, shift, nm, b: int, n_heads: int, n_kv_heads: int, d: int, device) -> dict:
     """The custom op's list arguments of a valid `decode_attention(lists=)` call; ValueError naming what is not."""
-    from .sparse_gemv import _as_rows, _validate_nm
+    from .sparse_gemv import list_rule
 
     k, seg = n_heads * d, n_heads // n_kv_heads * d
     if b != 1:
@@ -258,17 +258,8 @@ def _list_args(lists, thresh, shift, nm, b: int, n_heads: int, n_kv_heads: int, 
     if lists.seg != seg:
         raise ValueError(f"lists= holds one list per kv head: make them with seg = {seg} (heads per kv head × "
                          f"head_dim), got {lists.seg}")
-    nm_n, nm_m = _validate_nm(nm)
-    if nm_n == 0 and thresh is None:
-        raise ValueError("lists= selects the output: give list_thresh (or list_nm)")
-    if nm_n > 0 and thresh is not None:
-        raise ValueError("list_nm selects by N:M (of |x − list_shift| where a shift is given): it takes no "
-                         "list_thresh")
+    thresh, shift, nm_n, nm_m = list_rule(lists, thresh, shift, nm, k, "list_")
     if nm_n > 0 and seg % nm_m:
         raise ValueError(f"list_nm=(N, M) needs M dividing a kv head's {seg} channels, got M={nm_m}")
-    # N:M reads no threshold: any fp32 element stands in (no allocation, no fill launch in a captured step)
-    thresh = _as_rows(thresh if thresh is not None else lists.val[:1], 1, k, "list_thresh")
-    if shift is not None:
-        shift = _as_rows(shift.float(), 1, k, "list_shift").contiguous()
     return dict(list_thresh=thresh, list_shift=shift, list_idx=lists.idx, list_val=lists.val,
                 list_count=lists.count, list_nm_n=nm_n, list_nm_m=nm_m)

@@ -19,7 +19,7 @@ from .gemv_common import wshape
 from .gather_gemv import ActiveLists, check_lists, launch_gather
 from .oneshot_gemv import launch_oneshot
 from .sparse_gemv import (ACTS, _as_rows, _check_common, _check_presel, _launch, _out_rows, _validate_nm, check_experts,
-                          expert_rows)
+                          expert_rows, list_rule)
 
 
 @torch.library.custom_op("actsparse::sparse_gated_mlp", mutates_args=())
@@ -196,13 +196,8 @@ def _down_list_args(lists, thresh, shift, nm, act: str, b: int, k: int, n: int, 
     if lists.seg % cfg.block_n:
         raise ValueError(f"down_lists' seg ({lists.seg}) must be a multiple of the walk's column strip "
                          f"({cfg.block_n}): a strip appends to one list")
-    nm_n, nm_m = _validate_nm(nm)
-    if (thresh is None) == (nm_n == 0):
-        raise ValueError("down's rule: give down_thresh (a threshold) or down_nm=(N, M), one of them")
+    thresh, shift, nm_n, nm_m = list_rule(lists, thresh, shift, nm, n, "down_")
     if nm_n and cfg.block_n % nm_m:
         raise ValueError(f"down_nm=(N, M) needs M dividing the walk's column strip ({cfg.block_n}), got M={nm_m}")
-    thresh = _as_rows(thresh if thresh is not None else lists.val[:1], 1, n, "down_thresh")  # N:M reads none
-    if shift is not None:
-        shift = _as_rows(shift.float(), 1, n, "down_shift").contiguous()
     return dict(down_idx=lists.idx, down_val=lists.val, down_count=lists.count, down_seg=lists.seg,
                 down_thresh=thresh, down_shift=shift, down_nm_n=nm_n, down_nm_m=nm_m, down_act=ACTS[act])

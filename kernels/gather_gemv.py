@@ -535,12 +535,6 @@ def _compact_lists_op(x: torch.Tensor, thresh: torch.Tensor, shift: Optional[tor
         **pdl_args(x.device))
 
 
-def launch_compact_lists(x, thresh, shift, lists: ActiveLists, nm_n: int, nm_m: int) -> ActiveLists:
-    """Write the lists of x [1, K] selected by thresh [1, K] (shift [1, K], N:M) with the compaction pass."""
-    torch.ops.actsparse.compact_lists(x, thresh, shift, lists.idx, lists.val, lists.count, lists.seg, nm_n, nm_m)
-    return lists
-
-
 @torch.library.custom_op("actsparse::gather_lists", mutates_args=("acc",))
 def _gather_lists_op(idx: torch.Tensor, val: torch.Tensor, count: torch.Tensor, wt: torch.Tensor,
                      bias: Optional[torch.Tensor], acc: torch.Tensor, seg: int) -> None:

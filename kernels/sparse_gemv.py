@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from .configs import choose_impl
-from .gather_gemv import ActiveLists, check_lists, launch_compact_lists, launch_gather
+from .gather_gemv import ActiveLists, check_lists, launch_gather
 from .gemv_common import ACTS, out_dtype, wshape
 from .masked_gemv import launch_masked
 from .oneshot_gemv import launch_oneshot
@@ -386,17 +386,28 @@ def compact_lists(x: torch.Tensor, thresh: Optional[torch.Tensor], lists: Active
         raise ValueError(f"x must be a contiguous [1, K] row (the lists are batch 1's), got {tuple(x.shape)}")
     k = x.shape[1]
     check_lists(lists, k, x.device)
-    nm_n, nm_m = _validate_nm(nm)
-    if (thresh is None) == (nm_n == 0):
-        raise ValueError("give thresh (a threshold rule) or nm=(N, M), one of them")
-    if nm_n and lists.seg % nm_m:
-        raise ValueError(f"nm=(N, M) needs M dividing the lists' seg {lists.seg}, got M={nm_m}")
+    thresh, shift, nm_n, nm_m = list_rule(lists, thresh, shift, nm, k)
     if nm_n and (lists.seg & -lists.seg) % nm_m:
         raise ValueError(f"nm=(N, M) needs M dividing the largest power of two in seg {lists.seg}, got M={nm_m}")
-    thresh = _as_rows(thresh if thresh is not None else lists.val[:1], 1, k, "thresh")  # N:M reads none
+    torch.ops.actsparse.compact_lists(x, thresh, shift, lists.idx, lists.val, lists.count, lists.seg, nm_n, nm_m)
+    return lists
+
+
+def list_rule(lists: ActiveLists, thresh: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+              nm: Optional[tuple[int, int]], k: int, prefix: str = "") -> tuple:
+    """The rule an op writing `lists` selects its K channels with, checked: (thresholds float32 [1, K] (N:M reads
+    none: a view of the lists' values stands in, no allocation in a captured step), shift [1, K] or None, N, M).
+    `prefix` names the caller's arguments (list_thresh, down_thresh, ...) in the errors."""
+    nm_n, nm_m = _validate_nm(nm)
+    if thresh is None and nm_n == 0:
+        raise ValueError(f"give {prefix}thresh (a threshold rule) or {prefix}nm=(N, M), one of them")
+    if thresh is not None and nm_n:
+        raise ValueError(f"{prefix}nm selects by N:M (of |x − {prefix}shift| where a shift is given): it takes no "
+                         f"{prefix}thresh")
+    thresh = _as_rows(thresh if thresh is not None else lists.val[:1], 1, k, f"{prefix}thresh")
     if shift is not None:
-        shift = _as_rows(shift.float(), 1, k, "shift").contiguous()
-    return launch_compact_lists(x, thresh, shift, lists, nm_n, nm_m)
+        shift = _as_rows(shift.float(), 1, k, f"{prefix}shift").contiguous()
+    return thresh, shift, nm_n, nm_m
 
 
 def gather_lists(lists: ActiveLists, wt: torch.Tensor, *, accumulate: torch.Tensor,
