@@ -76,6 +76,7 @@ def test_q_and_k_norms_inside_the_kernel_equal_normalising_each_head_first(dtype
     to q|k|v's dtype before the scale unless norm_f32, to the model's after it), then the norm-free kernel."""
     hq, hkv, d, b = 4, 2, head_dim, 2
     qkv, kc, vc, pos, inv_freq = _case(b, hq, hkv, d, 30, dtype)
+    pos.clamp_(min=1)  # at position 0 a token attends to itself alone: its output is v, whatever q and k are
     qkv = (qkv.float() * 3 + 1).to(qkv_dtype)  # rows far from unit RMS: the norm must matter
     gq = torch.rand(d, device=DEVICE, dtype=torch.float32 if norm_f32 else dtype) + 0.5
     gk = torch.rand(d, device=DEVICE, dtype=gq.dtype) + 0.5
